@@ -1,0 +1,195 @@
+//! `/v1/datasets`: upload (raw JSONL/CSV body or multipart), list, get, delete.
+
+use super::json::ApiQuery;
+use super::{check_limit, AppState};
+use crate::dataset::{self, Format};
+use crate::error::{ApiError, ApiResult};
+use crate::store::{self, datasets, datasets::DatasetRecord};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::{Sqlite, Transaction};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/datasets", get(list).post(upload))
+        .route("/v1/datasets/{id}", get(get_one).delete(delete))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    pub name: Option<String>,
+    pub text_column: Option<String>,
+    pub label_column: Option<String>,
+}
+
+/// An uploaded file: its bytes, the format, and a name to show.
+pub struct Upload {
+    pub bytes: Bytes,
+    pub format: Format,
+    pub filename: Option<String>,
+}
+
+/// The format a content type or file name implies.
+pub fn format_of(content_type: Option<&str>, filename: Option<&str>) -> Option<Format> {
+    if let Some(f) = filename {
+        let f = f.to_ascii_lowercase();
+        if f.ends_with(".csv") {
+            return Some(Format::Csv);
+        }
+        if f.ends_with(".jsonl") || f.ends_with(".ndjson") || f.ends_with(".json") {
+            return Some(Format::Jsonl);
+        }
+    }
+    let essence = content_type?.split(';').next()?.trim().to_ascii_lowercase();
+    match essence.as_str() {
+        "text/csv" => Some(Format::Csv),
+        "application/x-ndjson" | "application/jsonl" | "application/x-jsonlines" | "application/json" | "application/ndjson" => {
+            Some(Format::Jsonl)
+        }
+        _ => None,
+    }
+}
+
+/// Parses and stores an upload inside `tx`: the normalised file is written first (to a
+/// temp name, then renamed); the caller's commit makes it visible. Returns the record.
+pub async fn store_upload(
+    state: &AppState,
+    tx: &mut Transaction<'_, Sqlite>,
+    upload: Upload,
+    q: &UploadQuery,
+    param: &str,
+) -> ApiResult<DatasetRecord> {
+    let text_col = q.text_column.clone().unwrap_or_else(|| "text".into());
+    let label_col = q.label_column.clone().unwrap_or_else(|| "label".into());
+    let bytes = upload.bytes.clone();
+    let format = upload.format;
+    let parsed = tokio::task::spawn_blocking(move || dataset::parse(&bytes, format, &text_col, &label_col))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::invalid_dataset(param, &e))?;
+    let id = store::new_id("ds");
+    let rel = format!("datasets/{id}.jsonl");
+    let path = state.config.data_dir.join(&rel);
+    let normalised = dataset::to_jsonl(&parsed.rows);
+    let write_path = path.clone();
+    tokio::task::spawn_blocking(move || write_atomic(&write_path, &normalised)).await.map_err(ApiError::internal)??;
+    let name = q.name.clone().or(upload.filename).unwrap_or_else(|| format!("{id}.{}", format.as_str()));
+    let rec = DatasetRecord {
+        id,
+        name,
+        format: format.as_str().into(),
+        rows: parsed.rows.len() as i64,
+        labels: parsed.labels.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
+        multi_label: parsed.multi_label,
+        bytes: upload.bytes.len() as i64,
+        path: rel,
+        created_at: store::now(),
+    };
+    if let Err(e) = datasets::insert(tx, &rec).await {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
+    Ok(rec)
+}
+
+fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("dataset path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads the single file of a dataset upload: a raw body, or the `file` part of a multipart form.
+async fn read_upload(headers: &HeaderMap, req: Request, state: &AppState) -> ApiResult<Upload> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    if ct.as_deref().is_some_and(|c| c.starts_with("multipart/form-data")) {
+        let mut mp = Multipart::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
+        while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
+            if field.name() != Some("file") {
+                continue;
+            }
+            let filename = field.file_name().map(str::to_string);
+            let fct = field.content_type().map(str::to_string);
+            let bytes = field.bytes().await.map_err(multipart_error)?;
+            let format = format_of(fct.as_deref(), filename.as_deref()).unwrap_or(Format::Jsonl);
+            return Ok(Upload { bytes, format, filename });
+        }
+        return Err(ApiError::bad_request("multipart body has no part named \"file\"").param("file"));
+    }
+    let Some(format) = format_of(ct.as_deref(), None) else {
+        return Err(ApiError::bad_request(
+            "Content-Type must be application/x-ndjson, application/jsonl, text/csv or multipart/form-data",
+        ));
+    };
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
+    Ok(Upload { bytes, format, filename: None })
+}
+
+/// A multipart read error: 413 when the body limit was hit, else 400.
+pub fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    ApiError::from_status(e.status(), e.body_text())
+}
+
+async fn upload(State(state): State<AppState>, ApiQuery(q): ApiQuery<UploadQuery>, req: Request) -> ApiResult<(StatusCode, Json<DatasetRecord>)> {
+    if q.name.as_ref().is_some_and(|n| n.len() > 256) {
+        return Err(ApiError::invalid("name", "name must be at most 256 bytes"));
+    }
+    let headers = req.headers().clone();
+    let upload = read_upload(&headers, req, &state).await?;
+    if upload.bytes.is_empty() {
+        return Err(ApiError::invalid_dataset("file", &dataset::DatasetError { line: 0, message: "the file is empty".into() }));
+    }
+    let mut tx = state.pool.begin().await?;
+    let rec = store_upload(&state, &mut tx, upload, &q, "file").await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(rec)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<Value>> {
+    let limit = check_limit(q.limit, 100, 1000)?;
+    let mut rows = datasets::list(&state.pool, q.after.as_deref(), limit).await?;
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok(Json(json!({"object": "list", "data": rows.iter().map(dataset_json).collect::<Vec<_>>(), "has_more": has_more})))
+}
+
+/// The dataset object of the contract.
+pub fn dataset_json(d: &DatasetRecord) -> Value {
+    let mut v = serde_json::to_value(d).expect("dataset serialises");
+    v["object"] = "dataset".into();
+    v
+}
+
+async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let d = datasets::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("dataset", &id))?;
+    Ok(Json(dataset_json(&d)))
+}
+
+async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    match datasets::delete(&state.pool, &id).await? {
+        datasets::Deleted::Yes(rec) => {
+            let _ = std::fs::remove_file(state.config.data_dir.join(&rec.path));
+            Ok(Json(json!({"id": id, "object": "dataset", "deleted": true})))
+        }
+        datasets::Deleted::NotFound => Err(ApiError::not_found("dataset", &id)),
+        datasets::Deleted::InUse => Err(ApiError::conflict(format!("dataset {id} is used by a queued or running job"))),
+    }
+}

@@ -1,0 +1,298 @@
+//! `/v1/jobs`: create (JSON, or multipart with the dataset files), list, get, cancel,
+//! events (JSON or Server-Sent Events) and metrics.
+
+use super::datasets::{format_of, multipart_error, store_upload, Upload, UploadQuery};
+use super::json::{is_json, parse_json, ApiQuery};
+use super::{check_limit, AppState};
+use crate::dataset::Format;
+use crate::error::{ApiError, ApiResult};
+use crate::store::{self, datasets, jobs, jobs::JobRecord};
+use crate::train::hyper::HyperparametersInput;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list).post(create))
+        .route("/v1/jobs/{id}", get(get_one))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/jobs/{id}/metrics", get(metrics))
+}
+
+/// The body of `POST /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub base_model: String,
+    pub training_dataset: Option<String>,
+    pub validation_dataset: Option<String>,
+    pub task: Option<String>,
+    pub model_name: Option<String>,
+    pub hyperparameters: Option<HyperparametersInput>,
+}
+
+const TASKS: &[&str] = &["classification", "multi_label_classification", "mlm"];
+
+fn check_model_name(name: &str) -> ApiResult<()> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
+        return Err(ApiError::invalid(
+            "model_name",
+            "model_name must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks everything that does not need the datasets; returns (task, resolved hyperparameters JSON).
+async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String, Value)> {
+    let task = req.task.clone().unwrap_or_else(|| "classification".into());
+    if !TASKS.contains(&task.as_str()) {
+        return Err(ApiError::invalid("task", "task must be classification, multi_label_classification or mlm"));
+    }
+    if task != "classification" {
+        return Err(ApiError::invalid("task", format!("task {task:?} is not available in this version yet")));
+    }
+    if let Some(name) = &req.model_name {
+        check_model_name(name)?;
+    }
+    let base = state.catalog.resolve(&req.base_model).await?;
+    let base = base.ok_or_else(|| ApiError::not_found("model", &req.base_model).param("base_model"))?;
+    let hp = req.hyperparameters.clone().unwrap_or_default().resolve(&base.auto_pooling).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
+}
+
+fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str) -> ApiResult<()> {
+    if d.labels.is_empty() {
+        return Err(ApiError::invalid(param, format!("dataset {} has no labels; classification needs labeled data", d.id)));
+    }
+    if d.multi_label {
+        return Err(ApiError::invalid(param, format!("dataset {} is multi-label; use task multi_label_classification", d.id)));
+    }
+    Ok(())
+}
+
+async fn create(State(state): State<AppState>, headers: HeaderMap, req: Request) -> ApiResult<(StatusCode, Json<JobRecord>)> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let job = if ct.starts_with("multipart/form-data") {
+        create_multipart(&state, req).await?
+    } else if is_json(&headers) {
+        let bytes = Bytes::from_request(req, &state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
+        create_json(&state, parse_json(&bytes, "")?).await?
+    } else {
+        return Err(ApiError::bad_request("Content-Type must be application/json or multipart/form-data"));
+    };
+    state.queue.notify();
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+async fn create_json(state: &AppState, req: JobRequest) -> ApiResult<JobRecord> {
+    let (task, hp) = check_request(state, &req).await?;
+    let train_id = req.training_dataset.clone().ok_or_else(|| ApiError::invalid("training_dataset", "training_dataset is required"))?;
+    for (param, id) in [("training_dataset", Some(&train_id)), ("validation_dataset", req.validation_dataset.as_ref())] {
+        let Some(id) = id else { continue };
+        let d = datasets::get(&state.pool, id).await?.ok_or_else(|| ApiError::not_found("dataset", id).param(param))?;
+        check_dataset_kind(&d, param)?;
+    }
+    let mut tx = state.pool.begin().await?;
+    let id = insert_job(&mut tx, &req, &task, &hp, &train_id, req.validation_dataset.as_deref()).await?;
+    tx.commit().await?;
+    Ok(jobs::get(&state.pool, &id).await?.expect("job just inserted"))
+}
+
+async fn insert_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    req: &JobRequest,
+    task: &str,
+    hp: &Value,
+    train: &str,
+    val: Option<&str>,
+) -> ApiResult<String> {
+    let id = store::new_id("job");
+    let new = jobs::NewJob {
+        id: &id,
+        task,
+        base_model: &req.base_model,
+        training_dataset: train,
+        validation_dataset: val,
+        model_name: req.model_name.as_deref(),
+        hyperparameters: hp,
+    };
+    match jobs::insert(tx, &new).await? {
+        jobs::InsertOutcome::Queued => Ok(id),
+        jobs::InsertOutcome::DatasetMissing => Err(ApiError::not_found("dataset", train).param("training_dataset")),
+        jobs::InsertOutcome::NameTaken => Err(ApiError::conflict(format!(
+            "model_name {:?} is already used by a model or an active job",
+            req.model_name.as_deref().unwrap_or_default()
+        ))
+        .param("model_name")),
+    }
+}
+
+/// One request: store the uploaded file(s) as datasets and queue the job, all or nothing.
+async fn create_multipart(state: &AppState, req: Request) -> ApiResult<JobRecord> {
+    let mut mp = Multipart::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
+    let (mut job_json, mut train, mut val) = (None, None, None);
+    while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or("").to_string();
+        let filename = field.file_name().map(str::to_string);
+        let fct = field.content_type().map(str::to_string);
+        let bytes = field.bytes().await.map_err(multipart_error)?;
+        let format = format_of(fct.as_deref(), filename.as_deref()).unwrap_or(Format::Jsonl);
+        match name.as_str() {
+            "job" => job_json = Some(bytes),
+            "training_file" => train = Some(Upload { bytes, format, filename }),
+            "validation_file" => val = Some(Upload { bytes, format, filename }),
+            other => return Err(ApiError::bad_request(format!("unexpected multipart part {other:?}")).param(other)),
+        }
+    }
+    let job_json = job_json.ok_or_else(|| ApiError::bad_request("multipart body has no part named \"job\"").param("job"))?;
+    let req: JobRequest = parse_json(&job_json, "job")?;
+    if req.training_dataset.is_some() || req.validation_dataset.is_some() {
+        return Err(ApiError::invalid("job", "with uploaded files, the job part must not name datasets"));
+    }
+    let train = train.ok_or_else(|| ApiError::bad_request("multipart body has no part named \"training_file\"").param("training_file"))?;
+    let (task, hp) = check_request(state, &req).await?;
+    let mut tx = state.pool.begin().await?;
+    let mut written = Vec::new();
+    let result = async {
+        let q = UploadQuery::default();
+        let t = store_upload(state, &mut tx, train, &q, "training_file").await?;
+        written.push(t.path.clone());
+        check_dataset_kind(&t, "training_file")?;
+        let v = match val {
+            Some(v) => {
+                let v = store_upload(state, &mut tx, v, &q, "validation_file").await?;
+                written.push(v.path.clone());
+                check_dataset_kind(&v, "validation_file")?;
+                Some(v.id)
+            }
+            None => None,
+        };
+        insert_job(&mut tx, &req, &task, &hp, &t.id, v.as_deref()).await
+    }
+    .await;
+    match result {
+        Ok(id) => {
+            tx.commit().await?;
+            Ok(jobs::get(&state.pool, &id).await?.expect("job just inserted"))
+        }
+        Err(e) => {
+            drop(tx);
+            for p in written {
+                let _ = std::fs::remove_file(state.config.data_dir.join(p));
+            }
+            Err(e)
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
+
+async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<Value>> {
+    let limit = check_limit(q.limit, 20, 1000)?;
+    if let Some(s) = &q.status {
+        if !STATUSES.contains(&s.as_str()) {
+            return Err(ApiError::invalid("status", "status must be queued, running, succeeded, failed or cancelled"));
+        }
+    }
+    let mut rows = jobs::list(&state.pool, q.status.as_deref(), q.after.as_deref(), limit).await?;
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok(Json(json!({"object": "list", "data": rows, "has_more": has_more})))
+}
+
+async fn get_one(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobRecord>> {
+    Ok(Json(jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?))
+}
+
+async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobRecord>> {
+    let job = jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    if !jobs::cancel(&state.pool, &id).await? {
+        return Err(ApiError::conflict(format!("job {id} already ended ({})", job.status)));
+    }
+    state.queue.cancel(&id);
+    jobs::add_event(&state.pool, &id, "info", "message", "cancellation requested", None).await?;
+    Ok(Json(jobs::get(&state.pool, &id).await?.expect("job exists")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+fn event_seq(after: Option<&str>) -> ApiResult<i64> {
+    match after {
+        None => Ok(0),
+        Some(a) => a.strip_prefix("ev_").and_then(|n| n.parse().ok()).ok_or_else(|| ApiError::invalid("after", "after must be an event id (ev_…)")),
+    }
+}
+
+async fn events(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, ApiQuery(q): ApiQuery<EventsQuery>) -> ApiResult<Response> {
+    jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    let limit = check_limit(q.limit, 100, 1000)?;
+    let after = event_seq(q.after.as_deref())?;
+    let wants_sse = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/event-stream"));
+    if wants_sse {
+        return Ok(event_stream(state, id, after).into_response());
+    }
+    let mut rows = jobs::events(&state.pool, &id, after, limit).await?;
+    let has_more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok(Json(json!({"object": "list", "data": rows, "has_more": has_more})).into_response())
+}
+
+/// Streams the job's events as they are recorded; ends once the job has ended and every
+/// event has been sent.
+fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
+    let stream = futures::stream::unfold((state, id, after, false), |(state, id, mut after, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            let ended = matches!(jobs::get(&state.pool, &id).await, Ok(Some(j)) if ["succeeded", "failed", "cancelled"].contains(&j.status.as_str()));
+            let rows = jobs::events(&state.pool, &id, after, 500).await.unwrap_or_default();
+            if !rows.is_empty() {
+                after = rows.last().map(|e| e.seq).unwrap_or(after);
+                let batch: Vec<Result<SseEvent, _>> = rows
+                    .iter()
+                    .map(|e| Ok(SseEvent::default().id(e.id.clone()).event(e.kind.clone()).json_data(e).expect("event serialises")))
+                    .collect();
+                return Some((futures::stream::iter(batch), (state, id, after, false)));
+            }
+            if ended {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    use futures::StreamExt;
+    Sse::new(stream.flatten()).keep_alive(KeepAlive::default())
+}
+
+async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    let (train, validation) = jobs::metrics(&state.pool, &id).await?;
+    let train: Vec<Value> =
+        train.iter().map(|(step, epoch, loss, lr)| json!({"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr})).collect();
+    Ok(Json(json!({"object": "job.metrics", "job": id, "train": train, "validation": validation})))
+}

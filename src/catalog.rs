@@ -1,0 +1,178 @@
+//! Every model the service knows: base (and classifier) checkpoints found in the models dir,
+//! and models made by jobs (in the database, files under the data dir).
+
+use crate::model::artifacts::{inspect, ModelInfo};
+use crate::store::{self, models::ModelRecord};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::SqlitePool;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+/// A checkpoint directory of the models dir.
+#[derive(Debug, Clone)]
+pub struct DirModel {
+    pub id: String,
+    pub path: PathBuf,
+    pub info: ModelInfo,
+    pub created_at: i64,
+}
+
+/// A model as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelView {
+    pub id: String,
+    pub object: &'static str,
+    pub kind: String,
+    pub task: Option<String>,
+    pub base_model: Option<String>,
+    pub job: Option<String>,
+    pub labels: Vec<String>,
+    pub metrics: Option<Value>,
+    pub created_at: i64,
+    pub pooling: Option<String>,
+    pub max_seq_len: Option<i64>,
+}
+
+/// Where a model lives and what it is.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub id: String,
+    pub path: PathBuf,
+    pub is_classifier: bool,
+    /// The pooling `auto` picks when fine-tuning from this model.
+    pub auto_pooling: String,
+}
+
+/// The models of the models dir (scanned) and of the database.
+pub struct Catalog {
+    models_dir: PathBuf,
+    data_dir: PathBuf,
+    pool: SqlitePool,
+    dirs: RwLock<BTreeMap<String, DirModel>>,
+}
+
+fn task_of(problem_type: Option<&str>) -> &'static str {
+    match problem_type {
+        Some("multi_label_classification") => "multi_label_classification",
+        _ => "classification",
+    }
+}
+
+impl DirModel {
+    fn view(&self) -> ModelView {
+        let labels = self.info.labels.clone();
+        ModelView {
+            id: self.id.clone(),
+            object: "model",
+            kind: if labels.is_some() { "classifier" } else { "base" }.into(),
+            task: labels.as_ref().map(|_| task_of(self.info.problem_type.as_deref()).to_string()),
+            base_model: None,
+            job: None,
+            labels: labels.unwrap_or_default(),
+            metrics: None,
+            created_at: self.created_at,
+            pooling: self.info.config.pooling().or_else(|| self.info.labels.as_ref().map(|_| "cls".into())),
+            max_seq_len: Some(self.info.config.max_position_embeddings as i64),
+        }
+    }
+}
+
+/// The API view of a trained model.
+pub fn record_view(m: &ModelRecord) -> ModelView {
+    ModelView {
+        id: m.id.clone(),
+        object: "model",
+        kind: m.kind.clone(),
+        task: m.task.clone(),
+        base_model: m.base_model.clone(),
+        job: m.job_id.clone(),
+        labels: m.labels.clone(),
+        metrics: m.metrics.clone(),
+        created_at: m.created_at,
+        pooling: m.pooling.clone(),
+        max_seq_len: m.max_seq_len,
+    }
+}
+
+/// Scans `models_dir`: every sub-directory that is a loadable BERT checkpoint. Entries that
+/// are not are skipped with a logged reason.
+pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(models_dir) else {
+        tracing::warn!(dir = %models_dir.display(), "models dir not readable; no base models");
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let id = entry.file_name().to_string_lossy().to_string();
+        if !path.is_dir() || id.starts_with('.') {
+            continue;
+        }
+        match inspect(&path) {
+            Ok(info) => {
+                let created_at = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                tracing::info!(model = %id, classifier = info.labels.is_some(), "found model");
+                out.insert(id.clone(), DirModel { id, path, info, created_at });
+            }
+            Err(e) => tracing::warn!(entry = %path.display(), reason = %format!("{e:#}"), "skipping models dir entry"),
+        }
+    }
+    out
+}
+
+impl Catalog {
+    pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: SqlitePool) -> Self {
+        let dirs = scan_models_dir(&models_dir);
+        Self { models_dir, data_dir, pool, dirs: RwLock::new(dirs) }
+    }
+
+    /// Is `id` a model of the models dir?
+    pub fn is_dir_model(&self, id: &str) -> bool {
+        self.dirs.read().unwrap().contains_key(id)
+    }
+
+    /// All models: the models dir's, then trained ones.
+    pub async fn list(&self) -> sqlx::Result<Vec<ModelView>> {
+        let mut out: Vec<ModelView> = self.dirs.read().unwrap().values().map(DirModel::view).collect();
+        out.extend(store::models::list(&self.pool).await?.iter().map(record_view));
+        Ok(out)
+    }
+
+    pub async fn get(&self, id: &str) -> sqlx::Result<Option<ModelView>> {
+        if let Some(d) = self.dirs.read().unwrap().get(id) {
+            return Ok(Some(d.view()));
+        }
+        Ok(store::models::get(&self.pool, id).await?.as_ref().map(record_view))
+    }
+
+    /// Where model `id` lives, if it exists.
+    pub async fn resolve(&self, id: &str) -> sqlx::Result<Option<Resolved>> {
+        if let Some(d) = self.dirs.read().unwrap().get(id) {
+            let auto = d.info.config.pooling().or(d.info.sentence_pooling.clone()).unwrap_or_else(|| "cls".into());
+            return Ok(Some(Resolved {
+                id: id.into(),
+                path: d.path.clone(),
+                is_classifier: d.info.labels.is_some(),
+                auto_pooling: auto,
+            }));
+        }
+        Ok(store::models::get(&self.pool, id).await?.map(|m| Resolved {
+            id: m.id.clone(),
+            path: self.data_dir.join(&m.path),
+            is_classifier: m.kind == "classifier",
+            auto_pooling: m.pooling.clone().unwrap_or_else(|| "cls".into()),
+        }))
+    }
+
+    pub fn models_dir(&self) -> &Path {
+        &self.models_dir
+    }
+}

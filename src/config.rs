@@ -1,0 +1,95 @@
+//! Command-line options; each `serve` option can also come from its environment variable.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// finetuned: fine-tune BERT text classifiers over a REST API and serve them.
+#[derive(Debug, Parser)]
+#[command(name = "finetuned", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and the training worker.
+    Serve(ServeConfig),
+}
+
+/// Options of `finetuned serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on; port 0 picks a free port (the log line `listening on http://ADDR` names it).
+    #[arg(long, env = "FINETUNED_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: String,
+
+    /// Directory for the SQLite database, uploaded datasets and trained models.
+    #[arg(long, env = "FINETUNED_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Directory of base models: each sub-directory holding config.json, tokenizer.json and
+    /// model.safetensors is a model whose id is the directory's name.
+    #[arg(long, env = "FINETUNED_MODELS_DIR", default_value = "./models")]
+    pub models_dir: PathBuf,
+
+    /// When set, every /v1 request needs `Authorization: Bearer <key>`.
+    #[arg(long, env = "FINETUNED_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// `cpu`, `cuda` or `cuda:N`; default: CUDA when built with it and present, else CPU.
+    #[arg(long, env = "FINETUNED_DEVICE")]
+    pub device: Option<String>,
+
+    /// Largest dataset upload in bytes; a larger body gets 413.
+    #[arg(long, env = "FINETUNED_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_upload_bytes: usize,
+
+    /// Most texts in one predict request.
+    #[arg(long, env = "FINETUNED_MAX_BATCH_INPUTS", default_value_t = 256)]
+    pub max_batch_inputs: usize,
+
+    /// Predict requests allowed in flight at once; past it a request gets 429.
+    #[arg(long, env = "FINETUNED_MAX_CONCURRENT_PREDICTS", default_value_t = 64)]
+    pub max_concurrent_predicts: usize,
+
+    /// Trained models kept loaded for predict (least recently used are unloaded first).
+    #[arg(long, env = "FINETUNED_MODEL_CACHE_SIZE", default_value_t = 8)]
+    pub model_cache_size: usize,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl ServeConfig {
+    /// Defaults for tests: port 0 and the given directories.
+    pub fn for_test(data_dir: PathBuf, models_dir: PathBuf) -> Self {
+        Self {
+            addr: "127.0.0.1:0".into(),
+            data_dir,
+            models_dir,
+            api_key: None,
+            device: Some("cpu".into()),
+            max_upload_bytes: 512 * 1024 * 1024,
+            max_batch_inputs: 256,
+            max_concurrent_predicts: 64,
+            model_cache_size: 8,
+            log_format: "text".into(),
+        }
+    }
+}
+
+/// The candle device named by `--device`.
+pub fn device(spec: Option<&str>) -> anyhow::Result<candle_core::Device> {
+    use candle_core::Device;
+    match spec {
+        None => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0)? } else { Device::Cpu }),
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Ok(Device::new_cuda(0)?),
+        Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(Device::new_cuda(n)?),
+            None => anyhow::bail!("--device must be cpu, cuda or cuda:N, not {s:?}"),
+        },
+    }
+}

@@ -1,0 +1,230 @@
+//! Dataset files: parsing and validating uploaded JSONL/CSV whole, and the normalised
+//! JSONL form they are stored in.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Longest text accepted, in bytes.
+pub const MAX_TEXT_BYTES: usize = 100_000;
+/// Longest label accepted, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+/// Most distinct labels in one dataset.
+pub const MAX_LABELS: usize = 10_000;
+
+/// Upload format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Jsonl,
+    Csv,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+        }
+    }
+}
+
+/// One example: its text and its labels (none for unlabeled data, one for
+/// classification, any number for multi-label).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<LabelValue>,
+}
+
+/// A stored label: one string, or a list for multi-label data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LabelValue {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Row {
+    /// The row's labels as a list.
+    pub fn labels(&self) -> Vec<&str> {
+        match &self.label {
+            None => vec![],
+            Some(LabelValue::One(l)) => vec![l.as_str()],
+            Some(LabelValue::Many(ls)) => ls.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// A validated dataset.
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub rows: Vec<Row>,
+    pub format: Format,
+    /// Examples per label (empty for unlabeled data).
+    pub labels: BTreeMap<String, usize>,
+    pub multi_label: bool,
+}
+
+/// The first problem found in a file: 1-based line (0 for the file as a whole).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct DatasetError {
+    pub line: usize,
+    pub message: String,
+}
+
+fn err<T>(line: usize, message: impl Into<String>) -> Result<T, DatasetError> {
+    Err(DatasetError { line, message: message.into() })
+}
+
+/// Parses and validates a whole file. Accepts a leading byte-order mark and CRLF line ends;
+/// skips blank lines; refuses the file at its first bad row.
+pub fn parse(bytes: &[u8], format: Format, text_col: &str, label_col: &str) -> Result<Parsed, DatasetError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            return err(line, "the file is not valid UTF-8");
+        }
+    };
+    let rows = match format {
+        Format::Jsonl => parse_jsonl(text, text_col, label_col)?,
+        Format::Csv => parse_csv(text, text_col, label_col)?,
+    };
+    check_rows(rows, format)
+}
+
+fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, DatasetError> {
+    if rows.is_empty() {
+        return err(0, "the file holds no rows");
+    }
+    let labeled = rows[0].1.label.is_some();
+    let multi = matches!(rows[0].1.label, Some(LabelValue::Many(_)));
+    let mut labels = BTreeMap::new();
+    for (line, row) in &rows {
+        if row.text.trim().is_empty() {
+            return err(*line, "field \"text\" is empty");
+        }
+        if row.text.len() > MAX_TEXT_BYTES {
+            return err(*line, format!("text is longer than {MAX_TEXT_BYTES} bytes"));
+        }
+        match (&row.label, labeled, multi) {
+            (None, true, _) => return err(*line, "field \"label\" is missing (other rows have one)"),
+            (Some(_), false, _) => return err(*line, "this row has a label but the first row has none"),
+            (Some(LabelValue::Many(_)), _, false) => return err(*line, "a label list in a single-label file"),
+            (Some(LabelValue::One(_)), _, true) => return err(*line, "a single label in a multi-label file"),
+            _ => {}
+        }
+        for l in row.labels() {
+            if l.trim().is_empty() || l.len() > MAX_LABEL_BYTES {
+                return err(*line, format!("a label must be 1 to {MAX_LABEL_BYTES} bytes and not blank"));
+            }
+            *labels.entry(l.to_string()).or_insert(0) += 1;
+            if labels.len() > MAX_LABELS {
+                return err(*line, format!("more than {MAX_LABELS} distinct labels"));
+            }
+        }
+    }
+    Ok(Parsed { rows: rows.into_iter().map(|(_, r)| r).collect(), format, labels, multi_label: multi })
+}
+
+fn label_from_json(v: &Value, line: usize, col: &str) -> Result<Option<LabelValue>, DatasetError> {
+    Ok(match v {
+        Value::Null => None,
+        Value::String(s) => Some(LabelValue::One(s.clone())),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(LabelValue::One(n.to_string())),
+        Value::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::String(s) => out.push(s.clone()),
+                    Value::Number(n) if n.is_i64() || n.is_u64() => out.push(n.to_string()),
+                    _ => return err(line, format!("field {col:?} must be a list of strings")),
+                }
+            }
+            out.sort();
+            out.dedup();
+            Some(LabelValue::Many(out))
+        }
+        _ => return err(line, format!("field {col:?} must be a string, an integer or a list of strings")),
+    })
+}
+
+fn parse_jsonl(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, Row)>, DatasetError> {
+    let mut rows = Vec::new();
+    for (i, raw) in text.split('\n').enumerate() {
+        let line = i + 1;
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let obj: serde_json::Map<String, Value> = match serde_json::from_str(raw) {
+            Ok(Value::Object(o)) => o,
+            Ok(_) => return err(line, "each line must be a JSON object"),
+            Err(e) => return err(line, format!("invalid JSON: {e}")),
+        };
+        let text = match obj.get(text_col) {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return err(line, format!("field {text_col:?} must be a string")),
+            None => return err(line, format!("field {text_col:?} is missing")),
+        };
+        let label = match obj.get(label_col) {
+            Some(v) => label_from_json(v, line, label_col)?,
+            None => None,
+        };
+        rows.push((line, Row { text, label }));
+    }
+    Ok(rows)
+}
+
+fn parse_csv(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, Row)>, DatasetError> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(text.as_bytes());
+    let headers = match reader.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => return err(1, format!("invalid CSV header: {e}")),
+    };
+    let Some(text_idx) = headers.iter().position(|h| h.trim() == text_col) else {
+        return err(1, format!("the header has no column {text_col:?}"));
+    };
+    let label_idx = headers.iter().position(|h| h.trim() == label_col);
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
+                return err(line, format!("invalid CSV: {e}"));
+            }
+        };
+        let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
+        if record.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        let text = record.get(text_idx).unwrap_or("").to_string();
+        let label = label_idx
+            .and_then(|i| record.get(i))
+            .filter(|l| !l.is_empty())
+            .map(|l| LabelValue::One(l.to_string()));
+        rows.push((line, Row { text, label }));
+    }
+    Ok(rows)
+}
+
+/// Serialises rows as the stored normalised JSONL.
+pub fn to_jsonl(rows: &[Row]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut out, r).expect("rows serialise");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Reads a stored normalised JSONL file.
+pub fn read_stored(path: &std::path::Path) -> anyhow::Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines().filter(|l| !l.is_empty()).map(|l| Ok(serde_json::from_str(l)?)).collect()
+}

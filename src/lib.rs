@@ -1,0 +1,24 @@
+//! finetuned: fine-tune BERT-family text classifiers over a REST API and serve them.
+
+/// HTTP handlers, one router per resource.
+pub mod api;
+/// Every model the service knows: the models dir and trained models.
+pub mod catalog;
+/// Command-line and environment options.
+pub mod config;
+/// Dataset parsing and validation.
+pub mod dataset;
+/// The error envelope of the API.
+pub mod error;
+/// Our BERT, its heads, and Hugging Face model directories.
+pub mod model;
+/// Loaded models and inference for predict.
+pub mod serve;
+/// Building and running the server.
+pub mod startup;
+/// All SQL.
+pub mod store;
+/// Logging set-up.
+pub mod telemetry;
+/// Fine-tuning: trainer, data, optimiser, metrics and the job worker.
+pub mod train;

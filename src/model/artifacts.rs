@@ -1,0 +1,142 @@
+//! Hugging Face model directories: checking them, loading their weights, and writing
+//! trained classifiers atomically.
+
+use super::config::BertConfig;
+use anyhow::{bail, ensure, Context};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+pub const CONFIG: &str = "config.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const WEIGHTS: &str = "model.safetensors";
+/// Tokenizer side files copied along when present, so transformers' `AutoTokenizer` loads too.
+const TOKENIZER_EXTRAS: &[&str] = &["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
+
+/// What a model directory holds, once checked.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub config: BertConfig,
+    /// `Some(labels)` when the config names a sequence-classification architecture with `id2label`.
+    pub labels: Option<Vec<String>>,
+    pub problem_type: Option<String>,
+    /// The pooling sentence-transformers recorded for this checkpoint (`modules.json`), if any.
+    pub sentence_pooling: Option<String>,
+}
+
+/// Checks that `dir` is a BERT checkpoint we can load: config parses and is BERT, the tokenizer
+/// and weights exist, and the safetensors header is sound. Reads no tensor data.
+pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
+    let config = BertConfig::from_file(&dir.join(CONFIG)).context("config.json")?;
+    ensure!(dir.join(TOKENIZER).is_file(), "no tokenizer.json");
+    let weights = dir.join(WEIGHTS);
+    if !weights.is_file() {
+        if dir.join("pytorch_model.bin").is_file() {
+            bail!("only pytorch_model.bin: convert it to model.safetensors");
+        }
+        bail!("no model.safetensors");
+    }
+    check_safetensors_header(&weights).context("model.safetensors")?;
+    let is_classifier = config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification"));
+    let labels = if is_classifier { config.id2label() } else { None };
+    let problem_type = config.problem_type();
+    Ok(ModelInfo { labels, problem_type, sentence_pooling: sentence_pooling(dir), config })
+}
+
+fn check_safetensors_header(path: &Path) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).context("file shorter than its header")?;
+    let n = u64::from_le_bytes(len);
+    ensure!(n <= 100 << 20 && 8 + n <= size, "header length {n} does not fit a {size}-byte file");
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header).context("header")?;
+    let data_len = size - 8 - n;
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|v| v.as_u64());
+        match end {
+            Some(end) if end <= data_len => {}
+            _ => bail!("tensor {name:?} lies outside the file (truncated?)"),
+        }
+    }
+    Ok(())
+}
+
+/// `mean` or `cls` when sentence-transformers files say how the checkpoint was trained.
+fn sentence_pooling(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("1_Pooling").join("config.json")).ok()?;
+    dir.join("modules.json").is_file().then_some(())?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if v.get("pooling_mode_mean_tokens").and_then(|b| b.as_bool()) == Some(true) {
+        Some("mean".into())
+    } else if v.get("pooling_mode_cls_token").and_then(|b| b.as_bool()) == Some(true) {
+        Some("cls".into())
+    } else {
+        None
+    }
+}
+
+/// All tensors of a checkpoint as f32 on `device`, names without the `bert.` prefix.
+pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    let raw = candle_core::safetensors::load(dir.join(WEIGHTS), device)
+        .with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))?;
+    raw.into_iter()
+        .map(|(name, t)| {
+            let name = name.strip_prefix("bert.").map(String::from).unwrap_or(name);
+            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Hugging Face name of one of our parameters: the encoder and pooler live under `bert.`.
+pub fn hf_name(name: &str) -> String {
+    if name.starts_with("classifier.") || name.starts_with("cls.") {
+        name.to_string()
+    } else {
+        format!("bert.{name}")
+    }
+}
+
+/// Writes a complete model directory to `dest`: built in a sibling temp dir, synced, then
+/// renamed into place so that a crash never leaves half a model behind.
+pub fn write_model_dir(
+    dest: &Path,
+    config: &BertConfig,
+    tensors: &HashMap<String, Tensor>,
+    tokenizer_dir: &Path,
+) -> anyhow::Result<()> {
+    let parent = dest.parent().context("model path has no parent")?;
+    std::fs::create_dir_all(parent)?;
+    let name = dest.file_name().context("model path has no name")?.to_string_lossy();
+    let tmp = parent.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&tmp)?;
+    let result = (|| -> anyhow::Result<()> {
+        std::fs::write(tmp.join(CONFIG), serde_json::to_vec_pretty(config)?)?;
+        let named: Vec<(String, Tensor)> =
+            tensors.iter().map(|(n, t)| Ok((hf_name(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        safetensors::serialize_to_file(named, metadata, &tmp.join(WEIGHTS))?;
+        std::fs::copy(tokenizer_dir.join(TOKENIZER), tmp.join(TOKENIZER))?;
+        for extra in TOKENIZER_EXTRAS {
+            if tokenizer_dir.join(extra).is_file() {
+                std::fs::copy(tokenizer_dir.join(extra), tmp.join(extra))?;
+            }
+        }
+        for entry in std::fs::read_dir(&tmp)? {
+            std::fs::File::open(entry?.path())?.sync_all()?;
+        }
+        if dest.exists() {
+            std::fs::remove_dir_all(dest)?;
+        }
+        std::fs::rename(&tmp, dest)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}

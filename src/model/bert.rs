@@ -1,0 +1,141 @@
+//! Our BERT encoder: Hugging Face tensor names, differentiable in training mode.
+
+use super::config::BertConfig;
+use super::layers::{activation, attention_bias, softmax_last, LayerNorm, Linear, Mode};
+use candle_core::{Result, Tensor};
+
+/// Looks up a parameter by its name without the `bert.` prefix.
+pub type Getter<'a> = dyn Fn(&str) -> Result<Tensor> + 'a;
+
+fn linear(get: &Getter, prefix: &str) -> Result<Linear> {
+    Ok(Linear { weight: get(&format!("{prefix}.weight"))?, bias: get(&format!("{prefix}.bias"))? })
+}
+
+fn layer_norm(get: &Getter, prefix: &str, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm { weight: get(&format!("{prefix}.weight"))?, bias: get(&format!("{prefix}.bias"))?, eps })
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// The BERT encoder (embeddings + transformer layers), without pooler or head.
+pub struct Bert {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    cfg: BertConfig,
+}
+
+/// Names of every encoder parameter, in checkpoint order, without the `bert.` prefix.
+pub fn encoder_param_names(cfg: &BertConfig) -> Vec<String> {
+    let mut names: Vec<String> = [
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for i in 0..cfg.num_hidden_layers {
+        for part in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "attention.output.LayerNorm",
+            "intermediate.dense",
+            "output.dense",
+            "output.LayerNorm",
+        ] {
+            names.push(format!("encoder.layer.{i}.{part}.weight"));
+            names.push(format!("encoder.layer.{i}.{part}.bias"));
+        }
+    }
+    names
+}
+
+impl Bert {
+    /// Builds the encoder from named tensors.
+    pub fn load(get: &Getter, cfg: &BertConfig) -> Result<Self> {
+        let eps = cfg.layer_norm_eps;
+        let embeddings = Embeddings {
+            word: get("embeddings.word_embeddings.weight")?,
+            position: get("embeddings.position_embeddings.weight")?,
+            token_type: get("embeddings.token_type_embeddings.weight")?,
+            norm: layer_norm(get, "embeddings.LayerNorm", eps)?,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("encoder.layer.{i}");
+                Ok(Layer {
+                    query: linear(get, &format!("{p}.attention.self.query"))?,
+                    key: linear(get, &format!("{p}.attention.self.key"))?,
+                    value: linear(get, &format!("{p}.attention.self.value"))?,
+                    attn_out: linear(get, &format!("{p}.attention.output.dense"))?,
+                    attn_norm: layer_norm(get, &format!("{p}.attention.output.LayerNorm"), eps)?,
+                    intermediate: linear(get, &format!("{p}.intermediate.dense"))?,
+                    output: linear(get, &format!("{p}.output.dense"))?,
+                    out_norm: layer_norm(get, &format!("{p}.output.LayerNorm"), eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers, cfg: cfg.clone() })
+    }
+
+    /// Last hidden states `[batch, seq, hidden]` for `input_ids`/`type_ids`/`mask` (all `[batch, seq]`, u32).
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let e = &self.embeddings;
+        let words = e.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?;
+        let types = e.token_type.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?;
+        let pos = e.position.narrow(0, 0, s)?;
+        let x = (words + types)?.broadcast_add(&pos)?;
+        let x = e.norm.forward(&x, mode)?;
+        let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
+        let bias = attention_bias(mask, x.dtype())?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &bias, mode)?;
+        }
+        Ok(x)
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &Tensor, bias: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let nh = self.cfg.num_attention_heads;
+        let hd = self.cfg.head_dim();
+        let heads = |t: Tensor| t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous();
+        let q = heads(l.query.forward(x)?)?;
+        let k = heads(l.key.forward(x)?)?;
+        let v = heads(l.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let probs = softmax_last(&scores, mode)?;
+        let probs = mode.dropout(&probs, self.cfg.attention_probs_dropout_prob)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let attn = mode.dropout(&l.attn_out.forward(&ctx)?, self.cfg.hidden_dropout_prob)?;
+        let x = l.attn_norm.forward(&(attn + x)?, mode)?;
+        let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;
+        let out = mode.dropout(&l.output.forward(&inter)?, self.cfg.hidden_dropout_prob)?;
+        l.out_norm.forward(&(out + x)?, mode)
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+}

@@ -1,0 +1,84 @@
+//! Sequence classification on top of our BERT: pooling, dropout and a linear head
+//! (`BertForSequenceClassification` for `cls` pooling).
+
+use super::bert::{Bert, Getter};
+use super::config::BertConfig;
+use super::layers::{Linear, Mode};
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// How the head reads the encoder's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The pooler (dense + tanh) over `[CLS]`, as transformers' `BertForSequenceClassification`.
+    Cls,
+    /// Mean of the last hidden states over real (non-padding) tokens.
+    Mean,
+}
+
+impl Pooling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cls" => Some(Pooling::Cls),
+            "mean" => Some(Pooling::Mean),
+            _ => None,
+        }
+    }
+}
+
+/// Encoder + pooling + classification head.
+pub struct Classifier {
+    pub bert: Bert,
+    pooler: Option<Linear>,
+    head: Linear,
+    pooling: Pooling,
+    dropout: f64,
+}
+
+/// Parameter names of the pooler and head (after the encoder's).
+pub const POOLER_NAMES: [&str; 2] = ["pooler.dense.weight", "pooler.dense.bias"];
+pub const HEAD_NAMES: [&str; 2] = ["classifier.weight", "classifier.bias"];
+
+impl Classifier {
+    /// Builds the classifier from named tensors (encoder names without `bert.`).
+    pub fn load(get: &Getter, cfg: &BertConfig, pooling: Pooling) -> Result<Self> {
+        let bert = Bert::load(get, cfg)?;
+        let pooler = match pooling {
+            Pooling::Cls => Some(Linear { weight: get(POOLER_NAMES[0])?, bias: get(POOLER_NAMES[1])? }),
+            Pooling::Mean => None,
+        };
+        let head = Linear { weight: get(HEAD_NAMES[0])?, bias: get(HEAD_NAMES[1])? };
+        Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob() })
+    }
+
+    /// Logits `[batch, labels]`.
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
+        let pooled = match (&self.pooler, self.pooling) {
+            (Some(pooler), Pooling::Cls) => pooler.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?,
+            _ => mean_pool(&hidden, mask)?,
+        };
+        let pooled = mode.dropout(&pooled, self.dropout)?;
+        self.head.forward(&pooled)
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+}
+
+/// Mean of `hidden` `[b, s, h]` over positions where `mask` `[b, s]` is 1.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&m)?.sum(1)?;
+    let counts = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    summed.broadcast_div(&counts)
+}

@@ -1,0 +1,148 @@
+//! `config.json` of a Hugging Face BERT checkpoint, keeping every field we do not use.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The architecture fields we read; all other keys of `config.json` are kept in `extra`
+/// so that a saved model carries them unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub pad_token_id: usize,
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_max_pos() -> usize {
+    512
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+fn default_model_type() -> String {
+    "bert".into()
+}
+
+impl BertConfig {
+    /// Model types whose checkpoints use BERT's tensor layout and so load here.
+    pub const SUPPORTED_TYPES: &'static [&'static str] = &["bert"];
+
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        let cfg: Self = serde_json::from_str(&text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Refuses configurations our BERT cannot run.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            Self::SUPPORTED_TYPES.contains(&self.model_type.as_str()),
+            "model_type {:?} is not supported (only BERT)",
+            self.model_type
+        );
+        anyhow::ensure!(
+            matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"),
+            "hidden_act {:?} is not supported",
+            self.hidden_act
+        );
+        anyhow::ensure!(
+            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size must be a multiple of num_attention_heads"
+        );
+        if let Some(p) = self.extra.get("position_embedding_type").and_then(Value::as_str) {
+            anyhow::ensure!(p == "absolute", "position_embedding_type {p:?} is not supported");
+        }
+        Ok(())
+    }
+
+    /// Dropout before the classification head, as transformers resolves it.
+    pub fn classifier_dropout_prob(&self) -> f64 {
+        self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// The `architectures` list, if any.
+    pub fn architectures(&self) -> Vec<String> {
+        self.extra
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Labels by id from `id2label`, if the config has them.
+    pub fn id2label(&self) -> Option<Vec<String>> {
+        let map = self.extra.get("id2label")?.as_object()?;
+        let mut pairs: Vec<(usize, String)> = map
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
+            .collect();
+        pairs.sort();
+        let ordered = pairs.iter().enumerate().all(|(i, (k, _))| i == *k);
+        (ordered && !pairs.is_empty()).then(|| pairs.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// `problem_type`, if set.
+    pub fn problem_type(&self) -> Option<String> {
+        self.extra.get("problem_type").and_then(Value::as_str).map(String::from)
+    }
+
+    /// Sets the fields that make this a `BertForSequenceClassification` config.
+    pub fn set_classifier(&mut self, labels: &[String], problem_type: &str, pooling: &str) {
+        let id2label: Map<String, Value> =
+            labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
+        let label2id: Map<String, Value> =
+            labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
+        self.extra.insert("architectures".into(), Value::from(vec!["BertForSequenceClassification"]));
+        self.extra.insert("id2label".into(), Value::Object(id2label));
+        self.extra.insert("label2id".into(), Value::Object(label2id));
+        self.extra.insert("problem_type".into(), Value::from(problem_type));
+        self.extra.insert("finetuned_pooling".into(), Value::from(pooling));
+    }
+
+    /// The pooling a classifier was trained with (`cls` unless we recorded otherwise).
+    pub fn pooling(&self) -> Option<String> {
+        self.extra.get("finetuned_pooling").and_then(Value::as_str).map(String::from)
+    }
+}

@@ -1,0 +1,107 @@
+//! Building blocks whose every op has a backward pass in training mode, and fast fused
+//! kernels in inference mode (candle's fused LayerNorm and softmax have no backward).
+
+use candle_core::{DType, Result, Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Training or inference: training applies dropout with a seeded generator and uses only
+/// differentiable ops.
+pub enum Mode<'a> {
+    Eval,
+    Train(&'a mut ChaCha8Rng),
+}
+
+impl Mode<'_> {
+    pub fn is_train(&self) -> bool {
+        matches!(self, Mode::Train(_))
+    }
+
+    /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
+    /// `1/(1-p)`. The mask comes from our own seeded generator so runs are repeatable
+    /// (candle cannot seed its CPU generator).
+    pub fn dropout(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
+        let Mode::Train(rng) = self else { return Ok(xs.clone()) };
+        if p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let keep = 1.0 - p;
+        let scale = (1.0 / keep) as f32;
+        let threshold = (keep * u32::MAX as f64) as u32;
+        let n = xs.elem_count();
+        let mask: Vec<f32> =
+            (0..n).map(|_| if rng.random::<u32>() < threshold { scale } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs.mul(&mask)
+    }
+}
+
+/// A dense layer with PyTorch's `[out, in]` weight layout.
+#[derive(Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// Applies the layer to the last dimension of `xs` (any rank).
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let last = *dims.last().expect("rank ≥ 1");
+        let rows = xs.elem_count() / last;
+        let x2 = xs.reshape((rows, last))?;
+        let y = x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm over the last dimension.
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, xs: &Tensor, mode: &Mode) -> Result<Tensor> {
+        if mode.is_train() {
+            let mean = xs.mean_keepdim(D::Minus1)?;
+            let centered = xs.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+            let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+            normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        } else {
+            let xs = xs.contiguous()?;
+            candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, self.eps as f32)
+        }
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(xs: &Tensor, mode: &Mode) -> Result<Tensor> {
+    if mode.is_train() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    }
+}
+
+/// The activation named by `hidden_act`.
+pub fn activation(xs: &Tensor, act: &str) -> Result<Tensor> {
+    match act {
+        "relu" => xs.relu(),
+        "gelu_new" | "gelu_pytorch_tanh" => xs.gelu(),
+        _ => xs.gelu_erf(),
+    }
+}
+
+/// Additive attention bias from a `[batch, seq]` 0/1 mask: 0 where attended, a large
+/// negative number on padding. Shape `[batch, 1, 1, seq]`.
+pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let m = mask.to_dtype(dtype)?;
+    ((m - 1.0)? * 1e4)?.reshape((b, 1, 1, s))
+}

@@ -1,0 +1,13 @@
+//! The BERT model, its heads, and Hugging Face model directories.
+
+pub mod artifacts;
+pub mod bert;
+pub mod classifier;
+pub mod config;
+pub mod layers;
+pub mod params;
+pub mod predictor;
+pub mod tokenize;
+
+pub use classifier::{Classifier, Pooling};
+pub use config::BertConfig;

@@ -1,0 +1,116 @@
+//! A classifier loaded for inference: detached weights, tokenizer and labels.
+
+use super::artifacts::{inspect, load_weights};
+use super::classifier::{Classifier, Pooling};
+use super::layers::Mode;
+use super::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
+use anyhow::{bail, Context};
+use candle_core::{Device, Tensor};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// A ready-to-run classifier.
+pub struct LoadedClassifier {
+    model: Classifier,
+    tokenizer: Tokenizer,
+    pub labels: Vec<String>,
+    pub multi_label: bool,
+    /// Longest input the position embeddings allow.
+    pub max_len: usize,
+    pad_id: u32,
+    device: Device,
+    /// Approximate bytes of weights held.
+    pub bytes: usize,
+}
+
+/// An input longer than the model allows, with `truncate: false`.
+#[derive(Debug, thiserror::Error)]
+#[error("input {index} has {tokens} tokens, more than the model's {max} (set \"truncate\": true)")]
+pub struct TooLong {
+    pub index: usize,
+    pub tokens: usize,
+    pub max: usize,
+}
+
+impl LoadedClassifier {
+    /// Loads a classifier directory (ours or transformers').
+    pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let info = inspect(dir)?;
+        let Some(labels) = info.labels.clone() else { bail!("not a sequence-classification model") };
+        let weights = load_weights(dir, device)?;
+        let pooling = info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
+        let get = |n: &str| {
+            weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))
+        };
+        let model = Classifier::load(&get, &info.config, pooling).context("building the model")?;
+        let bytes = weights.values().map(|t| t.elem_count() * 4).sum();
+        Ok(Self {
+            model,
+            tokenizer: load_tokenizer(dir)?,
+            labels,
+            multi_label: info.problem_type.as_deref() == Some("multi_label_classification"),
+            max_len: info.config.max_position_embeddings,
+            pad_id: info.config.pad_token_id as u32,
+            device: device.clone(),
+            bytes,
+        })
+    }
+
+    /// Token ids of each text, truncated to `max_len` when `truncate`, else refused when longer.
+    pub fn tokenize(&self, texts: &[&str], truncate_long: bool) -> anyhow::Result<Result<Vec<Vec<u32>>, TooLong>> {
+        let mut seqs = encode_all(&self.tokenizer, texts)?;
+        for (index, s) in seqs.iter_mut().enumerate() {
+            if s.len() > self.max_len {
+                if !truncate_long {
+                    return Ok(Err(TooLong { index, tokens: s.len(), max: self.max_len }));
+                }
+                truncate(s, self.max_len);
+            }
+        }
+        Ok(Ok(seqs))
+    }
+
+    /// Raw logits for each sequence, in input order. Sequences are run in batches of
+    /// similar length so that little time goes to padding.
+    pub fn logits(&self, seqs: &[Vec<u32>], batch_size: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].len());
+        let mut out = vec![Vec::new(); seqs.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
+            let batch = pad_batch(&refs, self.pad_id, &self.device)?;
+            let logits = self.model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
+            let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+            for (&i, row) in chunk.iter().zip(rows) {
+                out[i] = row;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Probabilities from logits: softmax, or sigmoid for multi-label models.
+    pub fn probabilities(&self, logits: &[f32]) -> Vec<f32> {
+        if self.multi_label {
+            logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect()
+        } else {
+            softmax(logits)
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Forward pass on already padded tensors (for tests and benchmarks).
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.forward(ids, type_ids, mask, &mut Mode::Eval)
+    }
+}
+
+/// Numerically stable softmax.
+pub fn softmax(xs: &[f32]) -> Vec<f32> {
+    let max = xs.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = xs.iter().map(|&x| (x - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}

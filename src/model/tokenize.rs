@@ -1,0 +1,56 @@
+//! Tokenising texts and padding them into batch tensors.
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// Loads `tokenizer.json` with padding and truncation turned off: we pad per batch and
+/// truncate ourselves.
+pub fn load_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
+    let mut tok = Tokenizer::from_file(dir.join(super::artifacts::TOKENIZER))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("loading tokenizer.json")?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(tok)
+}
+
+/// Token ids of each text, `[CLS]`/`[SEP]` included, without truncation.
+pub fn encode_all(tok: &Tokenizer, texts: &[&str]) -> anyhow::Result<Vec<Vec<u32>>> {
+    let encs = tok.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+}
+
+/// Cuts `ids` to `max_len` tokens keeping the final `[SEP]`, as transformers' truncation does.
+pub fn truncate(ids: &mut Vec<u32>, max_len: usize) {
+    if ids.len() > max_len && max_len >= 2 {
+        let last = *ids.last().unwrap();
+        ids.truncate(max_len - 1);
+        ids.push(last);
+    }
+}
+
+/// One padded batch: `input_ids`, `token_type_ids` (all 0) and `attention_mask`, `[batch, longest]`.
+pub struct Batch {
+    pub ids: Tensor,
+    pub type_ids: Tensor,
+    pub mask: Tensor,
+}
+
+/// Pads the sequences to the longest in the batch with `pad_id`.
+pub fn pad_batch(seqs: &[&[u32]], pad_id: u32, device: &Device) -> candle_core::Result<Batch> {
+    let len = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let b = seqs.len();
+    let mut ids = vec![pad_id; b * len];
+    let mut mask = vec![0u32; b * len];
+    for (i, s) in seqs.iter().enumerate() {
+        ids[i * len..i * len + s.len()].copy_from_slice(s);
+        mask[i * len..i * len + s.len()].iter_mut().for_each(|m| *m = 1);
+    }
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (b, len), device)?,
+        type_ids: Tensor::zeros((b, len), candle_core::DType::U32, device)?,
+        mask: Tensor::from_vec(mask, (b, len), device)?,
+    })
+}

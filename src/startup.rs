@@ -1,0 +1,112 @@
+//! Building and running the application: database, worker, predictor and HTTP server.
+
+use crate::api::{self, AppState};
+use crate::catalog::Catalog;
+use crate::config::{self, ServeConfig};
+use crate::serve::Predictor;
+use crate::store::{self, jobs};
+use crate::train::worker::{run_worker_until_stopped, JobQueue, WorkerContext};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A built, bound application, ready to run.
+pub struct Application {
+    addr: SocketAddr,
+    listener: TcpListener,
+    state: AppState,
+    worker: WorkerContext,
+    shutdown: CancellationToken,
+}
+
+/// The process-wide Prometheus recorder (installed once, shared by every app in a process).
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Removes what a crash may have left: temp files and directories, dataset files and model
+/// directories that no database row names.
+async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path) -> anyhow::Result<()> {
+    let keep: std::collections::HashSet<String> =
+        store::datasets::all_paths(pool).await?.into_iter().chain(store::models::all_paths(pool).await?).collect();
+    for sub in ["datasets", "models"] {
+        let dir = data_dir.join(sub);
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let rel = format!("{sub}/{name}");
+            if name.starts_with(".tmp-") || !keep.contains(&rel) {
+                tracing::warn!(path = %entry.path().display(), "removing leftover file");
+                let p = entry.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Application {
+    /// Opens the database (migrating it), recovers from an earlier stop, scans the models
+    /// dir and binds the listener.
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let pool = store::connect(&config.data_dir).await?;
+        clean_data_dir(&pool, &config.data_dir).await?;
+        for id in jobs::requeue_running(&pool).await? {
+            tracing::warn!(job_id = %id, "job was running when the server stopped; queued again");
+            jobs::add_event(&pool, &id, "warning", "message", "the server stopped while this job ran; it was queued again", None).await?;
+        }
+        let device = config::device(config.device.as_deref())?;
+        let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
+        let queue = JobQueue::default();
+        let predictor = Predictor::new(device.clone(), config.model_cache_size, config.max_concurrent_predicts);
+        let listener = TcpListener::bind(&config.addr).await?;
+        let addr = listener.local_addr()?;
+        let worker = WorkerContext {
+            pool: pool.clone(),
+            catalog: catalog.clone(),
+            data_dir: config.data_dir.clone(),
+            device,
+            queue: queue.clone(),
+        };
+        let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus() };
+        Ok(Self { addr, listener, state, worker, shutdown: CancellationToken::new() })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Cancelling this token stops the server gracefully (as SIGTERM does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token fires; then stops accepting, finishes in-flight
+    /// requests, and waits for the worker to put a running job back in the queue.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        tracing::info!("listening on http://{}", self.addr);
+        let worker = tokio::spawn(run_worker_until_stopped(self.worker, self.shutdown.clone()));
+        let app = api::router(self.state.clone());
+        let token = self.shutdown.clone();
+        axum::serve(self.listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await?;
+        let _ = worker.await;
+        self.state.pool.close().await;
+        Ok(())
+    }
+}

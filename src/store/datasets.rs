@@ -1,0 +1,90 @@
+//! The `datasets` table.
+
+use serde::Serialize;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use std::collections::BTreeMap;
+
+/// A stored dataset, as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DatasetRecord {
+    pub id: String,
+    pub name: String,
+    pub format: String,
+    pub rows: i64,
+    #[sqlx(json)]
+    pub labels: BTreeMap<String, i64>,
+    pub multi_label: bool,
+    pub bytes: i64,
+    #[serde(skip)]
+    pub path: String,
+    pub created_at: i64,
+}
+
+const COLUMNS: &str = "id, name, format, rows, labels, multi_label, bytes, path, created_at";
+
+/// Inserts a dataset row inside `tx`.
+pub async fn insert(tx: &mut Transaction<'_, Sqlite>, d: &DatasetRecord) -> sqlx::Result<()> {
+    sqlx::query(
+        r#"insert into datasets (id, name, format, rows, labels, multi_label, bytes, path, created_at)
+           values (?, ?, ?, ?, ?, ?, ?, ?, ?)"#,
+    )
+    .bind(&d.id)
+    .bind(&d.name)
+    .bind(&d.format)
+    .bind(d.rows)
+    .bind(serde_json::to_string(&d.labels).expect("labels serialise"))
+    .bind(d.multi_label)
+    .bind(d.bytes)
+    .bind(&d.path)
+    .bind(d.created_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<DatasetRecord>> {
+    sqlx::query_as(&format!("select {COLUMNS} from datasets where id = ?")).bind(id).fetch_optional(pool).await
+}
+
+/// Datasets newest first, after the cursor `after` (an id), `limit + 1` rows to tell `has_more`.
+pub async fn list(pool: &SqlitePool, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<DatasetRecord>> {
+    sqlx::query_as(&format!(
+        r#"select {COLUMNS} from datasets
+           where (?1 is null or rowid < (select rowid from datasets where id = ?1))
+           order by rowid desc limit ?2"#
+    ))
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await
+}
+
+/// Outcome of a delete.
+pub enum Deleted {
+    Yes(DatasetRecord),
+    NotFound,
+    InUse,
+}
+
+/// Deletes a dataset unless a queued or running job uses it, in one statement so that a job
+/// created at the same moment cannot slip in between the check and the delete.
+pub async fn delete(pool: &SqlitePool, id: &str) -> sqlx::Result<Deleted> {
+    let Some(rec) = get(pool, id).await? else { return Ok(Deleted::NotFound) };
+    let done = sqlx::query(
+        r#"delete from datasets where id = ?1 and not exists (
+             select 1 from jobs where status in ('queued', 'running')
+             and (training_dataset = ?1 or validation_dataset = ?1))"#,
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok(Deleted::Yes(rec));
+    }
+    Ok(if get(pool, id).await?.is_some() { Deleted::InUse } else { Deleted::NotFound })
+}
+
+/// Every stored dataset path (for removing orphaned files at start-up).
+pub async fn all_paths(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("select path from datasets").fetch_all(pool).await
+}

@@ -1,0 +1,289 @@
+//! The `jobs` table and its events and metrics.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+/// A job as stored; serialises to the contract's job object.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct JobRecord {
+    pub id: String,
+    #[sqlx(skip)]
+    #[serde(rename = "object")]
+    pub object: &'static str,
+    pub task: String,
+    pub status: String,
+    pub base_model: String,
+    pub training_dataset: String,
+    pub validation_dataset: Option<String>,
+    pub model_name: Option<String>,
+    #[sqlx(json)]
+    pub hyperparameters: Value,
+    #[sqlx(json(nullable))]
+    pub progress: Option<Value>,
+    #[sqlx(json(nullable))]
+    pub metrics: Option<Value>,
+    pub model: Option<String>,
+    #[sqlx(json(nullable))]
+    pub error: Option<Value>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+const COLUMNS: &str = "id, task, status, base_model, training_dataset, validation_dataset, model_name, \
+    hyperparameters, progress, metrics, model, error, created_at, started_at, finished_at";
+
+fn fix(mut j: JobRecord) -> JobRecord {
+    j.object = "job";
+    j
+}
+
+/// A new job to queue.
+pub struct NewJob<'a> {
+    pub id: &'a str,
+    pub task: &'a str,
+    pub base_model: &'a str,
+    pub training_dataset: &'a str,
+    pub validation_dataset: Option<&'a str>,
+    pub model_name: Option<&'a str>,
+    pub hyperparameters: &'a Value,
+}
+
+/// Why a job could not be queued.
+pub enum InsertOutcome {
+    Queued,
+    DatasetMissing,
+    NameTaken,
+}
+
+/// Queues a job in one statement that also checks its datasets still exist and that no
+/// model or active job already has its `model_name`.
+pub async fn insert(tx: &mut Transaction<'_, Sqlite>, j: &NewJob<'_>) -> sqlx::Result<InsertOutcome> {
+    let done = sqlx::query(
+        r#"insert into jobs (id, task, status, base_model, training_dataset, validation_dataset, model_name,
+                             hyperparameters, created_at)
+           select ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8
+           where exists (select 1 from datasets where id = ?4)
+             and (?5 is null or exists (select 1 from datasets where id = ?5))
+             and (?6 is null or (not exists (select 1 from models where id = ?6)
+                  and not exists (select 1 from jobs where model_name = ?6 and status in ('queued', 'running'))))"#,
+    )
+    .bind(j.id)
+    .bind(j.task)
+    .bind(j.base_model)
+    .bind(j.training_dataset)
+    .bind(j.validation_dataset)
+    .bind(j.model_name)
+    .bind(j.hyperparameters.to_string())
+    .bind(super::now())
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok(InsertOutcome::Queued);
+    }
+    let datasets_ok: bool = sqlx::query_scalar(
+        "select exists (select 1 from datasets where id = ?1) and (?2 is null or exists (select 1 from datasets where id = ?2))",
+    )
+    .bind(j.training_dataset)
+    .bind(j.validation_dataset)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(if datasets_ok { InsertOutcome::NameTaken } else { InsertOutcome::DatasetMissing })
+}
+
+pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<JobRecord>> {
+    let j: Option<JobRecord> =
+        sqlx::query_as(&format!("select {COLUMNS} from jobs where id = ?")).bind(id).fetch_optional(pool).await?;
+    Ok(j.map(fix))
+}
+
+/// Jobs newest first, optionally of one status, after the cursor `after` (a job id).
+pub async fn list(pool: &SqlitePool, status: Option<&str>, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<JobRecord>> {
+    let rows: Vec<JobRecord> = sqlx::query_as(&format!(
+        r#"select {COLUMNS} from jobs
+           where (?1 is null or status = ?1)
+             and (?2 is null or seq < (select seq from jobs where id = ?2))
+           order by seq desc limit ?3"#
+    ))
+    .bind(status)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(fix).collect())
+}
+
+/// Takes the oldest queued job and marks it running, in one statement.
+pub async fn claim_next(pool: &SqlitePool) -> sqlx::Result<Option<JobRecord>> {
+    let j: Option<JobRecord> = sqlx::query_as(&format!(
+        r#"update jobs set status = 'running', started_at = ?1, progress = null, error = null
+           where seq = (select seq from jobs where status = 'queued' order by seq limit 1)
+           returning {COLUMNS}"#
+    ))
+    .bind(super::now())
+    .fetch_optional(pool)
+    .await?;
+    Ok(j.map(fix))
+}
+
+/// Puts jobs left `running` by a stopped process back in the queue. Returns their ids.
+pub async fn requeue_running(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("update jobs set status = 'queued', started_at = null, progress = null where status = 'running' returning id")
+        .fetch_all(pool)
+        .await
+}
+
+/// Puts one running job back in the queue (the process is stopping).
+pub async fn requeue(pool: &SqlitePool, id: &str) -> sqlx::Result<()> {
+    sqlx::query("update jobs set status = 'queued', started_at = null, progress = null where id = ? and status = 'running'")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Marks a queued or running job cancelled. Returns false when it had already ended.
+pub async fn cancel(pool: &SqlitePool, id: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "update jobs set status = 'cancelled', finished_at = ? where id = ? and status in ('queued', 'running')",
+    )
+    .bind(super::now())
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks a running job failed with `{code, message}`.
+pub async fn fail(pool: &SqlitePool, id: &str, code: &str, message: &str) -> sqlx::Result<()> {
+    let err = serde_json::json!({"code": code, "message": message});
+    sqlx::query("update jobs set status = 'failed', error = ?, finished_at = ? where id = ? and status = 'running'")
+        .bind(err.to_string())
+        .bind(super::now())
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Marks a running job succeeded with its model, inside `tx`. False when it was cancelled meanwhile.
+pub async fn succeed(tx: &mut Transaction<'_, Sqlite>, id: &str, model: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query("update jobs set status = 'succeeded', model = ?, finished_at = ? where id = ? and status = 'running'")
+        .bind(model)
+        .bind(super::now())
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn set_progress(pool: &SqlitePool, id: &str, progress: &Value) -> sqlx::Result<()> {
+    sqlx::query("update jobs set progress = ? where id = ?").bind(progress.to_string()).bind(id).execute(pool).await?;
+    Ok(())
+}
+
+pub async fn set_metrics(pool: &SqlitePool, id: &str, metrics: &Value) -> sqlx::Result<()> {
+    sqlx::query("update jobs set metrics = ? where id = ?").bind(metrics.to_string()).bind(id).execute(pool).await?;
+    Ok(())
+}
+
+/// One job event, as the API shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EventRecord {
+    #[serde(skip)]
+    pub seq: i64,
+    #[sqlx(skip)]
+    pub id: String,
+    #[sqlx(skip)]
+    pub object: &'static str,
+    pub created_at: i64,
+    pub level: String,
+    #[serde(rename = "type")]
+    #[sqlx(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    #[sqlx(json(nullable))]
+    pub data: Option<Value>,
+}
+
+pub async fn add_event(pool: &SqlitePool, job: &str, level: &str, kind: &str, message: &str, data: Option<&Value>) -> sqlx::Result<()> {
+    sqlx::query("insert into job_events (job_id, created_at, level, type, message, data) values (?, ?, ?, ?, ?, ?)")
+        .bind(job)
+        .bind(super::now())
+        .bind(level)
+        .bind(kind)
+        .bind(message)
+        .bind(data.map(Value::to_string))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Events of a job in order, after event id `after` (`ev_<n>`), at most `limit + 1`.
+pub async fn events(pool: &SqlitePool, job: &str, after: i64, limit: i64) -> sqlx::Result<Vec<EventRecord>> {
+    let rows: Vec<EventRecord> = sqlx::query_as(
+        "select seq, created_at, level, type, message, data from job_events where job_id = ? and seq > ? order by seq limit ?",
+    )
+    .bind(job)
+    .bind(after)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|mut e| {
+            e.id = format!("ev_{}", e.seq);
+            e.object = "event";
+            e
+        })
+        .collect())
+}
+
+pub async fn add_train_metric(pool: &SqlitePool, job: &str, step: i64, epoch: i64, loss: f64, lr: f64) -> sqlx::Result<()> {
+    sqlx::query("insert or replace into train_metrics (job_id, step, epoch, loss, learning_rate) values (?, ?, ?, ?, ?)")
+        .bind(job)
+        .bind(step)
+        .bind(epoch)
+        .bind(loss)
+        .bind(lr)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn add_validation_metric(pool: &SqlitePool, job: &str, epoch: i64, data: &Value) -> sqlx::Result<()> {
+    sqlx::query("insert or replace into validation_metrics (job_id, epoch, data) values (?, ?, ?)")
+        .bind(job)
+        .bind(epoch)
+        .bind(data.to_string())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Clears what an earlier, interrupted run of the job recorded, before it runs again.
+pub async fn clear_run_metrics(pool: &SqlitePool, job: &str) -> sqlx::Result<()> {
+    sqlx::query("delete from train_metrics where job_id = ?").bind(job).execute(pool).await?;
+    sqlx::query("delete from validation_metrics where job_id = ?").bind(job).execute(pool).await?;
+    Ok(())
+}
+
+/// `(step, epoch, loss, learning_rate)` rows and validation JSON of a job.
+pub async fn metrics(pool: &SqlitePool, job: &str) -> sqlx::Result<(Vec<(i64, i64, f64, f64)>, Vec<Value>)> {
+    let train = sqlx::query_as("select step, epoch, loss, learning_rate from train_metrics where job_id = ? order by step")
+        .bind(job)
+        .fetch_all(pool)
+        .await?;
+    let val: Vec<String> = sqlx::query_scalar("select data from validation_metrics where job_id = ? order by epoch")
+        .bind(job)
+        .fetch_all(pool)
+        .await?;
+    Ok((train, val.iter().filter_map(|s| serde_json::from_str(s).ok()).collect()))
+}
+
+/// Sets a job's metrics inside `tx`.
+pub async fn set_metrics_tx(tx: &mut Transaction<'_, Sqlite>, id: &str, metrics: &Value) -> sqlx::Result<()> {
+    sqlx::query("update jobs set metrics = ? where id = ?").bind(metrics.to_string()).bind(id).execute(&mut **tx).await?;
+    Ok(())
+}

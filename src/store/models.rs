@@ -1,0 +1,67 @@
+//! The `models` table: models made by jobs.
+
+use serde_json::Value;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+/// A trained model as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelRecord {
+    pub id: String,
+    pub kind: String,
+    pub task: Option<String>,
+    pub base_model: Option<String>,
+    pub job_id: Option<String>,
+    #[sqlx(json)]
+    pub labels: Vec<String>,
+    #[sqlx(json(nullable))]
+    pub metrics: Option<Value>,
+    /// Directory relative to the data dir.
+    pub path: String,
+    pub pooling: Option<String>,
+    pub max_seq_len: Option<i64>,
+    pub created_at: i64,
+}
+
+const COLUMNS: &str = "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at";
+
+pub async fn insert(tx: &mut Transaction<'_, Sqlite>, m: &ModelRecord) -> sqlx::Result<()> {
+    sqlx::query(&format!("insert into models ({COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+        .bind(&m.id)
+        .bind(&m.kind)
+        .bind(&m.task)
+        .bind(&m.base_model)
+        .bind(&m.job_id)
+        .bind(serde_json::to_string(&m.labels).expect("labels serialise"))
+        .bind(m.metrics.as_ref().map(Value::to_string))
+        .bind(&m.path)
+        .bind(&m.pooling)
+        .bind(m.max_seq_len)
+        .bind(m.created_at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<ModelRecord>> {
+    sqlx::query_as(&format!("select {COLUMNS} from models where id = ?")).bind(id).fetch_optional(pool).await
+}
+
+pub async fn list(pool: &SqlitePool) -> sqlx::Result<Vec<ModelRecord>> {
+    sqlx::query_as(&format!("select {COLUMNS} from models order by created_at, id")).fetch_all(pool).await
+}
+
+/// Deletes a model unless a queued or running job builds on it. Returns rows deleted.
+pub async fn delete(pool: &SqlitePool, id: &str) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "delete from models where id = ?1 and not exists (select 1 from jobs where base_model = ?1 and status in ('queued', 'running'))",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Every stored model path (for removing orphaned directories at start-up).
+pub async fn all_paths(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("select path from models").fetch_all(pool).await
+}

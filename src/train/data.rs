@@ -1,0 +1,70 @@
+//! Training data: label ids, the stratified validation split, tokenisation and batch order.
+
+use crate::dataset::Row;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+
+/// A tokenised example with its label id.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub label: usize,
+}
+
+/// Sorted label names of the training and validation rows.
+pub fn label_set(train: &[Row], validation: &[Row]) -> Vec<String> {
+    let mut set: Vec<String> =
+        train.iter().chain(validation).flat_map(|r| r.labels()).map(String::from).collect();
+    set.sort();
+    set.dedup();
+    set
+}
+
+/// Holds out `fraction` of the rows, the same share of each label (at least one row of every
+/// label that has two or more), chosen by `seed`. Returns (train, validation).
+pub fn stratified_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, Vec<Row>) {
+    let mut by_label: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        let key = r.labels().first().map(|s| s.to_string()).unwrap_or_default();
+        by_label.entry(key).or_default().push(i);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut held = vec![false; rows.len()];
+    for idx in by_label.values_mut() {
+        idx.shuffle(&mut rng);
+        let n = if idx.len() >= 2 { ((idx.len() as f64 * fraction).round() as usize).max(1) } else { 0 };
+        for &i in idx.iter().take(n) {
+            held[i] = true;
+        }
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (r, h) in rows.into_iter().zip(held) {
+        if h {
+            val.push(r)
+        } else {
+            train.push(r)
+        }
+    }
+    (train, val)
+}
+
+/// Example order for one epoch: a permutation seeded by `seed + epoch`, cut into batches.
+/// With `group_by_length`, batches hold examples of similar length (sorted within windows
+/// of 50 batches, then the batches shuffled), as transformers' `group_by_length` does.
+pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut rng);
+    if !group_by_length {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
+    let window = batch_size * 50;
+    for chunk in order.chunks_mut(window) {
+        chunk.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    batches.shuffle(&mut rng);
+    batches
+}

@@ -1,0 +1,279 @@
+//! The fine-tuning loop: blocking, device-agnostic, reporting through an [`Observer`].
+//! Shared by the service's worker and the `train` command.
+
+use super::data::{epoch_batches, label_set, stratified_split, Example};
+use super::hyper::Hyperparameters;
+use super::metrics::{classification_report, ClassificationReport};
+use super::optim::{linear_schedule, AdamW};
+use crate::dataset::Row;
+use crate::model::artifacts::{inspect, load_weights, write_model_dir};
+use crate::model::layers::Mode;
+use crate::model::params::Params;
+use crate::model::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
+use crate::model::{BertConfig, Classifier, Pooling};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Everything one fine-tuning run needs.
+pub struct TrainRequest {
+    pub base_dir: PathBuf,
+    pub train_rows: Vec<Row>,
+    pub validation_rows: Option<Vec<Row>>,
+    pub hp: Hyperparameters,
+    pub device: Device,
+    /// Where the finished model directory goes (written atomically).
+    pub out_dir: PathBuf,
+}
+
+/// Progress after one optimisation step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepInfo {
+    pub epoch: usize,
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub examples_per_second: f64,
+}
+
+/// Validation results after one epoch.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub step: usize,
+    pub train_loss: f64,
+    pub loss: f64,
+    pub labels: Vec<String>,
+    #[serde(flatten)]
+    pub report: ClassificationReport,
+}
+
+/// What the trainer tells its caller as it goes.
+pub enum Event {
+    Message(String),
+    Step(StepInfo),
+    Epoch(EpochReport),
+}
+
+/// Receives events and says when to stop (checked before every step).
+pub trait Observer {
+    fn on_event(&mut self, event: Event);
+    fn should_stop(&self) -> bool;
+}
+
+/// How a run ended, when it did not fail.
+pub enum Outcome {
+    /// The model was written; `best` is the epoch whose weights were kept.
+    Finished { best: EpochReport, labels: Vec<String> },
+    Cancelled,
+}
+
+/// Why a run failed; `code` is the job's error code.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    InvalidData(String),
+    #[error("cannot load the base model: {0}")]
+    BaseModel(String),
+    #[error("training diverged: the loss became {0} at step {1}")]
+    Diverged(f64, usize),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<candle_core::Error> for TrainError {
+    fn from(e: candle_core::Error) -> Self {
+        TrainError::Internal(e.into())
+    }
+}
+
+impl TrainError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            TrainError::InvalidData(_) => "invalid_training_data",
+            TrainError::BaseModel(_) => "base_model_unavailable",
+            TrainError::Diverged(..) => "training_diverged",
+            TrainError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Example>> {
+    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    let ids = encode_all(tok, &texts)?;
+    rows.iter()
+        .zip(ids)
+        .map(|(r, mut ids)| {
+            truncate(&mut ids, max_len);
+            let name = r.labels().first().copied().unwrap_or_default();
+            let label = labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}"))?;
+            Ok(Example { ids, label })
+        })
+        .collect()
+}
+
+/// Runs a fine-tuning job to the end (or until the observer says stop).
+pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
+    let hp = &req.hp;
+    let info = inspect(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let (train_rows, val_rows) = match req.validation_rows {
+        Some(v) => (req.train_rows, v),
+        None => {
+            let (t, v) = stratified_split(req.train_rows, 0.1, hp.seed);
+            obs.on_event(Event::Message(format!("held out {} of {} rows for validation (stratified 10 %)", v.len(), t.len() + v.len())));
+            (t, v)
+        }
+    };
+    if train_rows.is_empty() || val_rows.is_empty() {
+        return Err(TrainError::InvalidData("training and validation data must each have at least one row".into()));
+    }
+    let labels = label_set(&train_rows, &val_rows);
+    if labels.len() < 2 {
+        return Err(TrainError::InvalidData("classification needs at least two distinct labels".into()));
+    }
+    let tok = load_tokenizer(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len)?;
+    let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len)?;
+    let mut cfg: BertConfig = info.config.clone();
+    let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
+    let params = Params::for_classifier(&cfg, &weights, labels.len(), &mut rng, &req.device)
+        .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    drop(weights);
+    let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
+    let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(&train, labels.len(), &req.device)).transpose()?;
+
+    let steps_per_epoch = train.len().div_ceil(hp.batch_size);
+    let total_steps = steps_per_epoch * hp.epochs;
+    let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
+    obs.on_event(Event::Message(format!(
+        "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters",
+        train.len(), val.len(), labels.len(), total_steps, warmup, params.count()
+    )));
+    let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
+    let mut opt = AdamW::new(decay, hp.weight_decay);
+    let pad = cfg.pad_token_id as u32;
+    let mut step = 0usize;
+    let mut best: Option<(EpochReport, std::collections::HashMap<String, Tensor>)> = None;
+    let mut since_best = 0usize;
+    let model_train = Classifier::load(&|n| params.tracked(n), &cfg, pooling)?;
+    let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
+    for epoch in 1..=hp.epochs {
+        let batches = epoch_batches(&train, hp.batch_size, hp.seed, epoch - 1, hp.group_by_length);
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        let started = Instant::now();
+        let mut window: std::collections::VecDeque<(Instant, usize)> = Default::default();
+        for batch_idx in batches {
+            if obs.should_stop() {
+                return Ok(Outcome::Cancelled);
+            }
+            let seqs: Vec<&[u32]> = batch_idx.iter().map(|&i| train[i].ids.as_slice()).collect();
+            let batch = pad_batch(&seqs, pad, &req.device)?;
+            let targets: Vec<u32> = batch_idx.iter().map(|&i| train[i].label as u32).collect();
+            let targets = Tensor::new(targets, &req.device)?;
+            let logits = model_train.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?;
+            let loss = weighted_cross_entropy(&logits, &targets, class_weights.as_ref())?;
+            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !loss_value.is_finite() {
+                return Err(TrainError::Diverged(loss_value, step + 1));
+            }
+            let grads = loss.backward()?;
+            let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
+            opt.step(&params.vars, &grads, lr, 1.0)?;
+            step += 1;
+            loss_sum += loss_value * batch_idx.len() as f64;
+            seen += batch_idx.len();
+            window.push_back((Instant::now(), batch_idx.len()));
+            if window.len() > 20 {
+                window.pop_front();
+            }
+            let rate = rate_of(&window, started);
+            obs.on_event(Event::Step(StepInfo {
+                epoch, step, total_steps, loss: loss_value, learning_rate: lr, examples_per_second: rate,
+            }));
+        }
+        let train_loss = loss_sum / seen.max(1) as f64;
+        let (val_loss, preds) = evaluate(&model_eval, &val, pad, &req.device)?;
+        let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
+        let report = classification_report(&labels, &truth, &preds);
+        let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: labels.clone(), report };
+        obs.on_event(Event::Epoch(ep.clone()));
+        let improved = best.as_ref().is_none_or(|(b, _)| is_better(&ep, b));
+        if improved {
+            best = Some((ep, params.snapshot()?));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if hp.early_stopping_patience.is_some_and(|p| since_best >= p) {
+                obs.on_event(Event::Message(format!("early stopping after epoch {epoch}: no improvement in {since_best} epochs")));
+                break;
+            }
+        }
+    }
+    let (best, tensors) = best.expect("at least one epoch ran");
+    if obs.should_stop() {
+        return Ok(Outcome::Cancelled);
+    }
+    let problem_type = "single_label_classification";
+    cfg.set_classifier(&labels, problem_type, pooling.as_str());
+    write_model_dir(&req.out_dir, &cfg, &tensors, &req.base_dir)?;
+    obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
+    Ok(Outcome::Finished { best, labels })
+}
+
+fn is_better(a: &EpochReport, b: &EpochReport) -> bool {
+    a.report.macro_f1 > b.report.macro_f1 || (a.report.macro_f1 == b.report.macro_f1 && a.loss < b.loss)
+}
+
+fn rate_of(window: &std::collections::VecDeque<(Instant, usize)>, started: Instant) -> f64 {
+    let examples: usize = window.iter().map(|(_, n)| n).sum();
+    let since = if window.len() > 1 { window.front().unwrap().0 } else { started };
+    let first = if window.len() > 1 { window.front().unwrap().1 } else { 0 };
+    let secs = window.back().map(|(t, _)| t.duration_since(since).as_secs_f64()).unwrap_or(0.0);
+    if secs > 0.0 { (examples - first) as f64 / secs } else { 0.0 }
+}
+
+/// Inverse-frequency weights `n / (k · count)`, as scikit-learn's `balanced`.
+fn balanced_weights(train: &[Example], k: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let mut counts = vec![0usize; k];
+    for e in train {
+        counts[e.label] += 1;
+    }
+    let n = train.len() as f32;
+    let w: Vec<f32> = counts.iter().map(|&c| if c > 0 { n / (k as f32 * c as f32) } else { 0.0 }).collect();
+    Ok(Tensor::new(w, device)?)
+}
+
+/// Mean cross-entropy, optionally weighted per class (weighted mean, as PyTorch).
+fn weighted_cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let Some(w) = weights else { return candle_nn::loss::cross_entropy(logits, targets) };
+    let logp = candle_nn::ops::log_softmax(logits, 1)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let wt = w.index_select(targets, 0)?;
+    (picked * &wt)?.sum_all()?.neg()? / wt.sum_all()?.to_scalar::<f32>()? as f64
+}
+
+/// Mean loss and predicted label ids over `data`, in order (batches of similar length).
+fn evaluate(model: &Classifier, data: &[Example], pad: u32, device: &Device) -> candle_core::Result<(f64, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by_key(|&i| data[i].ids.len());
+    let mut preds = vec![0usize; data.len()];
+    let mut loss_sum = 0.0;
+    for chunk in order.chunks(64) {
+        let seqs: Vec<&[u32]> = chunk.iter().map(|&i| data[i].ids.as_slice()).collect();
+        let batch = pad_batch(&seqs, pad, device)?;
+        let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
+        let targets = Tensor::new(chunk.iter().map(|&i| data[i].label as u32).collect::<Vec<_>>(), device)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        loss_sum += loss * chunk.len() as f64;
+        let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        for (&i, p) in chunk.iter().zip(argmax) {
+            preds[i] = p as usize;
+        }
+    }
+    Ok((loss_sum / data.len().max(1) as f64, preds))
+}

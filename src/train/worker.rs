@@ -1,0 +1,247 @@
+//! The job worker: takes queued jobs one at a time, trains each on a blocking thread, and
+//! records every state change, progress step and epoch in the database as it happens.
+
+use super::hyper::Hyperparameters;
+use super::trainer::{self, Event, Observer, Outcome, TrainError, TrainRequest};
+use crate::catalog::Catalog;
+use crate::dataset::read_stored;
+use crate::store::{self, datasets, jobs, jobs::JobRecord, models};
+use candle_core::Device;
+use serde_json::{json, Value};
+use sqlx::SqlitePool;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Wakes the worker and carries the cancel flags of running jobs.
+#[derive(Clone, Default)]
+pub struct JobQueue {
+    wake: Arc<Notify>,
+    cancel_flags: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    alive: Arc<AtomicBool>,
+}
+
+impl JobQueue {
+    /// Tells the worker a job was queued (call after the commit).
+    pub fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Asks a running job to stop before its next step.
+    pub fn cancel(&self, id: &str) {
+        if let Some(flag) = self.cancel_flags.lock().unwrap().get(id) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the worker loop is running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+}
+
+/// What the worker needs.
+pub struct WorkerContext {
+    pub pool: SqlitePool,
+    pub catalog: Arc<Catalog>,
+    pub data_dir: PathBuf,
+    pub device: Device,
+    pub queue: JobQueue,
+}
+
+/// Runs jobs until `shutdown` fires. A job interrupted by shutdown goes back to the queue.
+pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: CancellationToken) {
+    ctx.queue.alive.store(true, Ordering::SeqCst);
+    while !shutdown.is_cancelled() {
+        match jobs::claim_next(&ctx.pool).await {
+            Ok(Some(job)) => {
+                let span = tracing::info_span!("job", job_id = %job.id);
+                let _ = tracing::Instrument::instrument(run_job(&ctx, job, &shutdown), span).await;
+            }
+            Ok(None) => {
+                tokio::select! {
+                    _ = ctx.queue.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "claiming a job failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    ctx.queue.alive.store(false, Ordering::SeqCst);
+}
+
+struct ChannelObserver {
+    tx: mpsc::UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+}
+
+impl Observer for ChannelObserver {
+    fn on_event(&mut self, event: Event) {
+        let _ = self.tx.send(event);
+    }
+    fn should_stop(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst) || self.shutdown.is_cancelled()
+    }
+}
+
+async fn event(pool: &SqlitePool, job: &str, level: &str, message: &str) {
+    if let Err(e) = jobs::add_event(pool, job, level, "message", message, None).await {
+        tracing::error!(error = %e, "recording a job event failed");
+    }
+}
+
+async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let pool = &ctx.pool;
+    tracing::info!("job started");
+    jobs::clear_run_metrics(pool, &job.id).await?;
+    event(pool, &job.id, "info", "job started").await;
+    let prepared = prepare(ctx, &job).await;
+    let (req, model_id) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let message = e.to_string();
+            jobs::fail(pool, &job.id, e.code(), &message).await?;
+            event(pool, &job.id, "error", &format!("job failed: {message}")).await;
+            return Ok(());
+        }
+    };
+    let out_dir = req.out_dir.clone();
+    let cancel = Arc::new(AtomicBool::new(false));
+    ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut obs = ChannelObserver { tx, cancel, shutdown: shutdown.clone() };
+    let handle = tokio::task::spawn_blocking(move || trainer::run(req, &mut obs));
+    while let Some(ev) = rx.recv().await {
+        record(pool, &job.id, ev).await;
+    }
+    let result = handle.await;
+    ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
+    match result {
+        Ok(Ok(Outcome::Finished { best, labels })) => {
+            let metrics = json!({"train_loss": best.train_loss, "validation": {
+                "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
+            let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
+            let rec = models::ModelRecord {
+                id: model_id.clone(),
+                kind: "classifier".into(),
+                task: Some(job.task.clone()),
+                base_model: Some(job.base_model.clone()),
+                job_id: Some(job.id.clone()),
+                labels,
+                metrics: Some(metrics.clone()),
+                path: format!("models/{model_id}"),
+                pooling: Some(hp.pooling.clone()),
+                max_seq_len: Some(hp.max_seq_len as i64),
+                created_at: store::now(),
+            };
+            let mut tx = pool.begin().await?;
+            models::insert(&mut tx, &rec).await?;
+            jobs::set_metrics_tx(&mut tx, &job.id, &metrics).await?;
+            if jobs::succeed(&mut tx, &job.id, &model_id).await? {
+                tx.commit().await?;
+                event(pool, &job.id, "info", &format!("job succeeded: model {model_id}")).await;
+                tracing::info!(model = %model_id, "job succeeded");
+            } else {
+                drop(tx);
+                let _ = std::fs::remove_dir_all(&out_dir);
+                event(pool, &job.id, "info", "job was cancelled; the model was discarded").await;
+            }
+        }
+        Ok(Ok(Outcome::Cancelled)) => {
+            if shutdown.is_cancelled() {
+                jobs::requeue(pool, &job.id).await?;
+                event(pool, &job.id, "info", "server stopping: job put back in the queue").await;
+            } else {
+                event(pool, &job.id, "info", "job cancelled").await;
+            }
+        }
+        Ok(Err(e)) => {
+            let message = format!("{e:#}");
+            tracing::warn!(error = %message, "job failed");
+            jobs::fail(pool, &job.id, e.code(), &message).await?;
+            event(pool, &job.id, "error", &format!("job failed: {message}")).await;
+        }
+        Err(panic) => {
+            let message = format!("training crashed: {panic}");
+            tracing::error!(error = %message, "job panicked");
+            jobs::fail(pool, &job.id, "internal_error", &message).await?;
+            event(pool, &job.id, "error", &message).await;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the job's datasets and resolves its base model and output path.
+async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(TrainRequest, String), TrainError> {
+    let internal = |e: sqlx::Error| TrainError::Internal(e.into());
+    let base = ctx.catalog.resolve(&job.base_model).await.map_err(internal)?;
+    let base = base.ok_or_else(|| TrainError::BaseModel(format!("base model {:?} no longer exists", job.base_model)))?;
+    let hp: Hyperparameters =
+        serde_json::from_value(job.hyperparameters.clone()).map_err(|e| TrainError::Internal(e.into()))?;
+    let mut rows = Vec::new();
+    for id in [Some(&job.training_dataset), job.validation_dataset.as_ref()] {
+        let Some(id) = id else {
+            rows.push(None);
+            continue;
+        };
+        let rec = datasets::get(&ctx.pool, id).await.map_err(internal)?;
+        let rec = rec.ok_or_else(|| TrainError::InvalidData(format!("dataset {id} no longer exists")))?;
+        let path = ctx.data_dir.join(&rec.path);
+        let data = tokio::task::spawn_blocking(move || read_stored(&path))
+            .await
+            .map_err(|e| TrainError::Internal(e.into()))??;
+        rows.push(Some(data));
+    }
+    let model_id = job.model_name.clone().unwrap_or_else(|| format!("ft-{}", job.id.trim_start_matches("job_")));
+    let validation_rows = rows.pop().flatten();
+    let train_rows = rows.pop().flatten().unwrap_or_default();
+    Ok((
+        TrainRequest {
+            base_dir: base.path,
+            train_rows,
+            validation_rows,
+            hp,
+            device: ctx.device.clone(),
+            out_dir: ctx.data_dir.join("models").join(&model_id),
+        },
+        model_id,
+    ))
+}
+
+async fn record(pool: &SqlitePool, job: &str, ev: Event) {
+    let result = match ev {
+        Event::Message(m) => jobs::add_event(pool, job, "info", "message", &m, None).await,
+        Event::Step(s) => {
+            let progress = json!({"epoch": s.epoch, "step": s.step, "total_steps": s.total_steps,
+                                  "examples_per_second": s.examples_per_second});
+            let r = jobs::set_progress(pool, job, &progress).await;
+            let r2 = jobs::add_train_metric(pool, job, s.step as i64, s.epoch as i64, s.loss, s.learning_rate).await;
+            r.and(r2)
+        }
+        Event::Epoch(e) => {
+            let data: Value = serde_json::to_value(&e).unwrap_or(Value::Null);
+            let summary = json!({"train_loss": e.train_loss, "validation": {
+                "loss": e.loss, "accuracy": e.report.accuracy, "macro_f1": e.report.macro_f1}, "epoch": e.epoch});
+            let msg = format!(
+                "epoch {}: train loss {:.4}, validation loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
+                e.epoch, e.train_loss, e.loss, e.report.accuracy, e.report.macro_f1
+            );
+            let r1 = jobs::add_validation_metric(pool, job, e.epoch as i64, &data).await;
+            let r2 = jobs::set_metrics(pool, job, &summary).await;
+            let r3 = jobs::add_event(pool, job, "info", "metrics", &msg, Some(&data)).await;
+            r1.and(r2).and(r3)
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "recording training progress failed");
+    }
+}

@@ -1,0 +1,176 @@
+use crate::common::{shared, toy_jsonl};
+use crate::helpers::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+fn tiny_dataset(split: &str) -> String {
+    std::fs::read_to_string(shared().join("datasets/tiny").join(format!("{split}.jsonl"))).unwrap()
+}
+
+/// The whole path on the real pretrained model: upload, train, poll, metrics, predict; then
+/// a restart keeps datasets, models and scores.
+#[tokio::test]
+async fn minilm_fine_tunes_on_tiny_serves_predictions_and_survives_a_restart() {
+    let app = spawn_app().await;
+    let train = app.upload_ok(tiny_dataset("train")).await;
+    let val = app.upload_ok(tiny_dataset("validation")).await;
+    let job = app
+        .create_job(&json!({"base_model": "all-minilm-l6-v2", "training_dataset": train, "validation_dataset": val,
+                            "model_name": "tiny-sentiment", "hyperparameters": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-4, "max_seq_len": 64}}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("job_"));
+    assert_eq!(job["object"], "job");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["task"], "classification");
+    assert_eq!(job["hyperparameters"]["warmup_ratio"], 0.06);
+    assert_eq!(job["hyperparameters"]["pooling"], "mean", "auto picks mean for a sentence-transformers checkpoint");
+    let done = app.wait_ended(&id, 600).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["model"], "tiny-sentiment");
+    assert!(done["metrics"]["validation"]["accuracy"].as_f64().is_some());
+    assert!(done["started_at"].as_i64().is_some() && done["finished_at"].as_i64().is_some());
+
+    let metrics: Value = app.get(&format!("/v1/jobs/{id}/metrics")).await.json().await.unwrap();
+    assert_eq!(metrics["train"].as_array().unwrap().len(), 4, "2 epochs × 2 steps: {metrics}");
+    let v = &metrics["validation"][1];
+    assert_eq!(v["epoch"], 2);
+    assert_eq!(v["per_class"]["positive"]["support"].as_u64().unwrap() + v["per_class"]["negative"]["support"].as_u64().unwrap(), 32);
+    assert_eq!(v["confusion_matrix"].as_array().unwrap().len(), 2);
+    let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
+    assert!(events["data"].as_array().unwrap().iter().any(|e| e["type"] == "metrics"));
+
+    let model: Value = app.get("/v1/models/tiny-sentiment").await.json().await.unwrap();
+    assert_eq!(model["kind"], "classifier");
+    assert_eq!(model["labels"], json!(["negative", "positive"]));
+    assert_eq!(model["job"], id.as_str());
+    let body = json!({"inputs": ["a gorgeous, witty, seductive movie", "dull and far too long"]});
+    let r = app.predict("tiny-sentiment", &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let before: Value = r.json().await.unwrap();
+    assert_eq!(before["model"], "tiny-sentiment");
+    let preds = before["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 2);
+    for p in preds {
+        let s: Vec<f64> = p.as_array().unwrap().iter().map(|x| x["score"].as_f64().unwrap()).collect();
+        assert!(s[0] >= s[1]);
+        assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+    }
+
+    let tmp = app.stop().await;
+    let root = tmp.as_ref().unwrap().path();
+    let app = spawn_with(finetuned::config::ServeConfig::for_test(root.join("data"), root.join("models"))).await;
+    assert_eq!(app.get(&format!("/v1/datasets/{train}")).await.status(), StatusCode::OK);
+    assert_eq!(app.job(&id).await["status"], "succeeded");
+    let after: Value = app.predict("tiny-sentiment", &body).await.json().await.unwrap();
+    assert_eq!(after, before, "scores changed across a restart");
+    drop(tmp);
+}
+
+#[tokio::test]
+async fn one_call_multipart_job_stores_datasets_and_queues() {
+    let app = spawn_app().await;
+    let form = reqwest::multipart::Form::new()
+        .part("training_file", reqwest::multipart::Part::text(toy_jsonl(40)).file_name("train.jsonl"))
+        .part("job", reqwest::multipart::Part::text(json!({"base_model": "tiny", "hyperparameters": tiny_hp(2)}).to_string()));
+    let r = app.client.post(app.url("/v1/jobs")).multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let job: Value = r.json().await.unwrap();
+    let ds = job["training_dataset"].as_str().unwrap();
+    assert!(ds.starts_with("ds_"));
+    assert!(job["validation_dataset"].is_null());
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let metrics: Value = app.get(&format!("/v1/jobs/{}/metrics", done["id"].as_str().unwrap())).await.json().await.unwrap();
+    assert_eq!(metrics["validation"][0]["per_class"]["pos"]["support"], 2, "stratified 10 % of 20 pos rows");
+}
+
+#[tokio::test]
+async fn a_multipart_job_with_a_bad_file_stores_nothing() {
+    let app = spawn_app().await;
+    let form = reqwest::multipart::Form::new()
+        .part("training_file", reqwest::multipart::Part::text(toy_jsonl(10)).file_name("train.jsonl"))
+        .part("validation_file", reqwest::multipart::Part::text("{\"text\": 5}\n").file_name("val.jsonl"))
+        .part("job", reqwest::multipart::Part::text(json!({"base_model": "tiny"}).to_string()));
+    let r = app.client.post(app.url("/v1/jobs")).multipart(form).send().await.unwrap();
+    let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_dataset").await;
+    assert_eq!(err["param"], "validation_file");
+    assert_eq!(err["line"], 1);
+    let list: Value = app.get("/v1/datasets").await.json().await.unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    let jobs: Value = app.get("/v1/jobs").await.json().await.unwrap();
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 0);
+    assert_eq!(std::fs::read_dir(app.data_dir.join("datasets")).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn job_requests_are_checked_field_by_field() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(10)).await;
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "nope", "training_dataset": ds})).await;
+    assert_eq!(assert_error(r, StatusCode::NOT_FOUND, "not_found").await["param"], "base_model");
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": "ds_nope"})).await;
+    assert_eq!(assert_error(r, StatusCode::NOT_FOUND, "not_found").await["param"], "training_dataset");
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": {"learning_rate": -1}})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.learning_rate");
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": {"epoch": 2}})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.epoch");
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "model_name": "../escape"})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "model_name");
+    let r = app.client.post(app.url("/v1/jobs")).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    assert_error(r, StatusCode::BAD_REQUEST, "bad_request").await;
+    let jobs: Value = app.get("/v1/jobs").await.json().await.unwrap();
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_frees_the_worker() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(64)).await;
+    let long = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(100)})).await;
+    let long_id = long["id"].as_str().unwrap();
+    let next = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1)})).await;
+    app.wait_job(long_id, 60, |j| j["progress"]["step"].as_u64().is_some_and(|s| s >= 1)).await;
+    let r = app.post_json(&format!("/v1/jobs/{long_id}/cancel"), &json!({})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "cancelled");
+    // The worker only takes the next job once the cancelled one has stopped.
+    let done = app.wait_ended(next["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded");
+    let j = app.job(long_id).await;
+    assert_eq!(j["status"], "cancelled");
+    assert!(j["model"].is_null());
+    let steps = j["progress"]["step"].as_u64().unwrap();
+    assert!(steps < j["progress"]["total_steps"].as_u64().unwrap());
+    let r = app.post_json(&format!("/v1/jobs/{long_id}/cancel"), &json!({})).await;
+    assert_error(r, StatusCode::CONFLICT, "conflict").await;
+    let r = app.client.delete(app.url(&format!("/v1/datasets/{ds}"))).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "no active job uses the dataset any more");
+}
+
+#[tokio::test]
+async fn a_dataset_in_use_by_a_queued_job_cannot_be_deleted() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(64)).await;
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(100)})).await;
+    let r = app.client.delete(app.url(&format!("/v1/datasets/{ds}"))).send().await.unwrap();
+    assert_error(r, StatusCode::CONFLICT, "conflict").await;
+    app.post_json(&format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()), &json!({})).await;
+}
+
+#[tokio::test]
+async fn a_job_running_at_shutdown_is_queued_again_and_finishes_after_restart() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(64)).await;
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "again", "hyperparameters": tiny_hp(30)})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    app.wait_job(&id, 60, |j| j["status"] == "running").await;
+    let tmp = app.stop().await;
+    let root = tmp.as_ref().unwrap().path();
+    let cfg = finetuned::config::ServeConfig::for_test(root.join("data"), root.join("models"));
+    let app = spawn_with(cfg).await;
+    let done = app.wait_ended(&id, 300).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["model"], "again");
+    drop(tmp);
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real server on port 0 with a temporary data dir.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod helpers;
+
+mod datasets;
+mod jobs;
+mod predict;

@@ -1,0 +1,84 @@
+use crate::common::toy_jsonl;
+use crate::helpers::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn trained(app: &TestApp, name: &str) {
+    let ds = app.upload_ok(toy_jsonl(48)).await;
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": tiny_hp(10)})).await;
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
+
+#[tokio::test]
+async fn predict_options_top_k_raw_scores_and_truncate() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    let r = app.predict("toy", &json!({"inputs": "a great superb film"})).await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["predictions"][0][0]["label"], "pos", "{v}");
+    let top1: Value = app.predict("toy", &json!({"inputs": ["good", "bad"], "top_k": 1})).await.json().await.unwrap();
+    assert_eq!(top1["predictions"][0].as_array().unwrap().len(), 1);
+    assert_eq!(top1["predictions"][1][0]["label"], "neg");
+    let probs: Value = app.predict("toy", &json!({"inputs": "good"})).await.json().await.unwrap();
+    let raw: Value = app.predict("toy", &json!({"inputs": "good", "raw_scores": true})).await.json().await.unwrap();
+    let (p, r) = (&probs["predictions"][0], &raw["predictions"][0]);
+    let diff = r[0]["score"].as_f64().unwrap() - r[1]["score"].as_f64().unwrap();
+    let expected = 1.0 / (1.0 + (-diff).exp());
+    assert!((p[0]["score"].as_f64().unwrap() - expected).abs() < 1e-5, "softmax of the raw scores");
+    // The tiny model allows 64 positions.
+    let long = vec!["good"; 200].join(" ");
+    let r = app.predict("toy", &json!({"inputs": [long.clone()], "truncate": false})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "inputs[0]");
+    assert_eq!(app.predict("toy", &json!({"inputs": [long]})).await.status(), StatusCode::OK);
+    let r = app.predict("toy", &json!({"inputs": []})).await;
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    let many: Vec<&str> = vec!["x"; 257];
+    let r = app.predict("toy", &json!({"inputs": many})).await;
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    let r = app.predict("tiny", &json!({"inputs": "x"})).await;
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+}
+
+#[tokio::test]
+async fn a_batch_scores_each_input_as_alone() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    let texts = ["good", "the plot was really awful and boring", "nice film"];
+    let batch: Value = app.predict("toy", &json!({"inputs": texts, "raw_scores": true})).await.json().await.unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        let one: Value = app.predict("toy", &json!({"inputs": t, "raw_scores": true})).await.json().await.unwrap();
+        for (a, b) in one["predictions"][0].as_array().unwrap().iter().zip(batch["predictions"][i].as_array().unwrap()) {
+            assert_eq!(a["label"], b["label"]);
+            assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() < 1e-5);
+        }
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_model_removes_it_and_its_files() {
+    let app = spawn_app().await;
+    trained(&app, "gone").await;
+    assert_eq!(app.predict("gone", &json!({"inputs": "good"})).await.status(), StatusCode::OK);
+    let r = app.client.delete(app.url("/v1/models/gone")).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["deleted"], true);
+    assert_error(app.predict("gone", &json!({"inputs": "good"})).await, StatusCode::NOT_FOUND, "not_found").await;
+    assert!(!app.data_dir.join("models/gone").exists());
+    let r = app.client.delete(app.url("/v1/models/tiny")).send().await.unwrap();
+    assert_error(r, StatusCode::CONFLICT, "conflict").await;
+}
+
+#[tokio::test]
+async fn download_is_a_gzipped_hugging_face_directory() {
+    let app = spawn_app().await;
+    trained(&app, "dl").await;
+    let r = app.get("/v1/models/dl/download").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/gzip");
+    let bytes = r.bytes().await.unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let names: Vec<String> = archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+    for f in ["dl/config.json", "dl/model.safetensors", "dl/tokenizer.json"] {
+        assert!(names.iter().any(|n| n == f), "{f} missing from {names:?}");
+    }
+}

@@ -1,0 +1,169 @@
+//! Model and trainer tests on a tiny random BERT built in code.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use finetuned::model::artifacts::write_model_dir;
+use finetuned::model::layers::Mode;
+use finetuned::model::params::Params;
+use finetuned::model::predictor::LoadedClassifier;
+use finetuned::model::tokenize::pad_batch;
+use finetuned::model::{Classifier, Pooling};
+use finetuned::train::hyper::HyperparametersInput;
+use finetuned::train::optim::AdamW;
+use finetuned::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn toy_batch() -> (finetuned::model::tokenize::Batch, Tensor) {
+    let seqs: Vec<Vec<u32>> = vec![vec![2, 5, 6, 3], vec![2, 11, 12, 13, 3], vec![2, 7, 3], vec![2, 14, 3]];
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let batch = pad_batch(&refs, 0, &Device::Cpu).unwrap();
+    (batch, Tensor::new(&[1u32, 0, 1, 0], &Device::Cpu).unwrap())
+}
+
+#[test]
+fn one_training_step_changes_every_parameter_including_word_embeddings() {
+    let cfg = tiny_config();
+    let weights = tiny_weights(&cfg, 1);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let params = Params::for_classifier(&cfg, &weights, 2, &mut rng, &Device::Cpu).unwrap();
+    let model = Classifier::load(&|n| params.tracked(n), &cfg, Pooling::Cls).unwrap();
+    let before = params.snapshot().unwrap();
+    let (batch, targets) = toy_batch();
+    let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng)).unwrap();
+    let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in params.names.iter().zip(&params.vars) {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {name}"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "gradient of {name} is zero");
+    }
+    // No weight decay: any change comes from the gradient alone.
+    let mut opt = AdamW::new(vec![true; params.vars.len()], 0.0);
+    opt.step(&params.vars, &grads, 1e-3, 1.0).unwrap();
+    assert_eq!(params.names.len(), 5 + 16 * cfg.num_hidden_layers + 4);
+    for (name, var) in params.names.iter().zip(&params.vars) {
+        let diff = (var.as_tensor() - &before[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 0.0, "{name} did not change after one step");
+    }
+}
+
+#[test]
+fn mean_pooling_reaches_every_encoder_parameter() {
+    let cfg = tiny_config();
+    let weights = tiny_weights(&cfg, 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let params = Params::for_classifier(&cfg, &weights, 2, &mut rng, &Device::Cpu).unwrap();
+    let model = Classifier::load(&|n| params.tracked(n), &cfg, Pooling::Mean).unwrap();
+    let (batch, targets) = toy_batch();
+    let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng)).unwrap();
+    let grads = candle_nn::loss::cross_entropy(&logits, &targets).unwrap().backward().unwrap();
+    for (name, var) in params.names.iter().zip(&params.vars).filter(|(n, _)| !n.starts_with("pooler")) {
+        assert!(grads.get(var.as_tensor()).is_some(), "no gradient reached {name}");
+    }
+}
+
+struct Collect {
+    epochs: Vec<f64>,
+}
+
+impl Observer for Collect {
+    fn on_event(&mut self, e: Event) {
+        if let Event::Epoch(r) = e {
+            self.epochs.push(r.report.accuracy);
+        }
+    }
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Vec<f64>) {
+    let base = write_tiny_model(dir, "tiny");
+    let hp = HyperparametersInput {
+        epochs: Some(12),
+        batch_size: Some(8),
+        learning_rate: Some(2e-3),
+        warmup_ratio: Some(0.0),
+        seed: Some(seed),
+        ..Default::default()
+    }
+    .resolve("cls")
+    .unwrap();
+    let out = dir.join("out");
+    let req = TrainRequest {
+        base_dir: base,
+        train_rows: toy_rows(48),
+        validation_rows: Some(toy_rows(16)),
+        hp,
+        device: Device::Cpu,
+        out_dir: out.clone(),
+    };
+    let mut obs = Collect { epochs: vec![] };
+    match trainer::run(req, &mut obs).unwrap() {
+        Outcome::Finished { labels, .. } => assert_eq!(labels, vec!["neg", "pos"]),
+        Outcome::Cancelled => panic!("not cancelled"),
+    }
+    (out, obs.epochs)
+}
+
+#[test]
+fn tiny_bert_learns_a_separable_toy_set_to_full_training_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, _) = train_tiny(dir.path(), 42);
+    let model = LoadedClassifier::load(&out, &Device::Cpu).unwrap();
+    let rows = toy_rows(48);
+    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    let seqs = model.tokenize(&texts, true).unwrap().unwrap();
+    let logits = model.logits(&seqs, 16).unwrap();
+    let correct = logits
+        .iter()
+        .zip(&rows)
+        .filter(|(l, r)| {
+            let pred = if l[1] > l[0] { "pos" } else { "neg" };
+            r.labels()[0] == pred
+        })
+        .count();
+    assert_eq!(correct, rows.len(), "training accuracy {correct}/{}", rows.len());
+}
+
+#[test]
+fn same_seed_gives_the_same_metrics() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert_eq!(train_tiny(a.path(), 3).1, train_tiny(b.path(), 3).1);
+}
+
+#[test]
+fn saved_model_loads_back_with_identical_logits_and_hugging_face_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = write_tiny_model(dir.path(), "tiny");
+    let mut cfg = tiny_config();
+    let weights = tiny_weights(&cfg, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let params = Params::for_classifier(&cfg, &weights, 3, &mut rng, &Device::Cpu).unwrap();
+    let model = Classifier::load(&|n| params.detached(n), &cfg, Pooling::Cls).unwrap();
+    let (batch, _) = toy_batch();
+    let expected: Vec<Vec<f32>> = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval).unwrap().to_vec2().unwrap();
+
+    let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    cfg.set_classifier(&labels, "single_label_classification", "cls");
+    let out = dir.path().join("saved");
+    write_model_dir(&out, &cfg, &params.snapshot().unwrap(), &base).unwrap();
+
+    let names: Vec<String> = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap().into_keys().collect();
+    assert!(names.contains(&"bert.embeddings.word_embeddings.weight".to_string()));
+    assert!(names.contains(&"classifier.weight".to_string()));
+    assert!(names.iter().all(|n| n.starts_with("bert.") || n.starts_with("classifier.")));
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(config["id2label"]["2"], "c");
+    assert_eq!(config["label2id"]["b"], 1);
+    assert_eq!(config["problem_type"], "single_label_classification");
+
+    let loaded = LoadedClassifier::load(&out, &Device::Cpu).unwrap();
+    let got: Vec<Vec<f32>> = loaded.forward(&batch.ids, &batch.type_ids, &batch.mask).unwrap().to_vec2().unwrap();
+    assert_eq!(got, expected);
+    assert_eq!(loaded.labels, labels);
+}

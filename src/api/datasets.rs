@@ -141,7 +141,7 @@ pub fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError 
     ApiError::from_status(e.status(), e.body_text())
 }
 
-async fn upload(State(state): State<AppState>, ApiQuery(q): ApiQuery<UploadQuery>, req: Request) -> ApiResult<(StatusCode, Json<DatasetRecord>)> {
+async fn upload(State(state): State<AppState>, ApiQuery(q): ApiQuery<UploadQuery>, req: Request) -> ApiResult<(StatusCode, Json<Value>)> {
     if q.name.as_ref().is_some_and(|n| n.len() > 256) {
         return Err(ApiError::invalid("name", "name must be at most 256 bytes"));
     }
@@ -153,7 +153,7 @@ async fn upload(State(state): State<AppState>, ApiQuery(q): ApiQuery<UploadQuery
     let mut tx = state.pool.begin().await?;
     let rec = store_upload(&state, &mut tx, upload, &q, "file").await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(rec)))
+    Ok((StatusCode::CREATED, Json(dataset_json(&rec))))
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,7 +20,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8], param_prefix: &str) -> Resu
         let msg = inner.to_string();
         // serde names an unknown field only in its message: "unknown field `x`, expected ..."
         if let Some(field) = msg.strip_prefix("unknown field `").and_then(|r| r.split('`').next()) {
-            param = if param.is_empty() { field.to_string() } else { format!("{param}.{field}") };
+            if !(param == field || param.ends_with(&format!(".{field}"))) {
+                param = if param.is_empty() { field.to_string() } else { format!("{param}.{field}") };
+            }
         }
         if !param_prefix.is_empty() {
             param = if param.is_empty() { param_prefix.to_string() } else { format!("{param_prefix}.{param}") };

@@ -32,7 +32,7 @@ async fn minilm_fine_tunes_on_tiny_serves_predictions_and_survives_a_restart() {
     assert!(done["started_at"].as_i64().is_some() && done["finished_at"].as_i64().is_some());
 
     let metrics: Value = app.get(&format!("/v1/jobs/{id}/metrics")).await.json().await.unwrap();
-    assert_eq!(metrics["train"].as_array().unwrap().len(), 4, "2 epochs × 2 steps: {metrics}");
+    assert_eq!(metrics["train"].as_array().unwrap().len(), 8, "2 epochs × 4 steps of 16: {metrics}");
     let v = &metrics["validation"][1];
     assert_eq!(v["epoch"], 2);
     assert_eq!(v["per_class"]["positive"]["support"].as_u64().unwrap() + v["per_class"]["negative"]["support"].as_u64().unwrap(), 32);

@@ -15,6 +15,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server and the training worker.
     Serve(ServeConfig),
+    /// Fine-tune offline from the command line (same flags and report as `finetune_ref.py`).
+    Train(crate::cli::TrainArgs),
 }
 
 /// Options of `finetuned serve`.

@@ -93,17 +93,10 @@ fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Vec<f64>
     .resolve("cls")
     .unwrap();
     let out = dir.join("out");
-    let req = TrainRequest {
-        base_dir: base,
-        train_rows: toy_rows(48),
-        validation_rows: Some(toy_rows(16)),
-        hp,
-        device: Device::Cpu,
-        out_dir: out.clone(),
-    };
+    let req = TrainRequest { out_dir: Some(out.clone()), ..TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu) };
     let mut obs = Collect { epochs: vec![] };
     match trainer::run(req, &mut obs).unwrap() {
-        Outcome::Finished { labels, .. } => assert_eq!(labels, vec!["neg", "pos"]),
+        Outcome::Finished(done) => assert_eq!(done.labels, vec!["neg", "pos"]),
         Outcome::Cancelled => panic!("not cancelled"),
     }
     (out, obs.epochs)

@@ -6,3 +6,12 @@ pub mod metrics;
 pub mod optim;
 pub mod trainer;
 pub mod worker;
+
+/// Process CPU seconds (user + system) and peak resident memory in MiB, from `getrusage`.
+pub fn process_usage() -> (f64, f64) {
+    // SAFETY: getrusage only writes into the zeroed struct we hand it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(u.ru_utime) + secs(u.ru_stime), u.ru_maxrss as f64 / 1024.0)
+}

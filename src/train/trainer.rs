@@ -24,9 +24,69 @@ pub struct TrainRequest {
     pub train_rows: Vec<Row>,
     pub validation_rows: Option<Vec<Row>>,
     pub hp: Hyperparameters,
+    /// Scored with the kept weights after training, when given.
+    pub test_rows: Option<Vec<Row>>,
     pub device: Device,
-    /// Where the finished model directory goes (written atomically).
-    pub out_dir: PathBuf,
+    /// Where the finished model directory goes (written atomically), if anywhere.
+    pub out_dir: Option<PathBuf>,
+    /// Global L2 norm gradients are clipped to.
+    pub max_grad_norm: f64,
+    pub eval_batch_size: usize,
+}
+
+impl TrainRequest {
+    /// A request with the usual defaults (clipping at 1.0, evaluation batches of 64).
+    pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
+        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64 }
+    }
+}
+
+/// Timing and size figures of one epoch.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub train_seconds: f64,
+    /// Process CPU seconds during the epoch's training loop (≈ cores busy × seconds).
+    pub train_cpu_seconds: f64,
+    pub examples_per_s: f64,
+    pub real_tokens: usize,
+    pub padded_tokens: usize,
+    pub train_loss: f64,
+    pub val_accuracy: f64,
+    pub val_macro_f1: f64,
+    pub eval_seconds: f64,
+}
+
+/// Figures of a whole run, for reports and benchmarks.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunStats {
+    pub load_seconds: f64,
+    pub tokenize_seconds: f64,
+    pub train_seconds: f64,
+    pub n_train: usize,
+    pub n_validation: usize,
+    pub num_parameters: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+    pub warmup_steps: usize,
+    pub epochs: Vec<EpochStats>,
+}
+
+/// Results on the test rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct TestReport {
+    pub loss: f64,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub report: ClassificationReport,
+}
+
+/// A finished run: the epoch whose weights were kept, and the figures.
+pub struct Finished {
+    pub best: EpochReport,
+    pub labels: Vec<String>,
+    pub stats: RunStats,
+    pub test: Option<TestReport>,
 }
 
 /// Progress after one optimisation step.
@@ -67,8 +127,8 @@ pub trait Observer {
 
 /// How a run ended, when it did not fail.
 pub enum Outcome {
-    /// The model was written; `best` is the epoch whose weights were kept.
-    Finished { best: EpochReport, labels: Vec<String> },
+    /// The model was written (when asked); see [`Finished`].
+    Finished(Box<Finished>),
     Cancelled,
 }
 
@@ -119,6 +179,7 @@ fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max
 /// Runs a fine-tuning job to the end (or until the observer says stop).
 pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
     let hp = &req.hp;
+    let t_load = Instant::now();
     let info = inspect(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let (train_rows, val_rows) = match req.validation_rows {
         Some(v) => (req.train_rows, v),
@@ -131,19 +192,24 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if train_rows.is_empty() || val_rows.is_empty() {
         return Err(TrainError::InvalidData("training and validation data must each have at least one row".into()));
     }
-    let labels = label_set(&train_rows, &val_rows);
+    let test_rows = req.test_rows.unwrap_or_default();
+    let labels = label_set(&train_rows, &[val_rows.as_slice(), test_rows.as_slice()].concat());
     if labels.len() < 2 {
         return Err(TrainError::InvalidData("classification needs at least two distinct labels".into()));
     }
     let tok = load_tokenizer(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
-    let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len)?;
-    let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len)?;
     let mut cfg: BertConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
     let params = Params::for_classifier(&cfg, &weights, labels.len(), &mut rng, &req.device)
         .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     drop(weights);
+    let load_seconds = t_load.elapsed().as_secs_f64();
+    let t_tok = Instant::now();
+    let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len)?;
+    let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len)?;
+    let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len)?;
+    let tokenize_seconds = t_tok.elapsed().as_secs_f64();
     let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
     let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(&train, labels.len(), &req.device)).transpose()?;
 
@@ -151,9 +217,13 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let total_steps = steps_per_epoch * hp.epochs;
     let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
     obs.on_event(Event::Message(format!(
-        "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters",
-        train.len(), val.len(), labels.len(), total_steps, warmup, params.count()
+        "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters; pooling {}",
+        train.len(), val.len(), labels.len(), total_steps, warmup, params.count(), pooling.as_str()
     )));
+    let mut stats = RunStats {
+        load_seconds, tokenize_seconds, train_seconds: 0.0, n_train: train.len(), n_validation: val.len(),
+        num_parameters: params.count(), steps_per_epoch, total_steps, warmup_steps: warmup, epochs: vec![],
+    };
     let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
     let mut opt = AdamW::new(decay, hp.weight_decay);
     let pad = cfg.pad_token_id as u32;
@@ -164,8 +234,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
     for epoch in 1..=hp.epochs {
         let batches = epoch_batches(&train, hp.batch_size, hp.seed, epoch - 1, hp.group_by_length);
-        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        let (mut loss_sum, mut seen, mut real, mut padded) = (0.0, 0usize, 0usize, 0usize);
         let started = Instant::now();
+        let cpu_start = super::process_usage().0;
         let mut window: std::collections::VecDeque<(Instant, usize)> = Default::default();
         for batch_idx in batches {
             if obs.should_stop() {
@@ -173,6 +244,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             }
             let seqs: Vec<&[u32]> = batch_idx.iter().map(|&i| train[i].ids.as_slice()).collect();
             let batch = pad_batch(&seqs, pad, &req.device)?;
+            real += seqs.iter().map(|s| s.len()).sum::<usize>();
+            padded += batch.ids.elem_count();
             let targets: Vec<u32> = batch_idx.iter().map(|&i| train[i].label as u32).collect();
             let targets = Tensor::new(targets, &req.device)?;
             let logits = model_train.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?;
@@ -183,7 +256,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             }
             let grads = loss.backward()?;
             let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
-            opt.step(&params.vars, &grads, lr, 1.0)?;
+            opt.step(&params.vars, &grads, lr, req.max_grad_norm)?;
             step += 1;
             loss_sum += loss_value * batch_idx.len() as f64;
             seen += batch_idx.len();
@@ -196,10 +269,18 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
                 epoch, step, total_steps, loss: loss_value, learning_rate: lr, examples_per_second: rate,
             }));
         }
+        let train_seconds = started.elapsed().as_secs_f64();
+        let train_cpu_seconds = super::process_usage().0 - cpu_start;
+        stats.train_seconds += train_seconds;
         let train_loss = loss_sum / seen.max(1) as f64;
-        let (val_loss, preds) = evaluate(&model_eval, &val, pad, &req.device)?;
+        let t_eval = Instant::now();
+        let (val_loss, preds) = evaluate(&model_eval, &val, pad, req.eval_batch_size, &req.device)?;
         let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
         let report = classification_report(&labels, &truth, &preds);
+        stats.epochs.push(EpochStats {
+            epoch, train_seconds, train_cpu_seconds, examples_per_s: seen as f64 / train_seconds.max(1e-9), real_tokens: real, padded_tokens: padded,
+            train_loss, val_accuracy: report.accuracy, val_macro_f1: report.macro_f1, eval_seconds: t_eval.elapsed().as_secs_f64(),
+        });
         let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: labels.clone(), report };
         obs.on_event(Event::Epoch(ep.clone()));
         let improved = best.as_ref().is_none_or(|(b, _)| is_better(&ep, b));
@@ -218,11 +299,25 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if obs.should_stop() {
         return Ok(Outcome::Cancelled);
     }
-    let problem_type = "single_label_classification";
-    cfg.set_classifier(&labels, problem_type, pooling.as_str());
-    write_model_dir(&req.out_dir, &cfg, &tensors, &req.base_dir)?;
+    let test_report = if test.is_empty() {
+        None
+    } else {
+        let t_test = Instant::now();
+        let kept = Classifier::load(&|n| lookup(&tensors, n), &cfg, pooling)?;
+        let (loss, preds) = evaluate(&kept, &test, pad, req.eval_batch_size, &req.device)?;
+        let truth: Vec<usize> = test.iter().map(|e| e.label).collect();
+        Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report: classification_report(&labels, &truth, &preds) })
+    };
+    if let Some(out) = &req.out_dir {
+        cfg.set_classifier(&labels, "single_label_classification", pooling.as_str());
+        write_model_dir(out, &cfg, &tensors, &req.base_dir)?;
+    }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
-    Ok(Outcome::Finished { best, labels })
+    Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))
+}
+
+fn lookup(tensors: &std::collections::HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {
+    tensors.get(name).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))
 }
 
 fn is_better(a: &EpochReport, b: &EpochReport) -> bool {
@@ -258,12 +353,12 @@ fn weighted_cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Te
 }
 
 /// Mean loss and predicted label ids over `data`, in order (batches of similar length).
-fn evaluate(model: &Classifier, data: &[Example], pad: u32, device: &Device) -> candle_core::Result<(f64, Vec<usize>)> {
+fn evaluate(model: &Classifier, data: &[Example], pad: u32, batch_size: usize, device: &Device) -> candle_core::Result<(f64, Vec<usize>)> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.sort_by_key(|&i| data[i].ids.len());
     let mut preds = vec![0usize; data.len()];
     let mut loss_sum = 0.0;
-    for chunk in order.chunks(64) {
+    for chunk in order.chunks(batch_size.max(1)) {
         let seqs: Vec<&[u32]> = chunk.iter().map(|&i| data[i].ids.as_slice()).collect();
         let batch = pad_batch(&seqs, pad, device)?;
         let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;

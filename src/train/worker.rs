@@ -114,7 +114,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             return Ok(());
         }
     };
-    let out_dir = req.out_dir.clone();
+    let out_dir = req.out_dir.clone().expect("the worker always writes a model");
     let cancel = Arc::new(AtomicBool::new(false));
     ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -126,7 +126,8 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     let result = handle.await;
     ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
     match result {
-        Ok(Ok(Outcome::Finished { best, labels })) => {
+        Ok(Ok(Outcome::Finished(done))) => {
+            let trainer::Finished { best, labels, .. } = *done;
             let metrics = json!({"train_loss": best.train_loss, "validation": {
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
@@ -206,12 +207,8 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(TrainRequest, 
     let train_rows = rows.pop().flatten().unwrap_or_default();
     Ok((
         TrainRequest {
-            base_dir: base.path,
-            train_rows,
-            validation_rows,
-            hp,
-            device: ctx.device.clone(),
-            out_dir: ctx.data_dir.join("models").join(&model_id),
+            out_dir: Some(ctx.data_dir.join("models").join(&model_id)),
+            ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
         },
         model_id,
     ))

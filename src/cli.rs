@@ -1,0 +1,220 @@
+//! `finetuned train`: offline fine-tuning with the flags and JSON report of the PyTorch
+//! reference (`finetune_ref.py`), sharing all training code with the service.
+
+use crate::dataset::Row;
+use crate::train::hyper::HyperparametersInput;
+use crate::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Options of `finetuned train` (names and defaults as `finetune_ref.py`).
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Model directory (config.json, tokenizer.json, model.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset directory with train.jsonl, validation.jsonl and (optionally) test.jsonl.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: u64,
+    #[arg(long, default_value_t = 64)]
+    pub eval_batch_size: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 128)]
+    pub max_len: u64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep the first N training rows (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_train: usize,
+    /// Compute threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Batch examples of similar length together.
+    #[arg(long)]
+    pub group_by_length: bool,
+    /// `auto`, `cls` (transformers' BertForSequenceClassification) or `mean`.
+    #[arg(long, default_value = "auto")]
+    pub pooling: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Results JSON path.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Directory to save the fine-tuned model in (Hugging Face layout).
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Log the loss every N steps.
+    #[arg(long, default_value_t = 25)]
+    pub log_every: usize,
+}
+
+fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<Vec<Row>>> {
+    let path = dir.join(format!("{split}.jsonl"));
+    if !path.is_file() {
+        if required {
+            bail!("{} is missing", path.display());
+        }
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path)?;
+    let parsed = crate::dataset::parse(&bytes, crate::dataset::Format::Jsonl, "text", "label")
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(Some(parsed.rows))
+}
+
+struct CliObserver {
+    bar: Option<ProgressBar>,
+    log_every: usize,
+    window: (Instant, usize, f64, usize),
+    loss_log: Vec<serde_json::Value>,
+    batch_size: usize,
+}
+
+impl Observer for CliObserver {
+    fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Message(m) => match &self.bar {
+                Some(b) => b.println(m),
+                None => tracing::info!("{m}"),
+            },
+            Event::Step(s) => {
+                if let Some(b) = &self.bar {
+                    b.set_length(s.total_steps as u64);
+                    b.set_position(s.step as u64);
+                    b.set_message(format!("loss {:.4}", s.loss));
+                }
+                let (t0, n0, sum, count) = &mut self.window;
+                *sum += s.loss;
+                *count += 1;
+                if s.step % self.log_every == 0 || s.step == s.total_steps {
+                    let secs = t0.elapsed().as_secs_f64();
+                    let rate = (*count * self.batch_size) as f64 / secs.max(1e-9);
+                    let entry = json!({"step": s.step, "epoch": s.epoch, "loss": *sum / *count as f64,
+                                       "learning_rate": s.learning_rate, "interval_examples_per_s": rate});
+                    if self.bar.is_none() {
+                        tracing::info!("step {}/{} loss {:.4} lr {:.2e} {:.1} ex/s", s.step, s.total_steps, *sum / *count as f64, s.learning_rate, rate);
+                    }
+                    self.loss_log.push(entry);
+                    *t0 = Instant::now();
+                    *n0 = s.step;
+                    *sum = 0.0;
+                    *count = 0;
+                }
+            }
+            Event::Epoch(r) => {
+                let m = format!("epoch {}: validation accuracy {:.4}, macro-F1 {:.4}", r.epoch, r.report.accuracy, r.report.macro_f1);
+                match &self.bar {
+                    Some(b) => b.println(m),
+                    None => tracing::info!("{m}"),
+                }
+            }
+        }
+    }
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// Runs `finetuned train` and writes the JSON report.
+pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    // candle's CPU kernels size their thread pools from RAYON_NUM_THREADS.
+    std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
+    let device = crate::config::device(a.device.as_deref().or(Some("cpu")))?;
+    let mut train = read_split(&a.data, "train", true)?.unwrap_or_default();
+    let n_train_in_file = train.len();
+    if a.max_train > 0 {
+        train.truncate(a.max_train);
+    }
+    let validation = read_split(&a.data, "validation", false)?;
+    let test = read_split(&a.data, "test", false)?;
+    let info = crate::model::artifacts::inspect(&a.model)?;
+    let auto = info.config.pooling().or(info.sentence_pooling.clone()).unwrap_or_else(|| "cls".into());
+    let hp = HyperparametersInput {
+        epochs: Some(a.epochs),
+        batch_size: Some(a.batch_size),
+        learning_rate: Some(a.lr),
+        max_seq_len: Some(a.max_len),
+        warmup_ratio: Some(a.warmup_ratio),
+        weight_decay: Some(a.weight_decay),
+        seed: Some(a.seed),
+        pooling: Some(a.pooling.clone()),
+        group_by_length: Some(a.group_by_length),
+        ..Default::default()
+    }
+    .resolve(&auto)
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut req = TrainRequest::new(a.model.clone(), train, validation, hp.clone(), device);
+    req.test_rows = test;
+    req.out_dir = a.save.clone();
+    req.max_grad_norm = a.max_grad_norm;
+    req.eval_batch_size = a.eval_batch_size;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {per_sec} eta {eta} {msg}").expect("valid template"));
+        b
+    });
+    let mut obs = CliObserver { bar, log_every: a.log_every.max(1), window: (Instant::now(), 0, 0.0, 0), loss_log: vec![], batch_size: a.batch_size as usize };
+    let outcome = trainer::run(req, &mut obs).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    if let Some(b) = &obs.bar {
+        b.finish_and_clear();
+    }
+    let Outcome::Finished(done) = outcome else { bail!("training stopped early") };
+    let (_, peak) = crate::train::process_usage();
+    let st = &done.stats;
+    let train_cpu: f64 = st.epochs.iter().map(|e| e.train_cpu_seconds).sum();
+    let mut rates: Vec<f64> = obs.loss_log.iter().filter_map(|e| e["interval_examples_per_s"].as_f64()).collect();
+    rates.sort_by(f64::total_cmp);
+    let median = rates.get(rates.len() / 2).copied();
+    let report = json!({
+        "script": "finetuned train",
+        "args": {"model": a.model, "data": a.data, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
+                 "max_len": a.max_len, "seed": a.seed, "max_train": a.max_train, "threads": a.threads,
+                 "group_by_length": a.group_by_length, "pooling": hp.pooling, "weight_decay": a.weight_decay,
+                 "warmup_ratio": a.warmup_ratio, "max_grad_norm": a.max_grad_norm, "eval_batch_size": a.eval_batch_size},
+        "argv": std::env::args().skip(1).collect::<Vec<_>>(),
+        "env": {"finetuned": env!("CARGO_PKG_VERSION"), "threads": a.threads, "device": a.device.clone().unwrap_or_else(|| "cpu".into())},
+        "model": {"num_parameters": st.num_parameters},
+        "data": {"labels": done.labels, "n_train": st.n_train, "n_train_in_file": n_train_in_file, "n_validation": st.n_validation},
+        "schedule": {"steps_per_epoch": st.steps_per_epoch, "total_steps": st.total_steps, "warmup_steps": st.warmup_steps},
+        "timing": {"load_seconds": st.load_seconds, "tokenize_seconds": st.tokenize_seconds, "train_seconds": st.train_seconds,
+                   "train_cpu_seconds": train_cpu, "train_cpu_cores_busy": train_cpu / st.train_seconds.max(1e-9),
+                   "test_eval_seconds": done.test.as_ref().map(|t| t.seconds), "total_wall_seconds": t0.elapsed().as_secs_f64()},
+        "train_examples_per_s": (st.n_train * st.epochs.len()) as f64 / st.train_seconds.max(1e-9),
+        "train_examples_per_s_median_interval": median,
+        "epochs": st.epochs,
+        "val_accuracy_per_epoch": st.epochs.iter().map(|e| e.val_accuracy).collect::<Vec<_>>(),
+        "best_epoch": done.best.epoch,
+        "test_accuracy": done.test.as_ref().map(|t| t.report.accuracy),
+        "test_macro_f1": done.test.as_ref().map(|t| t.report.macro_f1),
+        "multi_label": false,
+        "loss_log": obs.loss_log,
+        "peak_rss_mib": peak,
+    });
+    std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
+    eprintln!(
+        "[finetuned] train {:.1} ex/s, test accuracy {:?}, peak RSS {:.0} MiB -> {}",
+        report["train_examples_per_s"].as_f64().unwrap_or(0.0),
+        report["test_accuracy"].as_f64(),
+        peak,
+        a.out.display()
+    );
+    Ok(())
+}

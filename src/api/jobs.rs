@@ -59,8 +59,8 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     if !TASKS.contains(&task.as_str()) {
         return Err(ApiError::invalid("task", "task must be classification, multi_label_classification or mlm"));
     }
-    if task != "classification" {
-        return Err(ApiError::invalid("task", format!("task {task:?} is not available in this version yet")));
+    if task == "mlm" {
+        return Err(ApiError::invalid("task", "task \"mlm\" is not available in this version yet"));
     }
     if let Some(name) = &req.model_name {
         check_model_name(name)?;
@@ -71,14 +71,19 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
 }
 
-fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str) -> ApiResult<()> {
+fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &str) -> ApiResult<()> {
     if d.labels.is_empty() {
-        return Err(ApiError::invalid(param, format!("dataset {} has no labels; classification needs labeled data", d.id)));
+        return Err(ApiError::invalid(param, format!("dataset {} has no labels; {task} needs labeled data", d.id)));
     }
-    if d.multi_label {
-        return Err(ApiError::invalid(param, format!("dataset {} is multi-label; use task multi_label_classification", d.id)));
+    match (task, d.multi_label) {
+        ("classification", true) => {
+            Err(ApiError::invalid(param, format!("dataset {} is multi-label; use task multi_label_classification", d.id)))
+        }
+        ("multi_label_classification", false) => {
+            Err(ApiError::invalid(param, format!("dataset {} has one label per text; use task classification", d.id)))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 async fn create(State(state): State<AppState>, headers: HeaderMap, req: Request) -> ApiResult<(StatusCode, Json<JobRecord>)> {
@@ -101,7 +106,7 @@ async fn create_json(state: &AppState, req: JobRequest) -> ApiResult<JobRecord> 
     for (param, id) in [("training_dataset", Some(&train_id)), ("validation_dataset", req.validation_dataset.as_ref())] {
         let Some(id) = id else { continue };
         let d = datasets::get(&state.pool, id).await?.ok_or_else(|| ApiError::not_found("dataset", id).param(param))?;
-        check_dataset_kind(&d, param)?;
+        check_dataset_kind(&d, param, &task)?;
     }
     let mut tx = state.pool.begin().await?;
     let id = insert_job(&mut tx, &req, &task, &hp, &train_id, req.validation_dataset.as_deref()).await?;
@@ -168,12 +173,12 @@ async fn create_multipart(state: &AppState, req: Request) -> ApiResult<JobRecord
         let q = UploadQuery::default();
         let t = store_upload(state, &mut tx, train, &q, "training_file").await?;
         written.push(t.path.clone());
-        check_dataset_kind(&t, "training_file")?;
+        check_dataset_kind(&t, "training_file", &task)?;
         let v = match val {
             Some(v) => {
                 let v = store_upload(state, &mut tx, v, &q, "validation_file").await?;
                 written.push(v.path.clone());
-                check_dataset_kind(&v, "validation_file")?;
+                check_dataset_kind(&v, "validation_file", &task)?;
                 Some(v.id)
             }
             None => None,

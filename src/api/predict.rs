@@ -5,6 +5,7 @@ use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::serve::PredictError;
 use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -29,6 +30,42 @@ struct PredictRequest {
     top_k: Option<u64>,
     raw_scores: Option<bool>,
     truncate: Option<bool>,
+    /// Multi-label: one number, or a number per label; each input's `labels` are those whose
+    /// probability is at or above it.
+    threshold: Option<Threshold>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Threshold {
+    All(f64),
+    PerLabel(std::collections::BTreeMap<String, f64>),
+}
+
+impl Threshold {
+    fn check(&self, labels: &[String]) -> ApiResult<()> {
+        let values: Vec<(&str, f64)> = match self {
+            Threshold::All(t) => vec![("threshold", *t)],
+            Threshold::PerLabel(m) => {
+                if let Some(unknown) = m.keys().find(|k| !labels.contains(k)) {
+                    return Err(ApiError::invalid(format!("threshold.{unknown}"), format!("the model has no label {unknown:?}")));
+                }
+                m.iter().map(|(k, v)| (k.as_str(), *v)).collect()
+            }
+        };
+        match values.iter().find(|(_, v)| !(0.0..=1.0).contains(v)) {
+            Some((k, _)) => Err(ApiError::invalid(if *k == "threshold" { "threshold".into() } else { format!("threshold.{k}") }, "a threshold must be from 0 to 1")),
+            None => Ok(()),
+        }
+    }
+
+    fn of(&self, label: &str) -> f64 {
+        match self {
+            Threshold::All(t) => *t,
+            // Labels without their own threshold use 0.5.
+            Threshold::PerLabel(m) => m.get(label).copied().unwrap_or(0.5),
+        }
+    }
 }
 
 impl From<PredictError> for ApiError {
@@ -41,7 +78,7 @@ impl From<PredictError> for ApiError {
     }
 }
 
-async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<PredictRequest>) -> ApiResult<Json<Value>> {
+async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<PredictRequest>) -> ApiResult<Response> {
     let texts = match req.inputs {
         Inputs::One(t) => vec![t],
         Inputs::Many(ts) => ts,
@@ -64,6 +101,15 @@ async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(
         .predictor
         .predict(&id, model.path, texts, req.truncate.unwrap_or(true), req.raw_scores.unwrap_or(false))
         .await?;
+    if let Some(t) = &req.threshold {
+        if !scored.multi_label {
+            return Err(ApiError::invalid("threshold", "threshold applies to multi-label models only"));
+        }
+        t.check(&scored.labels)?;
+        if req.raw_scores.unwrap_or(false) {
+            return Err(ApiError::invalid("threshold", "threshold compares probabilities; it cannot be used with raw_scores"));
+        }
+    }
     let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
     let predictions: Vec<Vec<Value>> = scored
         .scores
@@ -74,5 +120,23 @@ async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(
             pairs.into_iter().take(k).map(|(i, s)| json!({"label": scored.labels[i], "score": s})).collect()
         })
         .collect();
-    Ok(Json(json!({"model": id, "predictions": predictions})))
+    let mut body = json!({"model": id, "predictions": predictions});
+    if let Some(t) = &req.threshold {
+        let chosen: Vec<Vec<&str>> = scored
+            .scores
+            .iter()
+            .map(|row| {
+                scored.labels.iter().zip(row).filter(|(l, &s)| s as f64 >= t.of(l)).map(|(l, _)| l.as_str()).collect()
+            })
+            .collect();
+        body["labels"] = json!(chosen);
+    }
+    let ms = |d: std::time::Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
+    let headers = [
+        ("x-tokenization-time", ms(scored.tokenization)),
+        ("x-queue-time", ms(scored.timings.queue)),
+        ("x-inference-time", ms(scored.timings.inference)),
+        ("x-batch-size", scored.timings.batch_size.to_string()),
+    ];
+    Ok((headers, Json(body)).into_response())
 }

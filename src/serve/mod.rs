@@ -1,6 +1,9 @@
-//! Serving: a cache of loaded classifiers and inference off the async runtime, with a
-//! bound on requests in flight (past it, 429).
+//! Serving: a cache of loaded classifiers, each with its own inference thread that batches
+//! concurrent requests, and a bound on requests in flight (past it, 429).
 
+pub mod batcher;
+
+use batcher::{BatchLimits, Batcher, Timings};
 use crate::model::predictor::{LoadedClassifier, TooLong};
 use candle_core::Device;
 use std::collections::HashMap;
@@ -21,14 +24,23 @@ pub enum PredictError {
     Inference(String),
 }
 
-/// Scores for each input, in input order.
+/// Scores for each input, in input order, and where the time went.
 pub struct Scored {
+    pub timings: Timings,
+    pub tokenization: std::time::Duration,
     pub labels: Arc<Vec<String>>,
+    pub multi_label: bool,
     /// Probabilities (or raw logits) per input, one value per label.
     pub scores: Vec<Vec<f32>>,
 }
 
-type Slot = Arc<OnceCell<Arc<LoadedClassifier>>>;
+/// A loaded model and the handle on its inference thread.
+pub struct Loaded {
+    pub model: Arc<LoadedClassifier>,
+    batcher: Batcher,
+}
+
+type Slot = Arc<OnceCell<Arc<Loaded>>>;
 
 /// Loaded models by id, least recently used first out.
 struct Cache {
@@ -43,12 +55,18 @@ pub struct Predictor {
     cache: Arc<Mutex<Cache>>,
     permits: Arc<Semaphore>,
     device: Device,
+    limits: BatchLimits,
 }
 
 impl Predictor {
     pub fn new(device: Device, capacity: usize, max_in_flight: usize) -> Self {
         let cache = Cache { slots: HashMap::new(), clock: 0, capacity: capacity.max(1) };
-        Self { cache: Arc::new(Mutex::new(cache)), permits: Arc::new(Semaphore::new(max_in_flight.max(1))), device }
+        Self {
+            cache: Arc::new(Mutex::new(cache)),
+            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            device,
+            limits: BatchLimits::default(),
+        }
     }
 
     fn slot(&self, id: &str) -> Slot {
@@ -79,16 +97,19 @@ impl Predictor {
         self.cache.lock().unwrap().slots.values().filter(|(s, _)| s.initialized()).count()
     }
 
-    async fn model(&self, id: &str, path: PathBuf) -> Result<Arc<LoadedClassifier>, PredictError> {
+    async fn model(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
         let slot = self.slot(id);
         let device = self.device.clone();
+        let (name, limits) = (id.to_string(), self.limits);
         let loaded = slot
             .get_or_try_init(|| async move {
-                tokio::task::spawn_blocking(move || LoadedClassifier::load(&path, &device))
+                let model = tokio::task::spawn_blocking(move || LoadedClassifier::load(&path, &device))
                     .await
                     .map_err(|e| PredictError::Load(e.to_string()))?
                     .map(Arc::new)
-                    .map_err(|e| PredictError::Load(format!("{e:#}")))
+                    .map_err(|e| PredictError::Load(format!("{e:#}")))?;
+                let batcher = Batcher::spawn(model.clone(), &name, limits).map_err(|e| PredictError::Load(e.to_string()))?;
+                Ok::<_, PredictError>(Arc::new(Loaded { model, batcher }))
             })
             .await;
         if loaded.is_err() {
@@ -100,15 +121,22 @@ impl Predictor {
     /// Scores `texts` with model `id` at `path`: probabilities, or raw logits when `raw`.
     pub async fn predict(&self, id: &str, path: PathBuf, texts: Vec<String>, truncate: bool, raw: bool) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
-        let model = self.model(id, path).await?;
-        tokio::task::spawn_blocking(move || {
+        let loaded = self.model(id, path).await?;
+        let model = loaded.model.clone();
+        let started = std::time::Instant::now();
+        let seqs = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let seqs = model.tokenize(&refs, truncate).map_err(|e| PredictError::Inference(format!("{e:#}")))??;
-            let logits = model.logits(&seqs, 32).map_err(|e| PredictError::Inference(format!("{e:#}")))?;
-            let scores = if raw { logits } else { logits.iter().map(|l| model.probabilities(l)).collect() };
-            Ok(Scored { labels: Arc::new(model.labels.clone()), scores })
+            model.tokenize(&refs, truncate).map_err(|e| PredictError::Inference(format!("{e:#}")))
         })
         .await
-        .map_err(|e| PredictError::Inference(e.to_string()))?
+        .map_err(|e| PredictError::Inference(e.to_string()))???;
+        let tokenization = started.elapsed();
+        let (logits, timings) = loaded.batcher.logits(seqs).await.map_err(|e| PredictError::Inference(format!("{e:#}")))?;
+        let model = &loaded.model;
+        let scores = if raw { logits } else { logits.iter().map(|l| model.probabilities(l)).collect() };
+        metrics::histogram!("finetuned_predict_batch_size").record(timings.batch_size as f64);
+        metrics::histogram!("finetuned_predict_queue_seconds").record(timings.queue.as_secs_f64());
+        metrics::histogram!("finetuned_predict_inference_seconds").record(timings.inference.as_secs_f64());
+        Ok(Scored { labels: Arc::new(model.labels.clone()), multi_label: model.multi_label, scores, timings, tokenization })
     }
 }

@@ -6,11 +6,18 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
-/// A tokenised example with its label id.
+/// A tokenised example with its label ids (one for single-label classification).
 #[derive(Debug, Clone)]
 pub struct Example {
     pub ids: Vec<u32>,
-    pub label: usize,
+    pub labels: Vec<usize>,
+}
+
+impl Example {
+    /// The label id of a single-label example.
+    pub fn label(&self) -> usize {
+        self.labels.first().copied().unwrap_or(0)
+    }
 }
 
 /// Sorted label names of the training and validation rows.

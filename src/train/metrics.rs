@@ -18,6 +18,9 @@ pub struct ClassScores {
 pub struct ClassificationReport {
     pub accuracy: f64,
     pub macro_f1: f64,
+    /// Multi-label only: F1 over all (example, label) decisions.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub micro_f1: Option<f64>,
     pub per_class: BTreeMap<String, ClassScores>,
     pub confusion_matrix: Vec<Vec<usize>>,
 }
@@ -50,8 +53,53 @@ pub fn classification_report(labels: &[String], truth: &[usize], pred: &[usize])
     ClassificationReport {
         accuracy: if truth.is_empty() { 0.0 } else { correct as f64 / truth.len() as f64 },
         macro_f1: if present > 0 { f1_sum / present as f64 } else { 0.0 },
+        micro_f1: None,
         per_class,
         confusion_matrix: cm,
+    }
+}
+
+fn f1(tp: usize, fp: usize, fn_: usize) -> (f64, f64, f64) {
+    let p = if tp + fp > 0 { tp as f64 / (tp + fp) as f64 } else { 0.0 };
+    let r = if tp + fn_ > 0 { tp as f64 / (tp + fn_) as f64 } else { 0.0 };
+    (p, r, if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 })
+}
+
+/// Multi-label metrics from true and predicted label-id sets: per-label scores, macro-F1
+/// (over every label, as scikit-learn's `average="macro"` on a label-indicator matrix),
+/// micro-F1, and exact-match accuracy. There is no confusion matrix.
+pub fn multilabel_report(labels: &[String], truth: &[Vec<usize>], pred: &[Vec<usize>]) -> ClassificationReport {
+    let k = labels.len();
+    let (mut tp, mut fp, mut fnn) = (vec![0usize; k], vec![0usize; k], vec![0usize; k]);
+    let mut exact = 0;
+    for (t, p) in truth.iter().zip(pred) {
+        for l in 0..k {
+            match (t.contains(&l), p.contains(&l)) {
+                (true, true) => tp[l] += 1,
+                (false, true) => fp[l] += 1,
+                (true, false) => fnn[l] += 1,
+                _ => {}
+            }
+        }
+        let (mut a, mut b) = (t.clone(), p.clone());
+        a.sort();
+        b.sort();
+        exact += usize::from(a == b);
+    }
+    let mut per_class = BTreeMap::new();
+    let mut f1_sum = 0.0;
+    for (i, label) in labels.iter().enumerate() {
+        let (precision, recall, f) = f1(tp[i], fp[i], fnn[i]);
+        f1_sum += f;
+        per_class.insert(label.clone(), ClassScores { precision, recall, f1: f, support: tp[i] + fnn[i] });
+    }
+    let micro = f1(tp.iter().sum(), fp.iter().sum(), fnn.iter().sum()).2;
+    ClassificationReport {
+        accuracy: if truth.is_empty() { 0.0 } else { exact as f64 / truth.len() as f64 },
+        macro_f1: if k > 0 { f1_sum / k as f64 } else { 0.0 },
+        micro_f1: Some(micro),
+        per_class,
+        confusion_matrix: vec![],
     }
 }
 
@@ -70,5 +118,16 @@ mod tests {
         let fb = 2.0 * (2.0 / 3.0) * 1.0 / (2.0 / 3.0 + 1.0);
         assert!((r.macro_f1 - (fa + fb) / 2.0).abs() < 1e-12);
         assert_eq!(r.per_class["b"].support, 2);
+    }
+
+    #[test]
+    fn multilabel_report_matches_hand_computed_values() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        // example 1: truth {a}, pred {a, b}; example 2: truth {b}, pred {b}
+        let r = multilabel_report(&labels, &[vec![0], vec![1]], &[vec![0, 1], vec![1]]);
+        assert_eq!(r.accuracy, 0.5);
+        // a: tp 1 → f1 1; b: tp 1, fp 1 → p .5 r 1 f1 2/3; micro: tp 2 fp 1 fn 0 → 0.8
+        assert!((r.macro_f1 - (1.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+        assert!((r.micro_f1.unwrap() - 0.8).abs() < 1e-12);
     }
 }

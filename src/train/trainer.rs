@@ -3,7 +3,8 @@
 
 use super::data::{epoch_batches, label_set, stratified_split, Example};
 use super::hyper::Hyperparameters;
-use super::metrics::{classification_report, ClassificationReport};
+use super::metrics::ClassificationReport;
+use super::objective::{balanced_weights, Task};
 use super::optim::{linear_schedule, AdamW};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
@@ -32,12 +33,13 @@ pub struct TrainRequest {
     /// Global L2 norm gradients are clipped to.
     pub max_grad_norm: f64,
     pub eval_batch_size: usize,
+    pub task: Task,
 }
 
 impl TrainRequest {
     /// A request with the usual defaults (clipping at 1.0, evaluation batches of 64).
     pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
-        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64 }
+        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64, task: Task::SingleLabel }
     }
 }
 
@@ -169,9 +171,12 @@ fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max
         .zip(ids)
         .map(|(r, mut ids)| {
             truncate(&mut ids, max_len);
-            let name = r.labels().first().copied().unwrap_or_default();
-            let label = labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}"))?;
-            Ok(Example { ids, label })
+            let ids_of = r
+                .labels()
+                .iter()
+                .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
+                .collect::<anyhow::Result<Vec<usize>>>()?;
+            Ok(Example { ids, labels: ids_of })
         })
         .collect()
 }
@@ -211,7 +216,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len)?;
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
     let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
-    let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(&train, labels.len(), &req.device)).transpose()?;
+    let task = req.task;
+    let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(task, &train, labels.len(), &req.device)).transpose()?;
 
     let steps_per_epoch = train.len().div_ceil(hp.batch_size);
     let total_steps = steps_per_epoch * hp.epochs;
@@ -246,10 +252,10 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             let batch = pad_batch(&seqs, pad, &req.device)?;
             real += seqs.iter().map(|s| s.len()).sum::<usize>();
             padded += batch.ids.elem_count();
-            let targets: Vec<u32> = batch_idx.iter().map(|&i| train[i].label as u32).collect();
-            let targets = Tensor::new(targets, &req.device)?;
+            let examples: Vec<&Example> = batch_idx.iter().map(|&i| &train[i]).collect();
+            let targets = task.targets(&examples, labels.len(), &req.device)?;
             let logits = model_train.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?;
-            let loss = weighted_cross_entropy(&logits, &targets, class_weights.as_ref())?;
+            let loss = task.loss(&logits, &targets, class_weights.as_ref())?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
                 return Err(TrainError::Diverged(loss_value, step + 1));
@@ -274,9 +280,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         stats.train_seconds += train_seconds;
         let train_loss = loss_sum / seen.max(1) as f64;
         let t_eval = Instant::now();
-        let (val_loss, preds) = evaluate(&model_eval, &val, pad, req.eval_batch_size, &req.device)?;
-        let truth: Vec<usize> = val.iter().map(|e| e.label).collect();
-        let report = classification_report(&labels, &truth, &preds);
+        let (val_loss, report) = task.evaluate(&model_eval, &val, &labels, pad, req.eval_batch_size, &req.device)?;
         stats.epochs.push(EpochStats {
             epoch, train_seconds, train_cpu_seconds, examples_per_s: seen as f64 / train_seconds.max(1e-9), real_tokens: real, padded_tokens: padded,
             train_loss, val_accuracy: report.accuracy, val_macro_f1: report.macro_f1, eval_seconds: t_eval.elapsed().as_secs_f64(),
@@ -304,12 +308,11 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     } else {
         let t_test = Instant::now();
         let kept = Classifier::load(&|n| lookup(&tensors, n), &cfg, pooling)?;
-        let (loss, preds) = evaluate(&kept, &test, pad, req.eval_batch_size, &req.device)?;
-        let truth: Vec<usize> = test.iter().map(|e| e.label).collect();
-        Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report: classification_report(&labels, &truth, &preds) })
+        let (loss, report) = task.evaluate(&kept, &test, &labels, pad, req.eval_batch_size, &req.device)?;
+        Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report })
     };
     if let Some(out) = &req.out_dir {
-        cfg.set_classifier(&labels, "single_label_classification", pooling.as_str());
+        cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
         write_model_dir(out, &cfg, &tensors, &req.base_dir)?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
@@ -332,43 +335,5 @@ fn rate_of(window: &std::collections::VecDeque<(Instant, usize)>, started: Insta
     if secs > 0.0 { (examples - first) as f64 / secs } else { 0.0 }
 }
 
-/// Inverse-frequency weights `n / (k · count)`, as scikit-learn's `balanced`.
-fn balanced_weights(train: &[Example], k: usize, device: &Device) -> anyhow::Result<Tensor> {
-    let mut counts = vec![0usize; k];
-    for e in train {
-        counts[e.label] += 1;
-    }
-    let n = train.len() as f32;
-    let w: Vec<f32> = counts.iter().map(|&c| if c > 0 { n / (k as f32 * c as f32) } else { 0.0 }).collect();
-    Ok(Tensor::new(w, device)?)
-}
 
-/// Mean cross-entropy, optionally weighted per class (weighted mean, as PyTorch).
-fn weighted_cross_entropy(logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let Some(w) = weights else { return candle_nn::loss::cross_entropy(logits, targets) };
-    let logp = candle_nn::ops::log_softmax(logits, 1)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-    let wt = w.index_select(targets, 0)?;
-    (picked * &wt)?.sum_all()?.neg()? / wt.sum_all()?.to_scalar::<f32>()? as f64
-}
 
-/// Mean loss and predicted label ids over `data`, in order (batches of similar length).
-fn evaluate(model: &Classifier, data: &[Example], pad: u32, batch_size: usize, device: &Device) -> candle_core::Result<(f64, Vec<usize>)> {
-    let mut order: Vec<usize> = (0..data.len()).collect();
-    order.sort_by_key(|&i| data[i].ids.len());
-    let mut preds = vec![0usize; data.len()];
-    let mut loss_sum = 0.0;
-    for chunk in order.chunks(batch_size.max(1)) {
-        let seqs: Vec<&[u32]> = chunk.iter().map(|&i| data[i].ids.as_slice()).collect();
-        let batch = pad_batch(&seqs, pad, device)?;
-        let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
-        let targets = Tensor::new(chunk.iter().map(|&i| data[i].label as u32).collect::<Vec<_>>(), device)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        loss_sum += loss * chunk.len() as f64;
-        let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
-        for (&i, p) in chunk.iter().zip(argmax) {
-            preds[i] = p as usize;
-        }
-    }
-    Ok((loss_sum / data.len().max(1) as f64, preds))
-}

@@ -2,6 +2,7 @@
 //! records every state change, progress step and epoch in the database as it happens.
 
 use super::hyper::Hyperparameters;
+use super::objective::Task;
 use super::trainer::{self, Event, Observer, Outcome, TrainError, TrainRequest};
 use crate::catalog::Catalog;
 use crate::dataset::read_stored;
@@ -208,6 +209,7 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(TrainRequest, 
     Ok((
         TrainRequest {
             out_dir: Some(ctx.data_dir.join("models").join(&model_id)),
+            task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
             ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
         },
         model_id,

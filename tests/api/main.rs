@@ -6,4 +6,5 @@ mod helpers;
 
 mod datasets;
 mod jobs;
+mod multilabel;
 mod predict;

@@ -82,3 +82,31 @@ async fn download_is_a_gzipped_hugging_face_directory() {
         assert!(names.iter().any(|n| n == f), "{f} missing from {names:?}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_requests_are_batched_and_each_caller_gets_its_own_scores() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    let texts: Vec<String> = (0..24).map(|i| format!("{} the film was {}", ["good", "bad", "dull", "nice"][i % 4], "really ".repeat(i % 5))).collect();
+    let mut alone = Vec::new();
+    for t in &texts {
+        let v: Value = app.predict("toy", &json!({"inputs": t, "raw_scores": true})).await.json().await.unwrap();
+        alone.push(v["predictions"][0].clone());
+    }
+    let bodies: Vec<Value> = texts.iter().map(|t| json!({"inputs": t, "raw_scores": true})).collect();
+    let futures = bodies.iter().map(|b| app.predict("toy", b));
+    let responses = futures::future::join_all(futures).await;
+    let mut biggest_batch = 0;
+    for (r, expected) in responses.into_iter().zip(&alone) {
+        for h in ["x-tokenization-time", "x-queue-time", "x-inference-time"] {
+            assert!(r.headers()[h].to_str().unwrap().parse::<f64>().is_ok(), "{h}");
+        }
+        biggest_batch = biggest_batch.max(r.headers()["x-batch-size"].to_str().unwrap().parse::<usize>().unwrap());
+        let v: Value = r.json().await.unwrap();
+        for (a, b) in v["predictions"][0].as_array().unwrap().iter().zip(expected.as_array().unwrap()) {
+            assert_eq!(a["label"], b["label"]);
+            assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-5);
+        }
+    }
+    assert!(biggest_batch > 1, "24 concurrent requests never shared a forward pass");
+}

@@ -1,0 +1,142 @@
+//! What a task optimises and how it is scored: targets, loss, predictions and metrics for
+//! single-label (softmax + cross-entropy) and multi-label (sigmoid + binary cross-entropy)
+//! classification.
+
+use super::data::Example;
+use super::metrics::{classification_report, multilabel_report, ClassificationReport};
+use crate::model::layers::Mode;
+use crate::model::tokenize::pad_batch;
+use crate::model::Classifier;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The kind of classification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    SingleLabel,
+    MultiLabel,
+}
+
+/// Decision threshold on sigmoid scores for multi-label metrics.
+pub const THRESHOLD: f32 = 0.5;
+
+impl Task {
+    /// The `problem_type` written to `config.json`.
+    pub fn problem_type(self) -> &'static str {
+        match self {
+            Task::SingleLabel => "single_label_classification",
+            Task::MultiLabel => "multi_label_classification",
+        }
+    }
+
+    /// Targets of a batch: label ids `[b]` (u32), or a multi-hot `[b, k]` (f32).
+    pub fn targets(self, batch: &[&Example], k: usize, device: &Device) -> Result<Tensor> {
+        match self {
+            Task::SingleLabel => Tensor::new(batch.iter().map(|e| e.label() as u32).collect::<Vec<_>>(), device),
+            Task::MultiLabel => {
+                let mut hot = vec![0f32; batch.len() * k];
+                for (i, e) in batch.iter().enumerate() {
+                    e.labels.iter().for_each(|&l| hot[i * k + l] = 1.0);
+                }
+                Tensor::from_vec(hot, (batch.len(), k), device)
+            }
+        }
+    }
+
+    /// Mean loss; `weights` (per class) weight the cross-entropy, or the positive term of
+    /// the binary cross-entropy.
+    pub fn loss(self, logits: &Tensor, targets: &Tensor, weights: Option<&Tensor>) -> Result<Tensor> {
+        match (self, weights) {
+            (Task::SingleLabel, None) => candle_nn::loss::cross_entropy(logits, targets),
+            (Task::SingleLabel, Some(w)) => {
+                let logp = candle_nn::ops::log_softmax(logits, 1)?;
+                let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+                let wt = w.index_select(targets, 0)?;
+                (picked * &wt)?.sum_all()?.neg()? / wt.sum_all()?.to_scalar::<f32>()? as f64
+            }
+            (Task::MultiLabel, w) => {
+                // Stable BCE with logits: max(x, 0) − x·t + log(1 + e^−|x|).
+                let softplus = ((logits.abs()?.neg()?.exp()? + 1.0)?.log()? + logits.relu()?)?;
+                match w {
+                    None => (softplus - (logits * targets)?)?.mean_all(),
+                    // Weighted positive term: w·t·(softplus − x) + (1 − t)·softplus.
+                    Some(w) => {
+                        let pos = targets.broadcast_mul(w)?;
+                        let neg = (targets.neg()? + 1.0)?;
+                        let term = ((&pos * (&softplus - logits)?)? + (neg * &softplus)?)?;
+                        term.mean_all()
+                    }
+                }
+            }
+        }
+    }
+
+    /// Mean loss and metrics of `model` over `data` (batches of similar length).
+    pub fn evaluate(
+        self,
+        model: &Classifier,
+        data: &[Example],
+        labels: &[String],
+        pad: u32,
+        batch_size: usize,
+        device: &Device,
+    ) -> Result<(f64, ClassificationReport)> {
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        order.sort_by_key(|&i| data[i].ids.len());
+        let mut preds: Vec<Vec<usize>> = vec![vec![]; data.len()];
+        let mut loss_sum = 0.0;
+        for chunk in order.chunks(batch_size.max(1)) {
+            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| data[i].ids.as_slice()).collect();
+            let batch = pad_batch(&seqs, pad, device)?;
+            let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
+            let examples: Vec<&Example> = chunk.iter().map(|&i| &data[i]).collect();
+            let targets = self.targets(&examples, labels.len(), device)?;
+            let loss = self.loss(&logits, &targets, None)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += loss * chunk.len() as f64;
+            let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            for (&i, row) in chunk.iter().zip(rows) {
+                preds[i] = self.decide(&row);
+            }
+        }
+        let truth: Vec<Vec<usize>> = data.iter().map(|e| e.labels.clone()).collect();
+        let report = match self {
+            Task::SingleLabel => {
+                let t: Vec<usize> = truth.iter().map(|l| l[0]).collect();
+                let p: Vec<usize> = preds.iter().map(|l| l[0]).collect();
+                classification_report(labels, &t, &p)
+            }
+            Task::MultiLabel => multilabel_report(labels, &truth, &preds),
+        };
+        Ok((loss_sum / data.len().max(1) as f64, report))
+    }
+
+    /// Predicted label ids from one row of logits.
+    fn decide(self, logits: &[f32]) -> Vec<usize> {
+        match self {
+            Task::SingleLabel => {
+                let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+                vec![best]
+            }
+            // sigmoid(x) ≥ 0.5 ⇔ x ≥ 0
+            Task::MultiLabel => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
+        }
+    }
+}
+
+/// Inverse-frequency class weights `n / (k · count)`, as scikit-learn's `balanced`
+/// (for multi-label: negatives over positives of each label, as PyTorch's `pos_weight`).
+pub fn balanced_weights(task: Task, train: &[Example], k: usize, device: &Device) -> Result<Tensor> {
+    let mut counts = vec![0usize; k];
+    for e in train {
+        e.labels.iter().for_each(|&l| counts[l] += 1);
+    }
+    let n = train.len() as f32;
+    let w: Vec<f32> = counts
+        .iter()
+        .map(|&c| match (task, c) {
+            (_, 0) => 0.0,
+            (Task::SingleLabel, c) => n / (k as f32 * c as f32),
+            (Task::MultiLabel, c) => (n - c as f32) / c as f32,
+        })
+        .collect();
+    Tensor::new(w, device)
+}

@@ -1,0 +1,59 @@
+use crate::helpers::*;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Texts whose labels are independent: "pos" when a positive word is present, "film" when
+/// "film" is, both, or neither.
+fn multilabel_jsonl(n: usize) -> String {
+    let pos = ["good", "great", "nice"];
+    let neg = ["bad", "awful", "dull"];
+    (0..n)
+        .map(|i| {
+            let (p, f) = (i % 2 == 0, (i / 2) % 2 == 0);
+            let word = if p { pos[i % 3] } else { neg[i % 3] };
+            let noun = if f { "film" } else { "plot" };
+            let mut labels = vec![];
+            if p {
+                labels.push("pos");
+            }
+            if f {
+                labels.push("film");
+            }
+            json!({"text": format!("the {noun} was {word}"), "label": labels}).to_string() + "\n"
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn multi_label_job_trains_and_predict_applies_thresholds() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(multilabel_jsonl(64)).await;
+    let d: Value = app.get(&format!("/v1/datasets/{ds}")).await.json().await.unwrap();
+    assert_eq!(d["multi_label"], true);
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "training_dataset");
+    let job = app
+        .create_job(&json!({"base_model": "tiny", "training_dataset": ds, "task": "multi_label_classification",
+                            "model_name": "ml", "hyperparameters": tiny_hp(15)}))
+        .await;
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let metrics: Value = app.get(&format!("/v1/jobs/{}/metrics", job["id"].as_str().unwrap())).await.json().await.unwrap();
+    let last = metrics["validation"].as_array().unwrap().last().unwrap().clone();
+    assert!(last["micro_f1"].as_f64().unwrap() > 0.9, "{last}");
+    let model: Value = app.get("/v1/models/ml").await.json().await.unwrap();
+    assert_eq!(model["task"], "multi_label_classification");
+
+    let v: Value = app.predict("ml", &json!({"inputs": ["the film was great", "the plot was awful"], "threshold": 0.5})).await.json().await.unwrap();
+    assert_eq!(v["labels"][0], json!(["film", "pos"]), "{v}");
+    assert_eq!(v["labels"][1], json!([]), "{v}");
+    // Sigmoid scores are independent: they need not sum to 1.
+    let s: f64 = v["predictions"][0].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).sum();
+    assert!(s > 1.0, "{v}");
+    let per: Value = app.predict("ml", &json!({"inputs": "the film was great", "threshold": {"film": 1.0}})).await.json().await.unwrap();
+    assert_eq!(per["labels"][0], json!(["pos"]), "film's own threshold of 1.0 drops it");
+    let r = app.predict("ml", &json!({"inputs": "x", "threshold": {"nope": 0.5}})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "threshold.nope");
+    let r = app.predict("ml", &json!({"inputs": "x", "threshold": 2}) ).await;
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+}

@@ -4,6 +4,7 @@ pub mod artifacts;
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod kernels;
 pub mod layers;
 pub mod params;
 pub mod predictor;

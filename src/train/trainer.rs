@@ -254,15 +254,25 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             padded += batch.ids.elem_count();
             let examples: Vec<&Example> = batch_idx.iter().map(|&i| &train[i]).collect();
             let targets = task.targets(&examples, labels.len(), &req.device)?;
+            let t_fwd = Instant::now();
             let logits = model_train.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?;
             let loss = task.loss(&logits, &targets, class_weights.as_ref())?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
                 return Err(TrainError::Diverged(loss_value, step + 1));
             }
+            let t_bwd = Instant::now();
             let grads = loss.backward()?;
+            let t_opt = Instant::now();
             let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
             opt.step(&params.vars, &grads, lr, req.max_grad_norm)?;
+            tracing::debug!(
+                forward_ms = (t_bwd - t_fwd).as_millis() as u64,
+                backward_ms = (t_opt - t_bwd).as_millis() as u64,
+                optimizer_ms = t_opt.elapsed().as_millis() as u64,
+                shape = ?batch.ids.dims(),
+                "step timings"
+            );
             step += 1;
             loss_sum += loss_value * batch_idx.len() as f64;
             seen += batch_idx.len();

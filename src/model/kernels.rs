@@ -1,0 +1,164 @@
+//! Fused CPU kernels with their own backward pass, run over both cores with rayon.
+//! candle's element-wise ops run on one thread and its fused LayerNorm has no backward;
+//! these keep training differentiable and fast. Other devices and dtypes use composed ops.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+const CHUNK: usize = 4096;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("fused kernels need contiguous f32 input"),
+    }
+}
+
+fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+fn on_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + libm::erff(x * SQRT_2_INV));
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfGrad)?))
+    }
+}
+
+/// d/dx of x·Φ(x) times the incoming gradient.
+struct GeluErfGrad;
+
+impl CustomOp2 for GeluErfGrad {
+    fn name(&self) -> &'static str {
+        "fused-gelu-erf-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (f32s(s1, l1)?, f32s(s2, l2)?);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (x, g))| {
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + libm::erff(x * SQRT_2_INV));
+                *o = g * (cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp());
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Exact (erf) GELU, differentiable.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(x) {
+        x.contiguous()?.apply_op1(GeluErf)
+    } else {
+        x.gelu_erf()
+    }
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let h = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            let (mean, rstd) = row_stats(x, self.eps);
+            for i in 0..h {
+                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xv, wv, gv) = (tensor_f32(x)?, tensor_f32(w)?, tensor_f32(grad)?);
+        let h = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        // Per row: dx = rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)); dw, db summed over rows.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(h * 64)
+            .zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64)))
+            .map(|(dx, (x, g))| {
+                let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    let (mut sum_gw, mut sum_gwx) = (0f32, 0f32);
+                    for i in 0..h {
+                        let xhat = (x[i] - mean) * rstd;
+                        let gw = g[i] * wv[i];
+                        sum_gw += gw;
+                        sum_gwx += gw * xhat;
+                        dw[i] += g[i] * xhat;
+                        db[i] += g[i];
+                    }
+                    let (m1, m2) = (sum_gw / h as f32, sum_gwx / h as f32);
+                    for i in 0..h {
+                        let xhat = (x[i] - mean) * rstd;
+                        dx[i] = rstd * (g[i] * wv[i] - m1 - xhat * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+        for (pw, pb) in partial {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, w.shape(), dev)?),
+        ))
+    }
+}
+
+/// LayerNorm over the last dimension, differentiable in all three inputs.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if on_cpu_f32(x) && on_cpu_f32(w) {
+        return x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 });
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(w)?.broadcast_add(b)
+}

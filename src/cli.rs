@@ -118,6 +118,7 @@ impl Observer for CliObserver {
                     *count = 0;
                 }
             }
+            Event::Pretrain(r) => tracing::info!("epoch {}: validation MLM loss {:.4}", r.epoch, r.loss),
             Event::Epoch(r) => {
                 let m = format!("epoch {}: validation accuracy {:.4}, macro-F1 {:.4}", r.epoch, r.report.accuracy, r.report.macro_f1);
                 match &self.bar {

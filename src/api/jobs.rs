@@ -8,6 +8,7 @@ use crate::dataset::Format;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{self, datasets, jobs, jobs::JobRecord};
 use crate::train::hyper::HyperparametersInput;
+use crate::train::mlm::ScratchSpec;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -38,6 +39,8 @@ pub struct JobRequest {
     pub task: Option<String>,
     pub model_name: Option<String>,
     pub hyperparameters: Option<HyperparametersInput>,
+    /// `mlm` only: train from scratch with this architecture (and `base_model`'s tokenizer).
+    pub config: Option<ScratchSpec>,
 }
 
 const TASKS: &[&str] = &["classification", "multi_label_classification", "mlm"];
@@ -59,8 +62,11 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     if !TASKS.contains(&task.as_str()) {
         return Err(ApiError::invalid("task", "task must be classification, multi_label_classification or mlm"));
     }
-    if task == "mlm" {
-        return Err(ApiError::invalid("task", "task \"mlm\" is not available in this version yet"));
+    if let Some(c) = &req.config {
+        if task != "mlm" {
+            return Err(ApiError::invalid("config", "config (training from scratch) applies to task mlm only"));
+        }
+        c.check().map_err(|(param, msg)| ApiError::invalid(param, msg))?;
     }
     if let Some(name) = &req.model_name {
         check_model_name(name)?;
@@ -72,6 +78,10 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
 }
 
 fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &str) -> ApiResult<()> {
+    if task == "mlm" {
+        // Pre-training reads only the texts: labeled or unlabeled data both serve.
+        return Ok(());
+    }
     if d.labels.is_empty() {
         return Err(ApiError::invalid(param, format!("dataset {} has no labels; {task} needs labeled data", d.id)));
     }
@@ -123,6 +133,7 @@ async fn insert_job(
     val: Option<&str>,
 ) -> ApiResult<String> {
     let id = store::new_id("job");
+    let config = req.config.as_ref().map(|c| serde_json::to_value(c).expect("config serialises"));
     let new = jobs::NewJob {
         id: &id,
         task,
@@ -131,6 +142,7 @@ async fn insert_job(
         validation_dataset: val,
         model_name: req.model_name.as_deref(),
         hyperparameters: hp,
+        config: config.as_ref(),
     };
     match jobs::insert(tx, &new).await? {
         jobs::InsertOutcome::Queued => Ok(id),

@@ -40,34 +40,37 @@ pub struct Bert {
     cfg: BertConfig,
 }
 
-/// Names of every encoder parameter, in checkpoint order, without the `bert.` prefix.
-pub fn encoder_param_names(cfg: &BertConfig) -> Vec<String> {
-    let mut names: Vec<String> = [
-        "embeddings.word_embeddings.weight",
-        "embeddings.position_embeddings.weight",
-        "embeddings.token_type_embeddings.weight",
-        "embeddings.LayerNorm.weight",
-        "embeddings.LayerNorm.bias",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for i in 0..cfg.num_hidden_layers {
-        for part in [
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-            "attention.output.LayerNorm",
-            "intermediate.dense",
-            "output.dense",
-            "output.LayerNorm",
+/// Every encoder parameter (name without `bert.`, shape), in checkpoint order.
+pub fn encoder_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut out: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, h]),
+        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, h]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, h]),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        for (part, w, b) in [
+            ("attention.self.query", vec![h, h], h),
+            ("attention.self.key", vec![h, h], h),
+            ("attention.self.value", vec![h, h], h),
+            ("attention.output.dense", vec![h, h], h),
+            ("attention.output.LayerNorm", vec![h], h),
+            ("intermediate.dense", vec![i, h], i),
+            ("output.dense", vec![h, i], h),
+            ("output.LayerNorm", vec![h], h),
         ] {
-            names.push(format!("encoder.layer.{i}.{part}.weight"));
-            names.push(format!("encoder.layer.{i}.{part}.bias"));
+            out.push((format!("encoder.layer.{l}.{part}.weight"), w));
+            out.push((format!("encoder.layer.{l}.{part}.bias"), vec![b]));
         }
     }
-    names
+    out
+}
+
+/// Names of every encoder parameter, in checkpoint order, without the `bert.` prefix.
+pub fn encoder_param_names(cfg: &BertConfig) -> Vec<String> {
+    encoder_params(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
 impl Bert {

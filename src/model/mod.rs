@@ -6,6 +6,7 @@ pub mod classifier;
 pub mod config;
 pub mod kernels;
 pub mod layers;
+pub mod mlm;
 pub mod params;
 pub mod predictor;
 pub mod tokenize;

@@ -1,8 +1,7 @@
-//! The trainable parameters of a model: named `Var`s, built from a checkpoint plus fresh
-//! tensors for whatever the checkpoint lacks (a new head, a missing pooler).
+//! The trainable parameters of a model: named `Var`s, taken from a checkpoint where it has
+//! them and freshly initialised (as transformers does) where it does not.
 
-use super::bert::encoder_param_names;
-use super::classifier::{HEAD_NAMES, POOLER_NAMES};
+use super::bert::encoder_params;
 use super::config::BertConfig;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
@@ -27,10 +26,49 @@ pub fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
         .collect()
 }
 
+/// How a parameter missing from the checkpoint starts: transformers' rules.
+fn init(name: &str, shape: &[usize], cfg: &BertConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    if name.contains("LayerNorm.weight") {
+        vec![1.0; n]
+    } else if name.ends_with(".bias") || name.contains("LayerNorm") || name == "cls.predictions.bias" {
+        vec![0.0; n]
+    } else {
+        let mut w = normal(rng, n, cfg.initializer_range);
+        if name.ends_with("embeddings.weight") && name.contains("word_embeddings") {
+            // The padding row of the word embeddings starts at zero.
+            let h = shape[1];
+            w[cfg.pad_token_id * h..(cfg.pad_token_id + 1) * h].iter_mut().for_each(|x| *x = 0.0);
+        }
+        w
+    }
+}
+
 impl Params {
-    /// Parameters of a sequence classifier with `num_labels` outputs: the encoder and pooler
-    /// from `weights` (names without `bert.`), the head (and anything missing from the pooler)
-    /// initialised as transformers does: weights ~ N(0, initializer_range), biases 0.
+    /// Builds `spec` (name, shape): from `weights` when the checkpoint has the name with that
+    /// shape and the name is not in `fresh`, else initialised from `rng`.
+    pub fn build(
+        cfg: &BertConfig,
+        spec: &[(String, Vec<usize>)],
+        weights: &HashMap<String, Tensor>,
+        fresh: &[&str],
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut vars = Vec::with_capacity(spec.len());
+        for (name, shape) in spec {
+            let from_ckpt = weights.get(name).filter(|t| t.dims() == shape.as_slice() && !fresh.contains(&name.as_str()));
+            let t = match from_ckpt {
+                Some(t) => t.to_dtype(DType::F32)?.to_device(device)?,
+                None => Tensor::from_vec(init(name, shape, cfg, rng), shape.clone(), device)?,
+            };
+            vars.push(Var::from_tensor(&t)?);
+        }
+        Ok(Self::new(spec.iter().map(|(n, _)| n.clone()).collect(), vars))
+    }
+
+    /// Parameters of a sequence classifier with `num_labels` outputs: the encoder (which the
+    /// checkpoint must have) and pooler from `weights`, a fresh head.
     pub fn for_classifier(
         cfg: &BertConfig,
         weights: &HashMap<String, Tensor>,
@@ -38,36 +76,20 @@ impl Params {
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> anyhow::Result<Self> {
-        let mut names = encoder_param_names(cfg);
-        for n in encoder_param_names(cfg) {
-            anyhow::ensure!(weights.contains_key(&n), "checkpoint has no tensor {n:?}");
-        }
-        names.extend(POOLER_NAMES.iter().map(|s| s.to_string()));
-        names.extend(HEAD_NAMES.iter().map(|s| s.to_string()));
-        let h = cfg.hidden_size;
-        let fresh = |name: &str| -> (Vec<usize>, bool) {
-            match name {
-                "pooler.dense.weight" => (vec![h, h], true),
-                "pooler.dense.bias" => (vec![h], false),
-                "classifier.weight" => (vec![num_labels, h], true),
-                _ => (vec![num_labels], false),
+        let mut spec = encoder_params(cfg);
+        for (n, shape) in &spec {
+            match weights.get(n) {
+                None => anyhow::bail!("checkpoint has no tensor {n:?}"),
+                Some(t) if t.dims() != shape.as_slice() => anyhow::bail!("tensor {n:?} has shape {:?}, config says {shape:?}", t.dims()),
+                _ => {}
             }
-        };
-        let mut vars = Vec::with_capacity(names.len());
-        for name in &names {
-            let from_ckpt = weights.get(name).filter(|_| !name.starts_with("classifier."));
-            let t = match from_ckpt {
-                Some(t) => t.to_dtype(DType::F32)?.to_device(device)?,
-                None => {
-                    let (shape, is_weight) = fresh(name);
-                    let n: usize = shape.iter().product();
-                    let data = if is_weight { normal(rng, n, cfg.initializer_range) } else { vec![0f32; n] };
-                    Tensor::from_vec(data, shape, device)?
-                }
-            };
-            vars.push(Var::from_tensor(&t)?);
         }
-        Ok(Self::new(names, vars))
+        let h = cfg.hidden_size;
+        spec.push(("pooler.dense.weight".into(), vec![h, h]));
+        spec.push(("pooler.dense.bias".into(), vec![h]));
+        spec.push(("classifier.weight".into(), vec![num_labels, h]));
+        spec.push(("classifier.bias".into(), vec![num_labels]));
+        Self::build(cfg, &spec, weights, &["classifier.weight", "classifier.bias"], rng, device)
     }
 
     pub fn new(names: Vec<String>, vars: Vec<Var>) -> Self {
@@ -99,7 +121,7 @@ impl Params {
 
     /// Whether weight decay applies: not to biases nor LayerNorm weights (transformers' rule).
     pub fn decays(name: &str) -> bool {
-        !(name.ends_with(".bias") || name.contains("LayerNorm"))
+        !(name.ends_with(".bias") || name.contains("LayerNorm") || name == "cls.predictions.bias")
     }
 
     /// Total number of scalar parameters.

@@ -19,6 +19,9 @@ pub struct JobRecord {
     pub model_name: Option<String>,
     #[sqlx(json)]
     pub hyperparameters: Value,
+    /// For a pre-training job from scratch: the architecture.
+    #[sqlx(json(nullable))]
+    pub config: Option<Value>,
     #[sqlx(json(nullable))]
     pub progress: Option<Value>,
     #[sqlx(json(nullable))]
@@ -32,7 +35,7 @@ pub struct JobRecord {
 }
 
 const COLUMNS: &str = "id, task, status, base_model, training_dataset, validation_dataset, model_name, \
-    hyperparameters, progress, metrics, model, error, created_at, started_at, finished_at";
+    hyperparameters, config, progress, metrics, model, error, created_at, started_at, finished_at";
 
 fn fix(mut j: JobRecord) -> JobRecord {
     j.object = "job";
@@ -48,6 +51,7 @@ pub struct NewJob<'a> {
     pub validation_dataset: Option<&'a str>,
     pub model_name: Option<&'a str>,
     pub hyperparameters: &'a Value,
+    pub config: Option<&'a Value>,
 }
 
 /// Why a job could not be queued.
@@ -62,8 +66,8 @@ pub enum InsertOutcome {
 pub async fn insert(tx: &mut Transaction<'_, Sqlite>, j: &NewJob<'_>) -> sqlx::Result<InsertOutcome> {
     let done = sqlx::query(
         r#"insert into jobs (id, task, status, base_model, training_dataset, validation_dataset, model_name,
-                             hyperparameters, created_at)
-           select ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8
+                             hyperparameters, created_at, config)
+           select ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9
            where exists (select 1 from datasets where id = ?4)
              and (?5 is null or exists (select 1 from datasets where id = ?5))
              and (?6 is null or (not exists (select 1 from models where id = ?6)
@@ -77,6 +81,7 @@ pub async fn insert(tx: &mut Transaction<'_, Sqlite>, j: &NewJob<'_>) -> sqlx::R
     .bind(j.model_name)
     .bind(j.hyperparameters.to_string())
     .bind(super::now())
+    .bind(j.config.map(Value::to_string))
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 1 {

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod hyper;
 pub mod metrics;
+pub mod mlm;
 pub mod objective;
 pub mod optim;
 pub mod trainer;

@@ -119,6 +119,8 @@ pub enum Event {
     Message(String),
     Step(StepInfo),
     Epoch(EpochReport),
+    /// Held-out masked-LM loss (pre-training jobs).
+    Pretrain(super::mlm::MlmReport),
 }
 
 /// Receives events and says when to stop (checked before every step).
@@ -131,6 +133,8 @@ pub trait Observer {
 pub enum Outcome {
     /// The model was written (when asked); see [`Finished`].
     Finished(Box<Finished>),
+    /// A pre-training run wrote its base model: held-out loss before, and after the last epoch.
+    Pretrained { before: f64, last: super::mlm::MlmReport },
     Cancelled,
 }
 

@@ -2,6 +2,7 @@
 //! records every state change, progress step and epoch in the database as it happens.
 
 use super::hyper::Hyperparameters;
+use super::mlm::{self, MlmRequest, ScratchSpec, Start};
 use super::objective::Task;
 use super::trainer::{self, Event, Observer, Outcome, TrainError, TrainRequest};
 use crate::catalog::Catalog;
@@ -106,7 +107,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     jobs::clear_run_metrics(pool, &job.id).await?;
     event(pool, &job.id, "info", "job started").await;
     let prepared = prepare(ctx, &job).await;
-    let (req, model_id) = match prepared {
+    let (work, model_id) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let message = e.to_string();
@@ -115,12 +116,15 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             return Ok(());
         }
     };
-    let out_dir = req.out_dir.clone().expect("the worker always writes a model");
+    let out_dir = ctx.data_dir.join("models").join(&model_id);
     let cancel = Arc::new(AtomicBool::new(false));
     ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut obs = ChannelObserver { tx, cancel, shutdown: shutdown.clone() };
-    let handle = tokio::task::spawn_blocking(move || trainer::run(req, &mut obs));
+    let handle = tokio::task::spawn_blocking(move || match work {
+        Work::Classify(req) => trainer::run(req, &mut obs),
+        Work::Pretrain(req) => mlm::run(req, &mut obs),
+    });
     while let Some(ev) = rx.recv().await {
         record(pool, &job.id, ev).await;
     }
@@ -132,31 +136,15 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             let metrics = json!({"train_loss": best.train_loss, "validation": {
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
-            let rec = models::ModelRecord {
-                id: model_id.clone(),
-                kind: "classifier".into(),
-                task: Some(job.task.clone()),
-                base_model: Some(job.base_model.clone()),
-                job_id: Some(job.id.clone()),
-                labels,
-                metrics: Some(metrics.clone()),
-                path: format!("models/{model_id}"),
-                pooling: Some(hp.pooling.clone()),
-                max_seq_len: Some(hp.max_seq_len as i64),
-                created_at: store::now(),
-            };
-            let mut tx = pool.begin().await?;
-            models::insert(&mut tx, &rec).await?;
-            jobs::set_metrics_tx(&mut tx, &job.id, &metrics).await?;
-            if jobs::succeed(&mut tx, &job.id, &model_id).await? {
-                tx.commit().await?;
-                event(pool, &job.id, "info", &format!("job succeeded: model {model_id}")).await;
-                tracing::info!(model = %model_id, "job succeeded");
-            } else {
-                drop(tx);
-                let _ = std::fs::remove_dir_all(&out_dir);
-                event(pool, &job.id, "info", "job was cancelled; the model was discarded").await;
-            }
+            let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(hp.pooling.clone()), hp.max_seq_len);
+            finish(ctx, &job, rec, &out_dir).await?;
+        }
+        Ok(Ok(Outcome::Pretrained { before, last })) => {
+            let metrics = json!({"train_loss": last.train_loss, "validation": {"loss": last.loss, "perplexity": last.perplexity},
+                                 "validation_before": {"loss": before, "perplexity": before.exp()}, "epoch": last.epoch});
+            let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
+            let rec = new_model(&job, &model_id, "base", vec![], metrics, None, hp.max_seq_len);
+            finish(ctx, &job, rec, &out_dir).await?;
         }
         Ok(Ok(Outcome::Cancelled)) => {
             if shutdown.is_cancelled() {
@@ -182,8 +170,49 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     Ok(())
 }
 
+fn new_model(job: &JobRecord, id: &str, kind: &str, labels: Vec<String>, metrics: Value, pooling: Option<String>, max_len: usize) -> models::ModelRecord {
+    models::ModelRecord {
+        id: id.to_string(),
+        kind: kind.into(),
+        task: Some(job.task.clone()),
+        base_model: Some(job.base_model.clone()),
+        job_id: Some(job.id.clone()),
+        labels,
+        metrics: Some(metrics),
+        path: format!("models/{id}"),
+        pooling,
+        max_seq_len: Some(max_len as i64),
+        created_at: store::now(),
+    }
+}
+
+/// Registers the model and marks the job succeeded in one transaction, unless the job was
+/// cancelled meanwhile (then the model's files are removed).
+async fn finish(ctx: &WorkerContext, job: &JobRecord, rec: models::ModelRecord, out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let pool = &ctx.pool;
+    let mut tx = pool.begin().await?;
+    models::insert(&mut tx, &rec).await?;
+    jobs::set_metrics_tx(&mut tx, &job.id, rec.metrics.as_ref().unwrap_or(&Value::Null)).await?;
+    if jobs::succeed(&mut tx, &job.id, &rec.id).await? {
+        tx.commit().await?;
+        event(pool, &job.id, "info", &format!("job succeeded: model {}", rec.id)).await;
+        tracing::info!(model = %rec.id, "job succeeded");
+    } else {
+        drop(tx);
+        let _ = std::fs::remove_dir_all(out_dir);
+        event(pool, &job.id, "info", "job was cancelled; the model was discarded").await;
+    }
+    Ok(())
+}
+
+/// What a job runs.
+enum Work {
+    Classify(TrainRequest),
+    Pretrain(MlmRequest),
+}
+
 /// Reads the job's datasets and resolves its base model and output path.
-async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(TrainRequest, String), TrainError> {
+async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String), TrainError> {
     let internal = |e: sqlx::Error| TrainError::Internal(e.into());
     let base = ctx.catalog.resolve(&job.base_model).await.map_err(internal)?;
     let base = base.ok_or_else(|| TrainError::BaseModel(format!("base model {:?} no longer exists", job.base_model)))?;
@@ -206,14 +235,24 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(TrainRequest, 
     let model_id = job.model_name.clone().unwrap_or_else(|| format!("ft-{}", job.id.trim_start_matches("job_")));
     let validation_rows = rows.pop().flatten();
     let train_rows = rows.pop().flatten().unwrap_or_default();
-    Ok((
-        TrainRequest {
-            out_dir: Some(ctx.data_dir.join("models").join(&model_id)),
-            task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
-            ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
-        },
-        model_id,
-    ))
+    let out_dir = Some(ctx.data_dir.join("models").join(&model_id));
+    if job.task == "mlm" {
+        let start = match &job.config {
+            Some(c) => {
+                let spec: ScratchSpec = serde_json::from_value(c.clone()).map_err(|e| TrainError::Internal(e.into()))?;
+                Start::Scratch { spec, tokenizer_dir: base.path }
+            }
+            None => Start::Checkpoint(base.path),
+        };
+        let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15 };
+        return Ok((Work::Pretrain(req), model_id));
+    }
+    let req = TrainRequest {
+        out_dir,
+        task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
+        ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
+    };
+    Ok((Work::Classify(req), model_id))
 }
 
 async fn record(pool: &SqlitePool, job: &str, ev: Event) {
@@ -239,8 +278,21 @@ async fn record(pool: &SqlitePool, job: &str, ev: Event) {
             let r3 = jobs::add_event(pool, job, "info", "metrics", &msg, Some(&data)).await;
             r1.and(r2).and(r3)
         }
+        Event::Pretrain(r) => record_pretrain(pool, job, r).await,
     };
     if let Err(e) = result {
         tracing::error!(error = %e, "recording training progress failed");
     }
+}
+
+async fn record_pretrain(pool: &SqlitePool, job: &str, r: mlm::MlmReport) -> sqlx::Result<()> {
+    let data = serde_json::to_value(&r).unwrap_or(Value::Null);
+    let msg = match r.train_loss {
+        None => format!("before training: validation MLM loss {:.4}, perplexity {:.2}", r.loss, r.perplexity),
+        Some(t) => format!("epoch {}: train loss {t:.4}, validation MLM loss {:.4}, perplexity {:.2}", r.epoch, r.loss, r.perplexity),
+    };
+    jobs::add_validation_metric(pool, job, r.epoch as i64, &data).await?;
+    let summary = json!({"train_loss": r.train_loss, "validation": {"loss": r.loss, "perplexity": r.perplexity}, "epoch": r.epoch});
+    jobs::set_metrics(pool, job, &summary).await?;
+    jobs::add_event(pool, job, "info", "metrics", &msg, Some(&data)).await
 }

@@ -7,4 +7,5 @@ mod helpers;
 mod datasets;
 mod jobs;
 mod multilabel;
+mod pretrain;
 mod predict;

@@ -4,8 +4,8 @@
 
 use candle_core::{Device, Tensor};
 use finetuned::dataset::{LabelValue, Row};
-use finetuned::model::bert::encoder_param_names;
-use finetuned::model::params::normal;
+use finetuned::model::bert::encoder_params;
+use finetuned::model::params::Params;
 use finetuned::model::BertConfig;
 use rand::SeedableRng;
 use serde_json::json;
@@ -60,39 +60,11 @@ fn tokenizer_json() -> serde_json::Value {
 pub fn tiny_weights(cfg: &BertConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let h = cfg.hidden_size;
-    let mut names = encoder_param_names(cfg);
-    names.push("pooler.dense.weight".into());
-    names.push("pooler.dense.bias".into());
-    let mut out = HashMap::new();
-    for name in names {
-        let shape: Vec<usize> = if name.contains("word_embeddings") {
-            vec![cfg.vocab_size, h]
-        } else if name.contains("position_embeddings") {
-            vec![cfg.max_position_embeddings, h]
-        } else if name.contains("token_type") {
-            vec![cfg.type_vocab_size, h]
-        } else if name.contains("intermediate.dense.weight") {
-            vec![cfg.intermediate_size, h]
-        } else if name.contains("intermediate.dense.bias") {
-            vec![cfg.intermediate_size]
-        } else if name.contains("output.dense.weight") && !name.contains("attention") {
-            vec![h, cfg.intermediate_size]
-        } else if name.ends_with(".weight") && !name.contains("LayerNorm") {
-            vec![h, h]
-        } else {
-            vec![h]
-        };
-        let n: usize = shape.iter().product();
-        let data = if name.contains("LayerNorm.weight") {
-            vec![1f32; n]
-        } else if name.ends_with(".bias") || name.contains("LayerNorm") {
-            vec![0f32; n]
-        } else {
-            normal(&mut rng, n, 0.02)
-        };
-        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
-    }
-    out
+    let mut spec = encoder_params(cfg);
+    spec.push(("pooler.dense.weight".into(), vec![h, h]));
+    spec.push(("pooler.dense.bias".into(), vec![h]));
+    let params = Params::build(cfg, &spec, &HashMap::new(), &[], &mut rng, &Device::Cpu).unwrap();
+    params.names.iter().zip(&params.vars).map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
 }
 
 /// Writes the tiny BERT as a Hugging Face directory `dir/name` and returns its path.

@@ -1,0 +1,89 @@
+//! The masked-language-model head (`BertForMaskedLM`'s `cls.predictions`), its decoder tied
+//! to the word embeddings, and the masking of inputs.
+
+use super::bert::{Bert, Getter};
+use super::config::BertConfig;
+use super::layers::{activation, LayerNorm, Linear, Mode};
+use candle_core::{Result, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashSet;
+
+/// Head parameters (name, shape) after the encoder's, Hugging Face names.
+pub fn head_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    vec![
+        ("cls.predictions.transform.dense.weight".into(), vec![h, h]),
+        ("cls.predictions.transform.dense.bias".into(), vec![h]),
+        ("cls.predictions.transform.LayerNorm.weight".into(), vec![h]),
+        ("cls.predictions.transform.LayerNorm.bias".into(), vec![h]),
+        ("cls.predictions.bias".into(), vec![cfg.vocab_size]),
+    ]
+}
+
+/// Encoder + prediction head over the vocabulary.
+pub struct MaskedLm {
+    pub bert: Bert,
+    transform: Linear,
+    norm: LayerNorm,
+    bias: Tensor,
+    word_embeddings: Tensor,
+    act: String,
+}
+
+impl MaskedLm {
+    pub fn load(get: &Getter, cfg: &BertConfig) -> Result<Self> {
+        let p = "cls.predictions";
+        Ok(Self {
+            bert: Bert::load(get, cfg)?,
+            transform: Linear { weight: get(&format!("{p}.transform.dense.weight"))?, bias: get(&format!("{p}.transform.dense.bias"))? },
+            norm: LayerNorm {
+                weight: get(&format!("{p}.transform.LayerNorm.weight"))?,
+                bias: get(&format!("{p}.transform.LayerNorm.bias"))?,
+                eps: cfg.layer_norm_eps,
+            },
+            bias: get(&format!("{p}.bias"))?,
+            word_embeddings: get("embeddings.word_embeddings.weight")?,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    /// Vocabulary logits `[n, vocab]` at the flat positions `rows` (u32, index into `batch × seq`).
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, rows: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
+        let (b, s, h) = hidden.dims3()?;
+        let picked = hidden.reshape((b * s, h))?.index_select(rows, 0)?;
+        let x = activation(&self.transform.forward(&picked)?, &self.act)?;
+        let x = self.norm.forward(&x, mode)?;
+        x.matmul(&self.word_embeddings.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// One masked sequence: the model's input and what it must predict where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Masked {
+    pub input: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub labels: Vec<u32>,
+}
+
+/// BERT's masking: `prob` of the non-special tokens are chosen (at least one when any can
+/// be); of those 80 % become `mask_id`, 10 % a random token, 10 % stay.
+pub fn mask_tokens(ids: &[u32], special: &HashSet<u32>, mask_id: u32, vocab: u32, prob: f64, rng: &mut ChaCha8Rng) -> Masked {
+    let candidates: Vec<usize> = (0..ids.len()).filter(|&i| !special.contains(&ids[i])).collect();
+    let mut positions: Vec<usize> = candidates.iter().copied().filter(|_| rng.random::<f64>() < prob).collect();
+    if positions.is_empty() && !candidates.is_empty() {
+        positions.push(candidates[rng.random_range(0..candidates.len())]);
+    }
+    let mut input = ids.to_vec();
+    let labels = positions.iter().map(|&p| ids[p]).collect();
+    for &p in &positions {
+        let r: f64 = rng.random();
+        if r < 0.8 {
+            input[p] = mask_id;
+        } else if r < 0.9 {
+            input[p] = rng.random_range(0..vocab);
+        }
+    }
+    Masked { input, positions, labels }
+}

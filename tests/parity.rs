@@ -114,3 +114,44 @@ fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
     let max = assert_close(&ours, &theirs);
     eprintln!("import parity: max abs logit difference {max:e}");
 }
+
+#[test]
+fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    use finetuned::model::layers::Mode;
+    use finetuned::model::mlm::MaskedLm;
+    use finetuned::train::mlm::{self, MlmRequest, Start};
+    let Some(py) = python() else {
+        eprintln!("skipped: no Python with torch and transformers (set FINETUNED_PYTHON)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = common::shared().join("models/all-minilm-l6-v2");
+    let bytes = std::fs::read(common::shared().join("datasets/tiny/train.jsonl")).unwrap();
+    let rows = finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows;
+    let hp = HyperparametersInput { epochs: Some(1), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
+    let out = dir.path().join("mlm");
+    let req = MlmRequest { start: Start::Checkpoint(base), train_rows: rows, validation_rows: None, hp, device: Device::Cpu, out_dir: Some(out.clone()), mask_prob: 0.15 };
+    mlm::run(req, &mut Quiet).unwrap();
+
+    let text = "the movie was a [MASK] surprise.";
+    let o = Command::new(&py).arg(script()).arg("mlm").arg(&out).arg(text).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
+    let theirs: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+
+    let weights = finetuned::model::artifacts::load_weights(&out, &Device::Cpu).unwrap();
+    let cfg = finetuned::model::artifacts::inspect(&out).unwrap().config;
+    let model = MaskedLm::load(&|n| weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(n.into())), &cfg).unwrap();
+    let batch = finetuned::model::tokenize::pad_batch(&[ids.as_slice()], 0, &Device::Cpu).unwrap();
+    let rows = candle_core::Tensor::new((0..ids.len() as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let ours: Vec<Vec<f32>> = model
+        .forward(&batch.ids, &batch.type_ids, &batch.mask, &rows, &mut Mode::Eval)
+        .unwrap()
+        .narrow(1, 0, 1000)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let max = assert_close(&ours, &theirs);
+    eprintln!("masked-LM parity: max abs logit difference {max:e}");
+}

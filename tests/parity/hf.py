@@ -2,6 +2,7 @@
 
   hf.py logits MODEL_DIR TEXTS_JSON   -> prints {"logits": [[...]], "ids": [[...]]}
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
+  hf.py mlm MODEL_DIR TEXT            -> prints masked-LM logits (first 1000 vocabulary entries)
 """
 import json
 import sys
@@ -23,6 +24,16 @@ def logits(model_dir, texts_path):
     print(json.dumps({"logits": out_logits, "ids": out_ids}))
 
 
+def mlm(model_dir, text):
+    from transformers import AutoModelForMaskedLM
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    enc = tok(text, return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**enc).logits[0, :, :1000]
+    print(json.dumps({"ids": enc["input_ids"][0].tolist(), "logits": out.tolist()}))
+
+
 def make(model_dir, num_labels, out):
     torch.manual_seed(0)
     n = int(num_labels)
@@ -34,4 +45,4 @@ def make(model_dir, num_labels, out):
 
 
 if __name__ == "__main__":
-    {"logits": logits, "make": make}[sys.argv[1]](*sys.argv[2:])
+    {"logits": logits, "make": make, "mlm": mlm}[sys.argv[1]](*sys.argv[2:])

@@ -108,9 +108,9 @@ train() {  # train MODEL_NAME -> prints the job id once it succeeded
     local job status deadline=$((SECONDS + 180))
     job=$(post "$BASE/v1/jobs" -H 'Content-Type: application/json' -d "{\"base_model\": \"all-minilm-l6-v2\",
         \"training_dataset\": \"$DS_TRAIN\", \"model_name\": \"$1\",
-        \"hyperparameters\": {\"epochs\": 1, \"batch_size\": 16, \"max_seq_len\": 16}}" | json_field id)
+        \"hyperparameters\": {\"epochs\": 1, \"batch_size\": 16, \"max_seq_len\": 16}}" | json_field id) || return 1
     while :; do
-        status=$(curl -fsS --max-time 10 "$BASE/v1/jobs/$job" | json_field status)
+        status=$(curl -fsS --max-time 10 "$BASE/v1/jobs/$job" | json_field status) || return 1
         case $status in
             succeeded) echo "$job"; return 0 ;;
             failed|cancelled) echo "seed job $job for $1 ended $status" >&2; return 1 ;;

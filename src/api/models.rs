@@ -53,7 +53,12 @@ async fn download(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
         Ok(tar.into_inner()?.finish()?)
     })
     .await
-    .map_err(ApiError::internal)??;
+    .map_err(ApiError::internal)?
+    .map_err(|e| match e.downcast_ref::<std::io::Error>() {
+        // Deleted while we were reading it.
+        Some(io) if io.kind() == std::io::ErrorKind::NotFound => ApiError::not_found("model", &id),
+        _ => ApiError::internal(format!("{e:#}")),
+    })?;
     Ok((
         [
             (header::CONTENT_TYPE, "application/gzip".to_string()),

@@ -3,6 +3,7 @@
 use super::json::ApiJson;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::model::predictor::Overflow;
 use crate::serve::PredictError;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +31,9 @@ struct PredictRequest {
     top_k: Option<u64>,
     raw_scores: Option<bool>,
     truncate: Option<bool>,
+    /// `truncate` (default: cut at the model's limit, or refuse when `truncate` is false) or
+    /// `chunk`: score overlapping windows over the whole text and average them.
+    overflow: Option<String>,
     /// Multi-label: one number, or a number per label; each input's `labels` are those whose
     /// probability is at or above it.
     threshold: Option<Threshold>,
@@ -97,10 +101,13 @@ async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(
     if !model.is_classifier {
         return Err(ApiError::invalid("model", format!("{id} is a base model, not a classifier: fine-tune it first")));
     }
-    let scored = state
-        .predictor
-        .predict(&id, model.path, texts, req.truncate.unwrap_or(true), req.raw_scores.unwrap_or(false))
-        .await?;
+    let overflow = match (req.overflow.as_deref(), req.truncate.unwrap_or(true)) {
+        (Some("chunk"), _) => Overflow::Chunk,
+        (None | Some("truncate"), true) => Overflow::Truncate,
+        (None | Some("truncate"), false) => Overflow::Refuse,
+        _ => return Err(ApiError::invalid("overflow", "overflow must be \"truncate\" or \"chunk\"")),
+    };
+    let scored = state.predictor.predict(&id, model.path, texts, overflow, req.raw_scores.unwrap_or(false)).await?;
     if let Some(t) = &req.threshold {
         if !scored.multi_label {
             return Err(ApiError::invalid("threshold", "threshold applies to multi-label models only"));

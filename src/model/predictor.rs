@@ -58,16 +58,31 @@ impl LoadedClassifier {
 
     /// Token ids of each text, truncated to `max_len` when `truncate`, else refused when longer.
     pub fn tokenize(&self, texts: &[&str], truncate_long: bool) -> anyhow::Result<Result<Vec<Vec<u32>>, TooLong>> {
-        let mut seqs = encode_all(&self.tokenizer, texts)?;
-        for (index, s) in seqs.iter_mut().enumerate() {
-            if s.len() > self.max_len {
-                if !truncate_long {
-                    return Ok(Err(TooLong { index, tokens: s.len(), max: self.max_len }));
+        let overflow = if truncate_long { Overflow::Truncate } else { Overflow::Refuse };
+        Ok(self.tokenize_windows(texts, overflow)?.map(|w| w.into_iter().map(|mut v| v.remove(0)).collect()))
+    }
+
+    /// Each text as one or more sequences of at most `max_len` tokens: one (truncated or
+    /// refused when longer), or with [`Overflow::Chunk`] overlapping windows (half a window
+    /// apart) that together cover the whole text, each with its own `[CLS]`/`[SEP]`.
+    pub fn tokenize_windows(&self, texts: &[&str], overflow: Overflow) -> anyhow::Result<Result<Vec<Vec<Vec<u32>>>, TooLong>> {
+        let seqs = encode_all(&self.tokenizer, texts)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        for (index, mut s) in seqs.into_iter().enumerate() {
+            if s.len() <= self.max_len {
+                out.push(vec![s]);
+                continue;
+            }
+            match overflow {
+                Overflow::Refuse => return Ok(Err(TooLong { index, tokens: s.len(), max: self.max_len })),
+                Overflow::Truncate => {
+                    truncate(&mut s, self.max_len);
+                    out.push(vec![s]);
                 }
-                truncate(s, self.max_len);
+                Overflow::Chunk => out.push(windows(&s, self.max_len)),
             }
         }
-        Ok(Ok(seqs))
+        Ok(Ok(out))
     }
 
     /// Raw logits for each sequence, in input order. Sequences are run in batches of
@@ -104,6 +119,36 @@ impl LoadedClassifier {
     /// Forward pass on already padded tensors (for tests and benchmarks).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         self.model.forward(ids, type_ids, mask, &mut Mode::Eval)
+    }
+}
+
+/// What to do with a text longer than the model allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    Refuse,
+    Truncate,
+    Chunk,
+}
+
+/// Overlapping windows of `max_len` tokens over `ids` (`[CLS] … [SEP]`), stride half a window.
+pub fn windows(ids: &[u32], max_len: usize) -> Vec<Vec<u32>> {
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    let body = &ids[1..ids.len() - 1];
+    let width = max_len.saturating_sub(2).max(1);
+    let stride = (width / 2).max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = (start + width).min(body.len());
+        let mut w = Vec::with_capacity(end - start + 2);
+        w.push(first);
+        w.extend_from_slice(&body[start..end]);
+        w.push(last);
+        out.push(w);
+        if end == body.len() {
+            return out;
+        }
+        start += stride;
     }
 }
 

@@ -4,7 +4,7 @@
 pub mod batcher;
 
 use batcher::{BatchLimits, Batcher, Timings};
-use crate::model::predictor::{LoadedClassifier, TooLong};
+use crate::model::predictor::{LoadedClassifier, Overflow, TooLong};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -41,6 +41,17 @@ pub struct Loaded {
 }
 
 type Slot = Arc<OnceCell<Arc<Loaded>>>;
+
+/// Element-wise mean of equally long rows.
+fn mean_rows(rows: Vec<Vec<f32>>) -> Vec<f32> {
+    let n = rows.len().max(1) as f32;
+    let mut out = vec![0f32; rows.first().map_or(0, Vec::len)];
+    for r in &rows {
+        out.iter_mut().zip(r).for_each(|(o, v)| *o += v);
+    }
+    out.iter_mut().for_each(|o| *o /= n);
+    out
+}
 
 /// Loaded models by id, least recently used first out.
 struct Cache {
@@ -119,21 +130,27 @@ impl Predictor {
     }
 
     /// Scores `texts` with model `id` at `path`: probabilities, or raw logits when `raw`.
-    pub async fn predict(&self, id: &str, path: PathBuf, texts: Vec<String>, truncate: bool, raw: bool) -> Result<Scored, PredictError> {
+    /// With [`Overflow::Chunk`], a long text's score is the mean over its windows (of the
+    /// probabilities, or of the logits when `raw`).
+    pub async fn predict(&self, id: &str, path: PathBuf, texts: Vec<String>, overflow: Overflow, raw: bool) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
         let loaded = self.model(id, path).await?;
         let model = loaded.model.clone();
         let started = std::time::Instant::now();
-        let seqs = tokio::task::spawn_blocking(move || {
+        let windows = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            model.tokenize(&refs, truncate).map_err(|e| PredictError::Inference(format!("{e:#}")))
+            model.tokenize_windows(&refs, overflow).map_err(|e| PredictError::Inference(format!("{e:#}")))
         })
         .await
         .map_err(|e| PredictError::Inference(e.to_string()))???;
         let tokenization = started.elapsed();
+        let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
+        let seqs: Vec<Vec<u32>> = windows.into_iter().flatten().collect();
         let (logits, timings) = loaded.batcher.logits(seqs).await.map_err(|e| PredictError::Inference(format!("{e:#}")))?;
         let model = &loaded.model;
-        let scores = if raw { logits } else { logits.iter().map(|l| model.probabilities(l)).collect() };
+        let per_window: Vec<Vec<f32>> = if raw { logits } else { logits.iter().map(|l| model.probabilities(l)).collect() };
+        let mut rows = per_window.into_iter();
+        let scores = counts.iter().map(|&n| mean_rows(rows.by_ref().take(n).collect())).collect();
         metrics::histogram!("finetuned_predict_batch_size").record(timings.batch_size as f64);
         metrics::histogram!("finetuned_predict_queue_seconds").record(timings.queue.as_secs_f64());
         metrics::histogram!("finetuned_predict_inference_seconds").record(timings.inference.as_secs_f64());

@@ -110,3 +110,29 @@ async fn concurrent_requests_are_batched_and_each_caller_gets_its_own_scores() {
     }
     assert!(biggest_batch > 1, "24 concurrent requests never shared a forward pass");
 }
+
+#[tokio::test]
+async fn chunked_long_text_scores_the_mean_of_its_windows() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    // The tiny model allows 64 positions: windows of 62 words, half a window apart.
+    let words: Vec<&str> = (0..160).map(|i| if i < 70 { "bad" } else if i % 3 == 0 { "film" } else { "good" }).collect();
+    let text = words.join(" ");
+    let chunked: Value = app.predict("toy", &json!({"inputs": text, "overflow": "chunk", "raw_scores": false})).await.json().await.unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    let bounds = [(0, 62), (31, 93), (62, 124), (93, 155), (124, 160)];
+    for (a, b) in bounds {
+        let v: Value = app.predict("toy", &json!({"inputs": words[a..b].join(" ")})).await.json().await.unwrap();
+        for p in v["predictions"][0].as_array().unwrap() {
+            *expected.entry(p["label"].as_str().unwrap().to_string()).or_insert(0.0) += p["score"].as_f64().unwrap() / bounds.len() as f64;
+        }
+    }
+    for p in chunked["predictions"][0].as_array().unwrap() {
+        let want = expected[p["label"].as_str().unwrap()];
+        assert!((p["score"].as_f64().unwrap() - want).abs() < 1e-5, "{chunked} vs {expected:?}");
+    }
+    let truncated: Value = app.predict("toy", &json!({"inputs": text})).await.json().await.unwrap();
+    assert_ne!(truncated["predictions"], chunked["predictions"], "chunking reads past the first window");
+    let r = app.predict("toy", &json!({"inputs": "x", "overflow": "wrap"})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "overflow");
+}

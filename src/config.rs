@@ -59,6 +59,10 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_MODEL_CACHE_SIZE", default_value_t = 8)]
     pub model_cache_size: usize,
 
+    /// Memory budget of loaded models in MiB: past it, the least recently used are unloaded.
+    #[arg(long, env = "FINETUNED_MODEL_CACHE_MIB", default_value_t = 4096)]
+    pub model_cache_mib: usize,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -77,6 +81,7 @@ impl ServeConfig {
             max_batch_inputs: 256,
             max_concurrent_predicts: 64,
             model_cache_size: 8,
+            model_cache_mib: 4096,
             log_format: "text".into(),
         }
     }

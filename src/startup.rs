@@ -70,7 +70,7 @@ impl Application {
         let device = config::device(config.device.as_deref())?;
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
         let queue = JobQueue::default();
-        let predictor = Predictor::new(device.clone(), config.model_cache_size, config.max_concurrent_predicts);
+        let predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts);
         let listener = TcpListener::bind(&config.addr).await?;
         let addr = listener.local_addr()?;
         let worker = WorkerContext {

@@ -17,6 +17,33 @@ pub fn router() -> Router<AppState> {
         .route("/openapi.yaml", get(openapi))
 }
 
+/// `/v1/info` (behind the API key like every `/v1` route).
+pub fn info_router() -> Router<AppState> {
+    Router::new().route("/v1/info", get(info))
+}
+
+/// The server's version, device and every limit a client may run into.
+async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let c = &state.config;
+    let l = state.predictor.limits;
+    Json(json!({
+        "object": "info",
+        "version": env!("CARGO_PKG_VERSION"),
+        "device": format!("{:?}", state.predictor.device()),
+        "limits": {
+            "max_upload_bytes": c.max_upload_bytes,
+            "max_batch_inputs": c.max_batch_inputs,
+            "max_concurrent_predicts": c.max_concurrent_predicts,
+            "model_cache_size": c.model_cache_size,
+            "model_cache_mib": c.model_cache_mib,
+            "max_batch_tokens": l.max_batch_tokens,
+            "max_batch_size": l.max_batch_size,
+            "max_batch_wait_ms": l.max_wait.as_secs_f64() * 1e3,
+        },
+        "models_loaded": state.predictor.loaded_ids(),
+    }))
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
     let db_ok = sqlx::query("select 1").execute(&state.pool).await.is_ok();
     if db_ok && state.queue.is_alive() {

@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(models::router())
         .merge(predict::router())
+        .merge(health::info_router())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(health::router())

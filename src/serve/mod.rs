@@ -58,6 +58,7 @@ struct Cache {
     slots: HashMap<String, (Slot, u64)>,
     clock: u64,
     capacity: usize,
+    budget_bytes: usize,
 }
 
 /// Runs classifiers for the predict route.
@@ -66,12 +67,12 @@ pub struct Predictor {
     cache: Arc<Mutex<Cache>>,
     permits: Arc<Semaphore>,
     device: Device,
-    limits: BatchLimits,
+    pub limits: BatchLimits,
 }
 
 impl Predictor {
-    pub fn new(device: Device, capacity: usize, max_in_flight: usize) -> Self {
-        let cache = Cache { slots: HashMap::new(), clock: 0, capacity: capacity.max(1) };
+    pub fn new(device: Device, capacity: usize, budget_mib: usize, max_in_flight: usize) -> Self {
+        let cache = Cache { slots: HashMap::new(), clock: 0, capacity: capacity.max(1), budget_bytes: budget_mib << 20 };
         Self {
             cache: Arc::new(Mutex::new(cache)),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
@@ -91,11 +92,45 @@ impl Predictor {
         if c.slots.len() >= c.capacity {
             if let Some(oldest) = c.slots.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
                 c.slots.remove(&oldest);
+                metrics::counter!("finetuned_model_cache_evictions_total").increment(1);
             }
         }
         let slot: Slot = Arc::new(OnceCell::new());
         c.slots.insert(id.to_string(), (slot.clone(), clock));
         slot
+    }
+
+    /// Unloads least recently used models (never `keep`) until the loaded ones fit the budget.
+    fn enforce_budget(&self, keep: &str) {
+        let mut c = self.cache.lock().unwrap();
+        loop {
+            let bytes: usize = c.slots.values().filter_map(|(s, _)| s.get()).map(|l| l.model.bytes).sum();
+            if bytes <= c.budget_bytes {
+                return;
+            }
+            let victim = c
+                .slots
+                .iter()
+                .filter(|(k, (s, _))| k.as_str() != keep && s.initialized())
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else { return };
+            tracing::info!(model = %victim, "unloading model: cache memory budget exceeded");
+            c.slots.remove(&victim);
+            metrics::counter!("finetuned_model_cache_evictions_total").increment(1);
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Ids of the models loaded now (for tests and the info endpoint).
+    pub fn loaded_ids(&self) -> Vec<String> {
+        let c = self.cache.lock().unwrap();
+        let mut ids: Vec<String> = c.slots.iter().filter(|(_, (s, _))| s.initialized()).map(|(k, _)| k.clone()).collect();
+        ids.sort();
+        ids
     }
 
     /// Unloads a model (after it was deleted).
@@ -125,6 +160,8 @@ impl Predictor {
             .await;
         if loaded.is_err() {
             self.evict(id);
+        } else {
+            self.enforce_budget(id);
         }
         loaded.cloned()
     }

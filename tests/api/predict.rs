@@ -136,3 +136,23 @@ async fn chunked_long_text_scores_the_mean_of_its_windows() {
     let r = app.predict("toy", &json!({"inputs": "x", "overflow": "wrap"})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "overflow");
 }
+
+#[tokio::test]
+async fn models_past_the_memory_budget_are_unloaded_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = finetuned::config::ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
+    cfg.model_cache_mib = 0; // room for one model at a time: the one in use is never unloaded
+    let app = spawn_with(cfg).await;
+    trained(&app, "a").await;
+    trained(&app, "b").await;
+    let body = json!({"inputs": "good", "raw_scores": true});
+    let first: Value = app.predict("a", &body).await.json().await.unwrap();
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["models_loaded"], json!(["a"]));
+    assert_eq!(info["limits"]["model_cache_mib"], 0);
+    assert_eq!(app.predict("b", &body).await.status(), StatusCode::OK);
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["models_loaded"], json!(["b"]), "a was evicted");
+    let again: Value = app.predict("a", &body).await.json().await.unwrap();
+    assert_eq!(again, first, "a reloads with the same scores");
+}

@@ -17,6 +17,8 @@ pub enum Command {
     Serve(ServeConfig),
     /// Fine-tune offline from the command line (same flags and report as `finetune_ref.py`).
     Train(crate::cli::TrainArgs),
+    /// Load generator: N concurrent clients call predict on a running server for T seconds.
+    BenchServe(crate::bench::BenchArgs),
 }
 
 /// Options of `finetuned serve`.

@@ -2,6 +2,8 @@
 
 /// HTTP handlers, one router per resource.
 pub mod api;
+/// The `bench-serve` load generator.
+pub mod bench;
 /// The offline `train` command.
 pub mod cli;
 /// Every model the service knows: the models dir and trained models.

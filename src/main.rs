@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
             });
             app.run_until_stopped().await
         }
+        Command::BenchServe(args) => finetuned::bench::run(args).await,
         Command::Train(args) => {
             finetuned::telemetry::init("text");
             tokio::task::spawn_blocking(move || finetuned::cli::run_train(args)).await?

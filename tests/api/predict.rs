@@ -156,3 +156,49 @@ async fn models_past_the_memory_budget_are_unloaded_least_recently_used_first() 
     let again: Value = app.predict("a", &body).await.json().await.unwrap();
     assert_eq!(again, first, "a reloads with the same scores");
 }
+
+#[tokio::test]
+async fn past_the_in_flight_bound_requests_get_429_with_retry_after_and_never_5xx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = finetuned::config::ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
+    cfg.max_concurrent_predicts = 1;
+    let app = spawn_with(cfg).await;
+    trained(&app, "toy").await;
+    let long: Vec<String> = (0..64).map(|i| format!("good film {}", "really ".repeat(i % 20))).collect();
+    let body = json!({"inputs": long});
+    let responses = futures::future::join_all((0..48).map(|_| app.predict("toy", &body))).await;
+    let (mut ok, mut limited) = (0, 0);
+    for r in responses {
+        match r.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                assert_error(r, StatusCode::TOO_MANY_REQUESTS, "overloaded").await;
+                limited += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(ok >= 1 && limited >= 1, "{ok} ok, {limited} limited");
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bench_serve_reports_throughput_latency_and_statuses() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    let dir = tempfile::tempdir().unwrap();
+    let texts = dir.path().join("texts.jsonl");
+    std::fs::write(&texts, crate::common::toy_jsonl(20)).unwrap();
+    let out = dir.path().join("report.json");
+    let args = finetuned::bench::BenchArgs {
+        url: app.base.clone(), model: "toy".into(), texts, clients: 4, batch: 2, duration: 0.5, warmup: 1,
+        timeout: 30.0, api_key: None, out: Some(out.clone()),
+    };
+    finetuned::bench::run(args).await.unwrap();
+    let report: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    assert!(report["statuses"]["200"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["statuses"].as_object().unwrap().len(), 1, "only 200s: {report}");
+    assert!(report["texts_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["latency_ms"]["p50"].as_f64().unwrap() <= report["latency_ms"]["p99"].as_f64().unwrap());
+}

@@ -259,6 +259,9 @@ async fn record(pool: &SqlitePool, job: &str, ev: Event) {
     let result = match ev {
         Event::Message(m) => jobs::add_event(pool, job, "info", "message", &m, None).await,
         Event::Step(s) => {
+            metrics::gauge!("finetuned_training_examples_per_second").set(s.examples_per_second);
+            metrics::gauge!("finetuned_training_loss").set(s.loss);
+            metrics::counter!("finetuned_training_steps_total").increment(1);
             let progress = json!({"epoch": s.epoch, "step": s.step, "total_steps": s.total_steps,
                                   "examples_per_second": s.examples_per_second});
             let r = jobs::set_progress(pool, job, &progress).await;

@@ -174,3 +174,25 @@ async fn a_job_running_at_shutdown_is_queued_again_and_finishes_after_restart() 
     assert_eq!(done["model"], "again");
     drop(tmp);
 }
+
+#[tokio::test]
+async fn the_event_stream_ends_with_the_job_and_metrics_show_the_traffic() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(32)).await;
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(2)})).await;
+    let id = job["id"].as_str().unwrap();
+    let r = app.client.get(app.url(&format!("/v1/jobs/{id}/events"))).header("accept", "text/event-stream").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    // The body ends only when the server closes the stream, which it does once the job has ended.
+    let body = tokio::time::timeout(std::time::Duration::from_secs(120), r.text()).await.expect("stream ended").unwrap();
+    let events: Vec<Value> = body.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(events.iter().any(|e| e["type"] == "metrics"), "{body}");
+    assert!(events.last().unwrap()["message"].as_str().unwrap().contains("succeeded"), "{body}");
+    assert_eq!(app.job(id).await["status"], "succeeded");
+
+    let text = app.get("/metrics").await.text().await.unwrap();
+    for name in ["finetuned_http_requests_total", "finetuned_http_request_duration_seconds", "finetuned_jobs", "finetuned_training_loss"] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+}

@@ -8,7 +8,7 @@ MODEL=$(cd "$1" && pwd); OUT=${2:?out dir}
 mkdir -p "$OUT/models" "$OUT/data"
 ln -sfn "$MODEL" "$OUT/models/bench-model"
 PY=${PY:-$HOME/refbench-venv/bin/python}
-cat ../shared/datasets/sst2/test.jsonl ../shared/datasets/sst2/validation.jsonl | head -2048 > "$OUT/pool.jsonl"
+awk "NR <= 2048" ../shared/datasets/sst2/test.jsonl ../shared/datasets/sst2/validation.jsonl > "$OUT/pool.jsonl"
 $PY ../shared/bench/reference/predict_ref.py --model "$MODEL" --data ../shared/datasets/sst2 --threads 2 --out "$OUT/predict_ref.json" > "$OUT/predict_ref.log" 2>&1
 target/release/finetuned serve --addr 127.0.0.1:8199 --data-dir "$OUT/data" --models-dir "$OUT/models" \
   --max-concurrent-predicts 256 > "$OUT/server.log" 2>&1 &

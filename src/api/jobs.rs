@@ -85,6 +85,9 @@ fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &str) -> A
     if d.labels.is_empty() {
         return Err(ApiError::invalid(param, format!("dataset {} has no labels; {task} needs labeled data", d.id)));
     }
+    if param.starts_with("training") && d.labels.len() < 2 {
+        return Err(ApiError::invalid(param, format!("dataset {} has a single label; classification needs at least two", d.id)));
+    }
     match (task, d.multi_label) {
         ("classification", true) => {
             Err(ApiError::invalid(param, format!("dataset {} is multi-label; use task multi_label_classification", d.id)))

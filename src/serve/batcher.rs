@@ -21,7 +21,9 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        Self { max_batch_tokens: 16_384, max_batch_size: 64, max_wait: Duration::from_millis(2) }
+        // No waiting for company by default: requests that arrive while a forward pass runs
+        // queue up and form the next batch, so batching costs a lone request nothing.
+        Self { max_batch_tokens: 16_384, max_batch_size: 64, max_wait: Duration::ZERO }
     }
 }
 

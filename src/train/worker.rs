@@ -104,12 +104,16 @@ async fn event(pool: &SqlitePool, job: &str, level: &str, message: &str) {
 async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let pool = &ctx.pool;
     tracing::info!("job started");
+    // Registered before anything slow, so that a cancel arriving during preparation is seen.
+    let cancel = Arc::new(AtomicBool::new(false));
+    ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
     jobs::clear_run_metrics(pool, &job.id).await?;
     event(pool, &job.id, "info", "job started").await;
     let prepared = prepare(ctx, &job).await;
     let (work, model_id) = match prepared {
         Ok(p) => p,
         Err(e) => {
+            ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
             let message = e.to_string();
             jobs::fail(pool, &job.id, e.code(), &message).await?;
             event(pool, &job.id, "error", &format!("job failed: {message}")).await;
@@ -117,8 +121,6 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         }
     };
     let out_dir = ctx.data_dir.join("models").join(&model_id);
-    let cancel = Arc::new(AtomicBool::new(false));
-    ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut obs = ChannelObserver { tx, cancel, shutdown: shutdown.clone() };
     let handle = tokio::task::spawn_blocking(move || match work {

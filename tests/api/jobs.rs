@@ -117,6 +117,9 @@ async fn job_requests_are_checked_field_by_field() {
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.epoch");
     let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "model_name": "../escape"})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "model_name");
+    let one_label = app.upload_ok("{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"x\"}\n").await;
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": one_label})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "training_dataset");
     let r = app.client.post(app.url("/v1/jobs")).header("content-type", "application/json").body("{not json").send().await.unwrap();
     assert_error(r, StatusCode::BAD_REQUEST, "bad_request").await;
     let jobs: Value = app.get("/v1/jobs").await.json().await.unwrap();

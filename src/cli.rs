@@ -90,6 +90,7 @@ struct CliObserver {
 impl Observer for CliObserver {
     fn on_event(&mut self, e: Event) {
         match e {
+            Event::Warning(m) => tracing::warn!("{m}"),
             Event::Message(m) => match &self.bar {
                 Some(b) => b.println(m),
                 None => tracing::info!("{m}"),

@@ -117,6 +117,8 @@ pub struct EpochReport {
 /// What the trainer tells its caller as it goes.
 pub enum Event {
     Message(String),
+    /// Something the user should look at; the job goes on.
+    Warning(String),
     Step(StepInfo),
     Epoch(EpochReport),
     /// Held-out masked-LM loss (pre-training jobs).
@@ -200,6 +202,14 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     };
     if train_rows.is_empty() || val_rows.is_empty() {
         return Err(TrainError::InvalidData("training and validation data must each have at least one row".into()));
+    }
+    let seen: std::collections::HashSet<&str> = train_rows.iter().map(|r| r.text.as_str()).collect();
+    let shared = val_rows.iter().filter(|r| seen.contains(r.text.as_str())).count();
+    if shared > 0 {
+        obs.on_event(Event::Warning(format!(
+            "{shared} of {} validation texts also appear in the training data: validation scores will be optimistic",
+            val_rows.len()
+        )));
     }
     let test_rows = req.test_rows.unwrap_or_default();
     let labels = label_set(&train_rows, &[val_rows.as_slice(), test_rows.as_slice()].concat());

@@ -19,6 +19,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// Steps between progress events.
+const PROGRESS_EVERY: usize = 25;
+
 /// Wakes the worker and carries the cancel flags of running jobs.
 #[derive(Clone, Default)]
 pub struct JobQueue {
@@ -260,6 +263,7 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String),
 async fn record(pool: &SqlitePool, job: &str, ev: Event) {
     let result = match ev {
         Event::Message(m) => jobs::add_event(pool, job, "info", "message", &m, None).await,
+        Event::Warning(m) => jobs::add_event(pool, job, "warning", "message", &m, None).await,
         Event::Step(s) => {
             metrics::gauge!("finetuned_training_examples_per_second").set(s.examples_per_second);
             metrics::gauge!("finetuned_training_loss").set(s.loss);
@@ -268,7 +272,19 @@ async fn record(pool: &SqlitePool, job: &str, ev: Event) {
                                   "examples_per_second": s.examples_per_second});
             let r = jobs::set_progress(pool, job, &progress).await;
             let r2 = jobs::add_train_metric(pool, job, s.step as i64, s.epoch as i64, s.loss, s.learning_rate).await;
-            r.and(r2)
+            // A progress event every 25 steps, and at the last one, for live followers.
+            let r3 = if s.step % PROGRESS_EVERY == 0 || s.step == s.total_steps {
+                let msg = format!(
+                    "step {}/{} (epoch {}): loss {:.4}, {:.1} examples/s",
+                    s.step, s.total_steps, s.epoch, s.loss, s.examples_per_second
+                );
+                let data = json!({"epoch": s.epoch, "step": s.step, "total_steps": s.total_steps, "loss": s.loss,
+                                  "learning_rate": s.learning_rate, "examples_per_second": s.examples_per_second});
+                jobs::add_event(pool, job, "info", "message", &msg, Some(&data)).await
+            } else {
+                Ok(())
+            };
+            r.and(r2).and(r3)
         }
         Event::Epoch(e) => {
             let data: Value = serde_json::to_value(&e).unwrap_or(Value::Null);

@@ -39,6 +39,8 @@ async fn minilm_fine_tunes_on_tiny_serves_predictions_and_survives_a_restart() {
     assert_eq!(v["confusion_matrix"].as_array().unwrap().len(), 2);
     let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
     assert!(events["data"].as_array().unwrap().iter().any(|e| e["type"] == "metrics"));
+    let progress: Vec<&Value> = events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "message" && !e["data"]["step"].is_null()).collect();
+    assert_eq!(progress.last().unwrap()["data"]["step"], 8, "a progress event at the last step: {events}");
 
     let model: Value = app.get("/v1/models/tiny-sentiment").await.json().await.unwrap();
     assert_eq!(model["kind"], "classifier");
@@ -83,6 +85,10 @@ async fn one_call_multipart_job_stores_datasets_and_queues() {
     assert_eq!(done["status"], "succeeded", "{done}");
     let metrics: Value = app.get(&format!("/v1/jobs/{}/metrics", done["id"].as_str().unwrap())).await.json().await.unwrap();
     assert_eq!(metrics["validation"][0]["per_class"]["pos"]["support"], 2, "stratified 10 % of 20 pos rows");
+    // The toy texts repeat, so some held-out texts are also training texts: the job warns.
+    let events: Value = app.get(&format!("/v1/jobs/{}/events", done["id"].as_str().unwrap())).await.json().await.unwrap();
+    let warning = events["data"].as_array().unwrap().iter().find(|e| e["level"] == "warning").expect("a duplicate-text warning");
+    assert!(warning["message"].as_str().unwrap().contains("also appear in the training data"), "{warning}");
 }
 
 #[tokio::test]

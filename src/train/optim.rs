@@ -6,7 +6,11 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
 use std::cell::RefCell;
+
+/// Elements per parallel work item.
+const CHUNK: usize = 1 << 14;
 
 /// Learning rate at 0-based `step`: linear warmup from 0, then linear decay to 0.
 pub fn linear_schedule(base_lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
@@ -51,7 +55,10 @@ fn grad_sq_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
         if let Some(g) = grads.get(v.as_tensor()) {
             if g.device().is_cpu() && g.is_contiguous() {
                 let (s, l) = g.storage_and_layout();
-                total += cpu_f32(&s, l)?.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+                // Fixed chunks summed in order: the same result whatever the thread count.
+                let partial: Vec<f64> =
+                    cpu_f32(&s, l)?.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
+                total += partial.iter().sum::<f64>();
             } else {
                 total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             }
@@ -84,13 +91,17 @@ impl candle_core::InplaceOp1 for FusedStep<'_> {
         let p = &mut p[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
         let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
         let step_size = self.lr / self.bc1;
-        for i in 0..p.len() {
-            let g = self.grad[i] * self.scale;
-            m[i] = self.b1 * m[i] + (1.0 - self.b1) * g;
-            v[i] = self.b2 * v[i] + (1.0 - self.b2) * g * g;
-            let denom = (v[i] / self.bc2).sqrt() + self.eps;
-            p[i] = p[i] * (1.0 - self.lr * self.decay) - step_size * m[i] / denom;
-        }
+        let (scale, b1, b2, bc2, eps, shrink) = (self.scale, self.b1, self.b2, self.bc2, self.eps, 1.0 - self.lr * self.decay);
+        let chunks = p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(self.grad.par_chunks(CHUNK));
+        chunks.for_each(|(((p, m), v), g)| {
+            for i in 0..p.len() {
+                let g = g[i] * scale;
+                m[i] = b1 * m[i] + (1.0 - b1) * g;
+                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                let denom = (v[i] / bc2).sqrt() + eps;
+                p[i] = p[i] * shrink - step_size * m[i] / denom;
+            }
+        });
         Ok(())
     }
 }

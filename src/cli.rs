@@ -65,7 +65,8 @@ pub struct TrainArgs {
     pub log_every: usize,
 }
 
-fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<Vec<Row>>> {
+/// Rows of `DIR/split.jsonl`, and whether their labels are lists (multi-label).
+fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<(Vec<Row>, bool)>> {
     let path = dir.join(format!("{split}.jsonl"));
     if !path.is_file() {
         if required {
@@ -76,7 +77,7 @@ fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<
     let bytes = std::fs::read(&path)?;
     let parsed = crate::dataset::parse(&bytes, crate::dataset::Format::Jsonl, "text", "label")
         .with_context(|| format!("{}", path.display()))?;
-    Ok(Some(parsed.rows))
+    Ok(Some((parsed.rows, parsed.multi_label)))
 }
 
 struct CliObserver {
@@ -140,13 +141,13 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     // candle's CPU kernels size their thread pools from RAYON_NUM_THREADS.
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let device = crate::config::device(a.device.as_deref().or(Some("cpu")))?;
-    let mut train = read_split(&a.data, "train", true)?.unwrap_or_default();
+    let (mut train, multi_label) = read_split(&a.data, "train", true)?.unwrap_or_default();
     let n_train_in_file = train.len();
     if a.max_train > 0 {
         train.truncate(a.max_train);
     }
-    let validation = read_split(&a.data, "validation", false)?;
-    let test = read_split(&a.data, "test", false)?;
+    let validation = read_split(&a.data, "validation", false)?.map(|(rows, _)| rows);
+    let test = read_split(&a.data, "test", false)?.map(|(rows, _)| rows);
     let info = crate::model::artifacts::inspect(&a.model)?;
     let auto = info.config.pooling().or(info.sentence_pooling.clone()).unwrap_or_else(|| "cls".into());
     let hp = HyperparametersInput {
@@ -168,6 +169,9 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     req.out_dir = a.save.clone();
     req.max_grad_norm = a.max_grad_norm;
     req.eval_batch_size = a.eval_batch_size;
+    if multi_label {
+        req.task = crate::train::objective::Task::MultiLabel;
+    }
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new(0);
         b.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {per_sec} eta {eta} {msg}").expect("valid template"));
@@ -206,7 +210,8 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         "best_epoch": done.best.epoch,
         "test_accuracy": done.test.as_ref().map(|t| t.report.accuracy),
         "test_macro_f1": done.test.as_ref().map(|t| t.report.macro_f1),
-        "multi_label": false,
+        "multi_label": multi_label,
+        "test_micro_f1": done.test.as_ref().and_then(|t| t.report.micro_f1),
         "loss_log": obs.loss_log,
         "peak_rss_mib": peak,
     });

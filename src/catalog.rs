@@ -47,7 +47,6 @@ pub struct Resolved {
 
 /// The models of the models dir (scanned) and of the database.
 pub struct Catalog {
-    models_dir: PathBuf,
     data_dir: PathBuf,
     pool: SqlitePool,
     dirs: RwLock<BTreeMap<String, DirModel>>,
@@ -131,7 +130,7 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
 impl Catalog {
     pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: SqlitePool) -> Self {
         let dirs = scan_models_dir(&models_dir);
-        Self { models_dir, data_dir, pool, dirs: RwLock::new(dirs) }
+        Self { data_dir, pool, dirs: RwLock::new(dirs) }
     }
 
     /// Is `id` a model of the models dir?
@@ -156,12 +155,11 @@ impl Catalog {
     /// Where model `id` lives, if it exists.
     pub async fn resolve(&self, id: &str) -> sqlx::Result<Option<Resolved>> {
         if let Some(d) = self.dirs.read().unwrap().get(id) {
-            let auto = d.info.config.pooling().or(d.info.sentence_pooling.clone()).unwrap_or_else(|| "cls".into());
             return Ok(Some(Resolved {
                 id: id.into(),
                 path: d.path.clone(),
                 is_classifier: d.info.labels.is_some(),
-                auto_pooling: auto,
+                auto_pooling: d.info.auto_pooling(),
             }));
         }
         Ok(store::models::get(&self.pool, id).await?.map(|m| Resolved {
@@ -170,9 +168,5 @@ impl Catalog {
             is_classifier: m.kind == "classifier",
             auto_pooling: m.pooling.clone().unwrap_or_else(|| "cls".into()),
         }))
-    }
-
-    pub fn models_dir(&self) -> &Path {
-        &self.models_dir
     }
 }

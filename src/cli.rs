@@ -149,7 +149,6 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let validation = read_split(&a.data, "validation", false)?.map(|(rows, _)| rows);
     let test = read_split(&a.data, "test", false)?.map(|(rows, _)| rows);
     let info = crate::model::artifacts::inspect(&a.model)?;
-    let auto = info.config.pooling().or(info.sentence_pooling.clone()).unwrap_or_else(|| "cls".into());
     let hp = HyperparametersInput {
         epochs: Some(a.epochs),
         batch_size: Some(a.batch_size),
@@ -162,7 +161,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         group_by_length: Some(a.group_by_length),
         ..Default::default()
     }
-    .resolve(&auto)
+    .resolve(&info.auto_pooling())
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut req = TrainRequest::new(a.model.clone(), train, validation, hp.clone(), device);
     req.test_rows = test;

@@ -55,7 +55,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn prometheus(State(state): State<AppState>) -> Response {
-    metrics::gauge!("finetuned_models_loaded").set(state.predictor.loaded() as f64);
+    metrics::gauge!("finetuned_models_loaded").set(state.predictor.loaded_ids().len() as f64);
     for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
         let n: i64 = sqlx::query_scalar("select count(*) from jobs where status = ?")
             .bind(status)

@@ -25,6 +25,14 @@ pub struct ModelInfo {
     pub sentence_pooling: Option<String>,
 }
 
+impl ModelInfo {
+    /// What `pooling: auto` means when fine-tuning from this model: the pooling it records, else
+    /// the one sentence-transformers trained it with, else `cls`.
+    pub fn auto_pooling(&self) -> String {
+        self.config.pooling().or_else(|| self.sentence_pooling.clone()).unwrap_or_else(|| "cls".into())
+    }
+}
+
 /// Checks that `dir` is a BERT checkpoint we can load: config parses and is BERT, the tokenizer
 /// and weights exist, and the safetensors header is sound. Reads no tensor data.
 pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {

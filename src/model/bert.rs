@@ -137,8 +137,4 @@ impl Bert {
         let out = mode.dropout(&l.output.forward(&inter)?, self.cfg.hidden_dropout_prob)?;
         l.out_norm.forward(&(out + x)?, mode)
     }
-
-    pub fn config(&self) -> &BertConfig {
-        &self.cfg
-    }
 }

@@ -69,10 +69,6 @@ impl Classifier {
         let pooled = mode.dropout(&pooled, self.dropout)?;
         self.head.forward(&pooled)
     }
-
-    pub fn pooling(&self) -> Pooling {
-        self.pooling
-    }
 }
 
 /// Mean of `hidden` `[b, s, h]` over positions where `mask` `[b, s]` is 1.

@@ -112,10 +112,6 @@ impl LoadedClassifier {
         }
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// Forward pass on already padded tensors (for tests and benchmarks).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         self.model.forward(ids, type_ids, mask, &mut Mode::Eval)

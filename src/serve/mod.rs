@@ -138,11 +138,6 @@ impl Predictor {
         self.cache.lock().unwrap().slots.remove(id);
     }
 
-    /// Number of models loaded now.
-    pub fn loaded(&self) -> usize {
-        self.cache.lock().unwrap().slots.values().filter(|(s, _)| s.initialized()).count()
-    }
-
     async fn model(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
         let slot = self.slot(id);
         let device = self.device.clone();

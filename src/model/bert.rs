@@ -1,8 +1,9 @@
 //! Our BERT encoder: Hugging Face tensor names, differentiable in training mode.
 
 use super::config::BertConfig;
+use super::attention::attention;
 use super::layers::{activation, attention_bias, softmax_last, LayerNorm, Linear, Mode};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Looks up a parameter by its name without the `bert.` prefix.
 pub type Getter<'a> = dyn Fn(&str) -> Result<Tensor> + 'a;
@@ -31,6 +32,17 @@ struct Layer {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+}
+
+/// How padding is kept out of attention: a key mask for the fused CPU kernel, an additive
+/// `[batch, 1, 1, seq]` bias for composed ops elsewhere.
+enum KeyMask {
+    Fused(Vec<f32>),
+    Bias(Tensor),
+}
+
+fn fused_attention(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// The BERT encoder (embeddings + transformer layers), without pooler or head.
@@ -112,25 +124,40 @@ impl Bert {
         let x = (words + types)?.broadcast_add(&pos)?;
         let x = e.norm.forward(&x, mode)?;
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
-        let bias = attention_bias(mask, x.dtype())?;
+        let keys = if fused_attention(&x) {
+            KeyMask::Fused(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            KeyMask::Bias(attention_bias(mask, x.dtype())?)
+        };
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &bias, mode)?;
+            x = self.layer_forward(layer, &x, &keys, mode)?;
         }
         Ok(x)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, bias: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+    fn self_attention(&self, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.num_attention_heads;
+        let p = self.cfg.attention_probs_dropout_prob;
+        let (q, k, v) = (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?);
+        let bias = match keys {
+            KeyMask::Fused(mask) => {
+                let (p, seed) = if mode.is_train() && p > 0.0 { (p as f32, mode.seed()) } else { (0.0, 0) };
+                return attention(&q, &k, &v, mask, nh, p, seed);
+            }
+            KeyMask::Bias(bias) => bias,
+        };
         let hd = self.cfg.head_dim();
         let heads = |t: Tensor| t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous();
-        let q = heads(l.query.forward(x)?)?;
-        let k = heads(l.key.forward(x)?)?;
-        let v = heads(l.value.forward(x)?)?;
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
         let probs = softmax_last(&scores, mode)?;
-        let probs = mode.dropout(&probs, self.cfg.attention_probs_dropout_prob)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let probs = mode.dropout(&probs, p)?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode) -> Result<Tensor> {
+        let ctx = self.self_attention(l, x, keys, mode)?;
         let attn = mode.dropout(&l.attn_out.forward(&ctx)?, self.cfg.hidden_dropout_prob)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
         let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;

@@ -5,6 +5,9 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::fastmath::{erf, exp};
+use super::simd::simd_kernel;
+
 const CHUNK: usize = 4096;
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -25,6 +28,23 @@ fn on_cpu_f32(t: &Tensor) -> bool {
 const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+simd_kernel! {
+    fn gelu_chunk(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * SQRT_2_INV));
+        }
+    }
+}
+
+simd_kernel! {
+    fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + erf(x * SQRT_2_INV));
+            *o = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
+        }
+    }
+}
+
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -35,11 +55,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = 0.5 * x * (1.0 + libm::erff(x * SQRT_2_INV));
-            }
-        });
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| gelu_chunk(x, y));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -59,12 +75,9 @@ impl CustomOp2 for GeluErfGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32s(s1, l1)?, f32s(s2, l2)?);
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (x, g))| {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                let cdf = 0.5 * (1.0 + libm::erff(x * SQRT_2_INV));
-                *o = g * (cdf + x * INV_SQRT_2PI * (-0.5 * x * x).exp());
-            }
-        });
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| gelu_grad_chunk(x, g, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

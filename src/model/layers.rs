@@ -17,6 +17,14 @@ impl Mode<'_> {
         matches!(self, Mode::Train(_))
     }
 
+    /// A fresh seed for a kernel that draws its own dropout mask (0 in inference).
+    pub fn seed(&mut self) -> u64 {
+        match self {
+            Mode::Train(rng) => rng.random::<u64>(),
+            Mode::Eval => 0,
+        }
+    }
+
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1/(1-p)`. The mask comes from our own seeded generator so runs are repeatable
     /// (candle cannot seed its CPU generator).

@@ -1,0 +1,264 @@
+//! Fused multi-head self-attention for CPU f32, with its own backward pass.
+//!
+//! Composed from candle ops, attention runs one small matrix multiply per (text, head)
+//! through gemm's thread pool, plus separate passes for scaling, masking, softmax, dropout
+//! and the head transposes. Here every (text, head) pair is one task on rayon: scores,
+//! softmax, dropout and the weighted sum happen on rows that stay in cache, reading the
+//! heads straight out of the `[batch, seq, hidden]` projections. The backward pass
+//! recomputes the probabilities instead of storing them; the dropout mask is kept.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+use super::fastmath::exp;
+use super::simd::simd_kernel;
+
+/// Attention over `[batch, seq, hidden]` query/key/value projections.
+struct Attention {
+    heads: usize,
+    /// Additive bias per key, `[batch, seq]`: 0 for tokens, a large negative on padding.
+    key_bias: Vec<f32>,
+    /// Probability of dropping an attention weight (0 in inference).
+    dropout: f32,
+    seed: u64,
+    /// Dropout keep flags `[batch, heads, seq, seq]`, drawn in the forward pass.
+    keep: OnceLock<Vec<u8>>,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    s: usize,
+    h: usize,
+    hd: usize,
+    nh: usize,
+}
+
+fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("fused attention needs contiguous f32 input"),
+    }
+}
+
+impl Attention {
+    fn dims(&self, shape: &Shape) -> Result<Dims> {
+        let (b, s, h) = shape.dims3()?;
+        if h % self.heads != 0 || self.key_bias.len() != b * s {
+            candle_core::bail!("attention: hidden {h} over {} heads, bias of {}", self.heads, self.key_bias.len());
+        }
+        Ok(Dims { b, s, h, hd: h / self.heads, nh: self.heads })
+    }
+
+    /// Draws the keep flags, one independent stream per (text, head) so the result does
+    /// not depend on how rayon splits the work.
+    fn draw_keep(&self, d: Dims) -> Vec<u8> {
+        let threshold = ((1.0 - self.dropout as f64) * 65536.0) as u32;
+        let mut keep = vec![0u8; d.b * d.nh * d.s * d.s];
+        keep.par_chunks_mut(d.s * d.s).enumerate().for_each(|(task, out)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(task as u64);
+            for quad in out.chunks_mut(4) {
+                let r = rng.next_u64();
+                for (n, k) in quad.iter_mut().enumerate() {
+                    *k = ((((r >> (16 * n)) & 0xffff) as u32) < threshold) as u8;
+                }
+            }
+        });
+        keep
+    }
+
+    fn keep_factor(&self) -> f32 {
+        1.0 / (1.0 - self.dropout)
+    }
+}
+
+/// Scatters per-(text, head) `[seq, head_dim]` blocks back into `[batch, seq, hidden]`.
+fn scatter(blocks: &[Vec<f32>], d: Dims) -> Vec<f32> {
+    let mut out = vec![0f32; d.b * d.s * d.h];
+    out.par_chunks_mut(d.s * d.h).enumerate().for_each(|(bi, text)| {
+        for hi in 0..d.nh {
+            let block = &blocks[bi * d.nh + hi];
+            for i in 0..d.s {
+                text[i * d.h + hi * d.hd..][..d.hd].copy_from_slice(&block[i * d.hd..][..d.hd]);
+            }
+        }
+    });
+    out
+}
+
+/// Softmax of `scale·q_i·Kᵀ + bias` into `row`, for one query row; `kt` is `[hd, seq]`.
+#[inline(always)]
+fn probs_row(q: &[f32], kt: &[f32], bias: &[f32], scale: f32, row: &mut [f32]) {
+    let s = row.len();
+    row.copy_from_slice(bias);
+    for (dd, &qd) in q.iter().enumerate() {
+        let a = qd * scale;
+        for (r, &k) in row.iter_mut().zip(&kt[dd * s..(dd + 1) * s]) {
+            *r += a * k;
+        }
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f32;
+    for r in row.iter_mut() {
+        *r = exp(*r - max);
+        sum += *r;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|r| *r *= inv);
+}
+
+/// `out[..hd] += Σ_j w[j] · rows[j·stride ..][..hd]`.
+#[inline(always)]
+fn weighted_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let hd = out.len();
+    for (j, &wj) in w.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&rows[j * stride..j * stride + hd]) {
+            *o += wj * x;
+        }
+    }
+}
+
+/// `rows[j·stride ..][..hd] += w[j] · x` for every j.
+#[inline(always)]
+fn add_scaled_rows(w: &[f32], x: &[f32], stride: usize, rows: &mut [f32]) {
+    let hd = x.len();
+    for (j, &wj) in w.iter().enumerate() {
+        for (r, &xv) in rows[j * stride..j * stride + hd].iter_mut().zip(x) {
+            *r += wj * xv;
+        }
+    }
+}
+
+/// `[seq, hd]` head slice of a `[seq, hidden]` text, transposed to `[hd, seq]`.
+#[inline(always)]
+fn transposed_head(x: &[f32], d: Dims, hi: usize) -> Vec<f32> {
+    let mut t = vec![0f32; d.hd * d.s];
+    for j in 0..d.s {
+        for dd in 0..d.hd {
+            t[dd * d.s + j] = x[j * d.h + hi * d.hd + dd];
+        }
+    }
+    t
+}
+
+simd_kernel! {
+    /// One (text, head) of the forward pass; `q`, `k`, `v` start at the text.
+    fn fwd_task(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: Option<&[u8]>, factor: f32, d: Dims, hi: usize, out: &mut [f32]) {
+        let scale = 1.0 / (d.hd as f32).sqrt();
+        let kt = transposed_head(k, d, hi);
+        let mut row = vec![0f32; d.s];
+        for i in 0..d.s {
+            let qi = &q[i * d.h + hi * d.hd..][..d.hd];
+            probs_row(qi, &kt, bias, scale, &mut row);
+            if let Some(keep) = keep {
+                let flags = &keep[i * d.s..][..d.s];
+                row.iter_mut().zip(flags).for_each(|(p, &f)| *p *= f as f32 * factor);
+            }
+            weighted_rows(&row, &v[hi * d.hd..], d.h, &mut out[i * d.hd..(i + 1) * d.hd]);
+        }
+    }
+}
+
+simd_kernel! {
+    /// One (text, head) of the backward pass: `[q, k, v, dO]` in, `[dq, dk, dv]` out.
+    fn bwd_task(x: [&[f32]; 4], bias: &[f32], keep: Option<&[u8]>, factor: f32, d: Dims, hi: usize, out: [&mut Vec<f32>; 3]) {
+        let [q, k, v, g] = x;
+        let [dq, dk, dv] = out;
+        let scale = 1.0 / (d.hd as f32).sqrt();
+        let off = hi * d.hd;
+        let kt = transposed_head(k, d, hi);
+        let vt = transposed_head(v, d, hi);
+        let (mut p, mut pd, mut dp) = (vec![0f32; d.s], vec![0f32; d.s], vec![0f32; d.s]);
+        for i in 0..d.s {
+            let qi = &q[off + i * d.h..][..d.hd];
+            let gi = &g[off + i * d.h..][..d.hd];
+            probs_row(qi, &kt, bias, scale, &mut p);
+            pd.copy_from_slice(&p);
+            let flags = keep.map(|k| &k[i * d.s..][..d.s]);
+            if let Some(flags) = flags {
+                pd.iter_mut().zip(flags).for_each(|(x, &f)| *x *= f as f32 * factor);
+            }
+            // dV_j += P'_ij · dO_i
+            add_scaled_rows(&pd, gi, d.hd, dv);
+            // dP'_ij = dO_i · V_j: a row of dO·Vᵀ, built like a score row.
+            dp.iter_mut().for_each(|x| *x = 0.0);
+            for (dd, &gd) in gi.iter().enumerate() {
+                dp.iter_mut().zip(&vt[dd * d.s..(dd + 1) * d.s]).for_each(|(x, &vj)| *x += gd * vj);
+            }
+            if let Some(flags) = flags {
+                dp.iter_mut().zip(flags).for_each(|(x, &f)| *x *= f as f32 * factor);
+            }
+            // Softmax backward, then the score scale: dS = P ⊙ (dP − Σ P·dP) · scale.
+            let c: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            dp.iter_mut().zip(&p).for_each(|(x, &pj)| *x = pj * (*x - c) * scale);
+            weighted_rows(&dp, &k[off..], d.h, &mut dq[i * d.hd..(i + 1) * d.hd]);
+            add_scaled_rows(&dp, qi, d.hd, dk);
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let d = self.dims(l1.shape())?;
+        let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
+        let factor = self.keep_factor();
+        let blocks: Vec<Vec<f32>> = (0..d.b * d.nh)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, hi) = (task / d.nh, task % d.nh);
+                let text = bi * d.s * d.h;
+                let flags = keep.map(|k| &k[task * d.s * d.s..][..d.s * d.s]);
+                let mut out = vec![0f32; d.s * d.hd];
+                let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
+                fwd_task(&q[text..], &k[text..], &v[text..], bias, flags, factor, d, hi, &mut out);
+                out
+            })
+            .collect();
+        Ok((CpuStorage::F32(scatter(&blocks, d)), l1.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(q.shape())?;
+        let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+        let (q, kv, vv, g) = (vec(q)?, vec(k)?, vec(v)?, vec(grad)?);
+        let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
+        let factor = self.keep_factor();
+        let blocks: Vec<[Vec<f32>; 3]> = (0..d.b * d.nh)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, hi) = (task / d.nh, task % d.nh);
+                let text = bi * d.s * d.h;
+                let flags = keep.map(|k| &k[task * d.s * d.s..][..d.s * d.s]);
+                let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
+                let (mut dq, mut dk, mut dv) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
+                let text_in = [&q[text..], &kv[text..], &vv[text..], &g[text..]];
+                bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq, &mut dk, &mut dv]);
+                [dq, dk, dv]
+            })
+            .collect();
+        let dev = grad.device();
+        let part = |n: usize| -> Result<Tensor> {
+            let b: Vec<Vec<f32>> = blocks.iter().map(|t| t[n].clone()).collect();
+            Tensor::from_vec(scatter(&b, d), (d.b, d.s, d.h), dev)
+        };
+        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+    }
+}
+
+/// Multi-head attention of `[batch, seq, hidden]` projections on CPU f32, returning the
+/// context in the same layout (heads concatenated). `mask` is `[batch, seq]` (1 = token);
+/// `dropout` applies to the attention weights with a mask drawn from `seed`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[f32], heads: usize, dropout: f32, seed: u64) -> Result<Tensor> {
+    let key_bias = mask.iter().map(|&m| (m - 1.0) * 1e4).collect();
+    let op = Attention { heads, key_bias, dropout, seed, keep: OnceLock::new() };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}

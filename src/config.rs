@@ -66,6 +66,15 @@ pub struct ServeConfig {
     pub model_cache_mib: usize,
 
     /// Log format: `text` or `json`.
+    /// Threads for training jobs (0 = one per core). With `--predict-threads`, splits the
+    /// cores so that a running job cannot starve predict.
+    #[arg(long, env = "FINETUNED_TRAIN_THREADS", default_value_t = 0)]
+    pub train_threads: usize,
+
+    /// Threads for inference, shared by every loaded model (0 = one per core).
+    #[arg(long, env = "FINETUNED_PREDICT_THREADS", default_value_t = 0)]
+    pub predict_threads: usize,
+
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
@@ -84,6 +93,8 @@ impl ServeConfig {
             max_concurrent_predicts: 64,
             model_cache_size: 8,
             model_cache_mib: 4096,
+            train_threads: 0,
+            predict_threads: 0,
             log_format: "text".into(),
         }
     }

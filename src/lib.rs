@@ -8,6 +8,8 @@ pub mod bench;
 pub mod cli;
 /// Every model the service knows: the models dir and trained models.
 pub mod catalog;
+/// Thread pools for training and inference.
+pub mod compute;
 /// Command-line and environment options.
 pub mod config;
 /// Dataset parsing and validation.

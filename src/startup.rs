@@ -70,7 +70,8 @@ impl Application {
         let device = config::device(config.device.as_deref())?;
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
         let queue = JobQueue::default();
-        let predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts);
+        let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
+        let predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
         let listener = TcpListener::bind(&config.addr).await?;
         let addr = listener.local_addr()?;
         let worker = WorkerContext {
@@ -79,6 +80,7 @@ impl Application {
             data_dir: config.data_dir.clone(),
             device,
             queue: queue.clone(),
+            threads: crate::compute::pool("train", config.train_threads)?,
         };
         let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus() };
         Ok(Self { addr, listener, state, worker, shutdown: CancellationToken::new() })

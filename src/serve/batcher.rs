@@ -51,10 +51,10 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the inference thread of `model`.
-    pub fn spawn(model: Arc<LoadedClassifier>, name: &str, limits: BatchLimits) -> std::io::Result<Self> {
+    /// Starts the inference thread of `model`; its forward passes run on `threads`.
+    pub fn spawn(model: Arc<LoadedClassifier>, name: &str, limits: BatchLimits, threads: Arc<rayon::ThreadPool>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name(format!("infer-{name}")).spawn(move || run(model, rx, limits))?;
+        std::thread::Builder::new().name(format!("infer-{name}")).spawn(move || run(model, rx, limits, threads))?;
         Ok(Self { tx })
     }
 
@@ -72,7 +72,7 @@ fn padded_tokens(lens: &mut Vec<usize>) -> usize {
     lens.last().copied().unwrap_or(0) * lens.len()
 }
 
-fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits) {
+fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits, threads: Arc<rayon::ThreadPool>) {
     let mut pending: Option<Work> = None;
     loop {
         let first = match pending.take() {
@@ -97,18 +97,19 @@ fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits) {
             lens = with;
             batch.push(w);
         }
-        run_batch(&model, batch, limits);
+        run_batch(&model, batch, limits, &threads);
     }
 }
 
-fn run_batch(model: &LoadedClassifier, batch: Vec<Work>, limits: BatchLimits) {
+fn run_batch(model: &LoadedClassifier, batch: Vec<Work>, limits: BatchLimits, threads: &rayon::ThreadPool) {
     let started = Instant::now();
     let live: Vec<Work> = batch.into_iter().filter(|w| !w.reply.is_closed()).collect();
     if live.is_empty() {
         return;
     }
     let all: Vec<Vec<u32>> = live.iter().flat_map(|w| w.seqs.iter().cloned()).collect();
-    let result = model.logits(&all, limits.max_batch_size);
+    // Installed per batch, not for the thread's life: the pool is shared by every model.
+    let result = threads.install(|| model.logits(&all, limits.max_batch_size));
     let inference = started.elapsed();
     match result {
         Ok(rows) => {

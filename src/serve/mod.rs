@@ -67,16 +67,19 @@ pub struct Predictor {
     cache: Arc<Mutex<Cache>>,
     permits: Arc<Semaphore>,
     device: Device,
+    threads: Arc<rayon::ThreadPool>,
     pub limits: BatchLimits,
 }
 
 impl Predictor {
-    pub fn new(device: Device, capacity: usize, budget_mib: usize, max_in_flight: usize) -> Self {
+    /// A predictor whose models run on `threads` (the inference thread budget).
+    pub fn new(device: Device, capacity: usize, budget_mib: usize, max_in_flight: usize, threads: Arc<rayon::ThreadPool>) -> Self {
         let cache = Cache { slots: HashMap::new(), clock: 0, capacity: capacity.max(1), budget_bytes: budget_mib << 20 };
         Self {
             cache: Arc::new(Mutex::new(cache)),
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             device,
+            threads,
             limits: BatchLimits::default(),
         }
     }
@@ -149,7 +152,7 @@ impl Predictor {
                     .map_err(|e| PredictError::Load(e.to_string()))?
                     .map(Arc::new)
                     .map_err(|e| PredictError::Load(format!("{e:#}")))?;
-                let batcher = Batcher::spawn(model.clone(), &name, limits).map_err(|e| PredictError::Load(e.to_string()))?;
+                let batcher = Batcher::spawn(model.clone(), &name, limits, self.threads.clone()).map_err(|e| PredictError::Load(e.to_string()))?;
                 Ok::<_, PredictError>(Arc::new(Loaded { model, batcher }))
             })
             .await;

@@ -56,6 +56,8 @@ pub struct WorkerContext {
     pub data_dir: PathBuf,
     pub device: Device,
     pub queue: JobQueue,
+    /// The pool training runs on (its thread budget).
+    pub threads: Arc<rayon::ThreadPool>,
 }
 
 /// Runs jobs until `shutdown` fires. A job interrupted by shutdown goes back to the queue.
@@ -126,9 +128,12 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     let out_dir = ctx.data_dir.join("models").join(&model_id);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut obs = ChannelObserver { tx, cancel, shutdown: shutdown.clone() };
-    let handle = tokio::task::spawn_blocking(move || match work {
-        Work::Classify(req) => trainer::run(req, &mut obs),
-        Work::Pretrain(req) => mlm::run(req, &mut obs),
+    let threads = ctx.threads.clone();
+    let handle = tokio::task::spawn_blocking(move || {
+        threads.install(|| match work {
+            Work::Classify(req) => trainer::run(req, &mut obs),
+            Work::Pretrain(req) => mlm::run(req, &mut obs),
+        })
     });
     while let Some(ev) = rx.recv().await {
         record(pool, &job.id, ev).await;

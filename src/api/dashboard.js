@@ -20,7 +20,14 @@ function el(tag, attrs, ...children) {
 }
 
 function fmt(x, digits = 4) { return typeof x === "number" && isFinite(x) ? x.toFixed(digits) : "–"; }
-function when(ts) { return ts ? new Date(ts * 1000).toLocaleString() : "–"; }
+function when(ts) {
+  if (!ts) return "–";
+  const t = new Date(ts * 1000);
+  // Today's jobs by time alone, to keep the jobs table narrow.
+  return t.toDateString() === new Date().toDateString()
+    ? t.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : t.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+}
 function setMsg(id, text, kind) { const m = $(id); m.textContent = text; m.className = "msg" + (kind ? " " + kind : ""); }
 function fillBody(table, rows, emptyText, cols) {
   const body = $(table).tBodies[0];
@@ -80,9 +87,9 @@ async function refreshDatasets() {
   const list = await api("/v1/datasets?limit=100");
   state.datasets = list.data;
   fillBody("datasets-table", list.data.map((d) => el("tr", {},
-    el("td", {}, d.name), el("td", { class: "mono" }, d.id), el("td", { class: "num" }, d.rows),
-    el("td", {}, Object.entries(d.labels).map(([l, n]) => l + " (" + n + ")").join(", ") || "unlabeled"))),
-  "No datasets yet: upload one above.", 4);
+    el("td", {}, d.name, el("span", { class: "sub mono" }, d.id)), el("td", { class: "num" }, d.rows),
+    el("td", { class: "wrap" }, Object.entries(d.labels).map(([l, n]) => l + " (" + n + ")").join(", ") || "unlabeled"))),
+  "No datasets yet: upload one above.", 3);
   fillSelect("job-dataset", list.data.map((d) => [d.id, d.name + " · " + d.rows + " rows"]), null);
   fillSelect("job-validation", list.data.map((d) => [d.id, d.name + " · " + d.rows + " rows"]), "hold out 10 % of the training data");
 }
@@ -165,9 +172,9 @@ async function refreshJobs() {
     return el("tr", { class: "clickable" + (j.id === state.selected ? " selected" : ""), "data-job": j.id, tabindex: 0,
       onclick: () => selectJob(j.id), onkeydown: (e) => { if (e.key === "Enter") selectJob(j.id); } },
     el("td", { class: "mono" }, j.id), el("td", {}, el("span", { class: "badge " + j.status, "data-testid": "job-status" }, j.status)),
-    el("td", {}, j.task), el("td", {}, j.base_model), progressCell(j), el("td", { class: "num" }, fmt(acc, 3)),
+    el("td", {}, j.base_model, el("span", { class: "sub" }, j.task)), progressCell(j), el("td", { class: "num" }, fmt(acc, 3)),
     el("td", { class: "mono" }, j.model || "–"), el("td", {}, when(j.created_at)));
-  }), "No jobs yet.", 8);
+  }), "No jobs yet.", 7);
   if (typeof onJobListed === "function") onJobListed(list.data.find((j) => j.id === state.selected));
 }
 
@@ -180,10 +187,10 @@ async function refreshModels() {
   fillBody("models-table", list.data.map((m) => {
     const acc = m.metrics && m.metrics.validation ? m.metrics.validation.accuracy : undefined;
     return el("tr", { "data-model": m.id },
-      el("td", { class: "mono" }, m.id), el("td", {}, m.kind), el("td", {}, m.labels.join(", ") || "–"),
+      el("td", { class: "mono" }, m.id, el("span", { class: "sub" }, m.kind)), el("td", { class: "wrap" }, m.labels.join(", ") || "–"),
       el("td", { class: "num" }, fmt(acc, 3)),
-      el("td", {}, m.kind === "classifier" ? el("button", { type: "button", class: "secondary", onclick: () => tryModel(m.id) }, "Try") : ""));
-  }), "No models.", 5);
+      el("td", {}, m.kind === "classifier" ? el("button", { type: "button", class: "secondary", "aria-label": "Try " + m.id, onclick: () => tryModel(m.id) }, "Try") : ""));
+  }), "No models.", 4);
   fillSelect("job-base", list.data.map((m) => [m.id, m.id + (m.kind === "classifier" ? " (classifier)" : "")]), null);
   fillSelect("predict-model", classifiers.map((m) => [m.id, m.id + " · " + m.labels.join("/")]), null);
 }

@@ -41,7 +41,7 @@ function renderJob(j) {
   $("job-cancel").hidden = ENDED.includes(j.status);
   const p = j.progress || {}, v = (j.metrics && j.metrics.validation) || {};
   const items = [
-    ["Task", j.task], ["Base", j.base_model], ["Training data", j.training_dataset],
+    ["Task", j.task], ["Base", j.base_model], ["Training data", datasetName(j.training_dataset)],
     ["Step", p.total_steps ? p.step + " / " + p.total_steps + " (epoch " + p.epoch + ")" : "–"],
     ["Examples/s", fmt(p.examples_per_second, 1)],
     ["Epochs", j.hyperparameters ? j.hyperparameters.epochs : "–"],
@@ -51,6 +51,11 @@ function renderJob(j) {
   if (j.error) items.push(["Error", j.error.message]);
   $("detail-summary").replaceChildren(...items.map(([k, val]) => el("span", {}, k + ": ", el("b", {}, val))));
   queueDraw();
+}
+
+function datasetName(id) {
+  const d = state.datasets.find((x) => x.id === id);
+  return d ? d.name + " (" + id + ")" : id;
 }
 
 async function cancelJob() {
@@ -189,8 +194,9 @@ function renderConfusion(cm, labels) {
   const rows = cm.map((row, i) => {
     const total = row.reduce((a, b) => a + b, 0) || 1;
     return el("tr", {}, el("th", { scope: "row" }, name(i)), ...row.map((n, j) => {
-      const a = n / total;
-      const style = "background:rgba(" + (i === j ? "26,127,69" : "180,35,24") + "," + (0.08 + 0.8 * a).toFixed(2) + ");" + (a > 0.55 ? "color:#fff" : "");
+      const a = n / total, hue = i === j ? "26,127,69" : "180,35,24";
+      // An empty off-diagonal cell is the good case: leave it unshaded.
+      const style = n === 0 && i !== j ? "" : "background:rgba(" + hue + "," + (0.08 + 0.8 * a).toFixed(2) + ");" + (a > 0.55 ? "color:#fff" : "");
       return el("td", { class: "cell", style, title: n + " of " + total + " true " + name(i) }, n);
     }));
   });

@@ -1,5 +1,6 @@
 //! HTTP: one router per resource, merged here with the layers every route shares.
 
+pub mod dashboard;
 pub mod datasets;
 pub mod health;
 pub mod jobs;
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()
         .merge(health::router())
+        .merge(dashboard::router())
         .merge(v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {

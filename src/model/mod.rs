@@ -8,6 +8,7 @@ pub mod config;
 mod fastmath;
 pub mod kernels;
 pub mod layers;
+pub mod linear;
 pub mod mlm;
 pub mod params;
 pub mod predictor;

@@ -1,0 +1,106 @@
+//! A dense layer on CPU f32 as one op with its own backward, calling gemm directly.
+//!
+//! Composed from candle ops, `x·Wᵀ + b` is a matmul on a transposed view, a broadcast add
+//! (one more pass over the output), and in the backward pass transposed copies and a
+//! separate reduction for the bias. Here the bias is written into the output first and the
+//! product accumulated onto it; the backward pass is two gemm calls and a column sum.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
+        _ => candle_core::bail!("fused linear needs contiguous f32 input"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor without copying it.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => Ok(f(f32s(cpu, layout)?)),
+        _ => candle_core::bail!("fused linear runs on the CPU"),
+    }
+}
+
+/// `dst (m×n, row-major) = read·dst + lhs·rhs`, with strides (column, row) for each input.
+#[allow(clippy::too_many_arguments)]
+fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32], isize, isize), rhs: (&[f32], isize, isize)) {
+    assert!(dst.len() >= m * n);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: every index the strides reach is inside the slices: lhs is m×k and rhs k×n
+    // in the layouts the callers below pass, dst is m×n.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst.as_mut_ptr(), 1, n as isize, read,
+            lhs.0.as_ptr(), lhs.1, lhs.2, rhs.0.as_ptr(), rhs.1, rhs.2,
+            if read { 1.0 } else { 0.0 }, 1.0, false, false, false, par,
+        )
+    }
+}
+
+/// `y = x·Wᵀ + b` for `x` `[rows, in]`, `W` `[out, in]`, `b` `[out]`.
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (m, k) = l1.shape().dims2()?;
+        let n = b.len();
+        let mut y = vec![0f32; m * n];
+        y.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|r| r.copy_from_slice(b)));
+        // Wᵀ as a k×n matrix: element (kk, j) is w[j·k + kk].
+        gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, k as isize, 1));
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+        let db = with_f32(grad, |g| {
+            with_f32(w, |wv| gemm(m, k, n, &mut dx, false, (g, 1, n as isize), (wv, 1, k as isize)))?;
+            // gᵀ as an n×m matrix: element (j, i) is g[i·n + j].
+            with_f32(x, |xv| gemm(n, k, m, &mut dw, false, (g, n as isize, 1), (xv, 1, k as isize)))?;
+            Ok::<_, candle_core::Error>(column_sums(g, n))
+        })??;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
+            Some(Tensor::from_vec(db, n, dev)?),
+        ))
+    }
+}
+
+/// Sum over the rows of a row-major `[rows, n]` matrix. Partial sums are added in a fixed
+/// order, so the result does not depend on how rayon split the work.
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let partial: Vec<Vec<f32>> = g
+        .par_chunks(n * 256)
+        .map(|block| {
+            let mut acc = vec![0f32; n];
+            for row in block.chunks(n) {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; n];
+    for p in partial {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+/// `x·Wᵀ + b` for 2-D `x` on CPU f32, differentiable in all three.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
+}

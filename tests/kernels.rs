@@ -129,3 +129,16 @@ fn fused_linear_matches_composed_ops_and_their_gradients() {
         assert!(max_diff(a, c) < 1e-3, "d{name} differs by {}", max_diff(a, c));
     }
 }
+
+#[test]
+fn inference_linear_with_transposed_weight_matches_composed_ops() {
+    for rows in [1, 14, 70] {
+        let x = random(&[rows, 48], 41);
+        let (w, b) = (random(&[20, 48], 42), random(&[20], 43));
+        let mut layer = finetuned::model::layers::Linear::new(w.clone(), b.clone());
+        layer.prepare_for_inference().unwrap();
+        let composed = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+        let got = layer.forward(&x).unwrap();
+        assert!(max_diff(&got, &composed) < 1e-4, "{rows} rows differ by {}", max_diff(&got, &composed));
+    }
+}

@@ -76,6 +76,20 @@ impl Attention {
     }
 }
 
+/// Folds `x` with `f` in 16 independent lanes (a serial fold over f32 does not vectorise).
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    acc.iter().fold(tail, |a, &v| f(a, v))
+}
+
 /// Scatters per-(text, head) `[seq, head_dim]` blocks back into `[batch, seq, hidden]`.
 fn scatter(blocks: &[Vec<f32>], d: Dims) -> Vec<f32> {
     let mut out = vec![0f32; d.b * d.s * d.h];
@@ -101,13 +115,9 @@ fn probs_row(q: &[f32], kt: &[f32], bias: &[f32], scale: f32, row: &mut [f32]) {
             *r += a * k;
         }
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for r in row.iter_mut() {
-        *r = exp(*r - max);
-        sum += *r;
-    }
-    let inv = 1.0 / sum;
+    let max = lanes(row, f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|r| *r = exp(*r - max));
+    let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
     row.iter_mut().for_each(|r| *r *= inv);
 }
 
@@ -146,20 +156,51 @@ fn transposed_head(x: &[f32], d: Dims, hi: usize) -> Vec<f32> {
 }
 
 simd_kernel! {
-    /// One (text, head) of the forward pass; `q`, `k`, `v` start at the text.
-    fn fwd_task(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: Option<&[u8]>, factor: f32, d: Dims, hi: usize, out: &mut [f32]) {
-        let scale = 1.0 / (d.hd as f32).sqrt();
-        let kt = transposed_head(k, d, hi);
-        let mut row = vec![0f32; d.s];
-        for i in 0..d.s {
-            let qi = &q[i * d.h + hi * d.hd..][..d.hd];
-            probs_row(qi, &kt, bias, scale, &mut row);
-            if let Some(keep) = keep {
-                let flags = &keep[i * d.s..][..d.s];
-                row.iter_mut().zip(flags).for_each(|(p, &f)| *p *= f as f32 * factor);
+    /// Row-wise softmax of `p + bias` in place (`p` is `[s, s]`), then dropout.
+    fn softmax_rows(p: &mut [f32], bias: &[f32], keep: Option<&[u8]>, factor: f32) {
+        let s = bias.len();
+        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+            row.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
+            let max = lanes(row, f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|r| *r = exp(*r - max));
+            let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
+            match keep {
+                Some(keep) => {
+                    let flags = &keep[i * s..(i + 1) * s];
+                    row.iter_mut().zip(flags).for_each(|(x, &f)| *x *= inv * f as f32 * factor);
+                }
+                None => row.iter_mut().for_each(|x| *x *= inv),
             }
-            weighted_rows(&row, &v[hi * d.hd..], d.h, &mut out[i * d.hd..(i + 1) * d.hd]);
         }
+    }
+}
+
+/// One (text, head) of the forward pass, as two small single-threaded gemm calls around
+/// the softmax (the tasks themselves run in parallel); `q`, `k`, `v` start at the text.
+#[allow(clippy::too_many_arguments)]
+fn fwd_task(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: Option<&[u8]>, factor: f32, d: Dims, hi: usize, out: &mut [f32]) {
+    let (s, h, hd) = (d.s, d.h, d.hd);
+    assert!(q.len() >= s * h && k.len() >= s * h && v.len() >= s * h && out.len() >= s * hd);
+    let mut p = vec![0f32; s * s];
+    let none = gemm::Parallelism::None;
+    // SAFETY: the strides below stay inside q, k, v (`[s, h]` from the text start, head
+    // columns hi·hd..(hi+1)·hd), p (`[s, s]`) and out (`[s, hd]`), checked above.
+    unsafe {
+        // p = scale · Q_h · K_hᵀ; Kᵀ element (dd, j) is k[j·h + hi·hd + dd].
+        gemm::gemm(
+            s, s, hd, p.as_mut_ptr(), 1, s as isize, false,
+            q.as_ptr().add(hi * hd), 1, h as isize, k.as_ptr().add(hi * hd), h as isize, 1,
+            0.0, 1.0 / (hd as f32).sqrt(), false, false, false, none,
+        );
+    }
+    softmax_rows(&mut p, bias, keep, factor);
+    // SAFETY: as above.
+    unsafe {
+        gemm::gemm(
+            s, hd, s, out.as_mut_ptr(), 1, hd as isize, false,
+            p.as_ptr(), 1, s as isize, v.as_ptr().add(hi * hd), 1, h as isize,
+            0.0, 1.0, false, false, false, none,
+        );
     }
 }
 
@@ -193,7 +234,8 @@ simd_kernel! {
                 dp.iter_mut().zip(flags).for_each(|(x, &f)| *x *= f as f32 * factor);
             }
             // Softmax backward, then the score scale: dS = P ⊙ (dP − Σ P·dP) · scale.
-            let c: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            pd.iter_mut().zip(&p).zip(&dp).for_each(|((t, &a), &b)| *t = a * b);
+            let c = lanes(&pd, 0.0, |a, b| a + b);
             dp.iter_mut().zip(&p).for_each(|(x, &pj)| *x = pj * (*x - c) * scale);
             weighted_rows(&dp, &k[off..], d.h, &mut dq[i * d.hd..(i + 1) * d.hd]);
             add_scaled_rows(&dp, qi, d.hd, dk);

@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 pub type Getter<'a> = dyn Fn(&str) -> Result<Tensor> + 'a;
 
 fn linear(get: &Getter, prefix: &str) -> Result<Linear> {
-    Ok(Linear { weight: get(&format!("{prefix}.weight"))?, bias: get(&format!("{prefix}.bias"))? })
+    Ok(Linear::new(get(&format!("{prefix}.weight"))?, get(&format!("{prefix}.bias"))?))
 }
 
 fn layer_norm(get: &Getter, prefix: &str, eps: f64) -> Result<LayerNorm> {
@@ -111,6 +111,16 @@ impl Bert {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { embeddings, layers, cfg: cfg.clone() })
+    }
+
+    /// Readies every dense layer for inference (see `Linear::prepare_for_inference`).
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            for lin in [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output] {
+                lin.prepare_for_inference()?;
+            }
+        }
+        Ok(())
     }
 
     /// Last hidden states `[batch, seq, hidden]` for `input_ids`/`type_ids`/`mask` (all `[batch, seq]`, u32).

@@ -52,14 +52,23 @@ impl Classifier {
     pub fn load(get: &Getter, cfg: &BertConfig, pooling: Pooling) -> Result<Self> {
         let bert = Bert::load(get, cfg)?;
         let pooler = match pooling {
-            Pooling::Cls => Some(Linear { weight: get(POOLER_NAMES[0])?, bias: get(POOLER_NAMES[1])? }),
+            Pooling::Cls => Some(Linear::new(get(POOLER_NAMES[0])?, get(POOLER_NAMES[1])?)),
             Pooling::Mean => None,
         };
-        let head = Linear { weight: get(HEAD_NAMES[0])?, bias: get(HEAD_NAMES[1])? };
+        let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
         Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob() })
     }
 
     /// Logits `[batch, labels]`.
+    /// Readies the model for inference only (it can no longer be trained).
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        self.bert.prepare_for_inference()?;
+        if let Some(p) = &mut self.pooler {
+            p.prepare_for_inference()?;
+        }
+        self.head.prepare_for_inference()
+    }
+
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
         let pooled = match (&self.pooler, self.pooling) {

@@ -44,27 +44,46 @@ impl Mode<'_> {
     }
 }
 
-/// A dense layer with PyTorch's `[out, in]` weight layout.
+/// A dense layer with PyTorch's `[out, in]` weight layout (or `[in, out]` once prepared
+/// for inference).
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Tensor,
+    /// `weight` is stored transposed, `[in, out]`.
+    in_out: bool,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Tensor) -> Self {
+        Self { weight, bias, in_out: false }
+    }
+
+    /// Stores the weight as `[in, out]` for inference on CPU f32: gemm then reads it
+    /// without repacking, which for a short text is 2-10× faster. Not differentiable.
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        if !self.in_out && self.weight.device().is_cpu() && self.weight.dtype() == DType::F32 {
+            self.weight = self.weight.t()?.contiguous()?;
+            self.in_out = true;
+        }
+        Ok(())
+    }
+
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let last = *dims.last().expect("rank ≥ 1");
         let rows = xs.elem_count() / last;
         let x2 = xs.reshape((rows, last))?;
-        let y = if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        let y = if self.in_out {
+            super::linear::linear_in_out(&x2, &self.weight, &self.bias)?
+        } else if xs.device().is_cpu() && xs.dtype() == DType::F32 {
             super::linear::linear(&x2, &self.weight, &self.bias)?
         } else {
             x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.bias.dim(0)?;
         y.reshape(out_dims)
     }
 }

@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+
 fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (st, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
@@ -80,6 +81,61 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// Below this many rows, inference splits the output columns over threads itself.
+const FEW_ROWS: usize = 128;
+
+/// The output buffer, shared by tasks that write disjoint columns of it.
+struct SharedOut(*mut f32);
+// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `y = x·W + b` for `x` `[rows, in]`, `W` `[in, out]` (inference only).
+struct LinearInOut;
+
+impl CustomOp3 for LinearInOut {
+    fn name(&self) -> &'static str {
+        "linear-in-out"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (m, k) = l1.shape().dims2()?;
+        let n = b.len();
+        let mut y = vec![0f32; m * n];
+        y.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
+        let threads = rayon::current_num_threads();
+        if m >= FEW_ROWS || threads == 1 {
+            gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, 1, n as isize));
+        } else {
+            // gemm splits a short matrix badly over threads (two threads were slower than
+            // one at 27 rows); one single-threaded gemm per block of output columns is not.
+            let width = n.div_ceil(threads).next_multiple_of(16);
+            let out = SharedOut(y.as_mut_ptr());
+            (0..n.div_ceil(width)).into_par_iter().for_each(|t| {
+                let (c0, c1) = (t * width, ((t + 1) * width).min(n));
+                // SAFETY: each task writes only columns c0..c1 of y (m×n, row stride n) and
+                // reads rows of x (m×k) and columns c0..c1 of w (k×n): all in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m, c1 - c0, k, out.at(c0), 1, n as isize, true,
+                        x.as_ptr(), 1, k as isize, w.as_ptr().add(c0), 1, n as isize,
+                        1.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    )
+                }
+            });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
 /// Sum over the rows of a row-major `[rows, n]` matrix. Partial sums are added in a fixed
 /// order, so the result does not depend on how rayon split the work.
 fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
@@ -98,6 +154,11 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
         total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
     }
     total
+}
+
+/// `x·W + b` for 2-D `x` and a weight stored `[in, out]`, CPU f32, not differentiable.
+pub fn linear_in_out(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(w, b, &LinearInOut)
 }
 
 /// `x·Wᵀ + b` for 2-D `x` on CPU f32, differentiable in all three.

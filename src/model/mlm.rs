@@ -36,7 +36,7 @@ impl MaskedLm {
         let p = "cls.predictions";
         Ok(Self {
             bert: Bert::load(get, cfg)?,
-            transform: Linear { weight: get(&format!("{p}.transform.dense.weight"))?, bias: get(&format!("{p}.transform.dense.bias"))? },
+            transform: Linear::new(get(&format!("{p}.transform.dense.weight"))?, get(&format!("{p}.transform.dense.bias"))?),
             norm: LayerNorm {
                 weight: get(&format!("{p}.transform.LayerNorm.weight"))?,
                 bias: get(&format!("{p}.transform.LayerNorm.bias"))?,

@@ -42,7 +42,8 @@ impl LoadedClassifier {
         let get = |n: &str| {
             weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))
         };
-        let model = Classifier::load(&get, &info.config, pooling).context("building the model")?;
+        let mut model = Classifier::load(&get, &info.config, pooling).context("building the model")?;
+        model.prepare_for_inference()?;
         let bytes = weights.values().map(|t| t.elem_count() * 4).sum();
         Ok(Self {
             model,

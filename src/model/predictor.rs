@@ -32,6 +32,34 @@ pub struct TooLong {
     pub max: usize,
 }
 
+/// Cuts `order` (indices sorted by length) into forward passes of at most `batch_size`
+/// sequences, starting a new one when the next sequence is much longer than the first of the
+/// current pass, so that short texts are not padded to the longest one in the request. A pass
+/// is not cut below `MIN_TOKENS` real tokens: smaller matrix products lose more to overhead
+/// than padding costs.
+fn length_buckets<'a>(order: &'a [usize], seqs: &[Vec<u32>], batch_size: usize) -> Vec<&'a [usize]> {
+    const MIN_TOKENS: usize = 256;
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut tokens = 0;
+    for (pos, &i) in order.iter().enumerate() {
+        let len = seqs[i].len();
+        let first = seqs[order[start]].len();
+        let full = pos - start == batch_size;
+        let too_long = len * 4 > first * 5 + 16 && tokens >= MIN_TOKENS;
+        if pos > start && (full || too_long) {
+            out.push(&order[start..pos]);
+            start = pos;
+            tokens = 0;
+        }
+        tokens += len;
+    }
+    if start < order.len() {
+        out.push(&order[start..]);
+    }
+    out
+}
+
 impl LoadedClassifier {
     /// Loads a classifier directory (ours or transformers').
     pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
@@ -92,7 +120,7 @@ impl LoadedClassifier {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i].len());
         let mut out = vec![Vec::new(); seqs.len()];
-        for chunk in order.chunks(batch_size.max(1)) {
+        for chunk in length_buckets(&order, seqs, batch_size.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
             let batch = pad_batch(&refs, self.pad_id, &self.device)?;
             let logits = self.model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
@@ -155,4 +183,25 @@ pub fn softmax(xs: &[f32]) -> Vec<f32> {
     let exps: Vec<f32> = xs.iter().map(|&x| (x - max).exp()).collect();
     let sum: f32 = exps.iter().sum();
     exps.into_iter().map(|e| e / sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_buckets;
+
+    #[test]
+    fn long_texts_do_not_pad_short_ones_and_every_text_is_kept_once() {
+        let lens = [10usize, 12, 11, 60, 62, 10, 61, 12, 11, 10, 12, 11, 10, 10, 12, 11, 11, 10, 12, 10, 11, 12, 10, 11, 12, 10, 11];
+        let seqs: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].len());
+        let buckets = length_buckets(&order, &seqs, 64);
+        assert_eq!(buckets.len(), 2, "{buckets:?}");
+        assert!(buckets[1].iter().all(|&i| seqs[i].len() >= 60));
+        let mut all: Vec<usize> = buckets.concat();
+        all.sort();
+        assert_eq!(all, (0..seqs.len()).collect::<Vec<_>>());
+        // At most batch_size per pass.
+        assert!(length_buckets(&order, &seqs, 4).iter().all(|b| b.len() <= 4));
+    }
 }

@@ -75,6 +75,14 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_PREDICT_THREADS", default_value_t = 0)]
     pub predict_threads: usize,
 
+    /// Hugging Face hub address for `base_model: "owner/name"` (default huggingface.co).
+    #[arg(long, env = "HF_ENDPOINT")]
+    pub hf_endpoint: Option<String>,
+
+    /// Hugging Face home: hub models are cached under its `hub/` (default: the data dir's `hub/`).
+    #[arg(long, env = "HF_HOME")]
+    pub hf_home: Option<PathBuf>,
+
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
@@ -94,6 +102,8 @@ impl ServeConfig {
             model_cache_size: 8,
             model_cache_mib: 4096,
             train_threads: 0,
+            hf_endpoint: None,
+            hf_home: None,
             predict_threads: 0,
             log_format: "text".into(),
         }

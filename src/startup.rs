@@ -81,6 +81,7 @@ impl Application {
             device,
             queue: queue.clone(),
             threads: crate::compute::pool("train", config.train_threads)?,
+            hub: crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir),
         };
         let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus() };
         Ok(Self { addr, listener, state, worker, shutdown: CancellationToken::new() })

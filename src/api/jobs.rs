@@ -71,9 +71,14 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     if let Some(name) = &req.model_name {
         check_model_name(name)?;
     }
-    let base = state.catalog.resolve(&req.base_model).await?;
-    let base = base.ok_or_else(|| ApiError::not_found("model", &req.base_model).param("base_model"))?;
-    let hp = req.hyperparameters.clone().unwrap_or_default().resolve(&base.auto_pooling).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    // A hub id that is not a local model is fetched by the worker; `pooling: auto` is then
+    // decided when its files are there.
+    let auto_pooling = match state.catalog.resolve(&req.base_model).await? {
+        Some(base) => base.auto_pooling,
+        None if crate::hub::is_repo_id(&req.base_model) => "auto".to_string(),
+        None => return Err(ApiError::not_found("model", &req.base_model).param("base_model")),
+    };
+    let hp = req.hyperparameters.clone().unwrap_or_default().resolve(&auto_pooling).map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
 }
 

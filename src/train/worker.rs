@@ -58,6 +58,8 @@ pub struct WorkerContext {
     pub queue: JobQueue,
     /// The pool training runs on (its thread budget).
     pub threads: Arc<rayon::ThreadPool>,
+    /// Where hub base models come from and are cached.
+    pub hub: crate::hub::HubConfig,
 }
 
 /// Runs jobs until `shutdown` fires. A job interrupted by shutdown goes back to the queue.
@@ -115,7 +117,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     jobs::clear_run_metrics(pool, &job.id).await?;
     event(pool, &job.id, "info", "job started").await;
     let prepared = prepare(ctx, &job).await;
-    let (work, model_id) = match prepared {
+    let (work, model_id, pooling) = match prepared {
         Ok(p) => p,
         Err(e) => {
             ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
@@ -146,7 +148,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             let metrics = json!({"train_loss": best.train_loss, "validation": {
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
-            let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(hp.pooling.clone()), hp.max_seq_len);
+            let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), hp.max_seq_len);
             finish(ctx, &job, rec, &out_dir).await?;
         }
         Ok(Ok(Outcome::Pretrained { before, last })) => {
@@ -222,12 +224,20 @@ enum Work {
 }
 
 /// Reads the job's datasets and resolves its base model and output path.
-async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String), TrainError> {
+/// Also returns the pooling the job trains with (`auto` resolved against the base model).
+async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, String), TrainError> {
     let internal = |e: sqlx::Error| TrainError::Internal(e.into());
-    let base = ctx.catalog.resolve(&job.base_model).await.map_err(internal)?;
-    let base = base.ok_or_else(|| TrainError::BaseModel(format!("base model {:?} no longer exists", job.base_model)))?;
-    let hp: Hyperparameters =
+    let base = match ctx.catalog.resolve(&job.base_model).await.map_err(internal)? {
+        Some(base) => base,
+        None if crate::hub::is_repo_id(&job.base_model) => from_hub(ctx, job).await?,
+        None => return Err(TrainError::BaseModel(format!("base model {:?} no longer exists", job.base_model))),
+    };
+    let mut hp: Hyperparameters =
         serde_json::from_value(job.hyperparameters.clone()).map_err(|e| TrainError::Internal(e.into()))?;
+    if hp.pooling == "auto" {
+        hp.pooling = base.auto_pooling.clone();
+    }
+    let pooling = hp.pooling.clone();
     let mut rows = Vec::new();
     for id in [Some(&job.training_dataset), job.validation_dataset.as_ref()] {
         let Some(id) = id else {
@@ -255,14 +265,31 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String),
             None => Start::Checkpoint(base.path),
         };
         let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15 };
-        return Ok((Work::Pretrain(req), model_id));
+        return Ok((Work::Pretrain(req), model_id, pooling));
     }
     let req = TrainRequest {
         out_dir,
         task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
         ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
     };
-    Ok((Work::Classify(req), model_id))
+    Ok((Work::Classify(req), model_id, pooling))
+}
+
+/// Fetches the job's base model from the hub (once: later jobs find it in the cache).
+async fn from_hub(ctx: &WorkerContext, job: &JobRecord) -> Result<crate::catalog::Resolved, TrainError> {
+    let repo = &job.base_model;
+    event(&ctx.pool, &job.id, "info", &format!("fetching base model {repo} from the hub")).await;
+    let dir = crate::hub::fetch(repo, &ctx.hub)
+        .await
+        .map_err(|e| TrainError::BaseModel(format!("base model {repo:?} could not be fetched from the hub: {e:#}")))?;
+    let info = crate::model::artifacts::inspect(&dir)
+        .map_err(|e| TrainError::BaseModel(format!("{repo} from the hub is not a supported checkpoint: {e:#}")))?;
+    Ok(crate::catalog::Resolved {
+        id: repo.clone(),
+        path: dir,
+        is_classifier: info.labels.is_some(),
+        auto_pooling: info.auto_pooling(),
+    })
 }
 
 async fn record(pool: &SqlitePool, job: &str, ev: Event) {

@@ -83,6 +83,11 @@ pub struct ServeConfig {
     #[arg(long, env = "HF_HOME")]
     pub hf_home: Option<PathBuf>,
 
+    /// Key of the HMAC-SHA256 that signs job webhooks (`X-Finetuned-Signature: sha256=…`);
+    /// without it webhooks go unsigned.
+    #[arg(long, env = "FINETUNED_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
@@ -103,6 +108,7 @@ impl ServeConfig {
             model_cache_mib: 4096,
             train_threads: 0,
             hf_endpoint: None,
+            webhook_secret: None,
             hf_home: None,
             predict_threads: 0,
             log_format: "text".into(),

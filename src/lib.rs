@@ -26,6 +26,8 @@ pub mod serve;
 pub mod startup;
 /// All SQL.
 pub mod store;
+/// Job webhooks: signed POSTs on state changes, delivered from a durable outbox.
+pub mod webhooks;
 /// Logging set-up.
 pub mod telemetry;
 /// Fine-tuning: trainer, data, optimiser, metrics and the job worker.

@@ -105,10 +105,13 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         tracing::info!("listening on http://{}", self.addr);
         let worker = tokio::spawn(run_worker_until_stopped(self.worker, self.shutdown.clone()));
+        let secret = self.state.config.webhook_secret.clone();
+        let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(self.state.pool.clone(), secret, self.shutdown.clone()));
         let app = api::router(self.state.clone());
         let token = self.shutdown.clone();
         axum::serve(self.listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await?;
         let _ = worker.await;
+        let _ = webhooks.await;
         self.state.pool.close().await;
         Ok(())
     }

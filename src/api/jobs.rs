@@ -41,6 +41,8 @@ pub struct JobRequest {
     pub hyperparameters: Option<HyperparametersInput>,
     /// `mlm` only: train from scratch with this architecture (and `base_model`'s tokenizer).
     pub config: Option<ScratchSpec>,
+    /// Gets a signed POST of the job on each of its state changes.
+    pub webhook_url: Option<String>,
 }
 
 const TASKS: &[&str] = &["classification", "multi_label_classification", "mlm"];
@@ -70,6 +72,9 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     }
     if let Some(name) = &req.model_name {
         check_model_name(name)?;
+    }
+    if req.webhook_url.as_deref().is_some_and(|u| !crate::webhooks::valid_url(u)) {
+        return Err(ApiError::invalid("webhook_url", "webhook_url must be an absolute http or https URL of at most 2048 characters"));
     }
     // A hub id that is not a local model is fetched by the worker; `pooling: auto` is then
     // decided when its files are there.
@@ -151,6 +156,7 @@ async fn insert_job(
         model_name: req.model_name.as_deref(),
         hyperparameters: hp,
         config: config.as_ref(),
+        webhook_url: req.webhook_url.as_deref(),
     };
     match jobs::insert(tx, &new).await? {
         jobs::InsertOutcome::Queued => Ok(id),

@@ -52,6 +52,8 @@ pub struct NewJob<'a> {
     pub model_name: Option<&'a str>,
     pub hyperparameters: &'a Value,
     pub config: Option<&'a Value>,
+    /// Gets a POST on each state change (see `crate::webhooks`).
+    pub webhook_url: Option<&'a str>,
 }
 
 /// Why a job could not be queued.
@@ -66,8 +68,8 @@ pub enum InsertOutcome {
 pub async fn insert(tx: &mut Transaction<'_, Sqlite>, j: &NewJob<'_>) -> sqlx::Result<InsertOutcome> {
     let done = sqlx::query(
         r#"insert into jobs (id, task, status, base_model, training_dataset, validation_dataset, model_name,
-                             hyperparameters, created_at, config)
-           select ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                             hyperparameters, created_at, config, webhook_url)
+           select ?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10
            where exists (select 1 from datasets where id = ?4)
              and (?5 is null or exists (select 1 from datasets where id = ?5))
              and (?6 is null or (not exists (select 1 from models where id = ?6)
@@ -82,6 +84,7 @@ pub async fn insert(tx: &mut Transaction<'_, Sqlite>, j: &NewJob<'_>) -> sqlx::R
     .bind(j.hyperparameters.to_string())
     .bind(super::now())
     .bind(j.config.map(Value::to_string))
+    .bind(j.webhook_url)
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 1 {

@@ -3,6 +3,7 @@
 pub mod datasets;
 pub mod jobs;
 pub mod models;
+pub mod webhooks;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;

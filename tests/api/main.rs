@@ -10,3 +10,4 @@ mod jobs;
 mod multilabel;
 mod pretrain;
 mod predict;
+mod webhooks;

@@ -1,0 +1,94 @@
+//! Job webhooks: a POST of the job to its `webhook_url` on each state change, signed with an
+//! HMAC-SHA256 of the body (`--webhook-secret`), retried with exponential backoff. Delivery
+//! runs on its own task from the durable outbox: a failing receiver never affects the job.
+
+use crate::store::{jobs, webhooks};
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sqlx::SqlitePool;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Attempts per state change before it is given up (with a warning event on the job).
+pub const MAX_ATTEMPTS: i64 = 6;
+/// The first retry waits this long; each later one twice as long as the one before.
+const FIRST_BACKOFF_MS: i64 = 500;
+const POLL: Duration = Duration::from_millis(200);
+
+/// `sha256=<hex HMAC-SHA256 of body>`, the value of `X-Finetuned-Signature`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// Whether `url` can be a webhook: absolute http(s), at most 2048 characters.
+pub fn valid_url(url: &str) -> bool {
+    url.len() <= 2048
+        && reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Delivers the outbox until `shutdown` fires.
+pub async fn run_until_stopped(pool: SqlitePool, secret: Option<String>, shutdown: CancellationToken) {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client builds");
+    while !shutdown.is_cancelled() {
+        match webhooks::due(&pool, now_ms(), 32).await {
+            Ok(rows) => {
+                for row in rows {
+                    deliver(&pool, &client, secret.as_deref(), row).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading the webhook outbox failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+async fn deliver(pool: &SqlitePool, client: &reqwest::Client, secret: Option<&str>, row: webhooks::Pending) {
+    let job = match jobs::get(pool, &row.job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return drop(webhooks::done(pool, row.id).await),
+        Err(e) => return tracing::error!(error = %e, "loading a job for its webhook failed"),
+    };
+    let mut job = serde_json::to_value(job).expect("job serialises");
+    // The job as it is now, with the status of the change this delivery reports.
+    job["status"] = json!(row.status);
+    let body = serde_json::to_vec(&json!({"type": "job.status_changed", "status": row.status, "job": job})).expect("body serialises");
+    let mut req = client
+        .post(&row.url)
+        .header("content-type", "application/json")
+        .header("x-finetuned-event", "job.status_changed")
+        .header("x-finetuned-delivery", row.id.to_string());
+    if let Some(secret) = secret {
+        req = req.header("x-finetuned-signature", signature(secret, &body));
+    }
+    let outcome = match req.body(body).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("HTTP {}", r.status())),
+        Err(e) => Err(e.to_string()),
+    };
+    let result = match outcome {
+        Ok(()) => webhooks::done(pool, row.id).await,
+        Err(why) if row.attempts + 1 >= MAX_ATTEMPTS => {
+            tracing::warn!(job = %row.job_id, url = %row.url, error = %why, "webhook given up");
+            let msg = format!("webhook for status {} not delivered after {MAX_ATTEMPTS} attempts: {why}", row.status);
+            let _ = jobs::add_event(pool, &row.job_id, "warning", "message", &msg, None).await;
+            webhooks::done(pool, row.id).await
+        }
+        Err(why) => {
+            tracing::debug!(job = %row.job_id, error = %why, attempt = row.attempts + 1, "webhook failed; retrying");
+            webhooks::retry_at(pool, row.id, now_ms() + (FIRST_BACKOFF_MS << row.attempts)).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "updating the webhook outbox failed");
+    }
+}

@@ -20,7 +20,7 @@ B="target/release/finetuned bench-serve --url $URL --model bench-model --texts $
 $B --out "$OUT/idle.json" > /dev/null
 DS=$(head -n 8000 ../shared/datasets/sst2/train.jsonl | curl -sf -X POST $URL/v1/datasets -H 'content-type: application/x-ndjson' --data-binary @- | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 JOB=$(curl -sf -X POST $URL/v1/jobs -H 'content-type: application/json' \
-  -d "{\"training_file\": \"$DS\", \"base_model\": \"all-minilm-l6-v2\", \"hyperparameters\": {\"epochs\": 1, \"batch_size\": 32, \"learning_rate\": 5e-5, \"max_seq_len\": 64, \"pooling\": \"cls\"}}" \
+  -d "{\"training_dataset\": \"$DS\", \"base_model\": \"all-minilm-l6-v2\", \"hyperparameters\": {\"epochs\": 1, \"batch_size\": 32, \"learning_rate\": 5e-5, \"max_seq_len\": 64, \"pooling\": \"cls\"}}" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 # Wait until the job is past its first steps (training, not tokenising).
 for _ in $(seq 300); do

@@ -206,7 +206,7 @@ fn fwd_task(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: Option<&[u8]>, 
 
 simd_kernel! {
     /// One (text, head) of the backward pass: `[q, k, v, dO]` in, `[dq, dk, dv]` out.
-    fn bwd_task(x: [&[f32]; 4], bias: &[f32], keep: Option<&[u8]>, factor: f32, d: Dims, hi: usize, out: [&mut Vec<f32>; 3]) {
+    fn bwd_task(x: [&[f32]; 4], bias: &[f32], keep: Option<&[u8]>, factor: f32, d: Dims, hi: usize, out: [&mut [f32]; 3]) {
         let [q, k, v, g] = x;
         let [dq, dk, dv] = out;
         let scale = 1.0 / (d.hd as f32).sqrt();
@@ -283,7 +283,7 @@ impl CustomOp3 for Attention {
                 let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
                 let (mut dq, mut dk, mut dv) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
                 let text_in = [&q[text..], &kv[text..], &vv[text..], &g[text..]];
-                bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq, &mut dk, &mut dv]);
+                bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq[..], &mut dk[..], &mut dv[..]]);
                 [dq, dk, dv]
             })
             .collect();

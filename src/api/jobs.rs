@@ -299,6 +299,7 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
         if done {
             return None;
         }
+        let mut read_after_end = false;
         loop {
             let ended = matches!(jobs::get(&state.pool, &id).await, Ok(Some(j)) if ["succeeded", "failed", "cancelled"].contains(&j.status.as_str()));
             let rows = jobs::events(&state.pool, &id, after, 500).await.unwrap_or_default();
@@ -311,7 +312,12 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
                 return Some((futures::stream::iter(batch), (state, id, after, false)));
             }
             if ended {
-                return None;
+                // The worker records a job's closing events just after it commits the final
+                // status: read once more, a poll interval later, so they are not cut off.
+                if read_after_end {
+                    return None;
+                }
+                read_after_end = true;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

@@ -101,7 +101,7 @@ import json, os, sys, time
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select, WebDriverWait
+from selenium.webdriver.support.ui import Select
 
 base, key, dataset, shot, profile = sys.argv[1:6]
 job_timeout = float(os.environ.get("BROWSER_TIMEOUT", "600"))
@@ -123,11 +123,18 @@ def text(id_):
     return by(id_).text
 
 def wait(what, cond, timeout=30.0):
-    t0 = time.time()
-    try:
-        return WebDriverWait(d, timeout, poll_frequency=0.2).until(lambda _: cond())
-    except Exception as e:
-        raise AssertionError(f"timed out after {time.time() - t0:.0f}s waiting for {what}") from e
+    # The page re-renders its tables as events arrive, so an element read mid-render can go
+    # stale: any error in `cond` counts as "not yet" and the wait polls on until the deadline.
+    t0, last = time.time(), None
+    while time.time() - t0 < timeout:
+        try:
+            got = cond()
+            if got:
+                return got
+        except Exception as e:
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {time.time() - t0:.0f}s waiting for {what} (last error: {last!r})")
 
 def step(msg):
     print(f"[browser] {msg}", flush=True)
@@ -172,9 +179,12 @@ try:
     saw_live = False
     t0 = time.time()
     while True:
-        status = text("detail-status")
-        if status == "running" and points("train") > 0:
-            saw_live = True
+        try:
+            status = text("detail-status")
+            if status == "running" and points("train") > 0:
+                saw_live = True
+        except Exception:  # the detail pane re-rendered under us: read again
+            status = ""
         if status in ("succeeded", "failed", "cancelled"):
             break
         assert time.time() - t0 < job_timeout, f"job still {status} after {job_timeout:.0f}s"

@@ -260,7 +260,6 @@ async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
         return Err(ApiError::conflict(format!("job {id} already ended ({})", job.status)));
     }
     state.queue.cancel(&id);
-    jobs::add_event(&state.pool, &id, "info", "message", "cancellation requested", None).await?;
     Ok(Json(jobs::get(&state.pool, &id).await?.expect("job exists")))
 }
 
@@ -299,7 +298,6 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
         if done {
             return None;
         }
-        let mut read_after_end = false;
         loop {
             let ended = matches!(jobs::get(&state.pool, &id).await, Ok(Some(j)) if ["succeeded", "failed", "cancelled"].contains(&j.status.as_str()));
             let rows = jobs::events(&state.pool, &id, after, 500).await.unwrap_or_default();
@@ -311,13 +309,10 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
                     .collect();
                 return Some((futures::stream::iter(batch), (state, id, after, false)));
             }
+            // The status was read before the events, and a terminal status commits with its
+            // closing event: once ended and nothing is left, nothing more will come.
             if ended {
-                // The worker records a job's closing events just after it commits the final
-                // status: read once more, a poll interval later, so they are not cut off.
-                if read_after_end {
-                    return None;
-                }
-                read_after_end = true;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

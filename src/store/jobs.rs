@@ -151,31 +151,46 @@ pub async fn requeue(pool: &SqlitePool, id: &str) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Marks a queued or running job cancelled. Returns false when it had already ended.
+// A terminal status and the event that announces it commit together, so whoever sees the job
+// ended (the SSE stream above all) also sees its closing event.
+
+/// Marks a queued or running job cancelled, with its closing event. False when it had already ended.
 pub async fn cancel(pool: &SqlitePool, id: &str) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "update jobs set status = 'cancelled', finished_at = ? where id = ? and status in ('queued', 'running')",
     )
     .bind(super::now())
     .bind(id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    add_event(&mut *tx, id, "info", "message", "job cancelled", None).await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
-/// Marks a running job failed with `{code, message}`.
+/// Marks a running job failed with `{code, message}`, with its closing event.
 pub async fn fail(pool: &SqlitePool, id: &str, code: &str, message: &str) -> sqlx::Result<()> {
     let err = serde_json::json!({"code": code, "message": message});
-    sqlx::query("update jobs set status = 'failed', error = ?, finished_at = ? where id = ? and status = 'running'")
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query("update jobs set status = 'failed', error = ?, finished_at = ? where id = ? and status = 'running'")
         .bind(err.to_string())
         .bind(super::now())
         .bind(id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    if done.rows_affected() == 1 {
+        add_event(&mut *tx, id, "error", "message", &format!("job failed: {message}"), None).await?;
+        tx.commit().await?;
+    }
     Ok(())
 }
 
-/// Marks a running job succeeded with its model, inside `tx`. False when it was cancelled meanwhile.
+/// Marks a running job succeeded with its model, with its closing event, inside `tx`.
+/// False when it was cancelled meanwhile.
 pub async fn succeed(tx: &mut Transaction<'_, Sqlite>, id: &str, model: &str) -> sqlx::Result<bool> {
     let done = sqlx::query("update jobs set status = 'succeeded', model = ?, finished_at = ? where id = ? and status = 'running'")
         .bind(model)
@@ -183,7 +198,11 @@ pub async fn succeed(tx: &mut Transaction<'_, Sqlite>, id: &str, model: &str) ->
         .bind(id)
         .execute(&mut **tx)
         .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    add_event(&mut **tx, id, "info", "message", &format!("job succeeded: model {model}"), None).await?;
+    Ok(true)
 }
 
 pub async fn set_progress(pool: &SqlitePool, id: &str, progress: &Value) -> sqlx::Result<()> {
@@ -215,7 +234,15 @@ pub struct EventRecord {
     pub data: Option<Value>,
 }
 
-pub async fn add_event(pool: &SqlitePool, job: &str, level: &str, kind: &str, message: &str, data: Option<&Value>) -> sqlx::Result<()> {
+/// Records an event of `job`, on the pool or inside a transaction.
+pub async fn add_event<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    ex: E,
+    job: &str,
+    level: &str,
+    kind: &str,
+    message: &str,
+    data: Option<&Value>,
+) -> sqlx::Result<()> {
     sqlx::query("insert into job_events (job_id, created_at, level, type, message, data) values (?, ?, ?, ?, ?, ?)")
         .bind(job)
         .bind(super::now())
@@ -223,7 +250,7 @@ pub async fn add_event(pool: &SqlitePool, job: &str, level: &str, kind: &str, me
         .bind(kind)
         .bind(message)
         .bind(data.map(Value::to_string))
-        .execute(pool)
+        .execute(ex)
         .await?;
     Ok(())
 }

@@ -123,7 +123,6 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
             let message = e.to_string();
             jobs::fail(pool, &job.id, e.code(), &message).await?;
-            event(pool, &job.id, "error", &format!("job failed: {message}")).await;
             return Ok(());
         }
     };
@@ -162,21 +161,17 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             if shutdown.is_cancelled() {
                 jobs::requeue(pool, &job.id).await?;
                 event(pool, &job.id, "info", "server stopping: job put back in the queue").await;
-            } else {
-                event(pool, &job.id, "info", "job cancelled").await;
             }
         }
         Ok(Err(e)) => {
             let message = format!("{e:#}");
             tracing::warn!(error = %message, "job failed");
             jobs::fail(pool, &job.id, e.code(), &message).await?;
-            event(pool, &job.id, "error", &format!("job failed: {message}")).await;
         }
         Err(panic) => {
             let message = format!("training crashed: {panic}");
             tracing::error!(error = %message, "job panicked");
             jobs::fail(pool, &job.id, "internal_error", &message).await?;
-            event(pool, &job.id, "error", &message).await;
         }
     }
     Ok(())
@@ -207,7 +202,6 @@ async fn finish(ctx: &WorkerContext, job: &JobRecord, rec: models::ModelRecord, 
     jobs::set_metrics_tx(&mut tx, &job.id, rec.metrics.as_ref().unwrap_or(&Value::Null)).await?;
     if jobs::succeed(&mut tx, &job.id, &rec.id).await? {
         tx.commit().await?;
-        event(pool, &job.id, "info", &format!("job succeeded: model {}", rec.id)).await;
         tracing::info!(model = %rec.id, "job succeeded");
     } else {
         drop(tx);

@@ -65,7 +65,6 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_MODEL_CACHE_MIB", default_value_t = 4096)]
     pub model_cache_mib: usize,
 
-    /// Log format: `text` or `json`.
     /// Threads for training jobs (0 = one per core). With `--predict-threads`, splits the
     /// cores so that a running job cannot starve predict.
     #[arg(long, env = "FINETUNED_TRAIN_THREADS", default_value_t = 0)]
@@ -88,6 +87,16 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// Steps between checkpoints of a running fine-tuning job (0: only when the server stops).
+    /// A job interrupted by a stop or a crash resumes from its newest checkpoint.
+    #[arg(long, env = "FINETUNED_CHECKPOINT_EVERY", default_value_t = 100)]
+    pub checkpoint_every: usize,
+
+    /// Checkpoints kept per running job (the newest ones; all are removed when the job ends).
+    #[arg(long, env = "FINETUNED_KEEP_CHECKPOINTS", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub keep_checkpoints: usize,
+
+    /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
@@ -111,6 +120,8 @@ impl ServeConfig {
             webhook_secret: None,
             hf_home: None,
             predict_threads: 0,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
             log_format: "text".into(),
         }
     }

@@ -16,8 +16,9 @@ async fn run() -> anyhow::Result<()> {
             let token = app.shutdown_token();
             tokio::spawn(async move {
                 shutdown_signal().await;
-                tracing::info!("stopping: finishing in-flight requests");
+                // Cancel first: the log line must not be able to hold up the stop.
                 token.cancel();
+                tracing::info!("stopping: finishing in-flight requests");
             });
             app.run_until_stopped().await
         }

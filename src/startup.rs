@@ -53,6 +53,24 @@ async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path) -> anyhow::Res
             }
         }
     }
+    // Checkpoints are kept only for jobs that may still resume; a save cut short leaves a temp dir.
+    let active: std::collections::HashSet<String> = jobs::active_ids(pool).await?.into_iter().collect();
+    let ckpts = data_dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpts)?;
+    for entry in std::fs::read_dir(&ckpts)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !active.contains(&name) {
+            tracing::warn!(path = %entry.path().display(), "removing the checkpoints of a job that has ended");
+            let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
+        for inner in std::fs::read_dir(entry.path())?.flatten() {
+            if inner.file_name().to_string_lossy().starts_with(".tmp-") {
+                tracing::warn!(path = %inner.path().display(), "removing an unfinished checkpoint");
+                let _ = std::fs::remove_dir_all(inner.path());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -82,6 +100,8 @@ impl Application {
             queue: queue.clone(),
             threads: crate::compute::pool("train", config.train_threads)?,
             hub: crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir),
+            checkpoint_every: config.checkpoint_every,
+            keep_checkpoints: config.keep_checkpoints,
         };
         let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus() };
         Ok(Self { addr, listener, state, worker, shutdown: CancellationToken::new() })

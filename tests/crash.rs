@@ -8,10 +8,39 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A server process, killed when dropped (so a failing test leaves none behind).
+struct Server(Child);
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `finetuned serve` on a free port; returns the child and its base URL.
-fn start(data: &Path, models: &Path) -> (Child, String) {
+fn start(data: &Path, models: &Path) -> (Server, String) {
+    start_with(data, models, &[])
+}
+
+/// As [`start`], with extra options.
+fn start_with(data: &Path, models: &Path, extra: &[&str]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_finetuned"))
         .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
+        .args(extra)
         .arg("--data-dir")
         .arg(data)
         .arg("--models-dir")
@@ -29,7 +58,7 @@ fn start(data: &Path, models: &Path) -> (Child, String) {
     };
     // Keep draining the log so the server never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    (child, url)
+    (Server(child), url)
 }
 
 async fn wait_for(client: &reqwest::Client, url: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
@@ -52,7 +81,7 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     let data = tmp.path().join("data");
     let client = reqwest::Client::new();
 
-    let (mut server, url) = start(&data, &models);
+    let (mut server, url) = start_with(&data, &models, &["--checkpoint-every", "2"]);
     let ds: Value = client
         .post(format!("{url}/v1/datasets"))
         .header("content-type", "application/x-ndjson")
@@ -74,7 +103,7 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
         .await
         .unwrap();
     let job_url = format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap());
-    wait_for(&client, &job_url, 60, |j| j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 3)).await;
+    wait_for(&client, &job_url, 60, |j| j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)).await;
     server.kill().unwrap(); // SIGKILL: no chance to clean up
     server.wait().unwrap();
 
@@ -83,7 +112,10 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     let done = wait_for(&client, &job_url, 300, |j| ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap())).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     let events: Value = client.get(format!("{job_url}/events?limit=1000")).send().await.unwrap().json().await.unwrap();
-    assert!(events["data"].as_array().unwrap().iter().any(|e| e["message"].as_str().unwrap().contains("queued again")));
+    let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(messages.iter().any(|m| m.contains("queued again")), "{messages:?}");
+    // Checkpoints every 2 steps and killed after step 5: it went on from a checkpoint, not from scratch.
+    assert!(messages.iter().any(|m| m.starts_with("resumed from the checkpoint at step")), "{messages:?}");
     let r = client.post(format!("{url}/v1/models/survivor/predict")).json(&json!({"inputs": "good"})).send().await.unwrap();
     assert_eq!(r.status(), 200);
     server.kill().unwrap();
@@ -100,4 +132,75 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let check: String = sqlx::query_scalar("pragma integrity_check").fetch_one(&pool).await.unwrap();
     assert_eq!(check, "ok");
+}
+
+async fn post(body: reqwest::RequestBuilder) -> Value {
+    let r = body.send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}
+
+/// Uploads the toy set and starts the same job; returns the job's URL.
+async fn start_job(client: &reqwest::Client, url: &str) -> String {
+    let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(64))).await;
+    let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3, "seed": 7});
+    let body = json!({"base_model": "tiny", "training_dataset": ds["id"], "model_name": "resumed", "hyperparameters": hp});
+    let job = post(client.post(format!("{url}/v1/jobs")).json(&body)).await;
+    format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap())
+}
+
+fn ended(j: &Value) -> bool {
+    ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn sigterm_checkpoints_the_job_and_after_restart_it_ends_with_the_metrics_of_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    common::write_tiny_model(&models, "tiny");
+    let client = reqwest::Client::new();
+
+    // The same job, run through without a stop (checkpointing as it goes, as the stopped one does).
+    let (mut server, url) = start_with(&tmp.path().join("straight"), &models, &["--checkpoint-every", "7"]);
+    let job_url = start_job(&client, &url).await;
+    let straight = wait_for(&client, &job_url, 300, ended).await;
+    assert_eq!(straight["status"], "succeeded", "{straight}");
+    let straight_metrics: Value = client.get(format!("{job_url}/metrics")).send().await.unwrap().json().await.unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let data = tmp.path().join("stopped");
+    let (mut server, url) = start_with(&data, &models, &["--checkpoint-every", "7"]);
+    let job_url = start_job(&client, &url).await;
+    wait_for(&client, &job_url, 60, |j| j["progress"]["step"].as_u64().is_some_and(|s| s >= 30) || ended(j)).await;
+    let listed: Value = client.get(format!("{job_url}/checkpoints")).send().await.unwrap().json().await.unwrap();
+    let steps: Vec<u64> = listed["data"].as_array().unwrap().iter().map(|c| c["step"].as_u64().unwrap()).collect();
+    assert!(!steps.is_empty() && steps.len() <= 2 && steps.iter().all(|s| s % 7 == 0), "{listed}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    let status = server.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    let stopped: Value = {
+        let (mut again, url) = start_with(&data, &models, &["--checkpoint-every", "7"]);
+        let job_url = job_url.replacen(&job_url[..job_url.find("/v1/").unwrap()], &url, 1);
+        let done = wait_for(&client, &job_url, 300, ended).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        let events: Value = client.get(format!("{job_url}/events?limit=1000")).send().await.unwrap().json().await.unwrap();
+        let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+        let resumed = messages.iter().find(|m| m.starts_with("resumed from the checkpoint at step")).unwrap_or_else(|| panic!("{messages:?}"));
+        // The stop saved a checkpoint of its own, at the step it stopped after (not a multiple of 7 by luck alone).
+        assert!(messages.iter().any(|m| m.starts_with("server stopping")), "{messages:?}");
+        let step: u64 = resumed.split_whitespace().nth(6).unwrap().parse().unwrap();
+        assert!(step >= 30, "{resumed}");
+        let metrics: Value = client.get(format!("{job_url}/metrics")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(metrics["train"], straight_metrics["train"]);
+        assert_eq!(metrics["validation"], straight_metrics["validation"]);
+        assert_eq!(done["metrics"], straight["metrics"]);
+        let listed: Value = client.get(format!("{job_url}/checkpoints")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(listed["data"], json!([]), "checkpoints are removed when the job ends");
+        again.kill().unwrap();
+        again.wait().unwrap();
+        done
+    };
+    assert_eq!(stopped["model"], "resumed");
 }

@@ -27,6 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/metrics", get(metrics))
+        .route("/v1/jobs/{id}/checkpoints", get(checkpoints))
 }
 
 /// The body of `POST /v1/jobs`.
@@ -327,4 +328,22 @@ async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
     let train: Vec<Value> =
         train.iter().map(|(step, epoch, loss, lr)| json!({"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr})).collect();
     Ok(Json(json!({"object": "job.metrics", "job": id, "train": train, "validation": validation})))
+}
+
+/// The job's checkpoints, oldest first: where a stopped or crashed run resumes from. They are
+/// removed when the job ends.
+async fn checkpoints(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    let dir = crate::train::worker::WorkerContext::checkpoint_dir(&state.config.data_dir, &id);
+    let found = tokio::task::spawn_blocking(move || crate::train::checkpoint::list(&dir)).await.map_err(ApiError::internal)?;
+    let data: Vec<Value> = found
+        .iter()
+        .map(|(path, m)| {
+            let best = m.best.as_ref().map(|b| json!({"epoch": b.epoch, "loss": b.loss, "accuracy": b.report.accuracy, "macro_f1": b.report.macro_f1}));
+            json!({"object": "job.checkpoint", "id": path.file_name().map(|n| n.to_string_lossy().to_string()), "job": id,
+                   "step": m.step, "epoch": m.epoch, "created_at": m.created_at,
+                   "metrics": {"epoch_train_loss": m.epoch_train_loss(), "best_validation": best}})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data, "has_more": false})))
 }

@@ -304,6 +304,19 @@ pub async fn clear_run_metrics(pool: &SqlitePool, job: &str) -> sqlx::Result<()>
     Ok(())
 }
 
+/// Ids of the jobs that are queued or running (whose checkpoints are kept).
+pub async fn active_ids(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("select id from jobs where status in ('queued', 'running')").fetch_all(pool).await
+}
+
+/// Drops a job's metrics recorded after step `step` (training) and from epoch `epoch` on
+/// (validation): what a run resumed from that point records again.
+pub async fn trim_run_metrics(pool: &SqlitePool, job: &str, step: i64, epoch: i64) -> sqlx::Result<()> {
+    sqlx::query("delete from train_metrics where job_id = ? and step > ?").bind(job).bind(step).execute(pool).await?;
+    sqlx::query("delete from validation_metrics where job_id = ? and epoch >= ?").bind(job).bind(epoch).execute(pool).await?;
+    Ok(())
+}
+
 /// `(step, epoch, loss, learning_rate)` rows and validation JSON of a job.
 pub async fn metrics(pool: &SqlitePool, job: &str) -> sqlx::Result<(Vec<(i64, i64, f64, f64)>, Vec<Value>)> {
     let train = sqlx::query_as("select step, epoch, loss, learning_rate from train_metrics where job_id = ? order by step")

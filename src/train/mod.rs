@@ -1,5 +1,6 @@
 //! Training: the fine-tuning loop, its data, optimiser and metrics, and the job worker.
 
+pub mod checkpoint;
 pub mod data;
 pub mod hyper;
 pub mod metrics;

@@ -174,3 +174,54 @@ impl AdamW {
         Ok(norm)
     }
 }
+
+/// The optimiser's state as named tensors (`m.<i>`, `v.<i>` by parameter index), for checkpoints.
+pub struct OptimState {
+    pub step: i32,
+    pub moments: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl AdamW {
+    /// A copy of the step count and moments.
+    pub fn export(&self) -> Result<OptimState> {
+        let moments = self
+            .moments
+            .iter()
+            .map(|m| match m {
+                None => Ok(None),
+                Some(Moments::Cpu(m, v)) => {
+                    let cpu = candle_core::Device::Cpu;
+                    Ok(Some((Tensor::from_slice(m, m.len(), &cpu)?, Tensor::from_slice(v, v.len(), &cpu)?)))
+                }
+                Some(Moments::Device(m, v)) => Ok(Some((m.copy()?, v.copy()?))),
+            })
+            .collect::<Result<_>>()?;
+        Ok(OptimState { step: self.step, moments })
+    }
+
+    /// Restores a state taken by [`AdamW::export`] for the same parameters.
+    pub fn restore(&mut self, vars: &[Var], state: OptimState) -> Result<()> {
+        if state.moments.len() != self.moments.len() {
+            candle_core::bail!("optimiser state has {} parameters, the model {}", state.moments.len(), self.moments.len());
+        }
+        for (i, (slot, saved)) in self.moments.iter_mut().zip(state.moments).enumerate() {
+            *slot = match saved {
+                None => None,
+                Some((m, v)) => {
+                    let var = &vars[i];
+                    if m.elem_count() != var.elem_count() || v.elem_count() != var.elem_count() {
+                        candle_core::bail!("optimiser state of parameter {i} does not match its size");
+                    }
+                    if var.device().is_cpu() && var.dtype() == candle_core::DType::F32 {
+                        Some(Moments::Cpu(m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?))
+                    } else {
+                        let shape = var.shape();
+                        Some(Moments::Device(m.reshape(shape)?.to_device(var.device())?, v.reshape(shape)?.to_device(var.device())?))
+                    }
+                }
+            };
+        }
+        self.step = state.step;
+        Ok(())
+    }
+}

@@ -1,6 +1,7 @@
 //! The fine-tuning loop: blocking, device-agnostic, reporting through an [`Observer`].
 //! Shared by the service's worker and the `train` command.
 
+use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
 use super::data::{epoch_batches, label_set, stratified_split, Example};
 use super::hyper::Hyperparameters;
 use super::metrics::ClassificationReport;
@@ -14,6 +15,7 @@ use crate::model::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
 use crate::model::{BertConfig, Classifier, Pooling};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
+use serde::Deserialize;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -34,12 +36,14 @@ pub struct TrainRequest {
     pub max_grad_norm: f64,
     pub eval_batch_size: usize,
     pub task: Task,
+    /// Where to checkpoint, and resume from the newest checkpoint found there.
+    pub checkpoints: Option<CheckpointPlan>,
 }
 
 impl TrainRequest {
     /// A request with the usual defaults (clipping at 1.0, evaluation batches of 64).
     pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
-        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64, task: Task::SingleLabel }
+        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64, task: Task::SingleLabel, checkpoints: None }
     }
 }
 
@@ -103,7 +107,7 @@ pub struct StepInfo {
 }
 
 /// Validation results after one epoch.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochReport {
     pub epoch: usize,
     pub step: usize,
@@ -129,6 +133,10 @@ pub enum Event {
 pub trait Observer {
     fn on_event(&mut self, event: Event);
     fn should_stop(&self) -> bool;
+    /// Whether a stop is the server shutting down (checkpoint, to resume later) rather than a cancel.
+    fn shutting_down(&self) -> bool {
+        false
+    }
 }
 
 /// How a run ended, when it did not fail.
@@ -245,22 +253,58 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         num_parameters: params.count(), steps_per_epoch, total_steps, warmup_steps: warmup, epochs: vec![],
     };
     let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
-    let mut opt = AdamW::new(decay, hp.weight_decay);
+    let mut opt = AdamW::new(decay.clone(), hp.weight_decay);
     let pad = cfg.pad_token_id as u32;
     let mut step = 0usize;
     let mut best: Option<(EpochReport, std::collections::HashMap<String, Tensor>)> = None;
     let mut since_best = 0usize;
+    let mut resumed = None;
+    if let Some((path, meta)) = req.checkpoints.as_ref().and_then(|p| checkpoint::latest(&p.dir)) {
+        let loaded = meta.rng_word_pos().and_then(|pos| Ok((pos, checkpoint::load(&path, &meta, &params, &mut opt, &req.device)?)));
+        match loaded {
+            Ok((pos, best_weights)) => {
+                rng.set_word_pos(pos);
+                step = meta.step;
+                since_best = meta.since_best;
+                best = meta.best.clone().zip(best_weights);
+                obs.on_event(Event::Message(format!("resumed from the checkpoint at step {step} (epoch {})", meta.epoch)));
+                resumed = Some(meta);
+            }
+            Err(e) => {
+                opt = AdamW::new(decay, hp.weight_decay);
+                obs.on_event(Event::Warning(format!("the checkpoint at step {} could not be used ({e:#}): starting over", meta.step)));
+            }
+        }
+    }
+    let mut saved_at = step;
     let model_train = Classifier::load(&|n| params.tracked(n), &cfg, pooling)?;
     let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
-    for epoch in 1..=hp.epochs {
+    let first_epoch = resumed.as_ref().map_or(1, |m: &CheckpointMeta| m.epoch);
+    for epoch in first_epoch..=hp.epochs {
         let batches = epoch_batches(&train, hp.batch_size, hp.seed, epoch - 1, hp.group_by_length);
-        let (mut loss_sum, mut seen, mut real, mut padded) = (0.0, 0usize, 0usize, 0usize);
+        let (mut done, mut loss_sum, mut seen, mut real, mut padded) = match resumed.take() {
+            Some(m) if m.epoch == epoch => (m.batches_done, m.loss_sum, m.seen, m.real_tokens, m.padded_tokens),
+            _ => (0, 0.0, 0usize, 0usize, 0usize),
+        };
         let started = Instant::now();
         let cpu_start = super::process_usage().0;
         let mut window: std::collections::VecDeque<(Instant, usize)> = Default::default();
-        for batch_idx in batches {
+        for batch_idx in batches.into_iter().skip(done) {
+            // Everything a checkpoint taken now must hold to continue from this batch.
+            let position = |best: &Option<(EpochReport, _)>| CheckpointMeta {
+                step, epoch, batches_done: done, loss_sum, seen, real_tokens: real, padded_tokens: padded,
+                rng_word_pos: rng.get_word_pos().to_string(), optimizer_step: 0, since_best,
+                best: best.as_ref().map(|(b, _)| b.clone()), num_parameters: params.count(), created_at: crate::store::now(),
+            };
             if obs.should_stop() {
+                if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
+                    save_checkpoint(plan, &position(&best), &params, &opt, &best, obs);
+                }
                 return Ok(Outcome::Cancelled);
+            }
+            if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step % p.every == 0 && saved_at != step) {
+                save_checkpoint(plan, &position(&best), &params, &opt, &best, obs);
+                saved_at = step;
             }
             let seqs: Vec<&[u32]> = batch_idx.iter().map(|&i| train[i].ids.as_slice()).collect();
             let batch = pad_batch(&seqs, pad, &req.device)?;
@@ -288,6 +332,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
                 "step timings"
             );
             step += 1;
+            done += 1;
             loss_sum += loss_value * batch_idx.len() as f64;
             seen += batch_idx.len();
             window.push_back((Instant::now(), batch_idx.len()));
@@ -324,7 +369,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         }
     }
     let (best, tensors) = best.expect("at least one epoch ran");
-    if obs.should_stop() {
+    // Training is over: a server stop lets the model be written (seconds) rather than redo work.
+    if obs.should_stop() && !obs.shutting_down() {
         return Ok(Outcome::Cancelled);
     }
     let test_report = if test.is_empty() {
@@ -341,6 +387,21 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
     Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))
+}
+
+/// Saves a checkpoint; a failure to save is reported and training goes on.
+fn save_checkpoint(
+    plan: &CheckpointPlan,
+    meta: &CheckpointMeta,
+    params: &Params,
+    opt: &AdamW,
+    best: &Option<(EpochReport, std::collections::HashMap<String, Tensor>)>,
+    obs: &mut dyn Observer,
+) {
+    match checkpoint::save(plan, meta, params, opt, best.as_ref().map(|(_, t)| t)) {
+        Ok(_) => obs.on_event(Event::Message(format!("checkpoint saved at step {} (epoch {})", meta.step, meta.epoch))),
+        Err(e) => obs.on_event(Event::Warning(format!("could not save a checkpoint at step {}: {e:#}", meta.step))),
+    }
 }
 
 fn lookup(tensors: &std::collections::HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {

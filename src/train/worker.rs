@@ -60,6 +60,16 @@ pub struct WorkerContext {
     pub threads: Arc<rayon::ThreadPool>,
     /// Where hub base models come from and are cached.
     pub hub: crate::hub::HubConfig,
+    /// Steps between checkpoints of fine-tuning jobs (0: only on shutdown), and how many to keep.
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+}
+
+impl WorkerContext {
+    /// Where a job's checkpoints live.
+    pub fn checkpoint_dir(data_dir: &std::path::Path, job: &str) -> PathBuf {
+        data_dir.join("checkpoints").join(job)
+    }
 }
 
 /// Runs jobs until `shutdown` fires. A job interrupted by shutdown goes back to the queue.
@@ -100,6 +110,10 @@ impl Observer for ChannelObserver {
     fn should_stop(&self) -> bool {
         self.cancel.load(Ordering::SeqCst) || self.shutdown.is_cancelled()
     }
+
+    fn shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled() && !self.cancel.load(Ordering::SeqCst)
+    }
 }
 
 async fn event(pool: &SqlitePool, job: &str, level: &str, message: &str) {
@@ -114,7 +128,13 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     // Registered before anything slow, so that a cancel arriving during preparation is seen.
     let cancel = Arc::new(AtomicBool::new(false));
     ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
-    jobs::clear_run_metrics(pool, &job.id).await?;
+    let ckpt_dir = WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id);
+    // Metrics recorded after the checkpoint the job resumes from are recorded again as it goes on.
+    let resume = { let d = ckpt_dir.clone(); tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await? };
+    match &resume {
+        Some((_, m)) => jobs::trim_run_metrics(pool, &job.id, m.step as i64, m.epoch as i64).await?,
+        None => jobs::clear_run_metrics(pool, &job.id).await?,
+    }
     event(pool, &job.id, "info", "job started").await;
     let prepared = prepare(ctx, &job).await;
     let (work, model_id, pooling) = match prepared {
@@ -141,6 +161,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     }
     let result = handle.await;
     ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
+    let requeued = matches!(result, Ok(Ok(Outcome::Cancelled))) && shutdown.is_cancelled() && !jobs::get(pool, &job.id).await?.is_some_and(|j| j.status == "cancelled");
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
             let trainer::Finished { best, labels, .. } = *done;
@@ -173,6 +194,10 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             tracing::error!(error = %message, "job panicked");
             jobs::fail(pool, &job.id, "internal_error", &message).await?;
         }
+    }
+    if !requeued {
+        // Checkpoints exist to resume a job; once it has ended they are only disk.
+        tokio::task::spawn_blocking(move || super::checkpoint::remove_all(&ckpt_dir)).await?;
     }
     Ok(())
 }
@@ -261,8 +286,14 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, 
         let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15 };
         return Ok((Work::Pretrain(req), model_id, pooling));
     }
+    let checkpoints = Some(super::checkpoint::CheckpointPlan {
+        dir: WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id),
+        every: ctx.checkpoint_every,
+        keep: ctx.keep_checkpoints,
+    });
     let req = TrainRequest {
         out_dir,
+        checkpoints,
         task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
         ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
     };

@@ -78,8 +78,13 @@ impl Application {
     /// Opens the database (migrating it), recovers from an earlier stop, scans the models
     /// dir and binds the listener.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let pool = store::connect(&config.data_dir).await?;
+        use anyhow::Context;
+        let dir = config.data_dir.display().to_string();
+        std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create the data dir {dir}"))?;
+        let pool = store::connect(&config.data_dir).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?;
+        let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
+        std::fs::write(&probe, b"").with_context(|| format!("the data dir {dir} is not writable"))?;
+        let _ = std::fs::remove_file(&probe);
         clean_data_dir(&pool, &config.data_dir).await?;
         for id in jobs::requeue_running(&pool).await? {
             tracing::warn!(job_id = %id, "job was running when the server stopped; queued again");

@@ -204,3 +204,22 @@ async fn sigterm_checkpoints_the_job_and_after_restart_it_ends_with_the_metrics_
     };
     assert_eq!(stopped["model"], "resumed");
 }
+
+#[test]
+fn a_data_dir_that_cannot_be_created_stops_start_up_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_finetuned"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu", "--models-dir"])
+        .arg(tmp.path())
+        .arg("--data-dir")
+        .arg(file.join("data"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot create the data dir"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -77,7 +77,13 @@ impl From<PredictError> for ApiError {
         match e {
             PredictError::Overloaded => ApiError::overloaded(e.to_string()),
             PredictError::TooLong(t) => ApiError::invalid(format!("inputs[{}]", t.index), t.to_string()),
-            PredictError::Load(m) | PredictError::Inference(m) => ApiError::internal(m),
+            // The files on disk are gone or damaged: a state of the model, not a server bug.
+            PredictError::Load(m) => ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "model_unavailable",
+                format!("the model could not be loaded ({m}); its files are missing or damaged: delete it and train it again"),
+            ),
+            PredictError::Inference(m) => ApiError::internal(m),
         }
     }
 }

@@ -203,7 +203,8 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
             cfg.extra.remove(key);
         }
         cfg.extra.insert("architectures".into(), serde_json::json!(["BertForMaskedLM"]));
-        write_model_dir(out, &cfg, &params.snapshot()?, &tokenizer_dir)?;
+        write_model_dir(out, &cfg, &params.snapshot()?, &tokenizer_dir)
+            .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     Ok(Outcome::Pretrained { before, last: last.expect("at least one epoch") })
 }

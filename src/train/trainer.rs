@@ -157,6 +157,9 @@ pub enum TrainError {
     BaseModel(String),
     #[error("training diverged: the loss became {0} at step {1}")]
     Diverged(f64, usize),
+    /// The data dir could not be written (full, read-only, removed).
+    #[error("could not write to the data dir: {0}")]
+    Storage(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -173,6 +176,7 @@ impl TrainError {
             TrainError::InvalidData(_) => "invalid_training_data",
             TrainError::BaseModel(_) => "base_model_unavailable",
             TrainError::Diverged(..) => "training_diverged",
+            TrainError::Storage(_) => "storage_error",
             TrainError::Internal(_) => "internal_error",
         }
     }
@@ -383,7 +387,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     };
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
-        write_model_dir(out, &cfg, &tensors, &req.base_dir)?;
+        write_model_dir(out, &cfg, &tensors, &req.base_dir).map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
     Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))

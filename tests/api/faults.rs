@@ -1,0 +1,148 @@
+//! Faults and races: a diverging job, model files removed or damaged under the server, the data
+//! dir broken mid-job, and many uploads, job creations, cancels and deletes at once.
+
+use crate::helpers::*;
+use finetuned::config::ServeConfig;
+use futures::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// A server whose models dir also holds `nan`: the tiny BERT with NaN word embeddings.
+async fn spawn_with_nan_model() -> (TestApp, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir(tmp.path());
+    let dir = crate::common::write_tiny_model(&models, "nan");
+    let file = dir.join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let emb = w.get_mut("embeddings.word_embeddings.weight").unwrap();
+    *emb = (emb.zeros_like().unwrap() * f64::NAN).unwrap();
+    candle_core::safetensors::save(&w, &file).unwrap();
+    (spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await, tmp)
+}
+
+#[tokio::test]
+async fn a_job_whose_loss_becomes_nan_fails_with_training_diverged() {
+    let (app, _tmp) = spawn_with_nan_model().await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
+    let job = app.create_job(&json!({"base_model": "nan", "training_dataset": ds, "hyperparameters": tiny_hp(2)})).await;
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "training_diverged", "{done}");
+    assert!(done["error"]["message"].as_str().unwrap().contains("at step 1"), "{done}");
+    assert!(done["model"].is_null());
+    // The worker goes on: the next job trains.
+    let ok = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1)})).await;
+    assert_eq!(app.wait_ended(ok["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_model_whose_files_are_missing_or_damaged_gets_409_on_predict_never_a_5xx() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
+    for name in ["gone-file", "bad-file"] {
+        let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": tiny_hp(1)})).await;
+        assert_eq!(app.wait_ended(job["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+    }
+    std::fs::remove_file(app.data_dir.join("models/gone-file/model.safetensors")).unwrap();
+    std::fs::write(app.data_dir.join("models/bad-file/model.safetensors"), b"\x08\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    for name in ["gone-file", "bad-file"] {
+        let e = assert_error(app.predict(name, &json!({"inputs": "good"})).await, StatusCode::CONFLICT, "model_unavailable").await;
+        assert!(e["message"].as_str().unwrap().contains("missing or damaged"), "{e}");
+    }
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+    // Deleting the broken model works, and then it is simply unknown.
+    let r = app.client.delete(app.url("/v1/models/gone-file")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_error(app.predict("gone-file", &json!({"inputs": "good"})).await, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn a_data_dir_broken_mid_job_fails_the_job_with_storage_error_and_the_database_stays_sound() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(64)).await;
+    let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3});
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "nowhere", "hyperparameters": hp})).await;
+    let id = job["id"].as_str().unwrap();
+    app.wait_job(id, 60, |j| j["status"] == "running").await;
+    // The models dir is replaced by a file: the finished model cannot be written.
+    let models = app.data_dir.join("models");
+    std::fs::rename(&models, app.data_dir.join("models-moved")).unwrap();
+    std::fs::write(&models, b"not a directory").unwrap();
+    let done = app.wait_ended(id, 300).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "storage_error", "{done}");
+    assert!(done["error"]["message"].as_str().unwrap().contains("saving the model"), "{done}");
+    assert_error(app.get("/v1/models/nowhere").await, StatusCode::NOT_FOUND, "not_found").await;
+    // Nothing else was lost: the dataset and the job's record are intact.
+    assert_eq!(app.get(&format!("/v1/datasets/{ds}")).await.status(), StatusCode::OK);
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir.join("finetuned.db").display())).await.unwrap();
+    let check: String = sqlx::query_scalar("pragma integrity_check").fetch_one(&pool).await.unwrap();
+    assert_eq!(check, "ok");
+}
+
+#[tokio::test]
+async fn many_uploads_job_creations_cancels_and_deletes_at_once_lose_and_duplicate_nothing() {
+    let app = spawn_app().await;
+    let n = 24;
+    let uploads = join_all((0..n).map(|i| app.upload(crate::common::toy_jsonl(16 + i), "application/x-ndjson"))).await;
+    let mut ids = vec![];
+    for r in uploads {
+        assert_eq!(r.status(), StatusCode::CREATED);
+        ids.push(r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+    }
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), n, "duplicate dataset ids");
+
+    // For each of the first half: a job on the dataset and a delete of it, at the same moment.
+    // Exactly one may win: a job that uses a deleted dataset, or a delete under a job, is a bug.
+    let half = n / 2;
+    let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3});
+    let bodies: Vec<Value> = ids[..half].iter().map(|ds| json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).collect();
+    let creates = join_all(bodies.iter().map(|b| app.post_json("/v1/jobs", b)));
+    let deletes = join_all(ids.iter().map(|ds| app.client.delete(app.url(&format!("/v1/datasets/{ds}"))).send()));
+    let (creates, deletes) = tokio::join!(creates, deletes);
+    let mut jobs = vec![];
+    let mut kept = std::collections::HashSet::new();
+    for (i, (c, d)) in creates.into_iter().zip(&deletes).enumerate() {
+        let d = d.as_ref().unwrap().status();
+        match c.status() {
+            StatusCode::CREATED => {
+                assert_eq!(d, StatusCode::CONFLICT, "dataset {i} was deleted under a job");
+                kept.insert(ids[i].clone());
+                jobs.push(c.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string());
+            }
+            s => {
+                assert_eq!(d, StatusCode::OK, "dataset {i}: job got {s} and the delete {d}");
+                assert!(s.is_client_error(), "{s}");
+            }
+        }
+    }
+    for d in &deletes[half..] {
+        assert_eq!(d.as_ref().unwrap().status(), StatusCode::OK);
+    }
+
+    // Cancel every job twice at once: one cancel wins, the other finds it ended (409).
+    let paths: Vec<String> = jobs.iter().chain(jobs.iter()).map(|j| format!("/v1/jobs/{j}/cancel")).collect();
+    let empty = json!({});
+    let cancels = join_all(paths.iter().map(|p| app.post_json(p, &empty))).await;
+    for (k, j) in jobs.iter().enumerate() {
+        let (a, b) = (cancels[k].status(), cancels[k + jobs.len()].status());
+        let mut got = [a, b];
+        got.sort();
+        assert_eq!(got, [StatusCode::OK, StatusCode::CONFLICT], "job {j}: cancels answered {a} and {b}");
+    }
+    for j in &jobs {
+        assert_eq!(app.wait_ended(j, 120).await["status"], "cancelled");
+    }
+
+    let listed: Value = app.get("/v1/jobs?limit=100").await.json().await.unwrap();
+    let listed: std::collections::HashSet<String> = listed["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(listed, jobs.iter().cloned().collect(), "jobs lost or duplicated");
+    let listed: Value = app.get("/v1/datasets?limit=100").await.json().await.unwrap();
+    let listed: std::collections::HashSet<String> = listed["data"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(listed, kept, "datasets lost or kept by mistake");
+    // Once the jobs have ended their datasets can go.
+    for ds in &kept {
+        assert_eq!(app.client.delete(app.url(&format!("/v1/datasets/{ds}"))).send().await.unwrap().status(), StatusCode::OK);
+    }
+}

@@ -142,3 +142,28 @@ fn inference_linear_with_transposed_weight_matches_composed_ops() {
         assert!(max_diff(&got, &composed) < 1e-4, "{rows} rows differ by {}", max_diff(&got, &composed));
     }
 }
+
+#[test]
+fn fused_dropout_drops_about_p_scales_the_rest_and_its_gradient_uses_the_same_mask() {
+    let x = Var::from_tensor(&random(&[7, 13, 384], 5).abs().unwrap().affine(1.0, 0.1).unwrap()).unwrap();
+    let (p, seed) = (0.1, 99);
+    let y = kernels::dropout(x.as_tensor(), p, seed).unwrap();
+    let (xv, yv) = (x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let dropped = yv.iter().filter(|&&v| v == 0.0).count() as f64 / yv.len() as f64;
+    assert!((dropped - p).abs() < 0.01, "dropped {dropped}");
+    for (a, b) in xv.iter().zip(&yv) {
+        assert!(*b == 0.0 || (b - a / 0.9).abs() < 1e-5, "{a} -> {b}");
+    }
+    // Same seed, same mask; another seed, another mask.
+    assert_eq!(max_diff(&y, &kernels::dropout(x.as_tensor(), p, seed).unwrap()), 0.0);
+    assert!(max_diff(&y, &kernels::dropout(x.as_tensor(), p, seed + 1).unwrap()) > 0.0);
+    // d(sum(y · u))/dx = u · mask / (1 − p): zero exactly where y was dropped.
+    let u = random(&[7, 13, 384], 6);
+    let grads = (&y * &u).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let uv = u.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for ((g, u), y) in g.iter().zip(&uv).zip(&yv) {
+        let want = if *y == 0.0 { 0.0 } else { u / 0.9 };
+        assert!((g - want).abs() < 1e-5, "{g} vs {want}");
+    }
+}

@@ -175,3 +175,51 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
     normed.broadcast_mul(w)?.broadcast_add(b)
 }
+
+/// Inverted dropout whose mask is drawn inside the kernel, chunk by chunk in parallel, each
+/// chunk from its own stream of a ChaCha8 generator seeded with `seed`: the same mask whatever
+/// the thread count. The backward pass applies the same op to the gradient (the mask is drawn
+/// again from the seed, not stored).
+#[derive(Clone)]
+struct DropoutOp {
+    keep_below: u32,
+    scale: f32,
+    seed: u64,
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rand::{RngCore, SeedableRng};
+        let x = f32s(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(i, (y, x))| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(i as u64);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = if rng.next_u32() < self.keep_below { x * self.scale } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}
+
+/// Inverted dropout with probability `p` (elements kept are scaled by `1/(1-p)`), its mask
+/// drawn from `seed`. Only for contiguous-able f32 CPU tensors: see [`dropout_supported`].
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let op = DropoutOp { keep_below: (keep * u32::MAX as f64) as u32, scale: (1.0 / keep) as f32, seed };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// Whether [`dropout`] runs on `x` (f32 on the CPU).
+pub fn dropout_supported(x: &Tensor) -> bool {
+    on_cpu_f32(x)
+}

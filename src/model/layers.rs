@@ -27,11 +27,16 @@ impl Mode<'_> {
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1/(1-p)`. The mask comes from our own seeded generator so runs are repeatable
-    /// (candle cannot seed its CPU generator).
+    /// (candle cannot seed its CPU generator): on the CPU a fused kernel draws it in parallel
+    /// from one seed taken here; elsewhere it is drawn here, element by element.
     pub fn dropout(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Mode::Train(rng) = self else { return Ok(xs.clone()) };
         if p <= 0.0 {
             return Ok(xs.clone());
+        }
+        if super::kernels::dropout_supported(xs) {
+            let seed = rng.random::<u64>();
+            return super::kernels::dropout(xs, p, seed);
         }
         let keep = 1.0 - p;
         let scale = (1.0 / keep) as f32;

@@ -131,7 +131,13 @@ impl ServeConfig {
 pub fn device(spec: Option<&str>) -> anyhow::Result<candle_core::Device> {
     use candle_core::Device;
     match spec {
-        None => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0)? } else { Device::Cpu }),
+        // `cuda_is_available` only says the build has CUDA: try the GPU, and fall back to the
+        // CPU when there is none (no driver, no device).
+        None if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "built with CUDA but no GPU could be opened; using the CPU");
+            Device::Cpu
+        })),
+        None => Ok(Device::Cpu),
         Some("cpu") => Ok(Device::Cpu),
         Some("cuda") => Ok(Device::new_cuda(0)?),
         Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {

@@ -41,7 +41,7 @@ struct PredictRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum Threshold {
+pub(crate) enum Threshold {
     All(f64),
     PerLabel(std::collections::BTreeMap<String, f64>),
 }
@@ -88,32 +88,55 @@ impl From<PredictError> for ApiError {
     }
 }
 
+/// A predict body that passed every check that needs no model.
+#[derive(Debug)]
+pub struct CheckedRequest {
+    pub texts: Vec<String>,
+    pub overflow: Overflow,
+    top_k: Option<u64>,
+    raw_scores: Option<bool>,
+    threshold: Option<Threshold>,
+}
+
+impl PredictRequest {
+    fn check(self, max_inputs: usize) -> ApiResult<CheckedRequest> {
+        let texts = match self.inputs {
+            Inputs::One(t) => vec![t],
+            Inputs::Many(ts) => ts,
+        };
+        if texts.is_empty() {
+            return Err(ApiError::invalid("inputs", "inputs must hold at least one text"));
+        }
+        if texts.len() > max_inputs {
+            return Err(ApiError::invalid("inputs", format!("at most {max_inputs} inputs per request (got {})", texts.len())));
+        }
+        if self.top_k == Some(0) {
+            return Err(ApiError::invalid("top_k", "top_k must be at least 1"));
+        }
+        let overflow = match (self.overflow.as_deref(), self.truncate.unwrap_or(true)) {
+            (Some("chunk"), _) => Overflow::Chunk,
+            (None | Some("truncate"), true) => Overflow::Truncate,
+            (None | Some("truncate"), false) => Overflow::Refuse,
+            _ => return Err(ApiError::invalid("overflow", "overflow must be \"truncate\" or \"chunk\"")),
+        };
+        Ok(CheckedRequest { texts, overflow, top_k: self.top_k, raw_scores: self.raw_scores, threshold: self.threshold })
+    }
+}
+
+/// Parses and checks a predict body as the route does before it looks at the model: the
+/// request, or the 4xx error the route would answer. (The fuzz target drives this.)
+pub fn check_body(body: &[u8], max_inputs: usize) -> ApiResult<CheckedRequest> {
+    let req: PredictRequest = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not a valid predict request: {e}")))?;
+    req.check(max_inputs)
+}
+
 async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<PredictRequest>) -> ApiResult<Response> {
-    let texts = match req.inputs {
-        Inputs::One(t) => vec![t],
-        Inputs::Many(ts) => ts,
-    };
-    if texts.is_empty() {
-        return Err(ApiError::invalid("inputs", "inputs must hold at least one text"));
-    }
-    let max = state.config.max_batch_inputs;
-    if texts.len() > max {
-        return Err(ApiError::invalid("inputs", format!("at most {max} inputs per request (got {})", texts.len())));
-    }
-    if req.top_k == Some(0) {
-        return Err(ApiError::invalid("top_k", "top_k must be at least 1"));
-    }
+    let req = req.check(state.config.max_batch_inputs)?;
     let model = state.catalog.resolve(&id).await?.ok_or_else(|| ApiError::not_found("model", &id))?;
     if !model.is_classifier {
         return Err(ApiError::invalid("model", format!("{id} is a base model, not a classifier: fine-tune it first")));
     }
-    let overflow = match (req.overflow.as_deref(), req.truncate.unwrap_or(true)) {
-        (Some("chunk"), _) => Overflow::Chunk,
-        (None | Some("truncate"), true) => Overflow::Truncate,
-        (None | Some("truncate"), false) => Overflow::Refuse,
-        _ => return Err(ApiError::invalid("overflow", "overflow must be \"truncate\" or \"chunk\"")),
-    };
-    let scored = state.predictor.predict(&id, model.path, texts, overflow, req.raw_scores.unwrap_or(false)).await?;
+    let scored = state.predictor.predict(&id, model.path, req.texts, req.overflow, req.raw_scores.unwrap_or(false)).await?;
     if let Some(t) = &req.threshold {
         if !scored.multi_label {
             return Err(ApiError::invalid("threshold", "threshold applies to multi-label models only"));

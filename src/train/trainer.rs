@@ -177,9 +177,17 @@ impl TrainError {
             TrainError::BaseModel(_) => "base_model_unavailable",
             TrainError::Diverged(..) => "training_diverged",
             TrainError::Storage(_) => "storage_error",
+            TrainError::Internal(e) if is_out_of_memory(e) => "device_out_of_memory",
             TrainError::Internal(_) => "internal_error",
         }
     }
+}
+
+/// Whether an error is the device running out of memory (CUDA reports it as an error value,
+/// which candle passes up): the job fails with a code that says so instead of a bare 500-ish one.
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("OUT_OF_MEMORY") || text.contains("out of memory")
 }
 
 fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Example>> {
@@ -424,5 +432,14 @@ fn rate_of(window: &std::collections::VecDeque<(Instant, usize)>, started: Insta
     if secs > 0.0 { (examples - first) as f64 / secs } else { 0.0 }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-
+    #[test]
+    fn a_device_out_of_memory_error_gets_its_own_code() {
+        let oom = TrainError::Internal(anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"));
+        assert_eq!(oom.code(), "device_out_of_memory");
+        assert_eq!(TrainError::Internal(anyhow::anyhow!("shape mismatch")).code(), "internal_error");
+    }
+}

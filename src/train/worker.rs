@@ -185,7 +185,10 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             }
         }
         Ok(Err(e)) => {
-            let message = format!("{e:#}");
+            let message = match e.code() {
+                "device_out_of_memory" => format!("the device ran out of memory (lower batch_size or max_seq_len): {e:#}"),
+                _ => format!("{e:#}"),
+            };
             tracing::warn!(error = %message, "job failed");
             jobs::fail(pool, &job.id, e.code(), &message).await?;
         }

@@ -16,6 +16,8 @@ pub mod config;
 pub mod dataset;
 /// The error envelope of the API.
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 /// Base models fetched from the Hugging Face hub.
 pub mod hub;
 /// Our BERT, its heads, and Hugging Face model directories.

@@ -146,3 +146,41 @@ async fn many_uploads_job_creations_cancels_and_deletes_at_once_lose_and_duplica
         assert_eq!(app.client.delete(app.url(&format!("/v1/datasets/{ds}"))).send().await.unwrap().status(), StatusCode::OK);
     }
 }
+
+#[tokio::test]
+async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir(tmp.path());
+    let tiny = models.join("tiny");
+    let copy = |name: &str| {
+        let d = models.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            std::fs::copy(tiny.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    // Another architecture.
+    let d = copy("other-arch");
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = json!("gpt2");
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    // Only PyTorch weights.
+    let d = copy("bin-only");
+    std::fs::rename(d.join("model.safetensors"), d.join("pytorch_model.bin")).unwrap();
+    // A safetensors file cut short.
+    let d = copy("corrupt");
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
+    // Not a model at all.
+    std::fs::create_dir_all(models.join("notes")).unwrap();
+    std::fs::write(models.join("notes/readme.txt"), "hello").unwrap();
+
+    let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
+    let listed: Value = app.get("/v1/models").await.json().await.unwrap();
+    let ids: std::collections::BTreeSet<&str> = listed["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["all-minilm-l6-v2", "tiny"].into_iter().collect(), "{listed}");
+    for bad in ["other-arch", "bin-only", "corrupt", "notes"] {
+        assert_error(app.get(&format!("/v1/models/{bad}")).await, StatusCode::NOT_FOUND, "not_found").await;
+    }
+}

@@ -140,11 +140,25 @@ async fn post(body: reqwest::RequestBuilder) -> Value {
     r.json().await.unwrap()
 }
 
+/// The job the stop-and-resume tests run: fine-tuning, or masked-LM pre-training on the texts.
+#[derive(Clone, Copy)]
+enum Kind {
+    FineTune,
+    Pretrain,
+}
+
 /// Uploads the toy set and starts the same job; returns the job's URL.
-async fn start_job(client: &reqwest::Client, url: &str) -> String {
-    let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(64))).await;
+async fn start_job(client: &reqwest::Client, url: &str, kind: Kind) -> String {
+    let data = match kind {
+        Kind::FineTune => common::toy_jsonl(64),
+        Kind::Pretrain => common::toy_rows(64).iter().map(|r| json!({"text": r.text}).to_string() + "\n").collect(),
+    };
+    let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(data)).await;
     let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3, "seed": 7});
-    let body = json!({"base_model": "tiny", "training_dataset": ds["id"], "model_name": "resumed", "hyperparameters": hp});
+    let mut body = json!({"base_model": "tiny", "training_dataset": ds["id"], "model_name": "resumed", "hyperparameters": hp});
+    if let Kind::Pretrain = kind {
+        body["task"] = json!("mlm");
+    }
     let job = post(client.post(format!("{url}/v1/jobs")).json(&body)).await;
     format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap())
 }
@@ -155,6 +169,15 @@ fn ended(j: &Value) -> bool {
 
 #[tokio::test]
 async fn sigterm_checkpoints_the_job_and_after_restart_it_ends_with_the_metrics_of_an_uninterrupted_run() {
+    stop_and_resume(Kind::FineTune).await;
+}
+
+#[tokio::test]
+async fn sigterm_checkpoints_a_pretraining_job_and_after_restart_it_ends_with_the_metrics_of_an_uninterrupted_run() {
+    stop_and_resume(Kind::Pretrain).await;
+}
+
+async fn stop_and_resume(kind: Kind) {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     common::write_tiny_model(&models, "tiny");
@@ -162,7 +185,7 @@ async fn sigterm_checkpoints_the_job_and_after_restart_it_ends_with_the_metrics_
 
     // The same job, run through without a stop (checkpointing as it goes, as the stopped one does).
     let (mut server, url) = start_with(&tmp.path().join("straight"), &models, &["--checkpoint-every", "7"]);
-    let job_url = start_job(&client, &url).await;
+    let job_url = start_job(&client, &url, kind).await;
     let straight = wait_for(&client, &job_url, 300, ended).await;
     assert_eq!(straight["status"], "succeeded", "{straight}");
     let straight_metrics: Value = client.get(format!("{job_url}/metrics")).send().await.unwrap().json().await.unwrap();
@@ -171,7 +194,7 @@ async fn sigterm_checkpoints_the_job_and_after_restart_it_ends_with_the_metrics_
 
     let data = tmp.path().join("stopped");
     let (mut server, url) = start_with(&data, &models, &["--checkpoint-every", "7"]);
-    let job_url = start_job(&client, &url).await;
+    let job_url = start_job(&client, &url, kind).await;
     wait_for(&client, &job_url, 60, |j| j["progress"]["step"].as_u64().is_some_and(|s| s >= 30) || ended(j)).await;
     let listed: Value = client.get(format!("{job_url}/checkpoints")).send().await.unwrap().json().await.unwrap();
     let steps: Vec<u64> = listed["data"].as_array().unwrap().iter().map(|c| c["step"].as_u64().unwrap()).collect();

@@ -65,6 +65,7 @@ fn run(start: Start, dir: &std::path::Path) -> Vec<f64> {
         device: Device::Cpu,
         out_dir: Some(dir.join("pretrained")),
         mask_prob: 0.15,
+        checkpoints: None,
     };
     let mut obs = Losses(vec![]);
     assert!(matches!(mlm::run(req, &mut obs).unwrap(), Outcome::Pretrained { .. }));

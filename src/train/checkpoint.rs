@@ -6,8 +6,9 @@
 //! into place with `checkpoint.json` last, so a crash mid-save leaves no checkpoint that looks
 //! whole. Only the newest `keep` are kept.
 
+use super::mlm::MlmReport;
 use super::optim::{AdamW, OptimState};
-use super::trainer::EpochReport;
+use super::trainer::{EpochReport, Event, Observer};
 use crate::model::params::Params;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
@@ -51,6 +52,11 @@ pub struct CheckpointMeta {
     pub best: Option<EpochReport>,
     pub num_parameters: usize,
     pub created_at: i64,
+    /// Pre-training runs: held-out loss before training, and the last epoch's report.
+    #[serde(default)]
+    pub mlm_before: Option<f64>,
+    #[serde(default)]
+    pub mlm_last: Option<MlmReport>,
 }
 
 impl CheckpointMeta {
@@ -116,6 +122,21 @@ pub fn save(
         let _ = std::fs::remove_dir_all(path);
     }
     Ok(plan.dir.join(name))
+}
+
+/// Saves a checkpoint and tells the observer; a failure to save is a warning and the run goes on.
+pub fn save_and_report(
+    plan: &CheckpointPlan,
+    meta: &CheckpointMeta,
+    params: &Params,
+    opt: &AdamW,
+    best: Option<&HashMap<String, Tensor>>,
+    obs: &mut dyn Observer,
+) {
+    match save(plan, meta, params, opt, best) {
+        Ok(_) => obs.on_event(Event::Message(format!("checkpoint saved at step {} (epoch {})", meta.step, meta.epoch))),
+        Err(e) => obs.on_event(Event::Warning(format!("could not save a checkpoint at step {}: {e:#}", meta.step))),
+    }
 }
 
 /// Every whole checkpoint in `dir`, oldest first. Temp dirs and unreadable entries are skipped.

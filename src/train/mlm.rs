@@ -1,6 +1,7 @@
 //! Masked-language-model pre-training: continues a checkpoint (or starts from a fresh
 //! config) on a dataset's texts and writes a new base model.
 
+use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
 use super::hyper::Hyperparameters;
 use super::optim::{linear_schedule, AdamW};
 use super::trainer::{Event, Observer, Outcome, StepInfo, TrainError};
@@ -39,10 +40,12 @@ pub struct MlmRequest {
     pub out_dir: Option<PathBuf>,
     /// Share of tokens chosen for prediction.
     pub mask_prob: f64,
+    /// Where to checkpoint, and resume from the newest checkpoint found there.
+    pub checkpoints: Option<CheckpointPlan>,
 }
 
 /// Held-out loss after an epoch (epoch 0: before training).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct MlmReport {
     pub epoch: usize,
     pub step: usize,
@@ -155,21 +158,66 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let model_train = MaskedLm::load(&|n| params.tracked(n), &cfg)?;
     let model_eval = MaskedLm::load(&|n| params.detached(n), &cfg)?;
     let pad = cfg.pad_token_id as u32;
-    let before = evaluate(&model_eval, &val, pad, &req.device)?;
-    obs.on_event(Event::Pretrain(MlmReport { epoch: 0, step: 0, train_loss: None, loss: before, perplexity: before.exp() }));
     let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
-    let mut opt = AdamW::new(decay, hp.weight_decay);
+    let mut opt = AdamW::new(decay.clone(), hp.weight_decay);
     let mut step = 0;
     let mut last = None;
-    for epoch in 1..=hp.epochs {
+    let mut resumed: Option<CheckpointMeta> = None;
+    if let Some((path, meta)) = req.checkpoints.as_ref().and_then(|p| checkpoint::latest(&p.dir)) {
+        let loaded = meta
+            .mlm_before
+            .ok_or_else(|| anyhow::anyhow!("not a pre-training checkpoint"))
+            .and_then(|_| meta.rng_word_pos())
+            .and_then(|pos| checkpoint::load(&path, &meta, &params, &mut opt, &req.device).map(|_| pos));
+        match loaded {
+            Ok(pos) => {
+                rng.set_word_pos(pos);
+                step = meta.step;
+                last = meta.mlm_last.clone();
+                obs.on_event(Event::Message(format!("resumed from the checkpoint at step {step} (epoch {})", meta.epoch)));
+                resumed = Some(meta);
+            }
+            Err(e) => {
+                opt = AdamW::new(decay, hp.weight_decay);
+                obs.on_event(Event::Warning(format!("the checkpoint at step {} could not be used ({e:#}): starting over", meta.step)));
+            }
+        }
+    }
+    let before = match resumed.as_ref().and_then(|m| m.mlm_before) {
+        Some(b) => b,
+        None => {
+            let b = evaluate(&model_eval, &val, pad, &req.device)?;
+            obs.on_event(Event::Pretrain(MlmReport { epoch: 0, step: 0, train_loss: None, loss: b, perplexity: b.exp() }));
+            b
+        }
+    };
+    let mut saved_at = step;
+    let first_epoch = resumed.as_ref().map_or(1, |m| m.epoch);
+    for epoch in first_epoch..=hp.epochs {
         let mut order: Vec<usize> = (0..train.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(hp.seed.wrapping_add(epoch as u64)));
-        let (mut loss_sum, mut batches) = (0.0, 0usize);
+        let (mut done, mut loss_sum, mut batches) = match resumed.take() {
+            Some(m) if m.epoch == epoch => (m.batches_done, m.loss_sum, m.seen),
+            _ => (0, 0.0, 0usize),
+        };
         let started = Instant::now();
-        for chunk in order.chunks(hp.batch_size) {
+        for chunk in order.chunks(hp.batch_size).skip(done) {
+            let position = || CheckpointMeta {
+                step, epoch, batches_done: done, loss_sum, seen: batches, real_tokens: 0, padded_tokens: 0,
+                rng_word_pos: rng.get_word_pos().to_string(), optimizer_step: 0, since_best: 0, best: None,
+                num_parameters: params.count(), created_at: crate::store::now(), mlm_before: Some(before), mlm_last: last.clone(),
+            };
             if obs.should_stop() {
+                if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
+                    checkpoint::save_and_report(plan, &position(), &params, &opt, None, obs);
+                }
                 return Ok(Outcome::Cancelled);
             }
+            if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step % p.every == 0 && saved_at != step) {
+                checkpoint::save_and_report(plan, &position(), &params, &opt, None, obs);
+                saved_at = step;
+            }
+            done += 1;
             let masked: Vec<Masked> = chunk.iter().map(|&i| mask_tokens(&train[i], &special, mask_id, vocab, req.mask_prob, &mut rng)).collect();
             let b = make_batch(&masked, pad, &req.device)?;
             if b.count == 0 {
@@ -195,7 +243,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         obs.on_event(Event::Pretrain(report.clone()));
         last = Some(report);
     }
-    if obs.should_stop() {
+    if obs.should_stop() && !obs.shutting_down() {
         return Ok(Outcome::Cancelled);
     }
     if let Some(out) = &req.out_dir {

@@ -307,15 +307,16 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
                 step, epoch, batches_done: done, loss_sum, seen, real_tokens: real, padded_tokens: padded,
                 rng_word_pos: rng.get_word_pos().to_string(), optimizer_step: 0, since_best,
                 best: best.as_ref().map(|(b, _)| b.clone()), num_parameters: params.count(), created_at: crate::store::now(),
+                mlm_before: None, mlm_last: None,
             };
             if obs.should_stop() {
                 if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
-                    save_checkpoint(plan, &position(&best), &params, &opt, &best, obs);
+                    checkpoint::save_and_report(plan, &position(&best), &params, &opt, best.as_ref().map(|(_, t)| t), obs);
                 }
                 return Ok(Outcome::Cancelled);
             }
             if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step % p.every == 0 && saved_at != step) {
-                save_checkpoint(plan, &position(&best), &params, &opt, &best, obs);
+                checkpoint::save_and_report(plan, &position(&best), &params, &opt, best.as_ref().map(|(_, t)| t), obs);
                 saved_at = step;
             }
             let seqs: Vec<&[u32]> = batch_idx.iter().map(|&i| train[i].ids.as_slice()).collect();
@@ -399,21 +400,6 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
     Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))
-}
-
-/// Saves a checkpoint; a failure to save is reported and training goes on.
-fn save_checkpoint(
-    plan: &CheckpointPlan,
-    meta: &CheckpointMeta,
-    params: &Params,
-    opt: &AdamW,
-    best: &Option<(EpochReport, std::collections::HashMap<String, Tensor>)>,
-    obs: &mut dyn Observer,
-) {
-    match checkpoint::save(plan, meta, params, opt, best.as_ref().map(|(_, t)| t)) {
-        Ok(_) => obs.on_event(Event::Message(format!("checkpoint saved at step {} (epoch {})", meta.step, meta.epoch))),
-        Err(e) => obs.on_event(Event::Warning(format!("could not save a checkpoint at step {}: {e:#}", meta.step))),
-    }
 }
 
 fn lookup(tensors: &std::collections::HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {

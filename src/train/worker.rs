@@ -278,6 +278,11 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, 
     let validation_rows = rows.pop().flatten();
     let train_rows = rows.pop().flatten().unwrap_or_default();
     let out_dir = Some(ctx.data_dir.join("models").join(&model_id));
+    let checkpoints = Some(super::checkpoint::CheckpointPlan {
+        dir: WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id),
+        every: ctx.checkpoint_every,
+        keep: ctx.keep_checkpoints,
+    });
     if job.task == "mlm" {
         let start = match &job.config {
             Some(c) => {
@@ -286,14 +291,9 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, 
             }
             None => Start::Checkpoint(base.path),
         };
-        let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15 };
+        let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15, checkpoints };
         return Ok((Work::Pretrain(req), model_id, pooling));
     }
-    let checkpoints = Some(super::checkpoint::CheckpointPlan {
-        dir: WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id),
-        every: ctx.checkpoint_every,
-        keep: ctx.keep_checkpoints,
-    });
     let req = TrainRequest {
         out_dir,
         checkpoints,

@@ -246,3 +246,38 @@ fn a_data_dir_that_cannot_be_created_stops_start_up_with_a_clear_error() {
     assert!(err.contains("cannot create the data dir"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[tokio::test]
+async fn kill_9_mid_upload_leaves_no_dataset_and_no_file_behind() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    common::write_tiny_model(&models, "tiny");
+    let data = tmp.path().join("data");
+    let (mut server, url) = start(&data, &models);
+    // A 64 MiB upload announced in full, of which only the first 8 MiB arrive before the kill.
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    let total = 64usize << 20;
+    write!(conn, "POST /v1/datasets HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {total}\r\n\r\n").unwrap();
+    let line = b"{\"text\": \"a line of a big upload\", \"label\": \"pos\"}\n";
+    let chunk: Vec<u8> = line.iter().copied().cycle().take(1 << 20).collect();
+    for _ in 0..8 {
+        conn.write_all(&chunk).unwrap();
+    }
+    conn.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // let the server take in what was sent
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(conn);
+
+    let (_server, url) = start(&data, &models);
+    let client = reqwest::Client::new();
+    let listed: Value = client.get(format!("{url}/v1/datasets")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"], json!([]), "{listed}");
+    let files: Vec<_> = std::fs::read_dir(data.join("datasets")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(files.is_empty(), "{files:?}");
+    // The server works: the same upload, sent whole, is stored.
+    let r = client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(8)).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+}

@@ -22,6 +22,9 @@ pub struct Application {
     shutdown: CancellationToken,
 }
 
+/// How long a stop waits for in-flight requests, and then for the running job to checkpoint.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The process-wide Prometheus recorder (installed once, shared by every app in a process).
 fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -108,8 +111,9 @@ impl Application {
             checkpoint_every: config.checkpoint_every,
             keep_checkpoints: config.keep_checkpoints,
         };
-        let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus() };
-        Ok(Self { addr, listener, state, worker, shutdown: CancellationToken::new() })
+        let shutdown = CancellationToken::new();
+        let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };
+        Ok(Self { addr, listener, state, worker, shutdown })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -134,8 +138,22 @@ impl Application {
         let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(self.state.pool.clone(), secret, self.shutdown.clone()));
         let app = api::router(self.state.clone());
         let token = self.shutdown.clone();
-        axum::serve(self.listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await?;
-        let _ = worker.await;
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        // The stop is bounded: requests still running after the grace period are cut off, and a
+        // job still busy (say, in a long evaluation) is left `running`, so the next start-up
+        // queues it again and it resumes from its newest checkpoint.
+        let deadline = async {
+            token.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            served = server => served?,
+            _ = deadline => tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway"),
+        }
+        if tokio::time::timeout(SHUTDOWN_GRACE, worker).await.is_err() {
+            tracing::warn!("the running job did not stop within {SHUTDOWN_GRACE:?}; it resumes from its newest checkpoint at the next start");
+            return Ok(());
+        }
         let _ = webhooks.await;
         self.state.pool.close().await;
         Ok(())

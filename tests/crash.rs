@@ -281,3 +281,29 @@ async fn kill_9_mid_upload_leaves_no_dataset_and_no_file_behind() {
     let r = client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(8)).send().await.unwrap();
     assert_eq!(r.status(), 201);
 }
+
+#[tokio::test]
+async fn sigterm_with_an_open_event_stream_still_stops_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    common::write_tiny_model(&models, "tiny");
+    let (mut server, url) = start(&tmp.path().join("data"), &models);
+    let client = reqwest::Client::new();
+    let job_url = start_job(&client, &url, Kind::FineTune).await;
+    let mut stream = client.get(format!("{job_url}/events")).header("accept", "text/event-stream").send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some(), "the stream sends the job's first events");
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop while an event stream was open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    // The stream ended cleanly rather than hanging.
+    while let Ok(Some(_)) = stream.chunk().await {}
+}

@@ -311,8 +311,9 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
                 return Some((futures::stream::iter(batch), (state, id, after, false)));
             }
             // The status was read before the events, and a terminal status commits with its
-            // closing event: once ended and nothing is left, nothing more will come.
-            if ended {
+            // closing event: once ended and nothing is left, nothing more will come. A server
+            // that is stopping ends the stream too (the client reconnects with `after`).
+            if ended || state.shutdown.is_cancelled() {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -33,6 +33,8 @@ pub struct AppState {
     pub queue: JobQueue,
     pub predictor: Predictor,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Fires when the server starts stopping (long-lived responses end then).
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The whole application router.

@@ -5,6 +5,11 @@ labeled rows with the same settings, both scored on the test set through predict
 
   python3 bench/domain_adapt.py --url http://127.0.0.1:8099 --model all-minilm-l6-v2 \
       --data ../shared/datasets/banking77 --labeled 1000 --out domain.json
+
+With --scratch-config '{"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2}' the
+masked-LM job starts from a fresh model of that shape (--model only lends its tokenizer), and
+--baseline names the model it is compared with (e.g. a random init of the same shape made by
+bench/make_random_base.py).
 """
 import argparse, json, time
 
@@ -25,6 +30,8 @@ def main():
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--pooling", default="mean")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--scratch-config", help="JSON config: pre-train from scratch")
+    ap.add_argument("--baseline", help="model to compare with (default: --model)")
     ap.add_argument("--out")
     a = ap.parse_args()
     u = a.url.rstrip("/")
@@ -47,7 +54,10 @@ def main():
     train = read_jsonl(f"{a.data}/train.jsonl")
     texts = upload([{"text": r["text"]} for r in train], "domain-texts")
     hp = {"epochs": a.mlm_epochs, "batch_size": a.batch_size, "learning_rate": a.mlm_lr, "max_seq_len": a.max_len, "seed": a.seed}
-    mlm = run({"base_model": a.model, "training_dataset": texts, "task": "mlm", "model_name": "domain-base", "hyperparameters": hp})
+    job = {"base_model": a.model, "training_dataset": texts, "task": "mlm", "model_name": "domain-base", "hyperparameters": hp}
+    if a.scratch_config:
+        job["config"] = json.loads(a.scratch_config)
+    mlm = run(job)
 
     labeled = upload(train[: a.labeled], "few-labeled")
     val = upload(read_jsonl(f"{a.data}/validation.jsonl"), "validation")
@@ -56,7 +66,7 @@ def main():
     hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
           "seed": a.seed, "pooling": a.pooling}
     results = {}
-    for base in ["domain-base", a.model]:
+    for base in ["domain-base", a.baseline or a.model]:
         job = run({"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
         preds = []
         for i in range(0, len(test), 64):

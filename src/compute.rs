@@ -22,18 +22,29 @@ pub fn init_process() {
         // SAFETY (of the environment write): no other thread exists yet.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    keep_freed_memory();
+    // Serving: glibc's adaptive mmap threshold tops out at 32 MiB, and it hands the heap's free
+    // top back to the kernel past 128 KiB, so each request grew and shrank the heap again
+    // (page faults on every predict). Keep up to 32 MiB of free top; blocks under 32 MiB come
+    // from the heap, as the adaptive threshold would settle on.
+    set_malloc(32 << 20, 32 << 20);
+}
+
+#[allow(unused_variables)]
+fn set_malloc(mmap_threshold: i32, trim_threshold: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters, under glibc's own lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, mmap_threshold);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, trim_threshold);
+    }
 }
 
 /// Training allocates and frees tensors of up to tens of MiB every step. By default glibc gives
 /// blocks over 32 MiB (and the heap's free top) back to the kernel, so each step faults the same
-/// memory in again as fresh zeroed pages. Keeping freed memory in the heap for reuse avoids that;
-/// peak memory is unchanged, as the same blocks are needed again on the next step.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
+/// memory in again as fresh zeroed pages. From the first training run on, freed memory stays in
+/// the heap for reuse. A process that only serves keeps glibc's defaults, which hold its memory
+/// lower (its buffers are small and come and go with the traffic).
+pub fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| set_malloc(512 << 20, 1 << 30));
 }

@@ -99,6 +99,7 @@ fn evaluate(model: &MaskedLm, data: &[Masked], pad: u32, device: &Device) -> can
 
 /// Runs pre-training; reports `Event::Pretrain` per epoch.
 pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
+    crate::compute::keep_freed_memory();
     let hp = &req.hp;
     let base_err = |e: anyhow::Error| TrainError::BaseModel(format!("{e:#}"));
     let (mut cfg, tokenizer_dir, weights) = match &req.start {

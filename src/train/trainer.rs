@@ -209,6 +209,7 @@ fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max
 
 /// Runs a fine-tuning job to the end (or until the observer says stop).
 pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
+    crate::compute::keep_freed_memory();
     let hp = &req.hp;
     let t_load = Instant::now();
     let info = inspect(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;

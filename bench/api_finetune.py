@@ -38,6 +38,12 @@ def read_jsonl(path, limit=None):
     return rows
 
 
+def upload(u, rows, name, key=None):
+    """Uploads rows as JSONL; returns the dataset id."""
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return call(f"{u}/v1/datasets?name={name}", "POST", body, "application/x-ndjson", key)["id"]
+
+
 def macro_f1(truth, pred):
     labels = sorted(set(truth) | set(pred))
     f1s = []
@@ -69,12 +75,8 @@ def main():
     a = ap.parse_args()
     u = a.url.rstrip("/")
 
-    def upload(rows, name):
-        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        return call(f"{u}/v1/datasets?name={name}", "POST", body, "application/x-ndjson", a.key)["id"]
-
-    train = upload(read_jsonl(f"{a.data}/train.jsonl", a.max_train), "train")
-    val = upload(read_jsonl(f"{a.data}/validation.jsonl"), "validation")
+    train = upload(u, read_jsonl(f"{a.data}/train.jsonl", a.max_train), "train", a.key)
+    val = upload(u, read_jsonl(f"{a.data}/validation.jsonl"), "validation", a.key)
     hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
           "seed": a.seed, "pooling": a.pooling, "group_by_length": a.group_by_length}
     job = call(f"{u}/v1/jobs", "POST", {"base_model": a.model, "training_dataset": train,

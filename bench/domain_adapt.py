@@ -13,7 +13,7 @@ bench/make_random_base.py).
 """
 import argparse, json, time
 
-from api_finetune import call, macro_f1, read_jsonl
+from api_finetune import call, macro_f1, read_jsonl, upload as upload_to
 
 
 def main():
@@ -37,8 +37,7 @@ def main():
     u = a.url.rstrip("/")
 
     def upload(rows, name):
-        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        return call(f"{u}/v1/datasets?name={name}", "POST", body, "application/x-ndjson")["id"]
+        return upload_to(u, rows, name)
 
     def run(body):
         job = call(f"{u}/v1/jobs", "POST", body)

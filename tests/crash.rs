@@ -106,6 +106,18 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     wait_for(&client, &job_url, 60, |j| j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)).await;
     server.kill().unwrap(); // SIGKILL: no chance to clean up
     server.wait().unwrap();
+    // What a kill in the middle of a save leaves: half-written temp files and dirs of a
+    // checkpoint, a model and a dataset (each is only renamed into place once whole).
+    let job_id = job["id"].as_str().unwrap();
+    let half = [
+        data.join(format!("checkpoints/{job_id}/.tmp-step-00009999-0/params.safetensors")),
+        data.join("models/.tmp-survivor-0/model.safetensors"),
+    ];
+    for f in &half {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, b"half a file").unwrap();
+    }
+    std::fs::write(data.join("datasets/.tmp-upload-0"), b"{\"text\": \"half").unwrap();
 
     let (mut server, url) = start(&data, &models);
     let job_url = format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap());
@@ -115,7 +127,11 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert!(messages.iter().any(|m| m.contains("queued again")), "{messages:?}");
     // Checkpoints every 2 steps and killed after step 5: it went on from a checkpoint, not from scratch.
-    assert!(messages.iter().any(|m| m.starts_with("resumed from the checkpoint at step")), "{messages:?}");
+    let resumed = messages.iter().find(|m| m.starts_with("resumed from the checkpoint at step")).unwrap_or_else(|| panic!("{messages:?}"));
+    assert!(!resumed.contains("9999"), "resumed from a half-written checkpoint: {resumed}");
+    for f in &half {
+        assert!(!f.parent().unwrap().exists(), "{} was left behind", f.parent().unwrap().display());
+    }
     let r = client.post(format!("{url}/v1/models/survivor/predict")).json(&json!({"inputs": "good"})).send().await.unwrap();
     assert_eq!(r.status(), 200);
     server.kill().unwrap();

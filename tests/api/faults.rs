@@ -184,3 +184,21 @@ async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts
         assert_error(app.get(&format!("/v1/models/{bad}")).await, StatusCode::NOT_FOUND, "not_found").await;
     }
 }
+
+#[tokio::test]
+async fn a_model_that_a_queued_or_running_job_builds_on_cannot_be_deleted() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
+    let first = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "base-a", "hyperparameters": tiny_hp(1)})).await;
+    assert_eq!(app.wait_ended(first["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+    let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3});
+    let next = app.create_job(&json!({"base_model": "base-a", "training_dataset": ds, "hyperparameters": hp})).await;
+    let r = app.client.delete(app.url("/v1/models/base-a")).send().await.unwrap();
+    let e = assert_error(r, StatusCode::CONFLICT, "conflict").await;
+    assert!(e["message"].as_str().unwrap().contains("base of a queued or running job"), "{e}");
+    let id = next["id"].as_str().unwrap();
+    app.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    app.wait_ended(id, 120).await;
+    let r = app.client.delete(app.url("/v1/models/base-a")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

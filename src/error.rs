@@ -72,14 +72,49 @@ impl ApiError {
     }
 }
 
+/// A full or read-only disk under the data dir: a state of the machine, not a bug, and one that
+/// an operator can clear. Answered with 503 `storage_unavailable` and a `Retry-After`.
+fn storage_unavailable(detail: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %detail, "the data dir cannot be written");
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_unavailable",
+        format!("the data dir cannot be written ({detail}); nothing was stored: free space or make it writable, then retry"),
+    );
+    e.retry_after = Some(30);
+    e
+}
+
+/// Whether an OS error is a full disk, a read-only filesystem or an exhausted quota.
+pub fn is_storage_full_or_read_only(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT))
+}
+
+/// Whether SQLite could not write: its primary code (the low byte of the extended one) is
+/// 13 (full) or 8 (read-only).
+fn is_database_full_or_read_only(e: &sqlx::Error) -> bool {
+    let code = e.as_database_error().and_then(|d| d.code()).and_then(|c| c.parse::<i32>().ok());
+    matches!(code.map(|c| c & 0xff), Some(13 | 8))
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if is_database_full_or_read_only(&e) {
+            return storage_unavailable(e);
+        }
         Self::internal(e)
     }
 }
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        let storage = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>().is_some_and(is_storage_full_or_read_only)
+                || c.downcast_ref::<sqlx::Error>().is_some_and(is_database_full_or_read_only)
+        });
+        if storage {
+            return storage_unavailable(format!("{e:#}"));
+        }
         Self::internal(format!("{e:#}"))
     }
 }
@@ -102,3 +137,18 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_or_read_only_disk_is_a_503_with_retry_after_not_a_500() {
+        for errno in [libc::ENOSPC, libc::EROFS] {
+            let e: ApiError = anyhow::Error::from(std::io::Error::from_raw_os_error(errno)).context("writing the dataset").into();
+            assert_eq!((e.status, e.code, e.retry_after), (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", Some(30)));
+        }
+        let other: ApiError = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EIO)).into();
+        assert_eq!(other.status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -142,7 +142,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         Err(e) => {
             ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
             let message = e.to_string();
-            jobs::fail(pool, &job.id, e.code(), &message).await?;
+            persist(shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
             return Ok(());
         }
     };
@@ -169,14 +169,14 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), hp.max_seq_len);
-            finish(ctx, &job, rec, &out_dir).await?;
+            persist(shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
         Ok(Ok(Outcome::Pretrained { before, last })) => {
             let metrics = json!({"train_loss": last.train_loss, "validation": {"loss": last.loss, "perplexity": last.perplexity},
                                  "validation_before": {"loss": before, "perplexity": before.exp()}, "epoch": last.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             let rec = new_model(&job, &model_id, "base", vec![], metrics, None, hp.max_seq_len);
-            finish(ctx, &job, rec, &out_dir).await?;
+            persist(shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
         Ok(Ok(Outcome::Cancelled)) => {
             if shutdown.is_cancelled() {
@@ -190,12 +190,12 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                 _ => format!("{e:#}"),
             };
             tracing::warn!(error = %message, "job failed");
-            jobs::fail(pool, &job.id, e.code(), &message).await?;
+            persist(shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
         }
         Err(panic) => {
             let message = format!("training crashed: {panic}");
             tracing::error!(error = %message, "job panicked");
-            jobs::fail(pool, &job.id, "internal_error", &message).await?;
+            persist(shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, "internal_error", &message).await?) }).await?;
         }
     }
     if !requeued {
@@ -203,6 +203,29 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         tokio::task::spawn_blocking(move || super::checkpoint::remove_all(&ckpt_dir)).await?;
     }
     Ok(())
+}
+
+/// Retries a write of a job's final state until it lands or the server stops. A full or
+/// read-only disk can be cleared by an operator; giving up would leave the job `running` until
+/// the next restart. (After a stop the next start-up queues it again, and it resumes.)
+async fn persist<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut write: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    loop {
+        match write().await {
+            Ok(v) => return Ok(v),
+            Err(e) if !shutdown.is_cancelled() => {
+                tracing::error!(error = %format!("{e:#}"), "{what} failed; retrying in 2 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn new_model(job: &JobRecord, id: &str, kind: &str, labels: Vec<String>, metrics: Value, pooling: Option<String>, max_len: usize) -> models::ModelRecord {

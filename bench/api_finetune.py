@@ -44,6 +44,36 @@ def upload(u, rows, name, key=None):
     return call(f"{u}/v1/datasets?name={name}", "POST", body, "application/x-ndjson", key)["id"]
 
 
+def run_job(u, body, key=None):
+    """Starts a job and polls it until it ends; exits unless it succeeded. Adds `wall_seconds`."""
+    job = call(f"{u}/v1/jobs", "POST", body, key=key)
+    t0 = time.time()
+    while job["status"] in ("queued", "running"):
+        time.sleep(2)
+        job = call(f"{u}/v1/jobs/{job['id']}", key=key)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"job ended {job['status']}: {job.get('error')}")
+    job["wall_seconds"] = round(time.time() - t0, 1)
+    return job
+
+
+def score(u, model, rows, key=None):
+    """Top-1 predictions for `rows` through predict, in batches of 64: (accuracy, macro-F1)."""
+    preds = []
+    for i in range(0, len(rows), 64):
+        out = call(f"{u}/v1/models/{model}/predict", "POST", {"inputs": [r["text"] for r in rows[i:i + 64]], "top_k": 1}, key=key)
+        preds += [p[0]["label"] for p in out["predictions"]]
+    truth = [str(r["label"]) for r in rows]
+    return sum(t == p for t, p in zip(truth, preds)) / len(truth), macro_f1(truth, preds)
+
+
+def write_report(report, out):
+    print(json.dumps(report, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
 def macro_f1(truth, pred):
     labels = sorted(set(truth) | set(pred))
     f1s = []
@@ -79,35 +109,18 @@ def main():
     val = upload(u, read_jsonl(f"{a.data}/validation.jsonl"), "validation", a.key)
     hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
           "seed": a.seed, "pooling": a.pooling, "group_by_length": a.group_by_length}
-    job = call(f"{u}/v1/jobs", "POST", {"base_model": a.model, "training_dataset": train,
-                                         "validation_dataset": val, "hyperparameters": hp}, key=a.key)
-    t0 = time.time()
-    while job["status"] in ("queued", "running"):
-        time.sleep(2)
-        job = call(f"{u}/v1/jobs/{job['id']}", key=a.key)
-    wall = time.time() - t0
-    if job["status"] != "succeeded":
-        raise SystemExit(f"job ended {job['status']}: {job.get('error')}")
-    test = read_jsonl(f"{a.data}/test.jsonl")
-    preds = []
-    for i in range(0, len(test), 64):
-        batch = [r["text"] for r in test[i:i + 64]]
-        out = call(f"{u}/v1/models/{job['model']}/predict", "POST", {"inputs": batch, "top_k": 1}, key=a.key)
-        preds += [p[0]["label"] for p in out["predictions"]]
-    truth = [str(r["label"]) for r in test]
+    job = run_job(u, {"base_model": a.model, "training_dataset": train, "validation_dataset": val, "hyperparameters": hp}, a.key)
+    accuracy, f1 = score(u, job["model"], read_jsonl(f"{a.data}/test.jsonl"), a.key)
     events = call(f"{u}/v1/jobs/{job['id']}/events?limit=1000", key=a.key)["data"]
     report = {
         "job": job["id"], "model": job["model"], "hyperparameters": job["hyperparameters"],
-        "test_accuracy": sum(t == p for t, p in zip(truth, preds)) / len(truth),
-        "test_macro_f1": macro_f1(truth, preds),
-        "validation": job["metrics"], "job_wall_seconds": round(wall, 1),
+        "test_accuracy": accuracy,
+        "test_macro_f1": f1,
+        "validation": job["metrics"], "job_wall_seconds": job["wall_seconds"],
         "train_examples_per_s_last": job["progress"]["examples_per_second"],
         "messages": [e["message"] for e in events if e["type"] == "message"],
     }
-    print(json.dumps(report, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":

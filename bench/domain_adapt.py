@@ -11,9 +11,9 @@ masked-LM job starts from a fresh model of that shape (--model only lends its to
 --baseline names the model it is compared with (e.g. a random init of the same shape made by
 bench/make_random_base.py).
 """
-import argparse, json, time
+import argparse, json
 
-from api_finetune import call, macro_f1, read_jsonl, upload as upload_to
+from api_finetune import read_jsonl, run_job, score, upload, write_report
 
 
 def main():
@@ -36,49 +36,27 @@ def main():
     a = ap.parse_args()
     u = a.url.rstrip("/")
 
-    def upload(rows, name):
-        return upload_to(u, rows, name)
-
-    def run(body):
-        job = call(f"{u}/v1/jobs", "POST", body)
-        t0 = time.time()
-        while job["status"] in ("queued", "running"):
-            time.sleep(2)
-            job = call(f"{u}/v1/jobs/{job['id']}")
-        if job["status"] != "succeeded":
-            raise SystemExit(f"job ended {job['status']}: {job.get('error')}")
-        job["wall_seconds"] = round(time.time() - t0, 1)
-        return job
-
     train = read_jsonl(f"{a.data}/train.jsonl")
-    texts = upload([{"text": r["text"]} for r in train], "domain-texts")
+    texts = upload(u, [{"text": r["text"]} for r in train], "domain-texts")
     hp = {"epochs": a.mlm_epochs, "batch_size": a.batch_size, "learning_rate": a.mlm_lr, "max_seq_len": a.max_len, "seed": a.seed}
     job = {"base_model": a.model, "training_dataset": texts, "task": "mlm", "model_name": "domain-base", "hyperparameters": hp}
     if a.scratch_config:
         job["config"] = json.loads(a.scratch_config)
-    mlm = run(job)
+    mlm = run_job(u, job)
 
-    labeled = upload(train[: a.labeled], "few-labeled")
-    val = upload(read_jsonl(f"{a.data}/validation.jsonl"), "validation")
+    labeled = upload(u, train[: a.labeled], "few-labeled")
+    val = upload(u, read_jsonl(f"{a.data}/validation.jsonl"), "validation")
     test = read_jsonl(f"{a.data}/test.jsonl")
-    truth = [str(r["label"]) for r in test]
     hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
           "seed": a.seed, "pooling": a.pooling}
     results = {}
     for base in ["domain-base", a.baseline or a.model]:
-        job = run({"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
-        preds = []
-        for i in range(0, len(test), 64):
-            out = call(f"{u}/v1/models/{job['model']}/predict", "POST", {"inputs": [r["text"] for r in test[i:i + 64]], "top_k": 1})
-            preds += [p[0]["label"] for p in out["predictions"]]
-        results[base] = {"test_accuracy": sum(t == p for t, p in zip(truth, preds)) / len(truth),
-                         "test_macro_f1": macro_f1(truth, preds), "validation": job["metrics"], "wall_seconds": job["wall_seconds"]}
+        job = run_job(u, {"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
+        accuracy, f1 = score(u, job["model"], test)
+        results[base] = {"test_accuracy": accuracy, "test_macro_f1": f1, "validation": job["metrics"], "wall_seconds": job["wall_seconds"]}
     report = {"mlm": {"metrics": mlm["metrics"], "wall_seconds": mlm["wall_seconds"], "hyperparameters": mlm["hyperparameters"]},
               "fine_tune_hyperparameters": hp, "labeled_rows": a.labeled, "results": results}
-    print(json.dumps(report, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, a.out)
 
 
 if __name__ == "__main__":

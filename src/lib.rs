@@ -2,6 +2,8 @@
 
 /// HTTP handlers, one router per resource.
 pub mod api;
+/// Space held back in the data dir for recording how jobs end on a full disk.
+pub mod reserve;
 /// The `bench-serve` load generator.
 pub mod bench;
 /// The offline `train` command.

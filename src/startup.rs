@@ -88,6 +88,9 @@ impl Application {
         let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
         std::fs::write(&probe, b"").with_context(|| format!("the data dir {dir} is not writable"))?;
         let _ = std::fs::remove_file(&probe);
+        if let Err(e) = crate::reserve::ensure(&config.data_dir) {
+            tracing::warn!(error = %e, "the data dir has no room for its {} MiB reserve", crate::reserve::SIZE >> 20);
+        }
         clean_data_dir(&pool, &config.data_dir).await?;
         for id in jobs::requeue_running(&pool).await? {
             tracing::warn!(job_id = %id, "job was running when the server stopped; queued again");

@@ -12,7 +12,6 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sqlx::{Sqlite, Transaction};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -60,7 +59,7 @@ pub fn format_of(content_type: Option<&str>, filename: Option<&str>) -> Option<F
 /// temp name, then renamed); the caller's commit makes it visible. Returns the record.
 pub async fn store_upload(
     state: &AppState,
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut crate::store::Tx,
     upload: Upload,
     q: &UploadQuery,
     param: &str,
@@ -150,7 +149,7 @@ async fn upload(State(state): State<AppState>, ApiQuery(q): ApiQuery<UploadQuery
     if upload.bytes.is_empty() {
         return Err(ApiError::invalid_dataset("file", &dataset::DatasetError { line: 0, message: "the file is empty".into() }));
     }
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::store::Tx::begin(&state.pool).await?;
     let rec = store_upload(&state, &mut tx, upload, &q, "file").await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(dataset_json(&rec))))

@@ -132,14 +132,14 @@ async fn create_json(state: &AppState, req: JobRequest) -> ApiResult<JobRecord> 
         let d = datasets::get(&state.pool, id).await?.ok_or_else(|| ApiError::not_found("dataset", id).param(param))?;
         check_dataset_kind(&d, param, &task)?;
     }
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::store::Tx::begin(&state.pool).await?;
     let id = insert_job(&mut tx, &req, &task, &hp, &train_id, req.validation_dataset.as_deref()).await?;
     tx.commit().await?;
     Ok(jobs::get(&state.pool, &id).await?.expect("job just inserted"))
 }
 
 async fn insert_job(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut crate::store::Tx,
     req: &JobRequest,
     task: &str,
     hp: &Value,
@@ -194,7 +194,7 @@ async fn create_multipart(state: &AppState, req: Request) -> ApiResult<JobRecord
     }
     let train = train.ok_or_else(|| ApiError::bad_request("multipart body has no part named \"training_file\"").param("training_file"))?;
     let (task, hp) = check_request(state, &req).await?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = crate::store::Tx::begin(&state.pool).await?;
     let mut written = Vec::new();
     let result = async {
         let q = UploadQuery::default();

@@ -1,7 +1,7 @@
 //! The `datasets` table.
 
 use serde::Serialize;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::SqlitePool;
 use std::collections::BTreeMap;
 
 /// A stored dataset, as the API shows it.
@@ -23,7 +23,7 @@ pub struct DatasetRecord {
 const COLUMNS: &str = "id, name, format, rows, labels, multi_label, bytes, path, created_at";
 
 /// Inserts a dataset row inside `tx`.
-pub async fn insert(tx: &mut Transaction<'_, Sqlite>, d: &DatasetRecord) -> sqlx::Result<()> {
+pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Result<()> {
     sqlx::query(
         r#"insert into datasets (id, name, format, rows, labels, multi_label, bytes, path, created_at)
            values (?, ?, ?, ?, ?, ?, ?, ?, ?)"#,

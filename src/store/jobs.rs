@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqlitePool};
 
 /// A job as stored; serialises to the contract's job object.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -65,7 +65,7 @@ pub enum InsertOutcome {
 
 /// Queues a job in one statement that also checks its datasets still exist and that no
 /// model or active job already has its `model_name`.
-pub async fn insert(tx: &mut Transaction<'_, Sqlite>, j: &NewJob<'_>) -> sqlx::Result<InsertOutcome> {
+pub async fn insert(tx: &mut crate::store::Tx, j: &NewJob<'_>) -> sqlx::Result<InsertOutcome> {
     let done = sqlx::query(
         r#"insert into jobs (id, task, status, base_model, training_dataset, validation_dataset, model_name,
                              hyperparameters, created_at, config, webhook_url)
@@ -156,7 +156,7 @@ pub async fn requeue(pool: &SqlitePool, id: &str) -> sqlx::Result<()> {
 
 /// Marks a queued or running job cancelled, with its closing event. False when it had already ended.
 pub async fn cancel(pool: &SqlitePool, id: &str) -> sqlx::Result<bool> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::Tx::begin(pool).await?;
     let done = sqlx::query(
         "update jobs set status = 'cancelled', finished_at = ? where id = ? and status in ('queued', 'running')",
     )
@@ -165,6 +165,7 @@ pub async fn cancel(pool: &SqlitePool, id: &str) -> sqlx::Result<bool> {
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() != 1 {
+        tx.rollback().await?;
         return Ok(false);
     }
     add_event(&mut *tx, id, "info", "message", "job cancelled", None).await?;
@@ -175,7 +176,7 @@ pub async fn cancel(pool: &SqlitePool, id: &str) -> sqlx::Result<bool> {
 /// Marks a running job failed with `{code, message}`, with its closing event.
 pub async fn fail(pool: &SqlitePool, id: &str, code: &str, message: &str) -> sqlx::Result<()> {
     let err = serde_json::json!({"code": code, "message": message});
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::Tx::begin(pool).await?;
     let done = sqlx::query("update jobs set status = 'failed', error = ?, finished_at = ? where id = ? and status = 'running'")
         .bind(err.to_string())
         .bind(super::now())
@@ -184,14 +185,15 @@ pub async fn fail(pool: &SqlitePool, id: &str, code: &str, message: &str) -> sql
         .await?;
     if done.rows_affected() == 1 {
         add_event(&mut *tx, id, "error", "message", &format!("job failed: {message}"), None).await?;
-        tx.commit().await?;
+        tx.commit().await
+    } else {
+        tx.rollback().await
     }
-    Ok(())
 }
 
 /// Marks a running job succeeded with its model, with its closing event, inside `tx`.
 /// False when it was cancelled meanwhile.
-pub async fn succeed(tx: &mut Transaction<'_, Sqlite>, id: &str, model: &str) -> sqlx::Result<bool> {
+pub async fn succeed(tx: &mut crate::store::Tx, id: &str, model: &str) -> sqlx::Result<bool> {
     let done = sqlx::query("update jobs set status = 'succeeded', model = ?, finished_at = ? where id = ? and status = 'running'")
         .bind(model)
         .bind(super::now())
@@ -331,7 +333,7 @@ pub async fn metrics(pool: &SqlitePool, job: &str) -> sqlx::Result<(Vec<(i64, i6
 }
 
 /// Sets a job's metrics inside `tx`.
-pub async fn set_metrics_tx(tx: &mut Transaction<'_, Sqlite>, id: &str, metrics: &Value) -> sqlx::Result<()> {
+pub async fn set_metrics_tx(tx: &mut crate::store::Tx, id: &str, metrics: &Value) -> sqlx::Result<()> {
     sqlx::query("update jobs set metrics = ? where id = ?").bind(metrics.to_string()).bind(id).execute(&mut **tx).await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod datasets;
 pub mod jobs;
 pub mod models;
+pub mod tx;
 pub mod webhooks;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -10,6 +11,7 @@ use sqlx::SqlitePool;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
+pub use tx::Tx;
 
 /// Opens (creating if needed) the database in `data_dir`, in WAL mode, and applies the migrations.
 pub async fn connect(data_dir: &Path) -> anyhow::Result<SqlitePool> {

@@ -1,7 +1,7 @@
 //! The `models` table: models made by jobs.
 
 use serde_json::Value;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::SqlitePool;
 
 /// A trained model as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -24,7 +24,7 @@ pub struct ModelRecord {
 
 const COLUMNS: &str = "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at";
 
-pub async fn insert(tx: &mut Transaction<'_, Sqlite>, m: &ModelRecord) -> sqlx::Result<()> {
+pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<()> {
     sqlx::query(&format!("insert into models ({COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
         .bind(&m.id)
         .bind(&m.kind)

@@ -79,7 +79,15 @@ pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: Cancellation
         match jobs::claim_next(&ctx.pool).await {
             Ok(Some(job)) => {
                 let span = tracing::info_span!("job", job_id = %job.id);
-                let _ = tracing::Instrument::instrument(run_job(&ctx, job, &shutdown), span).await;
+                let id = job.id.clone();
+                let dir = ctx.data_dir.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || crate::reserve::ensure(&dir)).await {
+                    tracing::warn!(error = %e, "the data dir has no room for its reserve");
+                }
+                let run = run_job(&ctx, job, &shutdown);
+                if let Err(e) = tracing::Instrument::instrument(run, span).await {
+                    fail_unfinished(&ctx, &id, &e, &shutdown).await;
+                }
             }
             Ok(None) => {
                 tokio::select! {
@@ -142,7 +150,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         Err(e) => {
             ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
             let message = e.to_string();
-            persist(shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
+            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
             return Ok(());
         }
     };
@@ -169,14 +177,14 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), hp.max_seq_len);
-            persist(shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
+            persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
         Ok(Ok(Outcome::Pretrained { before, last })) => {
             let metrics = json!({"train_loss": last.train_loss, "validation": {"loss": last.loss, "perplexity": last.perplexity},
                                  "validation_before": {"loss": before, "perplexity": before.exp()}, "epoch": last.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             let rec = new_model(&job, &model_id, "base", vec![], metrics, None, hp.max_seq_len);
-            persist(shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
+            persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
         Ok(Ok(Outcome::Cancelled)) => {
             if shutdown.is_cancelled() {
@@ -190,12 +198,12 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                 _ => format!("{e:#}"),
             };
             tracing::warn!(error = %message, "job failed");
-            persist(shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
+            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
         }
         Err(panic) => {
             let message = format!("training crashed: {panic}");
             tracing::error!(error = %message, "job panicked");
-            persist(shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, "internal_error", &message).await?) }).await?;
+            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, "internal_error", &message).await?) }).await?;
         }
     }
     if !requeued {
@@ -205,10 +213,24 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     Ok(())
 }
 
+/// Fails a job that `run_job` left without a final state (a write it needed failed), unless the
+/// server is stopping: then the next start-up queues it again.
+async fn fail_unfinished(ctx: &WorkerContext, id: &str, e: &anyhow::Error, shutdown: &CancellationToken) {
+    ctx.queue.cancel_flags.lock().unwrap().remove(id);
+    if shutdown.is_cancelled() {
+        return;
+    }
+    let code = if crate::reserve::is_disk_full(e) { "storage_error" } else { "internal_error" };
+    let message = format!("{e:#}");
+    tracing::error!(job_id = %id, error = %message, "job stopped before it could end");
+    let _ = persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(&ctx.pool, id, code, &message).await?) }).await;
+}
+
 /// Retries a write of a job's final state until it lands or the server stops. A full or
 /// read-only disk can be cleared by an operator; giving up would leave the job `running` until
-/// the next restart. (After a stop the next start-up queues it again, and it resumes.)
-async fn persist<T, F, Fut>(shutdown: &CancellationToken, what: &str, mut write: F) -> anyhow::Result<T>
+/// the next restart. (After a stop the next start-up queues it again, and it resumes.) On a full
+/// disk the data dir's reserve is released first, which lets the write through at once.
+async fn persist<T, F, Fut>(ctx: &WorkerContext, shutdown: &CancellationToken, what: &str, mut write: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -216,6 +238,9 @@ where
     loop {
         match write().await {
             Ok(v) => return Ok(v),
+            Err(e) if crate::reserve::is_disk_full(&e) && crate::reserve::release(&ctx.data_dir) => {
+                tracing::error!(error = %format!("{e:#}"), "{what} failed; retrying with the reserve freed");
+            }
             Err(e) if !shutdown.is_cancelled() => {
                 tracing::error!(error = %format!("{e:#}"), "{what} failed; retrying in 2 s");
                 tokio::select! {
@@ -248,14 +273,14 @@ fn new_model(job: &JobRecord, id: &str, kind: &str, labels: Vec<String>, metrics
 /// cancelled meanwhile (then the model's files are removed).
 async fn finish(ctx: &WorkerContext, job: &JobRecord, rec: models::ModelRecord, out_dir: &std::path::Path) -> anyhow::Result<()> {
     let pool = &ctx.pool;
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::Tx::begin(pool).await?;
     models::insert(&mut tx, &rec).await?;
     jobs::set_metrics_tx(&mut tx, &job.id, rec.metrics.as_ref().unwrap_or(&Value::Null)).await?;
     if jobs::succeed(&mut tx, &job.id, &rec.id).await? {
         tx.commit().await?;
         tracing::info!(model = %rec.id, "job succeeded");
     } else {
-        drop(tx);
+        tx.rollback().await?;
         let _ = std::fs::remove_dir_all(out_dir);
         event(pool, &job.id, "info", "job was cancelled; the model was discarded").await;
     }

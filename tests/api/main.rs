@@ -5,6 +5,7 @@ mod common;
 mod helpers;
 
 mod datasets;
+mod disk_full;
 mod faults;
 mod hub;
 mod jobs;

@@ -84,10 +84,10 @@ impl Application {
         use anyhow::Context;
         let dir = config.data_dir.display().to_string();
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create the data dir {dir}"))?;
-        let pool = store::connect(&config.data_dir).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?;
         let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
         std::fs::write(&probe, b"").with_context(|| format!("the data dir {dir} is not writable"))?;
         let _ = std::fs::remove_file(&probe);
+        let pool = store::connect(&config.data_dir).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?;
         if let Err(e) = crate::reserve::ensure(&config.data_dir) {
             tracing::warn!(error = %e, "the data dir has no room for its {} MiB reserve", crate::reserve::SIZE >> 20);
         }

@@ -94,3 +94,37 @@ async fn a_disk_that_fills_mid_job_fails_the_job_with_a_clear_error_and_loses_no
     assert_eq!(check, "ok");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_read_only_data_dir_at_start_up_is_refused_with_a_clear_error_and_left_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let Some(_mnt) = Tmpfs::mount(&mnt, 16) else { return };
+    let data = mnt.join("data");
+    let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
+    app.stop().await;
+
+    let remount = |mode: &str| {
+        // Files the stopped server had open for writing may take a moment to be closed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let out = Command::new("mount").args(["-o", &format!("remount,{mode}")]).arg(&mnt).output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "remount {mode}: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    remount("ro");
+    let err = finetuned::startup::Application::build(ServeConfig::for_test(data.clone(), models.clone())).await.err().expect("start-up fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("data dir") && msg.contains("Read-only file system"), "{msg}");
+
+    remount("rw");
+    let app = spawn_with(ServeConfig::for_test(data, models)).await;
+    assert_eq!(app.get(&format!("/v1/datasets/{ds}")).await.status(), StatusCode::OK);
+    app.stop().await;
+}

@@ -78,12 +78,17 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         let send = send.clone();
         tasks.push(async move {
             let (mut lat, mut statuses) = (Vec::new(), BTreeMap::<String, usize>::new());
+            let mut server: Vec<[f64; 3]> = Vec::new();
             let mut i = c;
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let status = match send(i).await {
                     Ok(r) => {
                         let s = r.status().as_u16().to_string();
+                        let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()?.parse::<f64>().ok());
+                        if let (Some(q), Some(t), Some(i)) = (header("x-queue-time"), header("x-tokenization-time"), header("x-inference-time")) {
+                            server.push([q, t, i]);
+                        }
                         let _ = r.bytes().await;
                         s
                     }
@@ -96,15 +101,20 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 *statuses.entry(status).or_default() += 1;
                 i += a.clients;
             }
-            (lat, statuses)
+            (lat, statuses, server)
         });
     }
     let results = futures::future::join_all(tasks).await;
     let wall = started.elapsed().as_secs_f64();
-    let mut lat: Vec<f64> = results.iter().flat_map(|(l, _)| l.iter().copied()).collect();
+    let mut lat: Vec<f64> = results.iter().flat_map(|(l, _, _)| l.iter().copied()).collect();
     lat.sort_by(f64::total_cmp);
     let mut statuses = BTreeMap::<String, usize>::new();
-    for (_, s) in &results {
+    let server_p50 = |k: usize| {
+        let mut v: Vec<f64> = results.iter().flat_map(|(_, _, s)| s.iter().map(move |t| t[k])).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    for (_, s, _) in &results {
         for (k, v) in s {
             *statuses.entry(k.clone()).or_default() += v;
         }
@@ -116,6 +126,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         "texts_per_s": (ok * a.batch) as f64 / wall,
         "latency_ms": {"p50": percentile(&lat, 0.5), "p95": percentile(&lat, 0.95), "p99": percentile(&lat, 0.99),
                        "min": lat.first(), "max": lat.last()},
+        // Medians of what the server reports in its timing headers: the rest of a request's
+        // latency is HTTP, JSON and the client.
+        "server_ms_p50": {"queue": server_p50(0), "tokenization": server_p50(1), "inference": server_p50(2)},
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(out) = &a.out {

@@ -107,6 +107,11 @@ impl Params {
         self.get(name).map(|v| v.as_detached_tensor())
     }
 
+    /// Overwrites a parameter's values (same shape).
+    pub fn set(&self, name: &str, value: &Tensor) -> Result<()> {
+        self.get(name)?.set(value)
+    }
+
     fn get(&self, name: &str) -> Result<&Var> {
         self.index
             .get(name)

@@ -5,7 +5,7 @@ use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
 use super::data::{epoch_batches, label_set, stratified_split, Example};
 use super::hyper::Hyperparameters;
 use super::metrics::ClassificationReport;
-use super::objective::{balanced_weights, Task};
+use super::objective::{balanced_weights, prior_log_odds, Task};
 use super::optim::{linear_schedule, AdamW};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
@@ -252,6 +252,10 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
     let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
     let task = req.task;
+    if task == Task::MultiLabel {
+        let prior = Tensor::new(prior_log_odds(&train, labels.len()), &req.device)?;
+        params.set("classifier.bias", &prior)?;
+    }
     let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(task, &train, labels.len(), &req.device)).transpose()?;
 
     let steps_per_epoch = train.len().div_ceil(hp.batch_size);

@@ -2,7 +2,7 @@
 
 use super::config::BertConfig;
 use super::attention::attention;
-use super::layers::{activation, attention_bias, softmax_last, LayerNorm, Linear, Mode};
+use super::layers::{attention_bias, softmax_last, LayerNorm, Linear, Mode};
 use candle_core::{DType, Result, Tensor};
 
 /// Looks up a parameter by its name without the `bert.` prefix.
@@ -32,6 +32,9 @@ struct Layer {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+    /// Query, key and value as one `[in, 3·out]` layer, once prepared for inference: one
+    /// matrix multiply and one fork-join over the threads instead of three.
+    qkv: Option<Linear>,
 }
 
 /// How padding is kept out of attention: a key mask for the fused CPU kernel, an additive
@@ -107,6 +110,7 @@ impl Bert {
                     intermediate: linear(get, &format!("{p}.intermediate.dense"))?,
                     output: linear(get, &format!("{p}.output.dense"))?,
                     out_norm: layer_norm(get, &format!("{p}.output.LayerNorm"), eps)?,
+                    qkv: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -119,12 +123,34 @@ impl Bert {
             for lin in [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output] {
                 lin.prepare_for_inference()?;
             }
+            l.qkv = Linear::concat_outputs(&[&l.query, &l.key, &l.value])?;
+            if let Some(qkv) = &l.qkv {
+                // The separate layers become views of the fused one, so the weights are
+                // held once.
+                let h = l.query.bias.dim(0)?;
+                for (i, lin) in [&mut l.query, &mut l.key, &mut l.value].into_iter().enumerate() {
+                    lin.weight = qkv.weight.narrow(1, i * h, h)?;
+                    lin.bias = qkv.bias.narrow(0, i * h, h)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Last hidden states `[batch, seq, hidden]` for `input_ids`/`type_ids`/`mask` (all `[batch, seq]`, u32).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        self.encode(ids, type_ids, mask, mode, false)
+    }
+
+    /// The last hidden state of the first token only, `[batch, 1, hidden]`: what the `[CLS]`
+    /// pooler reads. The last layer's attention still looks at every token, but its output
+    /// projection and feed-forward run on one row per text: an eighth less work for a
+    /// 6-layer model, with the same result.
+    pub fn forward_first_token(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        self.encode(ids, type_ids, mask, mode, true)
+    }
+
+    fn encode(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, first_only: bool) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let e = &self.embeddings;
@@ -139,8 +165,9 @@ impl Bert {
         } else {
             KeyMask::Bias(attention_bias(mask, x.dtype())?)
         };
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &keys, mode)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, &keys, mode, first_only && i == last)?;
         }
         Ok(x)
     }
@@ -149,7 +176,13 @@ impl Bert {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.num_attention_heads;
         let p = self.cfg.attention_probs_dropout_prob;
-        let (q, k, v) = (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?);
+        let (q, k, v) = match &l.qkv {
+            Some(qkv) => {
+                let y = qkv.forward(x)?;
+                (y.narrow(2, 0, h)?, y.narrow(2, h, h)?, y.narrow(2, 2 * h, h)?)
+            }
+            None => (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?),
+        };
         let bias = match keys {
             KeyMask::Fused(mask) => {
                 let (p, seed) = if mode.is_train() && p > 0.0 { (p as f32, mode.seed()) } else { (0.0, 0) };
@@ -166,11 +199,18 @@ impl Bert {
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode) -> Result<Tensor> {
+    fn layer_forward(&self, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode, first_only: bool) -> Result<Tensor> {
         let ctx = self.self_attention(l, x, keys, mode)?;
+        let first;
+        let (ctx, x) = if first_only {
+            first = x.narrow(1, 0, 1)?.contiguous()?;
+            (ctx.narrow(1, 0, 1)?, &first)
+        } else {
+            (ctx, x)
+        };
         let attn = mode.dropout(&l.attn_out.forward(&ctx)?, self.cfg.hidden_dropout_prob)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
-        let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;
+        let inter = l.intermediate.forward_activated(&x, &self.cfg.hidden_act)?;
         let out = mode.dropout(&l.output.forward(&inter)?, self.cfg.hidden_dropout_prob)?;
         l.out_norm.forward(&(out + x)?, mode)
     }

@@ -70,10 +70,17 @@ impl Classifier {
     }
 
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
         let pooled = match (&self.pooler, self.pooling) {
-            (Some(pooler), Pooling::Cls) => pooler.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?,
-            _ => mean_pool(&hidden, mask)?,
+            // Training keeps the full last layer, so its dropout draws stay as they were.
+            (Some(pooler), Pooling::Cls) => {
+                let hidden = if mode.is_train() {
+                    self.bert.forward(ids, type_ids, mask, mode)?.narrow(1, 0, 1)?
+                } else {
+                    self.bert.forward_first_token(ids, type_ids, mask, mode)?
+                };
+                pooler.forward(&hidden.squeeze(1)?)?.tanh()?
+            }
+            _ => mean_pool(&self.bert.forward(ids, type_ids, mask, mode)?, mask)?,
         };
         let pooled = mode.dropout(&pooled, self.dropout)?;
         self.head.forward(&pooled)

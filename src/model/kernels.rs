@@ -37,6 +37,15 @@ simd_kernel! {
 }
 
 simd_kernel! {
+    /// Exact GELU in place (inference epilogues).
+    pub(crate) fn gelu_in_place(y: &mut [f32]) {
+        for v in y.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf(*v * SQRT_2_INV));
+        }
+    }
+}
+
+simd_kernel! {
     fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) {
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
             let cdf = 0.5 * (1.0 + erf(x * SQRT_2_INV));

@@ -74,6 +74,31 @@ impl Linear {
         Ok(())
     }
 
+    /// One layer computing the outputs of all of `parts` side by side (same input), for
+    /// inference; `None` unless every part is prepared for inference.
+    pub fn concat_outputs(parts: &[&Linear]) -> Result<Option<Linear>> {
+        if parts.is_empty() || !parts.iter().all(|p| p.in_out) {
+            return Ok(None);
+        }
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
+        Ok(Some(Self { weight: Tensor::cat(&weights, 1)?, bias: Tensor::cat(&biases, 0)?, in_out: true }))
+    }
+
+    /// The layer followed by the activation `act`. Prepared for inference, exact GELU is
+    /// applied inside the layer's own pass over its output.
+    pub fn forward_activated(&self, xs: &Tensor, act: &str) -> Result<Tensor> {
+        if !(self.in_out && act == "gelu") {
+            return activation(&self.forward(xs)?, act);
+        }
+        let dims = xs.dims().to_vec();
+        let last = *dims.last().expect("rank ≥ 1");
+        let y = super::linear::linear_in_out_gelu(&xs.reshape((xs.elem_count() / last, last))?, &self.weight, &self.bias)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.bias.dim(0)?;
+        y.reshape(out_dims)
+    }
+
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims().to_vec();

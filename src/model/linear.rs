@@ -97,8 +97,11 @@ impl SharedOut {
     }
 }
 
-/// `y = x·W + b` for `x` `[rows, in]`, `W` `[in, out]` (inference only).
-struct LinearInOut;
+/// `y = x·W + b` for `x` `[rows, in]`, `W` `[in, out]` (inference only), then exact GELU
+/// when `gelu` is set, applied to each block of the output while it is still in cache.
+struct LinearInOut {
+    gelu: bool,
+}
 
 impl CustomOp3 for LinearInOut {
     fn name(&self) -> &'static str {
@@ -114,6 +117,9 @@ impl CustomOp3 for LinearInOut {
         let threads = rayon::current_num_threads();
         if m >= FEW_ROWS || threads == 1 {
             gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, 1, n as isize));
+            if self.gelu {
+                y.par_chunks_mut(n * 16).for_each(super::kernels::gelu_in_place);
+            }
         } else {
             // gemm splits a short matrix badly over threads (two threads were slower than
             // one at 27 rows); one single-threaded gemm per block of output columns is not.
@@ -129,6 +135,13 @@ impl CustomOp3 for LinearInOut {
                         x.as_ptr(), 1, k as isize, w.as_ptr().add(c0), 1, n as isize,
                         1.0, 1.0, false, false, false, gemm::Parallelism::None,
                     )
+                }
+                if self.gelu {
+                    for r in 0..m {
+                        // SAFETY: row r's columns c0..c1 belong to this task alone.
+                        let row = unsafe { std::slice::from_raw_parts_mut(out.at(r * n + c0), c1 - c0) };
+                        super::kernels::gelu_in_place(row);
+                    }
                 }
             });
         }
@@ -158,7 +171,13 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
 
 /// `x·W + b` for 2-D `x` and a weight stored `[in, out]`, CPU f32, not differentiable.
 pub fn linear_in_out(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(w, b, &LinearInOut)
+    x.contiguous()?.apply_op3_no_bwd(w, b, &LinearInOut { gelu: false })
+}
+
+/// `gelu(x·W + b)` (exact GELU) for 2-D `x` and a weight stored `[in, out]`, CPU f32, not
+/// differentiable.
+pub fn linear_in_out_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(w, b, &LinearInOut { gelu: true })
 }
 
 /// `x·Wᵀ + b` for 2-D `x` on CPU f32, differentiable in all three.

@@ -45,6 +45,18 @@ pub fn release(data_dir: &Path) -> bool {
     released
 }
 
+/// Space left for unprivileged writers on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `st` a writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Whether an error, anywhere in its chain, is a full disk or quota (the OS's ENOSPC or
 /// EDQUOT, or SQLite's SQLITE_FULL).
 pub fn is_disk_full(e: &anyhow::Error) -> bool {
@@ -69,6 +81,7 @@ mod tests {
         ensure(dir.path()).unwrap();
         assert!(release(dir.path()));
         assert!(!release(dir.path()));
+        assert!(free_bytes(dir.path()).is_some_and(|b| b > 0));
         let full = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::ENOSPC)).context("saving");
         assert!(is_disk_full(&full));
         assert!(!is_disk_full(&anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EACCES))));

@@ -87,7 +87,19 @@ impl Application {
         let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
         std::fs::write(&probe, b"").with_context(|| format!("the data dir {dir} is not writable"))?;
         let _ = std::fs::remove_file(&probe);
-        let pool = store::connect(&config.data_dir).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?;
+        let pool = match store::connect(&config.data_dir).await {
+            Ok(pool) => pool,
+            // On a full disk SQLite cannot even create its shared-memory file; the reserve is
+            // there for this: freed, the server starts, serves reads and answers writes 503.
+            Err(e) if crate::reserve::release(&config.data_dir) => {
+                tracing::warn!(error = %format!("{e:#}"), "opening the database failed; retrying with the reserve freed");
+                store::connect(&config.data_dir).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?
+            }
+            Err(e) => {
+                let free = crate::reserve::free_bytes(&config.data_dir).map_or(String::new(), |b| format!(" ({} KiB free)", b >> 10));
+                return Err(e).with_context(|| format!("cannot open the database in the data dir {dir}{free}"));
+            }
+        };
         if let Err(e) = crate::reserve::ensure(&config.data_dir) {
             tracing::warn!(error = %e, "the data dir has no room for its {} MiB reserve", crate::reserve::SIZE >> 20);
         }

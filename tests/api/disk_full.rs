@@ -74,6 +74,8 @@ async fn a_disk_that_fills_mid_job_fails_the_job_with_a_clear_error_and_loses_no
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
     let filler2 = fill(&tmp.path().join("mnt"), "filler2");
     assert_error(app.upload(crate::common::toy_jsonl(64), "application/x-ndjson").await, StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable").await;
+    let leftovers: Vec<_> = std::fs::read_dir(data.join("datasets")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp")).collect();
+    assert!(leftovers.is_empty(), "the refused upload left {leftovers:?}");
 
     // After a restart with space again, the job is still failed and nothing else was lost.
     app.stop().await;
@@ -126,5 +128,94 @@ async fn a_read_only_data_dir_at_start_up_is_refused_with_a_clear_error_and_left
     remount("rw");
     let app = spawn_with(ServeConfig::for_test(data, models)).await;
     assert_eq!(app.get(&format!("/v1/datasets/{ds}")).await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+/// A mount undone when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Runs `mount` with `args`; its error output when it fails.
+fn mount(args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let o = Command::new("mount").args(args).output().map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+    }
+}
+
+/// Puts a read-only, empty directory over `dir` (bind mount, then remount read-only).
+fn read_only_over(dir: &Path, empty: &Path) -> Result<Mounted, String> {
+    std::fs::create_dir_all(empty).unwrap();
+    mount(&["--bind".as_ref(), empty.as_os_str(), dir.as_os_str()])?;
+    let guard = Mounted(dir.to_path_buf());
+    mount(&["-o".as_ref(), "remount,bind,ro".as_ref(), dir.as_os_str()])?;
+    Ok(guard)
+}
+
+#[tokio::test]
+async fn a_data_dir_turned_read_only_mid_job_fails_the_job_with_a_clear_error() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(512)).await;
+    let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3});
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "ro", "hyperparameters": hp})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    app.wait_job(&id, 60, |j| j["status"] == "running").await;
+    // The models dir turns read-only under the running job. (A whole filesystem cannot be
+    // remounted read-only while the database is open for writing: the kernel refuses.)
+    let models = app.data_dir.join("models");
+    let empty = app.data_dir.parent().unwrap().join("empty");
+    let guard = match read_only_over(&models, &empty) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipped: cannot mount here: {e}");
+            return;
+        }
+    };
+    let done = app.wait_ended(&id, 300).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "storage_error", "{done}");
+    assert!(done["error"]["message"].as_str().unwrap().contains("Read-only file system"), "{done}");
+    assert_error(app.get("/v1/models/ro").await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+    drop(guard);
+    // Writable again, the next job trains and its model serves.
+    let ok = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "rw", "hyperparameters": tiny_hp(1)})).await;
+    assert_eq!(app.wait_ended(ok["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+    assert_eq!(app.predict("rw", &json!({"inputs": "good"})).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_server_started_on_a_full_disk_serves_reads_and_refuses_writes_with_503() {
+    // SQLite needs room for its shared-memory file to open the database at all: the reserve
+    // the last run left behind provides it.
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let Some(_mnt) = Tmpfs::mount(&mnt, 16) else { return };
+    let data = mnt.join("data");
+    let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
+    app.stop().await;
+    let filler = fill(&mnt, "filler");
+
+    let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+    assert_eq!(app.get(&format!("/v1/datasets/{ds}")).await.status(), StatusCode::OK);
+    assert!(!data.join("reserve.bin").exists());
+    let filler2 = fill(&mnt, "filler2");
+    assert_error(app.upload(crate::common::toy_jsonl(64), "application/x-ndjson").await, StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable").await;
+    app.stop().await;
+
+    std::fs::remove_file(filler).unwrap();
+    std::fs::remove_file(filler2).unwrap();
+    let app = spawn_with(ServeConfig::for_test(data, models)).await;
+    app.upload_ok(crate::common::toy_jsonl(64)).await;
     app.stop().await;
 }

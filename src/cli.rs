@@ -54,6 +54,9 @@ pub struct TrainArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long)]
     pub device: Option<String>,
+    /// What training computes in: `auto` (bf16 on a GPU, f32 on the CPU), `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// Results JSON path.
     #[arg(long)]
     pub out: PathBuf,
@@ -163,7 +166,9 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     .resolve(&info.auto_pooling())
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let precision = crate::train::precision::Precision::parse(&a.dtype, &device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let mut req = TrainRequest::new(a.model.clone(), train, validation, hp.clone(), device);
+    req.precision = precision;
     req.test_rows = test;
     req.out_dir = a.save.clone();
     req.max_grad_norm = a.max_grad_norm;
@@ -195,7 +200,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
                  "group_by_length": a.group_by_length, "pooling": hp.pooling, "weight_decay": a.weight_decay,
                  "warmup_ratio": a.warmup_ratio, "max_grad_norm": a.max_grad_norm, "eval_batch_size": a.eval_batch_size},
         "argv": std::env::args().skip(1).collect::<Vec<_>>(),
-        "env": {"finetuned": env!("CARGO_PKG_VERSION"), "threads": a.threads, "device": a.device.clone().unwrap_or_else(|| "cpu".into())},
+        "env": {"finetuned": env!("CARGO_PKG_VERSION"), "threads": a.threads, "device": a.device.clone().unwrap_or_else(|| "cpu".into()), "dtype": precision.as_str()},
         "model": {"num_parameters": st.num_parameters},
         "data": {"labels": done.labels, "n_train": st.n_train, "n_train_in_file": n_train_in_file, "n_validation": st.n_validation},
         "schedule": {"steps_per_epoch": st.steps_per_epoch, "total_steps": st.total_steps, "warmup_steps": st.warmup_steps},

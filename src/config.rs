@@ -45,6 +45,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_DEVICE")]
     pub device: Option<String>,
 
+    /// What training computes in: `auto` (bf16 on a GPU, f32 on the CPU), `f32`, `bf16` or
+    /// `f16` (with dynamic loss scaling). Weights are kept, evaluated and saved in f32.
+    #[arg(long, env = "FINETUNED_DTYPE", default_value = "auto")]
+    pub dtype: String,
+
     /// Largest dataset upload in bytes; a larger body gets 413.
     #[arg(long, env = "FINETUNED_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: usize,
@@ -110,6 +115,7 @@ impl ServeConfig {
             models_dir,
             api_key: None,
             device: Some("cpu".into()),
+            dtype: "auto".into(),
             max_upload_bytes: 512 * 1024 * 1024,
             max_batch_inputs: 256,
             max_concurrent_predicts: 64,

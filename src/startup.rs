@@ -109,6 +109,7 @@ impl Application {
             jobs::add_event(&pool, &id, "warning", "message", "the server stopped while this job ran; it was queued again", None).await?;
         }
         let device = config::device(config.device.as_deref())?;
+        let precision = crate::train::precision::Precision::parse(&config.dtype, &device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
         let queue = JobQueue::default();
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
@@ -125,6 +126,7 @@ impl Application {
             hub: crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir),
             checkpoint_every: config.checkpoint_every,
             keep_checkpoints: config.keep_checkpoints,
+            precision,
         };
         let shutdown = CancellationToken::new();
         let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };

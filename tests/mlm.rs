@@ -66,6 +66,7 @@ fn run(start: Start, dir: &std::path::Path) -> Vec<f64> {
         out_dir: Some(dir.join("pretrained")),
         mask_prob: 0.15,
         checkpoints: None,
+        precision: finetuned::train::precision::Precision::F32,
     };
     let mut obs = Losses(vec![]);
     assert!(matches!(mlm::run(req, &mut obs).unwrap(), Outcome::Pretrained { .. }));

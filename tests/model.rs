@@ -12,6 +12,7 @@ use finetuned::model::tokenize::pad_batch;
 use finetuned::model::{Classifier, Pooling};
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::optim::AdamW;
+use finetuned::train::precision::Precision;
 use finetuned::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -81,6 +82,11 @@ impl Observer for Collect {
 }
 
 fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Vec<f64>) {
+    train_tiny_in(dir, seed, Precision::F32)
+}
+
+/// As `train_tiny`, computing the training steps in `precision`.
+fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std::path::PathBuf, Vec<f64>) {
     let base = write_tiny_model(dir, "tiny");
     let hp = HyperparametersInput {
         epochs: Some(12),
@@ -93,7 +99,7 @@ fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Vec<f64>
     .resolve("cls")
     .unwrap();
     let out = dir.join("out");
-    let req = TrainRequest { out_dir: Some(out.clone()), ..TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu) };
+    let req = TrainRequest { out_dir: Some(out.clone()), precision, ..TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu) };
     let mut obs = Collect { epochs: vec![] };
     match trainer::run(req, &mut obs).unwrap() {
         Outcome::Finished(done) => assert_eq!(done.labels, vec!["neg", "pos"]),
@@ -165,4 +171,15 @@ fn saved_model_loads_back_with_identical_logits_and_hugging_face_names() {
     let got: Vec<Vec<f32>> = loaded.forward(&batch.ids, &batch.type_ids, &batch.mask).unwrap().to_vec2().unwrap();
     assert_eq!(got, expected);
     assert_eq!(loaded.labels, labels);
+}
+
+#[test]
+fn mixed_precision_training_learns_and_saves_f32_weights() {
+    for precision in [Precision::Bf16, Precision::F16] {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, epochs) = train_tiny_in(dir.path(), 42, precision);
+        assert_eq!(*epochs.last().unwrap(), 1.0, "{precision:?}: validation accuracy by epoch {epochs:?}");
+        let saved = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(saved.values().all(|t| t.dtype() == candle_core::DType::F32), "{precision:?} saved non-f32 weights");
+    }
 }

@@ -130,7 +130,7 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     let rows = finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows;
     let hp = HyperparametersInput { epochs: Some(1), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
     let out = dir.path().join("mlm");
-    let req = MlmRequest { start: Start::Checkpoint(base), train_rows: rows, validation_rows: None, hp, device: Device::Cpu, out_dir: Some(out.clone()), mask_prob: 0.15, checkpoints: None };
+    let req = MlmRequest { start: Start::Checkpoint(base), train_rows: rows, validation_rows: None, hp, device: Device::Cpu, out_dir: Some(out.clone()), mask_prob: 0.15, checkpoints: None, precision: finetuned::train::precision::Precision::F32 };
     mlm::run(req, &mut Quiet).unwrap();
 
     let text = "the movie was a [MASK] surprise.";

@@ -2,6 +2,7 @@
 //! config) on a dataset's texts and writes a new base model.
 
 use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
+use super::precision::{LossScaler, Precision};
 use super::hyper::Hyperparameters;
 use super::optim::{linear_schedule, AdamW};
 use super::trainer::{Event, Observer, Outcome, StepInfo, TrainError};
@@ -42,6 +43,8 @@ pub struct MlmRequest {
     pub mask_prob: f64,
     /// Where to checkpoint, and resume from the newest checkpoint found there.
     pub checkpoints: Option<CheckpointPlan>,
+    /// What the training steps compute in (evaluation and the saved weights are f32).
+    pub precision: Precision,
 }
 
 /// Held-out loss after an epoch (epoch 0: before training).
@@ -157,6 +160,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         train.len(), val.len(), total_steps, warmup, params.count()
     )));
     let model_train = MaskedLm::load(&|n| params.tracked(n), &cfg)?;
+    let mut scaler = LossScaler::new(req.precision);
     let model_eval = MaskedLm::load(&|n| params.detached(n), &cfg)?;
     let pad = cfg.pad_token_id as u32;
     let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
@@ -224,15 +228,23 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
             if b.count == 0 {
                 continue;
             }
-            let logits = model_train.forward(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(&mut rng))?;
+            let cast;
+            let model = if req.precision == Precision::F32 {
+                &model_train
+            } else {
+                cast = MaskedLm::load(&|n| req.precision.cast(params.tracked(n)?), &cfg)?;
+                &cast
+            };
+            let logits = model.forward(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(&mut rng))?.to_dtype(DType::F32)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !value.is_finite() {
                 return Err(TrainError::Diverged(value, step + 1));
             }
-            let grads = loss.backward()?;
+            let grads = if scaler.scale() == 1.0 { loss.backward()? } else { (&loss * scaler.scale())?.backward()? };
             let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
-            opt.step(&params.vars, &grads, lr, 1.0)?;
+            let stepped = opt.step_scaled(&params.vars, &grads, lr, 1.0, scaler.scale())?;
+            scaler.update(stepped.is_some());
             step += 1;
             loss_sum += value;
             batches += 1;

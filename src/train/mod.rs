@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod mlm;
 pub mod objective;
 pub mod optim;
+pub mod precision;
 pub mod trainer;
 pub mod worker;
 

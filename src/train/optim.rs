@@ -125,6 +125,25 @@ impl AdamW {
     pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64, max_norm: f64) -> Result<f64> {
         let norm = grad_sq_norm(vars, grads)?.sqrt();
         let scale = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+        self.apply(vars, grads, lr, scale)?;
+        Ok(norm)
+    }
+
+    /// As `step`, for gradients of a loss that was multiplied by `loss_scale` (mixed
+    /// precision): they are scaled back first. Gradients that overflowed (not finite) are
+    /// skipped without touching the parameters or the moments: `None`.
+    pub fn step_scaled(&mut self, vars: &[Var], grads: &GradStore, lr: f64, max_norm: f64, loss_scale: f64) -> Result<Option<f64>> {
+        let norm = grad_sq_norm(vars, grads)?.sqrt() / loss_scale;
+        if !norm.is_finite() {
+            return Ok(None);
+        }
+        let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+        self.apply(vars, grads, lr, clip / loss_scale)?;
+        Ok(Some(norm))
+    }
+
+    /// One update with every gradient multiplied by `scale`.
+    fn apply(&mut self, vars: &[Var], grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step);
         let bc2 = 1.0 - self.beta2.powi(self.step);
@@ -171,7 +190,7 @@ impl AdamW {
                 }
             }
         }
-        Ok(norm)
+        Ok(())
     }
 }
 

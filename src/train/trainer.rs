@@ -6,6 +6,7 @@ use super::data::{epoch_batches, label_set, stratified_split, Example};
 use super::hyper::Hyperparameters;
 use super::metrics::ClassificationReport;
 use super::objective::{balanced_weights, prior_log_odds, Task};
+use super::precision::{LossScaler, Precision};
 use super::optim::{linear_schedule, AdamW};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
@@ -38,12 +39,14 @@ pub struct TrainRequest {
     pub task: Task,
     /// Where to checkpoint, and resume from the newest checkpoint found there.
     pub checkpoints: Option<CheckpointPlan>,
+    /// What the training steps compute in (evaluation and the saved weights are f32).
+    pub precision: Precision,
 }
 
 impl TrainRequest {
     /// A request with the usual defaults (clipping at 1.0, evaluation batches of 64).
     pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
-        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64, task: Task::SingleLabel, checkpoints: None }
+        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64, task: Task::SingleLabel, checkpoints: None, precision: Precision::F32 }
     }
 }
 
@@ -295,6 +298,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     let mut saved_at = step;
     let model_train = Classifier::load(&|n| params.tracked(n), &cfg, pooling)?;
+    let mut scaler = LossScaler::new(req.precision);
     let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
     let first_epoch = resumed.as_ref().map_or(1, |m: &CheckpointMeta| m.epoch);
     for epoch in first_epoch..=hp.epochs {
@@ -331,17 +335,26 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             let examples: Vec<&Example> = batch_idx.iter().map(|&i| &train[i]).collect();
             let targets = task.targets(&examples, labels.len(), &req.device)?;
             let t_fwd = Instant::now();
-            let logits = model_train.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?;
+            // Mixed precision: this step's weights, cast from the f32 masters.
+            let cast;
+            let model = if req.precision == Precision::F32 {
+                &model_train
+            } else {
+                cast = Classifier::load(&|n| req.precision.cast(params.tracked(n)?), &cfg, pooling)?;
+                &cast
+            };
+            let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?.to_dtype(DType::F32)?;
             let loss = task.loss(&logits, &targets, class_weights.as_ref())?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
                 return Err(TrainError::Diverged(loss_value, step + 1));
             }
             let t_bwd = Instant::now();
-            let grads = loss.backward()?;
+            let grads = if scaler.scale() == 1.0 { loss.backward()? } else { (&loss * scaler.scale())?.backward()? };
             let t_opt = Instant::now();
             let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
-            opt.step(&params.vars, &grads, lr, req.max_grad_norm)?;
+            let stepped = opt.step_scaled(&params.vars, &grads, lr, req.max_grad_norm, scaler.scale())?;
+            scaler.update(stepped.is_some());
             tracing::debug!(
                 forward_ms = (t_bwd - t_fwd).as_millis() as u64,
                 backward_ms = (t_opt - t_bwd).as_millis() as u64,

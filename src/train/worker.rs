@@ -63,6 +63,8 @@ pub struct WorkerContext {
     /// Steps between checkpoints of fine-tuning jobs (0: only on shutdown), and how many to keep.
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
+    /// What training steps compute in (`--dtype`).
+    pub precision: crate::train::precision::Precision,
 }
 
 impl WorkerContext {
@@ -339,13 +341,14 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, 
             }
             None => Start::Checkpoint(base.path),
         };
-        let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15, checkpoints };
+        let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15, checkpoints, precision: ctx.precision };
         return Ok((Work::Pretrain(req), model_id, pooling));
     }
     let req = TrainRequest {
         out_dir,
         checkpoints,
         task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
+        precision: ctx.precision,
         ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
     };
     Ok((Work::Classify(req), model_id, pooling))

@@ -97,26 +97,30 @@ async fn a_disk_that_fills_mid_job_fails_the_job_with_a_clear_error_and_loses_no
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_read_only_data_dir_at_start_up_is_refused_with_a_clear_error_and_left_intact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let models = models_dir(tmp.path());
-    let mnt = tmp.path().join("mnt");
-    let Some(_mnt) = Tmpfs::mount(&mnt, 16) else { return };
+/// A 16 MiB tmpfs under `root` whose data dir holds one dataset, uploaded by a server that has
+/// stopped since: the mount (guard and path), the models dir, the data dir and the dataset id.
+/// `None` where mounting is refused.
+async fn stopped_server_with_a_dataset(root: &Path) -> Option<(Tmpfs, PathBuf, PathBuf, PathBuf, String)> {
+    let models = models_dir(root);
+    let mnt = root.join("mnt");
+    let guard = Tmpfs::mount(&mnt, 16)?;
     let data = mnt.join("data");
     let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
     let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
     app.stop().await;
+    Some((guard, mnt, models, data, ds))
+}
+
+#[tokio::test]
+async fn a_read_only_data_dir_at_start_up_is_refused_with_a_clear_error_and_left_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_mnt, mnt, models, data, ds)) = stopped_server_with_a_dataset(tmp.path()).await else { return };
 
     let remount = |mode: &str| {
         // Files the stopped server had open for writing may take a moment to be closed.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let out = Command::new("mount").args(["-o", &format!("remount,{mode}")]).arg(&mnt).output().unwrap();
-            if out.status.success() {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "remount {mode}: {}", String::from_utf8_lossy(&out.stderr));
+        while let Err(e) = mount(&["-o".as_ref(), format!("remount,{mode}").as_ref(), mnt.as_os_str()]) {
+            assert!(std::time::Instant::now() < deadline, "remount {mode}: {e}");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     };
@@ -196,13 +200,7 @@ async fn a_server_started_on_a_full_disk_serves_reads_and_refuses_writes_with_50
     // SQLite needs room for its shared-memory file to open the database at all: the reserve
     // the last run left behind provides it.
     let tmp = tempfile::tempdir().unwrap();
-    let models = models_dir(tmp.path());
-    let mnt = tmp.path().join("mnt");
-    let Some(_mnt) = Tmpfs::mount(&mnt, 16) else { return };
-    let data = mnt.join("data");
-    let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
-    let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
-    app.stop().await;
+    let Some((_mnt, mnt, models, data, ds)) = stopped_server_with_a_dataset(tmp.path()).await else { return };
     let filler = fill(&mnt, "filler");
 
     let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;

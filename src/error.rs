@@ -90,11 +90,14 @@ pub fn is_storage_full_or_read_only(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT))
 }
 
-/// Whether SQLite could not write: its primary code (the low byte of the extended one) is
-/// 13 (full) or 8 (read-only).
+/// SQLite's primary result code of a database error (the low byte of the extended one).
+pub fn sqlite_primary_code(e: &sqlx::Error) -> Option<i32> {
+    e.as_database_error().and_then(|d| d.code()).and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff)
+}
+
+/// Whether SQLite could not write: 13 (full) or 8 (read-only).
 fn is_database_full_or_read_only(e: &sqlx::Error) -> bool {
-    let code = e.as_database_error().and_then(|d| d.code()).and_then(|c| c.parse::<i32>().ok());
-    matches!(code.map(|c| c & 0xff), Some(13 | 8))
+    matches!(sqlite_primary_code(e), Some(13 | 8))
 }
 
 impl From<sqlx::Error> for ApiError {

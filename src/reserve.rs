@@ -62,10 +62,7 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 pub fn is_disk_full(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>().is_some_and(|e| matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
-            || c.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-                let code = e.as_database_error().and_then(|d| d.code()).and_then(|c| c.parse::<i32>().ok());
-                code.is_some_and(|c| c & 0xff == 13)
-            })
+            || c.downcast_ref::<sqlx::Error>().is_some_and(|e| crate::error::sqlite_primary_code(e) == Some(13))
     })
 }
 

@@ -29,15 +29,7 @@ const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 simd_kernel! {
-    fn gelu_chunk(x: &[f32], y: &mut [f32]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = 0.5 * x * (1.0 + erf(x * SQRT_2_INV));
-        }
-    }
-}
-
-simd_kernel! {
-    /// Exact GELU in place (inference epilogues).
+    /// Exact GELU in place.
     pub(crate) fn gelu_in_place(y: &mut [f32]) {
         for v in y.iter_mut() {
             *v = 0.5 * *v * (1.0 + erf(*v * SQRT_2_INV));
@@ -64,7 +56,10 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| gelu_chunk(x, y));
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+            y.copy_from_slice(x);
+            gelu_in_place(y)
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

@@ -91,9 +91,15 @@ impl Linear {
         if !(self.in_out && act == "gelu") {
             return activation(&self.forward(xs)?, act);
         }
+        self.on_rows(xs, |x2| super::linear::linear_in_out_gelu(x2, &self.weight, &self.bias))
+    }
+
+    /// Applies `f` to `xs` seen as rows of its last dimension, and gives the result the shape of
+    /// `xs` with the last dimension replaced by the layer's output width.
+    fn on_rows(&self, xs: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let last = *dims.last().expect("rank ≥ 1");
-        let y = super::linear::linear_in_out_gelu(&xs.reshape((xs.elem_count() / last, last))?, &self.weight, &self.bias)?;
+        let y = f(&xs.reshape((xs.elem_count() / last, last))?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.bias.dim(0)?;
         y.reshape(out_dims)
@@ -101,20 +107,15 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
-        let last = *dims.last().expect("rank ≥ 1");
-        let rows = xs.elem_count() / last;
-        let x2 = xs.reshape((rows, last))?;
-        let y = if self.in_out {
-            super::linear::linear_in_out(&x2, &self.weight, &self.bias)?
-        } else if xs.device().is_cpu() && xs.dtype() == DType::F32 {
-            super::linear::linear(&x2, &self.weight, &self.bias)?
-        } else {
-            x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.bias.dim(0)?;
-        y.reshape(out_dims)
+        self.on_rows(xs, |x2| {
+            if self.in_out {
+                super::linear::linear_in_out(x2, &self.weight, &self.bias)
+            } else if x2.device().is_cpu() && x2.dtype() == DType::F32 {
+                super::linear::linear(x2, &self.weight, &self.bias)
+            } else {
+                x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+            }
+        })
     }
 }
 

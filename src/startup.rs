@@ -3,6 +3,7 @@
 use crate::api::{self, AppState};
 use crate::catalog::Catalog;
 use crate::config::{self, ServeConfig};
+use crate::model::predictor::Weights;
 use crate::serve::Predictor;
 use crate::store::{self, jobs};
 use crate::train::worker::{run_worker_until_stopped, JobQueue, WorkerContext};
@@ -113,7 +114,13 @@ impl Application {
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
         let queue = JobQueue::default();
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
-        let predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
+        let mut predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
+        let asked = Weights::parse(&config.predict_dtype)
+            .ok_or_else(|| anyhow::anyhow!("--predict-dtype: {:?} is not one of f32, bf16", config.predict_dtype))?;
+        predictor.weights = asked.effective(&device);
+        if predictor.weights != asked {
+            tracing::warn!("--predict-dtype bf16 needs a CPU with AVX512-BF16; predicting in f32");
+        }
         let listener = TcpListener::bind(&config.addr).await?;
         let addr = listener.local_addr()?;
         let worker = WorkerContext {

@@ -147,7 +147,7 @@ fn saved_model_loads_back_with_identical_logits_and_hugging_face_names() {
     let training_layout: Vec<Vec<f32>> = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval).unwrap().to_vec2().unwrap();
     // Served models keep their weights [in, out] (a different gemm summation order), so the
     // bit-exact comparison is with the same model prepared the same way.
-    model.prepare_for_inference().unwrap();
+    model.prepare_for_inference(false).unwrap();
     let expected: Vec<Vec<f32>> = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval).unwrap().to_vec2().unwrap();
     let max_diff = expected.iter().flatten().zip(training_layout.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(max_diff < 1e-6, "the inference layout changes logits by {max_diff}");

@@ -30,6 +30,7 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
         "object": "info",
         "version": env!("CARGO_PKG_VERSION"),
         "device": format!("{:?}", state.predictor.device()),
+        "predict_dtype": state.predictor.weights.as_str(),
         "limits": {
             "max_upload_bytes": c.max_upload_bytes,
             "max_batch_inputs": c.max_batch_inputs,

@@ -117,8 +117,9 @@ impl Bert {
         Ok(Self { embeddings, layers, cfg: cfg.clone() })
     }
 
-    /// Readies every dense layer for inference (see `Linear::prepare_for_inference`).
-    pub fn prepare_for_inference(&mut self) -> Result<()> {
+    /// Readies every dense layer for inference (see `Linear::prepare_for_inference`), with
+    /// bf16 weights when `bf16` (see `Linear::use_bf16`).
+    pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
         for l in &mut self.layers {
             for lin in [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output] {
                 lin.prepare_for_inference()?;
@@ -133,8 +134,34 @@ impl Bert {
                     lin.bias = qkv.bias.narrow(0, i * h, h)?;
                 }
             }
+            if bf16 {
+                if let Some(qkv) = &mut l.qkv {
+                    qkv.use_bf16()?;
+                    for lin in [&mut l.query, &mut l.key, &mut l.value] {
+                        lin.release_weight()?;
+                    }
+                }
+                for lin in [&mut l.attn_out, &mut l.intermediate, &mut l.output] {
+                    lin.use_bf16()?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Bytes of the encoder's weights as held now.
+    pub fn bytes(&self) -> usize {
+        let e = &self.embeddings;
+        let mut n = [&e.word, &e.position, &e.token_type, &e.norm.weight, &e.norm.bias].iter().map(|t| t.elem_count() * 4).sum();
+        for l in &self.layers {
+            let dense = match &l.qkv {
+                Some(qkv) => qkv.bytes(),
+                None => l.query.bytes() + l.key.bytes() + l.value.bytes(),
+            };
+            let norms: usize = [&l.attn_norm, &l.out_norm].iter().map(|n| (n.weight.elem_count() + n.bias.elem_count()) * 4).sum();
+            n += dense + l.attn_out.bytes() + l.intermediate.bytes() + l.output.bytes() + norms;
+        }
+        n
     }
 
     /// Last hidden states `[batch, seq, hidden]` for `input_ids`/`type_ids`/`mask` (all `[batch, seq]`, u32).

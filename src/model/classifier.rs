@@ -59,16 +59,22 @@ impl Classifier {
         Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob() })
     }
 
-    /// Logits `[batch, labels]`.
-    /// Readies the model for inference only (it can no longer be trained).
-    pub fn prepare_for_inference(&mut self) -> Result<()> {
-        self.bert.prepare_for_inference()?;
+    /// Readies the model for inference only (it can no longer be trained), with the
+    /// encoder's dense layers in bf16 when `bf16`.
+    pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
+        self.bert.prepare_for_inference(bf16)?;
         if let Some(p) = &mut self.pooler {
             p.prepare_for_inference()?;
         }
         self.head.prepare_for_inference()
     }
 
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        self.bert.bytes() + self.pooler.as_ref().map_or(0, Linear::bytes) + self.head.bytes()
+    }
+
+    /// Logits `[batch, labels]`.
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let pooled = match (&self.pooler, self.pooling) {
             // Training keeps the full last layer, so its dropout draws stay as they were.

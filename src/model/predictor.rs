@@ -60,9 +60,53 @@ fn length_buckets<'a>(order: &'a [usize], seqs: &[Vec<u32>], batch_size: usize) 
     out
 }
 
+/// What a loaded classifier's dense layers compute in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Weights {
+    /// f32, as trained and saved: logits match transformers'.
+    #[default]
+    F32,
+    /// bf16 encoder weights on a CPU with AVX512-BF16 (see `model::bf16`): faster, logits
+    /// within about 1e-2 of f32. Elsewhere the model loads in f32.
+    Bf16,
+}
+
+impl Weights {
+    /// `f32` or `bf16`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(Self::F32),
+            "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// What a model loaded on `device` will actually use.
+    pub fn effective(self, device: &Device) -> Self {
+        if self == Self::Bf16 && device.is_cpu() && super::bf16::supported() {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
+
+    /// `f32` or `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
 impl LoadedClassifier {
-    /// Loads a classifier directory (ours or transformers').
+    /// Loads a classifier directory (ours or transformers') in f32.
     pub fn load(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        Self::load_as(dir, device, Weights::F32)
+    }
+
+    /// Loads a classifier directory with its dense layers in `weights_as`.
+    pub fn load_as(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
         let info = inspect(dir)?;
         let Some(labels) = info.labels.clone() else { bail!("not a sequence-classification model") };
         let weights = load_weights(dir, device)?;
@@ -71,8 +115,10 @@ impl LoadedClassifier {
             weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))
         };
         let mut model = Classifier::load(&get, &info.config, pooling).context("building the model")?;
-        model.prepare_for_inference()?;
-        let bytes = weights.values().map(|t| t.elem_count() * 4).sum();
+        model.prepare_for_inference(weights_as.effective(device) == Weights::Bf16)?;
+        // The model holds what it still needs; bf16 layers released their f32 weights.
+        drop(weights);
+        let bytes = model.bytes();
         Ok(Self {
             model,
             tokenizer: load_tokenizer(dir)?,

@@ -4,7 +4,7 @@
 pub mod batcher;
 
 use batcher::{BatchLimits, Batcher, Timings};
-use crate::model::predictor::{LoadedClassifier, Overflow, TooLong};
+use crate::model::predictor::{LoadedClassifier, Overflow, TooLong, Weights};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -69,6 +69,8 @@ pub struct Predictor {
     device: Device,
     threads: Arc<rayon::ThreadPool>,
     pub limits: BatchLimits,
+    /// What loaded models' dense layers compute in.
+    pub weights: Weights,
 }
 
 impl Predictor {
@@ -81,6 +83,7 @@ impl Predictor {
             device,
             threads,
             limits: BatchLimits::default(),
+            weights: Weights::F32,
         }
     }
 
@@ -144,10 +147,10 @@ impl Predictor {
     async fn model(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
         let slot = self.slot(id);
         let device = self.device.clone();
-        let (name, limits) = (id.to_string(), self.limits);
+        let (name, limits, weights) = (id.to_string(), self.limits, self.weights);
         let loaded = slot
             .get_or_try_init(|| async move {
-                let model = tokio::task::spawn_blocking(move || LoadedClassifier::load(&path, &device))
+                let model = tokio::task::spawn_blocking(move || LoadedClassifier::load_as(&path, &device, weights))
                     .await
                     .map_err(|e| PredictError::Load(e.to_string()))?
                     .map(Arc::new)

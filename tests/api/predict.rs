@@ -1,5 +1,6 @@
 use crate::common::toy_jsonl;
 use crate::helpers::*;
+use finetuned::config::ServeConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -201,4 +202,39 @@ async fn bench_serve_reports_throughput_latency_and_statuses() {
     assert_eq!(report["statuses"].as_object().unwrap().len(), 1, "only 200s: {report}");
     assert!(report["texts_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["latency_ms"]["p50"].as_f64().unwrap() <= report["latency_ms"]["p99"].as_f64().unwrap());
+}
+
+#[tokio::test]
+async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    let texts = ["good", "the plot was really awful and boring", "nice film", "a great superb film", "bad"];
+    let body = json!({"inputs": texts, "raw_scores": true});
+    let f32s: Value = app.predict("toy", &body).await.json().await.unwrap();
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["predict_dtype"], "f32");
+    let tmp = app.stop().await.unwrap();
+
+    let mut config = ServeConfig::for_test(tmp.path().join("data"), tmp.path().join("models"));
+    config.predict_dtype = "bf16".into();
+    let app = spawn_with(config).await;
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    if !finetuned::model::bf16::supported() {
+        assert_eq!(info["predict_dtype"], "f32", "falls back on a CPU without AVX512-BF16");
+        eprintln!("skipped the bf16 comparison: this CPU has no AVX512-BF16");
+        return;
+    }
+    assert_eq!(info["predict_dtype"], "bf16");
+    let bf16s: Value = app.predict("toy", &body).await.json().await.unwrap();
+    for (a, b) in f32s["predictions"].as_array().unwrap().iter().zip(bf16s["predictions"].as_array().unwrap()) {
+        assert_eq!(a[0]["label"], b[0]["label"], "same top label: {a} / {b}");
+        for (x, y) in a.as_array().unwrap().iter().zip(b.as_array().unwrap()) {
+            let d = (x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs();
+            assert!(d < 0.05, "logits within 0.05: {x} / {y}");
+        }
+    }
+    let mut bad = ServeConfig::for_test(tmp.path().join("data2"), tmp.path().join("models"));
+    bad.predict_dtype = "f8".into();
+    let err = finetuned::startup::Application::build(bad).await.err().expect("an unknown dtype is refused");
+    assert!(format!("{err:#}").contains("--predict-dtype"), "{err:#}");
 }

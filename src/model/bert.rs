@@ -117,8 +117,8 @@ impl Bert {
         Ok(Self { embeddings, layers, cfg: cfg.clone() })
     }
 
-    /// Readies every dense layer for inference (see `Linear::prepare_for_inference`), with
-    /// bf16 weights when `bf16` (see `Linear::use_bf16`).
+    /// Readies every dense layer for inference (see `Linear::prepare_for_inference`) and
+    /// packs the encoder's for our kernel, in bf16 when `bf16` (see `Linear::pack`).
     pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
         for l in &mut self.layers {
             for lin in [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output] {
@@ -134,16 +134,16 @@ impl Bert {
                     lin.bias = qkv.bias.narrow(0, i * h, h)?;
                 }
             }
-            if bf16 {
-                if let Some(qkv) = &mut l.qkv {
-                    qkv.use_bf16()?;
+            if let Some(qkv) = &mut l.qkv {
+                qkv.pack(bf16)?;
+                if qkv.is_packed() {
                     for lin in [&mut l.query, &mut l.key, &mut l.value] {
                         lin.release_weight()?;
                     }
                 }
-                for lin in [&mut l.attn_out, &mut l.intermediate, &mut l.output] {
-                    lin.use_bf16()?;
-                }
+            }
+            for lin in [&mut l.attn_out, &mut l.intermediate, &mut l.output] {
+                lin.pack(bf16)?;
             }
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! Building blocks whose every op has a backward pass in training mode, and fast fused
 //! kernels in inference mode (candle's fused LayerNorm and softmax have no backward).
 
-use super::bf16::{Bf16Linear, PackedBf16};
+use super::packed::{Packed, PackedLinear};
 use candle_core::{DType, Result, Tensor, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -59,13 +59,13 @@ pub struct Linear {
     pub bias: Tensor,
     /// `weight` is stored transposed, `[in, out]`.
     in_out: bool,
-    /// The weight in bf16 for inference (`weight` is then dropped).
-    bf16: Option<Arc<PackedBf16>>,
+    /// The weight packed for our AVX-512 kernel, for inference (`weight` is then dropped).
+    packed: Option<Arc<Packed>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Tensor) -> Self {
-        Self { weight, bias, in_out: false, bf16: None }
+        Self { weight, bias, in_out: false, packed: None }
     }
 
     /// Stores the weight as `[in, out]` for inference on CPU f32: gemm then reads it
@@ -78,18 +78,24 @@ impl Linear {
         Ok(())
     }
 
-    /// Replaces the weight, once prepared for inference, by a bf16 copy laid out for the
-    /// bf16 kernel (see `model::bf16`); the f32 weight is released. A no-op unless prepared
-    /// and the CPU has AVX512-BF16.
-    pub fn use_bf16(&mut self) -> Result<()> {
-        if !self.in_out || self.bf16.is_some() || !super::bf16::supported() {
+    /// Replaces the weight, once prepared for inference, by a copy packed for our AVX-512
+    /// kernel (see `model::packed`), in bf16 when `bf16`; the f32 weight is released. A
+    /// no-op unless prepared and the CPU has the kernel's instructions.
+    pub fn pack(&mut self, bf16: bool) -> Result<()> {
+        let supported = if bf16 { super::packed::bf16_supported() } else { super::packed::f32_supported() };
+        if !self.in_out || self.packed.is_some() || !supported {
             return Ok(());
         }
         let (k, n) = self.weight.dims2()?;
         let w = self.weight.flatten_all()?.to_vec1::<f32>()?;
         let b = self.bias.to_vec1::<f32>()?;
-        self.bf16 = Some(Arc::new(PackedBf16::new(&w, k, n, &b)));
+        self.packed = Some(Arc::new(Packed::new(&w, k, n, &b, bf16)));
         self.release_weight()
+    }
+
+    /// Whether the weight is packed for our kernel (see [`Linear::pack`]).
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 
     /// Drops the f32 weight of a layer that inference no longer reads (one whose outputs a
@@ -101,7 +107,7 @@ impl Linear {
 
     /// Bytes of weights held (f32 or bf16) and bias.
     pub fn bytes(&self) -> usize {
-        match &self.bf16 {
+        match &self.packed {
             Some(p) => p.bytes(),
             None => (self.weight.elem_count() + self.bias.elem_count()) * 4,
         }
@@ -115,14 +121,14 @@ impl Linear {
         }
         let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let biases: Vec<&Tensor> = parts.iter().map(|p| &p.bias).collect();
-        Ok(Some(Self { weight: Tensor::cat(&weights, 1)?, bias: Tensor::cat(&biases, 0)?, in_out: true, bf16: None }))
+        Ok(Some(Self { weight: Tensor::cat(&weights, 1)?, bias: Tensor::cat(&biases, 0)?, in_out: true, packed: None }))
     }
 
     /// The layer followed by the activation `act`. Prepared for inference, exact GELU is
     /// applied inside the layer's own pass over its output.
     pub fn forward_activated(&self, xs: &Tensor, act: &str) -> Result<Tensor> {
-        if let (Some(w), "gelu") = (&self.bf16, act) {
-            let op = Bf16Linear { weight: w.clone(), gelu: true };
+        if let (Some(w), "gelu") = (&self.packed, act) {
+            let op = PackedLinear { weight: w.clone(), gelu: true };
             return self.on_rows(xs, |x2| x2.contiguous()?.apply_op1_no_bwd(&op));
         }
         if !(self.in_out && act == "gelu") {
@@ -145,8 +151,8 @@ impl Linear {
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.on_rows(xs, |x2| {
-            if let Some(w) = &self.bf16 {
-                x2.contiguous()?.apply_op1_no_bwd(&Bf16Linear { weight: w.clone(), gelu: false })
+            if let Some(w) = &self.packed {
+                x2.contiguous()?.apply_op1_no_bwd(&PackedLinear { weight: w.clone(), gelu: false })
             } else if self.in_out {
                 super::linear::linear_in_out(x2, &self.weight, &self.bias)
             } else if x2.device().is_cpu() && x2.dtype() == DType::F32 {

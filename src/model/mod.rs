@@ -3,7 +3,7 @@
 pub mod artifacts;
 pub mod attention;
 pub mod bert;
-pub mod bf16;
+pub mod packed;
 pub mod classifier;
 pub mod config;
 mod fastmath;

@@ -83,7 +83,7 @@ impl Weights {
 
     /// What a model loaded on `device` will actually use.
     pub fn effective(self, device: &Device) -> Self {
-        if self == Self::Bf16 && device.is_cpu() && super::bf16::supported() {
+        if self == Self::Bf16 && device.is_cpu() && super::packed::bf16_supported() {
             Self::Bf16
         } else {
             Self::F32

@@ -58,8 +58,9 @@ pub fn stratified_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, 
 }
 
 /// Example order for one epoch: a permutation seeded by `seed + epoch`, cut into batches.
-/// With `group_by_length`, batches hold examples of similar length (sorted within windows
-/// of 50 batches, then the batches shuffled), as transformers' `group_by_length` does.
+/// With `group_by_length`, batches hold examples of similar length: each window of 50
+/// batches is sorted longest first and cut into batches, which run in that order, as in
+/// transformers' `LengthGroupedSampler` and `finetune_ref.py --group-by-length`.
 pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
     let mut order: Vec<usize> = (0..examples.len()).collect();
@@ -71,7 +72,29 @@ pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: 
     for chunk in order.chunks_mut(window) {
         chunk.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
     }
-    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-    batches.shuffle(&mut rng);
-    batches
+    order.chunks(batch_size).map(<[usize]>::to_vec).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(n: usize) -> Vec<Example> {
+        (0..n).map(|i| Example { ids: vec![0; 1 + (i * 7919) % 61], labels: vec![0] }).collect()
+    }
+
+    #[test]
+    fn grouped_batches_cover_every_example_once_longest_first_in_each_window() {
+        let ex = examples(3612);
+        let batches = epoch_batches(&ex, 32, 42, 0, true);
+        let mut seen: Vec<usize> = batches.concat();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..ex.len()).collect::<Vec<_>>());
+        for window in batches.chunks(50) {
+            let lens: Vec<usize> = window.concat().iter().map(|&i| ex[i].ids.len()).collect();
+            assert!(lens.windows(2).all(|w| w[0] >= w[1]), "a window runs longest first");
+        }
+        assert_ne!(batches, epoch_batches(&ex, 32, 42, 1, true), "each epoch draws its own order");
+        assert_eq!(batches, epoch_batches(&ex, 32, 42, 0, true), "the same seed gives the same order");
+    }
 }

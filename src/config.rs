@@ -51,7 +51,7 @@ pub struct ServeConfig {
     pub dtype: String,
 
     /// What predict computes the encoder's dense layers in: `f32` (logits match
-    /// transformers') or `bf16` (on a CPU with AVX512-BF16: about 2.5× faster for a short
+    /// transformers') or `bf16` (on a CPU with AVX512-BF16: about 1.7× faster for a short
     /// text, logits within ~1e-2; elsewhere it falls back to f32 with a warning).
     #[arg(long, env = "FINETUNED_PREDICT_DTYPE", default_value = "f32")]
     pub predict_dtype: String,

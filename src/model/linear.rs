@@ -85,13 +85,13 @@ impl CustomOp3 for LinearOp {
 const FEW_ROWS: usize = 128;
 
 /// The output buffer, shared by tasks that write disjoint columns of it.
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    fn at(&self, offset: usize) -> *mut f32 {
+    pub(super) fn at(&self, offset: usize) -> *mut f32 {
         // SAFETY: callers pass offsets inside the buffer.
         unsafe { self.0.add(offset) }
     }

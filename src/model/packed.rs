@@ -11,6 +11,7 @@
 //! dot-product instruction does two multiply-adds per f32 lane; each layer rounds its input
 //! to bf16 and sums in f32. Everything between the dense layers stays f32.
 
+use super::linear::SharedOut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -173,19 +174,6 @@ fn row_blocks(rows: usize) -> Vec<(usize, usize)> {
         r0 += r;
     }
     out
-}
-
-/// The output buffer, shared by tasks that write disjoint columns of it.
-struct SharedOut(*mut f32);
-// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the buffer.
-        unsafe { self.0.add(offset) }
-    }
 }
 
 /// One kernel call's weights and output: two consecutive 16-column panels of `steps` rows

@@ -66,7 +66,7 @@ pub enum Weights {
     /// f32, as trained and saved: logits match transformers'.
     #[default]
     F32,
-    /// bf16 encoder weights on a CPU with AVX512-BF16 (see `model::bf16`): faster, logits
+    /// bf16 encoder weights on a CPU with AVX512-BF16 (see `model::packed`): faster, logits
     /// within about 1e-2 of f32. Elsewhere the model loads in f32.
     Bf16,
 }
@@ -116,7 +116,7 @@ impl LoadedClassifier {
         };
         let mut model = Classifier::load(&get, &info.config, pooling).context("building the model")?;
         model.prepare_for_inference(weights_as.effective(device) == Weights::Bf16)?;
-        // The model holds what it still needs; bf16 layers released their f32 weights.
+        // The model holds what it still needs; packed layers released their f32 weights.
         drop(weights);
         let bytes = model.bytes();
         Ok(Self {

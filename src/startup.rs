@@ -83,6 +83,9 @@ impl Application {
     /// dir and binds the listener.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
         use anyhow::Context;
+        // Settings are checked before anything on disk is touched.
+        let asked = Weights::parse(&config.predict_dtype)
+            .ok_or_else(|| anyhow::anyhow!("--predict-dtype: {:?} is not one of f32, bf16", config.predict_dtype))?;
         let dir = config.data_dir.display().to_string();
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create the data dir {dir}"))?;
         let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
@@ -115,8 +118,6 @@ impl Application {
         let queue = JobQueue::default();
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
         let mut predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
-        let asked = Weights::parse(&config.predict_dtype)
-            .ok_or_else(|| anyhow::anyhow!("--predict-dtype: {:?} is not one of f32, bf16", config.predict_dtype))?;
         predictor.weights = asked.effective(&device);
         if predictor.weights != asked {
             tracing::warn!("--predict-dtype bf16 needs a CPU with AVX512-BF16; predicting in f32");

@@ -237,4 +237,5 @@ async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
     bad.predict_dtype = "f8".into();
     let err = finetuned::startup::Application::build(bad).await.err().expect("an unknown dtype is refused");
     assert!(format!("{err:#}").contains("--predict-dtype"), "{err:#}");
+    assert!(!tmp.path().join("data2").exists(), "a bad setting is refused before the data dir is made");
 }

@@ -67,7 +67,7 @@ impl CustomOp3 for LinearOp {
         let n = w.dim(0)?;
         let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
         let db = with_f32(grad, |g| {
-            with_f32(w, |wv| gemm(m, k, n, &mut dx, false, (g, 1, n as isize), (wv, 1, k as isize)))?;
+            with_f32(w, |wv| input_grad(m, k, n, &mut dx, g, wv))?;
             // gᵀ as an n×m matrix: element (j, i) is g[i·n + j].
             with_f32(x, |xv| gemm(n, k, m, &mut dw, false, (g, n as isize, 1), (xv, 1, k as isize)))?;
             Ok::<_, candle_core::Error>(column_sums(g, n))
@@ -78,6 +78,39 @@ impl CustomOp3 for LinearOp {
             Some(Tensor::from_vec(dw, (n, k), dev)?),
             Some(Tensor::from_vec(db, n, dev)?),
         ))
+    }
+}
+
+/// Output columns per part when [`input_grad`] splits a long sum.
+const SUM_PART: usize = 4096;
+
+/// `dx (m×k) = g (m×n) · W (n×k)`. gemm does not split the sum over threads, so when the
+/// output is small and the sum long (the masked-LM decoder: a few dozen rows, a vocabulary
+/// of outputs) it runs on one core; then parts of the sum run in parallel and are added in
+/// a fixed order, so the result does not depend on the thread count.
+fn input_grad(m: usize, k: usize, n: usize, dx: &mut [f32], g: &[f32], w: &[f32]) {
+    if m * k > 256 * 1024 || n < 2 * SUM_PART {
+        return gemm(m, k, n, dx, false, (g, 1, n as isize), (w, 1, k as isize));
+    }
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(SUM_PART))
+        .into_par_iter()
+        .map(|p| {
+            let (c0, c1) = (p * SUM_PART, ((p + 1) * SUM_PART).min(n));
+            let mut part = vec![0f32; m * k];
+            // SAFETY: reads columns c0..c1 of g (m×n, row stride n) and rows c0..c1 of w
+            // (n×k, row stride k), writes part (m×k): all in bounds.
+            unsafe {
+                gemm::gemm(
+                    m, k, c1 - c0, part.as_mut_ptr(), 1, k as isize, false,
+                    g.as_ptr().add(c0), 1, n as isize, w.as_ptr().add(c0 * k), 1, k as isize,
+                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                )
+            }
+            part
+        })
+        .collect();
+    for part in parts {
+        dx.iter_mut().zip(part).for_each(|(d, v)| *d += v);
     }
 }
 

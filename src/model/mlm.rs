@@ -55,7 +55,9 @@ impl MaskedLm {
         let picked = hidden.reshape((b * s, h))?.index_select(rows, 0)?;
         let x = activation(&self.transform.forward(&picked)?, &self.act)?;
         let x = self.norm.forward(&x, mode)?;
-        x.matmul(&self.word_embeddings.t()?)?.broadcast_add(&self.bias)
+        // As a dense layer (the tied embeddings are its `[vocab, hidden]` weight), whose own
+        // backward writes the embeddings' gradient untransposed and sums the bias gradient.
+        Linear::new(self.word_embeddings.clone(), self.bias.clone()).forward(&x)
     }
 }
 

@@ -62,15 +62,21 @@ pub fn stratified_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, 
 /// batches is sorted longest first and cut into batches, which run in that order, as in
 /// transformers' `LengthGroupedSampler` and `finetune_ref.py --group-by-length`.
 pub fn epoch_batches(examples: &[Example], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    batch_order(&lengths, batch_size, seed, epoch, group_by_length)
+}
+
+/// [`epoch_batches`] for sequences of the given lengths.
+pub fn batch_order(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
-    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
     if !group_by_length {
         return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
     }
     let window = batch_size * 50;
     for chunk in order.chunks_mut(window) {
-        chunk.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
+        chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     }
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
 }

@@ -2,6 +2,7 @@
 //! config) on a dataset's texts and writes a new base model.
 
 use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
+use super::data::batch_order;
 use super::precision::{LossScaler, Precision};
 use super::hyper::Hyperparameters;
 use super::optim::{linear_schedule, AdamW};
@@ -152,6 +153,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         obs.on_event(Event::Message(format!("{} of {} tensors start from random initialisation", fresh.len(), spec.len())));
     }
     drop(weights);
+    let lengths: Vec<usize> = train.iter().map(Vec::len).collect();
     let steps_per_epoch = train.len().div_ceil(hp.batch_size);
     let total_steps = steps_per_epoch * hp.epochs;
     let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
@@ -199,14 +201,13 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let mut saved_at = step;
     let first_epoch = resumed.as_ref().map_or(1, |m| m.epoch);
     for epoch in first_epoch..=hp.epochs {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(hp.seed.wrapping_add(epoch as u64)));
+        let order = batch_order(&lengths, hp.batch_size, hp.seed, epoch, hp.group_by_length);
         let (mut done, mut loss_sum, mut batches) = match resumed.take() {
             Some(m) if m.epoch == epoch => (m.batches_done, m.loss_sum, m.seen),
             _ => (0, 0.0, 0usize),
         };
         let started = Instant::now();
-        for chunk in order.chunks(hp.batch_size).skip(done) {
+        for chunk in order.iter().skip(done) {
             let position = || CheckpointMeta {
                 step, epoch, batches_done: done, loss_sum, seen: batches, real_tokens: 0, padded_tokens: 0,
                 rng_word_pos: rng.get_word_pos().to_string(), optimizer_step: 0, since_best: 0, best: None,

@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--labeled", type=int, default=1000)
     ap.add_argument("--mlm-epochs", type=int, default=1)
     ap.add_argument("--mlm-lr", type=float, default=5e-5)
+    ap.add_argument("--mlm-group-by-length", action="store_true", help="batch the masked-LM texts by length")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -38,7 +39,8 @@ def main():
 
     train = read_jsonl(f"{a.data}/train.jsonl")
     texts = upload(u, [{"text": r["text"]} for r in train], "domain-texts")
-    hp = {"epochs": a.mlm_epochs, "batch_size": a.batch_size, "learning_rate": a.mlm_lr, "max_seq_len": a.max_len, "seed": a.seed}
+    hp = {"epochs": a.mlm_epochs, "batch_size": a.batch_size, "learning_rate": a.mlm_lr, "max_seq_len": a.max_len, "seed": a.seed,
+          "group_by_length": a.mlm_group_by_length}
     job = {"base_model": a.model, "training_dataset": texts, "task": "mlm", "model_name": "domain-base", "hyperparameters": hp}
     if a.scratch_config:
         job["config"] = json.loads(a.scratch_config)

@@ -68,6 +68,12 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_MAX_CONCURRENT_PREDICTS", default_value_t = 64)]
     pub max_concurrent_predicts: usize,
 
+    /// After a forward pass that answered several callers, how long (ms) the next one waits
+    /// for them to send their next requests, so that clients sending one request after
+    /// another share full batches (0: never wait).
+    #[arg(long, env = "FINETUNED_BATCH_REJOIN_WAIT_MS", default_value_t = 5)]
+    pub batch_rejoin_wait_ms: u64,
+
     /// Trained models kept loaded for predict (least recently used are unloaded first).
     #[arg(long, env = "FINETUNED_MODEL_CACHE_SIZE", default_value_t = 8)]
     pub model_cache_size: usize,
@@ -126,6 +132,7 @@ impl ServeConfig {
             max_upload_bytes: 512 * 1024 * 1024,
             max_batch_inputs: 256,
             max_concurrent_predicts: 64,
+            batch_rejoin_wait_ms: 5,
             model_cache_size: 8,
             model_cache_mib: 4096,
             train_threads: 0,

@@ -119,6 +119,7 @@ impl Application {
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
         let mut predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
         predictor.weights = asked.effective(&device);
+        predictor.limits.rejoin_wait = std::time::Duration::from_millis(config.batch_rejoin_wait_ms);
         if predictor.weights != asked {
             tracing::warn!("--predict-dtype bf16 needs a CPU with AVX512-BF16; predicting in f32");
         }

@@ -40,6 +40,7 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
             "max_batch_tokens": l.max_batch_tokens,
             "max_batch_size": l.max_batch_size,
             "max_batch_wait_ms": l.max_wait.as_secs_f64() * 1e3,
+            "batch_rejoin_wait_ms": l.rejoin_wait.as_secs_f64() * 1e3,
         },
         "models_loaded": state.predictor.loaded_ids(),
     }))

@@ -18,9 +18,18 @@ pub fn load_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
 
 /// Token ids of each text, `[CLS]`/`[SEP]` included, without truncation.
 pub fn encode_all(tok: &Tokenizer, texts: &[&str]) -> anyhow::Result<Vec<Vec<u32>>> {
-    let encs = tok.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let err = |e| anyhow::anyhow!("tokenizing: {e}");
+    // `encode_batch` hands even one text to rayon's global pool, and waking a thread there
+    // costs more than encoding a short text here.
+    if texts.len() <= FEW_TEXTS {
+        return texts.iter().map(|t| tok.encode(*t, true).map(|e| e.get_ids().to_vec()).map_err(err)).collect();
+    }
+    let encs = tok.encode_batch(texts.to_vec(), true).map_err(err)?;
     Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
 }
+
+/// Up to this many texts are encoded on the calling thread.
+const FEW_TEXTS: usize = 4;
 
 /// Cuts `ids` to `max_len` tokens keeping the final `[SEP]`, as transformers' truncation does.
 pub fn truncate(ids: &mut Vec<u32>, max_len: usize) {

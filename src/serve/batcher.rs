@@ -1,9 +1,11 @@
 //! Dynamic batching: one inference thread per loaded model gathers the sequences of
 //! concurrent requests into shared forward passes (bounded by a token budget and a batch
-//! size, after waiting at most `max_wait` for company), then hands each caller its rows.
+//! size, after waiting at most `max_wait` for company, or `rejoin_wait` for the callers of
+//! the previous batch to send their next requests), then hands each caller its rows.
 
 use crate::model::predictor::LoadedClassifier;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -17,13 +19,17 @@ pub struct BatchLimits {
     pub max_batch_size: usize,
     /// Longest a request waits for others to join it.
     pub max_wait: Duration,
+    /// Longest a batch waits, after the previous one, for that one's callers to send their
+    /// next requests (only when it answered more than one).
+    pub rejoin_wait: Duration,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
         // No waiting for company by default: requests that arrive while a forward pass runs
-        // queue up and form the next batch, so batching costs a lone request nothing.
-        Self { max_batch_tokens: 16_384, max_batch_size: 64, max_wait: Duration::ZERO }
+        // queue up and form the next batch, so batching costs a lone request nothing. The
+        // rejoin wait applies only after a batch that answered several callers.
+        Self { max_batch_tokens: 16_384, max_batch_size: 64, max_wait: Duration::ZERO, rejoin_wait: Duration::from_millis(5) }
     }
 }
 
@@ -72,32 +78,74 @@ fn padded_tokens(lens: &mut Vec<usize>) -> usize {
     lens.last().copied().unwrap_or(0) * lens.len()
 }
 
-fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits, threads: Arc<rayon::ThreadPool>) {
-    let mut pending: Option<Work> = None;
-    loop {
-        let first = match pending.take() {
-            Some(w) => w,
-            None => match rx.recv() {
-                Ok(w) => w,
-                Err(_) => return,
-            },
-        };
-        let deadline = first.enqueued + limits.max_wait;
-        let mut lens: Vec<usize> = first.seqs.iter().map(Vec::len).collect();
-        let mut batch = vec![first];
-        loop {
-            let now = Instant::now();
-            let next = if now >= deadline { rx.try_recv().map_err(|_| ()) } else { rx.recv_timeout(deadline - now).map_err(|_| ()) };
-            let Ok(w) = next else { break };
-            let mut with: Vec<usize> = lens.iter().copied().chain(w.seqs.iter().map(Vec::len)).collect();
-            if with.len() > limits.max_batch_size || padded_tokens(&mut with) > limits.max_batch_tokens {
-                pending = Some(w);
-                break;
-            }
-            lens = with;
-            batch.push(w);
+/// Takes requests from the front of `queue` while the batch stays within `limits` (the
+/// first one always).
+fn take_batch(queue: &mut VecDeque<Work>, limits: BatchLimits) -> Vec<Work> {
+    let mut lens: Vec<usize> = Vec::new();
+    let mut batch = Vec::new();
+    while let Some(w) = queue.front() {
+        let mut with: Vec<usize> = lens.iter().copied().chain(w.seqs.iter().map(Vec::len)).collect();
+        if !batch.is_empty() && (with.len() > limits.max_batch_size || padded_tokens(&mut with) > limits.max_batch_tokens) {
+            break;
         }
+        lens = with;
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+/// Moves what is waiting in the channel to `queue`; false once every handle is gone and
+/// nothing is left.
+fn drain(rx: &Receiver<Work>, queue: &mut VecDeque<Work>) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(w) => queue.push_back(w),
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return !queue.is_empty(),
+        }
+    }
+}
+
+/// Receives into `queue` until it holds `want` requests or `until` passes.
+fn gather_until(rx: &Receiver<Work>, queue: &mut VecDeque<Work>, want: usize, until: Instant) {
+    while queue.len() < want {
+        let now = Instant::now();
+        let Some(left) = until.checked_duration_since(now).filter(|d| !d.is_zero()) else { return };
+        match rx.recv_timeout(left) {
+            Ok(w) => queue.push_back(w),
+            Err(_) => return,
+        }
+    }
+}
+
+fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits, threads: Arc<rayon::ThreadPool>) {
+    let mut queue: VecDeque<Work> = VecDeque::new();
+    // Requests the next batch may wait for, and until when: those queued when the last
+    // batch ended plus the callers it answered. Clients that send one request after another
+    // come back within a few milliseconds; without the wait, 32 such clients settle into
+    // two alternating half-size batches.
+    let (mut expected, mut expected_until) = (0usize, Instant::now());
+    loop {
+        if !drain(&rx, &mut queue) {
+            return;
+        }
+        if queue.is_empty() {
+            match rx.recv() {
+                Ok(w) => queue.push_back(w),
+                Err(_) => return,
+            }
+        }
+        gather_until(&rx, &mut queue, expected.min(limits.max_batch_size), expected_until);
+        if let Some(first) = queue.front() {
+            let until = first.enqueued + limits.max_wait;
+            gather_until(&rx, &mut queue, limits.max_batch_size, until);
+        }
+        let batch = take_batch(&mut queue, limits);
+        let served = batch.len();
         run_batch(&model, batch, limits, &threads);
+        drain(&rx, &mut queue);
+        expected = if served > 1 { queue.len() + served } else { 0 };
+        expected_until = Instant::now() + limits.rejoin_wait;
     }
 }
 

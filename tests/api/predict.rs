@@ -112,6 +112,39 @@ async fn concurrent_requests_are_batched_and_each_caller_gets_its_own_scores() {
     assert!(biggest_batch > 1, "24 concurrent requests never shared a forward pass");
 }
 
+/// Batch sizes seen by `clients` callers that each send `rounds` single texts one after
+/// another, on a server whose rejoin wait is `wait_ms`.
+async fn closed_loop_batch_sizes(wait_ms: u64, clients: usize, rounds: usize) -> Vec<usize> {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
+    cfg.batch_rejoin_wait_ms = wait_ms;
+    let app = spawn_with(cfg).await;
+    trained(&app, "toy").await;
+    let caller = |c: usize| {
+        let app = &app;
+        async move {
+            let mut sizes = Vec::new();
+            for r in 0..rounds {
+                let resp = app.predict("toy", &json!({"inputs": format!("text {c} round {r} was good")})).await;
+                assert_eq!(resp.status(), StatusCode::OK);
+                sizes.push(resp.headers()["x-batch-size"].to_str().unwrap().parse::<usize>().unwrap());
+            }
+            sizes
+        }
+    };
+    futures::future::join_all((0..clients).map(caller)).await.concat()
+}
+
+#[tokio::test]
+async fn callers_sending_one_text_after_another_share_full_batches() {
+    // A rejoin wait far longer than any round trip: every caller answered by a batch is
+    // back before the next one runs, so once a batch has served them all, each does.
+    let (clients, rounds) = (8, 6);
+    let sizes = closed_loop_batch_sizes(2_000, clients, rounds).await;
+    let full = sizes.iter().filter(|&&s| s == clients).count();
+    assert!(full * 2 >= sizes.len(), "only {full} of {} requests ran in a batch of all {clients} callers: {sizes:?}", sizes.len());
+}
+
 #[tokio::test]
 async fn chunked_long_text_scores_the_mean_of_its_windows() {
     let app = spawn_app().await;

@@ -106,13 +106,18 @@ fn drain(rx: &Receiver<Work>, queue: &mut VecDeque<Work>) -> bool {
     }
 }
 
-/// Receives into `queue` until it holds `want` requests or `until` passes.
-fn gather_until(rx: &Receiver<Work>, queue: &mut VecDeque<Work>, want: usize, until: Instant) {
-    while queue.len() < want {
+/// Receives into `queue` until it holds `want` requests, or sequences enough for a full
+/// batch, or `until` passes.
+fn gather_until(rx: &Receiver<Work>, queue: &mut VecDeque<Work>, want: usize, until: Instant, limits: BatchLimits) {
+    let mut seqs: usize = queue.iter().map(|w| w.seqs.len()).sum();
+    while queue.len() < want && seqs < limits.max_batch_size {
         let now = Instant::now();
         let Some(left) = until.checked_duration_since(now).filter(|d| !d.is_zero()) else { return };
         match rx.recv_timeout(left) {
-            Ok(w) => queue.push_back(w),
+            Ok(w) => {
+                seqs += w.seqs.len();
+                queue.push_back(w);
+            }
             Err(_) => return,
         }
     }
@@ -135,10 +140,10 @@ fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits, th
                 Err(_) => return,
             }
         }
-        gather_until(&rx, &mut queue, expected.min(limits.max_batch_size), expected_until);
+        gather_until(&rx, &mut queue, expected, expected_until, limits);
         if let Some(first) = queue.front() {
             let until = first.enqueued + limits.max_wait;
-            gather_until(&rx, &mut queue, limits.max_batch_size, until);
+            gather_until(&rx, &mut queue, usize::MAX, until, limits);
         }
         let batch = take_batch(&mut queue, limits);
         let served = batch.len();

@@ -124,10 +124,10 @@ impl Packed {
         let per = tiles.div_ceil(tasks);
         let blocks = row_blocks(rows);
         let out = SharedOut(y.as_mut_ptr());
-        let run = |tile: usize, (r0, r): (usize, usize)| {
+        let run = |tile: usize, (r0, r): (usize, usize), (pf, pf_stride): (*const u8, usize)| {
             let c0 = tile * TILE;
             let w = self.data[tile * 2 * self.steps * LANES..].as_ptr();
-            let job = Tile { w, steps: self.steps, b: self.bias[c0..].as_ptr(), y: out.at(r0 * n + c0), ys: n, cols: (n - c0).min(TILE) };
+            let job = Tile { w, steps: self.steps, b: self.bias[c0..].as_ptr(), y: out.at(r0 * n + c0), ys: n, cols: (n - c0).min(TILE), pf, pf_stride };
             // SAFETY: the CPU has the kernel's features (asserted above). The kernel reads
             // rows r0..r0+r of the input (each `stride` long), two 16-column panels of
             // `data` and 32 of `bias` (both padded to whole tiles), and writes `cols`
@@ -143,9 +143,23 @@ impl Packed {
         (0..tasks).into_par_iter().for_each(|t| {
             let (t0, t1) = (t * per, ((t + 1) * per).min(tiles));
             if blocks.len() <= FEW_BLOCKS {
-                (t0..t1).for_each(|tile| blocks.iter().for_each(|&b| run(tile, b)));
+                for tile in t0..t1 {
+                    // A short input reads each weight once, from memory: the next tile's
+                    // weights are fetched into L2 while this one computes, spread over
+                    // its first two row blocks (64 bytes a step each, or 128 with one block).
+                    let next = (tile + 1 < t1).then(|| self.data[(tile + 1) * 2 * self.steps * LANES..].as_ptr() as *const u8);
+                    for (i, &b) in blocks.iter().enumerate() {
+                        let pf = match (next, blocks.len(), i) {
+                            (Some(p), 1, _) => (p, 128),
+                            (Some(p), _, 0) => (p, 64),
+                            (Some(p), _, 1) => (p.wrapping_add(self.steps * 64), 64),
+                            _ => (std::ptr::null(), 0),
+                        };
+                        run(tile, b, pf);
+                    }
+                }
             } else {
-                blocks.iter().for_each(|&b| (t0..t1).for_each(|tile| run(tile, b)));
+                blocks.iter().for_each(|&b| (t0..t1).for_each(|tile| run(tile, b, (std::ptr::null(), 0))));
             }
             if gelu && t0 < t1 {
                 let (c0, c1) = (t0 * TILE, (t1 * TILE).min(n));
@@ -178,7 +192,7 @@ fn row_blocks(rows: usize) -> Vec<(usize, usize)> {
 
 /// One kernel call's weights and output: two consecutive 16-column panels of `steps` rows
 /// at `w`, 32 biases at `b`, and the first `cols` of 32 columns written at `y`, rows `ys`
-/// floats apart.
+/// floats apart; and the weights it fetches into L2 for the next call.
 #[derive(Clone, Copy)]
 struct Tile {
     w: *const u32,
@@ -187,6 +201,9 @@ struct Tile {
     y: *mut f32,
     ys: usize,
     cols: usize,
+    /// Where to prefetch from (null: nowhere), `pf_stride` bytes further each step.
+    pf: *const u8,
+    pf_stride: usize,
 }
 
 /// Rounds `src` to bf16 bits in `dst` (same length).
@@ -244,6 +261,21 @@ unsafe fn tile_dispatch_bf16(r: usize, x: *const u16, xs: usize, t: Tile) {
     unreachable!("packed layers need AVX-512")
 }
 
+/// Fetches step `k`'s share of the next call's weights into L2 (a prefetch never faults,
+/// so the address needs no bounds).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch(t: Tile, k: usize) {
+    use std::arch::x86_64::*;
+    if !t.pf.is_null() {
+        let at = t.pf.wrapping_add(k * t.pf_stride) as *const i8;
+        _mm_prefetch::<_MM_HINT_T1>(at);
+        if t.pf_stride > 64 {
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64));
+        }
+    }
+}
+
 /// Adds the bias to `R` rows of two accumulators and stores their first `t.cols` columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -267,6 +299,7 @@ unsafe fn tile_f32<const R: usize>(x: *const f32, xs: usize, t: Tile) {
     let (w0, w1) = (t.w as *const f32, t.w.add(t.steps * LANES) as *const f32);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for k in 0..t.steps {
+        prefetch(t, k);
         let (a0, a1) = (_mm512_loadu_ps(w0.add(k * LANES)), _mm512_loadu_ps(w1.add(k * LANES)));
         for (r, acc) in acc.iter_mut().enumerate() {
             let xv = _mm512_set1_ps(*x.add(r * xs + k));
@@ -286,6 +319,7 @@ unsafe fn tile_bf16<const R: usize>(x: *const u16, xs: usize, t: Tile) {
     let (w0, w1) = (t.w, t.w.add(t.steps * LANES));
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for p in 0..t.steps {
+        prefetch(t, p);
         let a0: __m512bh = std::mem::transmute(_mm512_loadu_si512(w0.add(p * LANES) as *const _));
         let a1: __m512bh = std::mem::transmute(_mm512_loadu_si512(w1.add(p * LANES) as *const _));
         for (r, acc) in acc.iter_mut().enumerate() {

@@ -70,8 +70,8 @@ pub struct ServeConfig {
 
     /// After a forward pass that answered several callers, how long (ms) the next one waits
     /// for them to send their next requests, so that clients sending one request after
-    /// another share full batches (0: never wait).
-    #[arg(long, env = "FINETUNED_BATCH_REJOIN_WAIT_MS", default_value_t = 5)]
+    /// another share full batches (0: never wait; at most 1000).
+    #[arg(long, env = "FINETUNED_BATCH_REJOIN_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub batch_rejoin_wait_ms: u64,
 
     /// Trained models kept loaded for predict (least recently used are unloaded first).
@@ -164,5 +164,20 @@ pub fn device(spec: Option<&str>) -> anyhow::Result<candle_core::Device> {
             Some(n) => Ok(Device::new_cuda(n)?),
             None => anyhow::bail!("--device must be cpu, cuda or cuda:N, not {s:?}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rejoin_wait_is_refused_past_a_second() {
+        let parse = |v: &str| Cli::try_parse_from(["finetuned", "serve", "--batch-rejoin-wait-ms", v]);
+        assert!(matches!(parse("0").unwrap().command, Command::Serve(c) if c.batch_rejoin_wait_ms == 0));
+        assert!(matches!(parse("1000").unwrap().command, Command::Serve(c) if c.batch_rejoin_wait_ms == 1000));
+        let err = parse("1001").unwrap_err().to_string();
+        assert!(err.contains("--batch-rejoin-wait-ms"), "{err}");
+        assert!(parse("-1").is_err());
     }
 }

@@ -9,7 +9,8 @@ labeled rows with the same settings, both scored on the test set through predict
 With --scratch-config '{"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2}' the
 masked-LM job starts from a fresh model of that shape (--model only lends its tokenizer), and
 --baseline names the model it is compared with (e.g. a random init of the same shape made by
-bench/make_random_base.py).
+bench/make_random_base.py). --corpus takes the masked-LM texts from several data sets' training
+splits (their labels dropped); fine-tuning and the test still use --data.
 """
 import argparse, json
 
@@ -33,12 +34,14 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--scratch-config", help="JSON config: pre-train from scratch")
     ap.add_argument("--baseline", help="model to compare with (default: --model)")
+    ap.add_argument("--corpus", nargs="+", help="data set dirs whose training texts make the masked-LM corpus (default: --data)")
     ap.add_argument("--out")
     a = ap.parse_args()
     u = a.url.rstrip("/")
 
     train = read_jsonl(f"{a.data}/train.jsonl")
-    texts = upload(u, [{"text": r["text"]} for r in train], "domain-texts")
+    corpus = [{"text": r["text"]} for d in (a.corpus or [a.data]) for r in read_jsonl(f"{d}/train.jsonl")]
+    texts = upload(u, corpus, "domain-texts")
     hp = {"epochs": a.mlm_epochs, "batch_size": a.batch_size, "learning_rate": a.mlm_lr, "max_seq_len": a.max_len, "seed": a.seed,
           "group_by_length": a.mlm_group_by_length}
     job = {"base_model": a.model, "training_dataset": texts, "task": "mlm", "model_name": "domain-base", "hyperparameters": hp}
@@ -56,7 +59,7 @@ def main():
         job = run_job(u, {"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
         accuracy, f1 = score(u, job["model"], test)
         results[base] = {"test_accuracy": accuracy, "test_macro_f1": f1, "validation": job["metrics"], "wall_seconds": job["wall_seconds"]}
-    report = {"mlm": {"metrics": mlm["metrics"], "wall_seconds": mlm["wall_seconds"], "hyperparameters": mlm["hyperparameters"]},
+    report = {"corpus": a.corpus or [a.data], "corpus_texts": len(corpus), "mlm": {"metrics": mlm["metrics"], "wall_seconds": mlm["wall_seconds"], "hyperparameters": mlm["hyperparameters"]},
               "fine_tune_hyperparameters": hp, "labeled_rows": a.labeled, "results": results}
     write_report(report, a.out)
 

@@ -137,10 +137,13 @@ async fn closed_loop_batch_sizes(wait_ms: u64, clients: usize, rounds: usize) ->
 
 #[tokio::test]
 async fn callers_sending_one_text_after_another_share_full_batches() {
-    // A rejoin wait far longer than any round trip: every caller answered by a batch is
-    // back before the next one runs, so once a batch has served them all, each does.
-    let (clients, rounds) = (8, 6);
-    let sizes = closed_loop_batch_sizes(2_000, clients, rounds).await;
+    // The longest rejoin wait allowed, far longer than any round trip: after a batch, the
+    // next one waits for the callers it served, so batches grow until they hold all callers.
+    // How many rounds that takes depends on the machine's load (four, on a loaded CI run), and
+    // callers that joined late finish a round or two after the rest; so the check is that most
+    // rounds, not all, ran in a batch of every caller. With no wait, none did.
+    let (clients, rounds) = (8, 20);
+    let sizes = closed_loop_batch_sizes(1_000, clients, rounds).await;
     let full = sizes.iter().filter(|&&s| s == clients).count();
     assert!(full * 2 >= sizes.len(), "only {full} of {} requests ran in a batch of all {clients} callers: {sizes:?}", sizes.len());
 }

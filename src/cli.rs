@@ -218,6 +218,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         "test_micro_f1": done.test.as_ref().and_then(|t| t.report.micro_f1),
         "loss_log": obs.loss_log,
         "peak_rss_mib": peak,
+        "peak_gpu_mib": st.epochs.iter().filter_map(|e| e.peak_gpu_mib).max(),
     });
     std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
     eprintln!(

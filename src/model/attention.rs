@@ -8,8 +8,6 @@
 //! recomputes the probabilities instead of storing them; the dropout mask is kept.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -23,6 +21,8 @@ struct Attention {
     key_bias: Vec<f32>,
     /// Probability of dropping an attention weight (0 in inference).
     dropout: f32,
+    /// Dropout's keep threshold, from `rng::keep_rule`.
+    keep_below: u32,
     seed: u64,
     /// Dropout keep flags `[batch, heads, seq, seq]`, drawn in the forward pass.
     keep: OnceLock<Vec<u8>>,
@@ -53,19 +53,15 @@ impl Attention {
         Ok(Dims { b, s, h, hd: h / self.heads, nh: self.heads })
     }
 
-    /// Draws the keep flags, one independent stream per (text, head) so the result does
-    /// not depend on how rayon splits the work.
+    /// Draws the keep flags: flag `((text·heads + head)·seq + i)·seq + j` from
+    /// `rng::bits(seed, that index)`, as the device-generic attention draws them.
     fn draw_keep(&self, d: Dims) -> Vec<u8> {
-        let threshold = ((1.0 - self.dropout as f64) * 65536.0) as u32;
+        let keep_below = self.keep_below;
         let mut keep = vec![0u8; d.b * d.nh * d.s * d.s];
         keep.par_chunks_mut(d.s * d.s).enumerate().for_each(|(task, out)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(task as u64);
-            for quad in out.chunks_mut(4) {
-                let r = rng.next_u64();
-                for (n, k) in quad.iter_mut().enumerate() {
-                    *k = ((((r >> (16 * n)) & 0xffff) as u32) < threshold) as u8;
-                }
+            let base = (task * d.s * d.s) as u64;
+            for (i, k) in out.iter_mut().enumerate() {
+                *k = super::rng::kept(self.seed, base + i as u64, keep_below) as u8;
             }
         });
         keep
@@ -299,8 +295,9 @@ impl CustomOp3 for Attention {
 /// Multi-head attention of `[batch, seq, hidden]` projections on CPU f32, returning the
 /// context in the same layout (heads concatenated). `mask` is `[batch, seq]` (1 = token);
 /// `dropout` applies to the attention weights with a mask drawn from `seed`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[f32], heads: usize, dropout: f32, seed: u64) -> Result<Tensor> {
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[f32], heads: usize, dropout: f64, seed: u64) -> Result<Tensor> {
     let key_bias = mask.iter().map(|&m| (m - 1.0) * 1e4).collect();
-    let op = Attention { heads, key_bias, dropout, seed, keep: OnceLock::new() };
+    let (keep_below, _) = super::rng::keep_rule(dropout);
+    let op = Attention { heads, key_bias, dropout: dropout as f32, keep_below, seed, keep: OnceLock::new() };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }

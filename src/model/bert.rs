@@ -37,15 +37,17 @@ struct Layer {
     qkv: Option<Linear>,
 }
 
-/// How padding is kept out of attention: a key mask for the fused CPU kernel, an additive
-/// `[batch, 1, 1, seq]` bias for composed ops elsewhere.
+/// How padding is kept out of attention: a key mask for the fused CPU kernel, an f32
+/// `[batch, seq]` key bias for the device-generic masked softmax (training, or any GPU pass),
+/// an additive `[batch, 1, 1, seq]` bias for composed ops (CPU inference in another dtype).
 enum KeyMask {
     Fused(Vec<f32>),
+    Device(Tensor),
     Bias(Tensor),
 }
 
 fn fused_attention(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels()
 }
 
 /// The BERT encoder (embeddings + transformer layers), without pooler or head.
@@ -189,6 +191,8 @@ impl Bert {
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
         let keys = if fused_attention(&x) {
             KeyMask::Fused(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        } else if mode.is_train() || !x.device().is_cpu() || !super::kernels::use_fused_cpu_kernels() {
+            KeyMask::Device(((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?)
         } else {
             KeyMask::Bias(attention_bias(mask, x.dtype())?)
         };
@@ -210,19 +214,27 @@ impl Bert {
             }
             None => (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?),
         };
-        let bias = match keys {
-            KeyMask::Fused(mask) => {
-                let (p, seed) = if mode.is_train() && p > 0.0 { (p as f32, mode.seed()) } else { (0.0, 0) };
-                return attention(&q, &k, &v, mask, nh, p, seed);
-            }
-            KeyMask::Bias(bias) => bias,
-        };
+        let (p, seed) = if mode.is_train() && p > 0.0 { (p, mode.seed()) } else { (0.0, 0) };
+        if let KeyMask::Fused(mask) = keys {
+            return attention(&q, &k, &v, mask, nh, p, seed);
+        }
         let hd = self.cfg.head_dim();
+        let scale = 1.0 / (hd as f64).sqrt();
         let heads = |t: Tensor| t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
-        let probs = softmax_last(&scores, mode)?;
-        let probs = mode.dropout(&probs, p)?;
+        let probs = match keys {
+            KeyMask::Device(bias) => {
+                // Scale, padding mask, softmax and dropout in one kernel, with its own backward.
+                let dropout = (p > 0.0).then(|| {
+                    let (keep_below, scale) = super::rng::keep_rule(p);
+                    super::device_ops::Dropout { keep_below, scale, seed }
+                });
+                let op = super::device_ops::MaskedSoftmax { scale: scale as f32, dropout };
+                q.matmul(&k.t()?)?.contiguous()?.apply_op2(bias, op)?
+            }
+            KeyMask::Bias(bias) => softmax_last(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?, mode)?,
+            KeyMask::Fused(_) => unreachable!("handled above"),
+        };
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 

@@ -2,7 +2,7 @@
 //! candle's element-wise ops run on one thread and its fused LayerNorm has no backward;
 //! these keep training differentiable and fast. Other devices and dtypes use composed ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fastmath::{erf, exp};
@@ -22,7 +22,25 @@ fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 fn on_cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && use_fused_cpu_kernels()
+}
+
+thread_local! {
+    static FUSED_CPU: std::cell::Cell<bool> =
+        std::cell::Cell::new(std::env::var("FINETUNED_KERNELS").map_or(true, |v| v != "generic"));
+}
+
+/// Whether this thread's CPU work uses the fused CPU kernels (the default). Off, a CPU run takes
+/// the device-generic path a GPU takes (`model::device_ops`, cuBLAS-style matmuls, the
+/// optimizer's device update), so tests check that path's maths without a GPU. The default
+/// comes from `FINETUNED_KERNELS=generic`; [`set_fused_cpu_kernels`] changes it per thread.
+pub fn use_fused_cpu_kernels() -> bool {
+    FUSED_CPU.with(|f| f.get())
+}
+
+/// Sets [`use_fused_cpu_kernels`] for the calling thread; returns the previous setting.
+pub fn set_fused_cpu_kernels(on: bool) -> bool {
+    FUSED_CPU.with(|f| f.replace(on))
 }
 
 const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -91,7 +109,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if on_cpu_f32(x) {
         x.contiguous()?.apply_op1(GeluErf)
     } else {
-        x.gelu_erf()
+        x.contiguous()?.apply_op1(super::device_ops::BiasGelu)
     }
 }
 
@@ -173,17 +191,14 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     if on_cpu_f32(x) && on_cpu_f32(w) {
         return x.contiguous()?.apply_op3(w, b, LayerNormOp { eps: eps as f32 });
     }
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(w)?.broadcast_add(b)
+    let op = super::device_ops::LayerNorm { eps: eps as f32 };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
-/// Inverted dropout whose mask is drawn inside the kernel, chunk by chunk in parallel, each
-/// chunk from its own stream of a ChaCha8 generator seeded with `seed`: the same mask whatever
-/// the thread count. The backward pass applies the same op to the gradient (the mask is drawn
-/// again from the seed, not stored).
+/// Inverted dropout whose mask is drawn inside the kernel, in parallel, element `i` from
+/// `rng::bits(seed, i)`: the same mask whatever the thread count, and the same as the
+/// device-generic op and the CUDA kernel draw. The backward pass applies the same op to the
+/// gradient (the mask is drawn again from the seed, not stored).
 #[derive(Clone)]
 struct DropoutOp {
     keep_below: u32,
@@ -197,14 +212,12 @@ impl CustomOp1 for DropoutOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        use rand::{RngCore, SeedableRng};
         let x = f32s(s, l)?;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(i, (y, x))| {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(i as u64);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = if rng.next_u32() < self.keep_below { x * self.scale } else { 0.0 };
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (y, x))| {
+            let base = (c * CHUNK) as u64;
+            for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                *y = if super::rng::kept(self.seed, base + i as u64, self.keep_below) { x * self.scale } else { 0.0 };
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -216,14 +229,13 @@ impl CustomOp1 for DropoutOp {
 }
 
 /// Inverted dropout with probability `p` (elements kept are scaled by `1/(1-p)`), its mask
-/// drawn from `seed`. Only for contiguous-able f32 CPU tensors: see [`dropout_supported`].
+/// drawn from `seed` (see [`super::rng`]), on any device and dtype.
+/// Elsewhere (another device or dtype, or the device-generic path) the device op draws the
+/// same mask.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    let keep = 1.0 - p;
-    let op = DropoutOp { keep_below: (keep * u32::MAX as f64) as u32, scale: (1.0 / keep) as f32, seed };
-    x.contiguous()?.apply_op1(op)
-}
-
-/// Whether [`dropout`] runs on `x` (f32 on the CPU).
-pub fn dropout_supported(x: &Tensor) -> bool {
-    on_cpu_f32(x)
+    let (keep_below, scale) = super::rng::keep_rule(p);
+    if on_cpu_f32(x) {
+        return x.contiguous()?.apply_op1(DropoutOp { keep_below, scale, seed });
+    }
+    x.contiguous()?.apply_op1(super::device_ops::Dropout { keep_below, scale, seed })
 }

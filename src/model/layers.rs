@@ -29,25 +29,16 @@ impl Mode<'_> {
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1/(1-p)`. The mask comes from our own seeded generator so runs are repeatable
-    /// (candle cannot seed its CPU generator): on the CPU a fused kernel draws it in parallel
-    /// from one seed taken here; elsewhere it is drawn here, element by element.
+    /// (candle cannot seed its CPU generator): one seed is taken here per call, and the kernel
+    /// draws the mask from it on the device (see `model::rng`); nothing per element is done
+    /// on the host.
     pub fn dropout(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Mode::Train(rng) = self else { return Ok(xs.clone()) };
         if p <= 0.0 {
             return Ok(xs.clone());
         }
-        if super::kernels::dropout_supported(xs) {
-            let seed = rng.random::<u64>();
-            return super::kernels::dropout(xs, p, seed);
-        }
-        let keep = 1.0 - p;
-        let scale = (1.0 / keep) as f32;
-        let threshold = (keep * u32::MAX as f64) as u32;
-        let n = xs.elem_count();
-        let mask: Vec<f32> =
-            (0..n).map(|_| if rng.random::<u32>() < threshold { scale } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs.mul(&mask)
+        let seed = rng.random::<u64>();
+        super::kernels::dropout(xs, p, seed)
     }
 }
 
@@ -131,6 +122,10 @@ impl Linear {
             let op = PackedLinear { weight: w.clone(), gelu: true };
             return self.on_rows(xs, |x2| x2.contiguous()?.apply_op1_no_bwd(&op));
         }
+        if act == "gelu" && !self.in_out && self.packed.is_none() && !cpu_fused(xs) {
+            // Device-generic: the matmul, then bias and GELU in one kernel with its backward.
+            return self.on_rows(xs, |x2| x2.matmul(&self.weight.t()?)?.apply_op2(&self.bias, super::device_ops::BiasGelu));
+        }
         if !(self.in_out && act == "gelu") {
             return activation(&self.forward(xs)?, act);
         }
@@ -155,13 +150,18 @@ impl Linear {
                 x2.contiguous()?.apply_op1_no_bwd(&PackedLinear { weight: w.clone(), gelu: false })
             } else if self.in_out {
                 super::linear::linear_in_out(x2, &self.weight, &self.bias)
-            } else if x2.device().is_cpu() && x2.dtype() == DType::F32 {
+            } else if cpu_fused(x2) {
                 super::linear::linear(x2, &self.weight, &self.bias)
             } else {
                 x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
             }
         })
     }
+}
+
+/// Whether `x` takes the fused CPU kernels (f32 on the CPU, unless switched off).
+fn cpu_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels()
 }
 
 /// LayerNorm over the last dimension.

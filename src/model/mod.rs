@@ -6,6 +6,9 @@ pub mod bert;
 pub mod packed;
 pub mod classifier;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod device_ops;
 mod fastmath;
 pub mod kernels;
 pub mod layers;
@@ -13,8 +16,21 @@ pub mod linear;
 pub mod mlm;
 pub mod params;
 pub mod predictor;
+pub mod rng;
 mod simd;
 pub mod tokenize;
 
 pub use classifier::{Classifier, Pooling};
 pub use config::BertConfig;
+
+/// Device memory in use now (MiB) on a CUDA device, as its driver reports it (candle's pool
+/// keeps freed blocks, so this is the high-water mark of what the run reserved, as
+/// `nvidia-smi` shows); `None` on the CPU.
+pub fn device_memory_mib(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return cuda::memory_used_mib();
+    }
+    let _ = device;
+    None
+}

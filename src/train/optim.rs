@@ -2,10 +2,14 @@
 //! warmup/decay schedule, matching PyTorch's `AdamW` and transformers' scheduler.
 //!
 //! On CPU the update runs in place over each parameter's storage in one fused pass, with
-//! no temporaries (candle-nn's `AdamW` allocates ~15 tensors per parameter per step).
+//! no temporaries (candle-nn's `AdamW` allocates ~15 tensors per parameter per step). On other
+//! devices (and on the CPU's device-generic path) two in-place kernels per parameter do the
+//! same (`model::device_ops::AdamWMoments`, `AdamWApply`), and the gradient norm costs one
+//! device-to-host read per step, not one per parameter.
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
+use crate::model::device_ops::{AdamWApply, AdamWMoments};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -22,10 +26,15 @@ pub fn linear_schedule(base_lr: f64, step: usize, warmup: usize, total: usize) -
 }
 
 /// First and second moments of one parameter: plain vectors on CPU (updated in place),
-/// tensors elsewhere.
+/// elsewhere one f32 `[2·n]` tensor on the parameter's device, m then v.
 enum Moments {
     Cpu(Vec<f32>, Vec<f32>),
-    Device(Tensor, Tensor),
+    Device(Tensor),
+}
+
+/// Whether `t` takes the fused CPU update (f32 on the CPU, unless switched off).
+fn fused_cpu(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && crate::model::kernels::use_fused_cpu_kernels()
 }
 
 /// Optimiser state for a fixed list of parameters.
@@ -51,18 +60,23 @@ fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
 /// Sum of squares of every gradient present.
 fn grad_sq_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     let mut total = 0f64;
+    let mut on_device = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            if g.device().is_cpu() && g.is_contiguous() {
+            if fused_cpu(g) && g.is_contiguous() {
                 let (s, l) = g.storage_and_layout();
                 // Fixed chunks summed in order: the same result whatever the thread count.
                 let partial: Vec<f64> =
                     cpu_f32(&s, l)?.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
                 total += partial.iter().sum::<f64>();
             } else {
-                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                on_device.push(g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?);
             }
         }
+    }
+    if !on_device.is_empty() {
+        // One read for all of them: each `to_scalar` would wait for the device.
+        total += Tensor::stack(&on_device, 0)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(total)
 }
@@ -150,16 +164,15 @@ impl AdamW {
         for (i, var) in vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let decay = if self.decay[i] { self.weight_decay } else { 0.0 };
-            let on_cpu = var.device().is_cpu() && var.dtype() == candle_core::DType::F32;
-            let moments = self.moments[i].get_or_insert_with(|| {
+            if self.moments[i].is_none() {
                 let n = var.elem_count();
-                if on_cpu {
+                self.moments[i] = Some(if fused_cpu(var.as_tensor()) {
                     Moments::Cpu(vec![0.0; n], vec![0.0; n])
                 } else {
-                    let z = var.as_tensor().zeros_like().expect("zeros");
-                    Moments::Device(z.clone(), z)
-                }
-            });
+                    Moments::Device(Tensor::zeros(2 * n, candle_core::DType::F32, var.device())?)
+                });
+            }
+            let moments = self.moments[i].as_mut().expect("set above");
             match moments {
                 Moments::Cpu(m, v) => {
                     let g = g.contiguous()?;
@@ -179,14 +192,12 @@ impl AdamW {
                     };
                     var.as_tensor().inplace_op1(&op)?;
                 }
-                Moments::Device(m, v) => {
-                    let g = (g * scale)?;
-                    *m = ((&*m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-                    *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-                    let update = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + self.eps)?)?;
-                    let p = var.as_tensor();
-                    let next = ((p * (1.0 - lr * decay))? - (update * lr)?)?;
-                    var.set(&next)?;
+                Moments::Device(mv) => {
+                    let g = g.contiguous()?;
+                    let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+                    mv.inplace_op2(&g, &AdamWMoments { grad_scale: scale as f32, beta1: b1, beta2: b2 })?;
+                    let (bc1, bc2, eps) = (bc1 as f32, bc2 as f32, self.eps as f32);
+                    var.as_tensor().inplace_op2(mv, &AdamWApply { lr: lr as f32, decay: decay as f32, bc1, bc2, eps })?;
                 }
             }
         }
@@ -212,7 +223,10 @@ impl AdamW {
                     let cpu = candle_core::Device::Cpu;
                     Ok(Some((Tensor::from_slice(m, m.len(), &cpu)?, Tensor::from_slice(v, v.len(), &cpu)?)))
                 }
-                Some(Moments::Device(m, v)) => Ok(Some((m.copy()?, v.copy()?))),
+                Some(Moments::Device(mv)) => {
+                    let n = mv.elem_count() / 2;
+                    Ok(Some((mv.narrow(0, 0, n)?.copy()?, mv.narrow(0, n, n)?.copy()?)))
+                }
             })
             .collect::<Result<_>>()?;
         Ok(OptimState { step: self.step, moments })
@@ -231,11 +245,11 @@ impl AdamW {
                     if m.elem_count() != var.elem_count() || v.elem_count() != var.elem_count() {
                         candle_core::bail!("optimiser state of parameter {i} does not match its size");
                     }
-                    if var.device().is_cpu() && var.dtype() == candle_core::DType::F32 {
+                    if fused_cpu(var.as_tensor()) {
                         Some(Moments::Cpu(m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?))
                     } else {
-                        let shape = var.shape();
-                        Some(Moments::Device(m.reshape(shape)?.to_device(var.device())?, v.reshape(shape)?.to_device(var.device())?))
+                        let mv = Tensor::cat(&[m.flatten_all()?, v.flatten_all()?], 0)?.to_dtype(candle_core::DType::F32)?;
+                        Some(Moments::Device(mv.to_device(var.device())?))
                     }
                 }
             };

@@ -64,6 +64,9 @@ pub struct EpochStats {
     pub val_accuracy: f64,
     pub val_macro_f1: f64,
     pub eval_seconds: f64,
+    /// Peak device memory so far (GPU runs only), MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_mib: Option<u64>,
 }
 
 /// Figures of a whole run, for reports and benchmarks.
@@ -119,6 +122,9 @@ pub struct EpochReport {
     pub labels: Vec<String>,
     #[serde(flatten)]
     pub report: ClassificationReport,
+    /// Peak device memory of the run so far (GPU runs only), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_mib: Option<u64>,
 }
 
 /// What the trainer tells its caller as it goes.
@@ -297,6 +303,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         }
     }
     let mut saved_at = step;
+    let mut peak_gpu: Option<u64> = None;
     let model_train = Classifier::load(&|n| params.tracked(n), &cfg, pooling)?;
     let mut scaler = LossScaler::new(req.precision);
     let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
@@ -351,6 +358,10 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             }
             let t_bwd = Instant::now();
             let grads = if scaler.scale() == 1.0 { loss.backward()? } else { (&loss * scaler.scale())?.backward()? };
+            // The activations and gradients are all alive here: the step's high-water mark.
+            if let Some(used) = crate::model::device_memory_mib(&req.device) {
+                peak_gpu = Some(peak_gpu.map_or(used, |p: u64| p.max(used)));
+            }
             let t_opt = Instant::now();
             let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
             let stepped = opt.step_scaled(&params.vars, &grads, lr, req.max_grad_norm, scaler.scale())?;
@@ -384,8 +395,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         stats.epochs.push(EpochStats {
             epoch, train_seconds, train_cpu_seconds, examples_per_s: seen as f64 / train_seconds.max(1e-9), real_tokens: real, padded_tokens: padded,
             train_loss, val_accuracy: report.accuracy, val_macro_f1: report.macro_f1, eval_seconds: t_eval.elapsed().as_secs_f64(),
+            peak_gpu_mib: peak_gpu,
         });
-        let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: labels.clone(), report };
+        let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: labels.clone(), report, peak_gpu_mib: peak_gpu };
         obs.on_event(Event::Epoch(ep.clone()));
         let improved = best.as_ref().is_none_or(|(b, _)| is_better(&ep, b));
         if improved {

@@ -399,8 +399,12 @@ async fn record(pool: &SqlitePool, job: &str, ev: Event) {
         }
         Event::Epoch(e) => {
             let data: Value = serde_json::to_value(&e).unwrap_or(Value::Null);
-            let summary = json!({"train_loss": e.train_loss, "validation": {
+            let mut summary = json!({"train_loss": e.train_loss, "validation": {
                 "loss": e.loss, "accuracy": e.report.accuracy, "macro_f1": e.report.macro_f1}, "epoch": e.epoch});
+            if let Some(mib) = e.peak_gpu_mib {
+                summary["peak_gpu_mib"] = json!(mib);
+                metrics::gauge!("finetuned_training_gpu_memory_peak_mib").set(mib as f64);
+            }
             let msg = format!(
                 "epoch {}: train loss {:.4}, validation loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
                 e.epoch, e.train_loss, e.loss, e.report.accuracy, e.report.macro_f1

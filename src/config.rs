@@ -116,6 +116,35 @@ pub struct ServeConfig {
     /// Log format: `text` or `json`.
     #[arg(long, env = "FINETUNED_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+
+    /// What this process runs: `all` (the API and a worker), `api` (the API only: jobs wait for
+    /// a worker process on the same database and data) or `worker` (trains jobs; serves only
+    /// `/healthz`, `/readyz` and `/metrics`).
+    #[arg(long, env = "FINETUNED_ROLE", default_value = "all", value_parser = ["all", "api", "worker"])]
+    pub role: String,
+
+    /// One worker per device named here (`cuda:0,cuda:1`), each training its own job; default:
+    /// one worker on `--device`.
+    #[arg(long, env = "FINETUNED_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+
+    /// This process's name in the job queue (jobs record which worker runs them); a restarted
+    /// process with the same name takes its interrupted jobs back at once. Default: the host
+    /// name for `--role all`, host name and process id for `--role worker` (several worker
+    /// processes may share a host); in Kubernetes, the pod's name.
+    #[arg(long, env = "FINETUNED_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Seconds a worker's claim on a job holds without renewal. A worker renews it three times
+    /// a lease while it trains; once a dead worker's lease runs out another worker takes the job
+    /// and resumes it from its newest checkpoint.
+    #[arg(long, env = "FINETUNED_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_seconds: u64,
+
+    /// How often an idle worker looks for jobs queued by other processes, in milliseconds (jobs
+    /// queued through its own process wake it at once).
+    #[arg(long, env = "FINETUNED_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub poll_interval_ms: u64,
 }
 
 impl ServeConfig {
@@ -143,6 +172,50 @@ impl ServeConfig {
             checkpoint_every: 100,
             keep_checkpoints: 2,
             log_format: "text".into(),
+            role: "all".into(),
+            devices: vec![],
+            worker_id: None,
+            lease_seconds: 30,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Whether this process serves the API.
+    pub fn runs_api(&self) -> bool {
+        self.role != "worker"
+    }
+
+    /// Whether this process trains jobs.
+    pub fn runs_worker(&self) -> bool {
+        self.role != "api"
+    }
+
+    /// The devices to run a worker on (see `--devices`).
+    pub fn worker_devices(&self) -> Vec<Option<String>> {
+        if self.devices.is_empty() {
+            vec![self.device.clone()]
+        } else {
+            self.devices.iter().map(|d| Some(d.trim().to_string())).collect()
+        }
+    }
+
+    /// This process's worker name (see `--worker-id`).
+    pub fn worker_name(&self) -> String {
+        if let Some(id) = &self.worker_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".into());
+        if self.role == "worker" {
+            format!("{host}-{}", std::process::id())
+        } else {
+            host
         }
     }
 }

@@ -19,7 +19,7 @@ pub struct Application {
     addr: SocketAddr,
     listener: TcpListener,
     state: AppState,
-    worker: WorkerContext,
+    workers: Vec<WorkerContext>,
     shutdown: CancellationToken,
 }
 
@@ -39,9 +39,17 @@ fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// Whether a leftover may be removed. When other processes share the data dir (`--role api` or
+/// `worker`), what is younger than an hour may be another process's upload or model being
+/// written, so only older leftovers go.
+fn stale(path: &Path, shared: bool) -> bool {
+    const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+    !shared || std::fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > HOUR)
+}
+
 /// Removes what a crash may have left: temp files and directories, dataset files and model
 /// directories that no database row names.
-async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path) -> anyhow::Result<()> {
+async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path, shared: bool) -> anyhow::Result<()> {
     let keep: std::collections::HashSet<String> =
         store::datasets::all_paths(pool).await?.into_iter().chain(store::models::all_paths(pool).await?).collect();
     for sub in ["datasets", "models"] {
@@ -50,7 +58,7 @@ async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path) -> anyhow::Res
         for entry in std::fs::read_dir(&dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
             let rel = format!("{sub}/{name}");
-            if name.starts_with(".tmp-") || !keep.contains(&rel) {
+            if (name.starts_with(".tmp-") || !keep.contains(&rel)) && stale(&entry.path(), shared) {
                 tracing::warn!(path = %entry.path().display(), "removing leftover file");
                 let p = entry.path();
                 let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
@@ -59,6 +67,8 @@ async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path) -> anyhow::Res
     }
     // Checkpoints are kept only for jobs that may still resume; a save cut short leaves a temp dir.
     let active: std::collections::HashSet<String> = jobs::active_ids(pool).await?.into_iter().collect();
+    // A job running under a live lease is being checkpointed by its worker, maybe in another process.
+    let leased: std::collections::HashSet<String> = jobs::leased_ids(pool).await?.into_iter().collect();
     let ckpts = data_dir.join("checkpoints");
     std::fs::create_dir_all(&ckpts)?;
     for entry in std::fs::read_dir(&ckpts)?.flatten() {
@@ -66,6 +76,9 @@ async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path) -> anyhow::Res
         if !active.contains(&name) {
             tracing::warn!(path = %entry.path().display(), "removing the checkpoints of a job that has ended");
             let _ = std::fs::remove_dir_all(entry.path());
+            continue;
+        }
+        if leased.contains(&name) {
             continue;
         }
         for inner in std::fs::read_dir(entry.path())?.flatten() {
@@ -107,11 +120,23 @@ impl Application {
         if let Err(e) = crate::reserve::ensure(&config.data_dir) {
             tracing::warn!(error = %e, "the data dir has no room for its {} MiB reserve", crate::reserve::SIZE >> 20);
         }
-        clean_data_dir(&pool, &config.data_dir).await?;
-        for id in jobs::requeue_running(&pool).await? {
-            tracing::warn!(job_id = %id, "job was running when the server stopped; queued again");
-            jobs::add_event(&pool, &id, "warning", "message", "the server stopped while this job ran; it was queued again", None).await?;
+        let worker_name = config.worker_name();
+        let worker_devices = config.worker_devices();
+        let worker_ids: Vec<String> = match worker_devices.len() {
+            1 => vec![worker_name.clone()],
+            _ => worker_devices.iter().map(|d| format!("{worker_name}/{}", d.as_deref().unwrap_or("default"))).collect(),
+        };
+        // This process's own jobs, interrupted when it stopped, are taken back at once; other
+        // workers' jobs are theirs until their leases run out.
+        if config.runs_worker() {
+            for me in &worker_ids {
+                for id in jobs::requeue_running(&pool, me).await? {
+                    tracing::warn!(job_id = %id, "job was running when the server stopped; queued again");
+                    jobs::add_event(&pool, &id, "warning", "message", "the server stopped while this job ran; it was queued again", None).await?;
+                }
+            }
         }
+        clean_data_dir(&pool, &config.data_dir, config.role != "all").await?;
         let device = config::device(config.device.as_deref())?;
         let precision = crate::train::precision::Precision::parse(&config.dtype, &device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
@@ -125,21 +150,31 @@ impl Application {
         }
         let listener = TcpListener::bind(&config.addr).await?;
         let addr = listener.local_addr()?;
-        let worker = WorkerContext {
-            pool: pool.clone(),
-            catalog: catalog.clone(),
-            data_dir: config.data_dir.clone(),
-            device,
-            queue: queue.clone(),
-            threads: crate::compute::pool("train", config.train_threads)?,
-            hub: crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir),
-            checkpoint_every: config.checkpoint_every,
-            keep_checkpoints: config.keep_checkpoints,
-            precision,
-        };
+        let mut workers = Vec::new();
+        if config.runs_worker() {
+            let threads = crate::compute::pool("train", config.train_threads)?;
+            for (spec, worker_id) in worker_devices.iter().zip(worker_ids) {
+                let device = if config.devices.is_empty() { device.clone() } else { config::device(spec.as_deref())? };
+                workers.push(WorkerContext {
+                    pool: pool.clone(),
+                    catalog: catalog.clone(),
+                    data_dir: config.data_dir.clone(),
+                    device,
+                    queue: queue.clone(),
+                    threads: threads.clone(),
+                    hub: crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir),
+                    checkpoint_every: config.checkpoint_every,
+                    keep_checkpoints: config.keep_checkpoints,
+                    precision,
+                    worker_id,
+                    lease: std::time::Duration::from_secs(config.lease_seconds),
+                    poll_interval: std::time::Duration::from_millis(config.poll_interval_ms),
+                });
+            }
+        }
         let shutdown = CancellationToken::new();
         let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };
-        Ok(Self { addr, listener, state, worker, shutdown })
+        Ok(Self { addr, listener, state, workers, shutdown })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -159,7 +194,8 @@ impl Application {
     /// requests, and waits for the worker to put a running job back in the queue.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         tracing::info!("listening on http://{}", self.addr);
-        let worker = tokio::spawn(run_worker_until_stopped(self.worker, self.shutdown.clone()));
+        let shutdown = self.shutdown.clone();
+        let worker = tokio::spawn(futures::future::join_all(self.workers.into_iter().map(move |w| run_worker_until_stopped(w, shutdown.clone()))));
         let secret = self.state.config.webhook_secret.clone();
         let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(self.state.pool.clone(), secret, self.shutdown.clone()));
         let app = api::router(self.state.clone());

@@ -48,7 +48,8 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let db_ok = sqlx::query("select 1").execute(&state.pool).await.is_ok();
-    if db_ok && state.queue.is_alive() {
+    // An API-only process has no worker of its own to wait for.
+    if db_ok && (!state.config.runs_worker() || state.queue.is_alive()) {
         Json(json!({"status": "ready"})).into_response()
     } else {
         let what = if db_ok { "the training worker is not running" } else { "the database does not answer" };

@@ -46,11 +46,10 @@ pub fn router(state: AppState) -> Router {
         .merge(predict::router())
         .merge(health::info_router())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
-    Router::new()
-        .merge(health::router())
-        .merge(dashboard::router())
-        .merge(v1)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+    // A worker process (`--role worker`) answers only the probes and the metrics.
+    let app = Router::new().merge(health::router());
+    let app = if state.config.runs_api() { app.merge(dashboard::router()).merge(v1) } else { app };
+    app.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
         })

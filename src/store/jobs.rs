@@ -122,33 +122,101 @@ pub async fn list(pool: &SqlitePool, status: Option<&str>, after: Option<&str>, 
     Ok(rows.into_iter().map(fix).collect())
 }
 
-/// Takes the oldest queued job and marks it running, in one statement.
-pub async fn claim_next(pool: &SqlitePool) -> sqlx::Result<Option<JobRecord>> {
-    let j: Option<JobRecord> = sqlx::query_as(&format!(
-        r#"update jobs set status = 'running', started_at = ?1, progress = null, error = null
-           where seq = (select seq from jobs where status = 'queued' order by seq limit 1)
-           returning {COLUMNS}"#
-    ))
-    .bind(super::now())
-    .fetch_optional(pool)
-    .await?;
-    Ok(j.map(fix))
+/// A job a worker claimed, and the worker it took the job over from when that worker's lease
+/// had run out.
+pub struct Claimed {
+    pub job: JobRecord,
+    pub taken_over_from: Option<String>,
 }
 
-/// Puts jobs left `running` by a stopped process back in the queue. Returns their ids.
-pub async fn requeue_running(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar("update jobs set status = 'queued', started_at = null, progress = null where status = 'running' returning id")
-        .fetch_all(pool)
-        .await
+/// Claims the oldest job that is queued, or running under a lease that has run out (its worker
+/// stopped renewing: it died), for `worker`, with a lease of `lease_secs`. The claim is a
+/// compare-and-set on the state just read, so two workers never claim the same job.
+pub async fn claim_next(pool: &SqlitePool, worker: &str, lease_secs: i64) -> sqlx::Result<Option<Claimed>> {
+    loop {
+        let now = super::now();
+        let candidate: Option<(String, String, Option<String>)> = sqlx::query_as(
+            "select id, status, worker from jobs where status = 'queued' or (status = 'running' and lease_expires_at < ?1) order by seq limit 1",
+        )
+        .bind(now)
+        .fetch_optional(pool)
+        .await?;
+        let Some((id, status, previous)) = candidate else { return Ok(None) };
+        let j: Option<JobRecord> = sqlx::query_as(&format!(
+            r#"update jobs set status = 'running', started_at = ?1, progress = null, error = null, worker = ?2, lease_expires_at = ?3
+               where id = ?4 and status = ?5 and (status = 'queued' or lease_expires_at < ?1)
+               returning {COLUMNS}"#
+        ))
+        .bind(now)
+        .bind(worker)
+        .bind(now + lease_secs)
+        .bind(&id)
+        .bind(&status)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(j) = j {
+            let taken_over_from = (status == "running").then(|| previous.unwrap_or_default());
+            return Ok(Some(Claimed { job: fix(j), taken_over_from }));
+        }
+        // Another worker claimed it between the two statements: look again.
+    }
+}
+
+/// What renewing a lease found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// Still this worker's, for another lease period.
+    Held,
+    /// The job was cancelled (through any API process).
+    Cancelled,
+    /// Another worker holds it now, or it is no longer running.
+    Lost,
+}
+
+/// Extends `worker`'s lease on a running job by `lease_secs`.
+pub async fn renew_lease(pool: &SqlitePool, id: &str, worker: &str, lease_secs: i64) -> sqlx::Result<Lease> {
+    let done = sqlx::query("update jobs set lease_expires_at = ? where id = ? and worker = ? and status = 'running'")
+        .bind(super::now() + lease_secs)
+        .bind(id)
+        .bind(worker)
+        .execute(pool)
+        .await?;
+    if done.rows_affected() == 1 {
+        return Ok(Lease::Held);
+    }
+    let status: Option<String> = sqlx::query_scalar("select status from jobs where id = ?").bind(id).fetch_optional(pool).await?;
+    Ok(if status.as_deref() == Some("cancelled") { Lease::Cancelled } else { Lease::Lost })
+}
+
+/// Puts the jobs that `worker` (or a process from before leases) left `running` when it
+/// stopped back in the queue. Returns their ids. Jobs of other workers are theirs until their
+/// lease runs out.
+pub async fn requeue_running(pool: &SqlitePool, worker: &str) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "update jobs set status = 'queued', started_at = null, progress = null, worker = null, lease_expires_at = null \
+         where status = 'running' and (worker is null or worker = ?) returning id",
+    )
+    .bind(worker)
+    .fetch_all(pool)
+    .await
 }
 
 /// Puts one running job back in the queue (the process is stopping).
 pub async fn requeue(pool: &SqlitePool, id: &str) -> sqlx::Result<()> {
-    sqlx::query("update jobs set status = 'queued', started_at = null, progress = null where id = ? and status = 'running'")
-        .bind(id)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "update jobs set status = 'queued', started_at = null, progress = null, worker = null, lease_expires_at = null \
+         where id = ? and status = 'running'",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
     Ok(())
+}
+
+/// Ids of the jobs running now under a lease that still holds (their checkpoints are being
+/// written by a live worker, perhaps in another process).
+pub async fn leased_ids(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar("select id from jobs where status = 'running' and lease_expires_at >= ?").bind(super::now()).fetch_all(pool).await
 }
 
 // A terminal status and the event that announces it commit together, so whoever sees the job

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use sqlx::SqlitePool;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -27,13 +27,14 @@ const PROGRESS_EVERY: usize = 25;
 pub struct JobQueue {
     wake: Arc<Notify>,
     cancel_flags: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
-    alive: Arc<AtomicBool>,
+    /// Worker loops running now (one per device).
+    alive: Arc<AtomicUsize>,
 }
 
 impl JobQueue {
     /// Tells the worker a job was queued (call after the commit).
     pub fn notify(&self) {
-        self.wake.notify_one();
+        self.wake.notify_waiters();
     }
 
     /// Asks a running job to stop before its next step.
@@ -43,9 +44,9 @@ impl JobQueue {
         }
     }
 
-    /// Whether the worker loop is running.
+    /// Whether a worker loop is running.
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        self.alive.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -65,6 +66,12 @@ pub struct WorkerContext {
     pub keep_checkpoints: usize,
     /// What training steps compute in (`--dtype`).
     pub precision: crate::train::precision::Precision,
+    /// This worker's name in the queue (`--worker-id`, plus the device when a process runs several).
+    pub worker_id: String,
+    /// How long a claim holds without renewal (`--lease-seconds`).
+    pub lease: Duration,
+    /// How often an idle worker looks for jobs queued elsewhere (`--poll-interval-ms`).
+    pub poll_interval: Duration,
 }
 
 impl WorkerContext {
@@ -76,12 +83,21 @@ impl WorkerContext {
 
 /// Runs jobs until `shutdown` fires. A job interrupted by shutdown goes back to the queue.
 pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: CancellationToken) {
-    ctx.queue.alive.store(true, Ordering::SeqCst);
+    ctx.queue.alive.fetch_add(1, Ordering::SeqCst);
+    let lease = ctx.lease.as_secs() as i64;
     while !shutdown.is_cancelled() {
-        match jobs::claim_next(&ctx.pool).await {
-            Ok(Some(job)) => {
+        // Registered before the claim, so a job queued in between still wakes this loop.
+        let woken = ctx.queue.wake.notified();
+        match jobs::claim_next(&ctx.pool, &ctx.worker_id, lease).await {
+            Ok(Some(claimed)) => {
+                let job = claimed.job;
                 let span = tracing::info_span!("job", job_id = %job.id);
                 let id = job.id.clone();
+                if let Some(from) = claimed.taken_over_from {
+                    let msg = format!("worker {from} stopped renewing its lease on this job; worker {} takes it over", ctx.worker_id);
+                    tracing::warn!(job_id = %id, "{msg}");
+                    event(&ctx.pool, &id, "warning", &msg).await;
+                }
                 let dir = ctx.data_dir.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || crate::reserve::ensure(&dir)).await {
                     tracing::warn!(error = %e, "the data dir has no room for its reserve");
@@ -93,8 +109,8 @@ pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: Cancellation
             }
             Ok(None) => {
                 tokio::select! {
-                    _ = ctx.queue.wake.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = woken => {}
+                    _ = tokio::time::sleep(ctx.poll_interval) => {}
                     _ = shutdown.cancelled() => {}
                 }
             }
@@ -104,7 +120,35 @@ pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: Cancellation
             }
         }
     }
-    ctx.queue.alive.store(false, Ordering::SeqCst);
+    ctx.queue.alive.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Renews this worker's lease on `job` three times a lease period until `done` fires. A cancel
+/// recorded by any process, or the lease lost to another worker, raises `cancel` (the job stops
+/// before its next step); a loss also raises `lost`, so that nothing more is recorded for the job.
+fn keep_lease(ctx: &WorkerContext, job: &str, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>, done: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let (pool, worker, job) = (ctx.pool.clone(), ctx.worker_id.clone(), job.to_string());
+    let lease = ctx.lease;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lease / 3) => {}
+                _ = done.cancelled() => return,
+            }
+            match jobs::renew_lease(&pool, &job, &worker, lease.as_secs() as i64).await {
+                Ok(jobs::Lease::Held) => {}
+                Ok(jobs::Lease::Cancelled) => cancel.store(true, Ordering::SeqCst),
+                Ok(jobs::Lease::Lost) => {
+                    tracing::warn!(job_id = %job, "this worker's lease on the job was lost to another worker; stopping it");
+                    lost.store(true, Ordering::SeqCst);
+                    cancel.store(true, Ordering::SeqCst);
+                    return;
+                }
+                // The lease may run out meanwhile; the next renewal tells.
+                Err(e) => tracing::warn!(job_id = %job, error = %e, "renewing the job's lease failed"),
+            }
+        }
+    })
 }
 
 struct ChannelObserver {
@@ -145,7 +189,11 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         Some((_, m)) => jobs::trim_run_metrics(pool, &job.id, m.step as i64, m.epoch as i64).await?,
         None => jobs::clear_run_metrics(pool, &job.id).await?,
     }
-    event(pool, &job.id, "info", "job started").await;
+    event(pool, &job.id, "info", &format!("job started on worker {}", ctx.worker_id)).await;
+    let lost = Arc::new(AtomicBool::new(false));
+    let lease_done = CancellationToken::new();
+    let _lease_guard = lease_done.clone().drop_guard();
+    keep_lease(ctx, &job.id, cancel.clone(), lost.clone(), lease_done);
     let prepared = prepare(ctx, &job).await;
     let (work, model_id, pooling) = match prepared {
         Ok(p) => p,
@@ -171,6 +219,10 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     }
     let result = handle.await;
     ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
+    if lost.load(Ordering::SeqCst) {
+        // Another worker runs the job now: what this run did is not recorded.
+        return Ok(());
+    }
     let requeued = matches!(result, Ok(Ok(Outcome::Cancelled))) && shutdown.is_cancelled() && !jobs::get(pool, &job.id).await?.is_some_and(|j| j.status == "cancelled");
     match result {
         Ok(Ok(Outcome::Finished(done))) => {

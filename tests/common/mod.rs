@@ -2,6 +2,8 @@
 //! directory, and a separable toy data set.
 #![allow(dead_code)]
 
+pub mod process;
+
 use candle_core::{Device, Tensor};
 use finetuned::dataset::{LabelValue, Row};
 use finetuned::model::bert::encoder_params;

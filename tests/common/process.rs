@@ -1,0 +1,73 @@
+//! Our real binary as a child process: started on a free port, killed when dropped.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server process, killed when dropped (so a failing test leaves none behind).
+pub struct Server(pub Child);
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `finetuned serve` on a free port; returns the child and its base URL.
+pub fn start(data: &Path, models: &Path) -> (Server, String) {
+    start_with(data, models, &[])
+}
+
+/// As [`start`], with extra options.
+pub fn start_with(data: &Path, models: &Path, extra: &[&str]) -> (Server, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finetuned"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--models-dir")
+        .arg(models)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().trim_end_matches(|c: char| !c.is_ascii_digit()).to_string();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (Server(child), url)
+}
+
+pub async fn wait_for(client: &reqwest::Client, url: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not reached in {secs}s: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+

@@ -5,7 +5,7 @@ use crate::model::artifacts::{inspect, ModelInfo};
 use crate::store::{self, models::ModelRecord};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::SqlitePool;
+use crate::store::Pool;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -48,7 +48,7 @@ pub struct Resolved {
 /// The models of the models dir (scanned) and of the database.
 pub struct Catalog {
     data_dir: PathBuf,
-    pool: SqlitePool,
+    pool: Pool,
     dirs: RwLock<BTreeMap<String, DirModel>>,
 }
 
@@ -128,7 +128,7 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
 }
 
 impl Catalog {
-    pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: SqlitePool) -> Self {
+    pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: Pool) -> Self {
         let dirs = scan_models_dir(&models_dir);
         Self { data_dir, pool, dirs: RwLock::new(dirs) }
     }

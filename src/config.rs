@@ -32,6 +32,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// The database for jobs, datasets and models: a `postgres://user:password@host/db` URL, so
+    /// that several API and worker processes share one queue; default: SQLite in the data dir.
+    #[arg(long, env = "FINETUNED_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
     /// Directory of base models: each sub-directory holding config.json, tokenizer.json and
     /// model.safetensors is a model whose id is the directory's name.
     #[arg(long, env = "FINETUNED_MODELS_DIR", default_value = "./models")]
@@ -155,6 +160,7 @@ impl ServeConfig {
             data_dir,
             models_dir,
             api_key: None,
+            database_url: None,
             device: Some("cpu".into()),
             dtype: "auto".into(),
             predict_dtype: "f32".into(),

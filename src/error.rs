@@ -92,18 +92,46 @@ pub fn is_storage_full_or_read_only(e: &std::io::Error) -> bool {
 
 /// SQLite's primary result code of a database error (the low byte of the extended one).
 pub fn sqlite_primary_code(e: &sqlx::Error) -> Option<i32> {
-    e.as_database_error().and_then(|d| d.code()).and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff)
+    let d = e.as_database_error()?;
+    d.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    d.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff)
 }
 
-/// Whether SQLite could not write: 13 (full) or 8 (read-only).
+/// Whether the database could not write: SQLite's 13 (full) or 8 (read-only), Postgres' class
+/// 53 (insufficient resources: disk full, out of memory, too many connections).
 fn is_database_full_or_read_only(e: &sqlx::Error) -> bool {
-    matches!(sqlite_primary_code(e), Some(13 | 8))
+    let postgres_full = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .is_some_and(|pg| pg.code().starts_with("53"));
+    postgres_full || matches!(sqlite_primary_code(e), Some(13 | 8))
+}
+
+/// Whether the database could not be reached: down, restarting, or every connection busy for
+/// longer than the pool waits.
+pub fn is_database_unreachable(e: &sqlx::Error) -> bool {
+    let shutting_down = e
+        .as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        // Class 57P: the server is shutting down or restarting; 08: the connection failed.
+        .is_some_and(|pg| pg.code().starts_with("57P") || pg.code().starts_with("08"));
+    shutting_down || matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_))
+}
+
+fn database_unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "the database cannot be reached");
+    let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database cannot be reached; nothing was stored: retry");
+    err.retry_after = Some(5);
+    err
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         if is_database_full_or_read_only(&e) {
             return storage_unavailable(e);
+        }
+        if is_database_unreachable(&e) {
+            return database_unavailable(e);
         }
         Self::internal(e)
     }
@@ -117,6 +145,9 @@ impl From<anyhow::Error> for ApiError {
         });
         if storage {
             return storage_unavailable(format!("{e:#}"));
+        }
+        if e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(is_database_unreachable)) {
+            return database_unavailable(format!("{e:#}"));
         }
         Self::internal(format!("{e:#}"))
     }

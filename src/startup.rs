@@ -49,7 +49,7 @@ fn stale(path: &Path, shared: bool) -> bool {
 
 /// Removes what a crash may have left: temp files and directories, dataset files and model
 /// directories that no database row names.
-async fn clean_data_dir(pool: &sqlx::SqlitePool, data_dir: &Path, shared: bool) -> anyhow::Result<()> {
+async fn clean_data_dir(pool: &crate::store::Pool, data_dir: &Path, shared: bool) -> anyhow::Result<()> {
     let keep: std::collections::HashSet<String> =
         store::datasets::all_paths(pool).await?.into_iter().chain(store::models::all_paths(pool).await?).collect();
     for sub in ["datasets", "models"] {
@@ -104,13 +104,13 @@ impl Application {
         let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
         std::fs::write(&probe, b"").with_context(|| format!("the data dir {dir} is not writable"))?;
         let _ = std::fs::remove_file(&probe);
-        let pool = match store::connect(&config.data_dir).await {
+        let pool = match store::connect(&config.data_dir, config.database_url.as_deref()).await {
             Ok(pool) => pool,
             // On a full disk SQLite cannot even create its shared-memory file; the reserve is
             // there for this: freed, the server starts, serves reads and answers writes 503.
             Err(e) if crate::reserve::release(&config.data_dir) => {
                 tracing::warn!(error = %format!("{e:#}"), "opening the database failed; retrying with the reserve freed");
-                store::connect(&config.data_dir).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?
+                store::connect(&config.data_dir, config.database_url.as_deref()).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?
             }
             Err(e) => {
                 let free = crate::reserve::free_bytes(&config.data_dir).map_or(String::new(), |b| format!(" ({} KiB free)", b >> 10));

@@ -5,7 +5,7 @@
 use crate::store::{jobs, webhooks};
 use hmac::{Hmac, Mac};
 use serde_json::json;
-use sqlx::SqlitePool;
+use crate::store::Pool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,7 @@ fn now_ms() -> i64 {
 }
 
 /// Delivers the outbox until `shutdown` fires.
-pub async fn run_until_stopped(pool: SqlitePool, secret: Option<String>, shutdown: CancellationToken) {
+pub async fn run_until_stopped(pool: Pool, secret: Option<String>, shutdown: CancellationToken) {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client builds");
     while !shutdown.is_cancelled() {
         match webhooks::due(&pool, now_ms(), 32).await {
@@ -52,7 +52,7 @@ pub async fn run_until_stopped(pool: SqlitePool, secret: Option<String>, shutdow
     }
 }
 
-async fn deliver(pool: &SqlitePool, client: &reqwest::Client, secret: Option<&str>, row: webhooks::Pending) {
+async fn deliver(pool: &Pool, client: &reqwest::Client, secret: Option<&str>, row: webhooks::Pending) {
     let job = match jobs::get(pool, &row.job_id).await {
         Ok(Some(job)) => job,
         Ok(None) => return drop(webhooks::done(pool, row.id).await),

@@ -47,7 +47,7 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let db_ok = sqlx::query("select 1").execute(&state.pool).await.is_ok();
+    let db_ok = crate::store::ping(&state.pool).await;
     // An API-only process has no worker of its own to wait for.
     if db_ok && (!state.config.runs_worker() || state.queue.is_alive()) {
         Json(json!({"status": "ready"})).into_response()
@@ -60,11 +60,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn prometheus(State(state): State<AppState>) -> Response {
     metrics::gauge!("finetuned_models_loaded").set(state.predictor.loaded_ids().len() as f64);
     for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
-        let n: i64 = sqlx::query_scalar("select count(*) from jobs where status = ?")
-            .bind(status)
-            .fetch_one(&state.pool)
-            .await
-            .unwrap_or(0);
+        let n = crate::store::jobs::count_with_status(&state.pool, status).await.unwrap_or(0);
         metrics::gauge!("finetuned_jobs", "status" => status).set(n as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()

@@ -19,7 +19,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use sqlx::SqlitePool;
+use crate::store::Pool;
 use std::sync::Arc;
 use std::time::Instant;
 use tower_http::trace::TraceLayer;
@@ -27,7 +27,7 @@ use tower_http::trace::TraceLayer;
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: SqlitePool,
+    pub pool: Pool,
     pub config: Arc<ServeConfig>,
     pub catalog: Arc<Catalog>,
     pub queue: JobQueue,

@@ -1,17 +1,18 @@
 //! The `datasets` table.
 
 use serde::Serialize;
-use sqlx::SqlitePool;
+use super::Pool;
+use sqlx::any::AnyRow;
+use sqlx::Row;
 use std::collections::BTreeMap;
 
 /// A stored dataset, as the API shows it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DatasetRecord {
     pub id: String,
     pub name: String,
     pub format: String,
     pub rows: i64,
-    #[sqlx(json)]
     pub labels: BTreeMap<String, i64>,
     pub multi_label: bool,
     pub bytes: i64,
@@ -20,20 +21,36 @@ pub struct DatasetRecord {
     pub created_at: i64,
 }
 
+impl<'r> sqlx::FromRow<'r, AnyRow> for DatasetRecord {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            format: row.try_get("format")?,
+            rows: row.try_get("rows")?,
+            labels: super::json_column(row, "labels")?,
+            multi_label: row.try_get::<i64, _>("multi_label")? != 0,
+            bytes: row.try_get("bytes")?,
+            path: row.try_get("path")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+}
+
 const COLUMNS: &str = "id, name, format, rows, labels, multi_label, bytes, path, created_at";
 
 /// Inserts a dataset row inside `tx`.
 pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Result<()> {
     sqlx::query(
         r#"insert into datasets (id, name, format, rows, labels, multi_label, bytes, path, created_at)
-           values (?, ?, ?, ?, ?, ?, ?, ?, ?)"#,
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
     )
     .bind(&d.id)
     .bind(&d.name)
     .bind(&d.format)
     .bind(d.rows)
     .bind(serde_json::to_string(&d.labels).expect("labels serialise"))
-    .bind(d.multi_label)
+    .bind(d.multi_label as i64)
     .bind(d.bytes)
     .bind(&d.path)
     .bind(d.created_at)
@@ -42,16 +59,16 @@ pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Resul
     Ok(())
 }
 
-pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<DatasetRecord>> {
-    sqlx::query_as(&format!("select {COLUMNS} from datasets where id = ?")).bind(id).fetch_optional(pool).await
+pub async fn get(pool: &Pool, id: &str) -> sqlx::Result<Option<DatasetRecord>> {
+    sqlx::query_as(&format!("select {COLUMNS} from datasets where id = $1")).bind(id).fetch_optional(pool).await
 }
 
 /// Datasets newest first, after the cursor `after` (an id), `limit + 1` rows to tell `has_more`.
-pub async fn list(pool: &SqlitePool, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<DatasetRecord>> {
+pub async fn list(pool: &Pool, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<DatasetRecord>> {
     sqlx::query_as(&format!(
         r#"select {COLUMNS} from datasets
-           where (?1 is null or rowid < (select rowid from datasets where id = ?1))
-           order by rowid desc limit ?2"#
+           where ($1 is null or rowid < (select rowid from datasets where id = $1))
+           order by rowid desc limit $2"#
     ))
     .bind(after)
     .bind(limit + 1)
@@ -68,16 +85,20 @@ pub enum Deleted {
 
 /// Deletes a dataset unless a queued or running job uses it, in one statement so that a job
 /// created at the same moment cannot slip in between the check and the delete.
-pub async fn delete(pool: &SqlitePool, id: &str) -> sqlx::Result<Deleted> {
+pub async fn delete(pool: &Pool, id: &str) -> sqlx::Result<Deleted> {
     let Some(rec) = get(pool, id).await? else { return Ok(Deleted::NotFound) };
+    let mut tx = super::Tx::begin(pool).await?;
+    // Serialised with job creation naming this dataset (see `Tx::lock`).
+    tx.lock(&[&format!("dataset:{id}")]).await?;
     let done = sqlx::query(
-        r#"delete from datasets where id = ?1 and not exists (
+        r#"delete from datasets where id = $1 and not exists (
              select 1 from jobs where status in ('queued', 'running')
-             and (training_dataset = ?1 or validation_dataset = ?1))"#,
+             and (training_dataset = $1 or validation_dataset = $1))"#,
     )
     .bind(id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     if done.rows_affected() == 1 {
         return Ok(Deleted::Yes(rec));
     }
@@ -85,6 +106,6 @@ pub async fn delete(pool: &SqlitePool, id: &str) -> sqlx::Result<Deleted> {
 }
 
 /// Every stored dataset path (for removing orphaned files at start-up).
-pub async fn all_paths(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+pub async fn all_paths(pool: &Pool) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar("select path from datasets").fetch_all(pool).await
 }

@@ -1,19 +1,19 @@
 //! The `models` table: models made by jobs.
 
 use serde_json::Value;
-use sqlx::SqlitePool;
+use super::Pool;
+use sqlx::any::AnyRow;
+use sqlx::Row;
 
 /// A trained model as stored.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ModelRecord {
     pub id: String,
     pub kind: String,
     pub task: Option<String>,
     pub base_model: Option<String>,
     pub job_id: Option<String>,
-    #[sqlx(json)]
     pub labels: Vec<String>,
-    #[sqlx(json(nullable))]
     pub metrics: Option<Value>,
     /// Directory relative to the data dir.
     pub path: String,
@@ -22,10 +22,28 @@ pub struct ModelRecord {
     pub created_at: i64,
 }
 
+impl<'r> sqlx::FromRow<'r, AnyRow> for ModelRecord {
+    fn from_row(row: &'r AnyRow) -> sqlx::Result<Self> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            kind: row.try_get("kind")?,
+            task: row.try_get("task")?,
+            base_model: row.try_get("base_model")?,
+            job_id: row.try_get("job_id")?,
+            labels: super::json_column(row, "labels")?,
+            metrics: super::json_column_opt(row, "metrics")?,
+            path: row.try_get("path")?,
+            pooling: row.try_get("pooling")?,
+            max_seq_len: row.try_get("max_seq_len")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+}
+
 const COLUMNS: &str = "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at";
 
 pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<()> {
-    sqlx::query(&format!("insert into models ({COLUMNS}) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+    sqlx::query(&format!("insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
         .bind(&m.id)
         .bind(&m.kind)
         .bind(&m.task)
@@ -42,26 +60,30 @@ pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<
     Ok(())
 }
 
-pub async fn get(pool: &SqlitePool, id: &str) -> sqlx::Result<Option<ModelRecord>> {
-    sqlx::query_as(&format!("select {COLUMNS} from models where id = ?")).bind(id).fetch_optional(pool).await
+pub async fn get(pool: &Pool, id: &str) -> sqlx::Result<Option<ModelRecord>> {
+    sqlx::query_as(&format!("select {COLUMNS} from models where id = $1")).bind(id).fetch_optional(pool).await
 }
 
-pub async fn list(pool: &SqlitePool) -> sqlx::Result<Vec<ModelRecord>> {
+pub async fn list(pool: &Pool) -> sqlx::Result<Vec<ModelRecord>> {
     sqlx::query_as(&format!("select {COLUMNS} from models order by created_at, id")).fetch_all(pool).await
 }
 
 /// Deletes a model unless a queued or running job builds on it. Returns rows deleted.
-pub async fn delete(pool: &SqlitePool, id: &str) -> sqlx::Result<u64> {
+pub async fn delete(pool: &Pool, id: &str) -> sqlx::Result<u64> {
+    let mut tx = super::Tx::begin(pool).await?;
+    // Serialised with job creation naming this model (see `Tx::lock`).
+    tx.lock(&[&format!("model:{id}")]).await?;
     let done = sqlx::query(
-        "delete from models where id = ?1 and not exists (select 1 from jobs where base_model = ?1 and status in ('queued', 'running'))",
+        "delete from models where id = $1 and not exists (select 1 from jobs where base_model = $1 and status in ('queued', 'running'))",
     )
     .bind(id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(done.rows_affected())
 }
 
 /// Every stored model path (for removing orphaned directories at start-up).
-pub async fn all_paths(pool: &SqlitePool) -> sqlx::Result<Vec<String>> {
+pub async fn all_paths(pool: &Pool) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar("select path from models").fetch_all(pool).await
 }

@@ -6,22 +6,42 @@
 //! a failed commit; `Tx` closes it instead, so its uncommitted work is rolled back with it.
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+use super::Pool;
+use sqlx::{Any, AnyConnection};
 use std::ops::{Deref, DerefMut};
 
 /// A transaction on a pooled connection of its own. Dropped without `commit` or `rollback`
 /// (an error, a cancelled request), its connection is closed rather than reused.
 pub struct Tx {
-    conn: PoolConnection<Sqlite>,
+    conn: PoolConnection<Any>,
     ended: bool,
+    postgres: bool,
 }
 
 impl Tx {
     /// Takes a connection from the pool and begins a (deferred) transaction on it.
-    pub async fn begin(pool: &SqlitePool) -> sqlx::Result<Self> {
+    pub async fn begin(pool: &Pool) -> sqlx::Result<Self> {
         let mut conn = pool.acquire().await?;
         sqlx::query("BEGIN").execute(&mut *conn).await?;
-        Ok(Self { conn, ended: false })
+        Ok(Self { conn, ended: false, postgres: super::is_postgres(pool) })
+    }
+
+    /// Serialises this transaction with every other that locks one of `keys` (`dataset:<id>`,
+    /// `model:<id>`), until it ends. SQLite runs one writer at a time, so there it is a no-op;
+    /// on Postgres, where a check such as "no job uses this dataset" and a write that would
+    /// break it can otherwise pass at once in two transactions, it takes advisory locks.
+    pub async fn lock(&mut self, keys: &[&str]) -> sqlx::Result<()> {
+        if !self.postgres {
+            return Ok(());
+        }
+        let mut keys = keys.to_vec();
+        // One order for everyone: no deadlock between two transactions locking the same keys.
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            sqlx::query("select pg_advisory_xact_lock(hashtext($1))::text").bind(key).execute(&mut *self.conn).await?;
+        }
+        Ok(())
     }
 
     /// Commits; on failure the connection is closed, which rolls the transaction back.
@@ -48,14 +68,14 @@ impl Drop for Tx {
 }
 
 impl Deref for Tx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
         &self.conn
     }
 }
 
 impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
         &mut self.conn
     }
 }
@@ -64,14 +84,14 @@ impl DerefMut for Tx {
 mod tests {
     use super::*;
 
-    async fn pool() -> (SqlitePool, tempfile::TempDir) {
+    async fn pool() -> (Pool, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let pool = crate::store::connect(dir.path()).await.unwrap();
+        let pool = crate::store::connect(dir.path(), None).await.unwrap();
         sqlx::query("create table t (x integer)").execute(&pool).await.unwrap();
         (pool, dir)
     }
 
-    async fn count(pool: &SqlitePool) -> i64 {
+    async fn count(pool: &Pool) -> i64 {
         sqlx::query_scalar("select count(*) from t").fetch_one(pool).await.unwrap()
     }
 

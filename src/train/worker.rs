@@ -10,7 +10,7 @@ use crate::dataset::read_stored;
 use crate::store::{self, datasets, jobs, jobs::JobRecord, models};
 use candle_core::Device;
 use serde_json::{json, Value};
-use sqlx::SqlitePool;
+use crate::store::Pool;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -52,7 +52,7 @@ impl JobQueue {
 
 /// What the worker needs.
 pub struct WorkerContext {
-    pub pool: SqlitePool,
+    pub pool: Pool,
     pub catalog: Arc<Catalog>,
     pub data_dir: PathBuf,
     pub device: Device,
@@ -170,7 +170,7 @@ impl Observer for ChannelObserver {
     }
 }
 
-async fn event(pool: &SqlitePool, job: &str, level: &str, message: &str) {
+async fn event(pool: &Pool, job: &str, level: &str, message: &str) {
     if let Err(e) = jobs::add_event(pool, job, level, "message", message, None).await {
         tracing::error!(error = %e, "recording a job event failed");
     }
@@ -423,7 +423,7 @@ async fn from_hub(ctx: &WorkerContext, job: &JobRecord) -> Result<crate::catalog
     })
 }
 
-async fn record(pool: &SqlitePool, job: &str, ev: Event) {
+async fn record(pool: &Pool, job: &str, ev: Event) {
     let result = match ev {
         Event::Message(m) => jobs::add_event(pool, job, "info", "message", &m, None).await,
         Event::Warning(m) => jobs::add_event(pool, job, "warning", "message", &m, None).await,
@@ -473,7 +473,7 @@ async fn record(pool: &SqlitePool, job: &str, ev: Event) {
     }
 }
 
-async fn record_pretrain(pool: &SqlitePool, job: &str, r: mlm::MlmReport) -> sqlx::Result<()> {
+async fn record_pretrain(pool: &Pool, job: &str, r: mlm::MlmReport) -> sqlx::Result<()> {
     let data = serde_json::to_value(&r).unwrap_or(Value::Null);
     let msg = match r.train_loss {
         None => format!("before training: validation MLM loss {:.4}, perplexity {:.2}", r.loss, r.perplexity),

@@ -34,7 +34,12 @@ pub async fn spawn_app() -> TestApp {
     app
 }
 
-pub async fn spawn_with(config: ServeConfig) -> TestApp {
+/// Starts the server with `config` (on the test Postgres server when there is one: see
+/// `common::test_database_url`).
+pub async fn spawn_with(mut config: ServeConfig) -> TestApp {
+    if config.database_url.is_none() {
+        config.database_url = crate::common::test_database_url(&config.data_dir);
+    }
     if std::env::var("TEST_LOG").is_ok() {
         finetuned::telemetry::init("text");
     }

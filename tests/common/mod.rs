@@ -102,3 +102,37 @@ pub fn toy_jsonl(n: usize) -> String {
 pub fn shared() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("shared")
 }
+
+/// With `FINETUNED_TEST_DATABASE_URL` set (a Postgres server, as `.ci/run` starts one), the URL
+/// of a database of its own for `data_dir` on that server, created on first use (a restart on the
+/// same data dir finds the same database). Without it, `None`: SQLite in the data dir.
+pub fn test_database_url(data_dir: &Path) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let admin = std::env::var("FINETUNED_TEST_DATABASE_URL").ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    let name = format!("t{:016x}", h.finish());
+    let (server, db) = (admin.clone(), name.clone());
+    // A thread of its own: callers may be inside a runtime already.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            use sqlx::{Connection, Executor};
+            let mut conn = sqlx::PgConnection::connect(&server).await.expect("the test Postgres server answers");
+            let found: Option<i32> = sqlx::query_scalar("select 1 from pg_database where datname = $1").bind(&db).fetch_optional(&mut conn).await.unwrap();
+            if found.is_none() {
+                conn.execute(format!("create database {db}").as_str()).await.unwrap();
+            }
+        })
+    })
+    .join()
+    .unwrap();
+    let mut url = reqwest::Url::parse(&admin).unwrap();
+    url.set_path(&name);
+    Some(url.to_string())
+}
+
+/// Whether the tests run against a Postgres server (`FINETUNED_TEST_DATABASE_URL`).
+pub fn on_postgres() -> bool {
+    std::env::var_os("FINETUNED_TEST_DATABASE_URL").is_some()
+}

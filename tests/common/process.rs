@@ -39,6 +39,7 @@ pub fn start_with(data: &Path, models: &Path, extra: &[&str]) -> (Server, String
     let mut child = Command::new(env!("CARGO_BIN_EXE_finetuned"))
         .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
         .args(extra)
+        .args(super::test_database_url(data).map(|url| format!("--database-url={url}")))
         .arg("--data-dir")
         .arg(data)
         .arg("--models-dir")

@@ -3,6 +3,7 @@
 # unprivileged user (initdb refuses root). Installs Debian's `postgresql` package when missing.
 #   scripts/postgres.sh start DIR   # prints the server's URL (database `postgres`, user `finetuned`)
 #   scripts/postgres.sh stop DIR
+#   scripts/postgres.sh resume DIR  # starts a stopped cluster again, on the same port
 set -euo pipefail
 CMD=${1:?start or stop}; DIR=${2:?cluster dir}
 BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
@@ -18,13 +19,18 @@ case $CMD in
     mkdir -p "$DIR"
     [[ $(id -u) == 0 ]] && chown postgres "$DIR"
     PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    echo "$PORT" > "$DIR/port"
     as_owner "$BIN/initdb" -D "$DIR/data" -U finetuned --auth=trust -E UTF8 >"$DIR/initdb.log" 2>&1
+    bash "${BASH_SOURCE[0]}" resume "$DIR"
+    echo "postgres://finetuned@127.0.0.1:$PORT/postgres"
+    ;;
+  resume)
+    PORT=$(cat "$DIR/port")
     as_owner "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 \
       -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" start >&2
-    echo "postgres://finetuned@127.0.0.1:$PORT/postgres"
     ;;
   stop)
     as_owner "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >&2 || true
     ;;
-  *) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|resume DIR" >&2; exit 2 ;;
 esac

@@ -19,7 +19,7 @@ pub type Pool = sqlx::AnyPool;
 
 /// How long a request waits for a database connection before it is answered 503: a database
 /// that is down gets a quick answer, never a hang.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Opens the database and applies its migrations: Postgres when `database_url` is given
 /// (`postgres://…`), else SQLite in `data_dir` (created if needed, in WAL mode).

@@ -1,0 +1,87 @@
+//! Postgres stopped under a running deployment (an API process and a worker process), then
+//! started again: requests get a 503 with `Retry-After` meanwhile, never a hang, and afterwards
+//! every job finishes with nothing lost. The test runs its own Postgres server
+//! (`scripts/postgres.sh`, as `.ci/run` does), since it stops and starts it.
+
+mod common;
+
+use common::process::{start_with, wait_for};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A Postgres cluster of this test's own, stopped when dropped.
+struct Postgres(PathBuf);
+
+impl Postgres {
+    fn run(&self, what: &str) -> String {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
+        let out = Command::new("bash").arg(script).arg(what).arg(&self.0).output().unwrap();
+        assert!(out.status.success(), "postgres.sh {what}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.run("stop");
+    }
+}
+
+#[tokio::test]
+async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards_every_job_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pg = Postgres(tempfile::Builder::new().prefix("finetuned-pg-").tempdir().unwrap().keep());
+    let url = pg.run("start");
+    let (models, data) = (tmp.path().join("models"), tmp.path().join("data"));
+    common::write_tiny_model(&models, "tiny");
+    let db = format!("--database-url={url}");
+    let (_api, api) = start_with(&data, &models, &["--role", "api", &db]);
+    let (_worker, _) = start_with(&data, &models, &["--role", "worker", "--poll-interval-ms", "100", &db]);
+    // A client that gives up after a minute: a request that hangs fails the test.
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let r = client.post(format!("{api}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(64)).send().await.unwrap();
+    let ds: Value = r.json().await.unwrap();
+    let hp = json!({"epochs": 40, "batch_size": 4, "learning_rate": 1e-3, "seed": 7});
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let body = json!({"base_model": "tiny", "training_dataset": ds["id"], "model_name": format!("outage-{i}"), "hyperparameters": hp});
+        let job: Value = client.post(format!("{api}/v1/jobs")).json(&body).send().await.unwrap().json().await.unwrap();
+        jobs.push(format!("{api}/v1/jobs/{}", job["id"].as_str().unwrap()));
+    }
+    wait_for(&client, &jobs[0], 60, |j| j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)).await;
+
+    pg.run("stop");
+    let down = Instant::now();
+    // Reads, writes and the readiness probe, at once: each answers 503 within the pool's wait.
+    let (job, upload, ready, models_list) = tokio::join!(
+        client.get(&jobs[1]).send(),
+        client.post(format!("{api}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(8)).send(),
+        client.get(format!("{api}/readyz")).send(),
+        client.get(format!("{api}/v1/models")).send(),
+    );
+    for r in [job.unwrap(), upload.unwrap(), ready.unwrap()] {
+        assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    }
+    let r = models_list.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+    // The outage lasts ten seconds in all.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
+    pg.run("resume");
+
+    for job_url in &jobs {
+        let done = wait_for(&client, job_url, 300, |j| ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    // Nothing stored before the outage was lost, and no upload refused during it was half-kept.
+    let listed: Value = client.get(format!("{api}/v1/datasets")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    for i in 0..3 {
+        let r = client.post(format!("{api}/v1/models/outage-{i}/predict")).json(&json!({"inputs": "good"})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}

@@ -40,6 +40,9 @@ pub struct ModelView {
 pub struct Resolved {
     pub id: String,
     pub path: PathBuf,
+    /// For a trained model, its directory relative to the data dir (where the object store,
+    /// if any, keeps it too).
+    pub stored_at: Option<String>,
     pub is_classifier: bool,
     /// The pooling `auto` picks when fine-tuning from this model.
     pub auto_pooling: String,
@@ -50,7 +53,17 @@ pub struct Catalog {
     data_dir: PathBuf,
     pool: Pool,
     dirs: RwLock<BTreeMap<String, DirModel>>,
+    /// Where trained models are kept besides the data dir.
+    pub objects: crate::objects::Objects,
+    /// Trained models resolved in the last [`RESOLVED_TTL`]: predict asks for the same model
+    /// many times a second, and on Postgres each lookup is a round trip that would hold every
+    /// request up (and spread callers out of shared batches).
+    recent: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Resolved)>>,
 }
+
+/// How long a trained model's lookup is reused; a model deleted through another process is
+/// still found here for at most this long.
+const RESOLVED_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn task_of(problem_type: Option<&str>) -> &'static str {
     match problem_type {
@@ -128,9 +141,9 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
 }
 
 impl Catalog {
-    pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: Pool) -> Self {
+    pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: Pool, objects: crate::objects::Objects) -> Self {
         let dirs = scan_models_dir(&models_dir);
-        Self { data_dir, pool, dirs: RwLock::new(dirs) }
+        Self { data_dir, pool, dirs: RwLock::new(dirs), objects, recent: Default::default() }
     }
 
     /// Is `id` a model of the models dir?
@@ -152,21 +165,48 @@ impl Catalog {
         Ok(store::models::get(&self.pool, id).await?.as_ref().map(record_view))
     }
 
+    /// Makes sure a resolved model's files are in the data dir: a trained model another process
+    /// made is fetched from the object store (a no-op without one, or when already here).
+    pub async fn fetch(&self, model: &Resolved) -> Result<(), crate::objects::ObjectError> {
+        match &model.stored_at {
+            Some(rel) => self.objects.fetch(rel).await,
+            None => Ok(()),
+        }
+    }
+
     /// Where model `id` lives, if it exists.
     pub async fn resolve(&self, id: &str) -> sqlx::Result<Option<Resolved>> {
         if let Some(d) = self.dirs.read().unwrap().get(id) {
             return Ok(Some(Resolved {
                 id: id.into(),
                 path: d.path.clone(),
+                stored_at: None,
                 is_classifier: d.info.labels.is_some(),
                 auto_pooling: d.info.auto_pooling(),
             }));
         }
-        Ok(store::models::get(&self.pool, id).await?.map(|m| Resolved {
+        if let Some((at, r)) = self.recent.lock().unwrap().get(id) {
+            if at.elapsed() < RESOLVED_TTL {
+                return Ok(Some(r.clone()));
+            }
+        }
+        let found = store::models::get(&self.pool, id).await?.map(|m| Resolved {
             id: m.id.clone(),
             path: self.data_dir.join(&m.path),
+            stored_at: Some(m.path.clone()),
             is_classifier: m.kind == "classifier",
             auto_pooling: m.pooling.clone().unwrap_or_else(|| "cls".into()),
-        }))
+        });
+        let mut recent = self.recent.lock().unwrap();
+        match &found {
+            Some(r) => recent.insert(id.to_string(), (std::time::Instant::now(), r.clone())),
+            None => recent.remove(id),
+        };
+        Ok(found)
+    }
+
+    /// Forgets a model's lookup (it was deleted through this process).
+    pub fn forget(&self, id: &str) {
+        self.recent.lock().unwrap().remove(id);
     }
 }

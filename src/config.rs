@@ -37,6 +37,14 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Where datasets, checkpoints and trained models are kept so that every process sees
+    /// them: an object-store URL (`s3://bucket/prefix`; S3-compatible servers through
+    /// `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP=true`; credentials from the usual `AWS_*`
+    /// variables; `gs://`, `az://` and `file://` too). The data dir is then a local cache.
+    /// Default: the data dir alone.
+    #[arg(long, env = "FINETUNED_OBJECT_STORE")]
+    pub object_store: Option<String>,
+
     /// Directory of base models: each sub-directory holding config.json, tokenizer.json and
     /// model.safetensors is a model whose id is the directory's name.
     #[arg(long, env = "FINETUNED_MODELS_DIR", default_value = "./models")]
@@ -161,6 +169,7 @@ impl ServeConfig {
             models_dir,
             api_key: None,
             database_url: None,
+            object_store: None,
             device: Some("cpu".into()),
             dtype: "auto".into(),
             predict_dtype: "f32".into(),

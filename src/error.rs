@@ -137,6 +137,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::objects::ObjectError> for ApiError {
+    fn from(e: crate::objects::ObjectError) -> Self {
+        tracing::error!(error = %e, "the object store failed");
+        let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", format!("{e}; nothing was stored: retry"));
+        err.retry_after = Some(5);
+        err
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         let storage = e.chain().any(|c| {

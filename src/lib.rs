@@ -24,6 +24,8 @@ pub mod fuzzing;
 pub mod hub;
 /// Our BERT, its heads, and Hugging Face model directories.
 pub mod model;
+/// Datasets, checkpoints and models in an object store (`--object-store`).
+pub mod objects;
 /// Loaded models and inference for predict.
 pub mod serve;
 /// Building and running the server.

@@ -139,7 +139,8 @@ impl Application {
         clean_data_dir(&pool, &config.data_dir, config.role != "all").await?;
         let device = config::device(config.device.as_deref())?;
         let precision = crate::train::precision::Precision::parse(&config.dtype, &device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
-        let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone()));
+        let objects = crate::objects::Objects::open(config.object_store.as_deref(), &config.data_dir)?;
+        let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone(), objects));
         let queue = JobQueue::default();
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
         let mut predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);

@@ -6,34 +6,15 @@
 mod common;
 
 use common::process::{start_with, wait_for};
+use common::servers::Script;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A Postgres cluster of this test's own, stopped when dropped.
-struct Postgres(PathBuf);
-
-impl Postgres {
-    fn run(&self, what: &str) -> String {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh");
-        let out = Command::new("bash").arg(script).arg(what).arg(&self.0).output().unwrap();
-        assert!(out.status.success(), "postgres.sh {what}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.run("stop");
-    }
-}
 
 #[tokio::test]
 async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards_every_job_finishes() {
     let tmp = tempfile::tempdir().unwrap();
-    let pg = Postgres(tempfile::Builder::new().prefix("finetuned-pg-").tempdir().unwrap().keep());
-    let url = pg.run("start");
+    let pg = Script::start("postgres.sh");
+    let url = pg.url.clone();
     let (models, data) = (tmp.path().join("models"), tmp.path().join("data"));
     common::write_tiny_model(&models, "tiny");
     let db = format!("--database-url={url}");

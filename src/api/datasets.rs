@@ -90,8 +90,14 @@ pub async fn store_upload(
         path: rel,
         created_at: store::now(),
     };
+    // In the object store before the database names it: every process can then read it.
+    if let Err(e) = state.catalog.objects.put(&rec.path).await {
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
     if let Err(e) = datasets::insert(tx, &rec).await {
         let _ = std::fs::remove_file(&path);
+        state.catalog.objects.delete(&rec.path).await;
         return Err(e.into());
     }
     Ok(rec)
@@ -191,6 +197,7 @@ async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
     match datasets::delete(&state.pool, &id).await? {
         datasets::Deleted::Yes(rec) => {
             let _ = std::fs::remove_file(state.config.data_dir.join(&rec.path));
+            state.catalog.objects.delete(&rec.path).await;
             Ok(Json(json!({"id": id, "object": "dataset", "deleted": true})))
         }
         datasets::Deleted::NotFound => Err(ApiError::not_found("dataset", &id)),

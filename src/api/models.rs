@@ -37,13 +37,16 @@ async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
         return Err(ApiError::conflict(format!("model {id} is the base of a queued or running job")));
     }
     state.predictor.evict(&id);
+    state.catalog.forget(&id);
     let _ = std::fs::remove_dir_all(state.config.data_dir.join(&rec.path));
+    state.catalog.objects.delete(&rec.path).await;
     Ok(Json(json!({"id": id, "object": "model", "deleted": true})))
 }
 
 /// A gzip'd tar of the model directory, built in memory off the async runtime.
 async fn download(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let resolved = state.catalog.resolve(&id).await?.ok_or_else(|| ApiError::not_found("model", &id))?;
+    state.catalog.fetch(&resolved).await?;
     let name = id.clone();
     let bytes = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
         let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

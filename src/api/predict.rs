@@ -136,6 +136,8 @@ async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(
     if !model.is_classifier {
         return Err(ApiError::invalid("model", format!("{id} is a base model, not a classifier: fine-tune it first")));
     }
+    // A model trained by a worker elsewhere: fetched from the object store on first use.
+    state.catalog.fetch(&model).await?;
     let scored = state.predictor.predict(&id, model.path, req.texts, req.overflow, req.raw_scores.unwrap_or(false)).await?;
     if let Some(t) = &req.threshold {
         if !scored.multi_label {

@@ -29,7 +29,23 @@ pub struct CheckpointPlan {
     pub every: usize,
     /// How many of the newest checkpoints to keep (at least 1).
     pub keep: usize,
+    /// Told of each checkpoint saved, with every checkpoint kept: copies them where other
+    /// processes find them (the object store). An error is reported as a warning.
+    pub mirror: Option<Mirror>,
 }
+
+/// See [`CheckpointPlan::mirror`]: `(saved, kept)`.
+#[derive(Clone)]
+pub struct Mirror(pub std::sync::Arc<dyn Fn(&Path, &[PathBuf]) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mirror")
+    }
+}
+
+/// The file a checkpoint directory is whole with: written last, and copied last.
+pub const COMPLETE_WITH: &str = META;
 
 /// What a checkpoint records besides its tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,7 +150,15 @@ pub fn save_and_report(
     obs: &mut dyn Observer,
 ) {
     match save(plan, meta, params, opt, best) {
-        Ok(_) => obs.on_event(Event::Message(format!("checkpoint saved at step {} (epoch {})", meta.step, meta.epoch))),
+        Ok(saved) => {
+            obs.on_event(Event::Message(format!("checkpoint saved at step {} (epoch {})", meta.step, meta.epoch)));
+            if let Some(Mirror(mirror)) = &plan.mirror {
+                let kept: Vec<PathBuf> = list(&plan.dir).into_iter().map(|(p, _)| p).collect();
+                if let Err(e) = mirror(&saved, &kept) {
+                    obs.on_event(Event::Warning(format!("the checkpoint at step {} could not be copied to the object store: {e}", meta.step)));
+                }
+            }
+        }
         Err(e) => obs.on_event(Event::Warning(format!("could not save a checkpoint at step {}: {e:#}", meta.step))),
     }
 }

@@ -183,6 +183,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     let cancel = Arc::new(AtomicBool::new(false));
     ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
     let ckpt_dir = WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id);
+    fetch_checkpoint(ctx, &job.id).await;
     // Metrics recorded after the checkpoint the job resumes from are recorded again as it goes on.
     let resume = { let d = ckpt_dir.clone(); tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await? };
     match &resume {
@@ -194,7 +195,8 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     let lease_done = CancellationToken::new();
     let _lease_guard = lease_done.clone().drop_guard();
     keep_lease(ctx, &job.id, cancel.clone(), lost.clone(), lease_done);
-    let prepared = prepare(ctx, &job).await;
+    let (mirror, uploads) = checkpoint_mirror(ctx, &job.id).unzip();
+    let prepared = prepare(ctx, &job, mirror).await;
     let (work, model_id, pooling) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -218,6 +220,11 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         record(pool, &job.id, ev).await;
     }
     let result = handle.await;
+    if let Some(uploads) = uploads {
+        // The newest checkpoint (one saved at a stop above all) reaches the store before the
+        // job is handed back or its checkpoints are removed.
+        let _ = uploads.await;
+    }
     ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
     if lost.load(Ordering::SeqCst) {
         // Another worker runs the job now: what this run did is not recorded.
@@ -263,8 +270,83 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     if !requeued {
         // Checkpoints exist to resume a job; once it has ended they are only disk.
         tokio::task::spawn_blocking(move || super::checkpoint::remove_all(&ckpt_dir)).await?;
+        ctx.catalog.objects.delete(&format!("checkpoints/{}", job.id)).await;
     }
     Ok(())
+}
+
+/// A job taken over from a worker elsewhere has its checkpoints in the object store, not here:
+/// fetches the newest whole one. Without it the job starts over (with a warning).
+async fn fetch_checkpoint(ctx: &WorkerContext, job: &str) {
+    let objects = &ctx.catalog.objects;
+    let dir = WorkerContext::checkpoint_dir(&ctx.data_dir, job);
+    let local = { let d = dir.clone(); tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await.ok().flatten() };
+    if !objects.enabled() || local.is_some() {
+        return;
+    }
+    let rel = format!("checkpoints/{job}");
+    let mut names = match objects.list_dirs(&rel).await {
+        Ok(n) => n,
+        Err(e) => {
+            event(&ctx.pool, job, "warning", &format!("the job's checkpoints could not be listed ({e}): it starts over")).await;
+            return;
+        }
+    };
+    // Zero-padded step numbers: the newest sorts last.
+    names.sort();
+    for name in names.iter().rev() {
+        let one = format!("{rel}/{name}");
+        if let Err(e) = objects.fetch(&one).await {
+            event(&ctx.pool, job, "warning", &format!("checkpoint {name} could not be fetched ({e})")).await;
+            continue;
+        }
+        if ctx.data_dir.join(&one).join(super::checkpoint::COMPLETE_WITH).exists() {
+            return;
+        }
+        // Its worker died while copying it.
+        let _ = tokio::fs::remove_dir_all(ctx.data_dir.join(&one)).await;
+    }
+}
+
+/// Copies checkpoints to the object store in the background, the newest first: training does
+/// not wait for the store, and a checkpoint superseded before its turn is skipped. The task
+/// ends once the returned mirror (held by the run's checkpoint plan) is dropped and the newest
+/// checkpoint is copied; those no longer kept are removed from the store.
+fn checkpoint_mirror(ctx: &WorkerContext, job: &str) -> Option<(super::checkpoint::Mirror, tokio::task::JoinHandle<()>)> {
+    if !ctx.catalog.objects.enabled() {
+        return None;
+    }
+    let (tx, mut rx) = tokio::sync::watch::channel::<Option<(PathBuf, Vec<PathBuf>)>>(None);
+    let (objects, data_dir, pool, job) = (ctx.catalog.objects.clone(), ctx.data_dir.clone(), ctx.pool.clone(), job.to_string());
+    let task = tokio::spawn(async move {
+        let rel = format!("checkpoints/{job}");
+        while rx.changed().await.is_ok() {
+            let Some((saved, kept)) = rx.borrow_and_update().clone() else { continue };
+            let Ok(saved) = saved.strip_prefix(&data_dir).map(|p| p.to_string_lossy().to_string()) else { continue };
+            let copied = async {
+                objects.put_last(&saved, Some(super::checkpoint::COMPLETE_WITH)).await?;
+                let kept: std::collections::HashSet<String> =
+                    kept.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).collect();
+                for name in objects.list_dirs(&rel).await? {
+                    if !kept.contains(&name) {
+                        objects.delete(&format!("{rel}/{name}")).await;
+                    }
+                }
+                Ok::<_, crate::objects::ObjectError>(())
+            };
+            // A checkpoint pruned locally while it was being copied is superseded anyway.
+            if let Err(e) = copied.await {
+                if data_dir.join(&saved).exists() {
+                    event(&pool, &job, "warning", &format!("a checkpoint could not be copied to the object store: {e}")).await;
+                }
+            }
+        }
+    });
+    let mirror = super::checkpoint::Mirror(Arc::new(move |saved: &std::path::Path, kept: &[PathBuf]| {
+        let _ = tx.send(Some((saved.to_path_buf(), kept.to_vec())));
+        Ok(())
+    }));
+    Some((mirror, task))
 }
 
 /// Fails a job that `run_job` left without a final state (a write it needed failed), unless the
@@ -327,6 +409,8 @@ fn new_model(job: &JobRecord, id: &str, kind: &str, labels: Vec<String>, metrics
 /// cancelled meanwhile (then the model's files are removed).
 async fn finish(ctx: &WorkerContext, job: &JobRecord, rec: models::ModelRecord, out_dir: &std::path::Path) -> anyhow::Result<()> {
     let pool = &ctx.pool;
+    // In the object store before the database names it: no process reads half a model.
+    ctx.catalog.objects.put(&rec.path).await?;
     let mut tx = crate::store::Tx::begin(pool).await?;
     models::insert(&mut tx, &rec).await?;
     jobs::set_metrics_tx(&mut tx, &job.id, rec.metrics.as_ref().unwrap_or(&Value::Null)).await?;
@@ -349,13 +433,15 @@ enum Work {
 
 /// Reads the job's datasets and resolves its base model and output path.
 /// Also returns the pooling the job trains with (`auto` resolved against the base model).
-async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, String), TrainError> {
+async fn prepare(ctx: &WorkerContext, job: &JobRecord, mirror: Option<super::checkpoint::Mirror>) -> Result<(Work, String, String), TrainError> {
     let internal = |e: sqlx::Error| TrainError::Internal(e.into());
     let base = match ctx.catalog.resolve(&job.base_model).await.map_err(internal)? {
         Some(base) => base,
         None if crate::hub::is_repo_id(&job.base_model) => from_hub(ctx, job).await?,
         None => return Err(TrainError::BaseModel(format!("base model {:?} no longer exists", job.base_model))),
     };
+    let storage = |e: crate::objects::ObjectError| TrainError::Storage(e.to_string());
+    ctx.catalog.fetch(&base).await.map_err(storage)?;
     let mut hp: Hyperparameters =
         serde_json::from_value(job.hyperparameters.clone()).map_err(|e| TrainError::Internal(e.into()))?;
     if hp.pooling == "auto" {
@@ -370,6 +456,7 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, 
         };
         let rec = datasets::get(&ctx.pool, id).await.map_err(internal)?;
         let rec = rec.ok_or_else(|| TrainError::InvalidData(format!("dataset {id} no longer exists")))?;
+        ctx.catalog.objects.fetch(&rec.path).await.map_err(storage)?;
         let path = ctx.data_dir.join(&rec.path);
         let data = tokio::task::spawn_blocking(move || read_stored(&path))
             .await
@@ -384,6 +471,7 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord) -> Result<(Work, String, 
         dir: WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id),
         every: ctx.checkpoint_every,
         keep: ctx.keep_checkpoints,
+        mirror,
     });
     if job.task == "mlm" {
         let start = match &job.config {
@@ -418,6 +506,7 @@ async fn from_hub(ctx: &WorkerContext, job: &JobRecord) -> Result<crate::catalog
     Ok(crate::catalog::Resolved {
         id: repo.clone(),
         path: dir,
+        stored_at: None,
         is_classifier: info.labels.is_some(),
         auto_pooling: info.auto_pooling(),
     })

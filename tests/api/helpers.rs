@@ -40,6 +40,9 @@ pub async fn spawn_with(mut config: ServeConfig) -> TestApp {
     if config.database_url.is_none() {
         config.database_url = crate::common::test_database_url(&config.data_dir);
     }
+    if config.object_store.is_none() {
+        config.object_store = crate::common::test_object_store(&config.data_dir);
+    }
     if std::env::var("TEST_LOG").is_ok() {
         finetuned::telemetry::init("text");
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod servers;
 
 use candle_core::{Device, Tensor};
 use finetuned::dataset::{LabelValue, Row};
@@ -130,6 +131,16 @@ pub fn test_database_url(data_dir: &Path) -> Option<String> {
     let mut url = reqwest::Url::parse(&admin).unwrap();
     url.set_path(&name);
     Some(url.to_string())
+}
+
+/// With `FINETUNED_TEST_OBJECT_STORE` set (`s3://bucket/prefix`, with the `AWS_*` variables of
+/// an S3-protocol server, as `.ci/run` starts one), a store prefix of its own for `data_dir`.
+pub fn test_object_store(data_dir: &Path) -> Option<String> {
+    use std::hash::{Hash, Hasher};
+    let base = std::env::var("FINETUNED_TEST_OBJECT_STORE").ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data_dir.hash(&mut h);
+    Some(format!("{}/t{:016x}", base.trim_end_matches('/'), h.finish()))
 }
 
 /// Whether the tests run against a Postgres server (`FINETUNED_TEST_DATABASE_URL`).

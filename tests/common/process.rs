@@ -36,10 +36,16 @@ pub fn start(data: &Path, models: &Path) -> (Server, String) {
 
 /// As [`start`], with extra options.
 pub fn start_with(data: &Path, models: &Path, extra: &[&str]) -> (Server, String) {
+    start_with_env(data, models, extra, &[])
+}
+
+/// As [`start_with`], with extra environment variables.
+pub fn start_with_env(data: &Path, models: &Path, extra: &[&str], env: &[(String, String)]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_finetuned"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
         .args(extra)
-        .args(super::test_database_url(data).map(|url| format!("--database-url={url}")))
+        .args(super::test_database_url(data).filter(|_| !extra.iter().any(|a| a.starts_with("--database-url"))).map(|url| format!("--database-url={url}")))
         .arg("--data-dir")
         .arg(data)
         .arg("--models-dir")

@@ -124,7 +124,7 @@ impl Application {
         let worker_devices = config.worker_devices();
         let worker_ids: Vec<String> = match worker_devices.len() {
             1 => vec![worker_name.clone()],
-            _ => worker_devices.iter().map(|d| format!("{worker_name}/{}", d.as_deref().unwrap_or("default"))).collect(),
+            _ => worker_devices.iter().enumerate().map(|(i, d)| format!("{worker_name}/{i}-{}", d.as_deref().unwrap_or("default"))).collect(),
         };
         // This process's own jobs, interrupted when it stopped, are taken back at once; other
         // workers' jobs are theirs until their leases run out.

@@ -164,3 +164,31 @@ async fn a_cancel_sent_to_an_api_process_stops_the_job_on_a_worker_process() {
     // Stopped well before the end, not trained to completion regardless.
     assert!(job["progress"]["step"].as_u64().unwrap() < job["progress"]["total_steps"].as_u64().unwrap() / 2, "{job}");
 }
+
+#[tokio::test]
+async fn one_process_with_two_devices_runs_two_workers_that_train_jobs_at_the_same_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (models, data) = (tmp.path().join("models"), tmp.path().join("data"));
+    common::write_tiny_model(&models, "tiny");
+    let client = reqwest::Client::new();
+    // Two CPU "devices" stand in for cuda:0,cuda:1: a worker each, with a name each.
+    let (_server, url) = role(&data, &models, "all", &["--devices", "cpu,cpu"]);
+    let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(256))).await;
+    let hp = json!({"epochs": 100, "batch_size": 4});
+    let mut urls = vec![];
+    for _ in 0..2 {
+        let job = post(client.post(format!("{url}/v1/jobs")).json(&json!({"base_model": "tiny", "training_dataset": ds["id"], "hyperparameters": hp}))).await;
+        urls.push(format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap()));
+    }
+    let mut done = vec![];
+    let mut names = std::collections::HashSet::new();
+    for u in &urls {
+        let j = wait_for(&client, u, 300, ended).await;
+        assert_eq!(j["status"], "succeeded", "{j}");
+        done.push((j["started_at"].as_i64().unwrap(), j["finished_at"].as_i64().unwrap()));
+        names.insert(messages(&client, u).await.into_iter().find(|m| m.starts_with("job started on worker ")).unwrap());
+    }
+    // Both (several seconds long) ran at once: each started before the other ended.
+    assert!(done[0].0 < done[1].1 && done[1].0 < done[0].1, "one after the other: {done:?}");
+    assert_eq!(names.len(), 2, "{names:?}");
+}

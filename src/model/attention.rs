@@ -59,16 +59,22 @@ impl Attention {
         let keep_below = self.keep_below;
         let mut keep = vec![0u8; d.b * d.nh * d.s * d.s];
         keep.par_chunks_mut(d.s * d.s).enumerate().for_each(|(task, out)| {
-            let base = (task * d.s * d.s) as u64;
-            for (i, k) in out.iter_mut().enumerate() {
-                *k = super::rng::kept(self.seed, base + i as u64, keep_below) as u8;
-            }
+            keep_flags(out, self.seed, (task * d.s * d.s) as u64, keep_below)
         });
         keep
     }
 
     fn keep_factor(&self) -> f32 {
         1.0 / (1.0 - self.dropout)
+    }
+}
+
+simd_kernel! {
+    /// Dropout keep flags of elements `base..base + out.len()`.
+    fn keep_flags(out: &mut [u8], seed: u64, base: u64, keep_below: u32) {
+        for (i, k) in out.iter_mut().enumerate() {
+            *k = super::rng::kept(seed, base + i as u64, keep_below) as u8;
+        }
     }
 }
 

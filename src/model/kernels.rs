@@ -206,6 +206,16 @@ struct DropoutOp {
     seed: u64,
 }
 
+simd_kernel! {
+    /// `y = x · scale` where element `base + i` is kept under `keep_below`, else 0.
+    fn dropout_chunk(x: &[f32], y: &mut [f32], seed: u64, base: u64, keep_below: u32, scale: f32) {
+        for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+            let keep = super::rng::kept(seed, base + i as u64, keep_below);
+            *y = if keep { x * scale } else { 0.0 };
+        }
+    }
+}
+
 impl CustomOp1 for DropoutOp {
     fn name(&self) -> &'static str {
         "fused-dropout"
@@ -215,10 +225,7 @@ impl CustomOp1 for DropoutOp {
         let x = f32s(s, l)?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (y, x))| {
-            let base = (c * CHUNK) as u64;
-            for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
-                *y = if super::rng::kept(self.seed, base + i as u64, self.keep_below) { x * self.scale } else { 0.0 };
-            }
+            dropout_chunk(x, y, self.seed, (c * CHUNK) as u64, self.keep_below, self.scale)
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }

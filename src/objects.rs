@@ -196,3 +196,46 @@ fn files_under(path: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn files_and_directories_go_to_the_store_and_come_back_whole_in_another_data_dir() {
+        let (store, a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let url = format!("file://{}", store.path().display());
+        let (here, there) = (Objects::open(Some(&url), a.path()).unwrap(), Objects::open(Some(&url), b.path()).unwrap());
+        std::fs::create_dir_all(a.path().join("models/m/sub")).unwrap();
+        std::fs::write(a.path().join("models/m/config.json"), b"{}").unwrap();
+        std::fs::write(a.path().join("models/m/sub/w.bin"), b"weights").unwrap();
+        std::fs::create_dir_all(a.path().join("datasets")).unwrap();
+        std::fs::write(a.path().join("datasets/d.jsonl"), b"{\"text\": \"x\"}\n").unwrap();
+        here.put("models/m").await.unwrap();
+        here.put("datasets/d.jsonl").await.unwrap();
+        there.fetch("models/m").await.unwrap();
+        there.fetch("datasets/d.jsonl").await.unwrap();
+        assert_eq!(std::fs::read(b.path().join("models/m/sub/w.bin")).unwrap(), b"weights");
+        assert_eq!(std::fs::read(b.path().join("datasets/d.jsonl")).unwrap(), b"{\"text\": \"x\"}\n");
+        assert_eq!(there.list_dirs("models").await.unwrap(), vec!["m".to_string()]);
+        // Nothing half-fetched is left beside them.
+        let names: Vec<_> = std::fs::read_dir(b.path().join("models")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("m")]);
+        here.delete("models/m").await;
+        let fresh = tempfile::tempdir().unwrap();
+        let elsewhere = Objects::open(Some(&url), fresh.path()).unwrap();
+        assert!(elsewhere.fetch("models/m").await.is_err(), "deleted from the store");
+        assert!(there.fetch("models/gone").await.is_err(), "a missing object is an error, not an empty model");
+        assert!(!b.path().join("models/gone").exists());
+    }
+
+    #[tokio::test]
+    async fn without_a_store_everything_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = Objects::open(None, dir.path()).unwrap();
+        assert!(!none.enabled());
+        none.put("models/m").await.unwrap();
+        none.fetch("models/m").await.unwrap();
+        assert!(none.list_dirs("models").await.unwrap().is_empty());
+    }
+}

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::process::{start, start_with, wait_for};
+use common::process::{ended, post, start, start_with, wait_for};
 
 use serde_json::{json, Value};
 use std::process::Command;
@@ -88,12 +88,6 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     }
 }
 
-async fn post(body: reqwest::RequestBuilder) -> Value {
-    let r = body.send().await.unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    r.json().await.unwrap()
-}
-
 /// The job the stop-and-resume tests run: fine-tuning, or masked-LM pre-training on the texts.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -115,10 +109,6 @@ async fn start_job(client: &reqwest::Client, url: &str, kind: Kind) -> String {
     }
     let job = post(client.post(format!("{url}/v1/jobs")).json(&body)).await;
     format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap())
-}
-
-fn ended(j: &Value) -> bool {
-    ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap())
 }
 
 #[tokio::test]

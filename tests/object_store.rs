@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::process::{start_with, start_with_env, wait_for, Server};
+use common::process::{ended, post, start_with, start_with_env, wait_for, Server};
 use common::servers::Script;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -58,16 +58,6 @@ impl Deployment {
         }
         out
     }
-}
-
-fn ended(j: &Value) -> bool {
-    ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
-}
-
-async fn post(body: reqwest::RequestBuilder) -> Value {
-    let r = body.send().await.unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    r.json().await.unwrap()
 }
 
 async fn upload(client: &reqwest::Client, api: &str) -> Value {

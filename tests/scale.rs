@@ -3,19 +3,9 @@
 
 mod common;
 
-use common::process::{start_with, wait_for, Server};
+use common::process::{ended, post, start_with, wait_for, Server};
 use serde_json::{json, Value};
 use std::path::Path;
-
-fn ended(j: &Value) -> bool {
-    ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
-}
-
-async fn post(body: reqwest::RequestBuilder) -> Value {
-    let r = body.send().await.unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
-    r.json().await.unwrap()
-}
 
 async fn get(client: &reqwest::Client, url: &str) -> Value {
     client.get(url).send().await.unwrap().json().await.unwrap()

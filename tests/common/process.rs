@@ -78,3 +78,15 @@ pub async fn wait_for(client: &reqwest::Client, url: &str, secs: u64, done: impl
     }
 }
 
+
+/// Whether a job object has ended.
+pub fn ended(j: &Value) -> bool {
+    ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
+}
+
+/// Sends a request that must succeed and returns its JSON body.
+pub async fn post(body: reqwest::RequestBuilder) -> Value {
+    let r = body.send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    r.json().await.unwrap()
+}

@@ -98,7 +98,9 @@ enum Kind {
 /// Uploads the toy set and starts the same job; returns the job's URL.
 async fn start_job(client: &reqwest::Client, url: &str, kind: Kind) -> String {
     let data = match kind {
-        Kind::FineTune => common::toy_jsonl(64),
+        // 256 rows: ~6,400 steps, seconds of training left when the recorded progress reaches the
+        // step the test stops at (recording lags behind training).
+        Kind::FineTune => common::toy_jsonl(256),
         Kind::Pretrain => common::toy_rows(64).iter().map(|r| json!({"text": r.text}).to_string() + "\n").collect(),
     };
     let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(data)).await;

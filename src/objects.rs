@@ -63,11 +63,6 @@ impl Objects {
         Ok(Self { store, data_dir: data_dir.to_path_buf() })
     }
 
-    /// No store: the data dir is all there is.
-    pub fn none(data_dir: &Path) -> Self {
-        Self { store: None, data_dir: data_dir.to_path_buf() }
-    }
-
     /// Whether files go to an object store.
     pub fn enabled(&self) -> bool {
         self.store.is_some()
@@ -227,6 +222,15 @@ mod tests {
         assert!(elsewhere.fetch("models/m").await.is_err(), "deleted from the store");
         assert!(there.fetch("models/gone").await.is_err(), "a missing object is an error, not an empty model");
         assert!(!b.path().join("models/gone").exists());
+    }
+
+    #[test]
+    fn a_store_url_that_does_not_parse_is_refused_with_the_flag_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["not a url", "ftp://host/x"] {
+            let e = Objects::open(Some(bad), dir.path()).err().expect("refused").to_string();
+            assert!(e.contains("--object-store"), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -71,12 +71,7 @@ impl CustomOp1 for Dropout {
     }
 }
 
-fn layer_norm_row(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
+use super::kernels::row_stats as layer_norm_row;
 
 /// LayerNorm over the last dimension of `x` with weight `w` and bias `b` (`[hidden]`).
 #[derive(Clone, Copy)]

@@ -117,7 +117,8 @@ struct LayerNormOp {
     eps: f32,
 }
 
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+/// A row's mean and 1/sqrt(variance + eps), for LayerNorm.
+pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;

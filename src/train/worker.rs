@@ -183,9 +183,12 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     let cancel = Arc::new(AtomicBool::new(false));
     ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
     let ckpt_dir = WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id);
-    fetch_checkpoint(ctx, &job.id).await;
+    let latest = |d: PathBuf| async move { tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await };
+    let mut resume = latest(ckpt_dir.clone()).await?;
+    if resume.is_none() && fetch_checkpoint(ctx, &job.id).await {
+        resume = latest(ckpt_dir.clone()).await?;
+    }
     // Metrics recorded after the checkpoint the job resumes from are recorded again as it goes on.
-    let resume = { let d = ckpt_dir.clone(); tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await? };
     match &resume {
         Some((_, m)) => jobs::trim_run_metrics(pool, &job.id, m.step as i64, m.epoch as i64).await?,
         None => jobs::clear_run_metrics(pool, &job.id).await?,
@@ -276,20 +279,19 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
 }
 
 /// A job taken over from a worker elsewhere has its checkpoints in the object store, not here:
-/// fetches the newest whole one. Without it the job starts over (with a warning).
-async fn fetch_checkpoint(ctx: &WorkerContext, job: &str) {
+/// fetches the newest whole one (true when one arrived). Without it the job starts over (with
+/// a warning when the store could not be read).
+async fn fetch_checkpoint(ctx: &WorkerContext, job: &str) -> bool {
     let objects = &ctx.catalog.objects;
-    let dir = WorkerContext::checkpoint_dir(&ctx.data_dir, job);
-    let local = { let d = dir.clone(); tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await.ok().flatten() };
-    if !objects.enabled() || local.is_some() {
-        return;
+    if !objects.enabled() {
+        return false;
     }
     let rel = format!("checkpoints/{job}");
     let mut names = match objects.list_dirs(&rel).await {
         Ok(n) => n,
         Err(e) => {
             event(&ctx.pool, job, "warning", &format!("the job's checkpoints could not be listed ({e}): it starts over")).await;
-            return;
+            return false;
         }
     };
     // Zero-padded step numbers: the newest sorts last.
@@ -301,11 +303,12 @@ async fn fetch_checkpoint(ctx: &WorkerContext, job: &str) {
             continue;
         }
         if ctx.data_dir.join(&one).join(super::checkpoint::COMPLETE_WITH).exists() {
-            return;
+            return true;
         }
         // Its worker died while copying it.
         let _ = tokio::fs::remove_dir_all(ctx.data_dir.join(&one)).await;
     }
+    false
 }
 
 /// Copies checkpoints to the object store in the background, the newest first: training does

@@ -63,7 +63,10 @@ fn compile(nvcc: &Path, cap: u32, ptx: &Path) {
         cmd.arg("-ccbin").arg(ccbin);
     }
     let output = cmd.output().unwrap_or_else(|e| {
-        panic!("the `cuda` feature needs nvcc; running {} failed: {e} (set NVCC or CUDA_ROOT, or see scripts/cuda-toolchain.sh)", nvcc.display())
+        panic!(
+            "the `cuda` feature needs nvcc; running {} failed: {e} (set NVCC or CUDA_ROOT, or see scripts/cuda-toolchain.sh)",
+            nvcc.display()
+        )
     });
     if !output.status.success() {
         panic!(

@@ -86,7 +86,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                     Ok(r) => {
                         let s = r.status().as_u16().to_string();
                         let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()?.parse::<f64>().ok());
-                        if let (Some(q), Some(t), Some(i)) = (header("x-queue-time"), header("x-tokenization-time"), header("x-inference-time")) {
+                        if let (Some(q), Some(t), Some(i)) =
+                            (header("x-queue-time"), header("x-tokenization-time"), header("x-inference-time"))
+                        {
                             server.push([q, t, i]);
                         }
                         let _ = r.bytes().await;

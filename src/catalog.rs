@@ -2,10 +2,10 @@
 //! and models made by jobs (in the database, files under the data dir).
 
 use crate::model::artifacts::{inspect, ModelInfo};
+use crate::store::Pool;
 use crate::store::{self, models::ModelRecord};
 use serde::Serialize;
 use serde_json::Value;
-use crate::store::Pool;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;

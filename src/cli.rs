@@ -78,8 +78,8 @@ fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<
         return Ok(None);
     }
     let bytes = std::fs::read(&path)?;
-    let parsed = crate::dataset::parse(&bytes, crate::dataset::Format::Jsonl, "text", "label")
-        .with_context(|| format!("{}", path.display()))?;
+    let parsed =
+        crate::dataset::parse(&bytes, crate::dataset::Format::Jsonl, "text", "label").with_context(|| format!("{}", path.display()))?;
     Ok(Some((parsed.rows, parsed.multi_label)))
 }
 
@@ -114,7 +114,14 @@ impl Observer for CliObserver {
                     let entry = json!({"step": s.step, "epoch": s.epoch, "loss": *sum / *count as f64,
                                        "learning_rate": s.learning_rate, "interval_examples_per_s": rate});
                     if self.bar.is_none() {
-                        tracing::info!("step {}/{} loss {:.4} lr {:.2e} {:.1} ex/s", s.step, s.total_steps, *sum / *count as f64, s.learning_rate, rate);
+                        tracing::info!(
+                            "step {}/{} loss {:.4} lr {:.2e} {:.1} ex/s",
+                            s.step,
+                            s.total_steps,
+                            *sum / *count as f64,
+                            s.learning_rate,
+                            rate
+                        );
                     }
                     self.loss_log.push(entry);
                     *t0 = Instant::now();
@@ -181,7 +188,13 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         b.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {per_sec} eta {eta} {msg}").expect("valid template"));
         b
     });
-    let mut obs = CliObserver { bar, log_every: a.log_every.max(1), window: (Instant::now(), 0, 0.0, 0), loss_log: vec![], batch_size: a.batch_size as usize };
+    let mut obs = CliObserver {
+        bar,
+        log_every: a.log_every.max(1),
+        window: (Instant::now(), 0, 0.0, 0),
+        loss_log: vec![],
+        batch_size: a.batch_size as usize,
+    };
     let outcome = trainer::run(req, &mut obs).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     if let Some(b) = &obs.bar {
         b.finish_and_clear();

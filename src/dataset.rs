@@ -204,10 +204,7 @@ fn parse_csv(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, 
             continue;
         }
         let text = record.get(text_idx).unwrap_or("").to_string();
-        let label = label_idx
-            .and_then(|i| record.get(i))
-            .filter(|l| !l.is_empty())
-            .map(|l| LabelValue::One(l.to_string()));
+        let label = label_idx.and_then(|i| record.get(i)).filter(|l| !l.is_empty()).map(|l| LabelValue::One(l.to_string()));
         rows.push((line, Row { text, label }));
     }
     Ok(rows)

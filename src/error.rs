@@ -120,7 +120,8 @@ pub fn is_database_unreachable(e: &sqlx::Error) -> bool {
 
 fn database_unavailable(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "the database cannot be reached");
-    let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database cannot be reached; nothing was stored: retry");
+    let mut err =
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database cannot be reached; nothing was stored: retry");
     err.retry_after = Some(5);
     err
 }

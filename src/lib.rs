@@ -2,14 +2,12 @@
 
 /// HTTP handlers, one router per resource.
 pub mod api;
-/// Space held back in the data dir for recording how jobs end on a full disk.
-pub mod reserve;
 /// The `bench-serve` load generator.
 pub mod bench;
-/// The offline `train` command.
-pub mod cli;
 /// Every model the service knows: the models dir and trained models.
 pub mod catalog;
+/// The offline `train` command.
+pub mod cli;
 /// Thread pools for training and inference.
 pub mod compute;
 /// Command-line and environment options.
@@ -26,15 +24,17 @@ pub mod hub;
 pub mod model;
 /// Datasets, checkpoints and models in an object store (`--object-store`).
 pub mod objects;
+/// Space held back in the data dir for recording how jobs end on a full disk.
+pub mod reserve;
 /// Loaded models and inference for predict.
 pub mod serve;
 /// Building and running the server.
 pub mod startup;
 /// All SQL.
 pub mod store;
-/// Job webhooks: signed POSTs on state changes, delivered from a durable outbox.
-pub mod webhooks;
 /// Logging set-up.
 pub mod telemetry;
 /// Fine-tuning: trainer, data, optimiser, metrics and the job worker.
 pub mod train;
+/// Job webhooks: signed POSTs on state changes, delivered from a durable outbox.
+pub mod webhooks;

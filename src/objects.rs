@@ -56,7 +56,8 @@ impl Objects {
                 // minutes of retries.
                 opts.push(("timeout".into(), "30s".into()));
                 opts.push(("connect_timeout".into(), "5s".into()));
-                let (store, prefix) = object_store::parse_url_opts(&url, opts).map_err(|e| anyhow::anyhow!("--object-store {raw:?}: {e}"))?;
+                let (store, prefix) =
+                    object_store::parse_url_opts(&url, opts).map_err(|e| anyhow::anyhow!("--object-store {raw:?}: {e}"))?;
                 Some((Arc::from(store), prefix))
             }
         };
@@ -82,7 +83,8 @@ impl Objects {
     pub async fn put_last(&self, rel: &str, last: Option<&str>) -> Result<(), ObjectError> {
         let Some((store, prefix)) = &self.store else { return Ok(()) };
         let local = self.data_dir.join(rel);
-        let mut files = tokio::task::spawn_blocking(move || files_under(&local)).await.map_err(|e| err(rel, e))?.map_err(|e| err(rel, e))?;
+        let mut files =
+            tokio::task::spawn_blocking(move || files_under(&local)).await.map_err(|e| err(rel, e))?.map_err(|e| err(rel, e))?;
         files.sort_by_key(|(_, sub)| Some(sub.as_str()) == last);
         for (file, sub) in files {
             let data = tokio::fs::read(&file).await.map_err(|e| err(format!("reading {}", file.display()), e))?;
@@ -108,14 +110,22 @@ impl Objects {
         let result = async {
             if listed.is_empty() {
                 // A single object (a dataset file), not a directory.
-                let data = store.get(&key).await.map_err(|e| err(format!("reading {key}"), e))?.bytes().await.map_err(|e| err(format!("reading {key}"), e))?;
+                let data = store
+                    .get(&key)
+                    .await
+                    .map_err(|e| err(format!("reading {key}"), e))?
+                    .bytes()
+                    .await
+                    .map_err(|e| err(format!("reading {key}"), e))?;
                 return tokio::fs::write(&tmp, data).await.map_err(|e| err(format!("writing {}", tmp.display()), e));
             }
             for meta in listed {
                 let sub = meta.location.prefix_match(&key).map(|parts| parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"));
                 let Some(sub) = sub.filter(|s| !s.is_empty()) else { continue };
                 let dest = tmp.join(&sub);
-                tokio::fs::create_dir_all(dest.parent().expect("under tmp")).await.map_err(|e| err(format!("creating {}", dest.display()), e))?;
+                tokio::fs::create_dir_all(dest.parent().expect("under tmp"))
+                    .await
+                    .map_err(|e| err(format!("creating {}", dest.display()), e))?;
                 let data = store.get(&meta.location).await.map_err(|e| err(format!("reading {}", meta.location), e))?;
                 let data = data.bytes().await.map_err(|e| err(format!("reading {}", meta.location), e))?;
                 tokio::fs::write(&dest, data).await.map_err(|e| err(format!("writing {}", dest.display()), e))?;
@@ -167,7 +177,6 @@ impl Objects {
             }
         }
     }
-
 }
 
 /// Every file under `path` with its path relative to `path` (`""` when `path` is a file).

@@ -110,7 +110,9 @@ impl Application {
             // there for this: freed, the server starts, serves reads and answers writes 503.
             Err(e) if crate::reserve::release(&config.data_dir) => {
                 tracing::warn!(error = %format!("{e:#}"), "opening the database failed; retrying with the reserve freed");
-                store::connect(&config.data_dir, config.database_url.as_deref()).await.with_context(|| format!("cannot open the database in the data dir {dir}"))?
+                store::connect(&config.data_dir, config.database_url.as_deref())
+                    .await
+                    .with_context(|| format!("cannot open the database in the data dir {dir}"))?
             }
             Err(e) => {
                 let free = crate::reserve::free_bytes(&config.data_dir).map_or(String::new(), |b| format!(" ({} KiB free)", b >> 10));
@@ -124,7 +126,9 @@ impl Application {
         let worker_devices = config.worker_devices();
         let worker_ids: Vec<String> = match worker_devices.len() {
             1 => vec![worker_name.clone()],
-            _ => worker_devices.iter().enumerate().map(|(i, d)| format!("{worker_name}/{i}-{}", d.as_deref().unwrap_or("default"))).collect(),
+            _ => {
+                worker_devices.iter().enumerate().map(|(i, d)| format!("{worker_name}/{i}-{}", d.as_deref().unwrap_or("default"))).collect()
+            }
         };
         // This process's own jobs, interrupted when it stopped, are taken back at once; other
         // workers' jobs are theirs until their leases run out.
@@ -132,7 +136,8 @@ impl Application {
             for me in &worker_ids {
                 for id in jobs::requeue_running(&pool, me).await? {
                     tracing::warn!(job_id = %id, "job was running when the server stopped; queued again");
-                    jobs::add_event(&pool, &id, "warning", "message", "the server stopped while this job ran; it was queued again", None).await?;
+                    jobs::add_event(&pool, &id, "warning", "message", "the server stopped while this job ran; it was queued again", None)
+                        .await?;
                 }
             }
         }
@@ -143,7 +148,8 @@ impl Application {
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone(), objects));
         let queue = JobQueue::default();
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
-        let mut predictor = Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
+        let mut predictor =
+            Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
         predictor.weights = asked.effective(&device);
         predictor.limits.rejoin_wait = std::time::Duration::from_millis(config.batch_rejoin_wait_ms);
         if predictor.weights != asked {
@@ -174,7 +180,8 @@ impl Application {
             }
         }
         let shutdown = CancellationToken::new();
-        let state = AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };
+        let state =
+            AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };
         Ok(Self { addr, listener, state, workers, shutdown })
     }
 
@@ -196,7 +203,8 @@ impl Application {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         tracing::info!("listening on http://{}", self.addr);
         let shutdown = self.shutdown.clone();
-        let worker = tokio::spawn(futures::future::join_all(self.workers.into_iter().map(move |w| run_worker_until_stopped(w, shutdown.clone()))));
+        let worker =
+            tokio::spawn(futures::future::join_all(self.workers.into_iter().map(move |w| run_worker_until_stopped(w, shutdown.clone()))));
         let secret = self.state.config.webhook_secret.clone();
         let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(self.state.pool.clone(), secret, self.shutdown.clone()));
         let app = api::router(self.state.clone());
@@ -214,7 +222,9 @@ impl Application {
             _ = deadline => tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway"),
         }
         if tokio::time::timeout(SHUTDOWN_GRACE, worker).await.is_err() {
-            tracing::warn!("the running job did not stop within {SHUTDOWN_GRACE:?}; it resumes from its newest checkpoint at the next start");
+            tracing::warn!(
+                "the running job did not stop within {SHUTDOWN_GRACE:?}; it resumes from its newest checkpoint at the next start"
+            );
             return Ok(());
         }
         let _ = webhooks.await;

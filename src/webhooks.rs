@@ -2,10 +2,10 @@
 //! HMAC-SHA256 of the body (`--webhook-secret`), retried with exponential backoff. Delivery
 //! runs on its own task from the durable outbox: a failing receiver never affects the job.
 
+use crate::store::Pool;
 use crate::store::{jobs, webhooks};
 use hmac::{Hmac, Mac};
 use serde_json::json;
-use crate::store::Pool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -25,8 +25,7 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 
 /// Whether `url` can be a webhook: absolute http(s), at most 2048 characters.
 pub fn valid_url(url: &str) -> bool {
-    url.len() <= 2048
-        && reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+    url.len() <= 2048 && reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
 }
 
 fn now_ms() -> i64 {

@@ -156,7 +156,8 @@ async fn stop_and_resume(kind: Kind) {
         assert_eq!(done["status"], "succeeded", "{done}");
         let events: Value = client.get(format!("{job_url}/events?limit=1000")).send().await.unwrap().json().await.unwrap();
         let messages: Vec<&str> = events["data"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
-        let resumed = messages.iter().find(|m| m.starts_with("resumed from the checkpoint at step")).unwrap_or_else(|| panic!("{messages:?}"));
+        let resumed =
+            messages.iter().find(|m| m.starts_with("resumed from the checkpoint at step")).unwrap_or_else(|| panic!("{messages:?}"));
         // The stop saved a checkpoint of its own, at the step it stopped after (not a multiple of 7 by luck alone).
         assert!(messages.iter().any(|m| m.starts_with("server stopping")), "{messages:?}");
         let step: u64 = resumed.split_whitespace().nth(6).unwrap().parse().unwrap();
@@ -205,7 +206,8 @@ async fn kill_9_mid_upload_leaves_no_dataset_and_no_file_behind() {
     let addr = url.trim_start_matches("http://").to_string();
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     let total = 64usize << 20;
-    write!(conn, "POST /v1/datasets HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {total}\r\n\r\n").unwrap();
+    write!(conn, "POST /v1/datasets HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nContent-Length: {total}\r\n\r\n")
+        .unwrap();
     let line = b"{\"text\": \"a line of a big upload\", \"label\": \"pos\"}\n";
     let chunk: Vec<u8> = line.iter().copied().cycle().take(1 << 20).collect();
     for _ in 0..8 {
@@ -224,7 +226,13 @@ async fn kill_9_mid_upload_leaves_no_dataset_and_no_file_behind() {
     let files: Vec<_> = std::fs::read_dir(data.join("datasets")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(files.is_empty(), "{files:?}");
     // The server works: the same upload, sent whole, is stored.
-    let r = client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(8)).send().await.unwrap();
+    let r = client
+        .post(format!("{url}/v1/datasets"))
+        .header("content-type", "application/x-ndjson")
+        .body(common::toy_jsonl(8))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
 }
 

@@ -22,7 +22,13 @@ async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards
     let (_worker, _) = start_with(&data, &models, &["--role", "worker", "--poll-interval-ms", "100", &db]);
     // A client that gives up after a minute: a request that hangs fails the test.
     let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
-    let r = client.post(format!("{api}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(64)).send().await.unwrap();
+    let r = client
+        .post(format!("{api}/v1/datasets"))
+        .header("content-type", "application/x-ndjson")
+        .body(common::toy_jsonl(64))
+        .send()
+        .await
+        .unwrap();
     let ds: Value = r.json().await.unwrap();
     let hp = json!({"epochs": 40, "batch_size": 4, "learning_rate": 1e-3, "seed": 7});
     let mut jobs = Vec::new();
@@ -55,7 +61,8 @@ async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards
     pg.run("resume");
 
     for job_url in &jobs {
-        let done = wait_for(&client, job_url, 300, |j| ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))).await;
+        let done =
+            wait_for(&client, job_url, 300, |j| ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))).await;
         assert_eq!(done["status"], "succeeded", "{done}");
     }
     // Nothing stored before the outage was lost, and no upload refused during it was half-kept.

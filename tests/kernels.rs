@@ -26,7 +26,12 @@ fn fused_layer_norm_matches_composed_ops_and_their_gradients() {
         let mean = x.mean_keepdim(D::Minus1).unwrap();
         let c = x.broadcast_sub(&mean).unwrap();
         let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        c.broadcast_div(&(var + 1e-12).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w.as_tensor()).unwrap().broadcast_add(b.as_tensor()).unwrap()
+        c.broadcast_div(&(var + 1e-12).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap()
     };
     assert!(max_diff(&fused, &composed) < 1e-4);
     let gf = (fused * &upstream).unwrap().sum_all().unwrap().backward().unwrap();

@@ -54,9 +54,15 @@ impl Observer for Losses {
 }
 
 fn run(start: Start, dir: &std::path::Path) -> Vec<f64> {
-    let hp = HyperparametersInput { epochs: Some(8), batch_size: Some(16), learning_rate: Some(3e-3), warmup_ratio: Some(0.0), ..Default::default() }
-        .resolve("cls")
-        .unwrap();
+    let hp = HyperparametersInput {
+        epochs: Some(8),
+        batch_size: Some(16),
+        learning_rate: Some(3e-3),
+        warmup_ratio: Some(0.0),
+        ..Default::default()
+    }
+    .resolve("cls")
+    .unwrap();
     let req = MlmRequest {
         start,
         train_rows: toy_rows(160),
@@ -95,7 +101,13 @@ fn mlm_loss_falls_on_a_tiny_corpus_and_the_result_fine_tunes_as_a_base() {
 fn from_scratch_pretraining_lowers_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let base = write_tiny_model(dir.path(), "tiny");
-    let spec = ScratchSpec { num_hidden_layers: 1, hidden_size: 16, num_attention_heads: 2, intermediate_size: None, max_position_embeddings: Some(64) };
+    let spec = ScratchSpec {
+        num_hidden_layers: 1,
+        hidden_size: 16,
+        num_attention_heads: 2,
+        intermediate_size: None,
+        max_position_embeddings: Some(64),
+    };
     let losses = run(Start::Scratch { spec, tokenizer_dir: base }, dir.path());
     assert!(losses[8] < losses[0] * 0.85 && losses[8] < losses[1], "{losses:?}");
 }

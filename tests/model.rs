@@ -99,7 +99,11 @@ fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std
     .resolve("cls")
     .unwrap();
     let out = dir.join("out");
-    let req = TrainRequest { out_dir: Some(out.clone()), precision, ..TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu) };
+    let req = TrainRequest {
+        out_dir: Some(out.clone()),
+        precision,
+        ..TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu)
+    };
     let mut obs = Collect { epochs: vec![] };
     match trainer::run(req, &mut obs).unwrap() {
         Outcome::Finished(done) => assert_eq!(done.labels, vec!["neg", "pos"]),
@@ -144,7 +148,8 @@ fn saved_model_loads_back_with_identical_logits_and_hugging_face_names() {
     let params = Params::for_classifier(&cfg, &weights, 3, &mut rng, &Device::Cpu).unwrap();
     let mut model = Classifier::load(&|n| params.detached(n), &cfg, Pooling::Cls).unwrap();
     let (batch, _) = toy_batch();
-    let training_layout: Vec<Vec<f32>> = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval).unwrap().to_vec2().unwrap();
+    let training_layout: Vec<Vec<f32>> =
+        model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval).unwrap().to_vec2().unwrap();
     // Served models keep their weights [in, out] (a different gemm summation order), so the
     // bit-exact comparison is with the same model prepared the same way.
     model.prepare_for_inference(false).unwrap();

@@ -97,7 +97,14 @@ async fn processes_sharing_only_postgres_and_an_object_store_train_resume_and_se
     // The worker running it dies; the other, whose disk never saw the job, takes it over from
     // the checkpoint in the store.
     let events: Value = client.get(format!("{job_url}/events?limit=1000")).send().await.unwrap().json().await.unwrap();
-    let started = events["data"].as_array().unwrap().iter().filter_map(|e| e["message"].as_str()).find(|m| m.starts_with("job started on worker ")).unwrap().to_string();
+    let started = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .find(|m| m.starts_with("job started on worker "))
+        .unwrap()
+        .to_string();
     let pid: u32 = started.rsplit('-').next().unwrap().parse().unwrap();
     let mut victim = workers.remove(workers.iter().position(|w| w.id() == pid).expect("the job's worker"));
     victim.kill().unwrap();
@@ -120,7 +127,12 @@ async fn processes_sharing_only_postgres_and_an_object_store_train_resume_and_se
     let mut answers = vec![];
     for api in [&a, &b] {
         assert!(!Path::new(&d.root.path().join(if api == &a { "api-a" } else { "api-b" }).join("models/shared")).exists());
-        let r = client.post(format!("{api}/v1/models/shared/predict")).json(&json!({"inputs": ["good lovely", "awful dull"]})).send().await.unwrap();
+        let r = client
+            .post(format!("{api}/v1/models/shared/predict"))
+            .json(&json!({"inputs": ["good lovely", "awful dull"]}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         answers.push(r.json::<Value>().await.unwrap()["predictions"].clone());
     }
@@ -143,7 +155,13 @@ async fn an_object_store_that_refuses_writes_gets_a_503_and_keeps_nothing_half_w
     let (_a, a) = d.process("api", "api", &[]);
     upload(&client, &a).await;
     d.s3.run("stop");
-    let r = client.post(format!("{a}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(8)).send().await.unwrap();
+    let r = client
+        .post(format!("{a}/v1/datasets"))
+        .header("content-type", "application/x-ndjson")
+        .body(common::toy_jsonl(8))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     let body: Value = r.json().await.unwrap();

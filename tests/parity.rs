@@ -26,9 +26,7 @@ fn python() -> Option<PathBuf> {
         candidates.push(Path::new(&home).join("refbench-venv/bin/python"));
     }
     candidates.push("python3".into());
-    candidates.into_iter().find(|p| {
-        Command::new(p).args(["-c", "import torch, transformers"]).output().is_ok_and(|o| o.status.success())
-    })
+    candidates.into_iter().find(|p| Command::new(p).args(["-c", "import torch, transformers"]).output().is_ok_and(|o| o.status.success()))
 }
 
 fn script() -> PathBuf {
@@ -82,9 +80,15 @@ fn a_model_trained_here_gives_the_same_logits_in_transformers() {
         let bytes = std::fs::read(common::shared().join(format!("datasets/tiny/{split}.jsonl"))).unwrap();
         finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows
     };
-    let hp = HyperparametersInput { epochs: Some(1), batch_size: Some(16), max_seq_len: Some(64), pooling: Some("cls".into()), ..Default::default() }
-        .resolve("cls")
-        .unwrap();
+    let hp = HyperparametersInput {
+        epochs: Some(1),
+        batch_size: Some(16),
+        max_seq_len: Some(64),
+        pooling: Some("cls".into()),
+        ..Default::default()
+    }
+    .resolve("cls")
+    .unwrap();
     let out = dir.path().join("trained");
     let mut req = TrainRequest::new(base, rows("train"), Some(rows("validation")), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
@@ -128,9 +132,20 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     let base = common::shared().join("models/all-minilm-l6-v2");
     let bytes = std::fs::read(common::shared().join("datasets/tiny/train.jsonl")).unwrap();
     let rows = finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows;
-    let hp = HyperparametersInput { epochs: Some(1), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
+    let hp =
+        HyperparametersInput { epochs: Some(1), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
     let out = dir.path().join("mlm");
-    let req = MlmRequest { start: Start::Checkpoint(base), train_rows: rows, validation_rows: None, hp, device: Device::Cpu, out_dir: Some(out.clone()), mask_prob: 0.15, checkpoints: None, precision: finetuned::train::precision::Precision::F32 };
+    let req = MlmRequest {
+        start: Start::Checkpoint(base),
+        train_rows: rows,
+        validation_rows: None,
+        hp,
+        device: Device::Cpu,
+        out_dir: Some(out.clone()),
+        mask_prob: 0.15,
+        checkpoints: None,
+        precision: finetuned::train::precision::Precision::F32,
+    };
     mlm::run(req, &mut Quiet).unwrap();
 
     let text = "the movie was a [MASK] surprise.";

@@ -58,7 +58,8 @@ async fn thirty_jobs_sent_to_two_api_processes_each_run_once_on_one_of_three_wor
     assert!(workers_seen.len() >= 2, "all jobs ran on one worker: {workers_seen:?}");
     // A model trained by one worker answers on both API processes, with the same scores.
     for i in [0, 29] {
-        let ask = |api: &str| client.post(format!("{api}/v1/models/m{i}/predict")).json(&json!({"inputs": ["good lovely", "awful dull"]})).send();
+        let ask =
+            |api: &str| client.post(format!("{api}/v1/models/m{i}/predict")).json(&json!({"inputs": ["good lovely", "awful dull"]})).send();
         let (ra, rb) = (ask(&a).await.unwrap(), ask(&b).await.unwrap());
         assert_eq!((ra.status(), rb.status()), (reqwest::StatusCode::OK, reqwest::StatusCode::OK));
         let (pa, pb): (Value, Value) = (ra.json().await.unwrap(), rb.json().await.unwrap());
@@ -76,7 +77,9 @@ async fn a_job_whose_worker_is_killed_is_resumed_by_another_once_the_lease_runs_
     let submit = |url: String| {
         let client = client.clone();
         async move {
-            let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(64))).await;
+            let ds =
+                post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(64)))
+                    .await;
             let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3, "seed": 7});
             let body = json!({"base_model": "tiny", "training_dataset": ds["id"], "model_name": "resumed", "hyperparameters": hp});
             let job = post(client.post(format!("{url}/v1/jobs")).json(&body)).await;
@@ -131,9 +134,13 @@ async fn a_cancel_sent_to_an_api_process_stops_the_job_on_a_worker_process() {
     assert_eq!(client.get(format!("{worker_url}/readyz")).send().await.unwrap().status(), 200);
     assert_eq!(client.get(format!("{worker_url}/v1/jobs")).send().await.unwrap().status(), 404);
     // Long enough (~6,400 steps) that a cancel not seen would leave it training for many seconds.
-    let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(256))).await;
+    let ds =
+        post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(256))).await;
     let hp = json!({"epochs": 100, "batch_size": 4});
-    let job = post(client.post(format!("{url}/v1/jobs")).json(&json!({"base_model": "tiny", "training_dataset": ds["id"], "hyperparameters": hp}))).await;
+    let job = post(
+        client.post(format!("{url}/v1/jobs")).json(&json!({"base_model": "tiny", "training_dataset": ds["id"], "hyperparameters": hp})),
+    )
+    .await;
     let job_url = format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap());
     wait_for(&client, &job_url, 60, |j| j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)).await;
     post(client.post(format!("{job_url}/cancel"))).await;
@@ -163,11 +170,15 @@ async fn one_process_with_two_devices_runs_two_workers_that_train_jobs_at_the_sa
     let client = reqwest::Client::new();
     // Two CPU "devices" stand in for cuda:0,cuda:1: a worker each, with a name each.
     let (_server, url) = role(&data, &models, "all", &["--devices", "cpu,cpu"]);
-    let ds = post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(256))).await;
+    let ds =
+        post(client.post(format!("{url}/v1/datasets")).header("content-type", "application/x-ndjson").body(common::toy_jsonl(256))).await;
     let hp = json!({"epochs": 100, "batch_size": 4});
     let mut urls = vec![];
     for _ in 0..2 {
-        let job = post(client.post(format!("{url}/v1/jobs")).json(&json!({"base_model": "tiny", "training_dataset": ds["id"], "hyperparameters": hp}))).await;
+        let job = post(
+            client.post(format!("{url}/v1/jobs")).json(&json!({"base_model": "tiny", "training_dataset": ds["id"], "hyperparameters": hp})),
+        )
+        .await;
         urls.push(format!("{url}/v1/jobs/{}", job["id"].as_str().unwrap()));
     }
     let mut done = vec![];

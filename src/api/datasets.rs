@@ -14,9 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/datasets", get(list).post(upload))
-        .route("/v1/datasets/{id}", get(get_one).delete(delete))
+    Router::new().route("/v1/datasets", get(list).post(upload)).route("/v1/datasets/{id}", get(get_one).delete(delete))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,9 +136,7 @@ async fn read_upload(headers: &HeaderMap, req: Request, state: &AppState) -> Api
         return Err(ApiError::bad_request("multipart body has no part named \"file\"").param("file"));
     }
     let Some(format) = format_of(ct.as_deref(), None) else {
-        return Err(ApiError::bad_request(
-            "Content-Type must be application/x-ndjson, application/jsonl, text/csv or multipart/form-data",
-        ));
+        return Err(ApiError::bad_request("Content-Type must be application/x-ndjson, application/jsonl, text/csv or multipart/form-data"));
     };
     let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
     Ok(Upload { bytes, format, filename: None })

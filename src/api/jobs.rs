@@ -51,10 +51,7 @@ const TASKS: &[&str] = &["classification", "multi_label_classification", "mlm"];
 fn check_model_name(name: &str) -> ApiResult<()> {
     let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
-        return Err(ApiError::invalid(
-            "model_name",
-            "model_name must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'",
-        ));
+        return Err(ApiError::invalid("model_name", "model_name must be 1 to 64 characters of A-Z a-z 0-9 . _ - and not start with '.'"));
     }
     Ok(())
 }
@@ -274,11 +271,18 @@ struct EventsQuery {
 fn event_seq(after: Option<&str>) -> ApiResult<i64> {
     match after {
         None => Ok(0),
-        Some(a) => a.strip_prefix("ev_").and_then(|n| n.parse().ok()).ok_or_else(|| ApiError::invalid("after", "after must be an event id (ev_…)")),
+        Some(a) => {
+            a.strip_prefix("ev_").and_then(|n| n.parse().ok()).ok_or_else(|| ApiError::invalid("after", "after must be an event id (ev_…)"))
+        }
     }
 }
 
-async fn events(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap, ApiQuery(q): ApiQuery<EventsQuery>) -> ApiResult<Response> {
+async fn events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> ApiResult<Response> {
     jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
     let limit = check_limit(q.limit, 100, 1000)?;
     let after = event_seq(q.after.as_deref())?;
@@ -340,7 +344,10 @@ async fn checkpoints(State(state): State<AppState>, Path(id): Path<String>) -> A
     let data: Vec<Value> = found
         .iter()
         .map(|(path, m)| {
-            let best = m.best.as_ref().map(|b| json!({"epoch": b.epoch, "loss": b.loss, "accuracy": b.report.accuracy, "macro_f1": b.report.macro_f1}));
+            let best = m
+                .best
+                .as_ref()
+                .map(|b| json!({"epoch": b.epoch, "loss": b.loss, "accuracy": b.report.accuracy, "macro_f1": b.report.macro_f1}));
             json!({"object": "job.checkpoint", "id": path.file_name().map(|n| n.to_string_lossy().to_string()), "job": id,
                    "step": m.step, "epoch": m.epoch, "created_at": m.created_at,
                    "metrics": {"epoch_train_loss": m.epoch_train_loss(), "best_validation": best}})

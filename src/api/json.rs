@@ -50,9 +50,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         if !is_json(req.headers()) {
             return Err(ApiError::bad_request("expected Content-Type: application/json"));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::from_status(e.status(), e.body_text())
-        })?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
         parse_json(&bytes, "").map(ApiJson)
     }
 }

@@ -12,6 +12,7 @@ use crate::catalog::Catalog;
 use crate::config::ServeConfig;
 use crate::error::ApiError;
 use crate::serve::Predictor;
+use crate::store::Pool;
 use crate::train::worker::JobQueue;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -19,7 +20,6 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use crate::store::Pool;
 use std::sync::Arc;
 use std::time::Instant;
 use tower_http::trace::TraceLayer;
@@ -81,11 +81,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn envelope_errors(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let status = resp.status();
-    let is_json = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+    let is_json = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return resp;
     }

@@ -58,7 +58,10 @@ impl Threshold {
             }
         };
         match values.iter().find(|(_, v)| !(0.0..=1.0).contains(v)) {
-            Some((k, _)) => Err(ApiError::invalid(if *k == "threshold" { "threshold".into() } else { format!("threshold.{k}") }, "a threshold must be from 0 to 1")),
+            Some((k, _)) => Err(ApiError::invalid(
+                if *k == "threshold" { "threshold".into() } else { format!("threshold.{k}") },
+                "a threshold must be from 0 to 1",
+            )),
             None => Ok(()),
         }
     }
@@ -126,7 +129,8 @@ impl PredictRequest {
 /// Parses and checks a predict body as the route does before it looks at the model: the
 /// request, or the 4xx error the route would answer. (The fuzz target drives this.)
 pub fn check_body(body: &[u8], max_inputs: usize) -> ApiResult<CheckedRequest> {
-    let req: PredictRequest = serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not a valid predict request: {e}")))?;
+    let req: PredictRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not a valid predict request: {e}")))?;
     req.check(max_inputs)
 }
 
@@ -163,9 +167,7 @@ async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(
         let chosen: Vec<Vec<&str>> = scored
             .scores
             .iter()
-            .map(|row| {
-                scored.labels.iter().zip(row).filter(|(l, &s)| s as f64 >= t.of(l)).map(|(l, _)| l.as_str()).collect()
-            })
+            .map(|row| scored.labels.iter().zip(row).filter(|(l, &s)| s as f64 >= t.of(l)).map(|(l, _)| l.as_str()).collect())
             .collect();
         body["labels"] = json!(chosen);
     }

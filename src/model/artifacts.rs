@@ -89,8 +89,8 @@ fn sentence_pooling(dir: &Path) -> Option<String> {
 
 /// All tensors of a checkpoint as f32 on `device`, names without the `bert.` prefix.
 pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
-    let raw = candle_core::safetensors::load(dir.join(WEIGHTS), device)
-        .with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))?;
+    let raw =
+        candle_core::safetensors::load(dir.join(WEIGHTS), device).with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))?;
     raw.into_iter()
         .map(|(name, t)| {
             let name = name.strip_prefix("bert.").map(String::from).unwrap_or(name);
@@ -111,12 +111,7 @@ pub fn hf_name(name: &str) -> String {
 
 /// Writes a complete model directory to `dest`: built in a sibling temp dir, synced, then
 /// renamed into place so that a crash never leaves half a model behind.
-pub fn write_model_dir(
-    dest: &Path,
-    config: &BertConfig,
-    tensors: &HashMap<String, Tensor>,
-    tokenizer_dir: &Path,
-) -> anyhow::Result<()> {
+pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> anyhow::Result<()> {
     let parent = dest.parent().context("model path has no parent")?;
     std::fs::create_dir_all(parent)?;
     let name = dest.file_name().context("model path has no name")?.to_string_lossy();
@@ -124,8 +119,7 @@ pub fn write_model_dir(
     std::fs::create_dir_all(&tmp)?;
     let result = (|| -> anyhow::Result<()> {
         std::fs::write(tmp.join(CONFIG), serde_json::to_vec_pretty(config)?)?;
-        let named: Vec<(String, Tensor)> =
-            tensors.iter().map(|(n, t)| Ok((hf_name(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
+        let named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((hf_name(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
         safetensors::serialize_to_file(named, metadata, &tmp.join(WEIGHTS))?;
         std::fs::copy(tokenizer_dir.join(TOKENIZER), tmp.join(TOKENIZER))?;

@@ -58,9 +58,9 @@ impl Attention {
     fn draw_keep(&self, d: Dims) -> Vec<u8> {
         let keep_below = self.keep_below;
         let mut keep = vec![0u8; d.b * d.nh * d.s * d.s];
-        keep.par_chunks_mut(d.s * d.s).enumerate().for_each(|(task, out)| {
-            keep_flags(out, self.seed, (task * d.s * d.s) as u64, keep_below)
-        });
+        keep.par_chunks_mut(d.s * d.s)
+            .enumerate()
+            .for_each(|(task, out)| keep_flags(out, self.seed, (task * d.s * d.s) as u64, keep_below));
         keep
     }
 
@@ -190,18 +190,50 @@ fn fwd_task(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: Option<&[u8]>, 
     unsafe {
         // p = scale · Q_h · K_hᵀ; Kᵀ element (dd, j) is k[j·h + hi·hd + dd].
         gemm::gemm(
-            s, s, hd, p.as_mut_ptr(), 1, s as isize, false,
-            q.as_ptr().add(hi * hd), 1, h as isize, k.as_ptr().add(hi * hd), h as isize, 1,
-            0.0, 1.0 / (hd as f32).sqrt(), false, false, false, none,
+            s,
+            s,
+            hd,
+            p.as_mut_ptr(),
+            1,
+            s as isize,
+            false,
+            q.as_ptr().add(hi * hd),
+            1,
+            h as isize,
+            k.as_ptr().add(hi * hd),
+            h as isize,
+            1,
+            0.0,
+            1.0 / (hd as f32).sqrt(),
+            false,
+            false,
+            false,
+            none,
         );
     }
     softmax_rows(&mut p, bias, keep, factor);
     // SAFETY: as above.
     unsafe {
         gemm::gemm(
-            s, hd, s, out.as_mut_ptr(), 1, hd as isize, false,
-            p.as_ptr(), 1, s as isize, v.as_ptr().add(hi * hd), 1, h as isize,
-            0.0, 1.0, false, false, false, none,
+            s,
+            hd,
+            s,
+            out.as_mut_ptr(),
+            1,
+            hd as isize,
+            false,
+            p.as_ptr(),
+            1,
+            s as isize,
+            v.as_ptr().add(hi * hd),
+            1,
+            h as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            none,
         );
     }
 }
@@ -250,7 +282,15 @@ impl CustomOp3 for Attention {
         "fused-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let d = self.dims(l1.shape())?;
         let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
@@ -270,7 +310,14 @@ impl CustomOp3 for Attention {
         Ok((CpuStorage::F32(scatter(&blocks, d)), l1.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.shape())?;
         let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
         let (q, kv, vv, g) = (vec(q)?, vec(k)?, vec(v)?, vec(grad)?);

@@ -1,7 +1,7 @@
 //! Our BERT encoder: Hugging Face tensor names, differentiable in training mode.
 
-use super::config::BertConfig;
 use super::attention::attention;
+use super::config::BertConfig;
 use super::layers::{attention_bias, softmax_last, LayerNorm, Linear, Mode};
 use candle_core::{DType, Result, Tensor};
 

@@ -114,10 +114,7 @@ impl BertConfig {
     /// Labels by id from `id2label`, if the config has them.
     pub fn id2label(&self) -> Option<Vec<String>> {
         let map = self.extra.get("id2label")?.as_object()?;
-        let mut pairs: Vec<(usize, String)> = map
-            .iter()
-            .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
-            .collect();
+        let mut pairs: Vec<(usize, String)> = map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
         pairs.sort();
         let ordered = pairs.iter().enumerate().all(|(i, (k, _))| i == *k);
         (ordered && !pairs.is_empty()).then(|| pairs.into_iter().map(|(_, v)| v).collect())
@@ -130,10 +127,8 @@ impl BertConfig {
 
     /// Sets the fields that make this a `BertForSequenceClassification` config.
     pub fn set_classifier(&mut self, labels: &[String], problem_type: &str, pooling: &str) {
-        let id2label: Map<String, Value> =
-            labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
-        let label2id: Map<String, Value> =
-            labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
+        let id2label: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
+        let label2id: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
         self.extra.insert("architectures".into(), Value::from(vec!["BertForSequenceClassification"]));
         self.extra.insert("id2label".into(), Value::Object(id2label));
         self.extra.insert("label2id".into(), Value::Object(label2id));

@@ -107,13 +107,29 @@ fn dropout_t<T: Elem>(x: &CudaStorage, l: &Layout, keep_below: u32, scale: f32, 
 }
 
 /// LayerNorm over the last dimension with weight `w` and bias `b` (`[hidden]`, `x`'s dtype).
-pub fn layer_norm_fwd(x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, b: &CudaStorage, lb: &Layout, eps: f32) -> Result<CudaStorage> {
+pub fn layer_norm_fwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    b: &CudaStorage,
+    lb: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
     by_dtype!("layer-norm", x.dtype(), layer_norm_t(false, x, lx, w, lw, b, lb, eps))
 }
 
 /// LayerNorm's backward pass from `x`, `w` and the output's gradient `g`: `[2·rows, hidden]`,
 /// the input's gradient then `g·x̂`.
-pub fn layer_norm_bwd(x: &CudaStorage, lx: &Layout, w: &CudaStorage, lw: &Layout, g: &CudaStorage, lg: &Layout, eps: f32) -> Result<CudaStorage> {
+pub fn layer_norm_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    w: &CudaStorage,
+    lw: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    eps: f32,
+) -> Result<CudaStorage> {
     by_dtype!("layer-norm-grad", x.dtype(), layer_norm_t(true, x, lx, w, lw, g, lg, eps))
 }
 
@@ -158,11 +174,22 @@ pub fn bias_gelu_fwd(x: &CudaStorage, l: &Layout, bias: Option<(&CudaStorage, &L
 }
 
 /// The gradient of [`bias_gelu_fwd`] with respect to `x`: `g · gelu'(x + bias)`.
-pub fn bias_gelu_bwd(x: &CudaStorage, lx: &Layout, bias: Option<(&CudaStorage, &Layout)>, g: &CudaStorage, lg: &Layout) -> Result<CudaStorage> {
+pub fn bias_gelu_bwd(
+    x: &CudaStorage,
+    lx: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
+    g: &CudaStorage,
+    lg: &Layout,
+) -> Result<CudaStorage> {
     by_dtype!("bias-gelu-grad", x.dtype(), bias_gelu_t(x, lx, bias, Some((g, lg))))
 }
 
-fn bias_gelu_t<T: Elem>(x: &CudaStorage, lx: &Layout, bias: Option<(&CudaStorage, &Layout)>, grad: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
+fn bias_gelu_t<T: Elem>(
+    x: &CudaStorage,
+    lx: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
+    grad: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
     let op = if grad.is_some() { "bias-gelu-grad" } else { "bias-gelu" };
     let dev = x.device();
     let xs = view::<T>(op, "input", x, lx)?;
@@ -208,7 +235,14 @@ fn drop_args(dropout: Option<(u32, f32, u64)>) -> (u32, u32, f32, u64) {
 /// `softmax_j(scale·s_ij + bias_j)` over scores `[batch, heads, seq, seq]` with an f32 key bias
 /// `[batch, seq]`, then, with `dropout = (keep_below, scale, seed)`, inverted dropout with the
 /// bits of element `row·seq + j`.
-pub fn masked_softmax_fwd(s: &CudaStorage, ls: &Layout, bias: &CudaStorage, lb: &Layout, scale: f32, dropout: Option<(u32, f32, u64)>) -> Result<CudaStorage> {
+pub fn masked_softmax_fwd(
+    s: &CudaStorage,
+    ls: &Layout,
+    bias: &CudaStorage,
+    lb: &Layout,
+    scale: f32,
+    dropout: Option<(u32, f32, u64)>,
+) -> Result<CudaStorage> {
     by_dtype!("masked-softmax", s.dtype(), masked_softmax_t(s, ls, bias, lb, scale, dropout))
 }
 
@@ -249,7 +283,14 @@ fn masked_softmax_t<T: Elem>(
 /// The scores' gradient from the probabilities before dropout `p` and the output's gradient
 /// `g` (rows over the last dimension): `scale · p ⊙ (g' − Σ_k p_k g'_k)`, `g'` being `g` under
 /// the same dropout as the forward pass.
-pub fn masked_softmax_bwd(p: &CudaStorage, lp: &Layout, g: &CudaStorage, lg: &Layout, scale: f32, dropout: Option<(u32, f32, u64)>) -> Result<CudaStorage> {
+pub fn masked_softmax_bwd(
+    p: &CudaStorage,
+    lp: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    scale: f32,
+    dropout: Option<(u32, f32, u64)>,
+) -> Result<CudaStorage> {
     by_dtype!("masked-softmax-grad", p.dtype(), masked_softmax_grad_t(p, lp, g, lg, scale, dropout))
 }
 
@@ -285,11 +326,27 @@ fn masked_softmax_grad_t<T: Elem>(
 
 /// AdamW's moments, in place on f32 `[2, n]` (m then v), from the gradient `g` (`[n]`, f32, bf16
 /// or f16) times `grad_scale`.
-pub fn adamw_moments(mv: &mut CudaStorage, lmv: &Layout, g: &CudaStorage, lg: &Layout, grad_scale: f32, beta1: f32, beta2: f32) -> Result<()> {
+pub fn adamw_moments(
+    mv: &mut CudaStorage,
+    lmv: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    grad_scale: f32,
+    beta1: f32,
+    beta2: f32,
+) -> Result<()> {
     by_dtype!("adamw-moments", g.dtype(), adamw_moments_t(mv, lmv, g, lg, grad_scale, beta1, beta2))
 }
 
-fn adamw_moments_t<T: Elem>(mv: &mut CudaStorage, lmv: &Layout, g: &CudaStorage, lg: &Layout, grad_scale: f32, beta1: f32, beta2: f32) -> Result<()> {
+fn adamw_moments_t<T: Elem>(
+    mv: &mut CudaStorage,
+    lmv: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    grad_scale: f32,
+    beta1: f32,
+    beta2: f32,
+) -> Result<()> {
     const OP: &str = "adamw-moments";
     let dev = mv.device().clone();
     let gs = view::<T>(OP, "gradient", g, lg)?;
@@ -311,7 +368,17 @@ fn adamw_moments_t<T: Elem>(mv: &mut CudaStorage, lmv: &Layout, g: &CudaStorage,
 /// AdamW's step, in place on an f32 parameter `[n]`, from its f32 moments `[2, n]`:
 /// `p·(1 − lr·decay) − lr/bc1 · m / (sqrt(v/bc2) + eps)`.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_apply(p: &mut CudaStorage, lp: &Layout, mv: &CudaStorage, lmv: &Layout, lr: f32, decay: f32, bc1: f32, bc2: f32, eps: f32) -> Result<()> {
+pub fn adamw_apply(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    mv: &CudaStorage,
+    lmv: &Layout,
+    lr: f32,
+    decay: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+) -> Result<()> {
     const OP: &str = "adamw-apply";
     let dev = p.device().clone();
     let mvs = view::<f32>(OP, "moments", mv, lmv)?;
@@ -347,6 +414,7 @@ fn view_mut<'a>(op: &str, what: &str, s: &'a mut CudaStorage, l: &Layout) -> Res
 /// context, which candle's device 0 holds; `None` when the driver cannot say.
 pub fn memory_used_mib() -> Option<u64> {
     let has_current = driver::result::ctx::get_current().ok().flatten().is_some();
-    let (free, total) = if has_current { driver::result::mem_get_info().ok()? } else { driver::CudaContext::new(0).ok()?.mem_get_info().ok()? };
+    let (free, total) =
+        if has_current { driver::result::mem_get_info().ok()? } else { driver::CudaContext::new(0).ok()?.mem_get_info().ok()? };
     Some((total.saturating_sub(free) >> 20) as u64)
 }

@@ -8,7 +8,6 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-
 fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (st, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
@@ -36,9 +35,25 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32],
     // in the layouts the callers below pass, dst is m×n.
     unsafe {
         gemm::gemm(
-            m, n, k, dst.as_mut_ptr(), 1, n as isize, read,
-            lhs.0.as_ptr(), lhs.1, lhs.2, rhs.0.as_ptr(), rhs.1, rhs.2,
-            if read { 1.0 } else { 0.0 }, 1.0, false, false, false, par,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read,
+            lhs.0.as_ptr(),
+            lhs.1,
+            lhs.2,
+            rhs.0.as_ptr(),
+            rhs.1,
+            rhs.2,
+            if read { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
         )
     }
 }
@@ -51,7 +66,15 @@ impl CustomOp3 for LinearOp {
         "fused-linear"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let (m, k) = l1.shape().dims2()?;
         let n = b.len();
@@ -62,7 +85,14 @@ impl CustomOp3 for LinearOp {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
         let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
@@ -73,11 +103,7 @@ impl CustomOp3 for LinearOp {
             Ok::<_, candle_core::Error>(column_sums(g, n))
         })??;
         let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, (m, k), dev)?),
-            Some(Tensor::from_vec(dw, (n, k), dev)?),
-            Some(Tensor::from_vec(db, n, dev)?),
-        ))
+        Ok((Some(Tensor::from_vec(dx, (m, k), dev)?), Some(Tensor::from_vec(dw, (n, k), dev)?), Some(Tensor::from_vec(db, n, dev)?)))
     }
 }
 
@@ -101,9 +127,25 @@ fn input_grad(m: usize, k: usize, n: usize, dx: &mut [f32], g: &[f32], w: &[f32]
             // (n×k, row stride k), writes part (m×k): all in bounds.
             unsafe {
                 gemm::gemm(
-                    m, k, c1 - c0, part.as_mut_ptr(), 1, k as isize, false,
-                    g.as_ptr().add(c0), 1, n as isize, w.as_ptr().add(c0 * k), 1, k as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    m,
+                    k,
+                    c1 - c0,
+                    part.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    false,
+                    g.as_ptr().add(c0),
+                    1,
+                    n as isize,
+                    w.as_ptr().add(c0 * k),
+                    1,
+                    k as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
                 )
             }
             part
@@ -141,7 +183,15 @@ impl CustomOp3 for LinearInOut {
         "linear-in-out"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let (m, k) = l1.shape().dims2()?;
         let n = b.len();
@@ -164,9 +214,25 @@ impl CustomOp3 for LinearInOut {
                 // reads rows of x (m×k) and columns c0..c1 of w (k×n): all in bounds.
                 unsafe {
                     gemm::gemm(
-                        m, c1 - c0, k, out.at(c0), 1, n as isize, true,
-                        x.as_ptr(), 1, k as isize, w.as_ptr().add(c0), 1, n as isize,
-                        1.0, 1.0, false, false, false, gemm::Parallelism::None,
+                        m,
+                        c1 - c0,
+                        k,
+                        out.at(c0),
+                        1,
+                        n as isize,
+                        true,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        w.as_ptr().add(c0),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
                     )
                 }
                 if self.gelu {

@@ -3,7 +3,6 @@
 pub mod artifacts;
 pub mod attention;
 pub mod bert;
-pub mod packed;
 pub mod classifier;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -14,6 +13,7 @@ pub mod kernels;
 pub mod layers;
 pub mod linear;
 pub mod mlm;
+pub mod packed;
 pub mod params;
 pub mod predictor;
 pub mod rng;

@@ -127,7 +127,16 @@ impl Packed {
         let run = |tile: usize, (r0, r): (usize, usize), (pf, pf_stride): (*const u8, usize)| {
             let c0 = tile * TILE;
             let w = self.data[tile * 2 * self.steps * LANES..].as_ptr();
-            let job = Tile { w, steps: self.steps, b: self.bias[c0..].as_ptr(), y: out.at(r0 * n + c0), ys: n, cols: (n - c0).min(TILE), pf, pf_stride };
+            let job = Tile {
+                w,
+                steps: self.steps,
+                b: self.bias[c0..].as_ptr(),
+                y: out.at(r0 * n + c0),
+                ys: n,
+                cols: (n - c0).min(TILE),
+                pf,
+                pf_stride,
+            };
             // SAFETY: the CPU has the kernel's features (asserted above). The kernel reads
             // rows r0..r0+r of the input (each `stride` long), two 16-column panels of
             // `data` and 32 of `bias` (both padded to whole tiles), and writes `cols`
@@ -282,7 +291,13 @@ unsafe fn prefetch(t: Tile, k: usize) {
 unsafe fn store<const R: usize>(acc: &[[std::arch::x86_64::__m512; 2]; R], t: Tile) {
     use std::arch::x86_64::*;
     let (b0, b1) = (_mm512_loadu_ps(t.b), _mm512_loadu_ps(t.b.add(LANES)));
-    let mask = |n: usize| -> __mmask16 { if n >= LANES { 0xffff } else { (1u16 << n) - 1 } };
+    let mask = |n: usize| -> __mmask16 {
+        if n >= LANES {
+            0xffff
+        } else {
+            (1u16 << n) - 1
+        }
+    };
     let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(LANES)));
     for (r, acc) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(t.y.add(r * t.ys), m0, _mm512_add_ps(acc[0], b0));

@@ -113,10 +113,7 @@ impl Params {
     }
 
     fn get(&self, name: &str) -> Result<&Var> {
-        self.index
-            .get(name)
-            .map(|&i| &self.vars[i])
-            .ok_or_else(|| candle_core::Error::Msg(format!("no parameter named {name}")))
+        self.index.get(name).map(|&i| &self.vars[i]).ok_or_else(|| candle_core::Error::Msg(format!("no parameter named {name}")))
     }
 
     /// A deep copy of every parameter (for keeping the best epoch).

@@ -116,7 +116,11 @@ impl LoadedClassifier {
         let all_bf16 = weights_as.effective(device) == Weights::Bf16 && !device.is_cpu();
         let get = |n: &str| {
             let t = weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))?;
-            if all_bf16 { t.to_dtype(candle_core::DType::BF16) } else { Ok(t) }
+            if all_bf16 {
+                t.to_dtype(candle_core::DType::BF16)
+            } else {
+                Ok(t)
+            }
         };
         let mut model = Classifier::load(&get, &info.config, pooling).context("building the model")?;
         model.prepare_for_inference(weights_as.effective(device) == Weights::Bf16)?;

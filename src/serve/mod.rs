@@ -3,8 +3,8 @@
 
 pub mod batcher;
 
-use batcher::{BatchLimits, Batcher, Timings};
 use crate::model::predictor::{LoadedClassifier, Overflow, TooLong, Weights};
+use batcher::{BatchLimits, Batcher, Timings};
 use candle_core::Device;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -159,7 +159,8 @@ impl Predictor {
                     .map_err(|e| PredictError::Load(e.to_string()))?
                     .map(Arc::new)
                     .map_err(|e| PredictError::Load(format!("{e:#}")))?;
-                let batcher = Batcher::spawn(model.clone(), &name, limits, self.threads.clone()).map_err(|e| PredictError::Load(e.to_string()))?;
+                let batcher =
+                    Batcher::spawn(model.clone(), &name, limits, self.threads.clone()).map_err(|e| PredictError::Load(e.to_string()))?;
                 Ok::<_, PredictError>(Arc::new(Loaded { model, batcher }))
             })
             .await;
@@ -174,7 +175,14 @@ impl Predictor {
     /// Scores `texts` with model `id` at `path`: probabilities, or raw logits when `raw`.
     /// With [`Overflow::Chunk`], a long text's score is the mean over its windows (of the
     /// probabilities, or of the logits when `raw`).
-    pub async fn predict(&self, id: &str, path: PathBuf, texts: Vec<String>, overflow: Overflow, raw: bool) -> Result<Scored, PredictError> {
+    pub async fn predict(
+        &self,
+        id: &str,
+        path: PathBuf,
+        texts: Vec<String>,
+        overflow: Overflow,
+        raw: bool,
+    ) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
         let loaded = self.model(id, path).await?;
         let model = loaded.model.clone();

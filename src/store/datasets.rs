@@ -1,7 +1,7 @@
 //! The `datasets` table.
 
-use serde::Serialize;
 use super::Pool;
+use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use std::collections::BTreeMap;

@@ -1,8 +1,8 @@
 //! The `jobs` table and its events and metrics.
 
+use super::Pool;
 use serde::Serialize;
 use serde_json::Value;
-use super::Pool;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -81,8 +81,12 @@ pub enum InsertOutcome {
 /// Queues a job in one statement that also checks its datasets still exist and that no
 /// model or active job already has its `model_name`.
 pub async fn insert(tx: &mut crate::store::Tx, j: &NewJob<'_>) -> sqlx::Result<InsertOutcome> {
-    let keys = [Some(format!("dataset:{}", j.training_dataset)), j.validation_dataset.map(|d| format!("dataset:{d}")),
-        j.model_name.map(|m| format!("model:{m}")), Some(format!("model:{}", j.base_model))];
+    let keys = [
+        Some(format!("dataset:{}", j.training_dataset)),
+        j.validation_dataset.map(|d| format!("dataset:{d}")),
+        j.model_name.map(|m| format!("model:{m}")),
+        Some(format!("model:{}", j.base_model)),
+    ];
     tx.lock(&keys.iter().flatten().map(String::as_str).collect::<Vec<_>>()).await?;
     let done = sqlx::query(
         r#"insert into jobs (id, task, status, base_model, training_dataset, validation_dataset, model_name,
@@ -120,8 +124,7 @@ pub async fn insert(tx: &mut crate::store::Tx, j: &NewJob<'_>) -> sqlx::Result<I
 }
 
 pub async fn get(pool: &Pool, id: &str) -> sqlx::Result<Option<JobRecord>> {
-    let j: Option<JobRecord> =
-        sqlx::query_as(&format!("select {COLUMNS} from jobs where id = $1")).bind(id).fetch_optional(pool).await?;
+    let j: Option<JobRecord> = sqlx::query_as(&format!("select {COLUMNS} from jobs where id = $1")).bind(id).fetch_optional(pool).await?;
     Ok(j)
 }
 
@@ -274,13 +277,11 @@ pub async fn leased_ids(pool: &Pool) -> sqlx::Result<Vec<String>> {
 /// Marks a queued or running job cancelled, with its closing event. False when it had already ended.
 pub async fn cancel(pool: &Pool, id: &str) -> sqlx::Result<bool> {
     let mut tx = crate::store::Tx::begin(pool).await?;
-    let done = sqlx::query(
-        "update jobs set status = 'cancelled', finished_at = $1 where id = $2 and status in ('queued', 'running')",
-    )
-    .bind(super::now())
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
+    let done = sqlx::query("update jobs set status = 'cancelled', finished_at = $1 where id = $2 and status in ('queued', 'running')")
+        .bind(super::now())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     if done.rows_affected() != 1 {
         tx.rollback().await?;
         return Ok(false);
@@ -400,15 +401,17 @@ pub async fn events(pool: &Pool, job: &str, after: i64, limit: i64) -> sqlx::Res
 }
 
 pub async fn add_train_metric(pool: &Pool, job: &str, step: i64, epoch: i64, loss: f64, lr: f64) -> sqlx::Result<()> {
-    sqlx::query("insert into train_metrics (job_id, step, epoch, loss, learning_rate) values ($1, $2, $3, $4, $5) \
-         on conflict (job_id, step) do update set epoch = excluded.epoch, loss = excluded.loss, learning_rate = excluded.learning_rate")
-        .bind(job)
-        .bind(step)
-        .bind(epoch)
-        .bind(loss)
-        .bind(lr)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "insert into train_metrics (job_id, step, epoch, loss, learning_rate) values ($1, $2, $3, $4, $5) \
+         on conflict (job_id, step) do update set epoch = excluded.epoch, loss = excluded.loss, learning_rate = excluded.learning_rate",
+    )
+    .bind(job)
+    .bind(step)
+    .bind(epoch)
+    .bind(loss)
+    .bind(lr)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -448,10 +451,8 @@ pub async fn metrics(pool: &Pool, job: &str) -> sqlx::Result<(Vec<(i64, i64, f64
         .bind(job)
         .fetch_all(pool)
         .await?;
-    let val: Vec<String> = sqlx::query_scalar("select data from validation_metrics where job_id = $1 order by epoch")
-        .bind(job)
-        .fetch_all(pool)
-        .await?;
+    let val: Vec<String> =
+        sqlx::query_scalar("select data from validation_metrics where job_id = $1 order by epoch").bind(job).fetch_all(pool).await?;
     Ok((train, val.iter().filter_map(|s| serde_json::from_str(s).ok()).collect()))
 }
 

@@ -41,7 +41,9 @@ pub async fn connect(data_dir: &Path, database_url: Option<&str>) -> anyhow::Res
         .after_connect(|conn, _| {
             Box::pin(async move {
                 // What SqliteConnectOptions would set: WAL, a 10 s wait on a lock, foreign keys.
-                for pragma in ["pragma busy_timeout = 10000", "pragma journal_mode = wal", "pragma synchronous = normal", "pragma foreign_keys = on"] {
+                for pragma in
+                    ["pragma busy_timeout = 10000", "pragma journal_mode = wal", "pragma synchronous = normal", "pragma foreign_keys = on"]
+                {
                     conn.execute(pragma).await?;
                 }
                 Ok(())

@@ -1,7 +1,7 @@
 //! The `models` table: models made by jobs.
 
-use serde_json::Value;
 use super::Pool;
+use serde_json::Value;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 

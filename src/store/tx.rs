@@ -5,8 +5,8 @@
 //! reader and holds the write lock. sqlx's `Transaction` returns the connection to the pool after
 //! a failed commit; `Tx` closes it instead, so its uncommitted work is rolled back with it.
 
-use sqlx::pool::PoolConnection;
 use super::Pool;
+use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection};
 use std::ops::{Deref, DerefMut};
 

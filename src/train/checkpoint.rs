@@ -103,7 +103,8 @@ pub fn save(
     let tmp = plan.dir.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&tmp)?;
     let result = (|| -> anyhow::Result<()> {
-        let weights: HashMap<String, Tensor> = params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_detached_tensor())).collect();
+        let weights: HashMap<String, Tensor> =
+            params.names.iter().cloned().zip(params.vars.iter().map(|v| v.as_detached_tensor())).collect();
         candle_core::safetensors::save(&weights, tmp.join(PARAMS))?;
         let state = opt.export()?;
         let mut moments = HashMap::new();
@@ -155,7 +156,10 @@ pub fn save_and_report(
             if let Some(Mirror(mirror)) = &plan.mirror {
                 let kept: Vec<PathBuf> = list(&plan.dir).into_iter().map(|(p, _)| p).collect();
                 if let Err(e) = mirror(&saved, &kept) {
-                    obs.on_event(Event::Warning(format!("the checkpoint at step {} could not be copied to the object store: {e}", meta.step)));
+                    obs.on_event(Event::Warning(format!(
+                        "the checkpoint at step {} could not be copied to the object store: {e}",
+                        meta.step
+                    )));
                 }
             }
         }
@@ -185,7 +189,13 @@ pub fn latest(dir: &Path) -> Option<(PathBuf, CheckpointMeta)> {
 
 /// Loads a checkpoint into `params` and `opt` (checked whole before anything is changed) and
 /// returns the best epoch's weights when it has them.
-pub fn load(path: &Path, meta: &CheckpointMeta, params: &Params, opt: &mut AdamW, device: &Device) -> anyhow::Result<Option<HashMap<String, Tensor>>> {
+pub fn load(
+    path: &Path,
+    meta: &CheckpointMeta,
+    params: &Params,
+    opt: &mut AdamW,
+    device: &Device,
+) -> anyhow::Result<Option<HashMap<String, Tensor>>> {
     let weights = candle_core::safetensors::load(path.join(PARAMS), device)?;
     let mut moments = candle_core::safetensors::load(path.join(OPTIM), device)?;
     for (n, v) in params.names.iter().zip(&params.vars) {

@@ -22,8 +22,7 @@ impl Example {
 
 /// Sorted label names of the training and validation rows.
 pub fn label_set(train: &[Row], validation: &[Row]) -> Vec<String> {
-    let mut set: Vec<String> =
-        train.iter().chain(validation).flat_map(|r| r.labels()).map(String::from).collect();
+    let mut set: Vec<String> = train.iter().chain(validation).flat_map(|r| r.labels()).map(String::from).collect();
     set.sort();
     set.dedup();
     set

@@ -3,9 +3,9 @@
 
 use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
 use super::data::batch_order;
-use super::precision::{LossScaler, Precision};
 use super::hyper::Hyperparameters;
 use super::optim::{linear_schedule, AdamW};
+use super::precision::{LossScaler, Precision};
 use super::trainer::{Event, Observer, Outcome, StepInfo, TrainError};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
@@ -81,7 +81,14 @@ fn make_batch(masked: &[Masked], pad: u32, device: &Device) -> candle_core::Resu
     let rows: Vec<u32> = masked.iter().enumerate().flat_map(|(i, m)| m.positions.iter().map(move |&p| (i * s + p) as u32)).collect();
     let labels: Vec<u32> = masked.iter().flat_map(|m| m.labels.iter().copied()).collect();
     let count = rows.len();
-    Ok(Batch { ids: b.ids, type_ids: b.type_ids, mask: b.mask, rows: Tensor::new(rows, device)?, labels: Tensor::new(labels, device)?, count })
+    Ok(Batch {
+        ids: b.ids,
+        type_ids: b.type_ids,
+        mask: b.mask,
+        rows: Tensor::new(rows, device)?,
+        labels: Tensor::new(labels, device)?,
+        count,
+    })
 }
 
 /// Mean loss over every masked token of `data` (masked once, by `seed`, so that every
@@ -159,7 +166,11 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
     obs.on_event(Event::Message(format!(
         "masked-LM training on {} texts, {} held out; {} steps ({} warmup); {} parameters",
-        train.len(), val.len(), total_steps, warmup, params.count()
+        train.len(),
+        val.len(),
+        total_steps,
+        warmup,
+        params.count()
     )));
     let model_train = MaskedLm::load(&|n| params.tracked(n), &cfg)?;
     let mut scaler = LossScaler::new(req.precision);
@@ -209,9 +220,21 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         let started = Instant::now();
         for chunk in order.iter().skip(done) {
             let position = || CheckpointMeta {
-                step, epoch, batches_done: done, loss_sum, seen: batches, real_tokens: 0, padded_tokens: 0,
-                rng_word_pos: rng.get_word_pos().to_string(), optimizer_step: 0, since_best: 0, best: None,
-                num_parameters: params.count(), created_at: crate::store::now(), mlm_before: Some(before), mlm_last: last.clone(),
+                step,
+                epoch,
+                batches_done: done,
+                loss_sum,
+                seen: batches,
+                real_tokens: 0,
+                padded_tokens: 0,
+                rng_word_pos: rng.get_word_pos().to_string(),
+                optimizer_step: 0,
+                since_best: 0,
+                best: None,
+                num_parameters: params.count(),
+                created_at: crate::store::now(),
+                mlm_before: Some(before),
+                mlm_last: last.clone(),
             };
             if obs.should_stop() {
                 if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
@@ -224,7 +247,8 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
                 saved_at = step;
             }
             done += 1;
-            let masked: Vec<Masked> = chunk.iter().map(|&i| mask_tokens(&train[i], &special, mask_id, vocab, req.mask_prob, &mut rng)).collect();
+            let masked: Vec<Masked> =
+                chunk.iter().map(|&i| mask_tokens(&train[i], &special, mask_id, vocab, req.mask_prob, &mut rng)).collect();
             let b = make_batch(&masked, pad, &req.device)?;
             if b.count == 0 {
                 continue;

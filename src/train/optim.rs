@@ -7,9 +7,9 @@
 //! same (`model::device_ops::AdamWMoments`, `AdamWApply`), and the gradient norm costs one
 //! device-to-host read per step, not one per parameter.
 
+use crate::model::device_ops::{AdamWApply, AdamWMoments};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
-use crate::model::device_ops::{AdamWApply, AdamWMoments};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -50,9 +50,7 @@ pub struct AdamW {
 
 fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     match s {
-        Storage::Cpu(CpuStorage::F32(v)) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()])
-        }
+        Storage::Cpu(CpuStorage::F32(v)) if l.is_contiguous() => Ok(&v[l.start_offset()..l.start_offset() + l.shape().elem_count()]),
         _ => candle_core::bail!("expected a contiguous f32 CPU tensor"),
     }
 }
@@ -123,15 +121,7 @@ impl candle_core::InplaceOp1 for FusedStep<'_> {
 impl AdamW {
     /// PyTorch defaults (β 0.9/0.999, ε 1e-8); `decay[i]` says whether parameter i gets weight decay.
     pub fn new(decay: Vec<bool>, weight_decay: f64) -> Self {
-        Self {
-            moments: (0..decay.len()).map(|_| None).collect(),
-            decay,
-            step: 0,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-        }
+        Self { moments: (0..decay.len()).map(|_| None).collect(), decay, step: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
     /// Clips gradients to global L2 norm `max_norm` and applies one update at `lr`.

@@ -6,8 +6,8 @@ use super::data::{epoch_batches, label_set, stratified_split, Example};
 use super::hyper::Hyperparameters;
 use super::metrics::ClassificationReport;
 use super::objective::{balanced_weights, prior_log_odds, Task};
-use super::precision::{LossScaler, Precision};
 use super::optim::{linear_schedule, AdamW};
+use super::precision::{LossScaler, Precision};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::layers::Mode;
@@ -16,8 +16,8 @@ use crate::model::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
 use crate::model::{BertConfig, Classifier, Pooling};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
-use serde::Deserialize;
 use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,7 +46,20 @@ pub struct TrainRequest {
 impl TrainRequest {
     /// A request with the usual defaults (clipping at 1.0, evaluation batches of 64).
     pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
-        Self { base_dir, train_rows, validation_rows, hp, test_rows: None, device, out_dir: None, max_grad_norm: 1.0, eval_batch_size: 64, task: Task::SingleLabel, checkpoints: None, precision: Precision::F32 }
+        Self {
+            base_dir,
+            train_rows,
+            validation_rows,
+            hp,
+            test_rows: None,
+            device,
+            out_dir: None,
+            max_grad_norm: 1.0,
+            eval_batch_size: 64,
+            task: Task::SingleLabel,
+            checkpoints: None,
+            precision: Precision::F32,
+        }
     }
 }
 
@@ -153,7 +166,10 @@ pub enum Outcome {
     /// The model was written (when asked); see [`Finished`].
     Finished(Box<Finished>),
     /// A pre-training run wrote its base model: held-out loss before, and after the last epoch.
-    Pretrained { before: f64, last: super::mlm::MlmReport },
+    Pretrained {
+        before: f64,
+        last: super::mlm::MlmReport,
+    },
     Cancelled,
 }
 
@@ -250,8 +266,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let mut cfg: BertConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
-    let params = Params::for_classifier(&cfg, &weights, labels.len(), &mut rng, &req.device)
-        .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let params =
+        Params::for_classifier(&cfg, &weights, labels.len(), &mut rng, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     drop(weights);
     let load_seconds = t_load.elapsed().as_secs_f64();
     let t_tok = Instant::now();
@@ -272,11 +288,25 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
     obs.on_event(Event::Message(format!(
         "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters; pooling {}",
-        train.len(), val.len(), labels.len(), total_steps, warmup, params.count(), pooling.as_str()
+        train.len(),
+        val.len(),
+        labels.len(),
+        total_steps,
+        warmup,
+        params.count(),
+        pooling.as_str()
     )));
     let mut stats = RunStats {
-        load_seconds, tokenize_seconds, train_seconds: 0.0, n_train: train.len(), n_validation: val.len(),
-        num_parameters: params.count(), steps_per_epoch, total_steps, warmup_steps: warmup, epochs: vec![],
+        load_seconds,
+        tokenize_seconds,
+        train_seconds: 0.0,
+        n_train: train.len(),
+        n_validation: val.len(),
+        num_parameters: params.count(),
+        steps_per_epoch,
+        total_steps,
+        warmup_steps: warmup,
+        epochs: vec![],
     };
     let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
     let mut opt = AdamW::new(decay.clone(), hp.weight_decay);
@@ -320,10 +350,21 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         for batch_idx in batches.into_iter().skip(done) {
             // Everything a checkpoint taken now must hold to continue from this batch.
             let position = |best: &Option<(EpochReport, _)>| CheckpointMeta {
-                step, epoch, batches_done: done, loss_sum, seen, real_tokens: real, padded_tokens: padded,
-                rng_word_pos: rng.get_word_pos().to_string(), optimizer_step: 0, since_best,
-                best: best.as_ref().map(|(b, _)| b.clone()), num_parameters: params.count(), created_at: crate::store::now(),
-                mlm_before: None, mlm_last: None,
+                step,
+                epoch,
+                batches_done: done,
+                loss_sum,
+                seen,
+                real_tokens: real,
+                padded_tokens: padded,
+                rng_word_pos: rng.get_word_pos().to_string(),
+                optimizer_step: 0,
+                since_best,
+                best: best.as_ref().map(|(b, _)| b.clone()),
+                num_parameters: params.count(),
+                created_at: crate::store::now(),
+                mlm_before: None,
+                mlm_last: None,
             };
             if obs.should_stop() {
                 if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
@@ -383,7 +424,12 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             }
             let rate = rate_of(&window, started);
             obs.on_event(Event::Step(StepInfo {
-                epoch, step, total_steps, loss: loss_value, learning_rate: lr, examples_per_second: rate,
+                epoch,
+                step,
+                total_steps,
+                loss: loss_value,
+                learning_rate: lr,
+                examples_per_second: rate,
             }));
         }
         let train_seconds = started.elapsed().as_secs_f64();
@@ -393,8 +439,16 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         let t_eval = Instant::now();
         let (val_loss, report) = task.evaluate(&model_eval, &val, &labels, pad, req.eval_batch_size, &req.device)?;
         stats.epochs.push(EpochStats {
-            epoch, train_seconds, train_cpu_seconds, examples_per_s: seen as f64 / train_seconds.max(1e-9), real_tokens: real, padded_tokens: padded,
-            train_loss, val_accuracy: report.accuracy, val_macro_f1: report.macro_f1, eval_seconds: t_eval.elapsed().as_secs_f64(),
+            epoch,
+            train_seconds,
+            train_cpu_seconds,
+            examples_per_s: seen as f64 / train_seconds.max(1e-9),
+            real_tokens: real,
+            padded_tokens: padded,
+            train_loss,
+            val_accuracy: report.accuracy,
+            val_macro_f1: report.macro_f1,
+            eval_seconds: t_eval.elapsed().as_secs_f64(),
             peak_gpu_mib: peak_gpu,
         });
         let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: labels.clone(), report, peak_gpu_mib: peak_gpu };
@@ -426,7 +480,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     };
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
-        write_model_dir(out, &cfg, &tensors, &req.base_dir).map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
+        write_model_dir(out, &cfg, &tensors, &req.base_dir)
+            .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
     Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))
@@ -445,7 +500,11 @@ fn rate_of(window: &std::collections::VecDeque<(Instant, usize)>, started: Insta
     let since = if window.len() > 1 { window.front().unwrap().0 } else { started };
     let first = if window.len() > 1 { window.front().unwrap().1 } else { 0 };
     let secs = window.back().map(|(t, _)| t.duration_since(since).as_secs_f64()).unwrap_or(0.0);
-    if secs > 0.0 { (examples - first) as f64 / secs } else { 0.0 }
+    if secs > 0.0 {
+        (examples - first) as f64 / secs
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]

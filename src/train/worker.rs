@@ -7,10 +7,10 @@ use super::objective::Task;
 use super::trainer::{self, Event, Observer, Outcome, TrainError, TrainRequest};
 use crate::catalog::Catalog;
 use crate::dataset::read_stored;
+use crate::store::Pool;
 use crate::store::{self, datasets, jobs, jobs::JobRecord, models};
 use candle_core::Device;
 use serde_json::{json, Value};
-use crate::store::Pool;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -126,7 +126,13 @@ pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: Cancellation
 /// Renews this worker's lease on `job` three times a lease period until `done` fires. A cancel
 /// recorded by any process, or the lease lost to another worker, raises `cancel` (the job stops
 /// before its next step); a loss also raises `lost`, so that nothing more is recorded for the job.
-fn keep_lease(ctx: &WorkerContext, job: &str, cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>, done: CancellationToken) -> tokio::task::JoinHandle<()> {
+fn keep_lease(
+    ctx: &WorkerContext,
+    job: &str,
+    cancel: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+    done: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let (pool, worker, job) = (ctx.pool.clone(), ctx.worker_id.clone(), job.to_string());
     let lease = ctx.lease;
     tokio::spawn(async move {
@@ -205,7 +211,8 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         Err(e) => {
             ctx.queue.cancel_flags.lock().unwrap().remove(&job.id);
             let message = e.to_string();
-            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
+            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) })
+                .await?;
             return Ok(());
         }
     };
@@ -233,7 +240,9 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         // Another worker runs the job now: what this run did is not recorded.
         return Ok(());
     }
-    let requeued = matches!(result, Ok(Ok(Outcome::Cancelled))) && shutdown.is_cancelled() && !jobs::get(pool, &job.id).await?.is_some_and(|j| j.status == "cancelled");
+    let requeued = matches!(result, Ok(Ok(Outcome::Cancelled)))
+        && shutdown.is_cancelled()
+        && !jobs::get(pool, &job.id).await?.is_some_and(|j| j.status == "cancelled");
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
             let trainer::Finished { best, labels, .. } = *done;
@@ -262,12 +271,16 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                 _ => format!("{e:#}"),
             };
             tracing::warn!(error = %message, "job failed");
-            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) }).await?;
+            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, e.code(), &message).await?) })
+                .await?;
         }
         Err(panic) => {
             let message = format!("training crashed: {panic}");
             tracing::error!(error = %message, "job panicked");
-            persist(ctx, shutdown, "recording the job's failure", || async { Ok(jobs::fail(pool, &job.id, "internal_error", &message).await?) }).await?;
+            persist(ctx, shutdown, "recording the job's failure", || async {
+                Ok(jobs::fail(pool, &job.id, "internal_error", &message).await?)
+            })
+            .await?;
         }
     }
     if !requeued {
@@ -392,7 +405,15 @@ where
     }
 }
 
-fn new_model(job: &JobRecord, id: &str, kind: &str, labels: Vec<String>, metrics: Value, pooling: Option<String>, max_len: usize) -> models::ModelRecord {
+fn new_model(
+    job: &JobRecord,
+    id: &str,
+    kind: &str,
+    labels: Vec<String>,
+    metrics: Value,
+    pooling: Option<String>,
+    max_len: usize,
+) -> models::ModelRecord {
     models::ModelRecord {
         id: id.to_string(),
         kind: kind.into(),
@@ -436,7 +457,11 @@ enum Work {
 
 /// Reads the job's datasets and resolves its base model and output path.
 /// Also returns the pooling the job trains with (`auto` resolved against the base model).
-async fn prepare(ctx: &WorkerContext, job: &JobRecord, mirror: Option<super::checkpoint::Mirror>) -> Result<(Work, String, String), TrainError> {
+async fn prepare(
+    ctx: &WorkerContext,
+    job: &JobRecord,
+    mirror: Option<super::checkpoint::Mirror>,
+) -> Result<(Work, String, String), TrainError> {
     let internal = |e: sqlx::Error| TrainError::Internal(e.into());
     let base = match ctx.catalog.resolve(&job.base_model).await.map_err(internal)? {
         Some(base) => base,
@@ -445,8 +470,7 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord, mirror: Option<super::che
     };
     let storage = |e: crate::objects::ObjectError| TrainError::Storage(e.to_string());
     ctx.catalog.fetch(&base).await.map_err(storage)?;
-    let mut hp: Hyperparameters =
-        serde_json::from_value(job.hyperparameters.clone()).map_err(|e| TrainError::Internal(e.into()))?;
+    let mut hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone()).map_err(|e| TrainError::Internal(e.into()))?;
     if hp.pooling == "auto" {
         hp.pooling = base.auto_pooling.clone();
     }
@@ -461,9 +485,7 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord, mirror: Option<super::che
         let rec = rec.ok_or_else(|| TrainError::InvalidData(format!("dataset {id} no longer exists")))?;
         ctx.catalog.objects.fetch(&rec.path).await.map_err(storage)?;
         let path = ctx.data_dir.join(&rec.path);
-        let data = tokio::task::spawn_blocking(move || read_stored(&path))
-            .await
-            .map_err(|e| TrainError::Internal(e.into()))??;
+        let data = tokio::task::spawn_blocking(move || read_stored(&path)).await.map_err(|e| TrainError::Internal(e.into()))??;
         rows.push(Some(data));
     }
     let model_id = job.model_name.clone().unwrap_or_else(|| format!("ft-{}", job.id.trim_start_matches("job_")));
@@ -484,7 +506,17 @@ async fn prepare(ctx: &WorkerContext, job: &JobRecord, mirror: Option<super::che
             }
             None => Start::Checkpoint(base.path),
         };
-        let req = MlmRequest { start, train_rows, validation_rows, hp, device: ctx.device.clone(), out_dir, mask_prob: 0.15, checkpoints, precision: ctx.precision };
+        let req = MlmRequest {
+            start,
+            train_rows,
+            validation_rows,
+            hp,
+            device: ctx.device.clone(),
+            out_dir,
+            mask_prob: 0.15,
+            checkpoints,
+            precision: ctx.precision,
+        };
         return Ok((Work::Pretrain(req), model_id, pooling));
     }
     let req = TrainRequest {

@@ -66,7 +66,14 @@ async fn wrong_content_type_and_oversized_bodies_get_the_envelope() {
 #[tokio::test]
 async fn unknown_ids_and_routes_give_404_in_the_envelope() {
     let app = spawn_app().await;
-    for path in ["/v1/datasets/ds_nope", "/v1/jobs/job_nope", "/v1/jobs/job_nope/events", "/v1/jobs/job_nope/metrics", "/v1/models/nope", "/v1/nothing"] {
+    for path in [
+        "/v1/datasets/ds_nope",
+        "/v1/jobs/job_nope",
+        "/v1/jobs/job_nope/events",
+        "/v1/jobs/job_nope/metrics",
+        "/v1/models/nope",
+        "/v1/nothing",
+    ] {
         assert_error(app.get(path).await, StatusCode::NOT_FOUND, "not_found").await;
     }
     let r = app.post_json("/v1/jobs/job_nope/cancel", &serde_json::json!({})).await;

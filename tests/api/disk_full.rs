@@ -73,8 +73,17 @@ async fn a_disk_that_fills_mid_job_fails_the_job_with_a_clear_error_and_loses_no
     assert!(done["error"]["message"].as_str().unwrap().contains("No space left"), "{done}");
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
     let filler2 = fill(&tmp.path().join("mnt"), "filler2");
-    assert_error(app.upload(crate::common::toy_jsonl(64), "application/x-ndjson").await, StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable").await;
-    let leftovers: Vec<_> = std::fs::read_dir(data.join("datasets")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp")).collect();
+    assert_error(
+        app.upload(crate::common::toy_jsonl(64), "application/x-ndjson").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_unavailable",
+    )
+    .await;
+    let leftovers: Vec<_> = std::fs::read_dir(data.join("datasets"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "the refused upload left {leftovers:?}");
 
     // After a restart with space again, the job is still failed and nothing else was lost.
@@ -133,7 +142,8 @@ async fn a_read_only_data_dir_at_start_up_is_refused_with_a_clear_error_and_left
             return;
         }
     };
-    let err = finetuned::startup::Application::build(ServeConfig::for_test(view.clone(), models.clone())).await.err().expect("start-up fails");
+    let err =
+        finetuned::startup::Application::build(ServeConfig::for_test(view.clone(), models.clone())).await.err().expect("start-up fails");
     let msg = format!("{err:#}");
     assert!(msg.contains("data dir") && msg.contains("Read-only file system"), "{msg}");
     drop(guard);
@@ -199,7 +209,8 @@ async fn a_data_dir_turned_read_only_mid_job_fails_the_job_with_a_clear_error() 
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
     drop(guard);
     // Writable again, the next job trains and its model serves.
-    let ok = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "rw", "hyperparameters": tiny_hp(1)})).await;
+    let ok =
+        app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "rw", "hyperparameters": tiny_hp(1)})).await;
     assert_eq!(app.wait_ended(ok["id"].as_str().unwrap(), 120).await["status"], "succeeded");
     assert_eq!(app.predict("rw", &json!({"inputs": "good"})).await.status(), StatusCode::OK);
 }
@@ -218,7 +229,12 @@ async fn a_server_started_on_a_full_disk_serves_reads_and_refuses_writes_with_50
     // Whether start-up had to free the reserve to open the database depends on whether the
     // last run left SQLite's -wal/-shm files behind; either way reads work and writes get 503.
     let filler2 = fill(&mnt, "filler2");
-    assert_error(app.upload(crate::common::toy_jsonl(64), "application/x-ndjson").await, StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable").await;
+    assert_error(
+        app.upload(crate::common::toy_jsonl(64), "application/x-ndjson").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_unavailable",
+    )
+    .await;
     app.stop().await;
 
     std::fs::remove_file(filler).unwrap();

@@ -40,7 +40,8 @@ async fn a_model_whose_files_are_missing_or_damaged_gets_409_on_predict_never_a_
     let app = spawn_app().await;
     let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
     for name in ["gone-file", "bad-file"] {
-        let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": tiny_hp(1)})).await;
+        let job =
+            app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": tiny_hp(1)})).await;
         assert_eq!(app.wait_ended(job["id"].as_str().unwrap(), 120).await["status"], "succeeded");
     }
     std::fs::remove_file(app.data_dir.join("models/gone-file/model.safetensors")).unwrap();
@@ -100,7 +101,8 @@ async fn many_uploads_job_creations_cancels_and_deletes_at_once_lose_and_duplica
     // Exactly one may win: a job that uses a deleted dataset, or a delete under a job, is a bug.
     let half = n / 2;
     let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3});
-    let bodies: Vec<Value> = ids[..half].iter().map(|ds| json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).collect();
+    let bodies: Vec<Value> =
+        ids[..half].iter().map(|ds| json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).collect();
     let creates = join_all(bodies.iter().map(|b| app.post_json("/v1/jobs", b)));
     let deletes = join_all(ids.iter().map(|ds| app.client.delete(app.url(&format!("/v1/datasets/{ds}"))).send()));
     let (creates, deletes) = tokio::join!(creates, deletes);
@@ -139,10 +141,12 @@ async fn many_uploads_job_creations_cancels_and_deletes_at_once_lose_and_duplica
     }
 
     let listed: Value = app.get("/v1/jobs?limit=100").await.json().await.unwrap();
-    let listed: std::collections::HashSet<String> = listed["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    let listed: std::collections::HashSet<String> =
+        listed["data"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(listed, jobs.iter().cloned().collect(), "jobs lost or duplicated");
     let listed: Value = app.get("/v1/datasets?limit=100").await.json().await.unwrap();
-    let listed: std::collections::HashSet<String> = listed["data"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
+    let listed: std::collections::HashSet<String> =
+        listed["data"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(listed, kept, "datasets lost or kept by mistake");
     // Once the jobs have ended their datasets can go.
     for ds in &kept {
@@ -192,7 +196,8 @@ async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts
 async fn a_model_that_a_queued_or_running_job_builds_on_cannot_be_deleted() {
     let app = spawn_app().await;
     let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
-    let first = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "base-a", "hyperparameters": tiny_hp(1)})).await;
+    let first =
+        app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "base-a", "hyperparameters": tiny_hp(1)})).await;
     assert_eq!(app.wait_ended(first["id"].as_str().unwrap(), 120).await["status"], "succeeded");
     let hp = json!({"epochs": 100, "batch_size": 4, "learning_rate": 1e-3});
     let next = app.create_job(&json!({"base_model": "base-a", "training_dataset": ds, "hyperparameters": hp})).await;

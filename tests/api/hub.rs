@@ -22,7 +22,11 @@ struct Hub {
 
 /// `GET /{owner}/{name}/resolve/{revision}/{file}` with the hub's headers: the commit, an
 /// ETag per file, and byte ranges (hf-hub reads the size from a `bytes=0-0` request).
-async fn resolve(State(hub): State<Hub>, UrlPath((owner, name, _rev, file)): UrlPath<(String, String, String, String)>, headers: HeaderMap) -> Response {
+async fn resolve(
+    State(hub): State<Hub>,
+    UrlPath((owner, name, _rev, file)): UrlPath<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
     hub.requests.fetch_add(1, Ordering::SeqCst);
     let Ok(bytes) = std::fs::read(hub.dir.join(&file)) else {
         return (StatusCode::NOT_FOUND, "Entry not found").into_response();

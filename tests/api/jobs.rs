@@ -39,7 +39,8 @@ async fn minilm_fine_tunes_on_tiny_serves_predictions_and_survives_a_restart() {
     assert_eq!(v["confusion_matrix"].as_array().unwrap().len(), 2);
     let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
     assert!(events["data"].as_array().unwrap().iter().any(|e| e["type"] == "metrics"));
-    let progress: Vec<&Value> = events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "message" && !e["data"]["step"].is_null()).collect();
+    let progress: Vec<&Value> =
+        events["data"].as_array().unwrap().iter().filter(|e| e["type"] == "message" && !e["data"]["step"].is_null()).collect();
     assert_eq!(progress.last().unwrap()["data"]["step"], 8, "a progress event at the last step: {events}");
 
     let model: Value = app.get("/v1/models/tiny-sentiment").await.json().await.unwrap();
@@ -117,7 +118,8 @@ async fn job_requests_are_checked_field_by_field() {
     assert_eq!(assert_error(r, StatusCode::NOT_FOUND, "not_found").await["param"], "base_model");
     let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": "ds_nope"})).await;
     assert_eq!(assert_error(r, StatusCode::NOT_FOUND, "not_found").await["param"], "training_dataset");
-    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": {"learning_rate": -1}})).await;
+    let r =
+        app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": {"learning_rate": -1}})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.learning_rate");
     let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": {"epoch": 2}})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.epoch");
@@ -171,7 +173,8 @@ async fn a_dataset_in_use_by_a_queued_job_cannot_be_deleted() {
 async fn a_job_running_at_shutdown_is_queued_again_and_finishes_after_restart() {
     let app = spawn_app().await;
     let ds = app.upload_ok(toy_jsonl(64)).await;
-    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "again", "hyperparameters": tiny_hp(30)})).await;
+    let job =
+        app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": "again", "hyperparameters": tiny_hp(30)})).await;
     let id = job["id"].as_str().unwrap().to_string();
     app.wait_job(&id, 60, |j| j["status"] == "running").await;
     let tmp = app.stop().await;

@@ -10,6 +10,6 @@ mod faults;
 mod hub;
 mod jobs;
 mod multilabel;
-mod pretrain;
 mod predict;
+mod pretrain;
 mod webhooks;

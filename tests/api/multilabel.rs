@@ -49,7 +49,8 @@ async fn multi_label_job_trains_and_predict_applies_thresholds() {
     let model: Value = app.get("/v1/models/ml").await.json().await.unwrap();
     assert_eq!(model["task"], "multi_label_classification");
 
-    let v: Value = app.predict("ml", &json!({"inputs": ["the film was great", "the plot was awful"], "threshold": 0.5})).await.json().await.unwrap();
+    let v: Value =
+        app.predict("ml", &json!({"inputs": ["the film was great", "the plot was awful"], "threshold": 0.5})).await.json().await.unwrap();
     assert_eq!(v["labels"][0], json!(["film", "pos"]), "{v}");
     assert_eq!(v["labels"][1], json!([]), "{v}");
     // Sigmoid scores are independent: they need not sum to 1.
@@ -59,6 +60,6 @@ async fn multi_label_job_trains_and_predict_applies_thresholds() {
     assert_eq!(per["labels"][0], json!(["pos"]), "film's own threshold of 1.0 drops it");
     let r = app.predict("ml", &json!({"inputs": "x", "threshold": {"nope": 0.5}})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "threshold.nope");
-    let r = app.predict("ml", &json!({"inputs": "x", "threshold": 2}) ).await;
+    let r = app.predict("ml", &json!({"inputs": "x", "threshold": 2})).await;
     assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
 }

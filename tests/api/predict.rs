@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 async fn trained(app: &TestApp, name: &str) {
     let ds = app.upload_ok(toy_jsonl(48)).await;
-    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": tiny_hp(10)})).await;
+    let job =
+        app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": tiny_hp(10)})).await;
     let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");
 }
@@ -88,7 +89,8 @@ async fn download_is_a_gzipped_hugging_face_directory() {
 async fn concurrent_requests_are_batched_and_each_caller_gets_its_own_scores() {
     let app = spawn_app().await;
     trained(&app, "toy").await;
-    let texts: Vec<String> = (0..24).map(|i| format!("{} the film was {}", ["good", "bad", "dull", "nice"][i % 4], "really ".repeat(i % 5))).collect();
+    let texts: Vec<String> =
+        (0..24).map(|i| format!("{} the film was {}", ["good", "bad", "dull", "nice"][i % 4], "really ".repeat(i % 5))).collect();
     let mut alone = Vec::new();
     for t in &texts {
         let v: Value = app.predict("toy", &json!({"inputs": t, "raw_scores": true})).await.json().await.unwrap();
@@ -153,7 +155,17 @@ async fn chunked_long_text_scores_the_mean_of_its_windows() {
     let app = spawn_app().await;
     trained(&app, "toy").await;
     // The tiny model allows 64 positions: windows of 62 words, half a window apart.
-    let words: Vec<&str> = (0..160).map(|i| if i < 70 { "bad" } else if i % 3 == 0 { "film" } else { "good" }).collect();
+    let words: Vec<&str> = (0..160)
+        .map(|i| {
+            if i < 70 {
+                "bad"
+            } else if i % 3 == 0 {
+                "film"
+            } else {
+                "good"
+            }
+        })
+        .collect();
     let text = words.join(" ");
     let chunked: Value = app.predict("toy", &json!({"inputs": text, "overflow": "chunk", "raw_scores": false})).await.json().await.unwrap();
     let mut expected = std::collections::BTreeMap::new();
@@ -229,8 +241,16 @@ async fn bench_serve_reports_throughput_latency_and_statuses() {
     std::fs::write(&texts, crate::common::toy_jsonl(20)).unwrap();
     let out = dir.path().join("report.json");
     let args = finetuned::bench::BenchArgs {
-        url: app.base.clone(), model: "toy".into(), texts, clients: 4, batch: 2, duration: 0.5, warmup: 1,
-        timeout: 30.0, api_key: None, out: Some(out.clone()),
+        url: app.base.clone(),
+        model: "toy".into(),
+        texts,
+        clients: 4,
+        batch: 2,
+        duration: 0.5,
+        warmup: 1,
+        timeout: 30.0,
+        api_key: None,
+        out: Some(out.clone()),
     };
     finetuned::bench::run(args).await.unwrap();
     let report: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();

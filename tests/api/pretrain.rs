@@ -32,7 +32,11 @@ async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
     assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
 
     let labeled = app.upload_ok(toy_jsonl(48)).await;
-    let ft = app.create_job(&json!({"base_model": "tiny-domain", "training_dataset": labeled, "model_name": "from-domain", "hyperparameters": tiny_hp(4)})).await;
+    let ft = app
+        .create_job(
+            &json!({"base_model": "tiny-domain", "training_dataset": labeled, "model_name": "from-domain", "hyperparameters": tiny_hp(4)}),
+        )
+        .await;
     let done = app.wait_ended(ft["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(app.predict("from-domain", &json!({"inputs": "good"})).await.status(), StatusCode::OK);
@@ -43,8 +47,11 @@ async fn pretrain_from_scratch_with_a_config() {
     let app = spawn_app().await;
     let texts = app.upload_ok(unlabeled(40)).await;
     let r = app
-        .post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": texts, "task": "mlm",
-                                       "config": {"num_hidden_layers": 1, "hidden_size": 30, "num_attention_heads": 4}}))
+        .post_json(
+            "/v1/jobs",
+            &json!({"base_model": "tiny", "training_dataset": texts, "task": "mlm",
+                                       "config": {"num_hidden_layers": 1, "hidden_size": 30, "num_attention_heads": 4}}),
+        )
         .await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "config.hidden_size");
     let job = app

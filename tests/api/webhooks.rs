@@ -50,7 +50,8 @@ async fn each_state_change_is_posted_in_order_signed_and_retried() {
     let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "webhook_url": "ftp://x/y"})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "webhook_url");
 
-    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1), "webhook_url": url})).await;
+    let job =
+        app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1), "webhook_url": url})).await;
     let id = job["id"].as_str().unwrap().to_string();
     assert_eq!(app.wait_ended(&id, 120).await["status"], "succeeded");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -80,7 +81,9 @@ async fn a_receiver_that_is_down_does_not_affect_the_job() {
     let ds = app.upload_ok(crate::common::toy_jsonl(48)).await;
     // Port 1 on loopback: connection refused on every attempt.
     let job = app
-        .create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1), "webhook_url": "http://127.0.0.1:1/hook"}))
+        .create_job(
+            &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1), "webhook_url": "http://127.0.0.1:1/hook"}),
+        )
         .await;
     let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");

@@ -88,7 +88,13 @@ pub fn toy_rows(n: usize) -> Vec<Row> {
         .map(|i| {
             let pos = i % 2 == 0;
             let words = if pos { POSITIVE } else { NEGATIVE };
-            let text = format!("{} {} {} {}", NEUTRAL[i % NEUTRAL.len()], words[i % words.len()], NEUTRAL[(i / 3) % NEUTRAL.len()], words[(i / 2) % words.len()]);
+            let text = format!(
+                "{} {} {} {}",
+                NEUTRAL[i % NEUTRAL.len()],
+                words[i % words.len()],
+                NEUTRAL[(i / 3) % NEUTRAL.len()],
+                words[(i / 2) % words.len()]
+            );
             Row { text, label: Some(LabelValue::One(if pos { "pos" } else { "neg" }.into())) }
         })
         .collect()
@@ -120,7 +126,8 @@ pub fn test_database_url(data_dir: &Path) -> Option<String> {
         rt.block_on(async {
             use sqlx::{Connection, Executor};
             let mut conn = sqlx::PgConnection::connect(&server).await.expect("the test Postgres server answers");
-            let found: Option<i32> = sqlx::query_scalar("select 1 from pg_database where datname = $1").bind(&db).fetch_optional(&mut conn).await.unwrap();
+            let found: Option<i32> =
+                sqlx::query_scalar("select 1 from pg_database where datname = $1").bind(&db).fetch_optional(&mut conn).await.unwrap();
             if found.is_none() {
                 conn.execute(format!("create database {db}").as_str()).await.unwrap();
             }

@@ -45,7 +45,11 @@ pub fn start_with_env(data: &Path, models: &Path, extra: &[&str], env: &[(String
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["serve", "--addr", "127.0.0.1:0", "--device", "cpu"])
         .args(extra)
-        .args(super::test_database_url(data).filter(|_| !extra.iter().any(|a| a.starts_with("--database-url"))).map(|url| format!("--database-url={url}")))
+        .args(
+            super::test_database_url(data)
+                .filter(|_| !extra.iter().any(|a| a.starts_with("--database-url")))
+                .map(|url| format!("--database-url={url}")),
+        )
         .arg("--data-dir")
         .arg(data)
         .arg("--models-dir")
@@ -77,7 +81,6 @@ pub async fn wait_for(client: &reqwest::Client, url: &str, secs: u64, done: impl
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
 
 /// Whether a job object has ended.
 pub fn ended(j: &Value) -> bool {

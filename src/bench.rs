@@ -75,7 +75,6 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..a.clients {
-        let send = send.clone();
         tasks.push(async move {
             let (mut lat, mut statuses) = (Vec::new(), BTreeMap::<String, usize>::new());
             let mut server: Vec<[f64; 3]> = Vec::new();

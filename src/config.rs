@@ -12,6 +12,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start-up; boxing the server's config would only add noise at its uses.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the HTTP server and the training worker.
     Serve(ServeConfig),

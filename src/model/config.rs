@@ -83,7 +83,7 @@ impl BertConfig {
             self.hidden_act
         );
         anyhow::ensure!(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size must be a multiple of num_attention_heads"
         );
         if let Some(p) = self.extra.get("position_embedding_type").and_then(Value::as_str) {

@@ -72,7 +72,7 @@ impl Batcher {
     }
 }
 
-fn padded_tokens(lens: &mut Vec<usize>) -> usize {
+fn padded_tokens(lens: &mut [usize]) -> usize {
     lens.sort_unstable();
     // Batches are cut by length inside `logits`; the longest sequence bounds the padding.
     lens.last().copied().unwrap_or(0) * lens.len()

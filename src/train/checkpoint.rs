@@ -36,7 +36,10 @@ pub struct CheckpointPlan {
 
 /// See [`CheckpointPlan::mirror`]: `(saved, kept)`.
 #[derive(Clone)]
-pub struct Mirror(pub std::sync::Arc<dyn Fn(&Path, &[PathBuf]) -> Result<(), String> + Send + Sync>);
+pub struct Mirror(pub std::sync::Arc<MirrorFn>);
+
+/// The function behind a [`Mirror`].
+pub type MirrorFn = dyn Fn(&Path, &[PathBuf]) -> Result<(), String> + Send + Sync;
 
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -316,7 +316,7 @@ impl ScratchSpec {
         if !(1..=32).contains(&self.num_attention_heads) {
             return bad("num_attention_heads", "must be from 1 to 32");
         }
-        if !(8..=2048).contains(&self.hidden_size) || self.hidden_size % self.num_attention_heads != 0 {
+        if !(8..=2048).contains(&self.hidden_size) || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad("hidden_size", "must be from 8 to 2048 and a multiple of num_attention_heads");
         }
         if self.intermediate_size.is_some_and(|i| !(8..=8192).contains(&i)) {

@@ -372,7 +372,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
                 }
                 return Ok(Outcome::Cancelled);
             }
-            if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step % p.every == 0 && saved_at != step) {
+            if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step.is_multiple_of(p.every) && saved_at != step) {
                 checkpoint::save_and_report(plan, &position(&best), &params, &opt, best.as_ref().map(|(_, t)| t), obs);
                 saved_at = step;
             }

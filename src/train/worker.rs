@@ -242,7 +242,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     }
     let requeued = matches!(result, Ok(Ok(Outcome::Cancelled)))
         && shutdown.is_cancelled()
-        && !jobs::get(pool, &job.id).await?.is_some_and(|j| j.status == "cancelled");
+        && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != "cancelled");
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
             let trainer::Finished { best, labels, .. } = *done;

@@ -1,13 +1,19 @@
-//! Parity with Hugging Face transformers, both ways. Runs when a Python with torch and
-//! transformers is found (`FINETUNED_PYTHON`, else `~/refbench-venv/bin/python`, else
-//! `python3`); otherwise each test prints why it skipped.
+//! Parity with Hugging Face transformers, both ways, and for the masked-LM export. Every test
+//! compares our logits with the ones transformers gave when the golden files were made
+//! (`tests/parity/golden/`, by `tests/parity/regenerate.sh`), so it runs everywhere; where a Python
+//! with torch and transformers is found (`FINETUNED_PYTHON`, else `~/refbench-venv/bin/python`,
+//! else `python3`) it asks transformers live as well, and `FINETUNED_PARITY_WRITE=1` rewrites the
+//! golden files from that live answer.
 
 mod common;
+#[path = "parity/golden.rs"]
+mod golden;
 
 use candle_core::Device;
 use finetuned::model::predictor::LoadedClassifier;
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::trainer::{self, Event, Observer, TrainRequest};
+use golden::Answer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,44 +26,59 @@ const TEXTS: &[&str] = &[
     "x",
 ];
 
-fn python() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("FINETUNED_PYTHON").map(PathBuf::from).into_iter().collect();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join("refbench-venv/bin/python"));
-    }
-    candidates.push("python3".into());
-    candidates.into_iter().find(|p| Command::new(p).args(["-c", "import torch, transformers"]).output().is_ok_and(|o| o.status.success()))
-}
+const MLM_TEXT: &str = "the movie was a [MASK] surprise.";
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/hf.py")
 }
 
-fn hf_logits(py: &Path, model: &Path) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
-    let texts = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(texts.path(), serde_json::to_vec(TEXTS).unwrap()).unwrap();
-    let out = Command::new(py).arg(script()).arg("logits").arg(model).arg(texts.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    (serde_json::from_value(v["logits"].clone()).unwrap(), serde_json::from_value(v["ids"].clone()).unwrap())
+fn base() -> PathBuf {
+    common::shared().join("models/all-minilm-l6-v2")
 }
 
-fn our_logits(model: &Path) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
+/// Runs `hf.py` and parses what it prints; panics with its stderr when it fails.
+fn hf(py: &Path, args: &[&std::ffi::OsStr]) -> Value {
+    let out = Command::new(py).arg(script()).args(args).output().unwrap();
+    assert!(out.status.success(), "hf.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// transformers' answer for `model` (sequence classification over TEXTS, or the masked LM over
+/// MLM_TEXT), after checking that it loaded every tensor and found none it did not expect.
+fn live(py: &Path, verb: &str, model: &Path) -> Answer {
+    let texts = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(texts.path(), serde_json::to_vec(if verb == "mlm" { &[MLM_TEXT][..] } else { TEXTS }).unwrap()).unwrap();
+    let v = hf(py, &[verb.as_ref(), model.as_os_str(), texts.path().as_os_str()]);
+    for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+        // The base's pooler travels with a pre-trained encoder; a masked LM has no use for it.
+        let keys = v["loading_info"][k].as_array().cloned().unwrap_or_default();
+        let unused =
+            keys.iter().filter(|n| !(verb == "mlm" && k == "unexpected_keys" && n.as_str().is_some_and(|n| n.contains(".pooler."))));
+        assert_eq!(unused.count(), 0, "transformers' {k}: {}", v["loading_info"]);
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn ours(model: &Path) -> Answer {
     let m = LoadedClassifier::load(model, &Device::Cpu).unwrap();
     let ids = m.tokenize(TEXTS, true).unwrap().unwrap();
-    (m.logits(&ids, 8).unwrap(), ids)
+    Answer { logits: m.logits(&ids, 8).unwrap(), ids, layout: Value::Null, versions: Value::Null }
 }
 
-fn assert_close(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> f32 {
-    let mut max = 0f32;
-    for (a, b) in ours.iter().zip(theirs) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            max = max.max((x - y).abs());
+/// Compares `ours` with the golden answer of `case` and, where Python is here, with transformers
+/// live (rewriting the golden answer first when asked to).
+fn check(case: &str, ours: &Answer, live_answer: impl FnOnce(&Path) -> Answer) {
+    match golden::python() {
+        Some(py) => {
+            let theirs = live_answer(&py);
+            if golden::writing() {
+                golden::write(case, &Answer { layout: ours.layout.clone(), ..theirs });
+            }
+            golden::assert_matches(case, "transformers live", ours, &golden::read(case));
         }
+        None => eprintln!("parity {case}: no Python with torch and transformers here; golden files only"),
     }
-    assert!(max <= 1e-4, "max abs logit difference {max}");
-    max
+    golden::assert_matches(case, "the golden file", ours, &golden::read(case));
 }
 
 struct Quiet;
@@ -68,18 +89,14 @@ impl Observer for Quiet {
     }
 }
 
+fn tiny_rows(split: &str) -> Vec<finetuned::dataset::Row> {
+    let bytes = std::fs::read(common::shared().join(format!("datasets/tiny/{split}.jsonl"))).unwrap();
+    finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows
+}
+
 #[test]
 fn a_model_trained_here_gives_the_same_logits_in_transformers() {
-    let Some(py) = python() else {
-        eprintln!("skipped: no Python with torch and transformers (set FINETUNED_PYTHON)");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let base = common::shared().join("models/all-minilm-l6-v2");
-    let rows = |split: &str| {
-        let bytes = std::fs::read(common::shared().join(format!("datasets/tiny/{split}.jsonl"))).unwrap();
-        finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows
-    };
     let hp = HyperparametersInput {
         epochs: Some(1),
         batch_size: Some(16),
@@ -90,33 +107,39 @@ fn a_model_trained_here_gives_the_same_logits_in_transformers() {
     .resolve("cls")
     .unwrap();
     let out = dir.path().join("trained");
-    let mut req = TrainRequest::new(base, rows("train"), Some(rows("validation")), hp, Device::Cpu);
+    let mut req = TrainRequest::new(base(), tiny_rows("train"), Some(tiny_rows("validation")), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
     trainer::run(req, &mut Quiet).unwrap();
-    let (ours, our_ids) = our_logits(&out);
-    let (theirs, their_ids) = hf_logits(&py, &out);
-    assert_eq!(our_ids, their_ids, "tokenisation differs");
-    let max = assert_close(&ours, &theirs);
-    eprintln!("export parity: max abs logit difference {max:e}");
+    let ours = Answer { layout: golden::layout(&out), ..ours(&out) };
+    check("export", &ours, |py| live(py, "logits", &out));
 }
 
 #[test]
 fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
-    let Some(py) = python() else {
-        eprintln!("skipped: no Python with torch and transformers (set FINETUNED_PYTHON)");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf-classifier");
-    let base = common::shared().join("models/all-minilm-l6-v2");
-    let status = Command::new(&py).arg(script()).arg("make").arg(&base).arg("3").arg(&out).status().unwrap();
-    assert!(status.success());
+    let py = golden::python();
+    match &py {
+        Some(py) => {
+            let status = Command::new(py).arg(script()).arg("make").arg(base()).arg("3").arg(&out).status().unwrap();
+            assert!(status.success());
+            if golden::writing() {
+                let status = Command::new(py)
+                    .arg(script())
+                    .arg("pack-import")
+                    .arg(&out)
+                    .arg(base())
+                    .arg(golden::dir().join("import"))
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+        }
+        None => golden::rebuild_import(&base(), &out),
+    }
     let info = finetuned::model::artifacts::inspect(&out).unwrap();
     assert_eq!(info.labels.unwrap(), vec!["label_0", "label_1", "label_2"], "listed as a classifier");
-    let (ours, _) = our_logits(&out);
-    let (theirs, _) = hf_logits(&py, &out);
-    let max = assert_close(&ours, &theirs);
-    eprintln!("import parity: max abs logit difference {max:e}");
+    check("import", &ours(&out), |py| live(py, "logits", &out));
 }
 
 #[test]
@@ -124,20 +147,13 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     use finetuned::model::layers::Mode;
     use finetuned::model::mlm::MaskedLm;
     use finetuned::train::mlm::{self, MlmRequest, Start};
-    let Some(py) = python() else {
-        eprintln!("skipped: no Python with torch and transformers (set FINETUNED_PYTHON)");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let base = common::shared().join("models/all-minilm-l6-v2");
-    let bytes = std::fs::read(common::shared().join("datasets/tiny/train.jsonl")).unwrap();
-    let rows = finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows;
     let hp =
         HyperparametersInput { epochs: Some(1), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
     let out = dir.path().join("mlm");
     let req = MlmRequest {
-        start: Start::Checkpoint(base),
-        train_rows: rows,
+        start: Start::Checkpoint(base()),
+        train_rows: tiny_rows("train"),
         validation_rows: None,
         hp,
         device: Device::Cpu,
@@ -148,25 +164,20 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     };
     mlm::run(req, &mut Quiet).unwrap();
 
-    let text = "the movie was a [MASK] surprise.";
-    let o = Command::new(&py).arg(script()).arg("mlm").arg(&out).arg(text).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
-    let theirs: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
-
+    let tok = finetuned::model::tokenize::load_tokenizer(&out).unwrap();
+    let ids = finetuned::model::tokenize::encode_all(&tok, &[MLM_TEXT]).unwrap().remove(0);
     let weights = finetuned::model::artifacts::load_weights(&out, &Device::Cpu).unwrap();
     let cfg = finetuned::model::artifacts::inspect(&out).unwrap().config;
     let model = MaskedLm::load(&|n| weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(n.into())), &cfg).unwrap();
     let batch = finetuned::model::tokenize::pad_batch(&[ids.as_slice()], 0, &Device::Cpu).unwrap();
     let rows = candle_core::Tensor::new((0..ids.len() as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
-    let ours: Vec<Vec<f32>> = model
+    let logits: Vec<Vec<f32>> = model
         .forward(&batch.ids, &batch.type_ids, &batch.mask, &rows, &mut Mode::Eval)
         .unwrap()
         .narrow(1, 0, 1000)
         .unwrap()
         .to_vec2()
         .unwrap();
-    let max = assert_close(&ours, &theirs);
-    eprintln!("masked-LM parity: max abs logit difference {max:e}");
+    let ours = Answer { ids: vec![ids], logits, layout: golden::layout(&out), versions: Value::Null };
+    check("mlm", &ours, |py| live(py, "mlm", &out));
 }

@@ -1,37 +1,43 @@
 """transformers side of the parity tests (run by tests/parity.rs when transformers is installed).
 
-  hf.py logits MODEL_DIR TEXTS_JSON   -> prints {"logits": [[...]], "ids": [[...]]}
+  hf.py logits MODEL_DIR TEXTS_JSON  -> {"logits", "ids", "loading_info", "versions"}, sequence classification
+  hf.py mlm MODEL_DIR TEXTS_JSON     -> the same for the masked LM (first 1000 vocabulary entries per token)
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
-  hf.py mlm MODEL_DIR TEXT            -> prints masked-LM logits (first 1000 vocabulary entries)
+  hf.py pack-import OUT BASE GOLDEN  -> the golden copy of what `make` saved: its small files, the
+                                        tensors that differ from BASE, every tensor's name and shape
 """
 import json
+import os
+import shutil
 import sys
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+import transformers
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
 
-def logits(model_dir, texts_path):
+def _answer(model_dir, texts_path, cls, take):
     texts = json.load(open(texts_path))
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model, info = cls.from_pretrained(model_dir, output_loading_info=True)
+    model.eval()
     out_logits, out_ids = [], []
     with torch.inference_mode():
         for t in texts:
             enc = tok(t, return_tensors="pt", truncation=True, max_length=512)
             out_ids.append(enc["input_ids"][0].tolist())
-            out_logits.append(model(**enc).logits[0].tolist())
-    print(json.dumps({"logits": out_logits, "ids": out_ids}))
+            out_logits.extend(take(model(**enc).logits[0]))
+    info = {k: [str(x) for x in v] for k, v in info.items() if isinstance(v, (list, set))}
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    print(json.dumps({"logits": out_logits, "ids": out_ids, "loading_info": info, "versions": versions}))
 
 
-def mlm(model_dir, text):
-    from transformers import AutoModelForMaskedLM
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
-    enc = tok(text, return_tensors="pt")
-    with torch.inference_mode():
-        out = model(**enc).logits[0, :, :1000]
-    print(json.dumps({"ids": enc["input_ids"][0].tolist(), "logits": out.tolist()}))
+def logits(model_dir, texts_path):
+    _answer(model_dir, texts_path, AutoModelForSequenceClassification, lambda x: [x.tolist()])
+
+
+def mlm(model_dir, texts_path):
+    _answer(model_dir, texts_path, AutoModelForMaskedLM, lambda x: x[:, :1000].tolist())
 
 
 def make(model_dir, num_labels, out):
@@ -44,5 +50,30 @@ def make(model_dir, num_labels, out):
     model.save_pretrained(out, safe_serialization=True)
 
 
+def pack_import(out, base, golden):
+    from safetensors.torch import load_file, save_file
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    base_tensors = load_file(os.path.join(base, "model.safetensors"))
+    extra = {}
+    for name, t in saved.items():
+        b = base_tensors.get(name.removeprefix("bert."))
+        if b is None or b.shape != t.shape or b.dtype != t.dtype or not torch.equal(b, t):
+            extra[name] = t.contiguous()
+    shutil.rmtree(golden, ignore_errors=True)
+    os.makedirs(golden)
+    save_file(extra, os.path.join(golden, "extra.safetensors"))
+    json.dump({k: list(v.shape) for k, v in sorted(saved.items())}, open(os.path.join(golden, "names.json"), "w"), indent=1)
+    files = sorted(f for f in os.listdir(out) if f != "model.safetensors")
+    for f in files:
+        same = os.path.exists(os.path.join(base, f)) and open(os.path.join(base, f), "rb").read() == open(os.path.join(out, f), "rb").read()
+        # transformers rewrites tokenizer.json with the same vocabulary and rules; the golden copy
+        # takes the base's (the test compares the token ids, so a difference would show).
+        if not same and f != "tokenizer.json":
+            if os.path.getsize(os.path.join(out, f)) > 100_000:
+                sys.exit(f"{f} differs from the base's and is too large for a golden file")
+            shutil.copy(os.path.join(out, f), golden)
+    json.dump(files, open(os.path.join(golden, "files.json"), "w"), indent=1)
+
+
 if __name__ == "__main__":
-    {"logits": logits, "make": make, "mlm": mlm}[sys.argv[1]](*sys.argv[2:])
+    {"logits": logits, "make": make, "mlm": mlm, "pack-import": pack_import}[sys.argv[1]](*sys.argv[2:])

@@ -192,8 +192,8 @@ impl Predictor {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             model.tokenize_windows(&refs, overflow).map_err(|e| PredictError::Inference(format!("{e:#}")))
         };
-        // A short request takes the tokenizer well under 0.1 ms (BENCHMARKS.md §25), about
-        // what handing it to a blocking thread and back costs; anything longer goes there.
+        // A short request takes the tokenizer well under 0.1 ms (docs/benchmarks-history.md §25),
+        // about what handing it to a blocking thread and back costs; anything longer goes there.
         let windows = if small {
             tokenize()??
         } else {

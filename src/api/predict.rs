@@ -99,6 +99,14 @@ impl From<PredictError> for ApiError {
                 format!("the model could not be loaded ({m}); its files are missing or damaged: delete it and train it again"),
             ),
             PredictError::Inference(m) => ApiError::internal(m),
+            PredictError::Crashed(m) => {
+                tracing::error!(error = %m, "predict failed: the inference thread crashed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the model crashed while scoring this request (see the server log); it was unloaded and loads again on the next request",
+                )
+            }
         }
     }
 }

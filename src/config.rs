@@ -284,4 +284,12 @@ mod tests {
         assert!(err.contains("--batch-rejoin-wait-ms"), "{err}");
         assert!(parse("-1").is_err());
     }
+
+    #[test]
+    fn predict_has_its_own_body_limit_and_a_per_input_character_cap() {
+        let Command::Serve(c) = Cli::try_parse_from(["finetuned", "serve"]).unwrap().command else { unreachable!() };
+        assert_eq!((c.max_predict_body_bytes, c.max_input_chars, c.max_upload_bytes), (4 << 20, 32_768, 512 << 20));
+        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-input-chars", "0"]).is_err());
+        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-predict-body-bytes", "0"]).is_err());
+    }
 }

@@ -26,6 +26,14 @@ fn write_classifier(models: &Path, name: &str, labels: &[&str], outputs: usize) 
     candle_core::safetensors::save(&w, &file).unwrap();
 }
 
+/// Replaces the head of the classifier at `models/name` by one reading `width` inputs.
+fn narrow_head(models: &Path, name: &str, width: usize) {
+    let file = models.join(name).join("model.safetensors");
+    let mut w = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    w.insert("classifier.weight".into(), Tensor::zeros((2, width), DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&w, &file).unwrap();
+}
+
 /// A classifier that loads but whose forward pass panics: with `hidden_size` 0 every tensor
 /// is empty, and candle's CPU LayerNorm splits its input into rows of `hidden_size` elements
 /// (rayon panics on a chunk size of 0).
@@ -89,17 +97,19 @@ async fn an_input_over_the_character_limit_gets_422_naming_its_index() {
 }
 
 #[tokio::test]
-async fn a_models_dir_classifier_whose_labels_do_not_match_its_head_is_skipped_at_startup() {
+async fn a_models_dir_classifier_whose_labels_or_width_do_not_match_its_head_is_skipped_at_startup() {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir(tmp.path());
     write_classifier(&models, "clf", &["neg", "pos"], 2);
     write_classifier(&models, "fewer-labels", &["only"], 2);
     write_classifier(&models, "more-labels", &["a", "b", "c"], 2);
+    write_classifier(&models, "narrow-head", &["neg", "pos"], 2);
+    narrow_head(&models, "narrow-head", 16);
     let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
     let listed: Value = app.get("/v1/models").await.json().await.unwrap();
     let ids: std::collections::BTreeSet<&str> = listed["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["all-minilm-l6-v2", "clf", "tiny"].into_iter().collect(), "{listed}");
-    for bad in ["fewer-labels", "more-labels"] {
+    for bad in ["fewer-labels", "more-labels", "narrow-head"] {
         assert_error(app.predict(bad, &json!({"inputs": "good"})).await, StatusCode::NOT_FOUND, "not_found").await;
     }
     assert_eq!(app.predict("clf", &json!({"inputs": "good"})).await.status(), StatusCode::OK);

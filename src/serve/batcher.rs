@@ -67,7 +67,11 @@ impl Batcher {
         let (tx, rx) = mpsc::channel();
         let alive = Arc::new(AtomicBool::new(true));
         let (flag, name) = (MarkDeadOnExit(alive.clone()), name.to_string());
-        std::thread::Builder::new().name(format!("infer-{name}")).spawn(move || run(model, rx, limits, threads, &flag.0, &name))?;
+        std::thread::Builder::new().name(format!("infer-{name}")).spawn(move || {
+            // Owned by the thread, so that it drops when the thread ends.
+            let flag = flag;
+            run(model, rx, limits, threads, &flag.0, &name)
+        })?;
         Ok(Self { tx, alive })
     }
 

@@ -75,6 +75,18 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: usize,
 
+    /// Largest predict request body in bytes; a larger body gets 413. Predict has its own
+    /// limit: `--max-upload-bytes` is sized for datasets.
+    #[arg(long, env = "FINETUNED_MAX_PREDICT_BODY_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_predict_body_bytes: usize,
+
+    /// Most characters (Unicode scalar values) in one predict input, checked before
+    /// tokenization; a longer input gets 422 naming it.
+    #[arg(long, env = "FINETUNED_MAX_INPUT_CHARS", default_value_t = 32_768,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_input_chars: usize,
+
     /// Most texts in one predict request.
     #[arg(long, env = "FINETUNED_MAX_BATCH_INPUTS", default_value_t = 256)]
     pub max_batch_inputs: usize,
@@ -176,6 +188,8 @@ impl ServeConfig {
             dtype: "auto".into(),
             predict_dtype: "f32".into(),
             max_upload_bytes: 512 * 1024 * 1024,
+            max_predict_body_bytes: 4 * 1024 * 1024,
+            max_input_chars: 32_768,
             max_batch_inputs: 256,
             max_concurrent_predicts: 64,
             batch_rejoin_wait_ms: 5,
@@ -269,5 +283,13 @@ mod tests {
         let err = parse("1001").unwrap_err().to_string();
         assert!(err.contains("--batch-rejoin-wait-ms"), "{err}");
         assert!(parse("-1").is_err());
+    }
+
+    #[test]
+    fn predict_has_its_own_body_limit_and_a_per_input_character_cap() {
+        let Command::Serve(c) = Cli::try_parse_from(["finetuned", "serve"]).unwrap().command else { unreachable!() };
+        assert_eq!((c.max_predict_body_bytes, c.max_input_chars, c.max_upload_bytes), (4 << 20, 32_768, 512 << 20));
+        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-input-chars", "0"]).is_err());
+        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-predict-body-bytes", "0"]).is_err());
     }
 }

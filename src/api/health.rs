@@ -34,6 +34,8 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
         "limits": {
             "max_upload_bytes": c.max_upload_bytes,
             "max_batch_inputs": c.max_batch_inputs,
+            "max_predict_body_bytes": c.max_predict_body_bytes,
+            "max_input_chars": c.max_input_chars,
             "max_concurrent_predicts": c.max_concurrent_predicts,
             "model_cache_size": c.model_cache_size,
             "model_cache_mib": c.model_cache_mib,

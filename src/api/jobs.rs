@@ -70,6 +70,14 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     }
     if let Some(name) = &req.model_name {
         check_model_name(name)?;
+        // Model ids are one namespace: a trained model named like a base model would be
+        // hidden behind it.
+        if state.catalog.is_dir_model(name) {
+            return Err(ApiError::conflict(format!(
+                "model_name {name:?} is already used by a model of the models dir: choose another name"
+            ))
+            .param("model_name"));
+        }
     }
     if req.webhook_url.as_deref().is_some_and(|u| !crate::webhooks::valid_url(u)) {
         return Err(ApiError::invalid("webhook_url", "webhook_url must be an absolute http or https URL of at most 2048 characters"));

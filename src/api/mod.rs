@@ -43,7 +43,7 @@ pub fn router(state: AppState) -> Router {
         .merge(datasets::router())
         .merge(jobs::router())
         .merge(models::router())
-        .merge(predict::router())
+        .merge(predict::router(state.config.max_predict_body_bytes))
         .merge(health::info_router())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // A worker process (`--role worker`) answers only the probes and the metrics.

@@ -5,15 +5,27 @@ use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predictor::Overflow;
 use crate::serve::PredictError;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/models/{id}/predict", post(predict))
+/// The predict route, taking bodies of at most `max_body_bytes` (`--max-predict-body-bytes`)
+/// rather than the upload routes' limit.
+pub fn router(max_body_bytes: usize) -> Router<AppState> {
+    Router::new().route("/v1/models/{id}/predict", post(predict)).layer(DefaultBodyLimit::max(max_body_bytes))
+}
+
+/// What a predict body is checked against before any model is touched.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Most texts in one request (`--max-batch-inputs`).
+    pub max_inputs: usize,
+    /// Most characters (Unicode scalar values) in one text (`--max-input-chars`).
+    pub max_input_chars: usize,
 }
 
 /// One text or a list of texts.
@@ -82,11 +94,19 @@ impl From<PredictError> for ApiError {
             PredictError::TooLong(t) => ApiError::invalid(format!("inputs[{}]", t.index), t.to_string()),
             // The files on disk are gone or damaged: a state of the model, not a server bug.
             PredictError::Load(m) => ApiError::new(
-                axum::http::StatusCode::CONFLICT,
+                StatusCode::CONFLICT,
                 "model_unavailable",
                 format!("the model could not be loaded ({m}); its files are missing or damaged: delete it and train it again"),
             ),
             PredictError::Inference(m) => ApiError::internal(m),
+            PredictError::Crashed(m) => {
+                tracing::error!(error = %m, "predict failed: the inference thread crashed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the model crashed while scoring this request (see the server log); it was unloaded and loads again on the next request",
+                )
+            }
         }
     }
 }
@@ -102,7 +122,8 @@ pub struct CheckedRequest {
 }
 
 impl PredictRequest {
-    fn check(self, max_inputs: usize) -> ApiResult<CheckedRequest> {
+    fn check(self, limits: BodyLimits) -> ApiResult<CheckedRequest> {
+        let BodyLimits { max_inputs, max_input_chars } = limits;
         let texts = match self.inputs {
             Inputs::One(t) => vec![t],
             Inputs::Many(ts) => ts,
@@ -112,6 +133,15 @@ impl PredictRequest {
         }
         if texts.len() > max_inputs {
             return Err(ApiError::invalid("inputs", format!("at most {max_inputs} inputs per request (got {})", texts.len())));
+        }
+        // Counted before tokenizing: a text's bytes bound its characters, so only texts
+        // longer in bytes than the limit are counted.
+        let mut too_long = texts.iter().enumerate().filter(|(_, t)| t.len() > max_input_chars).map(|(i, t)| (i, t.chars().count()));
+        if let Some((i, chars)) = too_long.find(|&(_, n)| n > max_input_chars) {
+            return Err(ApiError::invalid(
+                format!("inputs[{i}]"),
+                format!("input {i} has {chars} characters, more than the {max_input_chars} allowed per input (--max-input-chars)"),
+            ));
         }
         if self.top_k == Some(0) {
             return Err(ApiError::invalid("top_k", "top_k must be at least 1"));
@@ -128,14 +158,29 @@ impl PredictRequest {
 
 /// Parses and checks a predict body as the route does before it looks at the model: the
 /// request, or the 4xx error the route would answer. (The fuzz target drives this.)
-pub fn check_body(body: &[u8], max_inputs: usize) -> ApiResult<CheckedRequest> {
+pub fn check_body(body: &[u8], limits: BodyLimits) -> ApiResult<CheckedRequest> {
     let req: PredictRequest =
         serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", format!("the body is not a valid predict request: {e}")))?;
-    req.check(max_inputs)
+    req.check(limits)
 }
 
-async fn predict(State(state): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<PredictRequest>) -> ApiResult<Response> {
-    let req = req.check(state.config.max_batch_inputs)?;
+async fn predict(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<ApiJson<PredictRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let limit = state.config.max_predict_body_bytes;
+    let ApiJson(req) = body.map_err(|e| match e.status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            e.status,
+            "payload_too_large",
+            format!("the predict body is larger than {limit} bytes (--max-predict-body-bytes): send fewer or shorter inputs per request"),
+        )
+        .param("body"),
+        _ => e,
+    })?;
+    let limits = BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars };
+    let req = req.check(limits)?;
     let model = state.catalog.resolve(&id).await?.ok_or_else(|| ApiError::not_found("model", &id))?;
     if !model.is_classifier {
         return Err(ApiError::invalid("model", format!("{id} is a base model, not a classifier: fine-tune it first")));

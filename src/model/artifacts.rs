@@ -45,14 +45,40 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
         }
         bail!("no model.safetensors");
     }
-    check_safetensors_header(&weights).context("model.safetensors")?;
+    let header = check_safetensors_header(&weights).context("model.safetensors")?;
     let is_classifier = config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification"));
     let labels = if is_classifier { config.id2label() } else { None };
+    if let Some(labels) = &labels {
+        check_head(&header, labels.len(), config.hidden_size)?;
+    }
     let problem_type = config.problem_type();
     Ok(ModelInfo { labels, problem_type, sentence_pooling: sentence_pooling(dir), config })
 }
 
-fn check_safetensors_header(path: &Path) -> anyhow::Result<()> {
+/// Refuses a classifier whose `id2label` does not name one label per output of its head
+/// (predict would give scores without a label, or look labels up past the end), or whose head
+/// does not read `hidden` inputs. A head that is missing is left to loading to report.
+fn check_head(header: &HashMap<String, serde_json::Value>, labels: usize, hidden: usize) -> anyhow::Result<()> {
+    for (name, info) in header {
+        let name = name.strip_prefix("bert.").unwrap_or(name);
+        if !super::classifier::HEAD_NAMES.contains(&name) {
+            continue;
+        }
+        let dim = |i: usize| info.get("shape").and_then(|s| s.get(i)).and_then(serde_json::Value::as_u64);
+        ensure!(
+            dim(0) == Some(labels as u64),
+            "config.json's id2label names {labels} labels but the classifier head's {name} has {} outputs",
+            dim(0).map_or_else(|| "no".to_string(), |n| n.to_string())
+        );
+        if name == super::classifier::HEAD_NAMES[0] {
+            ensure!(dim(1) == Some(hidden as u64), "the classifier head's {name} does not take hidden_size ({hidden}) inputs");
+        }
+    }
+    Ok(())
+}
+
+/// Checks the safetensors header against the file's size and returns it.
+fn check_safetensors_header(path: &Path) -> anyhow::Result<HashMap<String, serde_json::Value>> {
     let mut f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
     let mut len = [0u8; 8];
@@ -70,7 +96,7 @@ fn check_safetensors_header(path: &Path) -> anyhow::Result<()> {
             _ => bail!("tensor {name:?} lies outside the file (truncated?)"),
         }
     }
-    Ok(())
+    Ok(header)
 }
 
 /// `mean` or `cls` when sentence-transformers files say how the checkpoint was trained.

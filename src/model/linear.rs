@@ -58,6 +58,14 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32],
     }
 }
 
+/// Refuses a weight that does not hold `inputs × outputs` values: gemm would read past it.
+fn check_weight(w: &[f32], inputs: usize, outputs: usize) -> Result<()> {
+    if w.len() != inputs * outputs {
+        candle_core::bail!("dense layer: {inputs} inputs and {outputs} outputs, but the weight holds {} values", w.len());
+    }
+    Ok(())
+}
+
 /// `y = x·Wᵀ + b` for `x` `[rows, in]`, `W` `[out, in]`, `b` `[out]`.
 struct LinearOp;
 
@@ -78,6 +86,7 @@ impl CustomOp3 for LinearOp {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let (m, k) = l1.shape().dims2()?;
         let n = b.len();
+        check_weight(w, k, n)?;
         let mut y = vec![0f32; m * n];
         y.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|r| r.copy_from_slice(b)));
         // Wᵀ as a k×n matrix: element (kk, j) is w[j·k + kk].
@@ -195,6 +204,7 @@ impl CustomOp3 for LinearInOut {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let (m, k) = l1.shape().dims2()?;
         let n = b.len();
+        check_weight(w, k, n)?;
         let mut y = vec![0f32; m * n];
         y.chunks_mut(n).for_each(|r| r.copy_from_slice(b));
         let threads = rayon::current_num_threads();

@@ -5,6 +5,8 @@
 
 use crate::model::predictor::LoadedClassifier;
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,18 +52,32 @@ struct Work {
     enqueued: Instant,
 }
 
-/// A handle on a model's inference thread; the thread ends when the last handle is dropped.
+/// A handle on a model's inference thread; the thread ends when the last handle is dropped,
+/// or when a forward pass panics (then every waiting caller gets an error and
+/// [`Batcher::is_alive`] turns false before the first of them does).
 #[derive(Clone)]
 pub struct Batcher {
     tx: Sender<Work>,
+    alive: Arc<AtomicBool>,
 }
 
 impl Batcher {
     /// Starts the inference thread of `model`; its forward passes run on `threads`.
     pub fn spawn(model: Arc<LoadedClassifier>, name: &str, limits: BatchLimits, threads: Arc<rayon::ThreadPool>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new().name(format!("infer-{name}")).spawn(move || run(model, rx, limits, threads))?;
-        Ok(Self { tx })
+        let alive = Arc::new(AtomicBool::new(true));
+        let (flag, name) = (MarkDeadOnExit(alive.clone()), name.to_string());
+        std::thread::Builder::new().name(format!("infer-{name}")).spawn(move || {
+            // Owned by the thread, so that it drops when the thread ends.
+            let flag = flag;
+            run(model, rx, limits, threads, &flag.0, &name)
+        })?;
+        Ok(Self { tx, alive })
+    }
+
+    /// False once the inference thread died of a panic: the model must be loaded again.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     /// Raw logits for `seqs`, computed together with whatever else is queued.
@@ -69,6 +85,16 @@ impl Batcher {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Work { seqs, reply, enqueued: Instant::now() }).map_err(|_| anyhow::anyhow!("inference thread stopped"))?;
         rx.await.map_err(|_| anyhow::anyhow!("inference thread stopped"))?
+    }
+}
+
+/// Clears the alive flag however the inference thread ends, a panic outside a forward pass
+/// included.
+struct MarkDeadOnExit(Arc<AtomicBool>);
+
+impl Drop for MarkDeadOnExit {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 
@@ -123,7 +149,14 @@ fn gather_until(rx: &Receiver<Work>, queue: &mut VecDeque<Work>, want: usize, un
     }
 }
 
-fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits, threads: Arc<rayon::ThreadPool>) {
+fn run(
+    model: Arc<LoadedClassifier>,
+    rx: Receiver<Work>,
+    limits: BatchLimits,
+    threads: Arc<rayon::ThreadPool>,
+    alive: &AtomicBool,
+    name: &str,
+) {
     let mut queue: VecDeque<Work> = VecDeque::new();
     // Requests the next batch may wait for, and until when: those queued when the last
     // batch ended plus the callers it answered. Clients that send one request after another
@@ -147,22 +180,54 @@ fn run(model: Arc<LoadedClassifier>, rx: Receiver<Work>, limits: BatchLimits, th
         }
         let batch = take_batch(&mut queue, limits);
         let served = batch.len();
-        run_batch(&model, batch, limits, &threads);
+        if let Err((mut hit, panic)) = run_batch(&model, batch, limits, &threads) {
+            // The model may be left half-changed: this thread ends, and the predictor loads
+            // the model afresh on the next request.
+            alive.store(false, Ordering::SeqCst);
+            tracing::error!(model = %name, panic = %panic, "a forward pass panicked; unloading the model");
+            metrics::counter!("finetuned_inference_panics_total").increment(1);
+            drain(&rx, &mut queue);
+            hit.extend(queue);
+            for w in hit {
+                let _ = w.reply.send(Err(anyhow::anyhow!("the inference thread panicked: {panic}")));
+            }
+            return;
+        }
         drain(&rx, &mut queue);
         expected = if served > 1 { queue.len() + served } else { 0 };
         expected_until = Instant::now() + limits.rejoin_wait;
     }
 }
 
-fn run_batch(model: &LoadedClassifier, batch: Vec<Work>, limits: BatchLimits, threads: &rayon::ThreadPool) {
+/// The message a panic carried.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".into(),
+    }
+}
+
+/// Runs one batch and answers its callers; when the forward pass panics, returns them
+/// unanswered with the panic's message.
+fn run_batch(
+    model: &LoadedClassifier,
+    batch: Vec<Work>,
+    limits: BatchLimits,
+    threads: &rayon::ThreadPool,
+) -> Result<(), (Vec<Work>, String)> {
     let started = Instant::now();
     let live: Vec<Work> = batch.into_iter().filter(|w| !w.reply.is_closed()).collect();
     if live.is_empty() {
-        return;
+        return Ok(());
     }
     let all: Vec<Vec<u32>> = live.iter().flat_map(|w| w.seqs.iter().cloned()).collect();
     // Installed per batch, not for the thread's life: the pool is shared by every model.
-    let result = threads.install(|| model.logits(&all, limits.max_batch_size));
+    // A panic in the pool comes back here through `install`.
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| threads.install(|| model.logits(&all, limits.max_batch_size)))) {
+        Ok(result) => result,
+        Err(payload) => return Err((live, panic_message(payload.as_ref()))),
+    };
     let inference = started.elapsed();
     match result {
         Ok(rows) => {
@@ -180,4 +245,5 @@ fn run_batch(model: &LoadedClassifier, batch: Vec<Work>, limits: BatchLimits, th
             }
         }
     }
+    Ok(())
 }

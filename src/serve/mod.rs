@@ -22,6 +22,10 @@ pub enum PredictError {
     Load(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The model's inference thread panicked; the model was unloaded and loads again on the
+    /// next request.
+    #[error("the model's inference thread crashed: {0}")]
+    Crashed(String),
 }
 
 /// Scores for each input, in input order, and where the time went.
@@ -148,7 +152,27 @@ impl Predictor {
         self.cache.lock().unwrap().slots.remove(id);
     }
 
+    /// Unloads `loaded` if it is still model `id`'s entry: its inference thread died.
+    fn unload_crashed(&self, id: &str, loaded: &Arc<Loaded>) {
+        let mut c = self.cache.lock().unwrap();
+        if c.slots.get(id).and_then(|(s, _)| s.get()).is_some_and(|l| Arc::ptr_eq(l, loaded)) {
+            c.slots.remove(id);
+            tracing::warn!(model = %id, "unloaded model: its inference thread crashed");
+        }
+    }
+
+    /// Model `id`, loaded (from `path`) unless it is already; one whose inference thread
+    /// crashed is loaded again.
     async fn model(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
+        let loaded = self.load(id, path.clone()).await?;
+        if loaded.batcher.is_alive() {
+            return Ok(loaded);
+        }
+        self.unload_crashed(id, &loaded);
+        self.load(id, path).await
+    }
+
+    async fn load(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
         let slot = self.slot(id);
         let device = self.device.clone();
         let (name, limits, weights) = (id.to_string(), self.limits, self.weights);
@@ -202,7 +226,14 @@ impl Predictor {
         let tokenization = started.elapsed();
         let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
         let seqs: Vec<Vec<u32>> = windows.into_iter().flatten().collect();
-        let (logits, timings) = loaded.batcher.logits(seqs).await.map_err(|e| PredictError::Inference(format!("{e:#}")))?;
+        let (logits, timings) = match loaded.batcher.logits(seqs).await {
+            Ok(done) => done,
+            Err(e) if !loaded.batcher.is_alive() => {
+                self.unload_crashed(id, &loaded);
+                return Err(PredictError::Crashed(format!("{e:#}")));
+            }
+            Err(e) => return Err(PredictError::Inference(format!("{e:#}"))),
+        };
         let model = &loaded.model;
         let per_window: Vec<Vec<f32>> = if raw { logits } else { logits.iter().map(|l| model.probabilities(l)).collect() };
         let mut rows = per_window.into_iter();

@@ -11,5 +11,6 @@ mod hub;
 mod jobs;
 mod multilabel;
 mod predict;
+mod predict_limits;
 mod pretrain;
 mod webhooks;

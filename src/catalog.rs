@@ -17,6 +17,8 @@ pub struct DirModel {
     pub path: PathBuf,
     pub info: ModelInfo,
     pub created_at: i64,
+    /// For a peft LoRA adapter: its base's id (the base's folder name) and its rank.
+    pub adapter: Option<(String, usize)>,
 }
 
 /// A model as the API shows it.
@@ -33,6 +35,11 @@ pub struct ModelView {
     pub created_at: i64,
     pub pooling: Option<String>,
     pub max_seq_len: Option<i64>,
+    /// How a classifier was made: `full` (every weight trained) or `lora` (a low-rank adapter
+    /// over `base_model`, which it needs to run); null for a base model.
+    pub method: Option<&'static str>,
+    /// A LoRA adapter's rank; null otherwise.
+    pub rank: Option<usize>,
 }
 
 /// Where a model lives and what it is.
@@ -80,13 +87,19 @@ impl DirModel {
             object: "model",
             kind: if labels.is_some() { "classifier" } else { "base" }.into(),
             task: labels.as_ref().map(|_| task_of(self.info.problem_type.as_deref()).to_string()),
-            base_model: None,
+            base_model: self.adapter.as_ref().map(|(base, _)| base.clone()),
             job: None,
             labels: labels.unwrap_or_default(),
             metrics: None,
             created_at: self.created_at,
             pooling: self.info.config.pooling().or_else(|| self.info.labels.as_ref().map(|_| "cls".into())),
             max_seq_len: Some(self.info.config.max_position_embeddings as i64),
+            method: match (&self.adapter, &self.info.labels) {
+                (Some(_), _) => Some("lora"),
+                (None, Some(_)) => Some("full"),
+                (None, None) => None,
+            },
+            rank: self.adapter.as_ref().map(|(_, r)| *r),
         }
     }
 }
@@ -105,6 +118,8 @@ pub fn record_view(m: &ModelRecord) -> ModelView {
         created_at: m.created_at,
         pooling: m.pooling.clone(),
         max_seq_len: m.max_seq_len,
+        method: (m.kind == "classifier").then_some("full"),
+        rank: None,
     }
 }
 
@@ -122,8 +137,16 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
         if !path.is_dir() || id.starts_with('.') {
             continue;
         }
-        match inspect(&path) {
-            Ok(info) => {
+        let checked = if crate::model::lora::is_adapter(&path) {
+            crate::model::lora::inspect_adapter(&path).map(|a| {
+                let base = a.base.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                (a.info, Some((base, a.config.r)))
+            })
+        } else {
+            inspect(&path).map(|info| (info, None))
+        };
+        match checked {
+            Ok((info, adapter)) => {
                 let created_at = entry
                     .metadata()
                     .and_then(|m| m.modified())
@@ -132,7 +155,7 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0);
                 tracing::info!(model = %id, classifier = info.labels.is_some(), "found model");
-                out.insert(id.clone(), DirModel { id, path, info, created_at });
+                out.insert(id.clone(), DirModel { id, path, info, created_at, adapter });
             }
             Err(e) => tracing::warn!(entry = %path.display(), reason = %format!("{e:#}"), "skipping models dir entry"),
         }
@@ -149,6 +172,11 @@ impl Catalog {
     /// Is `id` a model of the models dir?
     pub fn is_dir_model(&self, id: &str) -> bool {
         self.dirs.read().unwrap().contains_key(id)
+    }
+
+    /// For a LoRA adapter of the models dir, the id of its base.
+    pub fn adapter_base(&self, id: &str) -> Option<String> {
+        self.dirs.read().unwrap().get(id).and_then(|d| d.adapter.as_ref()).map(|(base, _)| base.clone())
     }
 
     /// All models: the models dir's, then trained ones.

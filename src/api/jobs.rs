@@ -85,6 +85,11 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     // A hub id that is not a local model is fetched by the worker; `pooling: auto` is then
     // decided when its files are there.
     let auto_pooling = match state.catalog.resolve(&req.base_model).await? {
+        Some(_) if state.catalog.adapter_base(&req.base_model).is_some() => {
+            let of = state.catalog.adapter_base(&req.base_model).unwrap_or_default();
+            let msg = format!("{} is a LoRA adapter over {of}: fine-tune from {of} instead", req.base_model);
+            return Err(ApiError::invalid("base_model", msg));
+        }
         Some(base) => base.auto_pooling,
         None if crate::hub::is_repo_id(&req.base_model) => "auto".to_string(),
         None => return Err(ApiError::not_found("model", &req.base_model).param("base_model")),

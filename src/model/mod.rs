@@ -12,6 +12,7 @@ mod fastmath;
 pub mod kernels;
 pub mod layers;
 pub mod linear;
+pub mod lora;
 pub mod mlm;
 pub mod packed;
 pub mod params;

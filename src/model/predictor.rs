@@ -106,11 +106,19 @@ impl LoadedClassifier {
         Self::load_as(dir, device, Weights::F32)
     }
 
-    /// Loads a classifier directory with its dense layers in `weights_as`.
+    /// Loads a classifier directory (or a peft LoRA adapter over a base beside it, merged) with
+    /// its dense layers in `weights_as`.
     pub fn load_as(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
-        let info = inspect(dir)?;
+        let (info, weights, tokenizer_dir) = if super::lora::is_adapter(dir) {
+            let adapter = super::lora::inspect_adapter(dir)?;
+            let mut weights = load_weights(&adapter.base, device)?;
+            super::lora::Adapter::load(dir, device)?.merge_into(&mut weights)?;
+            let tokenizer_dir = if dir.join(super::artifacts::TOKENIZER).is_file() { dir.to_path_buf() } else { adapter.base.clone() };
+            (adapter.info, weights, tokenizer_dir)
+        } else {
+            (inspect(dir)?, load_weights(dir, device)?, dir.to_path_buf())
+        };
         let Some(labels) = info.labels.clone() else { bail!("not a sequence-classification model") };
-        let weights = load_weights(dir, device)?;
         let pooling = info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
         // On a GPU, bf16 means every weight in bf16 (the CPU packs only the dense layers).
         let all_bf16 = weights_as.effective(device) == Weights::Bf16 && !device.is_cpu();
@@ -129,7 +137,7 @@ impl LoadedClassifier {
         let bytes = model.bytes();
         Ok(Self {
             model,
-            tokenizer: load_tokenizer(dir)?,
+            tokenizer: load_tokenizer(&tokenizer_dir)?,
             labels,
             multi_label: info.problem_type.as_deref() == Some("multi_label_classification"),
             max_len: info.config.max_position_embeddings,

@@ -9,6 +9,7 @@ mod disk_full;
 mod faults;
 mod hub;
 mod jobs;
+mod lora;
 mod multilabel;
 mod predict;
 mod predict_limits;

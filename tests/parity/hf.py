@@ -3,6 +3,8 @@
   hf.py logits MODEL_DIR TEXTS_JSON  -> {"logits", "ids", "loading_info", "versions"}, sequence classification
   hf.py mlm MODEL_DIR TEXTS_JSON     -> the same for the masked LM (first 1000 vocabulary entries per token)
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
+  hf.py peft-make BASE DATA_JSONL OUT -> trains a LoRA adapter with peft (seeded, a few steps) and saves it
+  hf.py peft-logits BASE ADAPTER TEXTS_JSON -> {"logits", "ids", "versions"} of base + adapter in peft
   hf.py pack-import OUT BASE GOLDEN  -> the golden copy of what `make` saved: its small files, the
                                         tensors that differ from BASE, every tensor's name and shape
 """
@@ -75,5 +77,55 @@ def pack_import(out, base, golden):
     json.dump(files, open(os.path.join(golden, "files.json"), "w"), indent=1)
 
 
+PEFT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def peft_make(base, data, out):
+    from peft import LoraConfig, TaskType, get_peft_model
+    torch.manual_seed(0)
+    rows = [json.loads(line) for line in open(data) if line.strip()]
+    labels = sorted({r["label"] for r in rows})
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.1,
+                        target_modules=["query", "value", "intermediate.dense"])
+    model = get_peft_model(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for epoch in range(3):
+        for i in range(0, len(rows), 16):
+            batch = rows[i:i + 16]
+            enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=True, max_length=64)
+            y = torch.tensor([labels.index(r["label"]) for r in batch])
+            loss = model(**enc, labels=y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    # Named as a user's adapter names it: by the hub id, which the server matches to its models dir.
+    model.peft_config["default"].base_model_name_or_path = PEFT_HUB_ID
+    model.save_pretrained(out)
+
+
+def peft_logits(base, adapter, texts_path):
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+    texts = json.load(open(texts_path))
+    n = load_file(os.path.join(adapter, "adapter_model.safetensors"))["base_model.model.classifier.weight"].shape[0]
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n)
+    model = PeftModel.from_pretrained(model, adapter).eval()
+    assert PeftConfig.from_pretrained(adapter).base_model_name_or_path == PEFT_HUB_ID
+    out_logits, out_ids = [], []
+    with torch.inference_mode():
+        for t in texts:
+            enc = tok(t, return_tensors="pt", truncation=True, max_length=512)
+            out_ids.append(enc["input_ids"][0].tolist())
+            out_logits.append(model(**enc).logits[0].tolist())
+    import peft
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    print(json.dumps({"logits": out_logits, "ids": out_ids, "versions": versions}))
+
+
 if __name__ == "__main__":
-    {"logits": logits, "make": make, "mlm": mlm, "pack-import": pack_import}[sys.argv[1]](*sys.argv[2:])
+    {"logits": logits, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
+     "peft-logits": peft_logits}[sys.argv[1]](*sys.argv[2:])

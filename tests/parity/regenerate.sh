@@ -7,11 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${FINETUNED_PYTHON:-}" ]; then
   VENV=${1:-$HOME/refbench-venv}
-  if ! "$VENV/bin/python" -c "import torch, transformers, safetensors" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import torch, transformers, safetensors, peft" 2>/dev/null; then
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch transformers safetensors
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch transformers safetensors peft
   fi
   export FINETUNED_PYTHON=$VENV/bin/python
 fi
-FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity -- --nocapture --test-threads 1
+FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity --test lora -- --nocapture --test-threads 1
 git status --short tests/parity/golden

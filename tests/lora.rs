@@ -104,3 +104,56 @@ fn merging_adds_the_scaled_low_rank_product() {
     assert_eq!(adapter.config.scale(), 2.0, "alpha 8 over rank 4");
     let _: &Tensor = &weights["classifier.weight"];
 }
+
+/// A batch whose rows use different adapters (and one row none) gives each row what a model
+/// with that adapter merged into its weights gives it alone.
+#[test]
+fn a_mixed_adapter_batch_gives_each_row_its_own_adapters_result() {
+    use finetuned::model::adapters::{LowRank, LowRankSet};
+    use finetuned::model::classifier::{Classifier, Pooling};
+    use finetuned::model::layers::Mode;
+    use std::collections::HashMap;
+    let models = models_dir(&golden::dir().join("peft-adapter"));
+    let first = finetuned::model::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
+    // A second adapter: the same pairs turned around and scaled, so its terms differ from the first's.
+    let mut second = finetuned::model::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
+    for (a, b) in second.pairs.values_mut() {
+        *a = (a.clone() * -3.0).unwrap();
+        *b = (b.clone() * 0.5).unwrap();
+    }
+    let base = finetuned::model::artifacts::load_weights(&base(), &Device::Cpu).unwrap();
+    let cfg = finetuned::model::artifacts::inspect(&self::base()).unwrap().config;
+    let build = |weights: &HashMap<String, candle_core::Tensor>| {
+        let mut w = weights.clone();
+        for (k, v) in &first.replaced {
+            w.insert(k.clone(), v.clone());
+        }
+        let mut m = Classifier::load(&|n| w.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(n.into())), &cfg, Pooling::Cls).unwrap();
+        m.prepare_for_inference(false).unwrap();
+        m
+    };
+    let merged = |adapter: &finetuned::model::lora::Adapter| {
+        let mut w = base.clone();
+        adapter.merge_into(&mut w).unwrap();
+        build(&w)
+    };
+    let tok = finetuned::model::tokenize::load_tokenizer(&self::base()).unwrap();
+    let ids = finetuned::model::tokenize::encode_all(&tok, TEXTS).unwrap();
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let batch = finetuned::model::tokenize::pad_batch(&refs, 0, &Device::Cpu).unwrap();
+    let pooled = |m: &Classifier, lr: &LowRank| -> Vec<Vec<f32>> {
+        m.pooled(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval, lr).unwrap().to_vec2().unwrap()
+    };
+    let (s1, s2) = (LowRankSet::from_adapter(&first), LowRankSet::from_adapter(&second));
+    let mixed = pooled(&build(&base), &LowRank { groups: vec![(0..2, Some(&s1)), (2..3, Some(&s2)), (3..4, None)] });
+    let alone = [
+        pooled(&merged(&first), &LowRank::default()),
+        pooled(&merged(&second), &LowRank::default()),
+        pooled(&build(&base), &LowRank::default()),
+    ];
+    for (row, which) in [(0, 0), (1, 0), (2, 1), (3, 2)] {
+        let d = golden::max_diff(&mixed[row..row + 1], &alone[which][row..row + 1]);
+        assert!(d <= 1e-4, "row {row}: {d}");
+    }
+    assert!(golden::max_diff(&alone[0][2..3], &alone[1][2..3]) > 1e-3, "the two adapters must differ for the test to mean anything");
+}

@@ -1,5 +1,6 @@
 //! Our BERT encoder: Hugging Face tensor names, differentiable in training mode.
 
+use super::adapters::{LowRank, Target};
 use super::attention::attention;
 use super::config::BertConfig;
 use super::layers::{attention_bias, softmax_last, LayerNorm, Linear, Mode};
@@ -168,7 +169,21 @@ impl Bert {
 
     /// Last hidden states `[batch, seq, hidden]` for `input_ids`/`type_ids`/`mask` (all `[batch, seq]`, u32).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        self.encode(ids, type_ids, mask, mode, false)
+        self.encode(ids, type_ids, mask, mode, false, &LowRank::default())
+    }
+
+    /// [`Bert::forward`] (or [`Bert::forward_first_token`] when `first_only`) with each row's
+    /// adapter terms added to the dense layers they change.
+    pub fn forward_low_rank(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        mode: &mut Mode,
+        first_only: bool,
+        low_rank: &LowRank,
+    ) -> Result<Tensor> {
+        self.encode(ids, type_ids, mask, mode, first_only, low_rank)
     }
 
     /// The last hidden state of the first token only, `[batch, 1, hidden]`: what the `[CLS]`
@@ -176,10 +191,10 @@ impl Bert {
     /// projection and feed-forward run on one row per text: an eighth less work for a
     /// 6-layer model, with the same result.
     pub fn forward_first_token(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        self.encode(ids, type_ids, mask, mode, true)
+        self.encode(ids, type_ids, mask, mode, true, &LowRank::default())
     }
 
-    fn encode(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, first_only: bool) -> Result<Tensor> {
+    fn encode(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, first_only: bool, lr: &LowRank) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let e = &self.embeddings;
@@ -198,12 +213,12 @@ impl Bert {
         };
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, &x, &keys, mode, first_only && i == last)?;
+            x = self.layer_forward(i, layer, &x, &keys, mode, first_only && i == last, lr)?;
         }
         Ok(x)
     }
 
-    fn self_attention(&self, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode) -> Result<Tensor> {
+    fn self_attention(&self, i: usize, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.num_attention_heads;
         let p = self.cfg.attention_probs_dropout_prob;
@@ -214,6 +229,9 @@ impl Bert {
             }
             None => (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?),
         };
+        let q = lr.add(i, Target::Query, x, q, mode)?;
+        let k = lr.add(i, Target::Key, x, k, mode)?;
+        let v = lr.add(i, Target::Value, x, v, mode)?;
         let (p, seed) = if mode.is_train() && p > 0.0 { (p, mode.seed()) } else { (0.0, 0) };
         if let KeyMask::Fused(mask) = keys {
             return attention(&q, &k, &v, mask, nh, p, seed);
@@ -238,8 +256,18 @@ impl Bert {
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode, first_only: bool) -> Result<Tensor> {
-        let ctx = self.self_attention(l, x, keys, mode)?;
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        i: usize,
+        l: &Layer,
+        x: &Tensor,
+        keys: &KeyMask,
+        mode: &mut Mode,
+        first_only: bool,
+        lr: &LowRank,
+    ) -> Result<Tensor> {
+        let ctx = self.self_attention(i, l, x, keys, mode, lr)?;
         let first;
         let (ctx, x) = if first_only {
             first = x.narrow(1, 0, 1)?.contiguous()?;
@@ -247,10 +275,18 @@ impl Bert {
         } else {
             (ctx, x)
         };
-        let attn = mode.dropout(&l.attn_out.forward(&ctx)?, self.cfg.hidden_dropout_prob)?;
+        let attn = lr.add(i, Target::AttnOut, &ctx, l.attn_out.forward(&ctx)?, mode)?;
+        let attn = mode.dropout(&attn, self.cfg.hidden_dropout_prob)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
-        let inter = l.intermediate.forward_activated(&x, &self.cfg.hidden_act)?;
-        let out = mode.dropout(&l.output.forward(&inter)?, self.cfg.hidden_dropout_prob)?;
+        let inter = if lr.touches(i, Target::Intermediate) {
+            // The adapter's term goes in before the activation, so the fused GELU cannot be used.
+            let pre = lr.add(i, Target::Intermediate, &x, l.intermediate.forward(&x)?, mode)?;
+            super::layers::activation(&pre, &self.cfg.hidden_act)?
+        } else {
+            l.intermediate.forward_activated(&x, &self.cfg.hidden_act)?
+        };
+        let out = lr.add(i, Target::Output, &inter, l.output.forward(&inter)?, mode)?;
+        let out = mode.dropout(&out, self.cfg.hidden_dropout_prob)?;
         l.out_norm.forward(&(out + x)?, mode)
     }
 }

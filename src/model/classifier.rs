@@ -1,6 +1,7 @@
 //! Sequence classification on top of our BERT: pooling, dropout and a linear head
 //! (`BertForSequenceClassification` for `cls` pooling).
 
+use super::adapters::LowRank;
 use super::bert::{Bert, Getter};
 use super::config::BertConfig;
 use super::layers::{Linear, Mode};
@@ -76,20 +77,23 @@ impl Classifier {
 
     /// Logits `[batch, labels]`.
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let pooled = match (&self.pooler, self.pooling) {
-            // Training keeps the full last layer, so its dropout draws stay as they were.
-            (Some(pooler), Pooling::Cls) => {
-                let hidden = if mode.is_train() {
-                    self.bert.forward(ids, type_ids, mask, mode)?.narrow(1, 0, 1)?
-                } else {
-                    self.bert.forward_first_token(ids, type_ids, mask, mode)?
-                };
-                pooler.forward(&hidden.squeeze(1)?)?.tanh()?
-            }
-            _ => mean_pool(&self.bert.forward(ids, type_ids, mask, mode)?, mask)?,
-        };
+        let pooled = self.pooled(ids, type_ids, mask, mode, &LowRank::default())?;
         let pooled = mode.dropout(&pooled, self.dropout)?;
         self.head.forward(&pooled)
+    }
+
+    /// What the head reads, `[batch, hidden]` (before the head's dropout), with each row's
+    /// adapter terms added to the encoder's dense layers.
+    pub fn pooled(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
+        match (&self.pooler, self.pooling) {
+            // Training keeps the full last layer, so its dropout draws stay as they were.
+            (Some(pooler), Pooling::Cls) => {
+                let first_only = !mode.is_train();
+                let hidden = self.bert.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?;
+                pooler.forward(&hidden.squeeze(1)?)?.tanh()
+            }
+            _ => mean_pool(&self.bert.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
+        }
     }
 }
 

@@ -1,0 +1,125 @@
+//! Low-rank terms added to the encoder's dense layers during one forward pass: one adapter
+//! for the whole batch (LoRA training), or a different adapter per group of rows (serving many
+//! adapters of one base in one batch). The base's dense layers run once for every row; each row
+//! adds only its own adapter's `scale · (x·Aᵀ)·Bᵀ`.
+
+use super::layers::Mode;
+use candle_core::{Result, Tensor};
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// A dense layer of an encoder layer that an adapter can change (peft's module names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Query,
+    Key,
+    Value,
+    /// `attention.output.dense`.
+    AttnOut,
+    /// `intermediate.dense`.
+    Intermediate,
+    /// `output.dense`.
+    Output,
+}
+
+impl Target {
+    pub const ALL: [Target; 6] = [Target::Query, Target::Key, Target::Value, Target::AttnOut, Target::Intermediate, Target::Output];
+
+    /// The weight's name (without `bert.`) in encoder layer `layer`.
+    pub fn weight_name(self, layer: usize) -> String {
+        let module = match self {
+            Target::Query => "attention.self.query",
+            Target::Key => "attention.self.key",
+            Target::Value => "attention.self.value",
+            Target::AttnOut => "attention.output.dense",
+            Target::Intermediate => "intermediate.dense",
+            Target::Output => "output.dense",
+        };
+        format!("encoder.layer.{layer}.{module}.weight")
+    }
+
+    /// The target a weight name denotes, with its layer; `None` for any other weight.
+    pub fn of_weight(name: &str) -> Option<(usize, Target)> {
+        let rest = name.strip_prefix("encoder.layer.")?;
+        let (layer, _) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        Target::ALL.into_iter().find(|t| t.weight_name(layer) == name).map(|t| (layer, t))
+    }
+}
+
+/// One adapter's low-rank pairs: `(layer, target) → (A [r, in], B [out, r])`, and its scale
+/// and dropout (applied to the pair's input in training only).
+#[derive(Clone)]
+pub struct LowRankSet {
+    pub pairs: HashMap<(usize, Target), (Tensor, Tensor)>,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl LowRankSet {
+    /// The pairs of a loaded peft adapter (those on the encoder's dense layers; an adapter of
+    /// the pooler is not one this forward pass adds).
+    pub fn from_adapter(adapter: &super::lora::Adapter) -> Self {
+        let pairs = adapter.pairs.iter().filter_map(|(name, ab)| Target::of_weight(name).map(|key| (key, ab.clone()))).collect();
+        Self { pairs, scale: adapter.config.scale(), dropout: adapter.config.lora_dropout }
+    }
+
+    /// Whether the set changes `target` of `layer`.
+    pub fn touches(&self, layer: usize, target: Target) -> bool {
+        self.pairs.contains_key(&(layer, target))
+    }
+}
+
+/// The adapters of one batch: each applies to a range of consecutive batch rows (ranges in
+/// order, covering the batch; a row with no adapter is a range with `None`).
+#[derive(Clone, Default)]
+pub struct LowRank<'a> {
+    pub groups: Vec<(Range<usize>, Option<&'a LowRankSet>)>,
+}
+
+impl<'a> LowRank<'a> {
+    /// One adapter for all `rows`.
+    pub fn single(set: &'a LowRankSet, rows: usize) -> Self {
+        Self { groups: vec![(0..rows, Some(set))] }
+    }
+
+    /// Whether any group changes `target` of `layer`.
+    pub fn touches(&self, layer: usize, target: Target) -> bool {
+        self.groups.iter().any(|(_, s)| s.is_some_and(|s| s.touches(layer, target)))
+    }
+
+    /// `y` (the base layer's output for input `x`, both `[batch, seq, ·]`) plus each row's
+    /// adapter term for `target` of `layer`.
+    pub fn add(&self, layer: usize, target: Target, x: &Tensor, y: Tensor, mode: &mut Mode) -> Result<Tensor> {
+        if !self.touches(layer, target) {
+            return Ok(y);
+        }
+        let delta = |set: &LowRankSet, x: &Tensor, mode: &mut Mode| -> Result<Option<Tensor>> {
+            let Some((a, b)) = set.pairs.get(&(layer, target)) else { return Ok(None) };
+            let x = mode.dropout(x, set.dropout)?;
+            let low = x.broadcast_matmul(&a.t()?)?;
+            Ok(Some((low.broadcast_matmul(&b.t()?)? * set.scale)?))
+        };
+        if let [(rows, Some(set))] = self.groups.as_slice() {
+            if rows.start == 0 && rows.end == y.dim(0)? {
+                return match delta(set, x, mode)? {
+                    Some(d) => y + d,
+                    None => Ok(y),
+                };
+            }
+        }
+        let mut parts = Vec::with_capacity(self.groups.len());
+        for (rows, set) in &self.groups {
+            let yg = y.narrow(0, rows.start, rows.len())?;
+            let d = match set {
+                Some(set) => delta(set, &x.narrow(0, rows.start, rows.len())?, mode)?,
+                None => None,
+            };
+            parts.push(match d {
+                Some(d) => (yg + d)?,
+                None => yg,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    }
+}

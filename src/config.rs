@@ -109,6 +109,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_MODEL_CACHE_MIB", default_value_t = 4096)]
     pub model_cache_mib: usize,
 
+    /// Memory budget in MiB of LoRA adapters loaded to run over a shared base (their low-rank
+    /// pairs and heads; the bases count against `--model-cache-mib`).
+    #[arg(long, env = "FINETUNED_ADAPTER_CACHE_MIB", default_value_t = 512)]
+    pub adapter_cache_mib: usize,
+
     /// Threads for training jobs (0 = one per core). With `--predict-threads`, splits the
     /// cores so that a running job cannot starve predict.
     #[arg(long, env = "FINETUNED_TRAIN_THREADS", default_value_t = 0)]
@@ -195,6 +200,7 @@ impl ServeConfig {
             batch_rejoin_wait_ms: 5,
             model_cache_size: 8,
             model_cache_mib: 4096,
+            adapter_cache_mib: 512,
             train_threads: 0,
             hf_endpoint: None,
             webhook_secret: None,

@@ -151,6 +151,7 @@ impl Application {
         let mut predictor =
             Predictor::new(device.clone(), config.model_cache_size, config.model_cache_mib, config.max_concurrent_predicts, infer_pool);
         predictor.weights = asked.effective(&device);
+        predictor.set_adapter_budget_mib(config.adapter_cache_mib);
         predictor.limits.rejoin_wait = std::time::Duration::from_millis(config.batch_rejoin_wait_ms);
         if predictor.weights != asked {
             tracing::warn!("--predict-dtype bf16 needs a CPU with AVX512-BF16; predicting in f32");

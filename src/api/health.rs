@@ -39,12 +39,14 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
             "max_concurrent_predicts": c.max_concurrent_predicts,
             "model_cache_size": c.model_cache_size,
             "model_cache_mib": c.model_cache_mib,
+            "adapter_cache_mib": c.adapter_cache_mib,
             "max_batch_tokens": l.max_batch_tokens,
             "max_batch_size": l.max_batch_size,
             "max_batch_wait_ms": l.max_wait.as_secs_f64() * 1e3,
             "batch_rejoin_wait_ms": l.rejoin_wait.as_secs_f64() * 1e3,
         },
         "models_loaded": state.predictor.loaded_ids(),
+        "adapters_loaded": state.predictor.adapters_loaded(),
     }))
 }
 

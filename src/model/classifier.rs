@@ -82,6 +82,11 @@ impl Classifier {
         self.head.forward(&pooled)
     }
 
+    /// The head alone on pooled features (no dropout: for inference).
+    pub fn head_forward(&self, pooled: &Tensor) -> Result<Tensor> {
+        self.head.forward(pooled)
+    }
+
     /// What the head reads, `[batch, hidden]` (before the head's dropout), with each row's
     /// adapter terms added to the encoder's dense layers.
     pub fn pooled(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {

@@ -1,5 +1,6 @@
 //! The BERT model, its heads, and Hugging Face model directories.
 
+pub mod adapter_serving;
 pub mod adapters;
 pub mod artifacts;
 pub mod attention;

@@ -11,16 +11,18 @@ use tokenizers::Tokenizer;
 
 /// A ready-to-run classifier.
 pub struct LoadedClassifier {
-    model: Classifier,
+    pub(super) model: Classifier,
     tokenizer: Tokenizer,
     pub labels: Vec<String>,
     pub multi_label: bool,
     /// Longest input the position embeddings allow.
     pub max_len: usize,
-    pad_id: u32,
-    device: Device,
+    pub(super) pad_id: u32,
+    pub(super) device: Device,
     /// Approximate bytes of weights held.
     pub bytes: usize,
+    /// What activations are computed in (bf16 where every weight is, on a GPU).
+    pub(super) dtype: candle_core::DType,
 }
 
 /// An input longer than the model allows, with `truncate: false`.
@@ -37,7 +39,7 @@ pub struct TooLong {
 /// current pass, so that short texts are not padded to the longest one in the request. A pass
 /// is not cut below `MIN_TOKENS` real tokens: smaller matrix products lose more to overhead
 /// than padding costs.
-fn length_buckets<'a>(order: &'a [usize], seqs: &[Vec<u32>], batch_size: usize) -> Vec<&'a [usize]> {
+pub(super) fn length_buckets<'a>(order: &'a [usize], seqs: &[Vec<u32>], batch_size: usize) -> Vec<&'a [usize]> {
     const MIN_TOKENS: usize = 256;
     let mut out = Vec::new();
     let mut start = 0;
@@ -120,6 +122,29 @@ impl LoadedClassifier {
         };
         let Some(labels) = info.labels.clone() else { bail!("not a sequence-classification model") };
         let pooling = info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
+        Self::build(&info, weights, &tokenizer_dir, labels, pooling, device, weights_as)
+    }
+
+    /// Loads a base model's encoder (and pooler, for `cls`) to serve adapters over: each
+    /// brings its own head (see `model::adapter_serving`); this model's own head has no outputs.
+    pub fn load_encoder(dir: &Path, pooling: Pooling, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
+        let info = inspect(dir)?;
+        let mut weights = load_weights(dir, device)?;
+        let hidden = info.config.hidden_size;
+        weights.insert(super::classifier::HEAD_NAMES[0].into(), Tensor::zeros((0, hidden), candle_core::DType::F32, device)?);
+        weights.insert(super::classifier::HEAD_NAMES[1].into(), Tensor::zeros(0, candle_core::DType::F32, device)?);
+        Self::build(&info, weights, dir, Vec::new(), pooling, device, weights_as)
+    }
+
+    fn build(
+        info: &super::artifacts::ModelInfo,
+        weights: std::collections::HashMap<String, Tensor>,
+        tokenizer_dir: &Path,
+        labels: Vec<String>,
+        pooling: Pooling,
+        device: &Device,
+        weights_as: Weights,
+    ) -> anyhow::Result<Self> {
         // On a GPU, bf16 means every weight in bf16 (the CPU packs only the dense layers).
         let all_bf16 = weights_as.effective(device) == Weights::Bf16 && !device.is_cpu();
         let get = |n: &str| {
@@ -137,14 +162,20 @@ impl LoadedClassifier {
         let bytes = model.bytes();
         Ok(Self {
             model,
-            tokenizer: load_tokenizer(&tokenizer_dir)?,
+            tokenizer: load_tokenizer(tokenizer_dir)?,
             labels,
             multi_label: info.problem_type.as_deref() == Some("multi_label_classification"),
             max_len: info.config.max_position_embeddings,
             pad_id: info.config.pad_token_id as u32,
             device: device.clone(),
             bytes,
+            dtype: if all_bf16 { candle_core::DType::BF16 } else { candle_core::DType::F32 },
         })
+    }
+
+    /// What activations are computed in: an adapter served over this model takes the same.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype
     }
 
     /// Token ids of each text, truncated to `max_len` when `truncate`, else refused when longer.

@@ -3,6 +3,7 @@
 //! size, after waiting at most `max_wait` for company, or `rejoin_wait` for the callers of
 //! the previous batch to send their next requests), then hands each caller its rows.
 
+use crate::model::adapter_serving::LoadedAdapter;
 use crate::model::predictor::LoadedClassifier;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -48,6 +49,8 @@ type Reply = oneshot::Sender<anyhow::Result<(Vec<Vec<f32>>, Timings)>>;
 
 struct Work {
     seqs: Vec<Vec<u32>>,
+    /// The adapter whose terms and head these rows take; `None`: the model's own.
+    adapter: Option<Arc<LoadedAdapter>>,
     reply: Reply,
     enqueued: Instant,
 }
@@ -82,8 +85,14 @@ impl Batcher {
 
     /// Raw logits for `seqs`, computed together with whatever else is queued.
     pub async fn logits(&self, seqs: Vec<Vec<u32>>) -> anyhow::Result<(Vec<Vec<f32>>, Timings)> {
+        self.logits_with(seqs, None).await
+    }
+
+    /// Raw logits for `seqs` through `adapter` (over this thread's base model), computed
+    /// together with whatever else is queued, other adapters' rows included.
+    pub async fn logits_with(&self, seqs: Vec<Vec<u32>>, adapter: Option<Arc<LoadedAdapter>>) -> anyhow::Result<(Vec<Vec<f32>>, Timings)> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Work { seqs, reply, enqueued: Instant::now() }).map_err(|_| anyhow::anyhow!("inference thread stopped"))?;
+        self.tx.send(Work { seqs, adapter, reply, enqueued: Instant::now() }).map_err(|_| anyhow::anyhow!("inference thread stopped"))?;
         rx.await.map_err(|_| anyhow::anyhow!("inference thread stopped"))?
     }
 }
@@ -222,9 +231,17 @@ fn run_batch(
         return Ok(());
     }
     let all: Vec<Vec<u32>> = live.iter().flat_map(|w| w.seqs.iter().cloned()).collect();
+    let adapters: Vec<Option<Arc<LoadedAdapter>>> = live.iter().flat_map(|w| w.seqs.iter().map(|_| w.adapter.clone())).collect();
+    let forward = || {
+        if adapters.iter().all(Option::is_none) {
+            model.logits(&all, limits.max_batch_size)
+        } else {
+            model.logits_mixed(&all, &adapters, limits.max_batch_size)
+        }
+    };
     // Installed per batch, not for the thread's life: the pool is shared by every model.
     // A panic in the pool comes back here through `install`.
-    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| threads.install(|| model.logits(&all, limits.max_batch_size)))) {
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| threads.install(forward))) {
         Ok(result) => result,
         Err(payload) => return Err((live, panic_message(payload.as_ref()))),
     };

@@ -1,11 +1,14 @@
 //! Serving: a cache of loaded classifiers, each with its own inference thread that batches
 //! concurrent requests, and a bound on requests in flight (past it, 429).
 
+pub mod adapters;
 pub mod batcher;
 
+use crate::model::adapter_serving::LoadedAdapter;
+use crate::model::classifier::Pooling;
 use crate::model::predictor::{LoadedClassifier, Overflow, TooLong, Weights};
 use batcher::{BatchLimits, Batcher, Timings};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -79,6 +82,7 @@ pub struct Predictor {
     pub limits: BatchLimits,
     /// What loaded models' dense layers compute in.
     pub weights: Weights,
+    adapters: adapters::AdapterCache,
 }
 
 impl Predictor {
@@ -92,7 +96,18 @@ impl Predictor {
             threads,
             limits: BatchLimits::default(),
             weights: Weights::F32,
+            adapters: adapters::AdapterCache::new(512),
         }
+    }
+
+    /// Sets the memory budget of adapters loaded over a shared base.
+    pub fn set_adapter_budget_mib(&mut self, mib: usize) {
+        self.adapters = adapters::AdapterCache::new(mib);
+    }
+
+    /// Ids of the adapters loaded over a shared base now (for tests and the info endpoint).
+    pub fn adapters_loaded(&self) -> Vec<String> {
+        self.adapters.loaded_ids()
     }
 
     fn slot(&self, id: &str) -> Slot {
@@ -149,6 +164,7 @@ impl Predictor {
 
     /// Unloads a model (after it was deleted).
     pub fn evict(&self, id: &str) {
+        self.adapters.evict(id);
         self.cache.lock().unwrap().slots.remove(id);
     }
 
@@ -163,22 +179,28 @@ impl Predictor {
 
     /// Model `id`, loaded (from `path`) unless it is already; one whose inference thread
     /// crashed is loaded again.
-    async fn model(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
-        let loaded = self.load(id, path.clone()).await?;
+    async fn model(&self, id: &str, path: PathBuf, encoder: Option<Pooling>) -> Result<Arc<Loaded>, PredictError> {
+        let loaded = self.load(id, path.clone(), encoder).await?;
         if loaded.batcher.is_alive() {
             return Ok(loaded);
         }
         self.unload_crashed(id, &loaded);
-        self.load(id, path).await
+        self.load(id, path, encoder).await
     }
 
-    async fn load(&self, id: &str, path: PathBuf) -> Result<Arc<Loaded>, PredictError> {
+    /// Loads model `id` from `path`: a classifier, or with `encoder` a base's encoder for
+    /// adapters to run over.
+    async fn load(&self, id: &str, path: PathBuf, encoder: Option<Pooling>) -> Result<Arc<Loaded>, PredictError> {
         let slot = self.slot(id);
         let device = self.device.clone();
         let (name, limits, weights) = (id.to_string(), self.limits, self.weights);
         let loaded = slot
             .get_or_try_init(|| async move {
-                let model = tokio::task::spawn_blocking(move || LoadedClassifier::load_as(&path, &device, weights))
+                let load = move || match encoder {
+                    Some(pooling) => LoadedClassifier::load_encoder(&path, pooling, &device, weights),
+                    None => LoadedClassifier::load_as(&path, &device, weights),
+                };
+                let model = tokio::task::spawn_blocking(load)
                     .await
                     .map_err(|e| PredictError::Load(e.to_string()))?
                     .map(Arc::new)
@@ -208,7 +230,17 @@ impl Predictor {
         raw: bool,
     ) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
-        let loaded = self.model(id, path).await?;
+        let adapter = self.shared_adapter(id, &path).await?;
+        // An adapter over a shared base runs on the base's inference thread, with other
+        // adapters' rows in the same passes; the base is cached under a key of its own.
+        let (key, loaded) = match &adapter {
+            Some(a) => {
+                let key = format!("{}#{}", a.base.display(), a.pooling.as_str());
+                let loaded = self.model(&key, a.base.clone(), Some(a.pooling)).await?;
+                (key, loaded)
+            }
+            None => (id.to_string(), self.model(id, path, None).await?),
+        };
         let model = loaded.model.clone();
         let small = texts.len() <= INLINE_TEXTS && texts.iter().map(String::len).sum::<usize>() <= INLINE_BYTES;
         let started = std::time::Instant::now();
@@ -226,21 +258,43 @@ impl Predictor {
         let tokenization = started.elapsed();
         let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
         let seqs: Vec<Vec<u32>> = windows.into_iter().flatten().collect();
-        let (logits, timings) = match loaded.batcher.logits(seqs).await {
+        let (logits, timings) = match loaded.batcher.logits_with(seqs, adapter.clone()).await {
             Ok(done) => done,
             Err(e) if !loaded.batcher.is_alive() => {
-                self.unload_crashed(id, &loaded);
+                self.unload_crashed(&key, &loaded);
                 return Err(PredictError::Crashed(format!("{e:#}")));
             }
             Err(e) => return Err(PredictError::Inference(format!("{e:#}"))),
         };
         let model = &loaded.model;
-        let per_window: Vec<Vec<f32>> = if raw { logits } else { logits.iter().map(|l| model.probabilities(l)).collect() };
+        let per_window: Vec<Vec<f32>> = match (&adapter, raw) {
+            (_, true) => logits,
+            (Some(a), false) => logits.iter().map(|l| a.probabilities(l)).collect(),
+            (None, false) => logits.iter().map(|l| model.probabilities(l)).collect(),
+        };
         let mut rows = per_window.into_iter();
         let scores = counts.iter().map(|&n| mean_rows(rows.by_ref().take(n).collect())).collect();
         metrics::histogram!("finetuned_predict_batch_size").record(timings.batch_size as f64);
         metrics::histogram!("finetuned_predict_queue_seconds").record(timings.queue.as_secs_f64());
         metrics::histogram!("finetuned_predict_inference_seconds").record(timings.inference.as_secs_f64());
-        Ok(Scored { labels: Arc::new(model.labels.clone()), multi_label: model.multi_label, scores, timings, tokenization })
+        let (labels, multi_label) = match &adapter {
+            Some(a) => (a.labels.clone(), a.multi_label),
+            None => (model.labels.clone(), model.multi_label),
+        };
+        Ok(Scored { labels: Arc::new(labels), multi_label, scores, timings, tokenization })
+    }
+
+    /// The adapter `id` at `path` when it is one served over a shared base.
+    async fn shared_adapter(&self, id: &str, path: &std::path::Path) -> Result<Option<Arc<LoadedAdapter>>, PredictError> {
+        if !crate::model::lora::is_adapter(path) {
+            return Ok(None);
+        }
+        // Activations are f32 but on a GPU in bf16, where every weight is bf16.
+        let dtype = if self.weights.effective(&self.device) == Weights::Bf16 && !self.device.is_cpu() { DType::BF16 } else { DType::F32 };
+        match self.adapters.get(id, path.to_path_buf(), &self.device, dtype).await {
+            Ok(adapters::Served::Shared(a)) => Ok(Some(a)),
+            Ok(adapters::Served::Merged) => Ok(None),
+            Err(e) => Err(PredictError::Load(format!("{e:#}"))),
+        }
     }
 }

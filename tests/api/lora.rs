@@ -6,9 +6,9 @@ use finetuned::config::ServeConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-fn add_golden_adapter(models: &std::path::Path) {
+fn add_golden_adapter(models: &std::path::Path, name: &str) {
     let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden/peft-adapter");
-    let to = models.join("peft-tiny");
+    let to = models.join(name);
     std::fs::create_dir_all(&to).unwrap();
     for f in [finetuned::model::lora::ADAPTER_CONFIG, finetuned::model::lora::ADAPTER_WEIGHTS] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
@@ -19,7 +19,7 @@ fn add_golden_adapter(models: &std::path::Path) {
 async fn a_peft_adapter_in_the_models_dir_is_listed_and_served_over_its_base() {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir(tmp.path());
-    add_golden_adapter(&models);
+    add_golden_adapter(&models, "peft-tiny");
     let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
 
     let m: Value = app.get("/v1/models/peft-tiny").await.json().await.unwrap();
@@ -41,9 +41,103 @@ async fn a_peft_adapter_in_the_models_dir_is_listed_and_served_over_its_base() {
     let expected = if logits[1] > logits[0] { "LABEL_1" } else { "LABEL_0" };
     assert_eq!(preds[0][0]["label"], expected, "the top label is peft's for the first text");
 
+    // Served over the shared base: the raw scores are peft's logits.
+    // The texts `tests/lora.rs` asked peft about when the golden file was made.
+    let texts =
+        ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés,", "unflinchingly bleak and desperate", "x"];
+    let r = app.predict("peft-tiny", &json!({"inputs": texts, "raw_scores": true})).await;
+    let got = scores(r.json().await.unwrap());
+    let want: Vec<Vec<f32>> = serde_json::from_value(golden["logits"].clone()).unwrap();
+    assert_close(&got, &want);
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["adapters_loaded"], json!(["peft-tiny"]), "{info}");
+    assert!(info["models_loaded"].as_array().unwrap().iter().all(|m| m != "peft-tiny"), "not loaded as a model of its own: {info}");
+
     let r = app.post_json("/v1/jobs", &json!({"base_model": "peft-tiny", "training_dataset": "ds-none"})).await;
     let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
     assert_eq!(err["param"], "base_model");
     assert!(err["message"].as_str().unwrap().contains("all-minilm-l6-v2"), "{err}");
+    app.stop().await;
+}
+
+/// Scores per input, in the model's label order, from a predict answer.
+fn scores(body: Value) -> Vec<Vec<f32>> {
+    body["predictions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let mut row: Vec<(String, f32)> = p
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| (s["label"].as_str().unwrap().to_string(), s["score"].as_f64().unwrap() as f32))
+                .collect();
+            row.sort_by(|a, b| a.0.cmp(&b.0));
+            row.into_iter().map(|(_, s)| s).collect()
+        })
+        .collect()
+}
+
+fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            assert!((a - b).abs() <= 1e-4, "{got:?} against {want:?}");
+        }
+    }
+}
+
+/// Writes, as `name`, the golden adapter with its low-rank B matrices negated and its head
+/// scaled: a second adapter over the same base that answers differently.
+fn add_turned_adapter(models: &std::path::Path, name: &str) {
+    add_golden_adapter(models, name);
+    let path = models.join(name).join(finetuned::model::lora::ADAPTER_WEIGHTS);
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    for (k, t) in tensors.iter_mut() {
+        if k.ends_with("lora_B.weight") {
+            *t = t.neg().unwrap();
+        } else if k.contains("classifier") {
+            *t = (t.clone() * 3.0).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
+#[tokio::test]
+async fn adapters_of_one_base_share_it_and_each_request_gets_its_own_adapters_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir(tmp.path());
+    add_golden_adapter(&models, "first");
+    add_turned_adapter(&models, "second");
+    let device = candle_core::Device::Cpu;
+    let texts = ["a gorgeous, witty, seductive movie.", "unflinchingly bleak and desperate", "x", "the plot is nothing but boilerplate"];
+    // What each adapter gives alone, merged into its own copy of the base.
+    let alone = |name: &str| {
+        let m = finetuned::model::predictor::LoadedClassifier::load(&models.join(name), &device).unwrap();
+        let ids = m.tokenize(&texts, true).unwrap().unwrap();
+        m.logits(&ids, 8).unwrap()
+    };
+    let (first, second) = (alone("first"), alone("second"));
+    assert!((first[0][0] - second[0][0]).abs() > 1e-3, "the two adapters must answer differently");
+    let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
+
+    // Many requests at once, alternating adapters, so that passes hold rows of both.
+    let calls = (0..16).map(|i| {
+        let name = if i % 2 == 0 { "first" } else { "second" };
+        let text = texts[i % texts.len()];
+        let app = &app;
+        async move { (name, i % texts.len(), app.predict(name, &json!({"inputs": [text], "raw_scores": true})).await) }
+    });
+    for (name, t, r) in futures::future::join_all(calls).await {
+        assert_eq!(r.status(), StatusCode::OK);
+        let want = if name == "first" { &first[t] } else { &second[t] };
+        assert_close(&scores(r.json().await.unwrap()), std::slice::from_ref(want));
+    }
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["adapters_loaded"], json!(["first", "second"]), "{info}");
+    let bases: Vec<&Value> = info["models_loaded"].as_array().unwrap().iter().collect();
+    assert_eq!(bases.len(), 1, "one base for both adapters: {info}");
     app.stop().await;
 }

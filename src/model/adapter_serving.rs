@@ -1,0 +1,112 @@
+//! Many LoRA adapters served over one loaded base: an adapter is its low-rank pairs and its
+//! head (kilobytes to a few MiB), and one forward pass of the base can hold rows for different
+//! adapters (see `model::adapters`).
+
+use super::adapters::{LowRank, LowRankSet, Target};
+use super::classifier::{Pooling, HEAD_NAMES};
+use super::layers::{Linear, Mode};
+use super::lora::{inspect_adapter, Adapter};
+use super::predictor::{length_buckets, softmax, LoadedClassifier};
+use super::tokenize::pad_batch;
+use anyhow::Context;
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An adapter loaded for serving over a shared base.
+pub struct LoadedAdapter {
+    pub set: LowRankSet,
+    head: Linear,
+    pub labels: Vec<String>,
+    pub multi_label: bool,
+    /// The base dir it runs over, and the pooling its head reads.
+    pub base: PathBuf,
+    pub pooling: Pooling,
+    /// Bytes of its tensors.
+    pub bytes: usize,
+}
+
+impl LoadedAdapter {
+    /// Loads the adapter in `dir` for serving over a shared base, its tensors in `dtype` on
+    /// `device`. `None` when it changes more than the encoder's dense layers and the head (an
+    /// adapter of the pooler or the embeddings): such a one is served merged into its base.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Option<Self>> {
+        let info = inspect_adapter(dir)?;
+        let adapter = Adapter::load(dir, device)?;
+        let only_dense = adapter.pairs.keys().all(|name| Target::of_weight(name).is_some());
+        let only_head = adapter.replaced.keys().all(|name| HEAD_NAMES.contains(&name.as_str()));
+        if !(only_dense && only_head) {
+            return Ok(None);
+        }
+        let mut set = LowRankSet::from_adapter(&adapter);
+        let mut bytes = 0;
+        for (a, b) in set.pairs.values_mut() {
+            *a = a.to_dtype(dtype)?;
+            *b = b.to_dtype(dtype)?;
+            bytes += (a.elem_count() + b.elem_count()) * dtype.size_in_bytes();
+        }
+        let get = |n: &str| adapter.replaced.get(n).cloned().with_context(|| format!("the adapter carries no {n}"));
+        let mut head = Linear::new(get(HEAD_NAMES[0])?.to_dtype(dtype)?, get(HEAD_NAMES[1])?.to_dtype(dtype)?);
+        head.prepare_for_inference()?;
+        bytes += head.bytes();
+        let labels = info.info.labels.clone().unwrap_or_default();
+        let pooling = info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
+        let multi_label = info.info.problem_type.as_deref() == Some("multi_label_classification");
+        Ok(Some(Self { set, head, labels, multi_label, base: info.base, pooling, bytes }))
+    }
+
+    /// Probabilities from logits: softmax, or sigmoid for multi-label adapters.
+    pub fn probabilities(&self, logits: &[f32]) -> Vec<f32> {
+        if self.multi_label {
+            logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect()
+        } else {
+            softmax(logits)
+        }
+    }
+}
+
+impl LoadedClassifier {
+    /// Raw logits for each sequence, in input order, each through its own adapter (`None`: this
+    /// model's own head). Sequences are batched by length as in [`LoadedClassifier::logits`];
+    /// within a pass, the rows of one adapter are put side by side so that each adds its
+    /// low-rank terms once.
+    pub fn logits_mixed(
+        &self,
+        seqs: &[Vec<u32>],
+        adapters: &[Option<Arc<LoadedAdapter>>],
+        batch_size: usize,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
+        anyhow::ensure!(seqs.len() == adapters.len(), "one adapter (or none) per sequence");
+        let key = |i: usize| adapters[i].as_ref().map_or(0, |a| Arc::as_ptr(a) as usize);
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].len());
+        let mut out = vec![Vec::new(); seqs.len()];
+        for chunk in length_buckets(&order, seqs, batch_size.max(1)) {
+            let mut chunk = chunk.to_vec();
+            chunk.sort_by_key(|&i| key(i));
+            let mut groups: Vec<(std::ops::Range<usize>, Option<&LowRankSet>)> = Vec::new();
+            for (row, &i) in chunk.iter().enumerate() {
+                match groups.last_mut() {
+                    Some((rows, _)) if key(chunk[rows.start]) == key(i) => rows.end = row + 1,
+                    _ => groups.push((row..row + 1, adapters[i].as_ref().map(|a| &a.set))),
+                }
+            }
+            let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
+            let batch = pad_batch(&refs, self.pad_id, &self.device)?;
+            let pooled =
+                self.model.pooled(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval, &LowRank { groups: groups.clone() })?;
+            for (rows, _) in &groups {
+                let part = pooled.narrow(0, rows.start, rows.len())?;
+                let logits = match &adapters[chunk[rows.start]] {
+                    Some(a) => a.head.forward(&part)?,
+                    None => self.model.head_forward(&part)?,
+                };
+                let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+                for (&i, row) in chunk[rows.clone()].iter().zip(logits) {
+                    out[i] = row;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -277,7 +277,7 @@ async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
     if !finetuned::model::packed::bf16_supported() {
         assert_eq!(info["predict_dtype"], "f32", "falls back on a CPU without AVX512-BF16");
-        eprintln!("skipped the bf16 comparison: this CPU has no AVX512-BF16");
+        finetuned::testing::skip("predict-bf16-avx512bf16", "this CPU has no AVX512-BF16: compared the fallback only");
         return;
     }
     assert_eq!(info["predict_dtype"], "bf16");
@@ -289,9 +289,14 @@ async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
             assert!(d < 0.05, "logits within 0.05: {x} / {y}");
         }
     }
-    let mut bad = ServeConfig::for_test(tmp.path().join("data2"), tmp.path().join("models"));
+}
+
+#[tokio::test]
+async fn an_unknown_predict_dtype_is_refused_before_the_data_dir_is_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bad = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
     bad.predict_dtype = "f8".into();
     let err = finetuned::startup::Application::build(bad).await.err().expect("an unknown dtype is refused");
     assert!(format!("{err:#}").contains("--predict-dtype"), "{err:#}");
-    assert!(!tmp.path().join("data2").exists(), "a bad setting is refused before the data dir is made");
+    assert!(!tmp.path().join("data").exists(), "a bad setting is refused before the data dir is made");
 }

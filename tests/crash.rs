@@ -214,10 +214,20 @@ async fn kill_9_mid_upload_leaves_no_dataset_and_no_file_behind() {
         conn.write_all(&chunk).unwrap();
     }
     conn.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300)); // let the server take in what was sent
+    // The server writes the body to a temp file as it arrives: the kill comes once several MiB
+    // of it are on disk, so it lands mid-upload.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partial = loop {
+        if let Some(p) = upload_temp_file(&data).filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() >= 4 << 20)) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no temp file of the upload with 4 MiB in it: {:?}", upload_temp_file(&data));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     server.kill().unwrap();
     server.wait().unwrap();
     drop(conn);
+    assert!(partial.exists(), "the killed server left its half upload: start-up must deal with it");
 
     let (_server, url) = start(&data, &models);
     let client = reqwest::Client::new();
@@ -234,6 +244,12 @@ async fn kill_9_mid_upload_leaves_no_dataset_and_no_file_behind() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+}
+
+/// The temp file an upload in progress is being written to, if there is one.
+fn upload_temp_file(data: &std::path::Path) -> Option<std::path::PathBuf> {
+    let entries = std::fs::read_dir(data.join("datasets")).ok()?;
+    entries.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-upload-")))
 }
 
 #[tokio::test]

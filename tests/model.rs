@@ -66,14 +66,23 @@ fn mean_pooling_reaches_every_encoder_parameter() {
     }
 }
 
+/// What a run reported: validation accuracy by epoch, and its loss curves.
+#[derive(Default)]
 struct Collect {
     epochs: Vec<f64>,
+    /// The training loss of every step, then each epoch's training and validation loss.
+    losses: Vec<f64>,
 }
 
 impl Observer for Collect {
     fn on_event(&mut self, e: Event) {
-        if let Event::Epoch(r) = e {
-            self.epochs.push(r.report.accuracy);
+        match e {
+            Event::Step(s) => self.losses.push(s.loss),
+            Event::Epoch(r) => {
+                self.epochs.push(r.report.accuracy);
+                self.losses.extend([r.train_loss, r.loss]);
+            }
+            _ => {}
         }
     }
     fn should_stop(&self) -> bool {
@@ -81,12 +90,12 @@ impl Observer for Collect {
     }
 }
 
-fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Vec<f64>) {
+fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Collect) {
     train_tiny_in(dir, seed, Precision::F32)
 }
 
 /// As `train_tiny`, computing the training steps in `precision`.
-fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std::path::PathBuf, Vec<f64>) {
+fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std::path::PathBuf, Collect) {
     let base = write_tiny_model(dir, "tiny");
     let hp = HyperparametersInput {
         epochs: Some(12),
@@ -104,12 +113,12 @@ fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std
         precision,
         ..TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu)
     };
-    let mut obs = Collect { epochs: vec![] };
+    let mut obs = Collect::default();
     match trainer::run(req, &mut obs).unwrap() {
         Outcome::Finished(done) => assert_eq!(done.labels, vec!["neg", "pos"]),
         _ => panic!("expected a finished classifier"),
     }
-    (out, obs.epochs)
+    (out, obs)
 }
 
 #[test]
@@ -133,9 +142,17 @@ fn tiny_bert_learns_a_separable_toy_set_to_full_training_accuracy() {
 }
 
 #[test]
-fn same_seed_gives_the_same_metrics() {
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    assert_eq!(train_tiny(a.path(), 3).1, train_tiny(b.path(), 3).1);
+fn same_seed_gives_the_same_loss_curves_bit_for_bit() {
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, again) = (train_tiny(a.path(), 3).1, train_tiny(b.path(), 3).1);
+    // Accuracy reaches 1.0 within a few epochs whatever the seed; the losses differ in every run
+    // that is not the same computation.
+    assert_eq!(first.losses.len(), 12 * 6 + 12 * 2, "a loss per step, two per epoch");
+    let bits = |c: &Collect| c.losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&first), bits(&again), "{:?} / {:?}", first.losses, again.losses);
+    assert_eq!(first.epochs, again.epochs);
+    let other = train_tiny(c.path(), 4).1;
+    assert_ne!(bits(&first), bits(&other), "another seed gives the same curve: the comparison cannot fail");
 }
 
 #[test]
@@ -182,7 +199,7 @@ fn saved_model_loads_back_with_identical_logits_and_hugging_face_names() {
 fn mixed_precision_training_learns_and_saves_f32_weights() {
     for precision in [Precision::Bf16, Precision::F16] {
         let dir = tempfile::tempdir().unwrap();
-        let (out, epochs) = train_tiny_in(dir.path(), 42, precision);
+        let (out, Collect { epochs, .. }) = train_tiny_in(dir.path(), 42, precision);
         assert_eq!(*epochs.last().unwrap(), 1.0, "{precision:?}: validation accuracy by epoch {epochs:?}");
         let saved = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
         assert!(saved.values().all(|t| t.dtype() == candle_core::DType::F32), "{precision:?} saved non-f32 weights");

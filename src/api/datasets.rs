@@ -119,6 +119,8 @@ fn write_atomic(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Reads the single file of a dataset upload: a raw body, or the `file` part of a multipart form.
+/// The file goes to a temp file in `datasets/` as it arrives (a crash mid-upload leaves only a
+/// temp file, which start-up removes) and is read back once whole.
 async fn read_upload(headers: &HeaderMap, req: Request, state: &AppState) -> ApiResult<Upload> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     if ct.as_deref().is_some_and(|c| c.starts_with("multipart/form-data")) {
@@ -129,7 +131,7 @@ async fn read_upload(headers: &HeaderMap, req: Request, state: &AppState) -> Api
             }
             let filename = field.file_name().map(str::to_string);
             let fct = field.content_type().map(str::to_string);
-            let bytes = field.bytes().await.map_err(multipart_error)?;
+            let bytes = spool(state, field, multipart_error).await?.read().await?;
             let format = format_of(fct.as_deref(), filename.as_deref()).unwrap_or(Format::Jsonl);
             return Ok(Upload { bytes, format, filename });
         }
@@ -138,8 +140,61 @@ async fn read_upload(headers: &HeaderMap, req: Request, state: &AppState) -> Api
     let Some(format) = format_of(ct.as_deref(), None) else {
         return Err(ApiError::bad_request("Content-Type must be application/x-ndjson, application/jsonl, text/csv or multipart/form-data"));
     };
-    let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
+    let limit = state.config.max_upload_bytes;
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    let cut_short = |e: axum::Error| ApiError::bad_request(format!("the upload was cut short: {e}"));
+    let bytes = spool(state, req.into_body().into_data_stream(), cut_short).await?.read().await?;
     Ok(Upload { bytes, format, filename: None })
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload is larger than {limit} bytes (see --max-upload-bytes)"))
+}
+
+/// An upload's bytes in a temp file in `datasets/`, removed when dropped: once read back, or
+/// when the request fails or is dropped half-way (the client went away).
+struct Spooled(std::path::PathBuf);
+
+impl Spooled {
+    async fn read(self) -> ApiResult<Bytes> {
+        Ok(tokio::fs::read(&self.0).await.map_err(anyhow::Error::from)?.into())
+    }
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes `chunks` to a new temp file in the data dir's `datasets/` as they arrive, refusing more
+/// than `--max-upload-bytes`. A full disk is a 503 (see [`ApiError`]'s `From<anyhow::Error>`).
+async fn spool<E>(
+    state: &AppState,
+    chunks: impl futures::Stream<Item = Result<Bytes, E>>,
+    on_error: impl Fn(E) -> ApiError,
+) -> ApiResult<Spooled> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let io = |e: std::io::Error| ApiError::from(anyhow::Error::from(e).context("writing the upload to the data dir"));
+    let dir = state.config.data_dir.join("datasets");
+    tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+    let spooled = Spooled(dir.join(format!(".tmp-upload-{}", uuid::Uuid::new_v4().simple())));
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::create(&spooled.0).await.map_err(io)?);
+    let (mut chunks, mut len) = (std::pin::pin!(chunks), 0usize);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(&on_error)?;
+        len += chunk.len();
+        if len > state.config.max_upload_bytes {
+            return Err(too_large(state.config.max_upload_bytes));
+        }
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.flush().await.map_err(io)?;
+    Ok(spooled)
 }
 
 /// A multipart read error: 413 when the body limit was hit, else 400.

@@ -396,9 +396,11 @@ mod tests {
             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for (bf16, ok) in [(false, f32_supported()), (true, bf16_supported())] {
+        let formats =
+            [(false, f32_supported(), "packed-f32-avx512f", "AVX-512F"), (true, bf16_supported(), "packed-bf16-avx512bf16", "AVX512-BF16")];
+        for (bf16, ok, id, needs) in formats {
             if !ok {
-                eprintln!("skipped {}: this CPU lacks the instructions", if bf16 { "bf16" } else { "f32" });
+                crate::testing::skip(id, format!("this CPU has no {needs}"));
                 continue;
             }
             for (rows, k, n) in [(1, 384, 1152), (20, 384, 384), (13, 37, 50), (25, 1536, 384), (3, 5, 2), (70, 64, 96)] {

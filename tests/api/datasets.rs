@@ -61,6 +61,29 @@ async fn wrong_content_type_and_oversized_bodies_get_the_envelope() {
     let app = spawn_with(cfg).await;
     assert_error(app.upload(toy_jsonl(4), "text/html").await, StatusCode::BAD_REQUEST, "bad_request").await;
     assert_error(app.upload(toy_jsonl(200), "application/x-ndjson").await, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    // Without a Content-Length the limit is counted as the body is written to disk; the part
+    // written is removed.
+    let status = chunked_upload(&app.base, &toy_jsonl(200)).await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    let files: Vec<_> = std::fs::read_dir(app.data_dir.join("datasets")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(files.is_empty(), "{files:?}");
+}
+
+/// POSTs `body` to `/v1/datasets` in chunks of 100 bytes (no Content-Length); the status line.
+async fn chunked_upload(base: &str, body: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request =
+        format!("POST /v1/datasets HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for chunk in body.as_bytes().chunks(100) {
+        request += &format!("{:x}\r\n{}\r\n", chunk.len(), std::str::from_utf8(chunk).unwrap());
+    }
+    request += "0\r\n\r\n";
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(conn).read_line(&mut line).await.unwrap();
+    line
 }
 
 #[tokio::test]

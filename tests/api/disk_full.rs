@@ -1,5 +1,6 @@
-//! A data dir on a small tmpfs that fills up while a job trains. Mounting needs root (as in CI
-//! here); elsewhere the test says why it is skipped and passes.
+//! A data dir on a small tmpfs that fills up while a job trains, and data dirs that turn read-only.
+//! Mounting needs root. CI runs as root, so there a test that cannot mount fails; elsewhere it
+//! says why it skipped and passes (see `finetuned::testing::skip`).
 
 use crate::helpers::*;
 use finetuned::config::ServeConfig;
@@ -13,21 +14,17 @@ use std::process::Command;
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &Path, mib: u32) -> Option<Self> {
+    fn mount(dir: &Path, mib: u32) -> Result<Self, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(dir).output();
-        match out {
-            Ok(o) if o.status.success() => Some(Self(dir.to_path_buf())),
-            Ok(o) => {
-                eprintln!("skipped: cannot mount a tmpfs here: {}", String::from_utf8_lossy(&o.stderr).trim());
-                None
-            }
-            Err(e) => {
-                eprintln!("skipped: cannot run mount: {e}");
-                None
-            }
-        }
+        mount(&["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), format!("size={mib}m").as_ref(), "tmpfs".as_ref(), dir.as_os_str()])?;
+        Ok(Self(dir.to_path_buf()))
     }
+}
+
+/// What a mount gave, or `None` once the test `id` has reported that it skips (which fails it
+/// under CI, where the tests run as root and mounting must work).
+fn mounted<T>(id: &str, m: Result<T, String>) -> Option<T> {
+    m.map_err(|e| finetuned::testing::skip(id, format!("cannot mount here (needs root): {e}"))).ok()
 }
 
 impl Drop for Tmpfs {
@@ -54,7 +51,7 @@ fn fill(dir: &Path, name: &str) -> PathBuf {
 async fn a_disk_that_fills_mid_job_fails_the_job_with_a_clear_error_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir(tmp.path());
-    let Some(_mnt) = Tmpfs::mount(&tmp.path().join("mnt"), 16) else { return };
+    let Some(_mnt) = mounted("disk-full-mid-job", Tmpfs::mount(&tmp.path().join("mnt"), 16)) else { return };
     let data = tmp.path().join("mnt/data");
     let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
     let ds = app.upload_ok(crate::common::toy_jsonl(512)).await;
@@ -111,11 +108,11 @@ async fn a_disk_that_fills_mid_job_fails_the_job_with_a_clear_error_and_loses_no
 
 /// A 16 MiB tmpfs under `root` whose data dir holds one dataset, uploaded by a server that has
 /// stopped since: the mount (guard and path), the models dir, the data dir and the dataset id.
-/// `None` where mounting is refused.
-async fn stopped_server_with_a_dataset(root: &Path) -> Option<(Tmpfs, PathBuf, PathBuf, PathBuf, String)> {
+/// `None` where mounting is refused (the test `id` has then reported that it skips).
+async fn stopped_server_with_a_dataset(id: &str, root: &Path) -> Option<(Tmpfs, PathBuf, PathBuf, PathBuf, String)> {
     let models = models_dir(root);
     let mnt = root.join("mnt");
-    let guard = Tmpfs::mount(&mnt, 16)?;
+    let guard = mounted(id, Tmpfs::mount(&mnt, 16))?;
     let data = mnt.join("data");
     let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;
     let ds = app.upload_ok(crate::common::toy_jsonl(32)).await;
@@ -135,13 +132,7 @@ async fn a_read_only_data_dir_at_start_up_is_refused_with_a_clear_error_and_left
     // The same data dir through a fresh read-only bind mount. (Remounting the filesystem itself
     // read-only is refused while any file on it is open for writing, which makes that flaky.)
     let view = tmp.path().join("read-only-view");
-    let guard = match read_only_over(&view, &data) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("skipped: cannot mount here: {e}");
-            return;
-        }
-    };
+    let Some(guard) = mounted("read-only-data-dir-at-start-up", read_only_over(&view, &data)) else { return };
     let err =
         finetuned::startup::Application::build(ServeConfig::for_test(view.clone(), models.clone())).await.err().expect("start-up fails");
     let msg = format!("{err:#}");
@@ -194,13 +185,7 @@ async fn a_data_dir_turned_read_only_mid_job_fails_the_job_with_a_clear_error() 
     // remounted read-only while the database is open for writing: the kernel refuses.)
     let models = app.data_dir.join("models");
     let empty = app.data_dir.parent().unwrap().join("empty");
-    let guard = match read_only_over(&models, &empty) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("skipped: cannot mount here: {e}");
-            return;
-        }
-    };
+    let Some(guard) = mounted("read-only-models-dir-mid-job", read_only_over(&models, &empty)) else { return };
     let done = app.wait_ended(&id, 300).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "storage_error", "{done}");
@@ -220,7 +205,7 @@ async fn a_server_started_on_a_full_disk_serves_reads_and_refuses_writes_with_50
     // SQLite needs room for its shared-memory file to open the database at all: the reserve
     // the last run left behind provides it.
     let tmp = tempfile::tempdir().unwrap();
-    let Some((_mnt, mnt, models, data, ds)) = stopped_server_with_a_dataset(tmp.path()).await else { return };
+    let Some((_mnt, mnt, models, data, ds)) = stopped_server_with_a_dataset("disk-full-at-start-up", tmp.path()).await else { return };
     let filler = fill(&mnt, "filler");
 
     let app = spawn_with(ServeConfig::for_test(data.clone(), models.clone())).await;

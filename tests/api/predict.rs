@@ -19,9 +19,30 @@ async fn predict_options_top_k_raw_scores_and_truncate() {
     let r = app.predict("toy", &json!({"inputs": "a great superb film"})).await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["predictions"][0][0]["label"], "pos", "{v}");
-    let top1: Value = app.predict("toy", &json!({"inputs": ["good", "bad"], "top_k": 1})).await.json().await.unwrap();
-    assert_eq!(top1["predictions"][0].as_array().unwrap().len(), 1);
-    assert_eq!(top1["predictions"][1][0]["label"], "neg");
+    // Every label, best first, and top_k the first k of that list: on texts whose best label comes
+    // first ("neg") and last ("pos") in the model's label order, so a list left in label order,
+    // or sorted the wrong way, fails on half of them.
+    let texts = ["good", "bad", "a great superb film", "the plot was really awful and boring"];
+    let all: Value = app.predict("toy", &json!({"inputs": texts})).await.json().await.unwrap();
+    let mut best = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let row = all["predictions"][i].as_array().unwrap();
+        let scores: Vec<f64> = row.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+        assert_eq!(row.len(), 2, "{text}: {row:?}");
+        assert!(scores[0] > scores[1], "{text}: not best first: {row:?}");
+        best.push(row[0]["label"].as_str().unwrap());
+    }
+    assert_eq!(best, ["pos", "neg", "pos", "neg"], "{all}");
+    for (k, want) in [(1, 1), (2, 2), (5, 2)] {
+        let top: Value = app.predict("toy", &json!({"inputs": texts, "top_k": k})).await.json().await.unwrap();
+        for (i, text) in texts.iter().enumerate() {
+            assert_eq!(
+                top["predictions"][i].as_array().unwrap()[..],
+                all["predictions"][i].as_array().unwrap()[..want],
+                "{text}, top_k {k}"
+            );
+        }
+    }
     let probs: Value = app.predict("toy", &json!({"inputs": "good"})).await.json().await.unwrap();
     let raw: Value = app.predict("toy", &json!({"inputs": "good", "raw_scores": true})).await.json().await.unwrap();
     let (p, r) = (&probs["predictions"][0], &raw["predictions"][0]);
@@ -277,7 +298,7 @@ async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
     if !finetuned::model::packed::bf16_supported() {
         assert_eq!(info["predict_dtype"], "f32", "falls back on a CPU without AVX512-BF16");
-        eprintln!("skipped the bf16 comparison: this CPU has no AVX512-BF16");
+        finetuned::testing::skip("predict-bf16-avx512bf16", "this CPU has no AVX512-BF16: compared the fallback only");
         return;
     }
     assert_eq!(info["predict_dtype"], "bf16");
@@ -289,9 +310,14 @@ async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
             assert!(d < 0.05, "logits within 0.05: {x} / {y}");
         }
     }
-    let mut bad = ServeConfig::for_test(tmp.path().join("data2"), tmp.path().join("models"));
+}
+
+#[tokio::test]
+async fn an_unknown_predict_dtype_is_refused_before_the_data_dir_is_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bad = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
     bad.predict_dtype = "f8".into();
     let err = finetuned::startup::Application::build(bad).await.err().expect("an unknown dtype is refused");
     assert!(format!("{err:#}").contains("--predict-dtype"), "{err:#}");
-    assert!(!tmp.path().join("data2").exists(), "a bad setting is refused before the data dir is made");
+    assert!(!tmp.path().join("data").exists(), "a bad setting is refused before the data dir is made");
 }

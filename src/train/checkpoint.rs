@@ -6,9 +6,8 @@
 //! into place with `checkpoint.json` last, so a crash mid-save leaves no checkpoint that looks
 //! whole. Only the newest `keep` are kept.
 
-use super::mlm::MlmReport;
+use super::events::{EpochReport, Event, MlmReport, Observer};
 use super::optim::{AdamW, OptimState};
-use super::trainer::{EpochReport, Event, Observer};
 use crate::model::params::Params;
 use anyhow::Context;
 use candle_core::{Device, Tensor};

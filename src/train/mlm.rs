@@ -3,10 +3,11 @@
 
 use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
 use super::data::batch_order;
+pub use super::events::MlmReport;
+use super::events::{Event, Observer, Outcome, StepInfo, TrainError};
 use super::hyper::Hyperparameters;
 use super::optim::{linear_schedule, AdamW};
 use super::precision::{LossScaler, Precision};
-use super::trainer::{Event, Observer, Outcome, StepInfo, TrainError};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::bert::encoder_params;
@@ -19,7 +20,6 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,16 +46,6 @@ pub struct MlmRequest {
     pub checkpoints: Option<CheckpointPlan>,
     /// What the training steps compute in (evaluation and the saved weights are f32).
     pub precision: Precision,
-}
-
-/// Held-out loss after an epoch (epoch 0: before training).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct MlmReport {
-    pub epoch: usize,
-    pub step: usize,
-    pub train_loss: Option<f64>,
-    pub loss: f64,
-    pub perplexity: f64,
 }
 
 fn tokenize(rows: &[Row], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Vec<u32>>> {
@@ -296,7 +286,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
 }
 
 /// The architecture of a model trained from scratch (the `config` of an `mlm` job).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScratchSpec {
     pub num_hidden_layers: usize,

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod events;
 pub mod hyper;
 pub mod metrics;
 pub mod mlm;

@@ -9,6 +9,7 @@ pub mod mlm;
 pub mod objective;
 pub mod optim;
 pub mod precision;
+pub mod run_loop;
 pub mod trainer;
 pub mod worker;
 

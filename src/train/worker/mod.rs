@@ -5,8 +5,8 @@ use super::hyper::Hyperparameters;
 use super::mlm;
 use super::trainer::{self, Event, Observer, Outcome};
 use crate::catalog::Catalog;
+use crate::store::jobs::{self, JobRecord, JobStatus};
 use crate::store::Pool;
-use crate::store::{jobs, jobs::JobRecord};
 use candle_core::Device;
 use serde_json::json;
 use std::collections::HashMap;
@@ -237,7 +237,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     }
     let requeued = matches!(result, Ok(Ok(Outcome::Cancelled)))
         && shutdown.is_cancelled()
-        && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != "cancelled");
+        && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != JobStatus::Cancelled);
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
             let trainer::Finished { best, labels, .. } = *done;

@@ -4,7 +4,8 @@
 use super::record::event;
 use super::WorkerContext;
 use crate::dataset::read_stored;
-use crate::store::{datasets, jobs::JobRecord};
+use crate::store::datasets;
+use crate::store::jobs::{JobRecord, JobTask};
 use crate::train::hyper::Hyperparameters;
 use crate::train::mlm::{MlmRequest, ScratchSpec, Start};
 use crate::train::objective::Task;
@@ -135,7 +136,7 @@ pub(super) async fn prepare(
         keep: ctx.keep_checkpoints,
         mirror,
     });
-    if job.task == "mlm" {
+    if job.task == JobTask::Mlm {
         let start = match &job.config {
             Some(c) => {
                 let spec: ScratchSpec = serde_json::from_value(c.clone()).map_err(|e| TrainError::Internal(e.into()))?;
@@ -159,7 +160,7 @@ pub(super) async fn prepare(
     let req = TrainRequest {
         out_dir,
         checkpoints,
-        task: if job.task == "multi_label_classification" { Task::MultiLabel } else { Task::SingleLabel },
+        task: if job.task == JobTask::MultiLabelClassification { Task::MultiLabel } else { Task::SingleLabel },
         precision: ctx.precision,
         ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
     };

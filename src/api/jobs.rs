@@ -336,16 +336,16 @@ async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 /// removed when the job ends.
 async fn checkpoints(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
-    let dir = crate::train::worker::WorkerContext::checkpoint_dir(&state.config.data_dir, &id);
-    let found = tokio::task::spawn_blocking(move || crate::train::checkpoint::list(&dir)).await.map_err(ApiError::internal)?;
+    let (data_dir, job) = (state.config.data_dir.clone(), id.clone());
+    let found = tokio::task::spawn_blocking(move || crate::train::checkpoint::of_job(&data_dir, &job)).await.map_err(ApiError::internal)?;
     let data: Vec<Value> = found
         .iter()
-        .map(|(path, m)| {
+        .map(|crate::train::checkpoint::JobCheckpoint { name, meta: m }| {
             let best = m
                 .best
                 .as_ref()
                 .map(|b| json!({"epoch": b.epoch, "loss": b.loss, "accuracy": b.report.accuracy, "macro_f1": b.report.macro_f1}));
-            json!({"object": "job.checkpoint", "id": path.file_name().map(|n| n.to_string_lossy().to_string()), "job": id,
+            json!({"object": "job.checkpoint", "id": name, "job": id,
                    "step": m.step, "epoch": m.epoch, "created_at": m.created_at,
                    "metrics": {"epoch_train_loss": m.epoch_train_loss(), "best_validation": best}})
         })

@@ -463,7 +463,8 @@ pub async fn set_metrics_tx(tx: &mut crate::store::Tx, id: &str, metrics: &Value
     Ok(())
 }
 
-/// How many jobs have `status`.
-pub async fn count_with_status(pool: &Pool, status: &str) -> sqlx::Result<i64> {
-    sqlx::query_scalar("select count(*) from jobs where status = $1").bind(status).fetch_one(pool).await
+/// How many jobs have each status (every status, zero when none has it).
+pub async fn status_counts(pool: &Pool) -> sqlx::Result<Vec<(JobStatus, i64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await?;
+    Ok(JobStatus::ALL.into_iter().map(|s| (s, rows.iter().find(|(t, _)| t == s.as_str()).map_or(0, |(_, n)| *n))).collect())
 }

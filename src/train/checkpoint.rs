@@ -184,6 +184,26 @@ pub fn list(dir: &Path) -> Vec<(PathBuf, CheckpointMeta)> {
     found
 }
 
+/// Where a job's checkpoints live in the data dir.
+pub fn job_dir(data_dir: &Path, job: &str) -> PathBuf {
+    data_dir.join("checkpoints").join(job)
+}
+
+/// One whole checkpoint of a job: its name (`step-00000120`) and record.
+pub struct JobCheckpoint {
+    pub name: String,
+    pub meta: CheckpointMeta,
+}
+
+/// Every whole checkpoint of `job` in the data dir, oldest first (reads the disk: call off the
+/// async runtime).
+pub fn of_job(data_dir: &Path, job: &str) -> Vec<JobCheckpoint> {
+    list(&job_dir(data_dir, job))
+        .into_iter()
+        .map(|(path, meta)| JobCheckpoint { name: path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), meta })
+        .collect()
+}
+
 /// The newest checkpoint in `dir`, if any.
 pub fn latest(dir: &Path) -> Option<(PathBuf, CheckpointMeta)> {
     list(dir).pop()

@@ -75,13 +75,6 @@ pub struct WorkerContext {
     pub poll_interval: Duration,
 }
 
-impl WorkerContext {
-    /// Where a job's checkpoints live.
-    pub fn checkpoint_dir(data_dir: &std::path::Path, job: &str) -> PathBuf {
-        data_dir.join("checkpoints").join(job)
-    }
-}
-
 /// Runs jobs until `shutdown` fires. A job interrupted by shutdown goes back to the queue.
 pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: CancellationToken) {
     ctx.queue.alive.fetch_add(1, Ordering::SeqCst);
@@ -183,7 +176,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     // Registered before anything slow, so that a cancel arriving during preparation is seen.
     let cancel = Arc::new(AtomicBool::new(false));
     ctx.queue.cancel_flags.lock().unwrap().insert(job.id.clone(), cancel.clone());
-    let ckpt_dir = WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id);
+    let ckpt_dir = super::checkpoint::job_dir(&ctx.data_dir, &job.id);
     let latest = |d: PathBuf| async move { tokio::task::spawn_blocking(move || super::checkpoint::latest(&d)).await };
     let mut resume = latest(ckpt_dir.clone()).await?;
     if resume.is_none() && fetch_checkpoint(ctx, &job.id).await {

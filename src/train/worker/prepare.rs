@@ -131,7 +131,7 @@ pub(super) async fn prepare(
     let train_rows = rows.pop().flatten().unwrap_or_default();
     let out_dir = Some(ctx.data_dir.join("models").join(&model_id));
     let checkpoints = Some(crate::train::checkpoint::CheckpointPlan {
-        dir: WorkerContext::checkpoint_dir(&ctx.data_dir, &job.id),
+        dir: crate::train::checkpoint::job_dir(&ctx.data_dir, &job.id),
         every: ctx.checkpoint_every,
         keep: ctx.keep_checkpoints,
         mirror,

@@ -1,4 +1,5 @@
-//! Training: the fine-tuning loop, its data, optimiser and metrics, and the job worker.
+//! Training: the loop fine-tuning and pre-training share, their data, optimiser and metrics,
+//! and the job worker.
 
 pub mod checkpoint;
 pub mod data;

@@ -1,8 +1,9 @@
-//! The fine-tuning loop: blocking, device-agnostic, reporting through an [`Observer`].
-//! Shared by the service's worker and the `train` command.
+//! Fine-tuning a classifier: its data, its objective in the shared loop ([`super::run_loop`]),
+//! the test scores and the saved model. Blocking, device-agnostic, reporting through an
+//! [`Observer`]; shared by the service's worker and the `train` command.
 
 use super::checkpoint::{CheckpointMeta, CheckpointPlan};
-use super::data::{epoch_batches, label_set, stratified_split, Example};
+use super::data::{epoch_batches, label_set, stratified_split, to_examples, Example};
 pub use super::events::{EpochReport, EpochStats, Event, Finished, Observer, Outcome, RunStats, StepInfo, TestReport, TrainError};
 use super::hyper::Hyperparameters;
 use super::objective::{balanced_weights, prior_log_odds, Task};
@@ -13,7 +14,7 @@ use crate::model::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::bert::Getter;
 use crate::model::layers::Mode;
 use crate::model::params::Params;
-use crate::model::tokenize::{encode_all, load_tokenizer, pad_batch, truncate, Batch};
+use crate::model::tokenize::{load_tokenizer, pad_batch, Batch};
 use crate::model::{BertConfig, Classifier, Pooling};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -61,23 +62,6 @@ impl TrainRequest {
             precision: Precision::F32,
         }
     }
-}
-
-fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Example>> {
-    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
-    let ids = encode_all(tok, &texts)?;
-    rows.iter()
-        .zip(ids)
-        .map(|(r, mut ids)| {
-            truncate(&mut ids, max_len);
-            let ids_of = r
-                .labels()
-                .iter()
-                .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
-                .collect::<anyhow::Result<Vec<usize>>>()?;
-            Ok(Example { ids, labels: ids_of })
-        })
-        .collect()
 }
 
 /// Runs a fine-tuning job to the end (or until the observer says stop).

@@ -3,8 +3,7 @@
 
 use super::WorkerContext;
 use crate::store::{self, jobs, jobs::JobRecord, models, Pool};
-use crate::train::mlm;
-use crate::train::trainer::Event;
+use crate::train::events::{Event, MlmReport};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -157,7 +156,7 @@ pub(super) async fn record(pool: &Pool, job: &str, ev: Event) {
     }
 }
 
-async fn record_pretrain(pool: &Pool, job: &str, r: mlm::MlmReport) -> sqlx::Result<()> {
+async fn record_pretrain(pool: &Pool, job: &str, r: MlmReport) -> sqlx::Result<()> {
     let data = serde_json::to_value(&r).unwrap_or(Value::Null);
     let msg = match r.train_loss {
         None => format!("before training: validation MLM loss {:.4}, perplexity {:.2}", r.loss, r.perplexity),

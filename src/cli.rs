@@ -1,4 +1,4 @@
-//! The command line ([`Cli`]), and `finetuned train`: offline fine-tuning with the flags and
+//! The command line (`Cli`), and `finetuned train`: offline fine-tuning with the flags and
 //! JSON report of the PyTorch reference (`finetune_ref.py`), sharing all training code with
 //! the service.
 

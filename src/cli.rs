@@ -1,16 +1,38 @@
-//! `finetuned train`: offline fine-tuning with the flags and JSON report of the PyTorch
-//! reference (`finetune_ref.py`), sharing all training code with the service.
+//! The command line (`Cli`), and `finetuned train`: offline fine-tuning with the flags and
+//! JSON report of the PyTorch reference (`finetune_ref.py`), sharing all training code with
+//! the service.
 
+use crate::config::ServeConfig;
 use crate::dataset::Row;
 use crate::train::hyper::HyperparametersInput;
 use crate::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// finetuned: fine-tune BERT text classifiers over a REST API and serve them.
+#[derive(Debug, Parser)]
+#[command(name = "finetuned", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+// Parsed once at start-up; boxing the server's config would only add noise at its uses.
+#[allow(clippy::large_enum_variant)]
+pub enum Command {
+    /// Run the HTTP server and the training worker.
+    Serve(ServeConfig),
+    /// Fine-tune offline from the command line (same flags and report as `finetune_ref.py`).
+    Train(TrainArgs),
+    /// Load generator: N concurrent clients call predict on a running server for T seconds.
+    BenchServe(crate::bench::BenchArgs),
+}
 
 /// Options of `finetuned train` (names and defaults as `finetune_ref.py`).
 #[derive(Debug, Clone, Args)]
@@ -242,4 +264,27 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rejoin_wait_is_refused_past_a_second() {
+        let parse = |v: &str| Cli::try_parse_from(["finetuned", "serve", "--batch-rejoin-wait-ms", v]);
+        assert!(matches!(parse("0").unwrap().command, Command::Serve(c) if c.batch_rejoin_wait_ms == 0));
+        assert!(matches!(parse("1000").unwrap().command, Command::Serve(c) if c.batch_rejoin_wait_ms == 1000));
+        let err = parse("1001").unwrap_err().to_string();
+        assert!(err.contains("--batch-rejoin-wait-ms"), "{err}");
+        assert!(parse("-1").is_err());
+    }
+
+    #[test]
+    fn predict_has_its_own_body_limit_and_a_per_input_character_cap() {
+        let Command::Serve(c) = Cli::try_parse_from(["finetuned", "serve"]).unwrap().command else { unreachable!() };
+        assert_eq!((c.max_predict_body_bytes, c.max_input_chars, c.max_upload_bytes), (4 << 20, 32_768, 512 << 20));
+        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-input-chars", "0"]).is_err());
+        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-predict-body-bytes", "0"]).is_err());
+    }
 }

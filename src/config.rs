@@ -1,27 +1,8 @@
-//! Command-line options; each `serve` option can also come from its environment variable.
+//! The server's configuration (the options of `finetuned serve`, each also from its
+//! environment variable) and the device choice.
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use std::path::PathBuf;
-
-/// finetuned: fine-tune BERT text classifiers over a REST API and serve them.
-#[derive(Debug, Parser)]
-#[command(name = "finetuned", version, about)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-// Parsed once at start-up; boxing the server's config would only add noise at its uses.
-#[allow(clippy::large_enum_variant)]
-pub enum Command {
-    /// Run the HTTP server and the training worker.
-    Serve(ServeConfig),
-    /// Fine-tune offline from the command line (same flags and report as `finetune_ref.py`).
-    Train(crate::cli::TrainArgs),
-    /// Load generator: N concurrent clients call predict on a running server for T seconds.
-    BenchServe(crate::bench::BenchArgs),
-}
 
 /// Options of `finetuned serve`.
 #[derive(Debug, Clone, Args)]
@@ -274,28 +255,5 @@ pub fn device(spec: Option<&str>) -> anyhow::Result<candle_core::Device> {
             Some(n) => Ok(Device::new_cuda(n)?),
             None => anyhow::bail!("--device must be cpu, cuda or cuda:N, not {s:?}"),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_rejoin_wait_is_refused_past_a_second() {
-        let parse = |v: &str| Cli::try_parse_from(["finetuned", "serve", "--batch-rejoin-wait-ms", v]);
-        assert!(matches!(parse("0").unwrap().command, Command::Serve(c) if c.batch_rejoin_wait_ms == 0));
-        assert!(matches!(parse("1000").unwrap().command, Command::Serve(c) if c.batch_rejoin_wait_ms == 1000));
-        let err = parse("1001").unwrap_err().to_string();
-        assert!(err.contains("--batch-rejoin-wait-ms"), "{err}");
-        assert!(parse("-1").is_err());
-    }
-
-    #[test]
-    fn predict_has_its_own_body_limit_and_a_per_input_character_cap() {
-        let Command::Serve(c) = Cli::try_parse_from(["finetuned", "serve"]).unwrap().command else { unreachable!() };
-        assert_eq!((c.max_predict_body_bytes, c.max_input_chars, c.max_upload_bytes), (4 << 20, 32_768, 512 << 20));
-        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-input-chars", "0"]).is_err());
-        assert!(Cli::try_parse_from(["finetuned", "serve", "--max-predict-body-bytes", "0"]).is_err());
     }
 }

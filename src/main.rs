@@ -1,5 +1,5 @@
 use clap::Parser;
-use finetuned::config::{Cli, Command};
+use finetuned::cli::{Cli, Command};
 use finetuned::startup::Application;
 
 fn main() -> anyhow::Result<()> {

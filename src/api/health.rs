@@ -63,9 +63,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn prometheus(State(state): State<AppState>) -> Response {
     metrics::gauge!("finetuned_models_loaded").set(state.predictor.loaded_ids().len() as f64);
-    for status in ["queued", "running", "succeeded", "failed", "cancelled"] {
-        let n = crate::store::jobs::count_with_status(&state.pool, status).await.unwrap_or(0);
-        metrics::gauge!("finetuned_jobs", "status" => status).set(n as f64);
+    // The database out of reach reads as no jobs, as before: /metrics still answers.
+    let counts = crate::store::jobs::status_counts(&state.pool).await;
+    for status in crate::store::jobs::JobStatus::ALL {
+        let n = counts.as_ref().ok().and_then(|c| c.iter().find(|(s, _)| *s == status)).map_or(0, |(_, n)| *n);
+        metrics::gauge!("finetuned_jobs", "status" => status.as_str()).set(n as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

@@ -6,6 +6,7 @@ use super::json::{is_json, parse_json, ApiQuery};
 use super::{check_limit, AppState};
 use crate::dataset::Format;
 use crate::error::{ApiError, ApiResult};
+use crate::store::jobs::{JobStatus, JobTask};
 use crate::store::{self, datasets, jobs, jobs::JobRecord};
 use crate::train::hyper::HyperparametersInput;
 use crate::train::mlm::ScratchSpec;
@@ -46,8 +47,6 @@ pub struct JobRequest {
     pub webhook_url: Option<String>,
 }
 
-const TASKS: &[&str] = &["classification", "multi_label_classification", "mlm"];
-
 fn check_model_name(name: &str) -> ApiResult<()> {
     let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
@@ -57,13 +56,15 @@ fn check_model_name(name: &str) -> ApiResult<()> {
 }
 
 /// Checks everything that does not need the datasets; returns (task, resolved hyperparameters JSON).
-async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String, Value)> {
-    let task = req.task.clone().unwrap_or_else(|| "classification".into());
-    if !TASKS.contains(&task.as_str()) {
-        return Err(ApiError::invalid("task", "task must be classification, multi_label_classification or mlm"));
-    }
+async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask, Value)> {
+    let task = match req.task.as_deref() {
+        None => JobTask::Classification,
+        Some(t) => {
+            JobTask::parse(t).ok_or_else(|| ApiError::invalid("task", "task must be classification, multi_label_classification or mlm"))?
+        }
+    };
     if let Some(c) = &req.config {
-        if task != "mlm" {
+        if task != JobTask::Mlm {
             return Err(ApiError::invalid("config", "config (training from scratch) applies to task mlm only"));
         }
         c.check().map_err(|(param, msg)| ApiError::invalid(param, msg))?;
@@ -98,8 +99,8 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(String,
     Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
 }
 
-fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &str) -> ApiResult<()> {
-    if task == "mlm" {
+fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &JobTask) -> ApiResult<()> {
+    if *task == JobTask::Mlm {
         // Pre-training reads only the texts: labeled or unlabeled data both serve.
         return Ok(());
     }
@@ -110,10 +111,10 @@ fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &str) -> A
         return Err(ApiError::invalid(param, format!("dataset {} has a single label; classification needs at least two", d.id)));
     }
     match (task, d.multi_label) {
-        ("classification", true) => {
+        (JobTask::Classification, true) => {
             Err(ApiError::invalid(param, format!("dataset {} is multi-label; use task multi_label_classification", d.id)))
         }
-        ("multi_label_classification", false) => {
+        (JobTask::MultiLabelClassification, false) => {
             Err(ApiError::invalid(param, format!("dataset {} has one label per text; use task classification", d.id)))
         }
         _ => Ok(()),
@@ -151,7 +152,7 @@ async fn create_json(state: &AppState, req: JobRequest) -> ApiResult<JobRecord> 
 async fn insert_job(
     tx: &mut crate::store::Tx,
     req: &JobRequest,
-    task: &str,
+    task: &JobTask,
     hp: &Value,
     train: &str,
     val: Option<&str>,
@@ -160,7 +161,7 @@ async fn insert_job(
     let config = req.config.as_ref().map(|c| serde_json::to_value(c).expect("config serialises"));
     let new = jobs::NewJob {
         id: &id,
-        task,
+        task: *task,
         base_model: &req.base_model,
         training_dataset: train,
         validation_dataset: val,
@@ -246,16 +247,12 @@ struct ListQuery {
     after: Option<String>,
 }
 
-const STATUSES: &[&str] = &["queued", "running", "succeeded", "failed", "cancelled"];
-
 async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<Value>> {
     let limit = check_limit(q.limit, 20, 1000)?;
-    if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
-            return Err(ApiError::invalid("status", "status must be queued, running, succeeded, failed or cancelled"));
-        }
-    }
-    let mut rows = jobs::list(&state.pool, q.status.as_deref(), q.after.as_deref(), limit).await?;
+    let status = q.status.as_deref().map(|s| {
+        JobStatus::parse(s).ok_or_else(|| ApiError::invalid("status", "status must be queued, running, succeeded, failed or cancelled"))
+    });
+    let mut rows = jobs::list(&state.pool, status.transpose()?, q.after.as_deref(), limit).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     Ok(Json(json!({"object": "list", "data": rows, "has_more": has_more})))
@@ -317,7 +314,7 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
             return None;
         }
         loop {
-            let ended = matches!(jobs::get(&state.pool, &id).await, Ok(Some(j)) if ["succeeded", "failed", "cancelled"].contains(&j.status.as_str()));
+            let ended = matches!(jobs::get(&state.pool, &id).await, Ok(Some(j)) if j.status.has_ended());
             let rows = jobs::events(&state.pool, &id, after, 500).await.unwrap_or_default();
             if !rows.is_empty() {
                 after = rows.last().map(|e| e.seq).unwrap_or(after);
@@ -352,16 +349,16 @@ async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
 /// removed when the job ends.
 async fn checkpoints(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
-    let dir = crate::train::worker::WorkerContext::checkpoint_dir(&state.config.data_dir, &id);
-    let found = tokio::task::spawn_blocking(move || crate::train::checkpoint::list(&dir)).await.map_err(ApiError::internal)?;
+    let (data_dir, job) = (state.config.data_dir.clone(), id.clone());
+    let found = tokio::task::spawn_blocking(move || crate::train::checkpoint::of_job(&data_dir, &job)).await.map_err(ApiError::internal)?;
     let data: Vec<Value> = found
         .iter()
-        .map(|(path, m)| {
+        .map(|crate::train::checkpoint::JobCheckpoint { name, meta: m }| {
             let best = m
                 .best
                 .as_ref()
                 .map(|b| json!({"epoch": b.epoch, "loss": b.loss, "accuracy": b.report.accuracy, "macro_f1": b.report.macro_f1}));
-            json!({"object": "job.checkpoint", "id": path.file_name().map(|n| n.to_string_lossy().to_string()), "job": id,
+            json!({"object": "job.checkpoint", "id": name, "job": id,
                    "step": m.step, "epoch": m.epoch, "created_at": m.created_at,
                    "metrics": {"epoch_train_loss": m.epoch_train_loss(), "best_validation": best}})
         })

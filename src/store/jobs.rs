@@ -1,5 +1,6 @@
 //! The `jobs` table and its events and metrics.
 
+pub use super::job_types::{JobStatus, JobTask};
 use super::Pool;
 use serde::Serialize;
 use serde_json::Value;
@@ -12,8 +13,8 @@ pub struct JobRecord {
     pub id: String,
     #[serde(rename = "object")]
     pub object: &'static str,
-    pub task: String,
-    pub status: String,
+    pub task: JobTask,
+    pub status: JobStatus,
     pub base_model: String,
     pub training_dataset: String,
     pub validation_dataset: Option<String>,
@@ -38,8 +39,8 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for JobRecord {
         Ok(Self {
             id: row.try_get("id")?,
             object: "job",
-            task: row.try_get("task")?,
-            status: row.try_get("status")?,
+            task: super::job_types::column(row, "task")?,
+            status: super::job_types::column(row, "status")?,
             base_model: row.try_get("base_model")?,
             training_dataset: row.try_get("training_dataset")?,
             validation_dataset: row.try_get("validation_dataset")?,
@@ -60,7 +61,7 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for JobRecord {
 /// A new job to queue.
 pub struct NewJob<'a> {
     pub id: &'a str,
-    pub task: &'a str,
+    pub task: JobTask,
     pub base_model: &'a str,
     pub training_dataset: &'a str,
     pub validation_dataset: Option<&'a str>,
@@ -98,7 +99,7 @@ pub async fn insert(tx: &mut crate::store::Tx, j: &NewJob<'_>) -> sqlx::Result<I
                   and not exists (select 1 from jobs where model_name = $6 and status in ('queued', 'running'))))"#,
     )
     .bind(j.id)
-    .bind(j.task)
+    .bind(j.task.as_str())
     .bind(j.base_model)
     .bind(j.training_dataset)
     .bind(j.validation_dataset)
@@ -129,14 +130,14 @@ pub async fn get(pool: &Pool, id: &str) -> sqlx::Result<Option<JobRecord>> {
 }
 
 /// Jobs newest first, optionally of one status, after the cursor `after` (a job id).
-pub async fn list(pool: &Pool, status: Option<&str>, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<JobRecord>> {
+pub async fn list(pool: &Pool, status: Option<JobStatus>, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<JobRecord>> {
     let rows: Vec<JobRecord> = sqlx::query_as(&format!(
         r#"select {COLUMNS} from jobs
            where ($1 is null or status = $1)
              and ($2 is null or seq < (select seq from jobs where id = $2))
            order by seq desc limit $3"#
     ))
-    .bind(status)
+    .bind(status.map(JobStatus::as_str))
     .bind(after)
     .bind(limit + 1)
     .fetch_all(pool)
@@ -462,7 +463,8 @@ pub async fn set_metrics_tx(tx: &mut crate::store::Tx, id: &str, metrics: &Value
     Ok(())
 }
 
-/// How many jobs have `status`.
-pub async fn count_with_status(pool: &Pool, status: &str) -> sqlx::Result<i64> {
-    sqlx::query_scalar("select count(*) from jobs where status = $1").bind(status).fetch_one(pool).await
+/// How many jobs have each status (every status, zero when none has it).
+pub async fn status_counts(pool: &Pool) -> sqlx::Result<Vec<(JobStatus, i64)>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await?;
+    Ok(JobStatus::ALL.into_iter().map(|s| (s, rows.iter().find(|(t, _)| t == s.as_str()).map_or(0, |(_, n)| *n))).collect())
 }

@@ -1,5 +1,6 @@
 //! The webhook outbox (filled by triggers on `jobs`, see `migrations/sqlite/0003_webhooks.sql`).
 
+use super::job_types::JobStatus;
 use super::Pool;
 
 /// A state change waiting to be delivered.
@@ -7,7 +8,8 @@ use super::Pool;
 pub struct Pending {
     pub id: i64,
     pub job_id: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: JobStatus,
     pub attempts: i64,
     pub url: String,
 }

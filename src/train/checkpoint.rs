@@ -6,9 +6,8 @@
 //! into place with `checkpoint.json` last, so a crash mid-save leaves no checkpoint that looks
 //! whole. Only the newest `keep` are kept.
 
-use super::mlm::MlmReport;
+use super::events::{EpochReport, Event, MlmReport, Observer};
 use super::optim::{AdamW, OptimState};
-use super::trainer::{EpochReport, Event, Observer};
 use crate::model::params::Params;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
@@ -183,6 +182,26 @@ pub fn list(dir: &Path) -> Vec<(PathBuf, CheckpointMeta)> {
         .collect();
     found.sort_by_key(|(_, m)| m.step);
     found
+}
+
+/// Where a job's checkpoints live in the data dir.
+pub fn job_dir(data_dir: &Path, job: &str) -> PathBuf {
+    data_dir.join("checkpoints").join(job)
+}
+
+/// One whole checkpoint of a job: its name (`step-00000120`) and record.
+pub struct JobCheckpoint {
+    pub name: String,
+    pub meta: CheckpointMeta,
+}
+
+/// Every whole checkpoint of `job` in the data dir, oldest first (reads the disk: call off the
+/// async runtime).
+pub fn of_job(data_dir: &Path, job: &str) -> Vec<JobCheckpoint> {
+    list(&job_dir(data_dir, job))
+        .into_iter()
+        .map(|(path, meta)| JobCheckpoint { name: path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), meta })
+        .collect()
 }
 
 /// The newest checkpoint in `dir`, if any.

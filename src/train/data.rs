@@ -1,6 +1,7 @@
 //! Training data: label ids, the stratified validation split, tokenisation and batch order.
 
 use crate::dataset::Row;
+use crate::model::tokenize::{encode_all, truncate};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -78,6 +79,24 @@ pub fn batch_order(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize
         chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
     }
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
+}
+
+/// Tokenises `rows` (truncated to `max_len`) with their labels as ids into `labels` (sorted).
+pub fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Example>> {
+    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    let ids = encode_all(tok, &texts)?;
+    rows.iter()
+        .zip(ids)
+        .map(|(r, mut ids)| {
+            truncate(&mut ids, max_len);
+            let ids_of = r
+                .labels()
+                .iter()
+                .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
+                .collect::<anyhow::Result<Vec<usize>>>()?;
+            Ok(Example { ids, labels: ids_of })
+        })
+        .collect()
 }
 
 #[cfg(test)]

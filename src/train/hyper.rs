@@ -1,5 +1,7 @@
-//! Job hyperparameters: what a request may set, the defaults, and their checks.
+//! Job hyperparameters: what a request may set, the defaults, and their checks; and the
+//! architecture of a pre-training job from scratch.
 
+use crate::model::BertConfig;
 use serde::{Deserialize, Serialize};
 
 /// Hyperparameters as a client sends them: every field optional, unknown fields refused.
@@ -101,5 +103,54 @@ impl HyperparametersInput {
             early_stopping_patience: patience,
             group_by_length: self.group_by_length.unwrap_or(false),
         })
+    }
+}
+
+/// The architecture of a model trained from scratch (the `config` of an `mlm` job).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScratchSpec {
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: Option<usize>,
+    pub max_position_embeddings: Option<usize>,
+}
+
+impl ScratchSpec {
+    /// Checks the ranges; returns the offending field and why.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, m: &str| Err((format!("config.{f}"), m.to_string()));
+        if !(1..=24).contains(&self.num_hidden_layers) {
+            return bad("num_hidden_layers", "must be from 1 to 24");
+        }
+        if !(1..=32).contains(&self.num_attention_heads) {
+            return bad("num_attention_heads", "must be from 1 to 32");
+        }
+        if !(8..=2048).contains(&self.hidden_size) || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return bad("hidden_size", "must be from 8 to 2048 and a multiple of num_attention_heads");
+        }
+        if self.intermediate_size.is_some_and(|i| !(8..=8192).contains(&i)) {
+            return bad("intermediate_size", "must be from 8 to 8192");
+        }
+        if self.max_position_embeddings.is_some_and(|m| !(8..=2048).contains(&m)) {
+            return bad("max_position_embeddings", "must be from 8 to 2048");
+        }
+        Ok(())
+    }
+
+    /// A BERT config of this shape for a tokenizer of `vocab_size` tokens.
+    pub fn config(&self, vocab_size: usize, pad_token_id: usize) -> BertConfig {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "intermediate_size": self.intermediate_size.unwrap_or(4 * self.hidden_size),
+            "max_position_embeddings": self.max_position_embeddings.unwrap_or(512),
+            "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+            "type_vocab_size": 2, "layer_norm_eps": 1e-12, "initializer_range": 0.02, "pad_token_id": pad_token_id,
+            "position_embedding_type": "absolute"
+        }))
+        .expect("a valid config")
     }
 }

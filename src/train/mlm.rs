@@ -1,15 +1,18 @@
 //! Masked-language-model pre-training: continues a checkpoint (or starts from a fresh
 //! config) on a dataset's texts and writes a new base model.
 
-use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
+use super::checkpoint::{CheckpointMeta, CheckpointPlan};
 use super::data::batch_order;
+pub use super::events::MlmReport;
+use super::events::{Event, Observer, Outcome, TrainError};
 use super::hyper::Hyperparameters;
-use super::optim::{linear_schedule, AdamW};
-use super::precision::{LossScaler, Precision};
-use super::trainer::{Event, Observer, Outcome, StepInfo, TrainError};
+pub use super::hyper::ScratchSpec;
+use super::precision::Precision;
+use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::bert::encoder_params;
+use crate::model::bert::Getter;
 use crate::model::layers::Mode;
 use crate::model::mlm::{head_params, mask_tokens, Masked, MaskedLm};
 use crate::model::params::Params;
@@ -19,10 +22,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Where pre-training starts.
 pub enum Start {
@@ -46,16 +47,6 @@ pub struct MlmRequest {
     pub checkpoints: Option<CheckpointPlan>,
     /// What the training steps compute in (evaluation and the saved weights are f32).
     pub precision: Precision,
-}
-
-/// Held-out loss after an epoch (epoch 0: before training).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct MlmReport {
-    pub epoch: usize,
-    pub step: usize,
-    pub train_loss: Option<f64>,
-    pub loss: f64,
-    pub perplexity: f64,
 }
 
 fn tokenize(rows: &[Row], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Vec<u32>>> {
@@ -160,130 +151,44 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         obs.on_event(Event::Message(format!("{} of {} tensors start from random initialisation", fresh.len(), spec.len())));
     }
     drop(weights);
-    let lengths: Vec<usize> = train.iter().map(Vec::len).collect();
-    let steps_per_epoch = train.len().div_ceil(hp.batch_size);
-    let total_steps = steps_per_epoch * hp.epochs;
-    let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
+    let schedule = Schedule::new(train.len(), hp);
     obs.on_event(Event::Message(format!(
         "masked-LM training on {} texts, {} held out; {} steps ({} warmup); {} parameters",
         train.len(),
         val.len(),
-        total_steps,
-        warmup,
+        schedule.total_steps,
+        schedule.warmup,
         params.count()
     )));
-    let model_train = MaskedLm::load(&|n| params.tracked(n), &cfg)?;
-    let mut scaler = LossScaler::new(req.precision);
     let model_eval = MaskedLm::load(&|n| params.detached(n), &cfg)?;
-    let pad = cfg.pad_token_id as u32;
-    let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
-    let mut opt = AdamW::new(decay.clone(), hp.weight_decay);
-    let mut step = 0;
-    let mut last = None;
-    let mut resumed: Option<CheckpointMeta> = None;
-    if let Some((path, meta)) = req.checkpoints.as_ref().and_then(|p| checkpoint::latest(&p.dir)) {
-        let loaded = meta
-            .mlm_before
-            .ok_or_else(|| anyhow::anyhow!("not a pre-training checkpoint"))
-            .and_then(|_| meta.rng_word_pos())
-            .and_then(|pos| checkpoint::load(&path, &meta, &params, &mut opt, &req.device).map(|_| pos));
-        match loaded {
-            Ok(pos) => {
-                rng.set_word_pos(pos);
-                step = meta.step;
-                last = meta.mlm_last.clone();
-                obs.on_event(Event::Message(format!("resumed from the checkpoint at step {step} (epoch {})", meta.epoch)));
-                resumed = Some(meta);
-            }
-            Err(e) => {
-                opt = AdamW::new(decay, hp.weight_decay);
-                obs.on_event(Event::Warning(format!("the checkpoint at step {} could not be used ({e:#}): starting over", meta.step)));
-            }
-        }
-    }
-    let before = match resumed.as_ref().and_then(|m| m.mlm_before) {
-        Some(b) => b,
-        None => {
-            let b = evaluate(&model_eval, &val, pad, &req.device)?;
-            obs.on_event(Event::Pretrain(MlmReport { epoch: 0, step: 0, train_loss: None, loss: b, perplexity: b.exp() }));
-            b
-        }
+    let mut obj = Pretrain {
+        lengths: train.iter().map(Vec::len).collect(),
+        train,
+        val,
+        special,
+        mask_id,
+        vocab,
+        mask_prob: req.mask_prob,
+        cfg: &cfg,
+        hp,
+        device: &req.device,
+        model_eval,
+        before: None,
+        last: None,
     };
-    let mut saved_at = step;
-    let first_epoch = resumed.as_ref().map_or(1, |m| m.epoch);
-    for epoch in first_epoch..=hp.epochs {
-        let order = batch_order(&lengths, hp.batch_size, hp.seed, epoch, hp.group_by_length);
-        let (mut done, mut loss_sum, mut batches) = match resumed.take() {
-            Some(m) if m.epoch == epoch => (m.batches_done, m.loss_sum, m.seen),
-            _ => (0, 0.0, 0usize),
-        };
-        let started = Instant::now();
-        for chunk in order.iter().skip(done) {
-            let position = || CheckpointMeta {
-                step,
-                epoch,
-                batches_done: done,
-                loss_sum,
-                seen: batches,
-                real_tokens: 0,
-                padded_tokens: 0,
-                rng_word_pos: rng.get_word_pos().to_string(),
-                optimizer_step: 0,
-                since_best: 0,
-                best: None,
-                num_parameters: params.count(),
-                created_at: crate::store::now(),
-                mlm_before: Some(before),
-                mlm_last: last.clone(),
-            };
-            if obs.should_stop() {
-                if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
-                    checkpoint::save_and_report(plan, &position(), &params, &opt, None, obs);
-                }
-                return Ok(Outcome::Cancelled);
-            }
-            if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step % p.every == 0 && saved_at != step) {
-                checkpoint::save_and_report(plan, &position(), &params, &opt, None, obs);
-                saved_at = step;
-            }
-            done += 1;
-            let masked: Vec<Masked> =
-                chunk.iter().map(|&i| mask_tokens(&train[i], &special, mask_id, vocab, req.mask_prob, &mut rng)).collect();
-            let b = make_batch(&masked, pad, &req.device)?;
-            if b.count == 0 {
-                continue;
-            }
-            let cast;
-            let model = if req.precision == Precision::F32 {
-                &model_train
-            } else {
-                cast = MaskedLm::load(&|n| req.precision.cast(params.tracked(n)?), &cfg)?;
-                &cast
-            };
-            let logits = model.forward(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(&mut rng))?.to_dtype(DType::F32)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(TrainError::Diverged(value, step + 1));
-            }
-            let grads = if scaler.scale() == 1.0 { loss.backward()? } else { (&loss * scaler.scale())?.backward()? };
-            let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
-            let stepped = opt.step_scaled(&params.vars, &grads, lr, 1.0, scaler.scale())?;
-            scaler.update(stepped.is_some());
-            step += 1;
-            loss_sum += value;
-            batches += 1;
-            let rate = (batches * hp.batch_size) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            obs.on_event(Event::Step(StepInfo { epoch, step, total_steps, loss: value, learning_rate: lr, examples_per_second: rate }));
-        }
-        let loss = evaluate(&model_eval, &val, pad, &req.device)?;
-        let report = MlmReport { epoch, step, train_loss: Some(loss_sum / batches.max(1) as f64), loss, perplexity: loss.exp() };
-        obs.on_event(Event::Pretrain(report.clone()));
-        last = Some(report);
-    }
-    if obs.should_stop() && !obs.shutting_down() {
+    let run = Run {
+        params: &params,
+        hp,
+        schedule,
+        device: &req.device,
+        precision: req.precision,
+        max_grad_norm: 1.0,
+        checkpoints: req.checkpoints.as_ref(),
+    };
+    if run_loop::drive(run, &mut obj, &mut rng, obs)? == run_loop::Ended::Cancelled {
         return Ok(Outcome::Cancelled);
     }
+    let (before, last) = (obj.before.expect("evaluated before training"), obj.last.expect("at least one epoch"));
     if let Some(out) = &req.out_dir {
         for key in ["id2label", "label2id", "problem_type", "finetuned_pooling"] {
             cfg.extra.remove(key);
@@ -292,54 +197,86 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         write_model_dir(out, &cfg, &params.snapshot()?, &tokenizer_dir)
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
-    Ok(Outcome::Pretrained { before, last: last.expect("at least one epoch") })
+    Ok(Outcome::Pretrained { before, last })
 }
 
-/// The architecture of a model trained from scratch (the `config` of an `mlm` job).
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScratchSpec {
-    pub num_hidden_layers: usize,
-    pub hidden_size: usize,
-    pub num_attention_heads: usize,
-    pub intermediate_size: Option<usize>,
-    pub max_position_embeddings: Option<usize>,
+/// Pre-training as the shared loop's [`run_loop::Objective`]: masks each batch afresh and
+/// reports the held-out loss before training and after every epoch.
+struct Pretrain<'a> {
+    train: Vec<Vec<u32>>,
+    lengths: Vec<usize>,
+    val: Vec<Masked>,
+    special: HashSet<u32>,
+    mask_id: u32,
+    vocab: u32,
+    mask_prob: f64,
+    cfg: &'a BertConfig,
+    hp: &'a Hyperparameters,
+    device: &'a Device,
+    model_eval: MaskedLm,
+    /// Held-out loss before training (from the checkpoint when resumed).
+    before: Option<f64>,
+    last: Option<MlmReport>,
 }
 
-impl ScratchSpec {
-    /// Checks the ranges; returns the offending field and why.
-    pub fn check(&self) -> Result<(), (String, String)> {
-        let bad = |f: &str, m: &str| Err((format!("config.{f}"), m.to_string()));
-        if !(1..=24).contains(&self.num_hidden_layers) {
-            return bad("num_hidden_layers", "must be from 1 to 24");
-        }
-        if !(1..=32).contains(&self.num_attention_heads) {
-            return bad("num_attention_heads", "must be from 1 to 32");
-        }
-        if !(8..=2048).contains(&self.hidden_size) || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad("hidden_size", "must be from 8 to 2048 and a multiple of num_attention_heads");
-        }
-        if self.intermediate_size.is_some_and(|i| !(8..=8192).contains(&i)) {
-            return bad("intermediate_size", "must be from 8 to 8192");
-        }
-        if self.max_position_embeddings.is_some_and(|m| !(8..=2048).contains(&m)) {
-            return bad("max_position_embeddings", "must be from 8 to 2048");
+impl run_loop::Objective for Pretrain<'_> {
+    type Model = MaskedLm;
+    type Batch = Batch;
+
+    fn model(&self, weights: &Getter) -> candle_core::Result<MaskedLm> {
+        MaskedLm::load(weights, self.cfg)
+    }
+
+    fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        batch_order(&self.lengths, self.hp.batch_size, self.hp.seed, epoch, self.hp.group_by_length)
+    }
+
+    fn prepare(&mut self, indices: &[usize], rng: &mut ChaCha8Rng, _sums: &mut EpochSums) -> Result<Option<Batch>, TrainError> {
+        let masked: Vec<Masked> = indices
+            .iter()
+            .map(|&i| mask_tokens(&self.train[i], &self.special, self.mask_id, self.vocab, self.mask_prob, &mut *rng))
+            .collect();
+        let b = make_batch(&masked, self.cfg.pad_token_id as u32, self.device)?;
+        Ok((b.count > 0).then_some(b))
+    }
+
+    fn loss(&self, model: &MaskedLm, b: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
+        let logits = model.forward(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(rng))?.to_dtype(DType::F32)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
+    }
+
+    fn weight(&self, _indices: &[usize]) -> usize {
+        1
+    }
+
+    fn resumable(&self, meta: &CheckpointMeta) -> anyhow::Result<()> {
+        meta.mlm_before.map(|_| ()).ok_or_else(|| anyhow::anyhow!("not a pre-training checkpoint"))
+    }
+
+    fn resumed(&mut self, meta: &CheckpointMeta, _best: Option<HashMap<String, Tensor>>) {
+        self.before = meta.mlm_before;
+        self.last = meta.mlm_last.clone();
+    }
+
+    fn begin(&mut self, _resumed: bool, obs: &mut dyn Observer) -> Result<(), TrainError> {
+        if self.before.is_none() {
+            let b = evaluate(&self.model_eval, &self.val, self.cfg.pad_token_id as u32, self.device)?;
+            obs.on_event(Event::Pretrain(MlmReport { epoch: 0, step: 0, train_loss: None, loss: b, perplexity: b.exp() }));
+            self.before = Some(b);
         }
         Ok(())
     }
 
-    /// A BERT config of this shape for a tokenizer of `vocab_size` tokens.
-    pub fn config(&self, vocab_size: usize, pad_token_id: usize) -> BertConfig {
-        serde_json::from_value(serde_json::json!({
-            "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": vocab_size,
-            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "intermediate_size": self.intermediate_size.unwrap_or(4 * self.hidden_size),
-            "max_position_embeddings": self.max_position_embeddings.unwrap_or(512),
-            "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-            "type_vocab_size": 2, "layer_norm_eps": 1e-12, "initializer_range": 0.02, "pad_token_id": pad_token_id,
-            "position_embedding_type": "absolute"
-        }))
-        .expect("a valid config")
+    fn record(&self, meta: &mut CheckpointMeta) {
+        meta.mlm_before = self.before;
+        meta.mlm_last = self.last.clone();
+    }
+
+    fn end_epoch(&mut self, end: EpochEnd, obs: &mut dyn Observer) -> Result<bool, TrainError> {
+        let loss = evaluate(&self.model_eval, &self.val, self.cfg.pad_token_id as u32, self.device)?;
+        let report = MlmReport { epoch: end.epoch, step: end.step, train_loss: Some(end.train_loss()), loss, perplexity: loss.exp() };
+        obs.on_event(Event::Pretrain(report.clone()));
+        self.last = Some(report);
+        Ok(false)
     }
 }

@@ -1,13 +1,16 @@
-//! Training: the fine-tuning loop, its data, optimiser and metrics, and the job worker.
+//! Training: the loop fine-tuning and pre-training share, their data, optimiser and metrics,
+//! and the job worker.
 
 pub mod checkpoint;
 pub mod data;
+pub mod events;
 pub mod hyper;
 pub mod metrics;
 pub mod mlm;
 pub mod objective;
 pub mod optim;
 pub mod precision;
+pub mod run_loop;
 pub mod trainer;
 pub mod worker;
 

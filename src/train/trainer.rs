@@ -1,24 +1,25 @@
-//! The fine-tuning loop: blocking, device-agnostic, reporting through an [`Observer`].
-//! Shared by the service's worker and the `train` command.
+//! Fine-tuning a classifier: its data, its objective in the shared loop ([`super::run_loop`]),
+//! the test scores and the saved model. Blocking, device-agnostic, reporting through an
+//! [`Observer`]; shared by the service's worker and the `train` command.
 
-use super::checkpoint::{self, CheckpointMeta, CheckpointPlan};
-use super::data::{epoch_batches, label_set, stratified_split, Example};
+use super::checkpoint::{CheckpointMeta, CheckpointPlan};
+use super::data::{epoch_batches, label_set, stratified_split, to_examples, Example};
+pub use super::events::{EpochReport, EpochStats, Event, Finished, Observer, Outcome, RunStats, StepInfo, TestReport, TrainError};
 use super::hyper::Hyperparameters;
-use super::metrics::ClassificationReport;
 use super::objective::{balanced_weights, prior_log_odds, Task};
-use super::optim::{linear_schedule, AdamW};
-use super::precision::{LossScaler, Precision};
+use super::precision::Precision;
+use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
+use crate::model::bert::Getter;
 use crate::model::layers::Mode;
 use crate::model::params::Params;
-use crate::model::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
+use crate::model::tokenize::{load_tokenizer, pad_batch, Batch};
 use crate::model::{BertConfig, Classifier, Pooling};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Deserialize;
-use serde::Serialize;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -61,175 +62,6 @@ impl TrainRequest {
             precision: Precision::F32,
         }
     }
-}
-
-/// Timing and size figures of one epoch.
-#[derive(Debug, Clone, Serialize)]
-pub struct EpochStats {
-    pub epoch: usize,
-    pub train_seconds: f64,
-    /// Process CPU seconds during the epoch's training loop (≈ cores busy × seconds).
-    pub train_cpu_seconds: f64,
-    pub examples_per_s: f64,
-    pub real_tokens: usize,
-    pub padded_tokens: usize,
-    pub train_loss: f64,
-    pub val_accuracy: f64,
-    pub val_macro_f1: f64,
-    pub eval_seconds: f64,
-    /// Peak device memory so far (GPU runs only), MiB.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peak_gpu_mib: Option<u64>,
-}
-
-/// Figures of a whole run, for reports and benchmarks.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunStats {
-    pub load_seconds: f64,
-    pub tokenize_seconds: f64,
-    pub train_seconds: f64,
-    pub n_train: usize,
-    pub n_validation: usize,
-    pub num_parameters: usize,
-    pub steps_per_epoch: usize,
-    pub total_steps: usize,
-    pub warmup_steps: usize,
-    pub epochs: Vec<EpochStats>,
-}
-
-/// Results on the test rows.
-#[derive(Debug, Clone, Serialize)]
-pub struct TestReport {
-    pub loss: f64,
-    pub seconds: f64,
-    #[serde(flatten)]
-    pub report: ClassificationReport,
-}
-
-/// A finished run: the epoch whose weights were kept, and the figures.
-pub struct Finished {
-    pub best: EpochReport,
-    pub labels: Vec<String>,
-    pub stats: RunStats,
-    pub test: Option<TestReport>,
-}
-
-/// Progress after one optimisation step.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepInfo {
-    pub epoch: usize,
-    pub step: usize,
-    pub total_steps: usize,
-    pub loss: f64,
-    pub learning_rate: f64,
-    pub examples_per_second: f64,
-}
-
-/// Validation results after one epoch.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochReport {
-    pub epoch: usize,
-    pub step: usize,
-    pub train_loss: f64,
-    pub loss: f64,
-    pub labels: Vec<String>,
-    #[serde(flatten)]
-    pub report: ClassificationReport,
-    /// Peak device memory of the run so far (GPU runs only), MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peak_gpu_mib: Option<u64>,
-}
-
-/// What the trainer tells its caller as it goes.
-pub enum Event {
-    Message(String),
-    /// Something the user should look at; the job goes on.
-    Warning(String),
-    Step(StepInfo),
-    Epoch(EpochReport),
-    /// Held-out masked-LM loss (pre-training jobs).
-    Pretrain(super::mlm::MlmReport),
-}
-
-/// Receives events and says when to stop (checked before every step).
-pub trait Observer {
-    fn on_event(&mut self, event: Event);
-    fn should_stop(&self) -> bool;
-    /// Whether a stop is the server shutting down (checkpoint, to resume later) rather than a cancel.
-    fn shutting_down(&self) -> bool {
-        false
-    }
-}
-
-/// How a run ended, when it did not fail.
-pub enum Outcome {
-    /// The model was written (when asked); see [`Finished`].
-    Finished(Box<Finished>),
-    /// A pre-training run wrote its base model: held-out loss before, and after the last epoch.
-    Pretrained {
-        before: f64,
-        last: super::mlm::MlmReport,
-    },
-    Cancelled,
-}
-
-/// Why a run failed; `code` is the job's error code.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("{0}")]
-    InvalidData(String),
-    #[error("cannot load the base model: {0}")]
-    BaseModel(String),
-    #[error("training diverged: the loss became {0} at step {1}")]
-    Diverged(f64, usize),
-    /// The data dir could not be written (full, read-only, removed).
-    #[error("could not write to the data dir: {0}")]
-    Storage(String),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
-}
-
-impl From<candle_core::Error> for TrainError {
-    fn from(e: candle_core::Error) -> Self {
-        TrainError::Internal(e.into())
-    }
-}
-
-impl TrainError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            TrainError::InvalidData(_) => "invalid_training_data",
-            TrainError::BaseModel(_) => "base_model_unavailable",
-            TrainError::Diverged(..) => "training_diverged",
-            TrainError::Storage(_) => "storage_error",
-            TrainError::Internal(e) if is_out_of_memory(e) => "device_out_of_memory",
-            TrainError::Internal(_) => "internal_error",
-        }
-    }
-}
-
-/// Whether an error is the device running out of memory (CUDA reports it as an error value,
-/// which candle passes up): the job fails with a code that says so instead of a bare 500-ish one.
-fn is_out_of_memory(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
-    text.contains("OUT_OF_MEMORY") || text.contains("out of memory")
-}
-
-fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Example>> {
-    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
-    let ids = encode_all(tok, &texts)?;
-    rows.iter()
-        .zip(ids)
-        .map(|(r, mut ids)| {
-            truncate(&mut ids, max_len);
-            let ids_of = r
-                .labels()
-                .iter()
-                .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
-                .collect::<anyhow::Result<Vec<usize>>>()?;
-            Ok(Example { ids, labels: ids_of })
-        })
-        .collect()
 }
 
 /// Runs a fine-tuning job to the end (or until the observer says stop).
@@ -282,194 +114,62 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         params.set("classifier.bias", &prior)?;
     }
     let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(task, &train, labels.len(), &req.device)).transpose()?;
-
-    let steps_per_epoch = train.len().div_ceil(hp.batch_size);
-    let total_steps = steps_per_epoch * hp.epochs;
-    let warmup = (hp.warmup_ratio * total_steps as f64).ceil() as usize;
+    let schedule = Schedule::new(train.len(), hp);
     obs.on_event(Event::Message(format!(
         "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters; pooling {}",
         train.len(),
         val.len(),
         labels.len(),
-        total_steps,
-        warmup,
+        schedule.total_steps,
+        schedule.warmup,
         params.count(),
         pooling.as_str()
     )));
-    let mut stats = RunStats {
+    let stats = RunStats {
         load_seconds,
         tokenize_seconds,
         train_seconds: 0.0,
         n_train: train.len(),
         n_validation: val.len(),
         num_parameters: params.count(),
-        steps_per_epoch,
-        total_steps,
-        warmup_steps: warmup,
+        steps_per_epoch: schedule.steps_per_epoch,
+        total_steps: schedule.total_steps,
+        warmup_steps: schedule.warmup,
         epochs: vec![],
     };
-    let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
-    let mut opt = AdamW::new(decay.clone(), hp.weight_decay);
-    let pad = cfg.pad_token_id as u32;
-    let mut step = 0usize;
-    let mut best: Option<(EpochReport, std::collections::HashMap<String, Tensor>)> = None;
-    let mut since_best = 0usize;
-    let mut resumed = None;
-    if let Some((path, meta)) = req.checkpoints.as_ref().and_then(|p| checkpoint::latest(&p.dir)) {
-        let loaded = meta.rng_word_pos().and_then(|pos| Ok((pos, checkpoint::load(&path, &meta, &params, &mut opt, &req.device)?)));
-        match loaded {
-            Ok((pos, best_weights)) => {
-                rng.set_word_pos(pos);
-                step = meta.step;
-                since_best = meta.since_best;
-                best = meta.best.clone().zip(best_weights);
-                obs.on_event(Event::Message(format!("resumed from the checkpoint at step {step} (epoch {})", meta.epoch)));
-                resumed = Some(meta);
-            }
-            Err(e) => {
-                opt = AdamW::new(decay, hp.weight_decay);
-                obs.on_event(Event::Warning(format!("the checkpoint at step {} could not be used ({e:#}): starting over", meta.step)));
-            }
-        }
-    }
-    let mut saved_at = step;
-    let mut peak_gpu: Option<u64> = None;
-    let model_train = Classifier::load(&|n| params.tracked(n), &cfg, pooling)?;
-    let mut scaler = LossScaler::new(req.precision);
     let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
-    let first_epoch = resumed.as_ref().map_or(1, |m: &CheckpointMeta| m.epoch);
-    for epoch in first_epoch..=hp.epochs {
-        let batches = epoch_batches(&train, hp.batch_size, hp.seed, epoch - 1, hp.group_by_length);
-        let (mut done, mut loss_sum, mut seen, mut real, mut padded) = match resumed.take() {
-            Some(m) if m.epoch == epoch => (m.batches_done, m.loss_sum, m.seen, m.real_tokens, m.padded_tokens),
-            _ => (0, 0.0, 0usize, 0usize, 0usize),
-        };
-        let started = Instant::now();
-        let cpu_start = super::process_usage().0;
-        let mut window: std::collections::VecDeque<(Instant, usize)> = Default::default();
-        for batch_idx in batches.into_iter().skip(done) {
-            // Everything a checkpoint taken now must hold to continue from this batch.
-            let position = |best: &Option<(EpochReport, _)>| CheckpointMeta {
-                step,
-                epoch,
-                batches_done: done,
-                loss_sum,
-                seen,
-                real_tokens: real,
-                padded_tokens: padded,
-                rng_word_pos: rng.get_word_pos().to_string(),
-                optimizer_step: 0,
-                since_best,
-                best: best.as_ref().map(|(b, _)| b.clone()),
-                num_parameters: params.count(),
-                created_at: crate::store::now(),
-                mlm_before: None,
-                mlm_last: None,
-            };
-            if obs.should_stop() {
-                if let Some(plan) = req.checkpoints.as_ref().filter(|_| obs.shutting_down() && saved_at != step) {
-                    checkpoint::save_and_report(plan, &position(&best), &params, &opt, best.as_ref().map(|(_, t)| t), obs);
-                }
-                return Ok(Outcome::Cancelled);
-            }
-            if let Some(plan) = req.checkpoints.as_ref().filter(|p| p.every > 0 && step.is_multiple_of(p.every) && saved_at != step) {
-                checkpoint::save_and_report(plan, &position(&best), &params, &opt, best.as_ref().map(|(_, t)| t), obs);
-                saved_at = step;
-            }
-            let seqs: Vec<&[u32]> = batch_idx.iter().map(|&i| train[i].ids.as_slice()).collect();
-            let batch = pad_batch(&seqs, pad, &req.device)?;
-            real += seqs.iter().map(|s| s.len()).sum::<usize>();
-            padded += batch.ids.elem_count();
-            let examples: Vec<&Example> = batch_idx.iter().map(|&i| &train[i]).collect();
-            let targets = task.targets(&examples, labels.len(), &req.device)?;
-            let t_fwd = Instant::now();
-            // Mixed precision: this step's weights, cast from the f32 masters.
-            let cast;
-            let model = if req.precision == Precision::F32 {
-                &model_train
-            } else {
-                cast = Classifier::load(&|n| req.precision.cast(params.tracked(n)?), &cfg, pooling)?;
-                &cast
-            };
-            let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng))?.to_dtype(DType::F32)?;
-            let loss = task.loss(&logits, &targets, class_weights.as_ref())?;
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_value.is_finite() {
-                return Err(TrainError::Diverged(loss_value, step + 1));
-            }
-            let t_bwd = Instant::now();
-            let grads = if scaler.scale() == 1.0 { loss.backward()? } else { (&loss * scaler.scale())?.backward()? };
-            // The activations and gradients are all alive here: the step's high-water mark.
-            if let Some(used) = crate::model::device_memory_mib(&req.device) {
-                peak_gpu = Some(peak_gpu.map_or(used, |p: u64| p.max(used)));
-            }
-            let t_opt = Instant::now();
-            let lr = linear_schedule(hp.learning_rate, step, warmup, total_steps);
-            let stepped = opt.step_scaled(&params.vars, &grads, lr, req.max_grad_norm, scaler.scale())?;
-            scaler.update(stepped.is_some());
-            tracing::debug!(
-                forward_ms = (t_bwd - t_fwd).as_millis() as u64,
-                backward_ms = (t_opt - t_bwd).as_millis() as u64,
-                optimizer_ms = t_opt.elapsed().as_millis() as u64,
-                shape = ?batch.ids.dims(),
-                "step timings"
-            );
-            step += 1;
-            done += 1;
-            loss_sum += loss_value * batch_idx.len() as f64;
-            seen += batch_idx.len();
-            window.push_back((Instant::now(), batch_idx.len()));
-            if window.len() > 20 {
-                window.pop_front();
-            }
-            let rate = rate_of(&window, started);
-            obs.on_event(Event::Step(StepInfo {
-                epoch,
-                step,
-                total_steps,
-                loss: loss_value,
-                learning_rate: lr,
-                examples_per_second: rate,
-            }));
-        }
-        let train_seconds = started.elapsed().as_secs_f64();
-        let train_cpu_seconds = super::process_usage().0 - cpu_start;
-        stats.train_seconds += train_seconds;
-        let train_loss = loss_sum / seen.max(1) as f64;
-        let t_eval = Instant::now();
-        let (val_loss, report) = task.evaluate(&model_eval, &val, &labels, pad, req.eval_batch_size, &req.device)?;
-        stats.epochs.push(EpochStats {
-            epoch,
-            train_seconds,
-            train_cpu_seconds,
-            examples_per_s: seen as f64 / train_seconds.max(1e-9),
-            real_tokens: real,
-            padded_tokens: padded,
-            train_loss,
-            val_accuracy: report.accuracy,
-            val_macro_f1: report.macro_f1,
-            eval_seconds: t_eval.elapsed().as_secs_f64(),
-            peak_gpu_mib: peak_gpu,
-        });
-        let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: labels.clone(), report, peak_gpu_mib: peak_gpu };
-        obs.on_event(Event::Epoch(ep.clone()));
-        let improved = best.as_ref().is_none_or(|(b, _)| is_better(&ep, b));
-        if improved {
-            best = Some((ep, params.snapshot()?));
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if hp.early_stopping_patience.is_some_and(|p| since_best >= p) {
-                obs.on_event(Event::Message(format!("early stopping after epoch {epoch}: no improvement in {since_best} epochs")));
-                break;
-            }
-        }
-    }
-    let (best, tensors) = best.expect("at least one epoch ran");
-    // Training is over: a server stop lets the model be written (seconds) rather than redo work.
-    if obs.should_stop() && !obs.shutting_down() {
+    let mut obj = Classify {
+        train,
+        val,
+        labels,
+        cfg: &cfg,
+        pooling,
+        task,
+        class_weights,
+        hp,
+        device: &req.device,
+        eval_batch_size: req.eval_batch_size,
+        params: &params,
+        model_eval,
+        best: None,
+        since_best: 0,
+        stats,
+    };
+    let run = Run {
+        params: &params,
+        hp,
+        schedule,
+        device: &req.device,
+        precision: req.precision,
+        max_grad_norm: req.max_grad_norm,
+        checkpoints: req.checkpoints.as_ref(),
+    };
+    if run_loop::drive(run, &mut obj, &mut rng, obs)? == run_loop::Ended::Cancelled {
         return Ok(Outcome::Cancelled);
     }
+    let Classify { labels, stats, best, .. } = obj;
+    let (best, tensors) = best.expect("at least one epoch ran");
+    let pad = cfg.pad_token_id as u32;
     let test_report = if test.is_empty() {
         None
     } else {
@@ -487,34 +187,111 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))
 }
 
-fn lookup(tensors: &std::collections::HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {
+/// Fine-tuning as the shared loop's [`run_loop::Objective`]: keeps the best epoch's weights and
+/// stops early when the hyperparameters say so.
+struct Classify<'a> {
+    train: Vec<Example>,
+    val: Vec<Example>,
+    labels: Vec<String>,
+    cfg: &'a BertConfig,
+    pooling: Pooling,
+    task: Task,
+    class_weights: Option<Tensor>,
+    hp: &'a Hyperparameters,
+    device: &'a Device,
+    eval_batch_size: usize,
+    params: &'a Params,
+    model_eval: Classifier,
+    best: Option<(EpochReport, HashMap<String, Tensor>)>,
+    since_best: usize,
+    stats: RunStats,
+}
+
+impl run_loop::Objective for Classify<'_> {
+    type Model = Classifier;
+    type Batch = (Batch, Tensor);
+
+    fn model(&self, weights: &Getter) -> candle_core::Result<Classifier> {
+        Classifier::load(weights, self.cfg, self.pooling)
+    }
+
+    fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        epoch_batches(&self.train, self.hp.batch_size, self.hp.seed, epoch - 1, self.hp.group_by_length)
+    }
+
+    fn prepare(&mut self, indices: &[usize], _rng: &mut ChaCha8Rng, sums: &mut EpochSums) -> Result<Option<(Batch, Tensor)>, TrainError> {
+        let seqs: Vec<&[u32]> = indices.iter().map(|&i| self.train[i].ids.as_slice()).collect();
+        let batch = pad_batch(&seqs, self.cfg.pad_token_id as u32, self.device)?;
+        sums.real_tokens += seqs.iter().map(|s| s.len()).sum::<usize>();
+        sums.padded_tokens += batch.ids.elem_count();
+        let examples: Vec<&Example> = indices.iter().map(|&i| &self.train[i]).collect();
+        let targets = self.task.targets(&examples, self.labels.len(), self.device)?;
+        Ok(Some((batch, targets)))
+    }
+
+    fn loss(&self, model: &Classifier, (batch, targets): &(Batch, Tensor), rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
+        let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(rng))?.to_dtype(DType::F32)?;
+        Ok(self.task.loss(&logits, targets, self.class_weights.as_ref())?)
+    }
+
+    fn weight(&self, indices: &[usize]) -> usize {
+        indices.len()
+    }
+
+    fn resumed(&mut self, meta: &CheckpointMeta, best: Option<HashMap<String, Tensor>>) {
+        self.since_best = meta.since_best;
+        self.best = meta.best.clone().zip(best);
+    }
+
+    fn record(&self, meta: &mut CheckpointMeta) {
+        meta.since_best = self.since_best;
+        meta.best = self.best.as_ref().map(|(b, _)| b.clone());
+    }
+
+    fn best_weights(&self) -> Option<&HashMap<String, Tensor>> {
+        self.best.as_ref().map(|(_, t)| t)
+    }
+
+    fn end_epoch(&mut self, end: EpochEnd, obs: &mut dyn Observer) -> Result<bool, TrainError> {
+        let EpochEnd { epoch, step, sums, train_seconds, peak_gpu_mib, .. } = end;
+        self.stats.train_seconds += train_seconds;
+        let train_loss = end.train_loss();
+        let t_eval = Instant::now();
+        let pad = self.cfg.pad_token_id as u32;
+        let (val_loss, report) = self.task.evaluate(&self.model_eval, &self.val, &self.labels, pad, self.eval_batch_size, self.device)?;
+        self.stats.epochs.push(EpochStats {
+            epoch,
+            train_seconds,
+            train_cpu_seconds: end.train_cpu_seconds,
+            examples_per_s: sums.seen as f64 / train_seconds.max(1e-9),
+            real_tokens: sums.real_tokens,
+            padded_tokens: sums.padded_tokens,
+            train_loss,
+            val_accuracy: report.accuracy,
+            val_macro_f1: report.macro_f1,
+            eval_seconds: t_eval.elapsed().as_secs_f64(),
+            peak_gpu_mib,
+        });
+        let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: self.labels.clone(), report, peak_gpu_mib };
+        obs.on_event(Event::Epoch(ep.clone()));
+        if self.best.as_ref().is_none_or(|(b, _)| is_better(&ep, b)) {
+            self.best = Some((ep, self.params.snapshot()?));
+            self.since_best = 0;
+            return Ok(false);
+        }
+        self.since_best += 1;
+        if self.hp.early_stopping_patience.is_some_and(|p| self.since_best >= p) {
+            obs.on_event(Event::Message(format!("early stopping after epoch {epoch}: no improvement in {} epochs", self.since_best)));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+fn lookup(tensors: &HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {
     tensors.get(name).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))
 }
 
 fn is_better(a: &EpochReport, b: &EpochReport) -> bool {
     a.report.macro_f1 > b.report.macro_f1 || (a.report.macro_f1 == b.report.macro_f1 && a.loss < b.loss)
-}
-
-fn rate_of(window: &std::collections::VecDeque<(Instant, usize)>, started: Instant) -> f64 {
-    let examples: usize = window.iter().map(|(_, n)| n).sum();
-    let since = if window.len() > 1 { window.front().unwrap().0 } else { started };
-    let first = if window.len() > 1 { window.front().unwrap().1 } else { 0 };
-    let secs = window.back().map(|(t, _)| t.duration_since(since).as_secs_f64()).unwrap_or(0.0);
-    if secs > 0.0 {
-        (examples - first) as f64 / secs
-    } else {
-        0.0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_device_out_of_memory_error_gets_its_own_code() {
-        let oom = TrainError::Internal(anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"));
-        assert_eq!(oom.code(), "device_out_of_memory");
-        assert_eq!(TrainError::Internal(anyhow::anyhow!("shape mismatch")).code(), "internal_error");
-    }
 }

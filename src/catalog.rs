@@ -35,8 +35,9 @@ pub struct ModelView {
     pub created_at: i64,
     pub pooling: Option<String>,
     pub max_seq_len: Option<i64>,
-    /// How a classifier was made: `full` (every weight trained) or `lora` (a low-rank adapter
-    /// over `base_model`, which it needs to run); null for a base model.
+    /// How a classifier was made: `full` (every weight trained), `lora` (a low-rank adapter
+    /// over `base_model`, which it needs to run) or `head` (only the pooler and head trained);
+    /// null for a base model.
     pub method: Option<&'static str>,
     /// A LoRA adapter's rank; null otherwise.
     pub rank: Option<usize>,
@@ -118,8 +119,12 @@ pub fn record_view(m: &ModelRecord) -> ModelView {
         created_at: m.created_at,
         pooling: m.pooling.clone(),
         max_seq_len: m.max_seq_len,
-        method: (m.kind == "classifier").then_some("full"),
-        rank: None,
+        method: match m.method.as_deref() {
+            Some("lora") => Some("lora"),
+            Some("head") => Some("head"),
+            _ => (m.kind == "classifier").then_some("full"),
+        },
+        rank: m.lora_rank.map(|r| r as usize),
     }
 }
 

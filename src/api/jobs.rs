@@ -86,8 +86,8 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
     // A hub id that is not a local model is fetched by the worker; `pooling: auto` is then
     // decided when its files are there.
     let auto_pooling = match state.catalog.resolve(&req.base_model).await? {
-        Some(_) if state.catalog.adapter_base(&req.base_model).is_some() => {
-            let of = state.catalog.adapter_base(&req.base_model).unwrap_or_default();
+        Some(base) if state.catalog.adapter_base(&req.base_model).is_some() || crate::model::lora::is_adapter(&base.path) => {
+            let of = state.catalog.adapter_base(&req.base_model).unwrap_or_else(|| "its base".into());
             let msg = format!("{} is a LoRA adapter over {of}: fine-tune from {of} instead", req.base_model);
             return Err(ApiError::invalid("base_model", msg));
         }
@@ -96,6 +96,9 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
         None => return Err(ApiError::not_found("model", &req.base_model).param("base_model")),
     };
     let hp = req.hyperparameters.clone().unwrap_or_default().resolve(&auto_pooling).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    if task == JobTask::Mlm && hp.method != crate::train::hyper::Method::Full {
+        return Err(ApiError::invalid("hyperparameters.method", "masked-LM pre-training trains every weight: method must be \"full\""));
+    }
     Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
 }
 

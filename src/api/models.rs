@@ -34,7 +34,7 @@ async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
     }
     let rec = models::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("model", &id))?;
     if models::delete(&state.pool, &id).await? == 0 {
-        return Err(ApiError::conflict(format!("model {id} is the base of a queued or running job")));
+        return Err(ApiError::conflict(format!("model {id} is the base of a queued or running job, or of a LoRA adapter")));
     }
     state.predictor.evict(&id);
     state.catalog.forget(&id);

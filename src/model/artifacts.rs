@@ -138,12 +138,7 @@ pub fn hf_name(name: &str) -> String {
 /// Writes a complete model directory to `dest`: built in a sibling temp dir, synced, then
 /// renamed into place so that a crash never leaves half a model behind.
 pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> anyhow::Result<()> {
-    let parent = dest.parent().context("model path has no parent")?;
-    std::fs::create_dir_all(parent)?;
-    let name = dest.file_name().context("model path has no name")?.to_string_lossy();
-    let tmp = parent.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&tmp)?;
-    let result = (|| -> anyhow::Result<()> {
+    write_atomically(dest, |tmp| {
         std::fs::write(tmp.join(CONFIG), serde_json::to_vec_pretty(config)?)?;
         let named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((hf_name(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -154,6 +149,20 @@ pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<Strin
                 std::fs::copy(tokenizer_dir.join(extra), tmp.join(extra))?;
             }
         }
+        Ok(())
+    })
+}
+
+/// Makes directory `dest` whole or not at all: `fill` writes into a sibling temp dir, whose
+/// files are synced before it is renamed into place (replacing any `dest`).
+pub fn write_atomically(dest: &Path, fill: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let parent = dest.parent().context("model path has no parent")?;
+    std::fs::create_dir_all(parent)?;
+    let name = dest.file_name().context("model path has no name")?.to_string_lossy();
+    let tmp = parent.join(format!(".tmp-{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&tmp)?;
+    let result = (|| -> anyhow::Result<()> {
+        fill(&tmp)?;
         for entry in std::fs::read_dir(&tmp)? {
             std::fs::File::open(entry?.path())?.sync_all()?;
         }

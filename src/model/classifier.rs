@@ -1,7 +1,7 @@
 //! Sequence classification on top of our BERT: pooling, dropout and a linear head
 //! (`BertForSequenceClassification` for `cls` pooling).
 
-use super::adapters::LowRank;
+use super::adapters::{LowRank, LowRankSet};
 use super::bert::{Bert, Getter};
 use super::config::BertConfig;
 use super::layers::{Linear, Mode};
@@ -42,6 +42,8 @@ pub struct Classifier {
     head: Linear,
     pooling: Pooling,
     dropout: f64,
+    /// An adapter every row takes (a LoRA job's, while it trains and evaluates).
+    low_rank: Option<LowRankSet>,
 }
 
 /// Parameter names of the pooler and head (after the encoder's).
@@ -57,7 +59,7 @@ impl Classifier {
             Pooling::Mean => None,
         };
         let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
-        Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob() })
+        Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob(), low_rank: None })
     }
 
     /// Readies the model for inference only (it can no longer be trained), with the
@@ -77,9 +79,19 @@ impl Classifier {
 
     /// Logits `[batch, labels]`.
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
-        let pooled = self.pooled(ids, type_ids, mask, mode, &LowRank::default())?;
+        let lr = match &self.low_rank {
+            Some(set) => LowRank::single(set, ids.dim(0)?),
+            None => LowRank::default(),
+        };
+        let pooled = self.pooled(ids, type_ids, mask, mode, &lr)?;
         let pooled = mode.dropout(&pooled, self.dropout)?;
         self.head.forward(&pooled)
+    }
+
+    /// The model with `set`'s low-rank terms added for every row (see `model::adapters`).
+    pub fn with_low_rank(mut self, set: LowRankSet) -> Self {
+        self.low_rank = Some(set);
+        self
     }
 
     /// The head alone on pooled features (no dropout: for inference).

@@ -207,3 +207,50 @@ pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
     info.labels = Some(labels);
     Ok(AdapterInfo { config: adapter.config, base, info })
 }
+
+/// Writes a LoRA classifier as an adapter directory peft loads (`PeftModel.from_pretrained`
+/// over `base`): `adapter_config.json`, `adapter_model.safetensors` with the pairs and the
+/// head under peft's names, and the classifier's `config.json` (its labels and pooling, which
+/// peft ignores and this crate reads). `tensors` are ours: `….lora_A.weight`,
+/// `….lora_B.weight` and `classifier.*`.
+pub fn write_adapter_dir(
+    dest: &Path,
+    classifier: &super::config::BertConfig,
+    tensors: &HashMap<String, Tensor>,
+    config: &AdapterConfig,
+) -> anyhow::Result<()> {
+    super::artifacts::write_atomically(dest, |tmp| {
+        std::fs::write(tmp.join(ADAPTER_CONFIG), serde_json::to_vec_pretty(config)?)?;
+        std::fs::write(tmp.join(super::artifacts::CONFIG), serde_json::to_vec_pretty(classifier)?)?;
+        let named: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| Ok((format!("base_model.model.{}", super::artifacts::hf_name(n)), t.contiguous()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        safetensors::serialize_to_file(named, metadata, &tmp.join(ADAPTER_WEIGHTS))?;
+        Ok(())
+    })
+}
+
+impl AdapterConfig {
+    /// The config peft writes for a sequence-classification LoRA over `base`.
+    pub fn for_classifier(base: &str, r: usize, alpha: f64, dropout: f64, targets: &[String]) -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            task_type: Some("SEQ_CLS".into()),
+            r,
+            lora_alpha: alpha,
+            lora_dropout: dropout,
+            target_modules: serde_json::json!(targets),
+            base_model_name_or_path: Some(base.into()),
+            modules_to_save: Some(vec!["classifier".into(), "score".into()]),
+            fan_in_fan_out: false,
+            use_rslora: false,
+            use_dora: false,
+            bias: Some("none".into()),
+            lora_bias: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+}

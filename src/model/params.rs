@@ -29,7 +29,14 @@ pub fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
 /// How a parameter missing from the checkpoint starts: transformers' rules.
 fn init(name: &str, shape: &[usize], cfg: &BertConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let n: usize = shape.iter().product();
-    if name.contains("LayerNorm.weight") {
+    if name.ends_with("lora_B.weight") {
+        // peft's start: B at zero, so the adapted model begins as its base.
+        vec![0.0; n]
+    } else if name.ends_with("lora_A.weight") {
+        // peft's start for A: uniform within ±1/√fan_in (kaiming_uniform with a = √5).
+        let bound = 1.0 / (shape[1] as f64).sqrt();
+        (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
+    } else if name.contains("LayerNorm.weight") {
         vec![1.0; n]
     } else if name.ends_with(".bias") || name.contains("LayerNorm") || name == "cls.predictions.bias" {
         vec![0.0; n]

@@ -20,6 +20,9 @@ pub struct ModelRecord {
     pub pooling: Option<String>,
     pub max_seq_len: Option<i64>,
     pub created_at: i64,
+    /// `full`, `lora` or `head` for a classifier (null for models stored before methods).
+    pub method: Option<String>,
+    pub lora_rank: Option<i64>,
 }
 
 impl<'r> sqlx::FromRow<'r, AnyRow> for ModelRecord {
@@ -36,14 +39,16 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for ModelRecord {
             pooling: row.try_get("pooling")?,
             max_seq_len: row.try_get("max_seq_len")?,
             created_at: row.try_get("created_at")?,
+            method: row.try_get("method")?,
+            lora_rank: row.try_get("lora_rank")?,
         })
     }
 }
 
-const COLUMNS: &str = "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at";
+const COLUMNS: &str = "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at, method, lora_rank";
 
 pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<()> {
-    sqlx::query(&format!("insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"))
+    sqlx::query(&format!("insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"))
         .bind(&m.id)
         .bind(&m.kind)
         .bind(&m.task)
@@ -55,6 +60,8 @@ pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<
         .bind(&m.pooling)
         .bind(m.max_seq_len)
         .bind(m.created_at)
+        .bind(&m.method)
+        .bind(m.lora_rank)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -68,13 +75,15 @@ pub async fn list(pool: &Pool) -> sqlx::Result<Vec<ModelRecord>> {
     sqlx::query_as(&format!("select {COLUMNS} from models order by created_at, id")).fetch_all(pool).await
 }
 
-/// Deletes a model unless a queued or running job builds on it. Returns rows deleted.
+/// Deletes a model unless a queued or running job builds on it, or a LoRA adapter runs over
+/// it. Returns rows deleted.
 pub async fn delete(pool: &Pool, id: &str) -> sqlx::Result<u64> {
     let mut tx = super::Tx::begin(pool).await?;
     // Serialised with job creation naming this model (see `Tx::lock`).
     tx.lock(&[&format!("model:{id}")]).await?;
     let done = sqlx::query(
-        "delete from models where id = $1 and not exists (select 1 from jobs where base_model = $1 and status in ('queued', 'running'))",
+        "delete from models where id = $1 and not exists (select 1 from jobs where base_model = $1 and status in ('queued', 'running')) \
+         and not exists (select 1 from models as a where a.base_model = $1 and a.method = 'lora')",
     )
     .bind(id)
     .execute(&mut *tx)

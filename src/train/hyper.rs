@@ -19,6 +19,11 @@ pub struct HyperparametersInput {
     pub class_weights: Option<String>,
     pub early_stopping_patience: Option<u64>,
     pub group_by_length: Option<bool>,
+    pub method: Option<String>,
+    pub lora_r: Option<u64>,
+    pub lora_alpha: Option<f64>,
+    pub lora_dropout: Option<f64>,
+    pub lora_target_modules: Option<Vec<String>>,
 }
 
 /// Every hyperparameter resolved (defaults filled in), as stored and shown on the job.
@@ -37,7 +42,39 @@ pub struct Hyperparameters {
     pub early_stopping_patience: Option<usize>,
     /// Batch examples of similar length together (fewer padding tokens, faster).
     pub group_by_length: bool,
+    /// Which weights train: every one (`full`), low-rank adapters and the head (`lora`), or
+    /// the pooler and head over a frozen encoder (`head`). Jobs stored before methods existed
+    /// read as `full`.
+    #[serde(default)]
+    pub method: Method,
+    /// The adapters' settings, for `lora`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSettings>,
 }
+
+/// Which weights a fine-tuning job trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Full,
+    Lora,
+    Head,
+}
+
+/// Low-rank adapter settings, with peft's meaning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// peft's module names: `query`, `key`, `value`, `attention.output.dense`,
+    /// `intermediate.dense`, `output.dense`.
+    pub target_modules: Vec<String>,
+}
+
+/// The modules a LoRA job may adapt (the encoder's dense layers, by peft's names).
+pub const LORA_TARGETS: [&str; 6] = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
 
 /// A hyperparameter out of range: the `param` path and why.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -87,7 +124,16 @@ impl HyperparametersInput {
             None => None,
             Some(p) => Some(int_in("early_stopping_patience", Some(p), 1, 1, 100)?),
         };
+        let method = match self.method.as_deref().unwrap_or("full") {
+            "full" => Method::Full,
+            "lora" => Method::Lora,
+            "head" => Method::Head,
+            _ => return bad("method", "must be \"full\", \"lora\" or \"head\""),
+        };
+        let lora = self.lora_settings(method)?;
         Ok(Hyperparameters {
+            method,
+            lora,
             epochs: int_in("epochs", self.epochs, 3, 1, 100)?,
             batch_size: int_in("batch_size", self.batch_size, 32, 1, 1024)?,
             learning_rate: float_in("learning_rate", self.learning_rate, 5e-5, 0.0, 1.0, true)?,
@@ -103,6 +149,37 @@ impl HyperparametersInput {
             early_stopping_patience: patience,
             group_by_length: self.group_by_length.unwrap_or(false),
         })
+    }
+}
+
+impl HyperparametersInput {
+    fn lora_settings(&self, method: Method) -> Result<Option<LoraSettings>, InvalidParam> {
+        if method != Method::Lora {
+            let given = [
+                ("lora_r", self.lora_r.is_some()),
+                ("lora_alpha", self.lora_alpha.is_some()),
+                ("lora_dropout", self.lora_dropout.is_some()),
+                ("lora_target_modules", self.lora_target_modules.is_some()),
+            ];
+            if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
+                return bad(name, "applies only with \"method\": \"lora\"");
+            }
+            return Ok(None);
+        }
+        let r = int_in("lora_r", self.lora_r, 8, 1, 256)?;
+        let alpha = float_in("lora_alpha", self.lora_alpha, 2.0 * r as f64, 0.0, 4096.0, true)?;
+        let dropout = float_in("lora_dropout", self.lora_dropout, 0.1, 0.0, 0.9, false)?;
+        let targets = self.lora_target_modules.clone().unwrap_or_else(|| vec!["query".into(), "key".into(), "value".into()]);
+        if targets.is_empty() {
+            return bad("lora_target_modules", "must name at least one module");
+        }
+        if let Some(t) = targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
+            return bad(
+                "lora_target_modules",
+                format!("{t:?} is not a module LoRA can adapt here; use any of {}", LORA_TARGETS.join(", ")),
+            );
+        }
+        Ok(Some(LoraSettings { r, alpha, dropout, target_modules: targets }))
     }
 }
 

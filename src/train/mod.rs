@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod events;
 pub mod hyper;
+pub mod method;
 pub mod metrics;
 pub mod mlm;
 pub mod objective;

@@ -10,12 +10,13 @@ use super::objective::{balanced_weights, prior_log_odds, Task};
 use super::precision::Precision;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
-use crate::model::artifacts::{inspect, load_weights, write_model_dir};
+use crate::model::artifacts::{inspect, load_weights};
 use crate::model::bert::Getter;
 use crate::model::layers::Mode;
 use crate::model::params::Params;
 use crate::model::tokenize::{load_tokenizer, pad_batch, Batch};
 use crate::model::{BertConfig, Classifier, Pooling};
+use crate::train::method::Trainable;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -98,9 +99,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let mut cfg: BertConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
-    let params =
-        Params::for_classifier(&cfg, &weights, labels.len(), &mut rng, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
-    drop(weights);
+    let trainable = Trainable::new(hp.method, hp.lora.clone(), &cfg, weights, labels.len(), &mut rng, &req.device)
+        .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let params = &trainable.params;
     let load_seconds = t_load.elapsed().as_secs_f64();
     let t_tok = Instant::now();
     let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len)?;
@@ -116,13 +117,14 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let class_weights = hp.class_weights.as_ref().map(|_| balanced_weights(task, &train, labels.len(), &req.device)).transpose()?;
     let schedule = Schedule::new(train.len(), hp);
     obs.on_event(Event::Message(format!(
-        "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters; pooling {}",
+        "training on {} examples, validating on {}; {} labels; {} steps ({} warmup); {} parameters trained ({}); pooling {}",
         train.len(),
         val.len(),
         labels.len(),
         schedule.total_steps,
         schedule.warmup,
         params.count(),
+        serde_json::to_value(hp.method).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
         pooling.as_str()
     )));
     let stats = RunStats {
@@ -137,7 +139,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         warmup_steps: schedule.warmup,
         epochs: vec![],
     };
-    let model_eval = Classifier::load(&|n| params.detached(n), &cfg, pooling)?;
+    let model_eval = trainable.model(&cfg, pooling, &|n| params.detached(n))?;
     let mut obj = Classify {
         train,
         val,
@@ -149,14 +151,15 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         hp,
         device: &req.device,
         eval_batch_size: req.eval_batch_size,
-        params: &params,
+        params,
+        trainable: &trainable,
         model_eval,
         best: None,
         since_best: 0,
         stats,
     };
     let run = Run {
-        params: &params,
+        params,
         hp,
         schedule,
         device: &req.device,
@@ -174,13 +177,14 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         None
     } else {
         let t_test = Instant::now();
-        let kept = Classifier::load(&|n| lookup(&tensors, n), &cfg, pooling)?;
+        let kept = trainable.model(&cfg, pooling, &|n| lookup(&tensors, n))?;
         let (loss, report) = task.evaluate(&kept, &test, &labels, pad, req.eval_batch_size, &req.device)?;
         Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report })
     };
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
-        write_model_dir(out, &cfg, &tensors, &req.base_dir)
+        trainable
+            .save(out, &cfg, &tensors, &req.base_dir)
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
@@ -201,6 +205,7 @@ struct Classify<'a> {
     device: &'a Device,
     eval_batch_size: usize,
     params: &'a Params,
+    trainable: &'a Trainable,
     model_eval: Classifier,
     best: Option<(EpochReport, HashMap<String, Tensor>)>,
     since_best: usize,
@@ -212,7 +217,7 @@ impl run_loop::Objective for Classify<'_> {
     type Batch = (Batch, Tensor);
 
     fn model(&self, weights: &Getter) -> candle_core::Result<Classifier> {
-        Classifier::load(weights, self.cfg, self.pooling)
+        self.trainable.model(self.cfg, self.pooling, weights)
     }
 
     fn batches(&self, epoch: usize) -> Vec<Vec<usize>> {

@@ -10,6 +10,7 @@ mod faults;
 mod hub;
 mod jobs;
 mod lora;
+mod lora_jobs;
 mod multilabel;
 mod predict;
 mod predict_limits;

@@ -78,6 +78,8 @@ pub(super) fn new_model(
         pooling,
         max_seq_len: Some(max_len as i64),
         created_at: store::now(),
+        method: (kind == "classifier").then(|| job.hyperparameters["method"].as_str().unwrap_or("full").to_string()),
+        lora_rank: job.hyperparameters["lora"]["r"].as_i64(),
     }
 }
 

@@ -1,0 +1,135 @@
+//! What a fine-tuning method trains: every weight (`full`), low-rank adapters on the encoder's
+//! dense layers and the head (`lora`), or the pooler and head over a frozen encoder (`head`).
+//! Frozen weights are plain tensors: no gradient is computed or kept for them, and the
+//! optimizer holds no state for them.
+
+use super::hyper::{LoraSettings, Method};
+use crate::model::adapters::{LowRankSet, Target};
+use crate::model::bert::{encoder_params, Getter};
+use crate::model::classifier::{Classifier, Pooling, POOLER_NAMES};
+use crate::model::params::Params;
+use crate::model::BertConfig;
+use candle_core::{Device, Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The trainable parameters of a fine-tuning job and the frozen weights beside them.
+pub struct Trainable {
+    pub method: Method,
+    pub lora: Option<LoraSettings>,
+    pub params: Params,
+    pub frozen: HashMap<String, Tensor>,
+}
+
+/// The encoder layers and targets a LoRA job adapts.
+fn lora_targets(cfg: &BertConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
+    let by_name = |t: &str| match t {
+        "query" => Target::Query,
+        "key" => Target::Key,
+        "value" => Target::Value,
+        "attention.output.dense" => Target::AttnOut,
+        "intermediate.dense" => Target::Intermediate,
+        _ => Target::Output,
+    };
+    (0..cfg.num_hidden_layers).flat_map(|l| lora.target_modules.iter().map(move |t| (l, by_name(t)))).collect()
+}
+
+/// Our names of a LoRA pair: `(….lora_A.weight, ….lora_B.weight)`.
+fn pair_names(layer: usize, target: Target) -> (String, String) {
+    let module = target.weight_name(layer);
+    let module = module.trim_end_matches(".weight");
+    (format!("{module}.lora_A.weight"), format!("{module}.lora_B.weight"))
+}
+
+impl Trainable {
+    /// The parameters of a classifier with `num_labels` outputs over `weights` (the base) for
+    /// `method`: the head is always fresh; what else trains depends on the method.
+    pub fn new(
+        method: Method,
+        lora: Option<LoraSettings>,
+        cfg: &BertConfig,
+        mut weights: HashMap<String, Tensor>,
+        num_labels: usize,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        if method == Method::Full {
+            let params = Params::for_classifier(cfg, &weights, num_labels, rng, device)?;
+            return Ok(Self { method, lora, params, frozen: HashMap::new() });
+        }
+        // The encoder stays as the base has it, in f32 on the device, outside the parameters.
+        let mut frozen = HashMap::new();
+        for (name, shape) in encoder_params(cfg) {
+            let t = weights.remove(&name).ok_or_else(|| anyhow::anyhow!("checkpoint has no tensor {name:?}"))?;
+            anyhow::ensure!(t.dims() == shape.as_slice(), "tensor {name:?} has shape {:?}, config says {shape:?}", t.dims());
+            frozen.insert(name, t.to_dtype(candle_core::DType::F32)?.to_device(device)?);
+        }
+        // The pooler as the base has it (freshly made where it has none): frozen for `lora`,
+        // as in peft, where only the head is trained in full; trained for `head`.
+        let h = cfg.hidden_size;
+        let pooler_spec: Vec<(String, Vec<usize>)> = vec![(POOLER_NAMES[0].into(), vec![h, h]), (POOLER_NAMES[1].into(), vec![h])];
+        let pooler = Params::build(cfg, &pooler_spec, &weights, &[], rng, device)?;
+        let mut spec: Vec<(String, Vec<usize>)> = Vec::new();
+        match (&method, &lora) {
+            (Method::Lora, Some(l)) => {
+                for name in POOLER_NAMES {
+                    frozen.insert(name.to_string(), pooler.detached(name)?);
+                }
+                for (layer, target) in lora_targets(cfg, l) {
+                    let (out, inp) = frozen[&target.weight_name(layer)].dims2()?;
+                    let (a, b) = pair_names(layer, target);
+                    spec.push((a, vec![l.r, inp]));
+                    spec.push((b, vec![out, l.r]));
+                }
+            }
+            _ => {
+                for name in POOLER_NAMES {
+                    weights.insert(name.to_string(), pooler.detached(name)?);
+                }
+                spec.extend(pooler_spec);
+            }
+        }
+        spec.push(("classifier.weight".into(), vec![num_labels, h]));
+        spec.push(("classifier.bias".into(), vec![num_labels]));
+        let params = Params::build(cfg, &spec, &weights, &["classifier.weight", "classifier.bias"], rng, device)?;
+        Ok(Self { method, lora, params, frozen })
+    }
+
+    /// The classifier over `weights` (the trainable parameters, tracked, detached or cast) and
+    /// the frozen ones, with the adapter's low-rank terms for `lora`.
+    pub fn model(&self, cfg: &BertConfig, pooling: Pooling, weights: &Getter) -> Result<Classifier> {
+        let dtype = weights("classifier.weight")?.dtype();
+        let get = |n: &str| match self.frozen.get(n) {
+            Some(t) if t.dtype() == dtype => Ok(t.clone()),
+            Some(t) => t.to_dtype(dtype),
+            None => weights(n),
+        };
+        let model = Classifier::load(&get, cfg, pooling)?;
+        let Some(l) = &self.lora else { return Ok(model) };
+        let mut pairs = HashMap::new();
+        for (layer, target) in lora_targets(cfg, l) {
+            let (a, b) = pair_names(layer, target);
+            pairs.insert((layer, target), (weights(&a)?, weights(&b)?));
+        }
+        Ok(model.with_low_rank(LowRankSet { pairs, scale: l.alpha / l.r as f64, dropout: l.dropout }))
+    }
+
+    /// Saves the trained classifier: a peft adapter directory for `lora` (over `base_dir`),
+    /// a whole model directory otherwise.
+    pub fn save(&self, out: &Path, cfg: &BertConfig, trained: &HashMap<String, Tensor>, base_dir: &Path) -> anyhow::Result<()> {
+        match &self.lora {
+            Some(l) => {
+                let base = base_dir.canonicalize().unwrap_or_else(|_| base_dir.to_path_buf());
+                let config =
+                    crate::model::lora::AdapterConfig::for_classifier(&base.to_string_lossy(), l.r, l.alpha, l.dropout, &l.target_modules);
+                crate::model::lora::write_adapter_dir(out, cfg, trained, &config)
+            }
+            None => {
+                let mut all = self.frozen.clone();
+                all.extend(trained.iter().map(|(k, v)| (k.clone(), v.clone())));
+                crate::model::artifacts::write_model_dir(out, cfg, &all, base_dir)
+            }
+        }
+    }
+}

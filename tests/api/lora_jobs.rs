@@ -1,0 +1,114 @@
+//! Fine-tuning methods through the API: `lora` trains adapters and saves them in peft's layout,
+//! served over the base; `head` trains the pooler and head only; bad settings get 422.
+
+use crate::common::toy_jsonl;
+use crate::helpers::{assert_error, spawn_app, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn train(app: &TestApp, ds: &str, hp: Value) -> Value {
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).await;
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 300).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    done
+}
+
+/// The share of the toy rows whose label the model predicts first.
+async fn accuracy(app: &TestApp, model: &str, jsonl: &str) -> f64 {
+    let rows: Vec<Value> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let texts: Vec<&str> = rows.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    let r: Value = app.predict(model, &json!({"inputs": texts})).await.json().await.unwrap();
+    let right = rows.iter().zip(r["predictions"].as_array().unwrap()).filter(|(row, p)| p[0]["label"] == row["label"]).count();
+    right as f64 / rows.len() as f64
+}
+
+#[tokio::test]
+async fn a_lora_job_trains_an_adapter_in_peft_layout_that_predict_serves_over_its_base() {
+    let app = spawn_app().await;
+    let data = toy_jsonl(48);
+    let ds = app.upload_ok(data.clone()).await;
+    let hp = json!({"epochs": 6, "batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0, "seed": 1,
+                    "method": "lora", "lora_r": 4, "lora_target_modules": ["query", "value", "intermediate.dense"]});
+    let done = train(&app, &ds, hp).await;
+    assert_eq!(done["hyperparameters"]["method"], "lora");
+    assert_eq!(
+        done["hyperparameters"]["lora"],
+        json!({"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": ["query", "value", "intermediate.dense"]})
+    );
+    let id = done["model"].as_str().unwrap();
+
+    let model: Value = app.get(&format!("/v1/models/{id}")).await.json().await.unwrap();
+    assert_eq!(
+        (model["method"].as_str(), model["rank"].as_u64(), model["base_model"].as_str()),
+        (Some("lora"), Some(4), Some("tiny")),
+        "{model}"
+    );
+    let dir = app.data_dir.join("models").join(id);
+    assert!(dir.join("adapter_config.json").is_file() && dir.join("adapter_model.safetensors").is_file(), "peft's files");
+    assert!(!dir.join("model.safetensors").exists(), "no copy of the base");
+    let cfg: Value = serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["task_type"].as_str(), cfg["r"].as_u64()), (Some("LORA"), Some("SEQ_CLS"), Some(4)));
+    let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert!(tensors.contains_key("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"), "{:?}", tensors.keys());
+    assert!(tensors.contains_key("base_model.model.classifier.weight"));
+    assert_eq!(tensors.len(), 2 * 3 * 2 + 2, "A and B for 3 modules in 2 layers, and the head: nothing of the frozen base");
+
+    let acc = accuracy(&app, id, &data).await;
+    // The toy rows are half positive, half negative: a model that learned nothing scores 0.5.
+    assert!(acc >= 0.8, "the adapter learned the toy task: accuracy {acc}");
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["adapters_loaded"], json!([id]), "served over the shared base: {info}");
+
+    // The base cannot be deleted while the adapter runs over it; a job cannot start from the adapter.
+    let r = app.post_json("/v1/jobs", &json!({"base_model": id, "training_dataset": ds})).await;
+    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_head_job_trains_only_the_pooler_and_head() {
+    let app = spawn_app().await;
+    let data = toy_jsonl(48);
+    let ds = app.upload_ok(data.clone()).await;
+    let hp =
+        json!({"epochs": 20, "batch_size": 8, "learning_rate": 5e-2, "warmup_ratio": 0.0, "seed": 1, "method": "head", "pooling": "mean"});
+    let done = train(&app, &ds, hp).await;
+    let id = done["model"].as_str().unwrap();
+    let model: Value = app.get(&format!("/v1/models/{id}")).await.json().await.unwrap();
+    assert_eq!(model["method"], "head");
+    // The encoder is the base's, bit for bit.
+    let ours =
+        candle_core::safetensors::load(app.data_dir.join("models").join(id).join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let base_dir = app.data_dir.parent().unwrap().join("models/tiny");
+    let base = candle_core::safetensors::load(base_dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let name = "encoder.layer.0.attention.self.query.weight";
+    let theirs = base.get(name).or_else(|| base.get(&format!("bert.{name}"))).unwrap();
+    let diff: f32 = (&ours[&format!("bert.{name}")] - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert_eq!(diff, 0.0, "the encoder did not train");
+    let acc = accuracy(&app, id, &data).await;
+    assert!(acc >= 0.8, "the head learned the toy task over the frozen encoder: accuracy {acc}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_method_settings_get_422_naming_the_field() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(10)).await;
+    for (hp, param) in [
+        (json!({"method": "prefix"}), "hyperparameters.method"),
+        (json!({"method": "lora", "lora_r": 0}), "hyperparameters.lora_r"),
+        (json!({"method": "lora", "lora_target_modules": ["pooler"]}), "hyperparameters.lora_target_modules"),
+        (json!({"method": "lora", "lora_target_modules": []}), "hyperparameters.lora_target_modules"),
+        (json!({"lora_r": 8}), "hyperparameters.lora_r"),
+    ] {
+        let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).await;
+        let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+        assert_eq!(err["param"], param, "{hp}: {err}");
+    }
+    let r = app
+        .post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "task": "mlm", "hyperparameters": {"method": "lora"}}))
+        .await;
+    let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert_eq!(err["param"], "hyperparameters.method");
+    app.stop().await;
+}

@@ -40,7 +40,6 @@ fn models_dir(adapter: &Path) -> tempfile::TempDir {
 
 fn ours(adapter: &Path) -> Answer {
     let m = LoadedClassifier::load(adapter, &Device::Cpu).unwrap();
-    assert_eq!(m.labels, ["LABEL_0", "LABEL_1"], "a peft adapter without config.json has transformers' label names");
     let ids = m.tokenize(TEXTS, true).unwrap().unwrap();
     Answer { logits: m.logits(&ids, 8).unwrap(), ids, layout: Value::Null, versions: Value::Null }
 }
@@ -77,6 +76,8 @@ fn an_adapter_trained_with_peft_serves_with_peft_logits() {
     }
     let models = models_dir(&golden::dir().join("peft-adapter"));
     golden::assert_matches("peft", "the golden file", &ours(&models.path().join("peft-tiny")), &golden::read("peft"));
+    let m = LoadedClassifier::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
+    assert_eq!(m.labels, ["LABEL_0", "LABEL_1"], "a peft adapter without config.json has transformers' label names");
 }
 
 #[test]
@@ -156,4 +157,81 @@ fn a_mixed_adapter_batch_gives_each_row_its_own_adapters_result() {
         assert!(d <= 1e-4, "row {row}: {d}");
     }
     assert!(golden::max_diff(&alone[0][2..3], &alone[1][2..3]) > 1e-3, "the two adapters must differ for the test to mean anything");
+}
+
+/// A LoRA model trained here loads in peft over the same base with the same logits; served
+/// here over the shared base and merged into a whole model, it gives them too.
+#[test]
+fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
+    use finetuned::train::hyper::HyperparametersInput;
+    use finetuned::train::trainer::{self, Event, Observer, TrainRequest};
+    struct Quiet;
+    impl Observer for Quiet {
+        fn on_event(&mut self, _: Event) {}
+        fn should_stop(&self) -> bool {
+            false
+        }
+    }
+    let rows = |split: &str| {
+        let bytes = std::fs::read(common::shared().join(format!("datasets/tiny/{split}.jsonl"))).unwrap();
+        finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows
+    };
+    let hp = HyperparametersInput {
+        epochs: Some(1),
+        batch_size: Some(16),
+        max_seq_len: Some(64),
+        learning_rate: Some(2e-3),
+        pooling: Some("cls".into()),
+        method: Some("lora".into()),
+        lora_r: Some(4),
+        lora_target_modules: Some(vec!["query".into(), "value".into(), "output.dense".into()]),
+        ..Default::default()
+    }
+    .resolve("cls")
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ours");
+    let mut req = TrainRequest::new(base(), rows("train"), Some(rows("validation")), hp, Device::Cpu);
+    req.out_dir = Some(out.clone());
+    trainer::run(req, &mut Quiet).unwrap();
+    assert!(finetuned::model::lora::is_adapter(&out), "saved as a peft adapter");
+
+    let merged_in = ours(&out);
+    let check = |theirs: &Answer, source: &str| golden::assert_matches("peft-export", source, &merged_in, theirs);
+    match peft_python() {
+        Some(py) => {
+            let texts = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(texts.path(), serde_json::to_vec(TEXTS).unwrap()).unwrap();
+            let o = Command::new(&py).arg(script()).arg("peft-logits").arg(base()).arg(&out).arg(texts.path()).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let theirs: Answer = serde_json::from_slice(&o.stdout).unwrap();
+            check(&theirs, "peft live");
+            if golden::writing() {
+                golden::write("peft-export", &theirs);
+            }
+        }
+        None => eprintln!("parity peft-export: no Python with torch, transformers and peft here; golden files only"),
+    }
+    check(&golden::read("peft-export"), "the golden file");
+
+    // Over the shared base, as predict serves it.
+    let adapter = std::sync::Arc::new(
+        finetuned::model::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap().unwrap(),
+    );
+    let encoder = LoadedClassifier::load_encoder(
+        &base(),
+        finetuned::model::classifier::Pooling::Cls,
+        &Device::Cpu,
+        finetuned::model::predictor::Weights::F32,
+    )
+    .unwrap();
+    let shared = encoder.logits_mixed(&merged_in.ids, &vec![Some(adapter); TEXTS.len()], 8).unwrap();
+    assert!(golden::max_diff(&shared, &merged_in.logits) <= 1e-4, "shared base and merged weights agree");
+
+    // Merged into a whole model, as `?merged=true` downloads it.
+    let whole = dir.path().join("merged");
+    finetuned::model::lora::write_merged(&out, &whole).unwrap();
+    assert!(!finetuned::model::lora::is_adapter(&whole));
+    let m = LoadedClassifier::load(&whole, &Device::Cpu).unwrap();
+    assert!(golden::max_diff(&m.logits(&merged_in.ids, 8).unwrap(), &merged_in.logits) <= 1e-4, "the merged model agrees");
 }

@@ -43,8 +43,20 @@ async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
     Ok(Json(json!({"id": id, "object": "model", "deleted": true})))
 }
 
-/// A gzip'd tar of the model directory, built in memory off the async runtime.
-async fn download(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+/// `?merged=true`: a LoRA adapter comes as a whole model with the adapter merged in.
+#[derive(Debug, Default, serde::Deserialize)]
+struct DownloadQuery {
+    #[serde(default)]
+    merged: bool,
+}
+
+/// A gzip'd tar of the model directory (or, merged, of the whole model a LoRA adapter makes),
+/// built in memory off the async runtime.
+async fn download(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<DownloadQuery>,
+) -> ApiResult<Response> {
     let resolved = state.catalog.resolve(&id).await?.ok_or_else(|| ApiError::not_found("model", &id))?;
     state.catalog.fetch(&resolved).await?;
     let name = id.clone();
@@ -52,7 +64,14 @@ async fn download(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
         let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         let mut tar = tar::Builder::new(gz);
         tar.follow_symlinks(true);
-        tar.append_dir_all(&name, &resolved.path)?;
+        if q.merged && crate::model::lora::is_adapter(&resolved.path) {
+            let tmp = tempfile::tempdir()?;
+            let merged = tmp.path().join("merged");
+            crate::model::lora::write_merged(&resolved.path, &merged)?;
+            tar.append_dir_all(&name, &merged)?;
+        } else {
+            tar.append_dir_all(&name, &resolved.path)?;
+        }
         Ok(tar.into_inner()?.finish()?)
     })
     .await

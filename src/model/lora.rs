@@ -254,3 +254,18 @@ impl AdapterConfig {
         }
     }
 }
+
+/// Writes to `dest` the whole Hugging Face classifier that the adapter in `dir` makes: its base
+/// with every low-rank pair merged in and its head, the base's tokenizer, and the classifier's
+/// config (labels, pooling). transformers loads it without peft.
+pub fn write_merged(dir: &Path, dest: &Path) -> anyhow::Result<()> {
+    let info = inspect_adapter(dir)?;
+    let mut weights = super::artifacts::load_weights(&info.base, &Device::Cpu)?;
+    Adapter::load(dir, &Device::Cpu)?.merge_into(&mut weights)?;
+    let mut config = info.info.config.clone();
+    let labels = info.info.labels.clone().unwrap_or_default();
+    let problem_type = info.info.problem_type.clone().unwrap_or_else(|| "single_label_classification".into());
+    let pooling = config.pooling().unwrap_or_else(|| "cls".into());
+    config.set_classifier(&labels, &problem_type, &pooling);
+    super::artifacts::write_model_dir(dest, &config, &weights, &info.base)
+}

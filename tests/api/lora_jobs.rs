@@ -59,6 +59,19 @@ async fn a_lora_job_trains_an_adapter_in_peft_layout_that_predict_serves_over_it
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
     assert_eq!(info["adapters_loaded"], json!([id]), "served over the shared base: {info}");
 
+    // The download is the adapter as peft saves it; `?merged=true` is a whole model.
+    let names = |bytes: &[u8]| -> Vec<String> {
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+        archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect()
+    };
+    let plain = names(&app.get(&format!("/v1/models/{id}/download")).await.bytes().await.unwrap());
+    assert!(plain.contains(&format!("{id}/adapter_model.safetensors")) && !plain.contains(&format!("{id}/model.safetensors")), "{plain:?}");
+    let merged = names(&app.get(&format!("/v1/models/{id}/download?merged=true")).await.bytes().await.unwrap());
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(merged.contains(&format!("{id}/{f}")), "{f} missing from {merged:?}");
+    }
+    assert!(!merged.contains(&format!("{id}/adapter_config.json")), "{merged:?}");
+
     // The base cannot be deleted while the adapter runs over it; a job cannot start from the adapter.
     let r = app.post_json("/v1/jobs", &json!({"base_model": id, "training_dataset": ds})).await;
     assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;

@@ -125,3 +125,29 @@ async fn bad_method_settings_get_422_naming_the_field() {
     assert_eq!(err["param"], "hyperparameters.method");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_model_that_lora_adapters_run_over_cannot_be_deleted() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(24)).await;
+    let job = app
+        .create_job(
+            &json!({"base_model": "tiny", "training_dataset": ds, "model_name": "toy-base", "hyperparameters": crate::helpers::tiny_hp(1)}),
+        )
+        .await;
+    assert_eq!(app.wait_ended(job["id"].as_str().unwrap(), 300).await["status"], "succeeded");
+    let job = app
+        .create_job(&json!({"base_model": "toy-base", "training_dataset": ds, "hyperparameters": {"epochs": 1, "method": "lora"}}))
+        .await;
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 300).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let r = app.client.delete(format!("{}/v1/models/toy-base", app.base)).send().await.unwrap();
+    let err = assert_error(r, StatusCode::CONFLICT, "conflict").await;
+    assert!(err["message"].as_str().unwrap().contains("LoRA adapter"), "{err}");
+    let adapter = done["model"].as_str().unwrap();
+    let r = app.client.delete(format!("{}/v1/models/{adapter}", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.client.delete(format!("{}/v1/models/toy-base", app.base)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "deletable once its adapter is gone");
+    app.stop().await;
+}

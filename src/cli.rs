@@ -88,6 +88,19 @@ pub struct TrainArgs {
     /// Log the loss every N steps.
     #[arg(long, default_value_t = 25)]
     pub log_every: usize,
+    /// Which weights train: `full`, `lora` or `head` (as the `method` hyperparameter).
+    #[arg(long, default_value = "full")]
+    pub method: String,
+    /// LoRA's rank, scale numerator, dropout and target modules (comma-separated), as
+    /// `bench/lora_ref.py` takes them (defaults: the API's).
+    #[arg(long)]
+    pub lora_r: Option<u64>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
 }
 
 /// Rows of `DIR/split.jsonl`, and whether their labels are lists (multi-label).
@@ -191,6 +204,11 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         seed: Some(a.seed),
         pooling: Some(a.pooling.clone()),
         group_by_length: Some(a.group_by_length),
+        method: Some(a.method.clone()),
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
+        lora_target_modules: a.lora_targets.clone(),
         ..Default::default()
     }
     .resolve(&info.auto_pooling())

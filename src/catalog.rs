@@ -111,7 +111,7 @@ pub fn record_view(m: &ModelRecord) -> ModelView {
         id: m.id.clone(),
         object: "model",
         kind: m.kind.clone(),
-        task: m.task.clone(),
+        task: m.task.map(|t| t.to_string()),
         base_model: m.base_model.clone(),
         job: m.job_id.clone(),
         labels: m.labels.clone(),

@@ -10,7 +10,8 @@ use sqlx::Row;
 pub struct ModelRecord {
     pub id: String,
     pub kind: String,
-    pub task: Option<String>,
+    /// The task of the job that made it.
+    pub task: Option<super::job_types::JobTask>,
     pub base_model: Option<String>,
     pub job_id: Option<String>,
     pub labels: Vec<String>,
@@ -30,7 +31,11 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for ModelRecord {
         Ok(Self {
             id: row.try_get("id")?,
             kind: row.try_get("kind")?,
-            task: row.try_get("task")?,
+            task: row
+                .try_get::<Option<String>, _>("task")?
+                .map(super::job_types::JobTask::try_from)
+                .transpose()
+                .map_err(|e| sqlx::Error::ColumnDecode { index: "task".into(), source: e.into() })?,
             base_model: row.try_get("base_model")?,
             job_id: row.try_get("job_id")?,
             labels: super::json_column(row, "labels")?,
@@ -51,7 +56,7 @@ pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<
     sqlx::query(&format!("insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"))
         .bind(&m.id)
         .bind(&m.kind)
-        .bind(&m.task)
+        .bind(m.task.map(|t| t.as_str()))
         .bind(&m.base_model)
         .bind(&m.job_id)
         .bind(serde_json::to_string(&m.labels).expect("labels serialise"))

@@ -69,7 +69,7 @@ pub(super) fn new_model(
     models::ModelRecord {
         id: id.to_string(),
         kind: kind.into(),
-        task: Some(job.task.to_string()),
+        task: Some(job.task),
         base_model: Some(job.base_model.clone()),
         job_id: Some(job.id.clone()),
         labels,

@@ -2,7 +2,7 @@
 Hugging Face peft (`get_peft_model`, task SEQ_CLS: the classifier head is trained in full), so that
 a LoRA job here is measured against peft on the same data, seed and schedule.
 
-  python bench/lora_ref.py [--lora-r 8] [--lora-alpha 16] [--lora-dropout 0.1]
+  python bench/lora_ref.py [--lora-r 8] [--lora-alpha 2r] [--lora-dropout 0.1]
                            [--lora-targets query,key,value] FINETUNE_REF_ARGS...
 
 Every other argument goes to `../shared/bench/reference/finetune_ref.py` (or the script named by
@@ -19,10 +19,12 @@ REF = os.environ.get("FINETUNE_REF", os.path.join(HERE, "..", "..", "shared", "b
 
 ap = argparse.ArgumentParser(add_help=False)
 ap.add_argument("--lora-r", type=int, default=8)
-ap.add_argument("--lora-alpha", type=float, default=16)
+ap.add_argument("--lora-alpha", type=float, default=None, help="default: twice --lora-r, as the service")
 ap.add_argument("--lora-dropout", type=float, default=0.1)
 ap.add_argument("--lora-targets", default="query,key,value")
 lora, rest = ap.parse_known_args()
+if lora.lora_alpha is None:
+    lora.lora_alpha = 2.0 * lora.lora_r
 
 import transformers  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402

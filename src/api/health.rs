@@ -47,6 +47,7 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
         },
         "models_loaded": state.predictor.loaded_ids(),
         "adapters_loaded": state.predictor.adapters_loaded(),
+        "bases_loaded": state.predictor.bases_loaded(),
     }))
 }
 

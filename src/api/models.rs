@@ -37,6 +37,7 @@ async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> ApiRes
         return Err(ApiError::conflict(format!("model {id} is the base of a queued or running job, or of a LoRA adapter")));
     }
     state.predictor.evict(&id);
+    state.predictor.evict_base(&state.config.data_dir.join(&rec.path));
     state.catalog.forget(&id);
     let _ = std::fs::remove_dir_all(state.config.data_dir.join(&rec.path));
     state.catalog.objects.delete(&rec.path).await;

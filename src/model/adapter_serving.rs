@@ -38,6 +38,7 @@ impl LoadedAdapter {
         if !(only_dense && only_head) {
             return Ok(None);
         }
+        check_shapes(&adapter, &info.info.config)?;
         let mut set = LowRankSet::from_adapter(&adapter);
         let mut bytes = 0;
         for (a, b) in set.pairs.values_mut() {
@@ -63,6 +64,31 @@ impl LoadedAdapter {
             softmax(logits)
         }
     }
+}
+
+/// Refuses an adapter whose pairs or head do not fit its base: served over a shared base, a
+/// mismatch would fail (or panic in) the passes it shares with other adapters' rows.
+fn check_shapes(adapter: &Adapter, cfg: &super::BertConfig) -> anyhow::Result<()> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    for (name, (a, b)) in &adapter.pairs {
+        let (layer, target) = Target::of_weight(name).with_context(|| format!("the adapter changes {name}"))?;
+        anyhow::ensure!(layer < cfg.num_hidden_layers, "the adapter changes layer {layer}; the base has {}", cfg.num_hidden_layers);
+        let (inp, out) = match target {
+            Target::Intermediate => (h, i),
+            Target::Output => (i, h),
+            _ => (h, h),
+        };
+        let r = adapter.config.r;
+        anyhow::ensure!(
+            a.dims() == [r, inp] && b.dims() == [out, r],
+            "the adapter's {name} pair is {:?} and {:?}; its base needs [{r}, {inp}] and [{out}, {r}]",
+            a.dims(),
+            b.dims()
+        );
+    }
+    let head = adapter.replaced.get(HEAD_NAMES[0]).context("the adapter carries no classifier head")?;
+    anyhow::ensure!(head.dim(1)? == h, "the adapter's head reads {} inputs; its base gives {h}", head.dim(1)?);
+    Ok(())
 }
 
 impl LoadedClassifier {

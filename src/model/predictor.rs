@@ -126,13 +126,14 @@ impl LoadedClassifier {
     }
 
     /// Loads a base model's encoder (and pooler, for `cls`) to serve adapters over: each
-    /// brings its own head (see `model::adapter_serving`); this model's own head has no outputs.
+    /// brings its own head (see `model::adapter_serving`); this model's own head is a placeholder.
     pub fn load_encoder(dir: &Path, pooling: Pooling, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
         let info = inspect(dir)?;
         let mut weights = load_weights(dir, device)?;
         let hidden = info.config.hidden_size;
-        weights.insert(super::classifier::HEAD_NAMES[0].into(), Tensor::zeros((0, hidden), candle_core::DType::F32, device)?);
-        weights.insert(super::classifier::HEAD_NAMES[1].into(), Tensor::zeros(0, candle_core::DType::F32, device)?);
+        // A placeholder head of one output (a zero-size one would be a zero-byte device allocation).
+        weights.insert(super::classifier::HEAD_NAMES[0].into(), Tensor::zeros((1, hidden), candle_core::DType::F32, device)?);
+        weights.insert(super::classifier::HEAD_NAMES[1].into(), Tensor::zeros(1, candle_core::DType::F32, device)?);
         Self::build(&info, weights, dir, Vec::new(), pooling, device, weights_as)
     }
 

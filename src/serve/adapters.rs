@@ -79,7 +79,7 @@ impl AdapterCache {
         }
     }
 
-    /// Forgets adapter `id` (deleted, or its base's thread crashed).
+    /// Forgets adapter `id` (it was deleted).
     pub fn evict(&self, id: &str) {
         self.entries.lock().unwrap().by_id.remove(id);
     }

@@ -49,6 +49,10 @@ pub struct Loaded {
 
 type Slot = Arc<OnceCell<Arc<Loaded>>>;
 
+/// What joins a base's path and pooling in the cache key of a base loaded for adapters (model
+/// ids cannot contain it).
+const BASE_KEY: &str = "#";
+
 /// Requests of at most this many texts and bytes are tokenized on the async runtime.
 const INLINE_TEXTS: usize = 4;
 const INLINE_BYTES: usize = 1024;
@@ -154,12 +158,26 @@ impl Predictor {
         &self.device
     }
 
-    /// Ids of the models loaded now (for tests and the info endpoint).
+    /// Ids of the models loaded now (for tests and the info endpoint); bases loaded for
+    /// adapters to run over are not among them (see [`Predictor::bases_loaded`]).
     pub fn loaded_ids(&self) -> Vec<String> {
         let c = self.cache.lock().unwrap();
-        let mut ids: Vec<String> = c.slots.iter().filter(|(_, (s, _))| s.initialized()).map(|(k, _)| k.clone()).collect();
+        let mut ids: Vec<String> =
+            c.slots.iter().filter(|(k, (s, _))| s.initialized() && !k.contains(BASE_KEY)).map(|(k, _)| k.clone()).collect();
         ids.sort();
         ids
+    }
+
+    /// How many base encoders are loaded for adapters to run over (one per base and pooling).
+    pub fn bases_loaded(&self) -> usize {
+        self.cache.lock().unwrap().slots.iter().filter(|(k, (s, _))| s.initialized() && k.contains(BASE_KEY)).count()
+    }
+
+    /// Unloads the base encoders loaded from the model dir at `path` (it is being deleted).
+    pub fn evict_base(&self, path: &std::path::Path) {
+        let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let prefix = format!("{}{BASE_KEY}", path.display());
+        self.cache.lock().unwrap().slots.retain(|k, _| !k.starts_with(&prefix));
     }
 
     /// Unloads a model (after it was deleted).
@@ -235,7 +253,8 @@ impl Predictor {
         // adapters' rows in the same passes; the base is cached under a key of its own.
         let (key, loaded) = match &adapter {
             Some(a) => {
-                let key = format!("{}#{}", a.base.display(), a.pooling.as_str());
+                let base = a.base.canonicalize().unwrap_or_else(|_| a.base.clone());
+                let key = format!("{}{BASE_KEY}{}", base.display(), a.pooling.as_str());
                 let loaded = self.model(&key, a.base.clone(), Some(a.pooling)).await?;
                 (key, loaded)
             }

@@ -69,7 +69,8 @@ pub struct LoraSettings {
     pub alpha: f64,
     pub dropout: f64,
     /// peft's module names: `query`, `key`, `value`, `attention.output.dense`,
-    /// `intermediate.dense`, `output.dense`.
+    /// `intermediate.dense`, `output.dense` (which, as in peft, matches `attention.output.dense`
+    /// too).
     pub target_modules: Vec<String>,
 }
 

@@ -22,17 +22,28 @@ pub struct Trainable {
     pub frozen: HashMap<String, Tensor>,
 }
 
-/// The encoder layers and targets a LoRA job adapts.
+/// The encoder layers and targets a LoRA job adapts. A name means what it means to peft, which
+/// matches module names by suffix: `output.dense` adapts `attention.output.dense` too. Each
+/// module is adapted once however many names match it.
 fn lora_targets(cfg: &BertConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
-    let by_name = |t: &str| match t {
-        "query" => Target::Query,
-        "key" => Target::Key,
-        "value" => Target::Value,
-        "attention.output.dense" => Target::AttnOut,
-        "intermediate.dense" => Target::Intermediate,
-        _ => Target::Output,
-    };
-    (0..cfg.num_hidden_layers).flat_map(|l| lora.target_modules.iter().map(move |t| (l, by_name(t)))).collect()
+    let mut targets: Vec<Target> = Vec::new();
+    for t in &lora.target_modules {
+        let matched: &[Target] = match t.as_str() {
+            "query" => &[Target::Query],
+            "key" => &[Target::Key],
+            "value" => &[Target::Value],
+            "attention.output.dense" => &[Target::AttnOut],
+            "intermediate.dense" => &[Target::Intermediate],
+            "output.dense" => &[Target::AttnOut, Target::Output],
+            _ => &[],
+        };
+        for m in matched {
+            if !targets.contains(m) {
+                targets.push(*m);
+            }
+        }
+    }
+    (0..cfg.num_hidden_layers).flat_map(|l| targets.iter().map(move |t| (l, *t))).collect()
 }
 
 /// Our names of a LoRA pair: `(….lora_A.weight, ….lora_B.weight)`.

@@ -12,10 +12,12 @@ use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights};
 use crate::model::bert::Getter;
+use crate::model::classifier::POOLER_NAMES;
 use crate::model::layers::Mode;
 use crate::model::params::Params;
 use crate::model::tokenize::{load_tokenizer, pad_batch, Batch};
 use crate::model::{BertConfig, Classifier, Pooling};
+use crate::train::hyper::Method;
 use crate::train::method::Trainable;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -99,6 +101,13 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let mut cfg: BertConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
+    let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
+    if hp.method == Method::Lora && pooling == Pooling::Cls && !weights.contains_key(POOLER_NAMES[0]) {
+        // The pooler would start random and stay frozen, and the adapter would not carry it.
+        return Err(TrainError::InvalidData(
+            "the base model has no pooler, which `cls` pooling reads: use pooling \"mean\" with method \"lora\"".into(),
+        ));
+    }
     let trainable = Trainable::new(hp.method, hp.lora.clone(), &cfg, weights, labels.len(), &mut rng, &req.device)
         .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let params = &trainable.params;
@@ -108,7 +117,6 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len)?;
     let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len)?;
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
-    let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
     let task = req.task;
     if task == Task::MultiLabel {
         let prior = Tensor::new(prior_log_odds(&train, labels.len()), &req.device)?;

@@ -152,6 +152,7 @@ pub fn save_and_report(
     best: Option<&HashMap<String, Tensor>>,
     obs: &mut dyn Observer,
 ) {
+    obs.wait_recorded();
     match save(plan, meta, params, opt, best) {
         Ok(saved) => {
             obs.on_event(Event::Message(format!("checkpoint saved at step {} (epoch {})", meta.step, meta.epoch)));

@@ -101,6 +101,10 @@ pub trait Observer {
     fn shutting_down(&self) -> bool {
         false
     }
+    /// Returns once every event so far is recorded where the observer keeps them. Called before a
+    /// checkpoint is saved: a job resumed from it must find the steps before it recorded, even
+    /// when the process that saved it died right after.
+    fn wait_recorded(&mut self) {}
 }
 
 /// How a run ended, when it did not fail.

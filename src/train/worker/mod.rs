@@ -151,15 +151,30 @@ fn keep_lease(
     })
 }
 
+/// What the training thread sends the recorder: an event, or a request to say when everything
+/// before it is recorded.
+enum ToRecorder {
+    Event(Event),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
 struct ChannelObserver {
-    tx: mpsc::UnboundedSender<Event>,
+    tx: mpsc::UnboundedSender<ToRecorder>,
     cancel: Arc<AtomicBool>,
     shutdown: CancellationToken,
 }
 
 impl Observer for ChannelObserver {
     fn on_event(&mut self, event: Event) {
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(ToRecorder::Event(event));
+    }
+
+    fn wait_recorded(&mut self) {
+        let (done, recorded) = std::sync::mpsc::channel();
+        if self.tx.send(ToRecorder::Flush(done)).is_ok() {
+            // Bounded: with the database down, training goes on and the checkpoint is saved.
+            let _ = recorded.recv_timeout(std::time::Duration::from_secs(30));
+        }
     }
     fn should_stop(&self) -> bool {
         self.cancel.load(Ordering::SeqCst) || self.shutdown.is_cancelled()
@@ -214,8 +229,13 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             Work::Pretrain(req) => mlm::run(req, &mut obs),
         })
     });
-    while let Some(ev) = rx.recv().await {
-        record(pool, &job.id, ev).await;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            ToRecorder::Event(ev) => record(pool, &job.id, ev).await,
+            ToRecorder::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
     }
     let result = handle.await;
     if let Some(uploads) = uploads {

@@ -3,7 +3,7 @@
 //! adapters of one base in one batch). The base's dense layers run once for every row; each row
 //! adds only its own adapter's `scale · (x·Aᵀ)·Bᵀ`.
 
-use super::layers::Mode;
+use super::layers::{Linear, Mode};
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -88,6 +88,24 @@ impl<'a> LowRank<'a> {
         self.groups.iter().any(|(_, s)| s.is_some_and(|s| s.touches(layer, target)))
     }
 
+    /// `base`'s output for `x` plus each row's adapter term for `target` of `layer`. One adapter
+    /// for the whole batch over a frozen CPU f32 layer (LoRA training) runs as one fused op.
+    pub fn linear(&self, layer: usize, target: Target, base: &Linear, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        if let [(rows, Some(set))] = self.groups.as_slice() {
+            if let Some((a, b)) = set.pairs.get(&(layer, target)).filter(|_| rows.start == 0 && rows.end == x.dim(0).unwrap_or(0)) {
+                // One seed, taken where the composed path's dropout takes it: both draw the same mask.
+                let dropout = (mode.is_train() && set.dropout > 0.0).then(|| (set.dropout, mode.seed()));
+                if let Some(y) = base.forward_lora(x, a, b, set.scale, dropout)? {
+                    return Ok(y);
+                }
+                let y = base.forward(x)?;
+                let d = lora_term(&dropout_or_none(x, dropout)?, a, b, set.scale)?;
+                return y + d;
+            }
+        }
+        self.add(layer, target, x, base.forward(x)?, mode)
+    }
+
     /// `y` (the base layer's output for input `x`, both `[batch, seq, ·]`) plus each row's
     /// adapter term for `target` of `layer`.
     pub fn add(&self, layer: usize, target: Target, x: &Tensor, y: Tensor, mode: &mut Mode) -> Result<Tensor> {
@@ -96,9 +114,7 @@ impl<'a> LowRank<'a> {
         }
         let delta = |set: &LowRankSet, x: &Tensor, mode: &mut Mode| -> Result<Option<Tensor>> {
             let Some((a, b)) = set.pairs.get(&(layer, target)) else { return Ok(None) };
-            let x = mode.dropout(x, set.dropout)?;
-            let low = x.broadcast_matmul(&a.t()?)?;
-            Ok(Some((low.broadcast_matmul(&b.t()?)? * set.scale)?))
+            Ok(Some(lora_term(&mode.dropout(x, set.dropout)?, a, b, set.scale)?))
         };
         if let [(rows, Some(set))] = self.groups.as_slice() {
             if rows.start == 0 && rows.end == y.dim(0)? {
@@ -121,5 +137,18 @@ impl<'a> LowRank<'a> {
             });
         }
         Tensor::cat(&parts, 0)
+    }
+}
+
+/// `scale·(x·Aᵀ)·Bᵀ` for `x` of any rank ≥ 2.
+fn lora_term(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * scale
+}
+
+/// `x` with dropout `(p, seed)` applied, or `x` itself.
+fn dropout_or_none(x: &Tensor, dropout: Option<(f64, u64)>) -> Result<Tensor> {
+    match dropout {
+        Some((p, seed)) => super::kernels::dropout(x, p, seed),
+        None => Ok(x.clone()),
     }
 }

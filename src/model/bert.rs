@@ -225,13 +225,15 @@ impl Bert {
         let (q, k, v) = match &l.qkv {
             Some(qkv) => {
                 let y = qkv.forward(x)?;
-                (y.narrow(2, 0, h)?, y.narrow(2, h, h)?, y.narrow(2, 2 * h, h)?)
+                let (q, k, v) = (y.narrow(2, 0, h)?, y.narrow(2, h, h)?, y.narrow(2, 2 * h, h)?);
+                (lr.add(i, Target::Query, x, q, mode)?, lr.add(i, Target::Key, x, k, mode)?, lr.add(i, Target::Value, x, v, mode)?)
             }
-            None => (l.query.forward(x)?, l.key.forward(x)?, l.value.forward(x)?),
+            None => (
+                lr.linear(i, Target::Query, &l.query, x, mode)?,
+                lr.linear(i, Target::Key, &l.key, x, mode)?,
+                lr.linear(i, Target::Value, &l.value, x, mode)?,
+            ),
         };
-        let q = lr.add(i, Target::Query, x, q, mode)?;
-        let k = lr.add(i, Target::Key, x, k, mode)?;
-        let v = lr.add(i, Target::Value, x, v, mode)?;
         let (p, seed) = if mode.is_train() && p > 0.0 { (p, mode.seed()) } else { (0.0, 0) };
         if let KeyMask::Fused(mask) = keys {
             return attention(&q, &k, &v, mask, nh, p, seed);
@@ -275,17 +277,17 @@ impl Bert {
         } else {
             (ctx, x)
         };
-        let attn = lr.add(i, Target::AttnOut, &ctx, l.attn_out.forward(&ctx)?, mode)?;
+        let attn = lr.linear(i, Target::AttnOut, &l.attn_out, &ctx, mode)?;
         let attn = mode.dropout(&attn, self.cfg.hidden_dropout_prob)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
         let inter = if lr.touches(i, Target::Intermediate) {
             // The adapter's term goes in before the activation, so the fused GELU cannot be used.
-            let pre = lr.add(i, Target::Intermediate, &x, l.intermediate.forward(&x)?, mode)?;
+            let pre = lr.linear(i, Target::Intermediate, &l.intermediate, &x, mode)?;
             super::layers::activation(&pre, &self.cfg.hidden_act)?
         } else {
             l.intermediate.forward_activated(&x, &self.cfg.hidden_act)?
         };
-        let out = lr.add(i, Target::Output, &inter, l.output.forward(&inter)?, mode)?;
+        let out = lr.linear(i, Target::Output, &l.output, &inter, mode)?;
         let out = mode.dropout(&out, self.cfg.hidden_dropout_prob)?;
         l.out_norm.forward(&(out + x)?, mode)
     }

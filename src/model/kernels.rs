@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::fastmath::{erf, exp};
 use super::simd::simd_kernel;
 
-const CHUNK: usize = 4096;
+pub(super) const CHUNK: usize = 4096;
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {

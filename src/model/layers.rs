@@ -143,6 +143,16 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// The layer plus a LoRA term, `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ`, as one fused op with
+    /// this layer frozen (see `model::lora_linear`); `None` where that op does not apply: another
+    /// device or dtype, a layer prepared for inference, or a weight that is itself trained.
+    pub fn forward_lora(&self, xs: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: Option<(f64, u64)>) -> Result<Option<Tensor>> {
+        if self.in_out || self.packed.is_some() || !cpu_fused(xs) || self.weight.track_op() || self.bias.track_op() {
+            return Ok(None);
+        }
+        self.on_rows(xs, |x2| super::lora_linear::lora_linear(x2, &self.weight, &self.bias, a, b, scale, dropout)).map(Some)
+    }
+
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.on_rows(xs, |x2| {

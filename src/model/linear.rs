@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(super) fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (st, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, z))) => Ok(&v[a..z]),
         _ => candle_core::bail!("fused linear needs contiguous f32 input"),
@@ -16,7 +16,7 @@ fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor without copying it.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(super) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -25,12 +25,48 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// Runs `f` on the contiguous f32 data of several CPU tensors at once, without copying them.
+pub(super) fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &held {
+        match &**storage {
+            candle_core::Storage::Cpu(cpu) => slices.push(f32s(cpu, layout)?),
+            _ => candle_core::bail!("fused linear runs on the CPU"),
+        }
+    }
+    let slices: [&[f32]; N] = slices.try_into().unwrap_or_else(|_| unreachable!("one slice per tensor"));
+    Ok(f(slices))
+}
+
 /// `dst (m×n, row-major) = read·dst + lhs·rhs`, with strides (column, row) for each input.
 #[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32], isize, isize), rhs: (&[f32], isize, isize)) {
+pub(super) fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32], isize, isize), rhs: (&[f32], isize, isize)) {
+    gemm_scaled(m, n, k, dst, read, lhs, rhs, 1.0)
+}
+
+/// Below this many multiply-adds a product runs on the calling thread alone.
+const SERIAL_BELOW: usize = 1 << 23;
+
+/// As [`gemm`], with the product multiplied by `scale`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_scaled(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    read: bool,
+    lhs: (&[f32], isize, isize),
+    rhs: (&[f32], isize, isize),
+    scale: f32,
+) {
     assert!(dst.len() >= m * n);
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // A LoRA factor's product (rank 8: a few million multiply-adds) takes less time than
+    // handing it to the other threads and waiting for them.
+    let small = m * n * k < SERIAL_BELOW;
+    let par = if threads > 1 && !small { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: every index the strides reach is inside the slices: lhs is m×k and rhs k×n
     // in the layouts the callers below pass, dst is m×n.
     unsafe {
@@ -49,7 +85,7 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32],
             rhs.1,
             rhs.2,
             if read { 1.0 } else { 0.0 },
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -59,7 +95,7 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32],
 }
 
 /// Refuses a weight that does not hold `inputs × outputs` values: gemm would read past it.
-fn check_weight(w: &[f32], inputs: usize, outputs: usize) -> Result<()> {
+pub(super) fn check_weight(w: &[f32], inputs: usize, outputs: usize) -> Result<()> {
     if w.len() != inputs * outputs {
         candle_core::bail!("dense layer: {inputs} inputs and {outputs} outputs, but the weight holds {} values", w.len());
     }
@@ -98,21 +134,31 @@ impl CustomOp3 for LinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
-        let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
-        let db = with_f32(grad, |g| {
-            with_f32(w, |wv| input_grad(m, k, n, &mut dx, g, wv))?;
-            // gᵀ as an n×m matrix: element (j, i) is g[i·n + j].
-            with_f32(x, |xv| gemm(n, k, m, &mut dw, false, (g, n as isize, 1), (xv, 1, k as isize)))?;
-            Ok::<_, candle_core::Error>(column_sums(g, n))
-        })??;
         let dev = x.device();
-        Ok((Some(Tensor::from_vec(dx, (m, k), dev)?), Some(Tensor::from_vec(dw, (n, k), dev)?), Some(Tensor::from_vec(db, n, dev)?)))
+        // A frozen weight (LoRA's base, a frozen encoder) is a plain tensor that tracks no op:
+        // its gradient, a third of the layer's backward work, is not computed at all.
+        let (want_dw, want_db) = (w.track_op(), b.track_op());
+        let mut dx = x.track_op().then(|| vec![0f32; m * k]);
+        let mut dw = want_dw.then(|| vec![0f32; n * k]);
+        let db = with_f32(grad, |g| {
+            if let Some(dx) = dx.as_mut() {
+                with_f32(w, |wv| input_grad(m, k, n, dx, g, wv))?;
+            }
+            if let Some(dw) = dw.as_mut() {
+                // gᵀ as an n×m matrix: element (j, i) is g[i·n + j].
+                with_f32(x, |xv| gemm(n, k, m, dw, false, (g, n as isize, 1), (xv, 1, k as isize)))?;
+            }
+            Ok::<_, candle_core::Error>(want_db.then(|| column_sums(g, n)))
+        })??;
+        let dx = dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?;
+        let dw = dw.map(|v| Tensor::from_vec(v, (n, k), dev)).transpose()?;
+        Ok((dx, dw, db.map(|v| Tensor::from_vec(v, n, dev)).transpose()?))
     }
 }
 
@@ -123,7 +169,7 @@ const SUM_PART: usize = 4096;
 /// output is small and the sum long (the masked-LM decoder: a few dozen rows, a vocabulary
 /// of outputs) it runs on one core; then parts of the sum run in parallel and are added in
 /// a fixed order, so the result does not depend on the thread count.
-fn input_grad(m: usize, k: usize, n: usize, dx: &mut [f32], g: &[f32], w: &[f32]) {
+pub(super) fn input_grad(m: usize, k: usize, n: usize, dx: &mut [f32], g: &[f32], w: &[f32]) {
     if m * k > 256 * 1024 || n < 2 * SUM_PART {
         return gemm(m, k, n, dx, false, (g, 1, n as isize), (w, 1, k as isize));
     }

@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod layers;
 pub mod linear;
 pub mod lora;
+pub mod lora_linear;
 pub mod mlm;
 pub mod packed;
 pub mod params;

@@ -41,19 +41,28 @@ pub fn is_repo_id(id: &str) -> bool {
 
 /// Fetches `repo` (or finds it in the cache) and returns its local snapshot directory.
 pub async fn fetch(repo: &str, hub: &HubConfig) -> anyhow::Result<PathBuf> {
-    let cache = hf_hub::Cache::new(hub.cache_dir.clone());
     // Once the required files are cached, nothing goes to the network (not even for the
     // optional files a repo may not have).
-    let cached: Option<Vec<PathBuf>> = REQUIRED.iter().map(|f| cache.model(repo.to_string()).get(f)).collect();
-    if let Some(dir) = cached.and_then(|paths| paths[0].parent().map(Path::to_path_buf)) {
+    if let Some(dir) = cached(repo, &hub.cache_dir) {
         return Ok(dir);
     }
+    let cache = hf_hub::Cache::new(hub.cache_dir.clone());
     let mut builder = hf_hub::api::tokio::ApiBuilder::from_cache(cache).with_progress(false);
     if let Some(endpoint) = &hub.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
     let api = builder.build().context("setting up the hub client")?;
     tokio::time::timeout(FETCH_LIMIT, download(&api, repo)).await.map_err(|_| anyhow::anyhow!("timed out after {FETCH_LIMIT:?}"))?
+}
+
+/// The snapshot dir of `repo` in the cache at `cache_dir`, when its required files are there.
+pub fn cached(repo: &str, cache_dir: &Path) -> Option<PathBuf> {
+    if !is_repo_id(repo) {
+        return None;
+    }
+    let cache = hf_hub::Cache::new(cache_dir.to_path_buf());
+    let paths: Option<Vec<PathBuf>> = REQUIRED.iter().map(|f| cache.model(repo.to_string()).get(f)).collect();
+    paths.and_then(|paths| paths[0].parent().map(Path::to_path_buf))
 }
 
 /// A fetch that hangs (an unreachable endpoint that never answers) would hold the job queue.

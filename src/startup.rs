@@ -146,6 +146,7 @@ impl Application {
         let precision = crate::train::precision::Precision::parse(&config.dtype, &device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
         let objects = crate::objects::Objects::open(config.object_store.as_deref(), &config.data_dir)?;
         let catalog = Arc::new(Catalog::new(config.models_dir.clone(), config.data_dir.clone(), pool.clone(), objects));
+        register_base_folders(&config);
         let queue = JobQueue::default();
         let infer_pool = crate::compute::pool("predict", config.predict_threads)?;
         let mut predictor =
@@ -232,4 +233,16 @@ impl Application {
         self.state.pool.close().await;
         Ok(())
     }
+}
+
+/// Lets a LoRA adapter name its base by catalog id: a models-dir model, a trained model, or a
+/// hub repo in the cache (see `model::lora::find_base`).
+fn register_base_folders(config: &ServeConfig) {
+    let folders = [config.models_dir.clone(), config.data_dir.join("models")];
+    let hub = crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir).cache_dir;
+    crate::model::lora::add_base_resolver(std::sync::Arc::new(move |id: &str| {
+        let one_component = matches!(std::path::Path::new(id).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+        let in_folder = folders.iter().map(|f| f.join(id)).find(|d| one_component && d.is_dir());
+        in_folder.or_else(|| crate::hub::cached(id, &hub))
+    }));
 }

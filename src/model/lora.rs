@@ -146,22 +146,39 @@ impl Adapter {
     }
 }
 
-/// Finds the base an adapter names among the models in `search` (a folder of model dirs): the
-/// entry of that name, else the one whose name matches the last component of the hub id or
-/// path, ignoring case (`sentence-transformers/all-MiniLM-L6-v2` → `all-minilm-l6-v2`); an
-/// absolute path to a model dir is taken as it is.
+/// Maps a base's id to its model dir, if it knows the id.
+pub type BaseResolver = std::sync::Arc<dyn Fn(&str) -> Option<PathBuf> + Send + Sync>;
+
+static BASE_RESOLVERS: std::sync::RwLock<Vec<BaseResolver>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a way to find an adapter's base by the id it names (the service adds its catalog's
+/// folders and its hub cache; see [`find_base`] for the order).
+pub fn add_base_resolver(resolve: BaseResolver) {
+    BASE_RESOLVERS.write().unwrap_or_else(|e| e.into_inner()).push(resolve);
+}
+
+/// Finds the base an adapter names: an absolute path to a model dir as it is; the entry of
+/// that name in `search` (a folder of model dirs: the adapter's own); an id a resolver added
+/// with [`add_base_resolver`] knows; else the entry of `search` whose name matches the last
+/// component of the hub id or path, ignoring case (`sentence-transformers/all-MiniLM-L6-v2` →
+/// `all-minilm-l6-v2`).
 pub fn find_base(cfg: &AdapterConfig, search: &Path) -> anyhow::Result<PathBuf> {
     let named = cfg.base_model_name_or_path.as_deref().context("adapter_config.json names no base_model_name_or_path")?;
     let as_path = Path::new(named);
     if as_path.is_absolute() && as_path.join(super::artifacts::CONFIG).is_file() {
         return Ok(as_path.to_path_buf());
     }
+    let is_base = |d: &Path| d.join(super::artifacts::CONFIG).is_file() && !is_adapter(d);
+    if !named.is_empty() && is_base(&search.join(named)) {
+        return Ok(search.join(named));
+    }
+    let resolvers = BASE_RESOLVERS.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(dir) = resolvers.iter().filter_map(|resolve| resolve(named)).find(|d| is_base(d)) {
+        return Ok(dir);
+    }
     let last = named.trim_end_matches('/').rsplit('/').next().unwrap_or(named);
-    for candidate in [named, last] {
-        let dir = search.join(candidate);
-        if !candidate.is_empty() && dir.join(super::artifacts::CONFIG).is_file() && !is_adapter(&dir) {
-            return Ok(dir);
-        }
+    if !last.is_empty() && is_base(&search.join(last)) {
+        return Ok(search.join(last));
     }
     for entry in std::fs::read_dir(search).into_iter().flatten().flatten() {
         let dir = entry.path();

@@ -20,6 +20,9 @@ pub struct Trainable {
     pub lora: Option<LoraSettings>,
     pub params: Params,
     pub frozen: HashMap<String, Tensor>,
+    /// The frozen weights cast to the dtype the steps compute in (bf16, f16), made once: they
+    /// never change, so casting them again each step would be wasted work.
+    frozen_cast: std::sync::Mutex<Option<(candle_core::DType, HashMap<String, Tensor>)>>,
 }
 
 /// The encoder layers and targets a LoRA job adapts. A name means what it means to peft, which
@@ -67,7 +70,7 @@ impl Trainable {
     ) -> anyhow::Result<Self> {
         if method == Method::Full {
             let params = Params::for_classifier(cfg, &weights, num_labels, rng, device)?;
-            return Ok(Self { method, lora, params, frozen: HashMap::new() });
+            return Ok(Self { method, lora, params, frozen: HashMap::new(), frozen_cast: Default::default() });
         }
         // The encoder stays as the base has it, in f32 on the device, outside the parameters.
         let mut frozen = HashMap::new();
@@ -104,16 +107,30 @@ impl Trainable {
         spec.push(("classifier.weight".into(), vec![num_labels, h]));
         spec.push(("classifier.bias".into(), vec![num_labels]));
         let params = Params::build(cfg, &spec, &weights, &["classifier.weight", "classifier.bias"], rng, device)?;
-        Ok(Self { method, lora, params, frozen })
+        Ok(Self { method, lora, params, frozen, frozen_cast: Default::default() })
+    }
+
+    /// The frozen weights in `dtype` (cast on first use, then kept).
+    fn frozen_in(&self, dtype: candle_core::DType) -> Result<HashMap<String, Tensor>> {
+        if self.frozen.values().all(|t| t.dtype() == dtype) {
+            return Ok(self.frozen.clone());
+        }
+        let mut cache = self.frozen_cast.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, cast)) = cache.as_ref().filter(|(d, _)| *d == dtype) {
+            return Ok(cast.clone());
+        }
+        let cast: HashMap<String, Tensor> = self.frozen.iter().map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?))).collect::<Result<_>>()?;
+        *cache = Some((dtype, cast.clone()));
+        Ok(cast)
     }
 
     /// The classifier over `weights` (the trainable parameters, tracked, detached or cast) and
     /// the frozen ones, with the adapter's low-rank terms for `lora`.
     pub fn model(&self, cfg: &BertConfig, pooling: Pooling, weights: &Getter) -> Result<Classifier> {
         let dtype = weights("classifier.weight")?.dtype();
-        let get = |n: &str| match self.frozen.get(n) {
-            Some(t) if t.dtype() == dtype => Ok(t.clone()),
-            Some(t) => t.to_dtype(dtype),
+        let cast = self.frozen_in(dtype)?;
+        let get = |n: &str| match cast.get(n) {
+            Some(t) => Ok(t.clone()),
             None => weights(n),
         };
         let model = Classifier::load(&get, cfg, pooling)?;
@@ -126,14 +143,17 @@ impl Trainable {
         Ok(model.with_low_rank(LowRankSet { pairs, scale: l.alpha / l.r as f64, dropout: l.dropout }))
     }
 
-    /// Saves the trained classifier: a peft adapter directory for `lora` (over `base_dir`),
+    /// Saves the trained classifier: a peft adapter directory for `lora` (over `base_dir`,
+    /// named `base_id` where the base has an id a catalog resolves, else by its absolute path),
     /// a whole model directory otherwise.
-    pub fn save(&self, out: &Path, cfg: &BertConfig, trained: &HashMap<String, Tensor>, base_dir: &Path) -> anyhow::Result<()> {
+    pub fn save(&self, out: &Path, cfg: &BertConfig, trained: &HashMap<String, Tensor>, base_dir: &Path, base_id: Option<&str>) -> anyhow::Result<()> {
         match &self.lora {
             Some(l) => {
-                let base = base_dir.canonicalize().unwrap_or_else(|_| base_dir.to_path_buf());
-                let config =
-                    crate::model::lora::AdapterConfig::for_classifier(&base.to_string_lossy(), l.r, l.alpha, l.dropout, &l.target_modules);
+                let base = match base_id {
+                    Some(id) => id.to_string(),
+                    None => base_dir.canonicalize().unwrap_or_else(|_| base_dir.to_path_buf()).to_string_lossy().into_owned(),
+                };
+                let config = crate::model::lora::AdapterConfig::for_classifier(&base, l.r, l.alpha, l.dropout, &l.target_modules);
                 crate::model::lora::write_adapter_dir(out, cfg, trained, &config)
             }
             None => {

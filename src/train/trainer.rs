@@ -29,6 +29,9 @@ use std::time::Instant;
 /// Everything one fine-tuning run needs.
 pub struct TrainRequest {
     pub base_dir: PathBuf,
+    /// How a saved LoRA adapter names its base: the catalog's id for the base (`None`: the
+    /// base dir's absolute path, for runs outside the service).
+    pub base_id: Option<String>,
     pub train_rows: Vec<Row>,
     pub validation_rows: Option<Vec<Row>>,
     pub hp: Hyperparameters,
@@ -52,6 +55,7 @@ impl TrainRequest {
     pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
         Self {
             base_dir,
+            base_id: None,
             train_rows,
             validation_rows,
             hp,
@@ -192,7 +196,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
         trainable
-            .save(out, &cfg, &tensors, &req.base_dir)
+            .save(out, &cfg, &tensors, &req.base_dir, req.base_id.as_deref())
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));

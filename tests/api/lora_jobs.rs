@@ -48,6 +48,9 @@ async fn a_lora_job_trains_an_adapter_in_peft_layout_that_predict_serves_over_it
     assert!(!dir.join("model.safetensors").exists(), "no copy of the base");
     let cfg: Value = serde_json::from_slice(&std::fs::read(dir.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["peft_type"].as_str(), cfg["task_type"].as_str(), cfg["r"].as_u64()), (Some("LORA"), Some("SEQ_CLS"), Some(4)));
+    // The base is named by its catalog id, not by a path on this machine: the adapter still
+    // finds it (predict below) from the trained-models folder, where no "tiny" is.
+    assert_eq!(cfg["base_model_name_or_path"], json!("tiny"), "{cfg}");
     let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
     assert!(tensors.contains_key("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"), "{:?}", tensors.keys());
     assert!(tensors.contains_key("base_model.model.classifier.weight"));

@@ -158,6 +158,7 @@ pub(super) async fn prepare(
         return Ok((Work::Pretrain(req), model_id, pooling));
     }
     let req = TrainRequest {
+        base_id: Some(base.id.clone()),
         out_dir,
         checkpoints,
         task: if job.task == JobTask::MultiLabelClassification { Task::MultiLabel } else { Task::SingleLabel },

@@ -241,7 +241,8 @@ fn register_base_folders(config: &ServeConfig) {
     let folders = [config.models_dir.clone(), config.data_dir.join("models")];
     let hub = crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir).cache_dir;
     crate::model::lora::add_base_resolver(std::sync::Arc::new(move |id: &str| {
-        let one_component = matches!(std::path::Path::new(id).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+        let one_component =
+            matches!(std::path::Path::new(id).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
         let in_folder = folders.iter().map(|f| f.join(id)).find(|d| one_component && d.is_dir());
         in_folder.or_else(|| crate::hub::cached(id, &hub))
     }));

@@ -4,7 +4,7 @@
 
 use super::adapters::{LowRank, LowRankSet, Target};
 use super::classifier::{Pooling, HEAD_NAMES};
-use super::layers::{Linear, Mode};
+use super::layers::Linear;
 use super::lora::{inspect_adapter, Adapter};
 use super::predictor::{length_buckets, softmax, LoadedClassifier};
 use super::tokenize::pad_batch;
@@ -119,8 +119,10 @@ impl LoadedClassifier {
             }
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
             let batch = pad_batch(&refs, self.pad_id, &self.device)?;
+            let poolings: Vec<Pooling> =
+                groups.iter().map(|(rows, _)| adapters[chunk[rows.start]].as_ref().map_or(self.model.pooling(), |a| a.pooling)).collect();
             let pooled =
-                self.model.pooled(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval, &LowRank { groups: groups.clone() })?;
+                self.model.pooled_groups(&batch.ids, &batch.type_ids, &batch.mask, &LowRank { groups: groups.clone() }, &poolings)?;
             for (rows, _) in &groups {
                 let part = pooled.narrow(0, rows.start, rows.len())?;
                 let logits = match &adapters[chunk[rows.start]] {

@@ -112,6 +112,29 @@ impl Classifier {
             _ => mean_pool(&self.bert.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
         }
     }
+
+    /// How the head's input is pooled.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// The pooled vectors of a batch whose groups of rows (`lr`'s groups, in order) pool each
+    /// their own way (`poolings`, one per group): adapters of one base with different poolings
+    /// share the encoder's pass. Inference only.
+    pub fn pooled_groups(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, lr: &LowRank, poolings: &[Pooling]) -> Result<Tensor> {
+        let first_only = poolings.iter().all(|p| *p == Pooling::Cls);
+        let hidden = self.bert.forward_low_rank(ids, type_ids, mask, &mut Mode::Eval, first_only, lr)?;
+        let mut parts = Vec::with_capacity(poolings.len());
+        for ((rows, _), pooling) in lr.groups.iter().zip(poolings) {
+            let h = hidden.narrow(0, rows.start, rows.len())?;
+            parts.push(match (pooling, &self.pooler) {
+                (Pooling::Cls, Some(pooler)) => pooler.forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?,
+                (Pooling::Cls, None) => candle_core::bail!("cls pooling over a base that has no pooler"),
+                (Pooling::Mean, _) => mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    }
 }
 
 /// Mean of `hidden` `[b, s, h]` over positions where `mask` `[b, s]` is 1.

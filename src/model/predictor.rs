@@ -125,11 +125,13 @@ impl LoadedClassifier {
         Self::build(&info, weights, &tokenizer_dir, labels, pooling, device, weights_as)
     }
 
-    /// Loads a base model's encoder (and pooler, for `cls`) to serve adapters over: each
-    /// brings its own head (see `model::adapter_serving`); this model's own head is a placeholder.
-    pub fn load_encoder(dir: &Path, pooling: Pooling, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
+    /// Loads a base model's encoder (and its pooler, where it has one) to serve adapters over:
+    /// each brings its own head and pooling (see `model::adapter_serving`); this model's own
+    /// head is a placeholder.
+    pub fn load_encoder(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
         let info = inspect(dir)?;
         let mut weights = load_weights(dir, device)?;
+        let pooling = if weights.contains_key(super::classifier::POOLER_NAMES[0]) { Pooling::Cls } else { Pooling::Mean };
         let hidden = info.config.hidden_size;
         // A placeholder head of one output (a zero-size one would be a zero-byte device allocation).
         weights.insert(super::classifier::HEAD_NAMES[0].into(), Tensor::zeros((1, hidden), candle_core::DType::F32, device)?);

@@ -5,7 +5,6 @@ pub mod adapters;
 pub mod batcher;
 
 use crate::model::adapter_serving::LoadedAdapter;
-use crate::model::classifier::Pooling;
 use crate::model::predictor::{LoadedClassifier, Overflow, TooLong, Weights};
 use batcher::{BatchLimits, Batcher, Timings};
 use candle_core::{DType, Device};
@@ -168,7 +167,8 @@ impl Predictor {
         ids
     }
 
-    /// How many base encoders are loaded for adapters to run over (one per base and pooling).
+    /// How many base encoders are loaded for adapters to run over (one per base, whatever the
+    /// adapters' poolings).
     pub fn bases_loaded(&self) -> usize {
         self.cache.lock().unwrap().slots.iter().filter(|(k, (s, _))| s.initialized() && k.contains(BASE_KEY)).count()
     }
@@ -197,7 +197,7 @@ impl Predictor {
 
     /// Model `id`, loaded (from `path`) unless it is already; one whose inference thread
     /// crashed is loaded again.
-    async fn model(&self, id: &str, path: PathBuf, encoder: Option<Pooling>) -> Result<Arc<Loaded>, PredictError> {
+    async fn model(&self, id: &str, path: PathBuf, encoder: bool) -> Result<Arc<Loaded>, PredictError> {
         let loaded = self.load(id, path.clone(), encoder).await?;
         if loaded.batcher.is_alive() {
             return Ok(loaded);
@@ -208,15 +208,18 @@ impl Predictor {
 
     /// Loads model `id` from `path`: a classifier, or with `encoder` a base's encoder for
     /// adapters to run over.
-    async fn load(&self, id: &str, path: PathBuf, encoder: Option<Pooling>) -> Result<Arc<Loaded>, PredictError> {
+    async fn load(&self, id: &str, path: PathBuf, encoder: bool) -> Result<Arc<Loaded>, PredictError> {
         let slot = self.slot(id);
         let device = self.device.clone();
         let (name, limits, weights) = (id.to_string(), self.limits, self.weights);
         let loaded = slot
             .get_or_try_init(|| async move {
-                let load = move || match encoder {
-                    Some(pooling) => LoadedClassifier::load_encoder(&path, pooling, &device, weights),
-                    None => LoadedClassifier::load_as(&path, &device, weights),
+                let load = move || {
+                    if encoder {
+                        LoadedClassifier::load_encoder(&path, &device, weights)
+                    } else {
+                        LoadedClassifier::load_as(&path, &device, weights)
+                    }
                 };
                 let model = tokio::task::spawn_blocking(load)
                     .await
@@ -254,11 +257,11 @@ impl Predictor {
         let (key, loaded) = match &adapter {
             Some(a) => {
                 let base = a.base.canonicalize().unwrap_or_else(|_| a.base.clone());
-                let key = format!("{}{BASE_KEY}{}", base.display(), a.pooling.as_str());
-                let loaded = self.model(&key, a.base.clone(), Some(a.pooling)).await?;
+                let key = format!("{}{BASE_KEY}", base.display());
+                let loaded = self.model(&key, a.base.clone(), true).await?;
                 (key, loaded)
             }
-            None => (id.to_string(), self.model(id, path, None).await?),
+            None => (id.to_string(), self.model(id, path, false).await?),
         };
         let model = loaded.model.clone();
         let small = texts.len() <= INLINE_TEXTS && texts.iter().map(String::len).sum::<usize>() <= INLINE_BYTES;

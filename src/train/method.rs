@@ -146,7 +146,14 @@ impl Trainable {
     /// Saves the trained classifier: a peft adapter directory for `lora` (over `base_dir`,
     /// named `base_id` where the base has an id a catalog resolves, else by its absolute path),
     /// a whole model directory otherwise.
-    pub fn save(&self, out: &Path, cfg: &BertConfig, trained: &HashMap<String, Tensor>, base_dir: &Path, base_id: Option<&str>) -> anyhow::Result<()> {
+    pub fn save(
+        &self,
+        out: &Path,
+        cfg: &BertConfig,
+        trained: &HashMap<String, Tensor>,
+        base_dir: &Path,
+        base_id: Option<&str>,
+    ) -> anyhow::Result<()> {
         match &self.lora {
             Some(l) => {
                 let base = match base_id {

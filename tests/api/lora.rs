@@ -111,6 +111,11 @@ async fn adapters_of_one_base_share_it_and_each_request_gets_its_own_adapters_sc
     let models = models_dir(tmp.path());
     add_golden_adapter(&models, "first");
     add_turned_adapter(&models, "second");
+    // The second pools by mean where the first reads the pooler: still one base between them.
+    let base = finetuned::model::lora::inspect_adapter(&models.join("second")).unwrap().base;
+    let mut cfg: Value = serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    cfg["finetuned_pooling"] = json!("mean");
+    std::fs::write(models.join("second").join("config.json"), cfg.to_string()).unwrap();
     let device = candle_core::Device::Cpu;
     let texts = ["a gorgeous, witty, seductive movie.", "unflinchingly bleak and desperate", "x", "the plot is nothing but boilerplate"];
     // What each adapter gives alone, merged into its own copy of the base.
@@ -137,7 +142,7 @@ async fn adapters_of_one_base_share_it_and_each_request_gets_its_own_adapters_sc
     }
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
     assert_eq!(info["adapters_loaded"], json!(["first", "second"]), "{info}");
-    assert_eq!(info["bases_loaded"], 1, "one base for both adapters: {info}");
+    assert_eq!(info["bases_loaded"], 1, "one base for both adapters, whatever their pooling: {info}");
     assert_eq!(info["models_loaded"], json!([]), "no adapter is loaded as a model of its own: {info}");
     app.stop().await;
 }

@@ -218,13 +218,7 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let adapter = std::sync::Arc::new(
         finetuned::model::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap().unwrap(),
     );
-    let encoder = LoadedClassifier::load_encoder(
-        &base(),
-        finetuned::model::classifier::Pooling::Cls,
-        &Device::Cpu,
-        finetuned::model::predictor::Weights::F32,
-    )
-    .unwrap();
+    let encoder = LoadedClassifier::load_encoder(&base(), &Device::Cpu, finetuned::model::predictor::Weights::F32).unwrap();
     let shared = encoder.logits_mixed(&merged_in.ids, &vec![Some(adapter); TEXTS.len()], 8).unwrap();
     assert!(golden::max_diff(&shared, &merged_in.logits) <= 1e-4, "shared base and merged weights agree");
 

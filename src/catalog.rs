@@ -41,6 +41,9 @@ pub struct ModelView {
     pub method: Option<&'static str>,
     /// A LoRA adapter's rank; null otherwise.
     pub rank: Option<usize>,
+    /// The models this one descends from, nearest first: its base, that base's base, and so on
+    /// to a model no job made (a models-dir model or a hub repo).
+    pub lineage: Vec<String>,
 }
 
 /// Where a model lives and what it is.
@@ -93,7 +96,7 @@ impl DirModel {
             labels: labels.unwrap_or_default(),
             metrics: None,
             created_at: self.created_at,
-            pooling: self.info.config.pooling().or_else(|| self.info.labels.as_ref().map(|_| "cls".into())),
+            pooling: Some(self.info.auto_pooling()),
             max_seq_len: Some(self.info.config.max_position_embeddings as i64),
             method: match (&self.adapter, &self.info.labels) {
                 (Some(_), _) => Some("lora"),
@@ -101,6 +104,7 @@ impl DirModel {
                 (None, None) => None,
             },
             rank: self.adapter.as_ref().map(|(_, r)| *r),
+            lineage: self.adapter.as_ref().map(|(base, _)| vec![base.clone()]).unwrap_or_default(),
         }
     }
 }
@@ -125,6 +129,7 @@ pub fn record_view(m: &ModelRecord) -> ModelView {
             _ => (m.kind == "classifier").then_some("full"),
         },
         rank: m.lora_rank.map(|r| r as usize),
+        lineage: m.base_model.iter().cloned().collect(),
     }
 }
 
@@ -187,7 +192,14 @@ impl Catalog {
     /// All models: the models dir's, then trained ones.
     pub async fn list(&self) -> sqlx::Result<Vec<ModelView>> {
         let mut out: Vec<ModelView> = self.dirs.read().unwrap().values().map(DirModel::view).collect();
-        out.extend(store::models::list(&self.pool).await?.iter().map(record_view));
+        let records = store::models::list(&self.pool).await?;
+        let parents: BTreeMap<String, Option<String>> = records.iter().map(|m| (m.id.clone(), m.base_model.clone())).collect();
+        for m in &records {
+            let mut view = record_view(m);
+            view.lineage =
+                self.ancestors(m.base_model.clone(), |id: String| std::future::ready(Ok(parents.get(&id).cloned().flatten()))).await?;
+            out.push(view);
+        }
         Ok(out)
     }
 
@@ -195,7 +207,39 @@ impl Catalog {
         if let Some(d) = self.dirs.read().unwrap().get(id) {
             return Ok(Some(d.view()));
         }
-        Ok(store::models::get(&self.pool, id).await?.as_ref().map(record_view))
+        let Some(m) = store::models::get(&self.pool, id).await? else { return Ok(None) };
+        let mut view = record_view(&m);
+        let pool = &self.pool;
+        view.lineage =
+            self.ancestors(m.base_model.clone(), |id: String| async move {
+                Ok(store::models::get(pool, &id).await?.and_then(|r| r.base_model))
+            })
+            .await?;
+        Ok(Some(view))
+    }
+
+    /// `first` and its ancestors, nearest first: a trained model's base comes from `parent_of`,
+    /// an adapter in the models dir names its own; the walk stops at a model with no base (or
+    /// on a cycle, which only hand-edited data could make).
+    async fn ancestors<F, Fut>(&self, first: Option<String>, parent_of: F) -> sqlx::Result<Vec<String>>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = sqlx::Result<Option<String>>>,
+    {
+        let mut out: Vec<String> = Vec::new();
+        let mut next = first;
+        while let Some(id) = next.take() {
+            if out.contains(&id) || out.len() >= 64 {
+                break;
+            }
+            let dir_base = self.dirs.read().unwrap().get(&id).map(|d| d.adapter.as_ref().map(|(base, _)| base.clone()));
+            next = match dir_base {
+                Some(base) => base,
+                None => parent_of(id.clone()).await?,
+            };
+            out.push(id);
+        }
+        Ok(out)
     }
 
     /// Makes sure a resolved model's files are in the data dir: a trained model another process

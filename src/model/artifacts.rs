@@ -14,6 +14,11 @@ pub const WEIGHTS: &str = "model.safetensors";
 /// Tokenizer side files copied along when present, so transformers' `AutoTokenizer` loads too.
 const TOKENIZER_EXTRAS: &[&str] = &["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];
 
+/// sentence-transformers' description of a checkpoint (its pooling above all): a model made from
+/// one carries them, so `pooling: auto` resolves the same for the child as for its parent.
+const SENTENCE_FILES: &[&str] =
+    &["modules.json", "1_Pooling/config.json", "config_sentence_transformers.json", "sentence_bert_config.json"];
+
 /// What a model directory holds, once checked.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -144,8 +149,11 @@ pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<Strin
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
         safetensors::serialize_to_file(named, metadata, &tmp.join(WEIGHTS))?;
         std::fs::copy(tokenizer_dir.join(TOKENIZER), tmp.join(TOKENIZER))?;
-        for extra in TOKENIZER_EXTRAS {
+        for extra in TOKENIZER_EXTRAS.iter().chain(SENTENCE_FILES) {
             if tokenizer_dir.join(extra).is_file() {
+                if let Some(parent) = Path::new(extra).parent() {
+                    std::fs::create_dir_all(tmp.join(parent))?;
+                }
                 std::fs::copy(tokenizer_dir.join(extra), tmp.join(extra))?;
             }
         }

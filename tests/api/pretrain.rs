@@ -1,5 +1,6 @@
 use crate::common::{toy_jsonl, toy_rows};
 use crate::helpers::*;
+use finetuned::config::ServeConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -9,7 +10,19 @@ fn unlabeled(n: usize) -> String {
 
 #[tokio::test]
 async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
-    let app = spawn_app().await;
+    // The base is described as a sentence-transformers model pooling by mean, as all-minilm-l6-v2.
+    let tmp = tempfile::tempdir().unwrap();
+    let models = models_dir(tmp.path());
+    std::fs::write(
+        models.join("tiny/modules.json"),
+        r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#,
+    )
+    .unwrap();
+    std::fs::create_dir_all(models.join("tiny/1_Pooling")).unwrap();
+    std::fs::write(models.join("tiny/1_Pooling/config.json"), r#"{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#)
+        .unwrap();
+    let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
     let texts = app.upload_ok(unlabeled(80)).await;
     let d: Value = app.get(&format!("/v1/datasets/{texts}")).await.json().await.unwrap();
     assert_eq!(d["labels"], json!({}));
@@ -28,6 +41,10 @@ async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
     let model: Value = app.get("/v1/models/tiny-domain").await.json().await.unwrap();
     assert_eq!(model["kind"], "base");
     assert_eq!(model["task"], "mlm");
+    // The adapted base keeps its parent's pooling, and the files that say so.
+    assert_eq!((&model["pooling"], &model["lineage"]), (&json!("mean"), &json!(["tiny"])), "{model}");
+    let dir = app.data_dir.join("models/tiny-domain");
+    assert!(dir.join("modules.json").is_file() && dir.join("1_Pooling/config.json").is_file(), "sentence-transformers files carried over");
     let r = app.predict("tiny-domain", &json!({"inputs": "x"})).await;
     assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
 
@@ -40,6 +57,12 @@ async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
     let done = app.wait_ended(ft["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(app.predict("from-domain", &json!({"inputs": "good"})).await.status(), StatusCode::OK);
+    let model: Value = app.get("/v1/models/from-domain").await.json().await.unwrap();
+    assert_eq!(model["pooling"], "mean", "auto resolved through the adapted base as through its parent: {model}");
+    assert_eq!(model["lineage"], json!(["tiny-domain", "tiny"]), "{model}");
+    let listed: Value = app.get("/v1/models").await.json().await.unwrap();
+    let entry = listed["data"].as_array().unwrap().iter().find(|m| m["id"] == "from-domain").cloned().unwrap();
+    assert_eq!(entry["lineage"], json!(["tiny-domain", "tiny"]), "the list shows lineage too: {entry}");
 }
 
 #[tokio::test]

@@ -264,7 +264,8 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             let metrics = json!({"train_loss": last.train_loss, "validation": {"loss": last.loss, "perplexity": last.perplexity},
                                  "validation_before": {"loss": before, "perplexity": before.exp()}, "epoch": last.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
-            let rec = new_model(&job, &model_id, "base", vec![], metrics, None, hp.max_seq_len);
+            // The adapted base pools as its parent does (`auto` resolves the same for both).
+            let rec = new_model(&job, &model_id, "base", vec![], metrics, Some(pooling), hp.max_seq_len);
             persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
         Ok(Ok(Outcome::Cancelled)) => {

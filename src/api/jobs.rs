@@ -96,6 +96,9 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
         None => return Err(ApiError::not_found("model", &req.base_model).param("base_model")),
     };
     let hp = req.hyperparameters.clone().unwrap_or_default().resolve(&auto_pooling).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    if task != JobTask::Mlm && hp.mlm_head_warmup_steps.is_some() {
+        return Err(ApiError::invalid("hyperparameters.mlm_head_warmup_steps", "applies only to masked-LM jobs (\"task\": \"mlm\")"));
+    }
     if task == JobTask::Mlm && hp.method != crate::train::hyper::Method::Full {
         return Err(ApiError::invalid("hyperparameters.method", "masked-LM pre-training trains every weight: method must be \"full\""));
     }

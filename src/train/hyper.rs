@@ -24,6 +24,7 @@ pub struct HyperparametersInput {
     pub lora_alpha: Option<f64>,
     pub lora_dropout: Option<f64>,
     pub lora_target_modules: Option<Vec<String>>,
+    pub mlm_head_warmup_steps: Option<u64>,
 }
 
 /// Every hyperparameter resolved (defaults filled in), as stored and shown on the job.
@@ -50,6 +51,10 @@ pub struct Hyperparameters {
     /// The adapters' settings, for `lora`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSettings>,
+    /// Masked-LM jobs: steps that train only the prediction head, the encoder held, before
+    /// everything trains. `None`: chosen by the job (see `train::mlm::head_warmup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlm_head_warmup_steps: Option<usize>,
 }
 
 /// Which weights a fine-tuning job trains.
@@ -149,6 +154,10 @@ impl HyperparametersInput {
             class_weights,
             early_stopping_patience: patience,
             group_by_length: self.group_by_length.unwrap_or(false),
+            mlm_head_warmup_steps: match self.mlm_head_warmup_steps {
+                None => None,
+                Some(n) => Some(int_in("mlm_head_warmup_steps", Some(n), 0, 0, 1_000_000)?),
+            },
         })
     }
 }

@@ -99,6 +99,18 @@ fn evaluate(model: &MaskedLm, data: &[Masked], pad: u32, device: &Device) -> can
     Ok(if n > 0 { sum / n as f64 } else { f64::NAN })
 }
 
+/// Steps that train only the masked-LM head: as asked, else a fifth of the run (at least 20
+/// steps, at most half the run) when the head is new, else none. A random head's first
+/// gradients are noise; passed into the encoder they undo what it knew (an adapted
+/// all-minilm-l6-v2 scored below its parent), so the head first learns to read the encoder as it is.
+pub fn head_warmup(asked: Option<usize>, head_is_new: bool, total_steps: usize) -> usize {
+    match asked {
+        Some(n) => n.min(total_steps),
+        None if head_is_new => (total_steps / 5).max(20.min(total_steps / 2)).min(total_steps / 2),
+        None => 0,
+    }
+}
+
 /// Runs pre-training; reports `Event::Pretrain` per epoch.
 pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
     crate::compute::keep_freed_memory();
@@ -147,6 +159,8 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     spec.extend(head_params(&cfg));
     let params = Params::build(&cfg, &spec, &weights, &[], &mut rng, &req.device).map_err(base_err)?;
     let fresh: Vec<&str> = spec.iter().filter(|(n, _)| !weights.contains_key(n)).map(|(n, _)| n.as_str()).collect();
+    // A base that ships no masked-LM head (sentence-transformers checkpoints) gets a random one.
+    let fresh_head: Vec<String> = fresh.iter().filter(|n| n.starts_with("cls.")).map(|n| n.to_string()).collect();
     if !fresh.is_empty() {
         obs.on_event(Event::Message(format!("{} of {} tensors start from random initialisation", fresh.len(), spec.len())));
     }
@@ -176,7 +190,16 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         before: None,
         last: None,
     };
+    let head_steps = head_warmup(hp.mlm_head_warmup_steps, !fresh_head.is_empty(), schedule.total_steps);
+    if head_steps > 0 {
+        obs.on_event(Event::Message(format!(
+            "training the {}prediction head alone for the first {head_steps} of {} steps (the encoder held), then the whole model",
+            if fresh_head.is_empty() { "" } else { "new " },
+            schedule.total_steps
+        )));
+    }
     let run = Run {
+        head_first: Some((head_steps, |n: &str| n.starts_with("cls."))),
         params: &params,
         hp,
         schedule,

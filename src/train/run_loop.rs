@@ -114,6 +114,9 @@ pub struct Run<'a> {
     /// Global L2 norm gradients are clipped to.
     pub max_grad_norm: f64,
     pub checkpoints: Option<&'a CheckpointPlan>,
+    /// For the first `.0` steps only the parameters `.1` accepts train; the others are held
+    /// (no gradient flows into them): a freshly made head learns before it moves the encoder.
+    pub head_first: Option<(usize, fn(&str) -> bool)>,
 }
 
 /// How the loop ended.
@@ -128,7 +131,7 @@ pub enum Ended {
 /// Trains `obj` from the newest checkpoint of the run (or from the start) to its last epoch,
 /// or until the observer says stop.
 pub fn drive<O: Objective>(run: Run, obj: &mut O, rng: &mut ChaCha8Rng, obs: &mut dyn Observer) -> Result<Ended, TrainError> {
-    let Run { params, hp, schedule, device, precision, max_grad_norm, checkpoints } = run;
+    let Run { params, hp, schedule, device, precision, max_grad_norm, checkpoints, head_first } = run;
     let decay: Vec<bool> = params.names.iter().map(|n| Params::decays(n)).collect();
     let mut opt = AdamW::new(decay.clone(), hp.weight_decay);
     let mut step = 0usize;
@@ -154,6 +157,10 @@ pub fn drive<O: Objective>(run: Run, obj: &mut O, rng: &mut ChaCha8Rng, obs: &mu
     }
     obj.begin(resumed.is_some(), obs)?;
     let model_train = obj.model(&|n| params.tracked(n))?;
+    // The network of the head-only steps: the other parameters enter it detached.
+    let (head_steps, trains_first) = head_first.unwrap_or((0, |_| true));
+    let held = |n: &str| if trains_first(n) { params.tracked(n) } else { params.detached(n) };
+    let model_head = if step < head_steps { Some(obj.model(&held)?) } else { None };
     let mut scaler = LossScaler::new(precision);
     let mut saved_at = step;
     let mut peak_gpu: Option<u64> = None;
@@ -213,11 +220,18 @@ pub fn drive<O: Objective>(run: Run, obj: &mut O, rng: &mut ChaCha8Rng, obs: &mu
             let t_fwd = Instant::now();
             // Mixed precision: this step's weights, cast from the f32 masters.
             let cast;
-            let model = if precision == Precision::F32 {
-                &model_train
-            } else {
-                cast = obj.model(&|n| precision.cast(params.tracked(n)?))?;
-                &cast
+            let head_only = step < head_steps;
+            let model = match (precision, &model_head) {
+                (Precision::F32, Some(m)) if head_only => m,
+                (Precision::F32, _) => &model_train,
+                _ => {
+                    cast = if head_only {
+                        obj.model(&|n| precision.cast(held(n)?))?
+                    } else {
+                        obj.model(&|n| precision.cast(params.tracked(n)?))?
+                    };
+                    &cast
+                }
             };
             let loss = obj.loss(model, &batch, rng)?;
             let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

@@ -178,6 +178,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         precision: req.precision,
         max_grad_norm: req.max_grad_norm,
         checkpoints: req.checkpoints.as_ref(),
+        head_first: None,
     };
     if run_loop::drive(run, &mut obj, &mut rng, obs)? == run_loop::Ended::Cancelled {
         return Ok(Outcome::Cancelled);

@@ -88,3 +88,55 @@ async fn pretrain_from_scratch_with_a_config() {
     let model: Value = app.get("/v1/models/scratch").await.json().await.unwrap();
     assert_eq!(model["kind"], "base");
 }
+
+#[tokio::test]
+async fn a_new_masked_lm_head_trains_alone_first_and_the_encoder_is_held_meanwhile() {
+    let app = spawn_app().await;
+    let texts = app.upload_ok(unlabeled(64)).await;
+    let labeled = app.upload_ok(toy_jsonl(16)).await;
+    let r = app
+        .post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": labeled, "hyperparameters": {"mlm_head_warmup_steps": 3}}))
+        .await;
+    assert_eq!(
+        assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"],
+        "hyperparameters.mlm_head_warmup_steps"
+    );
+
+    // "tiny" ships no masked-LM head. Held for every step, the encoder must come out as it went in.
+    let hp = json!({"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "mlm_head_warmup_steps": 1000});
+    let job = app
+        .create_job(&json!({"base_model": "tiny", "training_dataset": texts, "task": "mlm", "model_name": "held", "hyperparameters": hp}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(app.wait_ended(id, 120).await["status"], "succeeded");
+    let load = |p: std::path::PathBuf| candle_core::safetensors::load(p.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let models = app.data_dir.parent().unwrap().join("models");
+    let (parent, child) = (load(models.join("tiny")), load(app.data_dir.join("models/held")));
+    let same = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let encoder: Vec<&String> = parent.keys().filter(|k| k.contains("encoder.") || k.contains("embeddings.")).collect();
+    assert!(!encoder.is_empty());
+    for name in encoder {
+        let theirs = child.get(name.as_str()).or_else(|| child.get(&format!("bert.{name}"))).unwrap_or_else(|| panic!("{name} saved"));
+        assert!(same(&parent[name], theirs), "{name} changed while the encoder was held");
+    }
+    let head = "cls.predictions.transform.dense.weight";
+    assert!(child.contains_key(head) && !parent.contains_key(head), "the new head is saved");
+
+    // By default the job picks the warm-up itself and says so.
+    let job = app
+        .create_job(&json!({"base_model": "tiny", "training_dataset": texts, "task": "mlm", "model_name": "auto-warm",
+                                     "hyperparameters": {"epochs": 2, "batch_size": 8, "learning_rate": 2e-3}}))
+        .await;
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(app.wait_ended(id, 120).await["status"], "succeeded");
+    let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
+    assert!(events.to_string().contains("training the new prediction head alone for the first 8 of 16 steps"), "{events}");
+    let (parent, child) = (load(models.join("tiny")), load(app.data_dir.join("models/auto-warm")));
+    let query = |m: &std::collections::HashMap<String, candle_core::Tensor>| {
+        let name = "encoder.layer.0.attention.self.query.weight";
+        m.get(name).or_else(|| m.get(&format!("bert.{name}"))).unwrap().clone()
+    };
+    assert!(!same(&query(&parent), &query(&child)), "after the warm-up the encoder trains");
+}

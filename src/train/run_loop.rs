@@ -116,8 +116,11 @@ pub struct Run<'a> {
     pub checkpoints: Option<&'a CheckpointPlan>,
     /// For the first `.0` steps only the parameters `.1` accepts train; the others are held
     /// (no gradient flows into them): a freshly made head learns before it moves the encoder.
-    pub head_first: Option<(usize, fn(&str) -> bool)>,
+    pub head_first: Option<HeadFirst>,
 }
+
+/// Steps at the start, and which parameters train during them (see [`Run::head_first`]).
+pub type HeadFirst = (usize, fn(&str) -> bool);
 
 /// How the loop ended.
 #[derive(Debug, PartialEq, Eq)]

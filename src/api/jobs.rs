@@ -344,11 +344,13 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
 }
 
 async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    let job = jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
     let (train, validation) = jobs::metrics(&state.pool, &id).await?;
     let train: Vec<Value> =
         train.iter().map(|(step, epoch, loss, lr)| json!({"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr})).collect();
-    Ok(Json(json!({"object": "job.metrics", "job": id, "train": train, "validation": validation})))
+    // Why training ended (every epoch ran, or early stopping), once the job has made its model.
+    let stopped = job.metrics.as_ref().and_then(|m| m.get("stopped")).cloned().unwrap_or(Value::Null);
+    Ok(Json(json!({"object": "job.metrics", "job": id, "train": train, "validation": validation, "stopped": stopped})))
 }
 
 /// The job's checkpoints, oldest first: where a stopped or crashed run resumes from. They are

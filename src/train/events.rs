@@ -37,6 +37,11 @@ pub struct RunStats {
     pub total_steps: usize,
     pub warmup_steps: usize,
     pub epochs: Vec<EpochStats>,
+    /// The most epochs the run could take.
+    pub max_epochs: usize,
+    /// Why training ended: `"max_epochs"` (every epoch ran) or `"early_stopping"` (patience
+    /// ran out).
+    pub stop_reason: &'static str,
 }
 
 /// Results on the test rows.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HyperparametersInput {
-    pub epochs: Option<u64>,
+    pub epochs: Option<EpochsInput>,
     pub batch_size: Option<u64>,
     pub learning_rate: Option<f64>,
     pub max_seq_len: Option<u64>,
@@ -27,10 +27,41 @@ pub struct HyperparametersInput {
     pub mlm_head_warmup_steps: Option<u64>,
 }
 
+/// `epochs` as a request gives it: a count, or `"auto"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EpochsInput {
+    Count(u64),
+    Word(String),
+}
+
+impl From<u64> for EpochsInput {
+    fn from(n: u64) -> Self {
+        Self::Count(n)
+    }
+}
+
+/// The most epochs `"epochs": "auto"` runs for `n_train` examples of `n_labels` classes: enough
+/// passes that each class is seen about 2,000 times in all (classes with few examples need
+/// more passes for the head to separate them), at least 3 so early stopping has epochs to
+/// compare, at most 10 to bound the cost. Early stopping usually ends the run sooner; the best
+/// epoch is kept.
+pub fn auto_epochs_cap(n_train: usize, n_labels: usize) -> usize {
+    (2000 * n_labels).div_ceil(n_train.max(1)).clamp(3, 10)
+}
+
+/// Early stopping's patience when `"epochs": "auto"` and none is given.
+pub const AUTO_PATIENCE: usize = 2;
+
 /// Every hyperparameter resolved (defaults filled in), as stored and shown on the job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hyperparameters {
+    /// The number of epochs; with `auto_epochs`, the most that may run (set when the job starts,
+    /// from the data: see [`auto_epochs_cap`]; 0 until then).
     pub epochs: usize,
+    /// `"epochs": "auto"`: train until early stopping's patience runs out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_epochs: bool,
     pub batch_size: usize,
     pub learning_rate: f64,
     pub max_seq_len: usize,
@@ -140,7 +171,13 @@ impl HyperparametersInput {
         Ok(Hyperparameters {
             method,
             lora,
-            epochs: int_in("epochs", self.epochs, 3, 1, 100)?,
+            epochs: match &self.epochs {
+                Some(EpochsInput::Word(w)) if w == "auto" => 0,
+                Some(EpochsInput::Word(_)) => return bad("epochs", "must be a whole number from 1 to 100, or \"auto\""),
+                Some(EpochsInput::Count(n)) => int_in("epochs", Some(*n), 3, 1, 100)?,
+                None => 3,
+            },
+            auto_epochs: matches!(&self.epochs, Some(EpochsInput::Word(w)) if w == "auto"),
             batch_size: int_in("batch_size", self.batch_size, 32, 1, 1024)?,
             learning_rate: float_in("learning_rate", self.learning_rate, 5e-5, 0.0, 1.0, true)?,
             max_seq_len: int_in("max_seq_len", self.max_seq_len, 128, 8, 512)?,

@@ -121,6 +121,18 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len)?;
     let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len)?;
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
+    let mut hp_run = req.hp.clone();
+    if hp_run.auto_epochs {
+        hp_run.epochs = super::hyper::auto_epochs_cap(train.len(), labels.len());
+        let patience = *hp_run.early_stopping_patience.get_or_insert(super::hyper::AUTO_PATIENCE);
+        obs.on_event(Event::Message(format!(
+            "epochs auto: at most {} for {} examples of {} labels, stopping after {patience} epochs without a better validation macro-F1",
+            hp_run.epochs,
+            train.len(),
+            labels.len()
+        )));
+    }
+    let hp = &hp_run;
     let task = req.task;
     if task == Task::MultiLabel {
         let prior = Tensor::new(prior_log_odds(&train, labels.len()), &req.device)?;
@@ -150,6 +162,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         total_steps: schedule.total_steps,
         warmup_steps: schedule.warmup,
         epochs: vec![],
+        max_epochs: hp.epochs,
+        stop_reason: "max_epochs",
     };
     let model_eval = trainable.model(&cfg, pooling, &|n| params.detached(n))?;
     let mut obj = Classify {
@@ -300,6 +314,7 @@ impl run_loop::Objective for Classify<'_> {
         self.since_best += 1;
         if self.hp.early_stopping_patience.is_some_and(|p| self.since_best >= p) {
             obs.on_event(Event::Message(format!("early stopping after epoch {epoch}: no improvement in {} epochs", self.since_best)));
+            self.stats.stop_reason = "early_stopping";
             return Ok(true);
         }
         Ok(false)

@@ -239,3 +239,31 @@ async fn the_event_stream_ends_with_the_job_and_metrics_show_the_traffic() {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
 }
+
+#[tokio::test]
+async fn epochs_auto_trains_until_patience_runs_out_and_the_metrics_say_why_it_stopped() {
+    let app = spawn_app().await;
+    let data = app.upload_ok(toy_jsonl(48)).await;
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": data, "hyperparameters": {"epochs": "some"}})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.epochs");
+
+    let hp = json!({"epochs": "auto", "batch_size": 8, "learning_rate": 2e-3, "warmup_ratio": 0.0, "seed": 1});
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": data, "hyperparameters": hp})).await;
+    assert_eq!((&job["hyperparameters"]["auto_epochs"], &job["hyperparameters"]["early_stopping_patience"]), (&json!(true), &Value::Null));
+    let id = job["id"].as_str().unwrap();
+    let done = app.wait_ended(id, 180).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // 44 training rows of 2 labels (4 held out): the cap is 10 epochs, patience 2 by default.
+    let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
+    assert!(events.to_string().contains("epochs auto: at most 10 for 44 examples of 2 labels, stopping after 2 epochs"), "{events}");
+    let metrics: Value = app.get(&format!("/v1/jobs/{id}/metrics")).await.json().await.unwrap();
+    let stopped = &metrics["stopped"];
+    let (reason, run) = (stopped["reason"].as_str().unwrap(), stopped["epochs_run"].as_u64().unwrap());
+    assert_eq!(stopped["max_epochs"], 10, "{stopped}");
+    assert_eq!(metrics["validation"].as_array().unwrap().len() as u64, run, "one validation entry per epoch run: {metrics}");
+    match reason {
+        "early_stopping" => assert!(run < 10 && events.to_string().contains("early stopping after epoch"), "{stopped}"),
+        "max_epochs" => assert_eq!(run, 10, "{stopped}"),
+        other => panic!("unknown reason {other}"),
+    }
+}

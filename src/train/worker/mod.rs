@@ -253,9 +253,10 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != JobStatus::Cancelled);
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
-            let trainer::Finished { best, labels, .. } = *done;
+            let trainer::Finished { best, labels, stats, .. } = *done;
+            let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.len(), "max_epochs": stats.max_epochs});
             let metrics = json!({"train_loss": best.train_loss, "validation": {
-                "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch});
+                "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch, "stopped": stopped});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), hp.max_seq_len);
             persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;

@@ -244,7 +244,8 @@ async fn the_event_stream_ends_with_the_job_and_metrics_show_the_traffic() {
 async fn epochs_auto_trains_until_patience_runs_out_and_the_metrics_say_why_it_stopped() {
     let app = spawn_app().await;
     let data = app.upload_ok(toy_jsonl(48)).await;
-    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": data, "hyperparameters": {"epochs": "some"}})).await;
+    let r =
+        app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": data, "hyperparameters": {"epochs": "some"}})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "hyperparameters.epochs");
 
     let hp = json!({"epochs": "auto", "batch_size": 8, "learning_rate": 2e-3, "warmup_ratio": 0.0, "seed": 1});

@@ -119,7 +119,7 @@ fn a_short_training_run_on_the_device_generic_path_learns() {
     let dir = tempfile::tempdir().unwrap();
     let base = write_tiny_model(dir.path(), "tiny");
     let hp = HyperparametersInput {
-        epochs: Some(10),
+        epochs: Some(10.into()),
         batch_size: Some(8),
         learning_rate: Some(2e-3),
         warmup_ratio: Some(0.0),

@@ -177,7 +177,7 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
         finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows
     };
     let hp = HyperparametersInput {
-        epochs: Some(1),
+        epochs: Some(1.into()),
         batch_size: Some(16),
         max_seq_len: Some(64),
         learning_rate: Some(2e-3),

@@ -55,7 +55,7 @@ impl Observer for Losses {
 
 fn run(start: Start, dir: &std::path::Path) -> Vec<f64> {
     let hp = HyperparametersInput {
-        epochs: Some(8),
+        epochs: Some(8.into()),
         batch_size: Some(16),
         learning_rate: Some(3e-3),
         warmup_ratio: Some(0.0),

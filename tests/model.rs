@@ -98,7 +98,7 @@ fn train_tiny(dir: &std::path::Path, seed: u64) -> (std::path::PathBuf, Collect)
 fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std::path::PathBuf, Collect) {
     let base = write_tiny_model(dir, "tiny");
     let hp = HyperparametersInput {
-        epochs: Some(12),
+        epochs: Some(12.into()),
         batch_size: Some(8),
         learning_rate: Some(2e-3),
         warmup_ratio: Some(0.0),

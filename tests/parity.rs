@@ -98,7 +98,7 @@ fn tiny_rows(split: &str) -> Vec<finetuned::dataset::Row> {
 fn a_model_trained_here_gives_the_same_logits_in_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let hp = HyperparametersInput {
-        epochs: Some(1),
+        epochs: Some(1.into()),
         batch_size: Some(16),
         max_seq_len: Some(64),
         pooling: Some("cls".into()),
@@ -149,7 +149,7 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     use finetuned::train::mlm::{self, MlmRequest, Start};
     let dir = tempfile::tempdir().unwrap();
     let hp =
-        HyperparametersInput { epochs: Some(1), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
+        HyperparametersInput { epochs: Some(1.into()), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
     let out = dir.path().join("mlm");
     let req = MlmRequest {
         start: Start::Checkpoint(base()),

@@ -40,6 +40,15 @@ pub fn truncate(ids: &mut Vec<u32>, max_len: usize) {
     }
 }
 
+/// Cuts `ids` to `max_len` tokens from the left, keeping the first `[CLS]` and the final `[SEP]`
+/// (the end of the text is kept).
+pub fn truncate_left(ids: &mut Vec<u32>, max_len: usize) {
+    if ids.len() > max_len && max_len >= 2 {
+        let cut = ids.len() - max_len;
+        ids.drain(1..1 + cut);
+    }
+}
+
 /// One padded batch: `input_ids`, `token_type_ids` (all 0) and `attention_mask`, `[batch, longest]`.
 pub struct Batch {
     pub ids: Tensor,

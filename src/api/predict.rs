@@ -74,6 +74,7 @@ struct PredictRequest {
     threshold: Option<Threshold>,
     /// The Hugging Face inference API's parameters; their presence asks for that API's answer
     /// shape (see [`HfParameters`]).
+    #[serde(default, deserialize_with = "hf_parameters")]
     parameters: Option<HfParameters>,
 }
 
@@ -89,14 +90,26 @@ pub(crate) struct HfParameters {
     function_to_apply: Option<String>,
 }
 
+/// `parameters` as a JSON object only (serde would also take a struct as an array of its fields).
+pub(crate) fn hf_parameters<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<HfParameters>, D::Error> {
+    let object = Option::<serde_json::Map<String, Value>>::deserialize(d)?;
+    object.map(|o| serde_json::from_value(Value::Object(o)).map_err(serde::de::Error::custom)).transpose()
+}
+
 impl HfParameters {
     /// `function_to_apply`, checked, and `top_k`, checked (a missing one is every label).
     pub(crate) fn checked(&self) -> ApiResult<(Function, usize)> {
-        if self.top_k == Some(0) {
-            return Err(ApiError::invalid("parameters.top_k", "top_k must be at least 1"));
-        }
+        check_top_k("parameters.top_k", self.top_k)?;
         let f = self.function_to_apply.as_deref().map(Function::parse).transpose()?.unwrap_or(Function::Default);
         Ok((f, self.top_k.map_or(usize::MAX, |k| k as usize)))
+    }
+}
+
+/// Refuses a `top_k` outside the documented 1 to 2147483647.
+fn check_top_k(param: &str, top_k: Option<u64>) -> ApiResult<()> {
+    match top_k {
+        Some(k) if !(1..=i32::MAX as u64).contains(&k) => Err(ApiError::invalid(param, "top_k must be from 1 to 2147483647")),
+        _ => Ok(()),
     }
 }
 
@@ -217,9 +230,7 @@ impl PredictRequest {
             Inputs::Many(ts) => ts,
         };
         limits.check(&texts)?;
-        if self.top_k == Some(0) {
-            return Err(ApiError::invalid("top_k", "top_k must be at least 1"));
-        }
+        check_top_k("top_k", self.top_k)?;
         let (top_k, hf) = match self.parameters {
             None => (self.top_k, None),
             Some(p) => {
@@ -230,7 +241,7 @@ impl PredictRequest {
                         "threshold cannot be used with parameters (the Hugging Face answer shape has no place for labels)",
                     ));
                 }
-                if f.needs_logits() && self.raw_scores.is_some() {
+                if f.needs_logits() && self.raw_scores == Some(true) {
                     return Err(ApiError::invalid("raw_scores", "raw_scores cannot be used with parameters.function_to_apply"));
                 }
                 (p.top_k.or(self.top_k), Some(f))

@@ -3,7 +3,7 @@
 //! model named by the `X-Model` header or, without one, by `--default-model`.
 
 use super::json::ApiJson;
-use super::predict::{classifier, predict_body, ranked, score, timing_headers, BodyLimits, HfParameters};
+use super::predict::{classifier, hf_parameters, predict_body, ranked, score, timing_headers, BodyLimits, HfParameters};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predictor::Overflow;
@@ -87,6 +87,7 @@ struct PredictRequest {
     raw_scores: Option<bool>,
     /// The Hugging Face inference API's parameters (`InferenceClient` sends them): the answer
     /// then takes that API's shape, a list of lists, as on `/v1/models/{id}/predict`.
+    #[serde(default, deserialize_with = "hf_parameters")]
     parameters: Option<HfParameters>,
 }
 
@@ -111,6 +112,9 @@ async fn predict(
         (true, Some(_)) => return Err(ApiError::invalid("truncation_direction", "truncation_direction must be \"Left\" or \"Right\"")),
     };
     let hf = req.parameters.as_ref().map(HfParameters::checked).transpose()?;
+    if hf.is_some_and(|(f, _)| f.needs_logits()) && req.raw_scores == Some(true) {
+        return Err(ApiError::invalid("raw_scores", "raw_scores cannot be used with parameters.function_to_apply"));
+    }
     let raw = req.raw_scores.unwrap_or(false) || hf.is_some_and(|(f, _)| f.needs_logits());
     let mut scored = score(&state, &id, texts, overflow, raw).await?;
     let body = match hf {

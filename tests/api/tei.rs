@@ -136,6 +136,7 @@ async fn hugging_face_parameters_get_the_hugging_face_shape() {
         (json!({"inputs": "x", "parameters": {"function_to_apply": "tanh"}}), "parameters.function_to_apply"),
         (json!({"inputs": "x", "parameters": {"top_k": 0}}), "parameters.top_k"),
         (json!({"inputs": "x", "parameters": {"temperature": 1}}), "parameters.temperature"),
+        (json!({"inputs": "x", "parameters": [null, null]}), "parameters"),
         (json!({"inputs": "x", "parameters": {"function_to_apply": "none"}, "raw_scores": true}), "raw_scores"),
     ] {
         let e = assert_error(app.predict("toy", &body).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;

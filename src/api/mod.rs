@@ -3,6 +3,7 @@
 pub mod dashboard;
 pub mod datasets;
 pub mod health;
+pub mod hf;
 pub mod jobs;
 pub mod json;
 pub mod models;

@@ -2,8 +2,9 @@
 //! written for it work unchanged: `POST /predict`, `GET /info` and `POST /tokenize`, for the
 //! model named by the `X-Model` header or, without one, by `--default-model`.
 
+use super::hf::{hf_parameters, HfParameters};
 use super::json::ApiJson;
-use super::predict::{classifier, hf_parameters, predict_body, ranked, score, timing_headers, BodyLimits, HfParameters};
+use super::predict::{classifier, predict_body, ranked, score, timing_headers, BodyLimits};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predictor::Overflow;

@@ -72,3 +72,19 @@ pub fn pad_batch(seqs: &[&[u32]], pad_id: u32, device: &Device) -> candle_core::
         mask: Tensor::from_vec(mask, (b, len), device)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn truncation_keeps_cls_and_sep_and_one_end_of_the_text() {
+        let ids = vec![101, 1, 2, 3, 4, 5, 102];
+        let (mut right, mut left) = (ids.clone(), ids.clone());
+        super::truncate(&mut right, 4);
+        super::truncate_left(&mut left, 4);
+        assert_eq!(right, [101, 1, 2, 102]);
+        assert_eq!(left, [101, 4, 5, 102]);
+        let mut short = ids.clone();
+        super::truncate_left(&mut short, 10);
+        assert_eq!(short, ids);
+    }
+}

@@ -70,7 +70,7 @@ fi
 mkdir -p "$WORK/models" "$WORK/data"
 ln -s "$(cd "$MODEL_SRC" && pwd)" "$WORK/models/all-minilm-l6-v2"
 env -u FINETUNED_API_KEY NO_COLOR=1 "$BIN" serve --addr 127.0.0.1:0 \
-    --data-dir "$WORK/data" --models-dir "$WORK/models" >"$WORK/server.log" 2>&1 &
+    --data-dir "$WORK/data" --models-dir "$WORK/models" --default-model st-model >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 
 BASE=
@@ -162,6 +162,10 @@ include-name = ["GET /v1/models/{id}", "GET /v1/models/{id}/download", "POST /v1
 parameters = { "path.id" = { dictionary = "models", probability = 0.5 } }
 
 [[operations]]
+include-name = ["POST /predict", "GET /info", "POST /tokenize"]
+parameters = { "header.X-Model" = { dictionary = "models", probability = 0.5 } }
+
+[[operations]]
 include-name = ["DELETE /v1/models/{id}"]
 parameters = { "path.id" = { dictionary = "deletable_models", probability = 0.5 } }
 
@@ -171,9 +175,11 @@ parameters = { "body.base_model" = { dictionary = "base_models", probability = 0
 
 # 422 is a right answer to some schema-valid requests: a dataset file is "format: binary", so any bytes
 # (a PNG, say) count as valid, but the server must refuse a file that is not JSON Lines/CSV
-# (invalid_dataset); and "threshold" is schema-valid but only allowed for multi-label models.
+# (invalid_dataset); "threshold" is schema-valid but only allowed for multi-label models; an X-Model
+# header may name a base model, which the TEI routes refuse as predict does, and /tokenize refuses a
+# prompt_name.
 [[operations]]
-include-name = ["POST /v1/datasets", "POST /v1/jobs", "POST /v1/models/{id}/predict"]
+include-name = ["POST /v1/datasets", "POST /v1/jobs", "POST /v1/models/{id}/predict", "POST /predict", "GET /info", "POST /tokenize"]
 checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 404, 409, 422]
 EOF
 

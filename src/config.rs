@@ -52,6 +52,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_PREDICT_DTYPE", default_value = "f32")]
     pub predict_dtype: String,
 
+    /// The model that the text-embeddings-inference routes (`POST /predict`, `GET /info`,
+    /// `POST /tokenize`) serve when a request names none in its `X-Model` header.
+    #[arg(long, env = "FINETUNED_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+
     /// Largest dataset upload in bytes; a larger body gets 413.
     #[arg(long, env = "FINETUNED_MAX_UPLOAD_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub max_upload_bytes: usize,
@@ -173,6 +178,7 @@ impl ServeConfig {
             device: Some("cpu".into()),
             dtype: "auto".into(),
             predict_dtype: "f32".into(),
+            default_model: None,
             max_upload_bytes: 512 * 1024 * 1024,
             max_predict_body_bytes: 4 * 1024 * 1024,
             max_input_chars: 32_768,

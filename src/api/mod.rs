@@ -3,10 +3,12 @@
 pub mod dashboard;
 pub mod datasets;
 pub mod health;
+pub mod hf;
 pub mod jobs;
 pub mod json;
 pub mod models;
 pub mod predict;
+pub mod tei;
 
 use crate::catalog::Catalog;
 use crate::config::ServeConfig;
@@ -44,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(models::router())
         .merge(predict::router(state.config.max_predict_body_bytes))
+        .merge(tei::router(state.config.max_predict_body_bytes))
         .merge(health::info_router())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     // A worker process (`--role worker`) answers only the probes and the metrics.

@@ -1,10 +1,11 @@
 //! `POST /v1/models/{id}/predict`.
 
+use super::hf::{check_top_k, hf_parameters, Function, HfParameters};
 use super::json::ApiJson;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predictor::Overflow;
-use crate::serve::PredictError;
+use crate::serve::{PredictError, Scored};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,29 @@ pub struct BodyLimits {
     pub max_input_chars: usize,
 }
 
+impl BodyLimits {
+    /// Refuses an empty list, too many texts, or a text of too many characters.
+    pub(crate) fn check(&self, texts: &[String]) -> ApiResult<()> {
+        let BodyLimits { max_inputs, max_input_chars } = *self;
+        if texts.is_empty() {
+            return Err(ApiError::invalid("inputs", "inputs must hold at least one text"));
+        }
+        if texts.len() > max_inputs {
+            return Err(ApiError::invalid("inputs", format!("at most {max_inputs} inputs per request (got {})", texts.len())));
+        }
+        // Counted before tokenizing: a text's bytes bound its characters, so only texts
+        // longer in bytes than the limit are counted.
+        let mut too_long = texts.iter().enumerate().filter(|(_, t)| t.len() > max_input_chars).map(|(i, t)| (i, t.chars().count()));
+        if let Some((i, chars)) = too_long.find(|&(_, n)| n > max_input_chars) {
+            return Err(ApiError::invalid(
+                format!("inputs[{i}]"),
+                format!("input {i} has {chars} characters, more than the {max_input_chars} allowed per input (--max-input-chars)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One text or a list of texts.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -49,6 +73,10 @@ struct PredictRequest {
     /// Multi-label: one number, or a number per label; each input's `labels` are those whose
     /// probability is at or above it.
     threshold: Option<Threshold>,
+    /// The Hugging Face inference API's parameters; their presence asks for that API's answer
+    /// shape (see [`HfParameters`]).
+    #[serde(default, deserialize_with = "hf_parameters")]
+    parameters: Option<HfParameters>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,40 +147,41 @@ pub struct CheckedRequest {
     top_k: Option<u64>,
     raw_scores: Option<bool>,
     threshold: Option<Threshold>,
+    /// Set when the body had `parameters`: answer in the Hugging Face inference API's shape.
+    hf: Option<Function>,
 }
 
 impl PredictRequest {
     fn check(self, limits: BodyLimits) -> ApiResult<CheckedRequest> {
-        let BodyLimits { max_inputs, max_input_chars } = limits;
         let texts = match self.inputs {
             Inputs::One(t) => vec![t],
             Inputs::Many(ts) => ts,
         };
-        if texts.is_empty() {
-            return Err(ApiError::invalid("inputs", "inputs must hold at least one text"));
-        }
-        if texts.len() > max_inputs {
-            return Err(ApiError::invalid("inputs", format!("at most {max_inputs} inputs per request (got {})", texts.len())));
-        }
-        // Counted before tokenizing: a text's bytes bound its characters, so only texts
-        // longer in bytes than the limit are counted.
-        let mut too_long = texts.iter().enumerate().filter(|(_, t)| t.len() > max_input_chars).map(|(i, t)| (i, t.chars().count()));
-        if let Some((i, chars)) = too_long.find(|&(_, n)| n > max_input_chars) {
-            return Err(ApiError::invalid(
-                format!("inputs[{i}]"),
-                format!("input {i} has {chars} characters, more than the {max_input_chars} allowed per input (--max-input-chars)"),
-            ));
-        }
-        if self.top_k == Some(0) {
-            return Err(ApiError::invalid("top_k", "top_k must be at least 1"));
-        }
+        limits.check(&texts)?;
+        check_top_k("top_k", self.top_k)?;
+        let (top_k, hf) = match self.parameters {
+            None => (self.top_k, None),
+            Some(p) => {
+                let (f, _) = p.checked()?;
+                if self.threshold.is_some() {
+                    return Err(ApiError::invalid(
+                        "threshold",
+                        "threshold cannot be used with parameters (the Hugging Face answer shape has no place for labels)",
+                    ));
+                }
+                if f.needs_logits() && self.raw_scores == Some(true) {
+                    return Err(ApiError::invalid("raw_scores", "raw_scores cannot be used with parameters.function_to_apply"));
+                }
+                (p.top_k.or(self.top_k), Some(f))
+            }
+        };
         let overflow = match (self.overflow.as_deref(), self.truncate.unwrap_or(true)) {
             (Some("chunk"), _) => Overflow::Chunk,
             (None | Some("truncate"), true) => Overflow::Truncate,
             (None | Some("truncate"), false) => Overflow::Refuse,
             _ => return Err(ApiError::invalid("overflow", "overflow must be \"truncate\" or \"chunk\"")),
         };
-        Ok(CheckedRequest { texts, overflow, top_k: self.top_k, raw_scores: self.raw_scores, threshold: self.threshold })
+        Ok(CheckedRequest { texts, overflow, top_k, raw_scores: self.raw_scores, threshold: self.threshold, hf })
     }
 }
 
@@ -169,25 +198,16 @@ async fn predict(
     Path(id): Path<String>,
     body: Result<ApiJson<PredictRequest>, ApiError>,
 ) -> ApiResult<Response> {
-    let limit = state.config.max_predict_body_bytes;
-    let ApiJson(req) = body.map_err(|e| match e.status {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            e.status,
-            "payload_too_large",
-            format!("the predict body is larger than {limit} bytes (--max-predict-body-bytes): send fewer or shorter inputs per request"),
-        )
-        .param("body"),
-        _ => e,
-    })?;
+    let req = predict_body(&state, body)?;
     let limits = BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars };
     let req = req.check(limits)?;
-    let model = state.catalog.resolve(&id).await?.ok_or_else(|| ApiError::not_found("model", &id))?;
-    if !model.is_classifier {
-        return Err(ApiError::invalid("model", format!("{id} is a base model, not a classifier: fine-tune it first")));
+    let raw = req.raw_scores.unwrap_or(false) || req.hf.is_some_and(Function::needs_logits);
+    let mut scored = score(&state, &id, req.texts, req.overflow, raw).await?;
+    if let Some(f) = req.hf {
+        f.apply(&mut scored.scores);
+        let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
+        return Ok((timing_headers(&scored), Json(ranked(&scored, k))).into_response());
     }
-    // A model trained by a worker elsewhere: fetched from the object store on first use.
-    state.catalog.fetch(&model).await?;
-    let scored = state.predictor.predict(&id, model.path, req.texts, req.overflow, req.raw_scores.unwrap_or(false)).await?;
     if let Some(t) = &req.threshold {
         if !scored.multi_label {
             return Err(ApiError::invalid("threshold", "threshold applies to multi-label models only"));
@@ -198,15 +218,7 @@ async fn predict(
         }
     }
     let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
-    let predictions: Vec<Vec<Value>> = scored
-        .scores
-        .iter()
-        .map(|row| {
-            let mut pairs: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
-            pairs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            pairs.into_iter().take(k).map(|(i, s)| json!({"label": scored.labels[i], "score": s})).collect()
-        })
-        .collect();
+    let predictions = ranked(&scored, k);
     let mut body = json!({"model": id, "predictions": predictions});
     if let Some(t) = &req.threshold {
         let chosen: Vec<Vec<&str>> = scored
@@ -216,12 +228,57 @@ async fn predict(
             .collect();
         body["labels"] = json!(chosen);
     }
+    Ok((timing_headers(&scored), Json(body)).into_response())
+}
+
+/// The body of a predict request, or our error (a 413 naming `--max-predict-body-bytes`).
+pub(crate) fn predict_body<T>(state: &AppState, body: Result<ApiJson<T>, ApiError>) -> ApiResult<T> {
+    let limit = state.config.max_predict_body_bytes;
+    let ApiJson(req) = body.map_err(|e| match e.status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            e.status,
+            "payload_too_large",
+            format!("the predict body is larger than {limit} bytes (--max-predict-body-bytes): send fewer or shorter inputs per request"),
+        )
+        .param("body"),
+        _ => e,
+    })?;
+    Ok(req)
+}
+
+/// Classifier `id`, found, fetched from the object store where it was trained elsewhere.
+pub(crate) async fn classifier(state: &AppState, id: &str) -> ApiResult<crate::catalog::Resolved> {
+    let model = state.catalog.resolve(id).await?.ok_or_else(|| ApiError::not_found("model", id))?;
+    if !model.is_classifier {
+        return Err(ApiError::invalid("model", format!("{id} is a base model, not a classifier: fine-tune it first")));
+    }
+    state.catalog.fetch(&model).await?;
+    Ok(model)
+}
+
+/// `texts` scored by classifier `id`: probabilities, or logits when `raw`.
+pub(crate) async fn score(state: &AppState, id: &str, texts: Vec<String>, overflow: Overflow, raw: bool) -> ApiResult<Scored> {
+    let model = classifier(state, id).await?;
+    Ok(state.predictor.predict(id, model.path, texts, overflow, raw).await?)
+}
+
+/// Each input's `{label, score}` pairs, highest score first (ties in label order), at most `k`.
+pub(crate) fn ranked(scored: &Scored, k: usize) -> Vec<Vec<Value>> {
+    let rank = |row: &Vec<f32>| {
+        let mut pairs: Vec<(usize, f32)> = row.iter().copied().enumerate().collect();
+        pairs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        pairs.into_iter().take(k).map(|(i, s)| json!({"label": scored.labels[i], "score": s})).collect()
+    };
+    scored.scores.iter().map(rank).collect()
+}
+
+/// Where a prediction's time went, as response headers.
+pub(crate) fn timing_headers(scored: &Scored) -> [(&'static str, String); 4] {
     let ms = |d: std::time::Duration| format!("{:.3}", d.as_secs_f64() * 1e3);
-    let headers = [
+    [
         ("x-tokenization-time", ms(scored.tokenization)),
         ("x-queue-time", ms(scored.timings.queue)),
         ("x-inference-time", ms(scored.timings.inference)),
         ("x-batch-size", scored.timings.batch_size.to_string()),
-    ];
-    Ok((headers, Json(body)).into_response())
+    ]
 }

@@ -3,7 +3,7 @@
 use super::artifacts::{inspect, load_weights};
 use super::classifier::{Classifier, Pooling};
 use super::layers::Mode;
-use super::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
+use super::tokenize::{encode_all, load_tokenizer, pad_batch, truncate, truncate_left};
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -204,10 +204,32 @@ impl LoadedClassifier {
                     truncate(&mut s, self.max_len);
                     out.push(vec![s]);
                 }
+                Overflow::TruncateLeft => {
+                    truncate_left(&mut s, self.max_len);
+                    out.push(vec![s]);
+                }
                 Overflow::Chunk => out.push(windows(&s, self.max_len)),
             }
         }
         Ok(Ok(out))
+    }
+
+    /// Each text's tokens with their offsets, `[CLS]`/`[SEP]` included when `special`.
+    pub fn tokens(&self, texts: &[String], special: bool) -> anyhow::Result<Vec<Vec<Token>>> {
+        let one = |text: &String| -> anyhow::Result<Vec<Token>> {
+            let enc = self.tokenizer.encode(text.as_str(), special).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+            let parts = enc.get_ids().iter().zip(enc.get_tokens()).zip(enc.get_offsets()).zip(enc.get_special_tokens_mask());
+            Ok(parts
+                .map(|(((&id, tok), &(start, stop)), &mask)| match mask {
+                    1 => Token { id, text: tok.clone(), special: true, start: None, stop: None },
+                    _ => {
+                        let text = text.get(start..stop).unwrap_or(tok).to_string();
+                        Token { id, text, special: false, start: Some(start), stop: Some(stop) }
+                    }
+                })
+                .collect())
+        };
+        texts.iter().map(one).collect()
     }
 
     /// Raw logits for each sequence, in input order. Sequences are run in batches of
@@ -248,7 +270,21 @@ impl LoadedClassifier {
 pub enum Overflow {
     Refuse,
     Truncate,
+    /// Truncate, keeping the end of the text rather than its start.
+    TruncateLeft,
     Chunk,
+}
+
+/// One token of a text, as `POST /tokenize` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Token {
+    pub id: u32,
+    /// The text it covers, or the token itself for a special token.
+    pub text: String,
+    pub special: bool,
+    /// Byte offsets into the text; none for a special token.
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
 }
 
 /// Overlapping windows of `max_len` tokens over `ids` (`[CLS] … [SEP]`), stride half a window.

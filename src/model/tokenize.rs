@@ -40,6 +40,15 @@ pub fn truncate(ids: &mut Vec<u32>, max_len: usize) {
     }
 }
 
+/// Cuts `ids` to `max_len` tokens from the left, keeping the first `[CLS]` and the final `[SEP]`
+/// (the end of the text is kept).
+pub fn truncate_left(ids: &mut Vec<u32>, max_len: usize) {
+    if ids.len() > max_len && max_len >= 2 {
+        let cut = ids.len() - max_len;
+        ids.drain(1..1 + cut);
+    }
+}
+
 /// One padded batch: `input_ids`, `token_type_ids` (all 0) and `attention_mask`, `[batch, longest]`.
 pub struct Batch {
     pub ids: Tensor,
@@ -62,4 +71,20 @@ pub fn pad_batch(seqs: &[&[u32]], pad_id: u32, device: &Device) -> candle_core::
         type_ids: Tensor::zeros((b, len), candle_core::DType::U32, device)?,
         mask: Tensor::from_vec(mask, (b, len), device)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn truncation_keeps_cls_and_sep_and_one_end_of_the_text() {
+        let ids = vec![101, 1, 2, 3, 4, 5, 102];
+        let (mut right, mut left) = (ids.clone(), ids.clone());
+        super::truncate(&mut right, 4);
+        super::truncate_left(&mut left, 4);
+        assert_eq!(right, [101, 1, 2, 102]);
+        assert_eq!(left, [101, 4, 5, 102]);
+        let mut short = ids.clone();
+        super::truncate_left(&mut short, 10);
+        assert_eq!(short, ids);
+    }
 }

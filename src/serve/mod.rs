@@ -5,7 +5,7 @@ pub mod adapters;
 pub mod batcher;
 
 use crate::model::adapter_serving::LoadedAdapter;
-use crate::model::predictor::{LoadedClassifier, Overflow, TooLong, Weights};
+use crate::model::predictor::{LoadedClassifier, Overflow, Token, TooLong, Weights};
 use batcher::{BatchLimits, Batcher, Timings};
 use candle_core::{DType, Device};
 use std::collections::HashMap;
@@ -251,18 +251,7 @@ impl Predictor {
         raw: bool,
     ) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
-        let adapter = self.shared_adapter(id, &path).await?;
-        // An adapter over a shared base runs on the base's inference thread, with other
-        // adapters' rows in the same passes; the base is cached under a key of its own.
-        let (key, loaded) = match &adapter {
-            Some(a) => {
-                let base = a.base.canonicalize().unwrap_or_else(|_| a.base.clone());
-                let key = format!("{}{BASE_KEY}", base.display());
-                let loaded = self.model(&key, a.base.clone(), true).await?;
-                (key, loaded)
-            }
-            None => (id.to_string(), self.model(id, path, false).await?),
-        };
+        let (key, loaded, adapter) = self.runner(id, path).await?;
         let model = loaded.model.clone();
         let small = texts.len() <= INLINE_TEXTS && texts.iter().map(String::len).sum::<usize>() <= INLINE_BYTES;
         let started = std::time::Instant::now();
@@ -304,6 +293,39 @@ impl Predictor {
             None => (model.labels.clone(), model.multi_label),
         };
         Ok(Scored { labels: Arc::new(labels), multi_label, scores, timings, tokenization })
+    }
+
+    /// What runs model `id`: its cache key, the loaded model, and the adapter when it is one
+    /// served over a shared base.
+    async fn runner(&self, id: &str, path: PathBuf) -> Result<(String, Arc<Loaded>, Option<Arc<LoadedAdapter>>), PredictError> {
+        let adapter = self.shared_adapter(id, &path).await?;
+        // An adapter over a shared base runs on the base's inference thread, with other
+        // adapters' rows in the same passes; the base is cached under a key of its own.
+        Ok(match adapter {
+            Some(a) => {
+                let base = a.base.canonicalize().unwrap_or_else(|_| a.base.clone());
+                let key = format!("{}{BASE_KEY}", base.display());
+                let loaded = self.model(&key, a.base.clone(), true).await?;
+                (key, loaded, Some(a))
+            }
+            None => (id.to_string(), self.model(id, path, false).await?, None),
+        })
+    }
+
+    /// Each text's tokens under model `id`'s tokenizer (the model is loaded if it is not).
+    pub async fn tokenize(&self, id: &str, path: PathBuf, texts: Vec<String>, special: bool) -> Result<Vec<Vec<Token>>, PredictError> {
+        let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
+        let (_, loaded, _) = self.runner(id, path).await?;
+        let model = loaded.model.clone();
+        let work = move || model.tokens(&texts, special).map_err(|e| PredictError::Inference(format!("{e:#}")));
+        tokio::task::spawn_blocking(work).await.map_err(|e| PredictError::Inference(e.to_string()))?
+    }
+
+    /// The longest input model `id` takes, in tokens, and its labels.
+    pub async fn shape(&self, id: &str, path: PathBuf) -> Result<(usize, Vec<String>), PredictError> {
+        let (_, loaded, adapter) = self.runner(id, path).await?;
+        let labels = adapter.map_or_else(|| loaded.model.labels.clone(), |a| a.labels.clone());
+        Ok((loaded.model.max_len, labels))
     }
 
     /// The adapter `id` at `path` when it is one served over a shared base.

@@ -27,9 +27,16 @@ pub fn models_dir(root: &Path) -> PathBuf {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// [`spawn_app`] with the test config changed by `change` first.
+pub async fn spawn_app_with(change: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir(tmp.path());
-    let mut app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
+    let mut config = ServeConfig::for_test(tmp.path().join("data"), models);
+    change(&mut config);
+    let mut app = spawn_with(config).await;
     app._tmp = Some(tmp);
     app
 }

@@ -15,4 +15,5 @@ mod multilabel;
 mod predict;
 mod predict_limits;
 mod pretrain;
+mod tei;
 mod webhooks;

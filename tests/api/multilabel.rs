@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 /// Texts whose labels are independent: "pos" when a positive word is present, "film" when
 /// "film" is, both, or neither.
-fn multilabel_jsonl(n: usize) -> String {
+pub(crate) fn multilabel_jsonl(n: usize) -> String {
     let pos = ["good", "great", "nice"];
     let neg = ["bad", "awful", "dull"];
     (0..n)

@@ -1,0 +1,198 @@
+//! Routes in the shapes of Hugging Face's text-embeddings-inference (TEI), so that clients
+//! written for it work unchanged: `POST /predict`, `GET /info` and `POST /tokenize`, for the
+//! model named by the `X-Model` header or, without one, by `--default-model`.
+
+use super::hf::{hf_parameters, HfParameters};
+use super::json::ApiJson;
+use super::predict::{classifier, predict_body, ranked, score, timing_headers, BodyLimits};
+use super::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::model::predictor::Overflow;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// The header that names the model a TEI route serves (else `--default-model`).
+pub const MODEL_HEADER: &str = "x-model";
+
+/// The TEI routes; their bodies share the predict route's limit.
+pub fn router(max_body_bytes: usize) -> Router<AppState> {
+    Router::new()
+        .route("/predict", post(predict))
+        .route("/tokenize", post(tokenize))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .route("/info", get(info))
+}
+
+/// The model a request names, or the default one.
+fn model_id(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
+    let named = headers.get(MODEL_HEADER).map(|v| v.to_str().map(str::trim).unwrap_or_default());
+    match named.filter(|v| !v.is_empty()).map(str::to_string).or_else(|| state.config.default_model.clone()) {
+        Some(id) => Ok(id),
+        None => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "model_required",
+            "no model named: send the X-Model header or start the server with --default-model",
+        )
+        .param("X-Model")),
+    }
+}
+
+/// TEI's `inputs`: one text, or a batch of one-text lists. `Pair` is a pair of texts, which
+/// TEI scores as one input; our classifiers take one text, so a pair is refused.
+#[derive(Debug)]
+enum TeiInputs {
+    Single(String),
+    Batch(Vec<String>),
+}
+
+impl TeiInputs {
+    fn parse(v: Value) -> ApiResult<Self> {
+        let pair = || ApiError::invalid("inputs", "a pair of texts is not supported: these classifiers take one text per input");
+        let shape = || ApiError::invalid("inputs", "inputs must be a string, [string] or a batch [[string], [string], ...]");
+        match v {
+            Value::String(s) => Ok(Self::Single(s)),
+            Value::Array(items) => match items.first() {
+                None => Err(ApiError::invalid("inputs", "inputs must hold at least one text")),
+                Some(Value::String(_)) if items.len() == 1 => Ok(Self::Single(text(&items[0]).ok_or_else(shape)?)),
+                Some(Value::String(_)) if items.len() == 2 => Err(pair()),
+                Some(Value::Array(_)) => {
+                    let one = |item: &Value| match item.as_array().map(Vec::as_slice) {
+                        Some([t]) => text(t).ok_or_else(shape),
+                        Some([_, _]) => Err(pair()),
+                        _ => Err(shape()),
+                    };
+                    Ok(Self::Batch(items.iter().map(one).collect::<ApiResult<_>>()?))
+                }
+                _ => Err(shape()),
+            },
+            _ => Err(shape()),
+        }
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_string)
+}
+
+/// TEI's predict body. Unknown fields are ignored, as TEI does.
+#[derive(Debug, Deserialize)]
+struct PredictRequest {
+    inputs: Value,
+    truncate: Option<bool>,
+    truncation_direction: Option<String>,
+    raw_scores: Option<bool>,
+    /// The Hugging Face inference API's parameters (`InferenceClient` sends them): the answer
+    /// then takes that API's shape, a list of lists, as on `/v1/models/{id}/predict`.
+    #[serde(default, deserialize_with = "hf_parameters")]
+    parameters: Option<HfParameters>,
+}
+
+async fn predict(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<PredictRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let req = predict_body(&state, body)?;
+    let id = model_id(&state, &headers)?;
+    let inputs = TeiInputs::parse(req.inputs)?;
+    let (texts, single) = match inputs {
+        TeiInputs::Single(t) => (vec![t], true),
+        TeiInputs::Batch(ts) => (ts, false),
+    };
+    BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars }.check(&texts)?;
+    // TEI's `--auto-truncate` is on by default: a missing `truncate` truncates.
+    let overflow = match (req.truncate.unwrap_or(true), req.truncation_direction.as_deref()) {
+        (false, _) => Overflow::Refuse,
+        (true, None | Some("Right" | "right")) => Overflow::Truncate,
+        (true, Some("Left" | "left")) => Overflow::TruncateLeft,
+        (true, Some(_)) => return Err(ApiError::invalid("truncation_direction", "truncation_direction must be \"Left\" or \"Right\"")),
+    };
+    let hf = req.parameters.as_ref().map(HfParameters::checked).transpose()?;
+    if hf.is_some_and(|(f, _)| f.needs_logits()) && req.raw_scores == Some(true) {
+        return Err(ApiError::invalid("raw_scores", "raw_scores cannot be used with parameters.function_to_apply"));
+    }
+    let raw = req.raw_scores.unwrap_or(false) || hf.is_some_and(|(f, _)| f.needs_logits());
+    let mut scored = score(&state, &id, texts, overflow, raw).await?;
+    let body = match hf {
+        Some((f, k)) => {
+            f.apply(&mut scored.scores);
+            json!(ranked(&scored, k))
+        }
+        None if single => json!(ranked(&scored, usize::MAX).remove(0)),
+        None => json!(ranked(&scored, usize::MAX)),
+    };
+    Ok((timing_headers(&scored), Json(body)).into_response())
+}
+
+/// TEI's `/info`, for the model the request names (loaded to read its input length).
+async fn info(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let id = model_id(&state, &headers)?;
+    let model = classifier(&state, &id).await?;
+    let (max_len, labels) = state.predictor.shape(&id, model.path).await?;
+    let id2label: serde_json::Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
+    let label2id: serde_json::Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+    let c = &state.config;
+    let l = state.predictor.limits;
+    let dtype = match state.predictor.weights.as_str() {
+        "bf16" => "bfloat16",
+        _ => "float32",
+    };
+    Ok(Json(json!({
+        "model_id": id,
+        "model_sha": null,
+        "model_dtype": dtype,
+        "served_model_name": id,
+        "model_type": {"classifier": {"id2label": id2label, "label2id": label2id}},
+        "max_concurrent_requests": c.max_concurrent_predicts,
+        "max_input_length": max_len,
+        "max_batch_tokens": l.max_batch_tokens,
+        "max_batch_requests": l.max_batch_size,
+        "max_client_batch_size": c.max_batch_inputs,
+        "auto_truncate": true,
+        "tokenization_workers": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "sha": null,
+        "docker_label": null,
+    })))
+}
+
+/// TEI's tokenize body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    inputs: TokenizeInputs,
+    add_special_tokens: Option<bool>,
+    prompt_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenizeInputs {
+    One(String),
+    Many(Vec<String>),
+}
+
+async fn tokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<TokenizeRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let req = predict_body(&state, body)?;
+    let id = model_id(&state, &headers)?;
+    if req.prompt_name.is_some() {
+        return Err(ApiError::invalid("prompt_name", "prompts are not supported: these classifiers have none"));
+    }
+    let texts = match req.inputs {
+        TokenizeInputs::One(t) => vec![t],
+        TokenizeInputs::Many(ts) => ts,
+    };
+    BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars }.check(&texts)?;
+    let model = classifier(&state, &id).await?;
+    let tokens = state.predictor.tokenize(&id, model.path, texts, req.add_special_tokens.unwrap_or(true)).await?;
+    Ok(Json(tokens).into_response())
+}

@@ -148,8 +148,9 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     use finetuned::model::mlm::MaskedLm;
     use finetuned::train::mlm::{self, MlmRequest, Start};
     let dir = tempfile::tempdir().unwrap();
-    let hp =
-        HyperparametersInput { epochs: Some(1.into()), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }.resolve("cls").unwrap();
+    let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }
+        .resolve("cls")
+        .unwrap();
     let out = dir.path().join("mlm");
     let req = MlmRequest {
         start: Start::Checkpoint(base()),

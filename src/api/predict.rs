@@ -220,11 +220,20 @@ async fn predict(
     let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
     let predictions = ranked(&scored, k);
     let mut body = json!({"model": id, "predictions": predictions});
-    if let Some(t) = &req.threshold {
+    // The request's threshold, else (probabilities only) the model's own, tuned when it trained.
+    let own = scored.thresholds.as_ref().filter(|_| scored.multi_label && !req.raw_scores.unwrap_or(false));
+    let cut: Option<Vec<f64>> = match (&req.threshold, own) {
+        (Some(t), _) => Some(scored.labels.iter().map(|l| t.of(l)).collect()),
+        (None, Some(own)) => Some(own.iter().map(|&t| t as f64).collect()),
+        (None, None) => None,
+    };
+    if let Some(cut) = cut {
         let chosen: Vec<Vec<&str>> = scored
             .scores
             .iter()
-            .map(|row| scored.labels.iter().zip(row).filter(|(l, &s)| s as f64 >= t.of(l)).map(|(l, _)| l.as_str()).collect())
+            .map(|row| {
+                scored.labels.iter().zip(row).zip(&cut).filter(|((_, &s), &t)| s as f64 >= t).map(|((l, _), _)| l.as_str()).collect()
+            })
             .collect();
         body["labels"] = json!(chosen);
     }

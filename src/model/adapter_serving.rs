@@ -19,6 +19,8 @@ pub struct LoadedAdapter {
     head: Linear,
     pub labels: Vec<String>,
     pub multi_label: bool,
+    /// Its decision threshold per label, when multi-label and tuned.
+    pub thresholds: Option<Vec<f32>>,
     /// The base dir it runs over, and the pooling its head reads.
     pub base: PathBuf,
     pub pooling: Pooling,
@@ -53,7 +55,8 @@ impl LoadedAdapter {
         let labels = info.info.labels.clone().unwrap_or_default();
         let pooling = info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
         let multi_label = info.info.problem_type.as_deref() == Some("multi_label_classification");
-        Ok(Some(Self { set, head, labels, multi_label, base: info.base, pooling, bytes }))
+        let thresholds = info.info.config.thresholds(&labels).filter(|_| multi_label);
+        Ok(Some(Self { set, head, labels, multi_label, thresholds, base: info.base, pooling, bytes }))
     }
 
     /// Probabilities from logits: softmax, or sigmoid for multi-label adapters.

@@ -140,4 +140,17 @@ impl BertConfig {
     pub fn pooling(&self) -> Option<String> {
         self.extra.get("finetuned_pooling").and_then(Value::as_str).map(String::from)
     }
+
+    /// Records a multi-label classifier's decision threshold per label (tuned on validation).
+    pub fn set_thresholds(&mut self, labels: &[String], thresholds: &[f32]) {
+        let map: Map<String, Value> = labels.iter().zip(thresholds).map(|(l, &t)| (l.clone(), Value::from(t as f64))).collect();
+        self.extra.insert("finetuned_thresholds".into(), Value::Object(map));
+    }
+
+    /// The recorded threshold of each of `labels` (0.5 for one not recorded); `None` when the
+    /// config records none.
+    pub fn thresholds(&self, labels: &[String]) -> Option<Vec<f32>> {
+        let map = self.extra.get("finetuned_thresholds")?.as_object()?;
+        Some(labels.iter().map(|l| map.get(l).and_then(Value::as_f64).map_or(0.5, |t| t.clamp(0.0, 1.0) as f32)).collect())
+    }
 }

@@ -15,6 +15,8 @@ pub struct LoadedClassifier {
     tokenizer: Tokenizer,
     pub labels: Vec<String>,
     pub multi_label: bool,
+    /// A multi-label model's decision threshold per label, tuned on validation when it trained.
+    pub thresholds: Option<Vec<f32>>,
     /// Longest input the position embeddings allow.
     pub max_len: usize,
     pub(super) pad_id: u32,
@@ -163,11 +165,13 @@ impl LoadedClassifier {
         // The model holds what it still needs; packed layers released their f32 weights.
         drop(weights);
         let bytes = model.bytes();
+        let multi_label = info.problem_type.as_deref() == Some("multi_label_classification");
         Ok(Self {
             model,
             tokenizer: load_tokenizer(tokenizer_dir)?,
+            thresholds: info.config.thresholds(&labels).filter(|_| multi_label),
             labels,
-            multi_label: info.problem_type.as_deref() == Some("multi_label_classification"),
+            multi_label,
             max_len: info.config.max_position_embeddings,
             pad_id: info.config.pad_token_id as u32,
             device: device.clone(),

@@ -36,6 +36,8 @@ pub struct Scored {
     pub tokenization: std::time::Duration,
     pub labels: Arc<Vec<String>>,
     pub multi_label: bool,
+    /// A multi-label model's own decision threshold per label (tuned when it trained).
+    pub thresholds: Option<Vec<f32>>,
     /// Probabilities (or raw logits) per input, one value per label.
     pub scores: Vec<Vec<f32>>,
 }
@@ -288,11 +290,11 @@ impl Predictor {
         metrics::histogram!("finetuned_predict_batch_size").record(timings.batch_size as f64);
         metrics::histogram!("finetuned_predict_queue_seconds").record(timings.queue.as_secs_f64());
         metrics::histogram!("finetuned_predict_inference_seconds").record(timings.inference.as_secs_f64());
-        let (labels, multi_label) = match &adapter {
-            Some(a) => (a.labels.clone(), a.multi_label),
-            None => (model.labels.clone(), model.multi_label),
+        let (labels, multi_label, thresholds) = match &adapter {
+            Some(a) => (a.labels.clone(), a.multi_label, a.thresholds.clone()),
+            None => (model.labels.clone(), model.multi_label, model.thresholds.clone()),
         };
-        Ok(Scored { labels: Arc::new(labels), multi_label, scores, timings, tokenization })
+        Ok(Scored { labels: Arc::new(labels), multi_label, thresholds, scores, timings, tokenization })
     }
 
     /// What runs model `id`: its cache key, the loaded model, and the adapter when it is one

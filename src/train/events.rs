@@ -59,6 +59,10 @@ pub struct Finished {
     pub labels: Vec<String>,
     pub stats: RunStats,
     pub test: Option<TestReport>,
+    /// Multi-label runs: each label's threshold, fitted on validation (saved with the model).
+    pub tuned: Option<super::thresholds::Tuned>,
+    /// Multi-label runs: the test scores at the tuned thresholds (`test` is at 0.5).
+    pub test_tuned: Option<TestReport>,
 }
 
 /// Progress after one optimisation step.

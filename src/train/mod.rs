@@ -12,6 +12,7 @@ pub mod objective;
 pub mod optim;
 pub mod precision;
 pub mod run_loop;
+pub mod thresholds;
 pub mod trainer;
 pub mod worker;
 

@@ -80,9 +80,27 @@ impl Task {
         batch_size: usize,
         device: &Device,
     ) -> Result<(f64, ClassificationReport)> {
+        let (loss, report, _) = self.evaluate_at(model, data, labels, pad, batch_size, device, None)?;
+        Ok((loss, report))
+    }
+
+    /// As [`Task::evaluate`], multi-label decisions taken at `thresholds` (a probability per
+    /// label) instead of 0.5; also gives each example's logits, in `data`'s order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate_at(
+        self,
+        model: &Classifier,
+        data: &[Example],
+        labels: &[String],
+        pad: u32,
+        batch_size: usize,
+        device: &Device,
+        thresholds: Option<&[f32]>,
+    ) -> Result<(f64, ClassificationReport, Vec<Vec<f32>>)> {
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.sort_by_key(|&i| data[i].ids.len());
         let mut preds: Vec<Vec<usize>> = vec![vec![]; data.len()];
+        let mut all_logits: Vec<Vec<f32>> = vec![vec![]; data.len()];
         let mut loss_sum = 0.0;
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| data[i].ids.as_slice()).collect();
@@ -94,7 +112,8 @@ impl Task {
             loss_sum += loss * chunk.len() as f64;
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             for (&i, row) in chunk.iter().zip(rows) {
-                preds[i] = self.decide(&row);
+                preds[i] = self.decide(&row, thresholds);
+                all_logits[i] = row;
             }
         }
         let truth: Vec<Vec<usize>> = data.iter().map(|e| e.labels.clone()).collect();
@@ -106,20 +125,28 @@ impl Task {
             }
             Task::MultiLabel => multilabel_report(labels, &truth, &preds),
         };
-        Ok((loss_sum / data.len().max(1) as f64, report))
+        Ok((loss_sum / data.len().max(1) as f64, report, all_logits))
     }
 
-    /// Predicted label ids from one row of logits.
-    fn decide(self, logits: &[f32]) -> Vec<usize> {
-        match self {
-            Task::SingleLabel => {
+    /// Predicted label ids from one row of logits (multi-label: at `thresholds`, else 0.5).
+    fn decide(self, logits: &[f32], thresholds: Option<&[f32]>) -> Vec<usize> {
+        match (self, thresholds) {
+            (Task::SingleLabel, _) => {
                 let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
                 vec![best]
             }
+            (Task::MultiLabel, Some(t)) => {
+                logits.iter().zip(t).enumerate().filter(|(_, (&x, &t))| sigmoid(x) >= t).map(|(i, _)| i).collect()
+            }
             // sigmoid(x) ≥ 0.5 ⇔ x ≥ 0
-            Task::MultiLabel => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
+            (Task::MultiLabel, None) => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
         }
     }
+}
+
+/// The logistic function.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 /// Each label's log-odds in the training data, smoothed: the bias a sigmoid head starts from, so

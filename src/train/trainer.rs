@@ -197,25 +197,45 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if run_loop::drive(run, &mut obj, &mut rng, obs)? == run_loop::Ended::Cancelled {
         return Ok(Outcome::Cancelled);
     }
-    let Classify { labels, stats, best, .. } = obj;
+    let Classify { labels, stats, best, val, .. } = obj;
     let (best, tensors) = best.expect("at least one epoch ran");
     let pad = cfg.pad_token_id as u32;
-    let test_report = if test.is_empty() {
-        None
-    } else {
-        let t_test = Instant::now();
-        let kept = trainable.model(&cfg, pooling, &|n| lookup(&tensors, n))?;
-        let (loss, report) = task.evaluate(&kept, &test, &labels, pad, req.eval_batch_size, &req.device)?;
-        Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report })
+    let kept = trainable.model(&cfg, pooling, &|n| lookup(&tensors, n))?;
+    let tuned = match task {
+        Task::MultiLabel => Some(super::thresholds::fit(&kept, &val, &labels, pad, req.eval_batch_size, &req.device)?),
+        Task::SingleLabel => None,
     };
+    let (mut test_report, mut test_tuned) = (None, None);
+    if !test.is_empty() {
+        let t_test = Instant::now();
+        let (loss, report, _) = task.evaluate_at(&kept, &test, &labels, pad, req.eval_batch_size, &req.device, None)?;
+        test_report = Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report });
+        if let Some(t) = &tuned {
+            let t_test = Instant::now();
+            let (loss, report, _) = task.evaluate_at(&kept, &test, &labels, pad, req.eval_batch_size, &req.device, Some(&t.thresholds))?;
+            test_tuned = Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report });
+        }
+    }
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
+        if let Some(t) = &tuned {
+            cfg.set_thresholds(&labels, &t.thresholds);
+        }
         trainable
             .save(out, &cfg, &tensors, &req.base_dir, req.base_id.as_deref())
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
-    Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report })))
+    if let Some(t) = &tuned {
+        obs.on_event(Event::Message(format!(
+            "thresholds tuned per label on validation: macro-F1 {:.4} (at 0.5: {:.4}), micro-F1 {:.4} (at 0.5: {:.4})",
+            t.validation.macro_f1,
+            best.report.macro_f1,
+            t.validation.micro_f1.unwrap_or(f64::NAN),
+            best.report.micro_f1.unwrap_or(f64::NAN)
+        )));
+    }
+    Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report, tuned, test_tuned })))
 }
 
 /// Fine-tuning as the shared loop's [`run_loop::Objective`]: keeps the best epoch's weights and

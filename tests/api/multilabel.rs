@@ -63,3 +63,55 @@ async fn multi_label_job_trains_and_predict_applies_thresholds() {
     let r = app.predict("ml", &json!({"inputs": "x", "threshold": 2})).await;
     assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
 }
+
+#[tokio::test]
+async fn thresholds_tuned_on_validation_are_saved_and_predict_uses_them_by_default() {
+    let app = spawn_app().await;
+    let train = app.upload_ok(multilabel_jsonl(64)).await;
+    // 24 validation rows: each label has 12 positives there, enough to tune.
+    let val = app.upload_ok(multilabel_jsonl(24)).await;
+    let mut hp = tiny_hp(6);
+    hp["pooling"] = json!("mean");
+    let job = app
+        .create_job(&json!({"base_model": "tiny", "training_dataset": train, "validation_dataset": val,
+                            "task": "multi_label_classification", "model_name": "tuned", "hyperparameters": hp}))
+        .await;
+    let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let model: Value = app.get("/v1/models/tuned").await.json().await.unwrap();
+    let thresholds = model["metrics"]["thresholds"].as_object().unwrap_or_else(|| panic!("{model}")).clone();
+    assert_eq!(thresholds.keys().collect::<Vec<_>>(), vec!["film", "pos"], "{model}");
+    assert!(thresholds.values().all(|t| (0.0..=1.0).contains(&t.as_f64().unwrap())), "{thresholds:?}");
+    assert!(
+        model["metrics"]["validation_tuned"]["macro_f1"].as_f64().unwrap()
+            >= model["metrics"]["validation"]["macro_f1"].as_f64().unwrap() - 1e-9,
+        "tuning on validation cannot score below 0.5 there: {model}"
+    );
+    let cfg: Value = serde_json::from_slice(&std::fs::read(app.data_dir.join("models/tuned/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["finetuned_thresholds"].as_object().unwrap().len(), 2, "saved with the model: {cfg}");
+
+    // Without a threshold in the request, each input's labels are those at or above the model's own.
+    let texts = ["the film was great", "the plot was awful", "the film was dull", "the plot was nice"];
+    let v: Value = app.predict("tuned", &json!({"inputs": texts})).await.json().await.unwrap();
+    for (i, preds) in v["predictions"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<&str> = {
+            let mut w: Vec<&str> = preds
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["score"].as_f64().unwrap() >= thresholds[p["label"].as_str().unwrap()].as_f64().unwrap() - 1e-6)
+                .map(|p| p["label"].as_str().unwrap())
+                .collect();
+            w.sort();
+            w
+        };
+        let mut got: Vec<&str> = v["labels"][i].as_array().unwrap_or_else(|| panic!("{v}")).iter().map(|l| l.as_str().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, want, "input {i}: {v}");
+    }
+    // The request's own threshold wins; raw scores carry no labels.
+    let all: Value = app.predict("tuned", &json!({"inputs": texts, "threshold": 0.0})).await.json().await.unwrap();
+    assert!(all["labels"].as_array().unwrap().iter().all(|l| l.as_array().unwrap().len() == 2), "{all}");
+    let raw: Value = app.predict("tuned", &json!({"inputs": texts, "raw_scores": true})).await.json().await.unwrap();
+    assert!(raw.get("labels").is_none(), "{raw}");
+}

@@ -253,10 +253,16 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != JobStatus::Cancelled);
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
-            let trainer::Finished { best, labels, stats, .. } = *done;
+            let trainer::Finished { best, labels, stats, tuned, .. } = *done;
             let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.len(), "max_epochs": stats.max_epochs});
-            let metrics = json!({"train_loss": best.train_loss, "validation": {
+            let mut metrics = json!({"train_loss": best.train_loss, "validation": {
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch, "stopped": stopped});
+            if let Some(t) = tuned {
+                let per_label: serde_json::Map<String, serde_json::Value> =
+                    labels.iter().cloned().zip(t.thresholds.iter().map(|&v| json!(v))).collect();
+                metrics["thresholds"] = json!(per_label);
+                metrics["validation_tuned"] = json!({"macro_f1": t.validation.macro_f1, "micro_f1": t.validation.micro_f1});
+            }
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             let rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), hp.max_seq_len);
             persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;

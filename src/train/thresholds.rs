@@ -1,0 +1,96 @@
+//! Per-label decision thresholds for multi-label classifiers, tuned on the validation set.
+//!
+//! One threshold of 0.5 for every label leaves most rare labels unpredicted: their sigmoid scores
+//! seldom reach it. Each label gets the threshold that maximises its own F1 on validation, as
+//! scikit-learn users do by hand; a label with too few positives there keeps 0.5 (a threshold
+//! fitted to two examples would be noise).
+
+/// Fewer validation positives than this and a label keeps [`DEFAULT`].
+pub const MIN_POSITIVES: usize = 5;
+/// The threshold of a label that cannot be tuned.
+pub const DEFAULT: f32 = 0.5;
+
+/// For each of `k` labels, the probability threshold (predict when the score is at or above it)
+/// with the best F1 over `probs` (one row of `k` sigmoid scores per example) against `truth`
+/// (each example's label ids). Ties go to the threshold nearest 0.5.
+pub fn tune(probs: &[Vec<f32>], truth: &[Vec<usize>], k: usize) -> Vec<f32> {
+    (0..k).map(|j| tune_one(probs.iter().map(|row| row[j]).collect(), truth.iter().map(|t| t.contains(&j)).collect())).collect()
+}
+
+fn tune_one(scores: Vec<f32>, positive: Vec<bool>) -> f32 {
+    let total_pos = positive.iter().filter(|&&p| p).count();
+    if total_pos < MIN_POSITIVES {
+        return DEFAULT;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    // Walk the scores from the highest: predicting every example up to this one.
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let (mut best_f1, mut best_t) = (-1.0f64, DEFAULT);
+    for (rank, &i) in order.iter().enumerate() {
+        if positive[i] {
+            tp += 1;
+        } else {
+            fp += 1;
+        }
+        // Only where the next score differs can a threshold separate the two.
+        if order.get(rank + 1).is_some_and(|&n| scores[n] == scores[i]) {
+            continue;
+        }
+        let f1 = 2.0 * tp as f64 / (2 * tp + fp + (total_pos - tp)) as f64;
+        let t = scores[i];
+        let nearer = (t - DEFAULT).abs() < (best_t - DEFAULT).abs();
+        if f1 > best_f1 + 1e-12 || ((f1 - best_f1).abs() <= 1e-12 && nearer) {
+            (best_f1, best_t) = (f1, t);
+        }
+    }
+    best_t
+}
+
+/// Thresholds fitted on the validation set, and the validation scores they give.
+#[derive(Debug, Clone)]
+pub struct Tuned {
+    pub thresholds: Vec<f32>,
+    pub validation: super::metrics::ClassificationReport,
+}
+
+/// Fits each label's threshold on `val` with `model` (the kept weights of a multi-label run).
+pub fn fit(
+    model: &crate::model::Classifier,
+    val: &[super::data::Example],
+    labels: &[String],
+    pad: u32,
+    batch_size: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tuned> {
+    let task = super::objective::Task::MultiLabel;
+    let (_, _, logits) = task.evaluate_at(model, val, labels, pad, batch_size, device, None)?;
+    let probs: Vec<Vec<f32>> = logits.iter().map(|row| row.iter().map(|&x| super::objective::sigmoid(x)).collect()).collect();
+    let truth: Vec<Vec<usize>> = val.iter().map(|e| e.labels.clone()).collect();
+    let thresholds = tune(&probs, &truth, labels.len());
+    let preds: Vec<Vec<usize>> =
+        probs.iter().map(|row| row.iter().zip(&thresholds).enumerate().filter(|(_, (p, t))| p >= t).map(|(j, _)| j).collect()).collect();
+    Ok(Tuned { validation: super::metrics::multilabel_report(labels, &truth, &preds), thresholds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_label_gets_the_threshold_of_its_best_f1_and_rare_ones_keep_half() {
+        // Label 0: positives score 0.3 and 0.35, negatives 0.1 and 0.2: the best cut is 0.3, not 0.5.
+        // Label 1: only one positive, too few to tune.
+        let probs =
+            vec![vec![0.30, 0.9], vec![0.35, 0.1], vec![0.10, 0.2], vec![0.20, 0.3], vec![0.32, 0.4], vec![0.31, 0.2], vec![0.33, 0.1]];
+        let truth = vec![vec![0, 1], vec![0], vec![], vec![], vec![0], vec![0], vec![0]];
+        assert_eq!(tune(&probs, &truth, 2), vec![0.30, DEFAULT]);
+    }
+
+    #[test]
+    fn a_label_whose_best_cut_is_high_gets_a_high_threshold() {
+        let probs: Vec<Vec<f32>> = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.55, 0.2].iter().map(|&p| vec![p]).collect();
+        let truth: Vec<Vec<usize>> = (0..8).map(|i| if i < 5 { vec![0] } else { vec![] }).collect();
+        assert_eq!(tune(&probs, &truth, 1), vec![0.7]);
+    }
+}

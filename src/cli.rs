@@ -258,7 +258,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         "model": {"num_parameters": st.num_parameters},
         "data": {"labels": done.labels, "n_train": st.n_train, "n_train_in_file": n_train_in_file, "n_validation": st.n_validation},
         "schedule": {"steps_per_epoch": st.steps_per_epoch, "total_steps": st.total_steps, "warmup_steps": st.warmup_steps},
-        "stopped": {"reason": st.stop_reason, "epochs_run": st.epochs.len(), "max_epochs": st.max_epochs},
+        "stopped": {"reason": st.stop_reason, "epochs_run": st.epochs.last().map_or(0, |e| e.epoch), "max_epochs": st.max_epochs},
         "timing": {"load_seconds": st.load_seconds, "tokenize_seconds": st.tokenize_seconds, "train_seconds": st.train_seconds,
                    "train_cpu_seconds": train_cpu, "train_cpu_cores_busy": train_cpu / st.train_seconds.max(1e-9),
                    "test_eval_seconds": done.test.as_ref().map(|t| t.seconds), "total_wall_seconds": t0.elapsed().as_secs_f64()},

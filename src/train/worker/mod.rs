@@ -254,7 +254,8 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
             let trainer::Finished { best, labels, stats, tuned, .. } = *done;
-            let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.len(), "max_epochs": stats.max_epochs});
+            // The last epoch's number: a resumed run's stats hold only the epochs since the resume.
+            let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.last().map_or(0, |e| e.epoch), "max_epochs": stats.max_epochs});
             let mut metrics = json!({"train_loss": best.train_loss, "validation": {
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch, "stopped": stopped});
             if let Some(t) = tuned {

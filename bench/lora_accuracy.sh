@@ -2,7 +2,7 @@
 # LoRA against full fine-tuning (ours) and against peft (bench/lora_ref.py), issue 20's accuracy
 # goal: same data, epochs and seed in one run, the sides alternating per data set.
 #
-#   bench/lora_accuracy.sh BINARY OUT_DIR [PYTHON]
+#   bench/lora_accuracy.sh BINARY OUT_DIR [PYTHON]    (ONLY=sst2,banking77 to run some sets)
 #
 # For each data set: ours full and ours LoRA with the default pooling (auto), then ours LoRA and
 # peft with cls pooling (the pooler frozen, as peft's SEQ_CLS task leaves it). Prints a table.
@@ -14,12 +14,13 @@ mkdir -p "$OUT"
 COMMON="--model $M --batch-size 32 --max-len 64 --seed 42 --threads 2"
 # name  data-args  full-lr  lora-lr
 SETS=(
-  "sst2|--data $D/sst2 --max-train 8000 --epochs 1|5e-5|5e-4"
+  "sst2|--data $D/sst2 --max-train 8000 --epochs 1|5e-5|2e-3"
   "trec6|--data $D/trec6 --epochs 5 --group-by-length|5e-5|5e-4"
   "banking77|--data $D/banking77 --epochs 5 --group-by-length|1e-4|1e-3"
 )
 for s in "${SETS[@]}"; do
   IFS='|' read -r name data full_lr lora_lr <<<"$s"
+  [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$name,"* ]] || continue
   run() { local tag=$1; shift; [ -s "$OUT/$name-$tag.json" ] || "$@" --out "$OUT/$name-$tag.json" >"$OUT/$name-$tag.log" 2>&1; }
   run full "$BIN" train $COMMON $data --lr "$full_lr" --method full
   run lora "$BIN" train $COMMON $data --lr "$lora_lr" --method lora --lora-r 8

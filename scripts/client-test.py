@@ -106,7 +106,10 @@ def tei_examples():
     batch = post({"inputs": [["I like you."], ["I hate you."]]}).json()
     check(len(batch) == 2 and all(isinstance(b, list) for b in batch) and batch[0] == single, f"TEI batch: a list of lists: {batch}")
     raw = post({"inputs": "I like you.", "raw_scores": True}).json()
-    exps = {p["label"]: math.exp(p["score"]) for p in raw}
+    # Our probabilities are calibrated: the softmax of the logits over the model's temperature.
+    model = httpx.get(f"{BASE}/v1/models/{MODEL}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    temp = model["metrics"]["calibration"]["temperature"]
+    exps = {p["label"]: math.exp(p["score"] / temp) for p in raw}
     softmax = {label: e / sum(exps.values()) for label, e in exps.items()}
     check(all(abs(softmax[p["label"]] - p["score"]) < 1e-5 for p in single), f"TEI raw_scores: the logits: {raw}")
     long = " ".join(["what a wonderful film"] * 200)

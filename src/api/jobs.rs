@@ -348,9 +348,12 @@ async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiRe
     let (train, validation) = jobs::metrics(&state.pool, &id).await?;
     let train: Vec<Value> =
         train.iter().map(|(step, epoch, loss, lr)| json!({"step": step, "epoch": epoch, "loss": loss, "learning_rate": lr})).collect();
-    // Why training ended (every epoch ran, or early stopping), once the job has made its model.
-    let stopped = job.metrics.as_ref().and_then(|m| m.get("stopped")).cloned().unwrap_or(Value::Null);
-    Ok(Json(json!({"object": "job.metrics", "job": id, "train": train, "validation": validation, "stopped": stopped})))
+    // Once the job has made its model: why training ended (every epoch ran, or early stopping).
+    let of_model = |key: &str| job.metrics.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or(Value::Null);
+    // The temperature fitted on validation and the calibration error before and after it.
+    let calibration = of_model("calibration");
+    Ok(Json(json!({"object": "job.metrics", "job": id, "train": train, "validation": validation, "stopped": of_model("stopped"),
+                   "calibration": calibration})))
 }
 
 /// The job's checkpoints, oldest first: where a stopped or crashed run resumes from. They are

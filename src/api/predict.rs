@@ -5,7 +5,7 @@ use super::json::ApiJson;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predictor::Overflow;
-use crate::serve::{PredictError, Scored};
+use crate::serve::{Output, PredictError, Scored};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -66,6 +66,9 @@ struct PredictRequest {
     inputs: Inputs,
     top_k: Option<u64>,
     raw_scores: Option<bool>,
+    /// `false`: probabilities of the logits as they are, not at the model's calibration
+    /// temperature.
+    calibrated: Option<bool>,
     truncate: Option<bool>,
     /// `truncate` (default: cut at the model's limit, or refuse when `truncate` is false) or
     /// `chunk`: score overlapping windows over the whole text and average them.
@@ -146,6 +149,7 @@ pub struct CheckedRequest {
     pub overflow: Overflow,
     top_k: Option<u64>,
     raw_scores: Option<bool>,
+    calibrated: Option<bool>,
     threshold: Option<Threshold>,
     /// Set when the body had `parameters`: answer in the Hugging Face inference API's shape.
     hf: Option<Function>,
@@ -159,6 +163,9 @@ impl PredictRequest {
         };
         limits.check(&texts)?;
         check_top_k("top_k", self.top_k)?;
+        if self.calibrated.is_some() && self.raw_scores == Some(true) {
+            return Err(ApiError::invalid("calibrated", "calibrated applies to probabilities; it cannot be used with raw_scores"));
+        }
         let (top_k, hf) = match self.parameters {
             None => (self.top_k, None),
             Some(p) => {
@@ -172,6 +179,12 @@ impl PredictRequest {
                 if f.needs_logits() && self.raw_scores == Some(true) {
                     return Err(ApiError::invalid("raw_scores", "raw_scores cannot be used with parameters.function_to_apply"));
                 }
+                if f.needs_logits() && self.calibrated.is_some() {
+                    return Err(ApiError::invalid(
+                        "calibrated",
+                        "calibrated cannot be used with parameters.function_to_apply (it applies to the logits)",
+                    ));
+                }
                 (p.top_k.or(self.top_k), Some(f))
             }
         };
@@ -181,7 +194,15 @@ impl PredictRequest {
             (None | Some("truncate"), false) => Overflow::Refuse,
             _ => return Err(ApiError::invalid("overflow", "overflow must be \"truncate\" or \"chunk\"")),
         };
-        Ok(CheckedRequest { texts, overflow, top_k, raw_scores: self.raw_scores, threshold: self.threshold, hf })
+        Ok(CheckedRequest {
+            texts,
+            overflow,
+            top_k,
+            raw_scores: self.raw_scores,
+            calibrated: self.calibrated,
+            threshold: self.threshold,
+            hf,
+        })
     }
 }
 
@@ -201,8 +222,12 @@ async fn predict(
     let req = predict_body(&state, body)?;
     let limits = BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars };
     let req = req.check(limits)?;
-    let raw = req.raw_scores.unwrap_or(false) || req.hf.is_some_and(Function::needs_logits);
-    let mut scored = score(&state, &id, req.texts, req.overflow, raw).await?;
+    let output = match (req.raw_scores.unwrap_or(false) || req.hf.is_some_and(Function::needs_logits), req.calibrated) {
+        (true, _) => Output::Logits,
+        (false, Some(false)) => Output::Uncalibrated,
+        (false, _) => Output::Calibrated,
+    };
+    let mut scored = score(&state, &id, req.texts, req.overflow, output).await?;
     if let Some(f) = req.hf {
         f.apply(&mut scored.scores);
         let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
@@ -265,10 +290,10 @@ pub(crate) async fn classifier(state: &AppState, id: &str) -> ApiResult<crate::c
     Ok(model)
 }
 
-/// `texts` scored by classifier `id`: probabilities, or logits when `raw`.
-pub(crate) async fn score(state: &AppState, id: &str, texts: Vec<String>, overflow: Overflow, raw: bool) -> ApiResult<Scored> {
+/// `texts` scored by classifier `id` as `output` says.
+pub(crate) async fn score(state: &AppState, id: &str, texts: Vec<String>, overflow: Overflow, output: Output) -> ApiResult<Scored> {
     let model = classifier(state, id).await?;
-    Ok(state.predictor.predict(id, model.path, texts, overflow, raw).await?)
+    Ok(state.predictor.predict(id, model.path, texts, overflow, output).await?)
 }
 
 /// Each input's `{label, score}` pairs, highest score first (ties in label order), at most `k`.

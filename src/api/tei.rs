@@ -8,6 +8,7 @@ use super::predict::{classifier, predict_body, ranked, score, timing_headers, Bo
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predictor::Overflow;
+use crate::serve::Output;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -117,7 +118,8 @@ async fn predict(
         return Err(ApiError::invalid("raw_scores", "raw_scores cannot be used with parameters.function_to_apply"));
     }
     let raw = req.raw_scores.unwrap_or(false) || hf.is_some_and(|(f, _)| f.needs_logits());
-    let mut scored = score(&state, &id, texts, overflow, raw).await?;
+    let output = if raw { Output::Logits } else { Output::Calibrated };
+    let mut scored = score(&state, &id, texts, overflow, output).await?;
     let body = match hf {
         Some((f, k)) => {
             f.apply(&mut scored.scores);

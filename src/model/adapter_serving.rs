@@ -6,7 +6,7 @@ use super::adapters::{LowRank, LowRankSet, Target};
 use super::classifier::{Pooling, HEAD_NAMES};
 use super::layers::Linear;
 use super::lora::{inspect_adapter, Adapter};
-use super::predictor::{length_buckets, softmax, LoadedClassifier};
+use super::predictor::{length_buckets, probabilities, LoadedClassifier};
 use super::tokenize::pad_batch;
 use anyhow::Context;
 use candle_core::{DType, Device};
@@ -21,6 +21,8 @@ pub struct LoadedAdapter {
     pub multi_label: bool,
     /// Its decision threshold per label, when multi-label and tuned.
     pub thresholds: Option<Vec<f32>>,
+    /// Divides its logits before the probabilities are taken (1 for none).
+    pub temperature: f32,
     /// The base dir it runs over, and the pooling its head reads.
     pub base: PathBuf,
     pub pooling: Pooling,
@@ -56,16 +58,14 @@ impl LoadedAdapter {
         let pooling = info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
         let multi_label = info.info.problem_type.as_deref() == Some("multi_label_classification");
         let thresholds = info.info.config.thresholds(&labels).filter(|_| multi_label);
-        Ok(Some(Self { set, head, labels, multi_label, thresholds, base: info.base, pooling, bytes }))
+        let temperature = info.info.config.temperature();
+        Ok(Some(Self { set, head, labels, multi_label, thresholds, temperature, base: info.base, pooling, bytes }))
     }
 
-    /// Probabilities from logits: softmax, or sigmoid for multi-label adapters.
-    pub fn probabilities(&self, logits: &[f32]) -> Vec<f32> {
-        if self.multi_label {
-            logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect()
-        } else {
-            softmax(logits)
-        }
+    /// Probabilities from logits: softmax, or sigmoid for multi-label adapters; at the
+    /// adapter's temperature when `calibrated`.
+    pub fn probabilities(&self, logits: &[f32], calibrated: bool) -> Vec<f32> {
+        probabilities(self.multi_label, logits, if calibrated { self.temperature } else { 1.0 })
     }
 }
 

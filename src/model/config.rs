@@ -147,6 +147,17 @@ impl BertConfig {
         self.extra.insert("finetuned_thresholds".into(), Value::Object(map));
     }
 
+    /// Records the temperature that calibrates the classifier's probabilities (fitted on
+    /// validation; [`crate::train::calibration`]).
+    pub fn set_temperature(&mut self, temperature: f32) {
+        self.extra.insert("finetuned_temperature".into(), Value::from(temperature as f64));
+    }
+
+    /// The recorded calibration temperature; 1 (none) when the config records none.
+    pub fn temperature(&self) -> f32 {
+        self.extra.get("finetuned_temperature").and_then(Value::as_f64).filter(|t| t.is_finite() && *t > 0.0).map_or(1.0, |t| t as f32)
+    }
+
     /// The recorded threshold of each of `labels` (0.5 for one not recorded); `None` when the
     /// config records none.
     pub fn thresholds(&self, labels: &[String]) -> Option<Vec<f32>> {

@@ -17,6 +17,8 @@ pub struct LoadedClassifier {
     pub multi_label: bool,
     /// A multi-label model's decision threshold per label, tuned on validation when it trained.
     pub thresholds: Option<Vec<f32>>,
+    /// Divides the logits before the probabilities are taken (fitted on validation; 1 for none).
+    pub temperature: f32,
     /// Longest input the position embeddings allow.
     pub max_len: usize,
     pub(super) pad_id: u32,
@@ -170,6 +172,7 @@ impl LoadedClassifier {
             model,
             tokenizer: load_tokenizer(tokenizer_dir)?,
             thresholds: info.config.thresholds(&labels).filter(|_| multi_label),
+            temperature: info.config.temperature(),
             labels,
             multi_label,
             max_len: info.config.max_position_embeddings,
@@ -254,13 +257,10 @@ impl LoadedClassifier {
         Ok(out)
     }
 
-    /// Probabilities from logits: softmax, or sigmoid for multi-label models.
-    pub fn probabilities(&self, logits: &[f32]) -> Vec<f32> {
-        if self.multi_label {
-            logits.iter().map(|&x| 1.0 / (1.0 + (-x).exp())).collect()
-        } else {
-            softmax(logits)
-        }
+    /// Probabilities from logits: softmax, or sigmoid for multi-label models; at the model's
+    /// temperature when `calibrated`.
+    pub fn probabilities(&self, logits: &[f32], calibrated: bool) -> Vec<f32> {
+        probabilities(self.multi_label, logits, if calibrated { self.temperature } else { 1.0 })
     }
 
     /// Forward pass on already padded tensors (for tests and benchmarks).
@@ -310,6 +310,17 @@ pub fn windows(ids: &[u32], max_len: usize) -> Vec<Vec<u32>> {
             return out;
         }
         start += stride;
+    }
+}
+
+/// Probabilities from one row of logits divided by `temperature`: sigmoid per label when
+/// `multi_label`, else softmax.
+pub fn probabilities(multi_label: bool, logits: &[f32], temperature: f32) -> Vec<f32> {
+    let scaled = logits.iter().map(|&z| z / temperature);
+    if multi_label {
+        scaled.map(|x| 1.0 / (1.0 + (-x).exp())).collect()
+    } else {
+        softmax(&scaled.collect::<Vec<_>>())
     }
 }
 

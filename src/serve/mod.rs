@@ -36,10 +36,22 @@ pub struct Scored {
     pub tokenization: std::time::Duration,
     pub labels: Arc<Vec<String>>,
     pub multi_label: bool,
-    /// A multi-label model's own decision threshold per label (tuned when it trained).
+    /// A multi-label model's own decision threshold per label (tuned when it trained), on the
+    /// scale of `scores`.
     pub thresholds: Option<Vec<f32>>,
     /// Probabilities (or raw logits) per input, one value per label.
     pub scores: Vec<Vec<f32>>,
+}
+
+/// What a prediction's scores are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Probabilities at the model's calibration temperature (the default).
+    Calibrated,
+    /// Probabilities of the logits as they are.
+    Uncalibrated,
+    /// The logits.
+    Logits,
 }
 
 /// A loaded model and the handle on its inference thread.
@@ -241,16 +253,15 @@ impl Predictor {
         loaded.cloned()
     }
 
-    /// Scores `texts` with model `id` at `path`: probabilities, or raw logits when `raw`.
-    /// With [`Overflow::Chunk`], a long text's score is the mean over its windows (of the
-    /// probabilities, or of the logits when `raw`).
+    /// Scores `texts` with model `id` at `path` as `output` says. With [`Overflow::Chunk`], a
+    /// long text's score is the mean over its windows (of the probabilities, or of the logits).
     pub async fn predict(
         &self,
         id: &str,
         path: PathBuf,
         texts: Vec<String>,
         overflow: Overflow,
-        raw: bool,
+        output: Output,
     ) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
         let (key, loaded, adapter) = self.runner(id, path).await?;
@@ -280,20 +291,26 @@ impl Predictor {
             Err(e) => return Err(PredictError::Inference(format!("{e:#}"))),
         };
         let model = &loaded.model;
-        let per_window: Vec<Vec<f32>> = match (&adapter, raw) {
-            (_, true) => logits,
-            (Some(a), false) => logits.iter().map(|l| a.probabilities(l)).collect(),
-            (None, false) => logits.iter().map(|l| model.probabilities(l)).collect(),
+        let calibrated = output == Output::Calibrated;
+        let per_window: Vec<Vec<f32>> = match (&adapter, output) {
+            (_, Output::Logits) => logits,
+            (Some(a), _) => logits.iter().map(|l| a.probabilities(l, calibrated)).collect(),
+            (None, _) => logits.iter().map(|l| model.probabilities(l, calibrated)).collect(),
         };
         let mut rows = per_window.into_iter();
         let scores = counts.iter().map(|&n| mean_rows(rows.by_ref().take(n).collect())).collect();
         metrics::histogram!("finetuned_predict_batch_size").record(timings.batch_size as f64);
         metrics::histogram!("finetuned_predict_queue_seconds").record(timings.queue.as_secs_f64());
         metrics::histogram!("finetuned_predict_inference_seconds").record(timings.inference.as_secs_f64());
-        let (labels, multi_label, thresholds) = match &adapter {
-            Some(a) => (a.labels.clone(), a.multi_label, a.thresholds.clone()),
-            None => (model.labels.clone(), model.multi_label, model.thresholds.clone()),
+        let (labels, multi_label, thresholds, temperature) = match &adapter {
+            Some(a) => (a.labels.clone(), a.multi_label, a.thresholds.clone(), a.temperature),
+            None => (model.labels.clone(), model.multi_label, model.thresholds.clone(), model.temperature),
         };
+        // The thresholds were tuned on calibrated probabilities: the same decisions on others.
+        let thresholds = thresholds.map(|t| match output {
+            Output::Uncalibrated => crate::train::calibration::move_thresholds(&t, temperature, 1.0),
+            _ => t,
+        });
         Ok(Scored { labels: Arc::new(labels), multi_label, thresholds, scores, timings, tokenization })
     }
 

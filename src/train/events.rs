@@ -63,6 +63,10 @@ pub struct Finished {
     pub tuned: Option<super::thresholds::Tuned>,
     /// Multi-label runs: the test scores at the tuned thresholds (`test` is at 0.5).
     pub test_tuned: Option<TestReport>,
+    /// The temperature fitted on validation (saved with the model), and what it did there.
+    pub calibration: super::calibration::Calibration,
+    /// The expected calibration error on the test rows, uncalibrated and calibrated.
+    pub test_ece: Option<(f64, f64)>,
 }
 
 /// Progress after one optimisation step.

@@ -54,23 +54,31 @@ pub struct Tuned {
     pub validation: super::metrics::ClassificationReport,
 }
 
-/// Fits each label's threshold on `val` with `model` (the kept weights of a multi-label run).
-pub fn fit(
-    model: &crate::model::Classifier,
-    val: &[super::data::Example],
+/// Fits each label's threshold on a multi-label run's validation `logits` against `truth`, on
+/// the probabilities at `temperature` (those predict returns).
+pub fn fit(logits: &[Vec<f32>], truth: &[Vec<usize>], labels: &[String], temperature: f32) -> Tuned {
+    let probs = probabilities(logits, temperature);
+    let thresholds = tune(&probs, truth, labels.len());
+    Tuned { validation: report(logits, truth, labels, &thresholds, temperature), thresholds }
+}
+
+/// The scores of the decisions at `thresholds` on the probabilities of `logits` at `temperature`.
+pub fn report(
+    logits: &[Vec<f32>],
+    truth: &[Vec<usize>],
     labels: &[String],
-    pad: u32,
-    batch_size: usize,
-    device: &candle_core::Device,
-) -> candle_core::Result<Tuned> {
-    let task = super::objective::Task::MultiLabel;
-    let (_, _, logits) = task.evaluate_at(model, val, labels, pad, batch_size, device, None)?;
-    let probs: Vec<Vec<f32>> = logits.iter().map(|row| row.iter().map(|&x| super::objective::sigmoid(x)).collect()).collect();
-    let truth: Vec<Vec<usize>> = val.iter().map(|e| e.labels.clone()).collect();
-    let thresholds = tune(&probs, &truth, labels.len());
-    let preds: Vec<Vec<usize>> =
-        probs.iter().map(|row| row.iter().zip(&thresholds).enumerate().filter(|(_, (p, t))| p >= t).map(|(j, _)| j).collect()).collect();
-    Ok(Tuned { validation: super::metrics::multilabel_report(labels, &truth, &preds), thresholds })
+    thresholds: &[f32],
+    temperature: f32,
+) -> super::metrics::ClassificationReport {
+    let preds: Vec<Vec<usize>> = probabilities(logits, temperature)
+        .iter()
+        .map(|row| row.iter().zip(thresholds).enumerate().filter(|(_, (p, t))| p >= t).map(|(j, _)| j).collect())
+        .collect();
+    super::metrics::multilabel_report(labels, truth, &preds)
+}
+
+fn probabilities(logits: &[Vec<f32>], temperature: f32) -> Vec<Vec<f32>> {
+    logits.iter().map(|row| crate::model::predictor::probabilities(true, row, temperature)).collect()
 }
 
 #[cfg(test)]

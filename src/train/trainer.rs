@@ -201,23 +201,31 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let (best, tensors) = best.expect("at least one epoch ran");
     let pad = cfg.pad_token_id as u32;
     let kept = trainable.model(&cfg, pooling, &|n| lookup(&tensors, n))?;
+    // The temperature first: thresholds are tuned on the probabilities predict will return.
+    let (_, _, val_logits) = task.evaluate_at(&kept, &val, &labels, pad, req.eval_batch_size, &req.device, None)?;
+    let val_truth: Vec<Vec<usize>> = val.iter().map(|e| e.labels.clone()).collect();
+    let calibration = super::calibration::fit(task, &val_logits, &val_truth);
+    let temperature = calibration.temperature;
     let tuned = match task {
-        Task::MultiLabel => Some(super::thresholds::fit(&kept, &val, &labels, pad, req.eval_batch_size, &req.device)?),
+        Task::MultiLabel => Some(super::thresholds::fit(&val_logits, &val_truth, &labels, temperature)),
         Task::SingleLabel => None,
     };
-    let (mut test_report, mut test_tuned) = (None, None);
+    let (mut test_report, mut test_tuned, mut test_ece) = (None, None, None);
     if !test.is_empty() {
         let t_test = Instant::now();
-        let (loss, report, _) = task.evaluate_at(&kept, &test, &labels, pad, req.eval_batch_size, &req.device, None)?;
-        test_report = Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report });
+        let (loss, report, logits) = task.evaluate_at(&kept, &test, &labels, pad, req.eval_batch_size, &req.device, None)?;
+        let seconds = t_test.elapsed().as_secs_f64();
+        let truth: Vec<Vec<usize>> = test.iter().map(|e| e.labels.clone()).collect();
+        test_ece = Some((super::calibration::ece(task, &logits, &truth, 1.0), super::calibration::ece(task, &logits, &truth, temperature)));
         if let Some(t) = &tuned {
-            let t_test = Instant::now();
-            let (loss, report, _) = task.evaluate_at(&kept, &test, &labels, pad, req.eval_batch_size, &req.device, Some(&t.thresholds))?;
-            test_tuned = Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report });
+            let report = super::thresholds::report(&logits, &truth, &labels, &t.thresholds, temperature);
+            test_tuned = Some(TestReport { loss, seconds, report });
         }
+        test_report = Some(TestReport { loss, seconds, report });
     }
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
+        cfg.set_temperature(temperature);
         if let Some(t) = &tuned {
             cfg.set_thresholds(&labels, &t.thresholds);
         }
@@ -226,6 +234,10 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
+    obs.on_event(Event::Message(format!(
+        "scores calibrated on validation: temperature {:.3}, expected calibration error {:.4} (uncalibrated {:.4})",
+        temperature, calibration.validation_ece_after, calibration.validation_ece_before
+    )));
     if let Some(t) = &tuned {
         obs.on_event(Event::Message(format!(
             "thresholds tuned per label on validation: macro-F1 {:.4} (at 0.5: {:.4}), micro-F1 {:.4} (at 0.5: {:.4})",
@@ -235,7 +247,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             best.report.micro_f1.unwrap_or(f64::NAN)
         )));
     }
-    Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report, tuned, test_tuned })))
+    Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report, tuned, test_tuned, calibration, test_ece })))
 }
 
 /// Fine-tuning as the shared loop's [`run_loop::Objective`]: keeps the best epoch's weights and

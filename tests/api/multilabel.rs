@@ -56,7 +56,9 @@ async fn multi_label_job_trains_and_predict_applies_thresholds() {
     // Sigmoid scores are independent: they need not sum to 1.
     let s: f64 = v["predictions"][0].as_array().unwrap().iter().map(|p| p["score"].as_f64().unwrap()).sum();
     assert!(s > 1.0, "{v}");
-    let per: Value = app.predict("ml", &json!({"inputs": "the film was great", "threshold": {"film": 1.0}})).await.json().await.unwrap();
+    // Uncalibrated: the calibrated score of a label this sure may round to exactly 1.
+    let body = json!({"inputs": "the film was great", "threshold": {"film": 1.0}, "calibrated": false});
+    let per: Value = app.predict("ml", &body).await.json().await.unwrap();
     assert_eq!(per["labels"][0], json!(["pos"]), "film's own threshold of 1.0 drops it");
     let r = app.predict("ml", &json!({"inputs": "x", "threshold": {"nope": 0.5}})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "threshold.nope");
@@ -114,4 +116,41 @@ async fn thresholds_tuned_on_validation_are_saved_and_predict_uses_them_by_defau
     assert!(all["labels"].as_array().unwrap().iter().all(|l| l.as_array().unwrap().len() == 2), "{all}");
     let raw: Value = app.predict("tuned", &json!({"inputs": texts, "raw_scores": true})).await.json().await.unwrap();
     assert!(raw.get("labels").is_none(), "{raw}");
+    // The thresholds are on the calibrated scores; uncalibrated scores get the same decisions.
+    let t = model["metrics"]["calibration"]["temperature"].as_f64().unwrap_or_else(|| panic!("{model}"));
+    assert_eq!(cfg["finetuned_temperature"].as_f64().unwrap(), t, "{cfg}");
+    let plain: Value = app.predict("tuned", &json!({"inputs": texts, "calibrated": false})).await.json().await.unwrap();
+    assert_eq!(plain["labels"], v["labels"], "{plain} against {v}");
+    let score = |v: &Value, i: usize, label: &str| {
+        v["predictions"][i].as_array().unwrap().iter().find(|p| p["label"] == label).unwrap()["score"].as_f64().unwrap()
+    };
+    for i in 0..texts.len() {
+        let z = score(&raw, i, "film");
+        assert!((score(&v, i, "film") - 1.0 / (1.0 + (-z / t).exp())).abs() < 1e-5, "calibrated: {v}");
+        assert!((score(&plain, i, "film") - 1.0 / (1.0 + (-z).exp())).abs() < 1e-5, "uncalibrated: {plain}");
+    }
+}
+
+#[tokio::test]
+async fn every_classifier_gets_a_temperature_fitted_on_validation_with_its_calibration_error() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(crate::common::toy_jsonl(48)).await;
+    let body = json!({"base_model": "tiny", "training_dataset": ds, "model_name": "cal", "hyperparameters": tiny_hp(10)});
+    let job = app.create_job(&body).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = app.wait_ended(&id, 120).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let model: Value = app.get("/v1/models/cal").await.json().await.unwrap();
+    let cal = &model["metrics"]["calibration"];
+    let t = cal["temperature"].as_f64().unwrap_or_else(|| panic!("{model}"));
+    assert!(t > 0.0 && t.is_finite(), "{cal}");
+    for k in ["validation_ece_before", "validation_ece_after"] {
+        assert!((0.0..=1.0).contains(&cal[k].as_f64().unwrap_or(-1.0)), "{k}: {cal}");
+    }
+    let metrics: Value = app.get(&format!("/v1/jobs/{id}/metrics")).await.json().await.unwrap();
+    assert_eq!(metrics["calibration"], *cal, "the job's metrics: {metrics}");
+    let cfg: Value = serde_json::from_slice(&std::fs::read(app.data_dir.join("models/cal/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["finetuned_temperature"].as_f64().unwrap(), t, "saved with the model: {cfg}");
+    let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
+    assert!(events.to_string().contains("calibrated on validation: temperature"), "{events}");
 }

@@ -43,12 +43,20 @@ async fn predict_options_top_k_raw_scores_and_truncate() {
             );
         }
     }
+    // Probabilities are the softmax of the logits at the model's calibration temperature, and
+    // `calibrated: false` gives the softmax of the logits as they are.
+    let model: Value = app.get("/v1/models/toy").await.json().await.unwrap();
+    let t = model["metrics"]["calibration"]["temperature"].as_f64().unwrap_or_else(|| panic!("{model}"));
     let probs: Value = app.predict("toy", &json!({"inputs": "good"})).await.json().await.unwrap();
+    let plain: Value = app.predict("toy", &json!({"inputs": "good", "calibrated": false})).await.json().await.unwrap();
     let raw: Value = app.predict("toy", &json!({"inputs": "good", "raw_scores": true})).await.json().await.unwrap();
-    let (p, r) = (&probs["predictions"][0], &raw["predictions"][0]);
+    let r = &raw["predictions"][0];
     let diff = r[0]["score"].as_f64().unwrap() - r[1]["score"].as_f64().unwrap();
-    let expected = 1.0 / (1.0 + (-diff).exp());
-    assert!((p[0]["score"].as_f64().unwrap() - expected).abs() < 1e-5, "softmax of the raw scores");
+    let top = |v: &Value| v["predictions"][0][0]["score"].as_f64().unwrap();
+    assert!((top(&probs) - 1.0 / (1.0 + (-diff / t).exp())).abs() < 1e-5, "softmax of the raw scores / {t}: {probs}");
+    assert!((top(&plain) - 1.0 / (1.0 + (-diff).exp())).abs() < 1e-5, "softmax of the raw scores: {plain}");
+    let r = app.predict("toy", &json!({"inputs": "good", "calibrated": true, "raw_scores": true})).await;
+    assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "calibrated");
     // The tiny model allows 64 positions.
     let long = vec!["good"; 200].join(" ");
     let r = app.predict("toy", &json!({"inputs": [long.clone()], "truncate": false})).await;

@@ -127,8 +127,9 @@ async fn hugging_face_parameters_get_the_hugging_face_shape() {
         assert_eq!(s["label"], r["label"]);
         assert!((s["score"].as_f64().unwrap() - sigmoid(r["score"].as_f64().unwrap())).abs() < 1e-5, "{sig} {raw}");
     }
+    // function_to_apply works on the logits as they are: our uncalibrated probabilities.
     let soft = ok_json(app.predict("toy", &json!({"inputs": texts[0], "parameters": {"function_to_apply": "softmax"}})).await).await;
-    let probs = ours(&app, "toy", json!({"inputs": texts[0]})).await;
+    let probs = ours(&app, "toy", json!({"inputs": texts[0], "calibrated": false})).await;
     for (s, p) in soft[0].as_array().unwrap().iter().zip(probs[0].as_array().unwrap()) {
         assert!((s["score"].as_f64().unwrap() - p["score"].as_f64().unwrap()).abs() < 1e-5, "{soft} {probs}");
     }
@@ -138,6 +139,7 @@ async fn hugging_face_parameters_get_the_hugging_face_shape() {
         (json!({"inputs": "x", "parameters": {"temperature": 1}}), "parameters.temperature"),
         (json!({"inputs": "x", "parameters": [null, null]}), "parameters"),
         (json!({"inputs": "x", "parameters": {"function_to_apply": "none"}, "raw_scores": true}), "raw_scores"),
+        (json!({"inputs": "x", "parameters": {"function_to_apply": "softmax"}, "calibrated": false}), "calibrated"),
     ] {
         let e = assert_error(app.predict("toy", &body).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
         assert_eq!(e["param"], param, "{body}");
@@ -145,7 +147,7 @@ async fn hugging_face_parameters_get_the_hugging_face_shape() {
 }
 
 #[tokio::test]
-async fn a_multi_label_model_gets_sigmoid_scores_on_the_tei_route() {
+async fn a_multi_label_model_gets_calibrated_sigmoid_scores_on_the_tei_route() {
     let app = spawn_app_with(|c| c.default_model = Some("ml".into())).await;
     trained(&app, "ml", "multi_label_classification", crate::multilabel::multilabel_jsonl(32)).await;
     let text = "the film was great";
@@ -153,8 +155,10 @@ async fn a_multi_label_model_gets_sigmoid_scores_on_the_tei_route() {
     let raw = ours(&app, "ml", json!({"inputs": text, "raw_scores": true})).await;
     let raw: std::collections::HashMap<&str, f64> =
         raw[0].as_array().unwrap().iter().map(|p| (p["label"].as_str().unwrap(), p["score"].as_f64().unwrap())).collect();
+    let model: Value = app.get("/v1/models/ml").await.json().await.unwrap();
+    let t = model["metrics"]["calibration"]["temperature"].as_f64().unwrap_or_else(|| panic!("{model}"));
     for p in v.as_array().unwrap() {
-        let want = sigmoid(raw[p["label"].as_str().unwrap()]);
+        let want = sigmoid(raw[p["label"].as_str().unwrap()] / t);
         assert!((p["score"].as_f64().unwrap() - want).abs() < 1e-5, "{v}");
     }
     assert_eq!(v, ours(&app, "ml", json!({"inputs": text})).await[0]);

@@ -253,11 +253,12 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != JobStatus::Cancelled);
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
-            let trainer::Finished { best, labels, stats, tuned, .. } = *done;
+            let trainer::Finished { best, labels, stats, tuned, calibration, .. } = *done;
             // The last epoch's number: a resumed run's stats hold only the epochs since the resume.
             let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.last().map_or(0, |e| e.epoch), "max_epochs": stats.max_epochs});
             let mut metrics = json!({"train_loss": best.train_loss, "validation": {
                 "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch, "stopped": stopped});
+            metrics["calibration"] = json!(calibration);
             if let Some(t) = tuned {
                 let per_label: serde_json::Map<String, serde_json::Value> =
                     labels.iter().cloned().zip(t.thresholds.iter().map(|&v| json!(v))).collect();

@@ -99,14 +99,14 @@ fn evaluate(model: &MaskedLm, data: &[Masked], pad: u32, device: &Device) -> can
     Ok(if n > 0 { sum / n as f64 } else { f64::NAN })
 }
 
-/// Steps that train only the masked-LM head: as asked, else none. A random head's first
+/// Steps that train only the masked-LM head: as asked, else a fifth of the run (at least 20
+/// steps, at most half the run) when the head is new, else none. A random head's first
 /// gradients are noise; passed into the encoder they undo what it knew (an adapted
-/// all-minilm-l6-v2 scored below its parent), so a job over a base with no head can ask for the
-/// head to learn to read the encoder first. Not the default yet: a model pre-trained with the
-/// warm-up gave logits in transformers up to 0.39 away from ours (tests/parity.rs), not explained.
-pub fn head_warmup(asked: Option<usize>, total_steps: usize) -> usize {
+/// all-minilm-l6-v2 scored below its parent), so the head first learns to read the encoder as it is.
+pub fn head_warmup(asked: Option<usize>, head_is_new: bool, total_steps: usize) -> usize {
     match asked {
         Some(n) => n.min(total_steps),
+        None if head_is_new => (total_steps / 5).max(20.min(total_steps / 2)).min(total_steps / 2),
         None => 0,
     }
 }
@@ -190,7 +190,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         before: None,
         last: None,
     };
-    let head_steps = head_warmup(hp.mlm_head_warmup_steps, schedule.total_steps);
+    let head_steps = head_warmup(hp.mlm_head_warmup_steps, !fresh_head.is_empty(), schedule.total_steps);
     if head_steps > 0 {
         obs.on_event(Event::Message(format!(
             "training the {}prediction head alone for the first {head_steps} of {} steps (the encoder held), then the whole model",

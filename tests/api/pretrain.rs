@@ -124,10 +124,10 @@ async fn a_new_masked_lm_head_trains_alone_first_and_the_encoder_is_held_meanwhi
     let head = "cls.predictions.transform.dense.weight";
     assert!(child.contains_key(head) && !parent.contains_key(head), "the new head is saved");
 
-    // A shorter warm-up: the job says so, and the encoder trains after it.
+    // By default the job picks the warm-up itself and says so.
     let job = app
         .create_job(&json!({"base_model": "tiny", "training_dataset": texts, "task": "mlm", "model_name": "auto-warm",
-                                     "hyperparameters": {"epochs": 2, "batch_size": 8, "learning_rate": 2e-3, "mlm_head_warmup_steps": 8}}))
+                                     "hyperparameters": {"epochs": 2, "batch_size": 8, "learning_rate": 2e-3}}))
         .await;
     let id = job["id"].as_str().unwrap();
     assert_eq!(app.wait_ended(id, 120).await["status"], "succeeded");

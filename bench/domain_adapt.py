@@ -9,7 +9,8 @@ labeled rows with the same settings, both scored on the test set through predict
 With --scratch-config '{"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2}' the
 masked-LM job starts from a fresh model of that shape (--model only lends its tokenizer), and
 --baseline names the model it is compared with (e.g. a random init of the same shape made by
-bench/make_random_base.py). --corpus takes the masked-LM texts from several data sets' training
+bench/make_random_base.py). --seeds runs the fine-tuning once per seed (the masked-LM job once) and
+reports each base's mean. --corpus takes the masked-LM texts from several data sets' training
 splits (their labels dropped); fine-tuning and the test still use --data.
 """
 import argparse, json
@@ -32,6 +33,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--pooling", default="mean")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", type=int, nargs="+", help="fine-tune once per seed (default: --seed)")
     ap.add_argument("--scratch-config", help="JSON config: pre-train from scratch")
     ap.add_argument("--baseline", help="model to compare with (default: --model)")
     ap.add_argument("--corpus", nargs="+", help="data set dirs whose training texts make the masked-LM corpus (default: --data)")
@@ -52,13 +54,20 @@ def main():
     labeled = upload(u, train[: a.labeled], "few-labeled")
     val = upload(u, read_jsonl(f"{a.data}/validation.jsonl"), "validation")
     test = read_jsonl(f"{a.data}/test.jsonl")
-    hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
-          "seed": a.seed, "pooling": a.pooling}
     results = {}
-    for base in ["domain-base", a.baseline or a.model]:
-        job = run_job(u, {"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
-        accuracy, f1 = score(u, job["model"], test)
-        results[base] = {"test_accuracy": accuracy, "test_macro_f1": f1, "validation": job["metrics"], "wall_seconds": job["wall_seconds"]}
+    for seed in a.seeds or [a.seed]:
+        hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
+              "seed": seed, "pooling": a.pooling}
+        for base in ["domain-base", a.baseline or a.model]:
+            job = run_job(u, {"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
+            accuracy, f1 = score(u, job["model"], test)
+            results.setdefault(base, {"runs": {}})["runs"][seed] = {"test_accuracy": accuracy, "test_macro_f1": f1,
+                                                                  "validation": job["metrics"], "wall_seconds": job["wall_seconds"]}
+            print(f"seed {seed} {base}: test accuracy {accuracy:.4f}, macro-F1 {f1:.4f}", flush=True)
+    for r in results.values():
+        runs = r["runs"].values()
+        r["mean_test_accuracy"] = sum(x["test_accuracy"] for x in runs) / len(runs)
+        r["mean_test_macro_f1"] = sum(x["test_macro_f1"] for x in runs) / len(runs)
     report = {"corpus": a.corpus or [a.data], "corpus_texts": len(corpus), "mlm": {"metrics": mlm["metrics"], "wall_seconds": mlm["wall_seconds"], "hyperparameters": mlm["hyperparameters"]},
               "fine_tune_hyperparameters": hp, "labeled_rows": a.labeled, "results": results}
     write_report(report, a.out)

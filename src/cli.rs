@@ -4,7 +4,7 @@
 
 use crate::config::ServeConfig;
 use crate::dataset::Row;
-use crate::train::hyper::HyperparametersInput;
+use crate::train::hyper::{EpochsInput, HyperparametersInput};
 use crate::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -43,8 +43,10 @@ pub struct TrainArgs {
     /// Dataset directory with train.jsonl, validation.jsonl and (optionally) test.jsonl.
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 1)]
-    pub epochs: u64,
+    /// A number of epochs, or `auto`: until early stopping's patience runs out, within a cap
+    /// from the data.
+    #[arg(long, default_value = "1")]
+    pub epochs: String,
     #[arg(long, default_value_t = 32)]
     pub batch_size: u64,
     #[arg(long, default_value_t = 64)]
@@ -195,7 +197,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let test = read_split(&a.data, "test", false)?.map(|(rows, _)| rows);
     let info = crate::model::artifacts::inspect(&a.model)?;
     let hp = HyperparametersInput {
-        epochs: Some(a.epochs.into()),
+        epochs: Some(a.epochs.parse::<u64>().map_or_else(|_| EpochsInput::Word(a.epochs.clone()), EpochsInput::Count)),
         batch_size: Some(a.batch_size),
         learning_rate: Some(a.lr),
         max_seq_len: Some(a.max_len),
@@ -248,7 +250,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let median = rates.get(rates.len() / 2).copied();
     let report = json!({
         "script": "finetuned train",
-        "args": {"model": a.model, "data": a.data, "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr,
+        "args": {"model": a.model, "data": a.data, "epochs": a.epochs.parse::<u64>().map_or_else(|_| json!(a.epochs), |n| json!(n)), "batch_size": a.batch_size, "lr": a.lr,
                  "max_len": a.max_len, "seed": a.seed, "max_train": a.max_train, "threads": a.threads,
                  "group_by_length": a.group_by_length, "pooling": hp.pooling, "weight_decay": a.weight_decay,
                  "warmup_ratio": a.warmup_ratio, "max_grad_norm": a.max_grad_norm, "eval_batch_size": a.eval_batch_size,

@@ -42,27 +42,9 @@ if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null
 fi
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/finetuned-browser.XXXXXX")
-SERVER_PID=
-
-cleanup() {
-    local rc=$?
-    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    if [[ $rc -ne 0 && -f $WORK/server.log ]]; then
-        echo "--- last lines of the server log ---" >&2
-        tail -n 30 "$WORK/server.log" >&2 || true
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=server-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/server-lib.sh"
+make_work browser
 
 VENV=${BROWSER_VENV:-$WORK/venv}
 if ! "$VENV/bin/python" -c "import selenium, sys; sys.exit(selenium.__version__ != '$SELENIUM_VERSION')" 2>/dev/null; then
@@ -73,26 +55,7 @@ fi
 
 # --- server -------------------------------------------------------------------------------------------
 KEY="dash-$RANDOM$RANDOM$RANDOM"
-mkdir -p "$WORK/models" "$WORK/data"
-ln -s "$(cd "$MODEL_SRC" && pwd)" "$WORK/models/all-minilm-l6-v2"
-env -u FINETUNED_API_KEY NO_COLOR=1 "$BIN" serve --addr 127.0.0.1:0 --api-key "$KEY" \
-    --data-dir "$WORK/data" --models-dir "$WORK/models" >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-
-BASE=
-deadline=$((SECONDS + 60))
-while :; do
-    kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited during startup" >&2; exit 1; }
-    (( SECONDS < deadline )) || { echo "server not healthy within 60s" >&2; exit 1; }
-    if [[ -z $BASE ]]; then
-        BASE=$(grep -so 'listening on http://[0-9.:]*' "$WORK/server.log" | head -n1 | sed 's/^listening on //' || true)
-    fi
-    if [[ -n $BASE ]] && curl -fsS -o /dev/null --max-time 2 "$BASE/healthz" 2>/dev/null; then
-        break
-    fi
-    sleep 0.2
-done
-echo "server up at $BASE (pid $SERVER_PID)"
+start_server "$BIN" "$MODEL_SRC" --api-key "$KEY"
 
 # --- the browser session ------------------------------------------------------------------------------
 cat >"$WORK/drive.py" <<'EOF'

@@ -36,27 +36,9 @@ for f in config.json tokenizer.json model.safetensors; do
     [[ -f $MODEL_SRC/$f ]] || { echo "missing $MODEL_SRC/$f" >&2; exit 2; }
 done
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/finetuned-schemathesis.XXXXXX")
-SERVER_PID=
-
-cleanup() {
-    local rc=$?
-    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    if [[ $rc -ne 0 && -f $WORK/server.log ]]; then
-        echo "--- last lines of the server log ---" >&2
-        tail -n 30 "$WORK/server.log" >&2 || true
-    fi
-    rm -rf "$WORK"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=server-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/server-lib.sh"
+make_work schemathesis
 
 # --- schemathesis -------------------------------------------------------------------------------
 VENV=${SCHEMA_VENV:-$WORK/venv}
@@ -67,26 +49,7 @@ if ! "$VENV/bin/st" --version 2>/dev/null | grep -qF "$ST_VERSION"; then
 fi
 
 # --- server -------------------------------------------------------------------------------------
-mkdir -p "$WORK/models" "$WORK/data"
-ln -s "$(cd "$MODEL_SRC" && pwd)" "$WORK/models/all-minilm-l6-v2"
-env -u FINETUNED_API_KEY NO_COLOR=1 "$BIN" serve --addr 127.0.0.1:0 \
-    --data-dir "$WORK/data" --models-dir "$WORK/models" --default-model st-model >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-
-BASE=
-deadline=$((SECONDS + 60))
-while :; do
-    kill -0 "$SERVER_PID" 2>/dev/null || { echo "server exited during startup" >&2; exit 1; }
-    (( SECONDS < deadline )) || { echo "server not healthy within 60s" >&2; exit 1; }
-    if [[ -z $BASE ]]; then
-        BASE=$(grep -o 'listening on http://[0-9.:]*' "$WORK/server.log" | head -n1 | sed 's/^listening on //' || true)
-    fi
-    if [[ -n $BASE ]] && curl -fsS -o /dev/null --max-time 2 "$BASE/healthz" 2>/dev/null; then
-        break
-    fi
-    sleep 0.2
-done
-echo "server up at $BASE (pid $SERVER_PID)"
+start_server "$BIN" "$MODEL_SRC" --default-model st-model
 
 # --- seed data so the {id} operations reach real resources ----------------------------------------
 json_field() { python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"; }

@@ -43,12 +43,16 @@ impl From<u64> for EpochsInput {
 
 /// The most epochs `"epochs": "auto"` runs for `n_train` examples of `n_labels` classes: enough
 /// passes that each class is seen about 2,000 times in all (classes with few examples need
-/// more passes for the head to separate them), at least 3 so early stopping has epochs to
-/// compare, at most 10 to bound the cost. Early stopping usually ends the run sooner; the best
-/// epoch is kept.
+/// more passes for the head to separate them) and that training sees at least 40,000 examples
+/// (about 1,250 steps of 32, what fine-tuning a BERT usually takes to settle); at least 3 so
+/// early stopping has epochs to compare, at most 10 to bound the cost. The cap is a bound, not
+/// the choice: early stopping usually ends the run sooner, and the best epoch is kept.
 pub fn auto_epochs_cap(n_train: usize, n_labels: usize) -> usize {
-    (2000 * n_labels).div_ceil(n_train.max(1)).clamp(3, 10)
+    (2000 * n_labels).max(AUTO_MIN_EXAMPLES).div_ceil(n_train.max(1)).clamp(3, 10)
 }
+
+/// The fewest examples (over all epochs) that `"epochs": "auto"` plans for.
+const AUTO_MIN_EXAMPLES: usize = 40_000;
 
 /// Early stopping's patience when `"epochs": "auto"` and none is given.
 pub const AUTO_PATIENCE: usize = 2;
@@ -276,5 +280,22 @@ impl ScratchSpec {
             "position_embedding_type": "absolute"
         }))
         .expect("a valid config")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_auto_cap_grows_with_classes_and_shrinks_with_rows() {
+        // TREC-6's 4,952 rows: 40,000 examples need 9 passes; SST-2's first 8,000: 5.
+        assert_eq!(auto_epochs_cap(4_952, 6), 9);
+        assert_eq!(auto_epochs_cap(8_000, 2), 5);
+        // banking77: 77 classes × 2,000 over 9,003 rows is 18 passes, held to 10.
+        assert_eq!(auto_epochs_cap(9_003, 77), 10);
+        // Large sets get the floor, tiny ones the ceiling.
+        assert_eq!(auto_epochs_cap(67_349, 2), 3);
+        assert_eq!(auto_epochs_cap(64, 2), 10);
     }
 }

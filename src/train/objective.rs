@@ -70,7 +70,8 @@ impl Task {
         }
     }
 
-    /// Mean loss and metrics of `model` over `data` (batches of similar length).
+    /// Mean loss and metrics of `model` over `data` (batches of similar length; multi-label
+    /// decisions at 0.5), and each example's logits, in `data`'s order.
     pub fn evaluate(
         self,
         model: &Classifier,
@@ -79,23 +80,6 @@ impl Task {
         pad: u32,
         batch_size: usize,
         device: &Device,
-    ) -> Result<(f64, ClassificationReport)> {
-        let (loss, report, _) = self.evaluate_at(model, data, labels, pad, batch_size, device, None)?;
-        Ok((loss, report))
-    }
-
-    /// As [`Task::evaluate`], multi-label decisions taken at `thresholds` (a probability per
-    /// label) instead of 0.5; also gives each example's logits, in `data`'s order.
-    #[allow(clippy::too_many_arguments)]
-    pub fn evaluate_at(
-        self,
-        model: &Classifier,
-        data: &[Example],
-        labels: &[String],
-        pad: u32,
-        batch_size: usize,
-        device: &Device,
-        thresholds: Option<&[f32]>,
     ) -> Result<(f64, ClassificationReport, Vec<Vec<f32>>)> {
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.sort_by_key(|&i| data[i].ids.len());
@@ -112,7 +96,7 @@ impl Task {
             loss_sum += loss * chunk.len() as f64;
             let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
             for (&i, row) in chunk.iter().zip(rows) {
-                preds[i] = self.decide(&row, thresholds);
+                preds[i] = self.decide(&row);
                 all_logits[i] = row;
             }
         }
@@ -128,18 +112,15 @@ impl Task {
         Ok((loss_sum / data.len().max(1) as f64, report, all_logits))
     }
 
-    /// Predicted label ids from one row of logits (multi-label: at `thresholds`, else 0.5).
-    fn decide(self, logits: &[f32], thresholds: Option<&[f32]>) -> Vec<usize> {
-        match (self, thresholds) {
-            (Task::SingleLabel, _) => {
+    /// Predicted label ids from one row of logits (multi-label: at 0.5).
+    fn decide(self, logits: &[f32]) -> Vec<usize> {
+        match self {
+            Task::SingleLabel => {
                 let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
                 vec![best]
             }
-            (Task::MultiLabel, Some(t)) => {
-                logits.iter().zip(t).enumerate().filter(|(_, (&x, &t))| sigmoid(x) >= t).map(|(i, _)| i).collect()
-            }
             // sigmoid(x) ≥ 0.5 ⇔ x ≥ 0
-            (Task::MultiLabel, None) => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
+            Task::MultiLabel => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
         }
     }
 }

@@ -202,7 +202,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let pad = cfg.pad_token_id as u32;
     let kept = trainable.model(&cfg, pooling, &|n| lookup(&tensors, n))?;
     // The temperature first: thresholds are tuned on the probabilities predict will return.
-    let (_, _, val_logits) = task.evaluate_at(&kept, &val, &labels, pad, req.eval_batch_size, &req.device, None)?;
+    let (_, _, val_logits) = task.evaluate(&kept, &val, &labels, pad, req.eval_batch_size, &req.device)?;
     let val_truth: Vec<Vec<usize>> = val.iter().map(|e| e.labels.clone()).collect();
     let calibration = super::calibration::fit(task, &val_logits, &val_truth);
     let temperature = calibration.temperature;
@@ -213,7 +213,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let (mut test_report, mut test_tuned, mut test_ece) = (None, None, None);
     if !test.is_empty() {
         let t_test = Instant::now();
-        let (loss, report, logits) = task.evaluate_at(&kept, &test, &labels, pad, req.eval_batch_size, &req.device, None)?;
+        let (loss, report, logits) = task.evaluate(&kept, &test, &labels, pad, req.eval_batch_size, &req.device)?;
         let seconds = t_test.elapsed().as_secs_f64();
         let truth: Vec<Vec<usize>> = test.iter().map(|e| e.labels.clone()).collect();
         test_ece = Some((super::calibration::ece(task, &logits, &truth, 1.0), super::calibration::ece(task, &logits, &truth, temperature)));
@@ -322,7 +322,8 @@ impl run_loop::Objective for Classify<'_> {
         let train_loss = end.train_loss();
         let t_eval = Instant::now();
         let pad = self.cfg.pad_token_id as u32;
-        let (val_loss, report) = self.task.evaluate(&self.model_eval, &self.val, &self.labels, pad, self.eval_batch_size, self.device)?;
+        let (val_loss, report, _) =
+            self.task.evaluate(&self.model_eval, &self.val, &self.labels, pad, self.eval_batch_size, self.device)?;
         self.stats.epochs.push(EpochStats {
             epoch,
             train_seconds,

@@ -14,6 +14,14 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(finetuned::model::params::normal(&mut rng, n, 1.5), shape, &Device::Cpu).unwrap()
 }
 
+/// LayerNorm over the last dimension from candle ops (eps 1e-12), differentiable.
+fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+    let mean = x.mean_keepdim(D::Minus1).unwrap();
+    let c = x.broadcast_sub(&mean).unwrap();
+    let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    c.broadcast_div(&(var + 1e-12).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap().broadcast_add(b).unwrap()
+}
+
 #[test]
 fn fused_layer_norm_matches_composed_ops_and_their_gradients() {
     let x = Var::from_tensor(&random(&[3, 5, 384], 1)).unwrap();
@@ -21,18 +29,7 @@ fn fused_layer_norm_matches_composed_ops_and_their_gradients() {
     let b = Var::from_tensor(&random(&[384], 3)).unwrap();
     let upstream = random(&[3, 5, 384], 4);
     let fused = kernels::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
-    let composed = {
-        let x = x.as_tensor();
-        let mean = x.mean_keepdim(D::Minus1).unwrap();
-        let c = x.broadcast_sub(&mean).unwrap();
-        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        c.broadcast_div(&(var + 1e-12).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(w.as_tensor())
-            .unwrap()
-            .broadcast_add(b.as_tensor())
-            .unwrap()
-    };
+    let composed = composed_layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor());
     assert!(max_diff(&fused, &composed) < 1e-4);
     let gf = (fused * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
     let gc = (composed * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
@@ -121,14 +118,18 @@ fn fused_attention_dropout_is_seeded_and_its_gradient_matches_finite_differences
 #[test]
 fn fused_linear_matches_composed_ops_and_their_gradients() {
     // The second shape is a masked-LM decoder's: few rows, many outputs, so the input
-    // gradient's long sum is split in parts.
-    for (rows, inputs, outputs) in [(37, 24, 19), (9, 24, 10_000)] {
-        let x = Var::from_tensor(&random(&[rows, inputs], 31)).unwrap();
+    // gradient's long sum is split in parts. The third is a `[batch, seq, hidden]` activation,
+    // taken as rows without a reshape.
+    for (lead, inputs, outputs) in [(vec![37], 24, 19), (vec![9], 24, 10_000), (vec![3, 7], 24, 19)] {
+        let rows: usize = lead.iter().product();
+        let shape = |last: usize| [lead.as_slice(), &[last]].concat();
+        let x = Var::from_tensor(&random(&shape(inputs), 31)).unwrap();
         let w = Var::from_tensor(&random(&[outputs, inputs], 32)).unwrap();
         let b = Var::from_tensor(&random(&[outputs], 33)).unwrap();
-        let upstream = random(&[rows, outputs], 34);
+        let upstream = random(&shape(outputs), 34);
         let fused = finetuned::model::linear::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
-        let composed = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+        assert_eq!(fused.dims(), shape(outputs).as_slice());
+        let composed = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-4, "outputs differ by {}", max_diff(&fused, &composed));
         let gf = (fused * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
         let gc = (composed * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
@@ -137,6 +138,28 @@ fn fused_linear_matches_composed_ops_and_their_gradients() {
             let (a, c) = (gf.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap());
             assert!(max_diff(a, c) < tolerance, "{rows}×{inputs}→{outputs}: d{name} differs by {}", max_diff(a, c));
         }
+    }
+}
+
+/// A frozen layer (its weight and bias plain tensors, as LoRA's base) passes the same input
+/// gradient back and keeps no gradient for its own weights; so does a frozen LayerNorm.
+#[test]
+fn frozen_linear_and_layer_norm_give_the_input_gradient_only() {
+    let x = Var::from_tensor(&random(&[2, 5, 24], 41)).unwrap();
+    let (w, b) = (random(&[19, 24], 42), random(&[19], 43));
+    let (nw, nb) = (random(&[19], 44).affine(0.1, 1.0).unwrap(), random(&[19], 45));
+    let upstream = random(&[2, 5, 19], 46);
+    let fused = finetuned::model::linear::linear(x.as_tensor(), &w, &b).unwrap();
+    let fused = kernels::layer_norm(&fused, &nw, &nb, 1e-12).unwrap();
+    let composed = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+    let composed = composed_layer_norm(&composed, &nw, &nb);
+    assert!(max_diff(&fused, &composed) < 1e-4);
+    let gf = (fused * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (composed * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+    let (a, c) = (gf.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap());
+    assert!(max_diff(a, c) < 1e-3, "dx differs by {}", max_diff(a, c));
+    for t in [&w, &b, &nw, &nb] {
+        assert!(gf.get(t).is_none(), "a frozen weight got a gradient");
     }
 }
 

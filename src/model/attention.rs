@@ -94,7 +94,8 @@ fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 
 /// Scatters per-(text, head) `[seq, head_dim]` blocks back into `[batch, seq, hidden]`.
 fn scatter(blocks: &[Vec<f32>], d: Dims) -> Vec<f32> {
-    let mut out = vec![0f32; d.b * d.s * d.h];
+    // SAFETY: each text's rows get every head's `hd` columns, `nh·hd = h`: all written.
+    let mut out = unsafe { super::linear::uninit(d.b * d.s * d.h) };
     out.par_chunks_mut(d.s * d.h).enumerate().for_each(|(bi, text)| {
         for hi in 0..d.nh {
             let block = &blocks[bi * d.nh + hi];
@@ -319,29 +320,34 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.shape())?;
-        let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
-        let (q, kv, vv, g) = (vec(q)?, vec(k)?, vec(v)?, vec(grad)?);
         let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
         let factor = self.keep_factor();
-        let blocks: Vec<[Vec<f32>; 3]> = (0..d.b * d.nh)
-            .into_par_iter()
-            .map(|task| {
-                let (bi, hi) = (task / d.nh, task % d.nh);
-                let text = bi * d.s * d.h;
-                let flags = keep.map(|k| &k[task * d.s * d.s..][..d.s * d.s]);
-                let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
-                let (mut dq, mut dk, mut dv) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
-                let text_in = [&q[text..], &kv[text..], &vv[text..], &g[text..]];
-                bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq[..], &mut dk[..], &mut dv[..]]);
-                [dq, dk, dv]
-            })
-            .collect();
+        // The inputs are read where they lie, not copied out of their tensors.
+        let blocks: Vec<[Vec<f32>; 3]> = super::linear::with_f32s([q, k, v, grad], |[q, kv, vv, g]| {
+            (0..d.b * d.nh)
+                .into_par_iter()
+                .map(|task| {
+                    let (bi, hi) = (task / d.nh, task % d.nh);
+                    let text = bi * d.s * d.h;
+                    let flags = keep.map(|k| &k[task * d.s * d.s..][..d.s * d.s]);
+                    let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
+                    let (mut dq, mut dk, mut dv) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
+                    let text_in = [&q[text..], &kv[text..], &vv[text..], &g[text..]];
+                    bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq[..], &mut dk[..], &mut dv[..]]);
+                    [dq, dk, dv]
+                })
+                .collect()
+        })?;
+        let (mut bq, mut bk, mut bv) =
+            (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
+        for [dq, dk, dv] in blocks {
+            bq.push(dq);
+            bk.push(dk);
+            bv.push(dv);
+        }
         let dev = grad.device();
-        let part = |n: usize| -> Result<Tensor> {
-            let b: Vec<Vec<f32>> = blocks.iter().map(|t| t[n].clone()).collect();
-            Tensor::from_vec(scatter(&b, d), (d.b, d.s, d.h), dev)
-        };
-        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+        let part = |b: &[Vec<f32>]| Tensor::from_vec(scatter(b, d), (d.b, d.s, d.h), dev).map(Some);
+        Ok((part(&bq)?, part(&bk)?, part(&bv)?))
     }
 }
 

@@ -10,22 +10,35 @@ pub fn exp(x: f32) -> f32 {
     // that x − n·ln2 keeps its low bits (Cody–Waite).
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    //
+    // n is rounded by adding 1.5·2²³: the sum's last mantissa bits then hold n (rounded to
+    // nearest, ties to even, as `round_ties_even`), and 2^n is built from those bits with integer
+    // adds and a shift. Rust's `n as i32` saturates and maps NaN to 0, which the compiler does
+    // lane by lane in scalar code: with it, the exponent cost more than everything else here.
+    const SHIFTER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let k = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = k - SHIFTER;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n lies in [-126, 127] after the clamp, so n + 127 is a normal exponent.
+    let scale = f32::from_bits(k.to_bits().wrapping_sub(SHIFTER.to_bits()).wrapping_add(127) << 23);
     p * scale
 }
 
 /// erf(x) for f32, absolute error below 1e-6 (Abramowitz & Stegun 7.1.26).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    erf_given_exp(x, exp(-x * x))
+}
+
+/// erf(x) given `e = exp(-x²)`, for callers that need that exponential themselves (GELU's
+/// derivative): one `exp` instead of two.
+#[inline(always)]
+pub fn erf_given_exp(x: f32, e: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
-    y.copysign(x)
+    (1.0 - poly * e).copysign(x)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fastmath::{erf, exp};
+use super::fastmath::{erf, erf_given_exp, exp};
 use super::simd::simd_kernel;
 
 pub(super) const CHUNK: usize = 4096;
@@ -15,10 +15,6 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("fused kernels need contiguous f32 input"),
     }
-}
-
-fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
 }
 
 fn on_cpu_f32(t: &Tensor) -> bool {
@@ -58,8 +54,10 @@ simd_kernel! {
 simd_kernel! {
     fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) {
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-            let cdf = 0.5 * (1.0 + erf(x * SQRT_2_INV));
-            *o = g * (cdf + x * INV_SQRT_2PI * exp(-0.5 * x * x));
+            // exp(-x²/2) is both erf(x/√2)'s exponential and the density's.
+            let e = exp(-0.5 * x * x);
+            let cdf = 0.5 * (1.0 + erf_given_exp(x * SQRT_2_INV, e));
+            *o = g * (cdf + x * INV_SQRT_2PI * e);
         }
     }
 }
@@ -73,7 +71,8 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: every chunk is copied from `x` before it is read.
+        let mut y = unsafe { super::linear::uninit(x.len()) };
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
             y.copy_from_slice(x);
             gelu_in_place(y)
@@ -96,7 +95,8 @@ impl CustomOp2 for GeluErfGrad {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32s(s1, l1)?, f32s(s2, l2)?);
-        let mut out = vec![0f32; x.len()];
+        // SAFETY: `gelu_grad_chunk` writes every element of each chunk.
+        let mut out = unsafe { super::linear::uninit(x.len()) };
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (x, g))| gelu_grad_chunk(x, g, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -139,7 +139,8 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let h = w.len();
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: every row of `y` is written below.
+        let mut y = unsafe { super::linear::uninit(x.len()) };
         y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
             let (mean, rstd) = row_stats(x, self.eps);
             for i in 0..h {
@@ -157,15 +158,36 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, gv) = (tensor_f32(x)?, tensor_f32(w)?, tensor_f32(grad)?);
+        // Frozen (LoRA, a frozen encoder): no weight or bias gradient is kept, so none is summed.
+        let want_params = w.track_op() || _b.track_op();
+        let h = w.elem_count();
+        // SAFETY: every row of `dx` is written below.
+        let mut dx = unsafe { super::linear::uninit(x.elem_count()) };
+        let partial = super::linear::with_f32s([x, w, grad], |[xv, wv, gv]| self.grad_rows(xv, wv, gv, &mut dx, want_params))?;
+        let dev = x.device();
+        let dx = Some(Tensor::from_vec(dx, x.shape(), dev)?);
+        if !want_params {
+            return Ok((dx, None, None));
+        }
+        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+        for (pw, pb) in partial {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        Ok((dx, Some(Tensor::from_vec(dw, w.shape(), dev)?), Some(Tensor::from_vec(db, w.shape(), dev)?)))
+    }
+}
+
+impl LayerNormOp {
+    /// Writes `dx` for every row and returns per-block partial sums of the weight and bias
+    /// gradients (empty when `params` is false).
+    fn grad_rows(&self, xv: &[f32], wv: &[f32], gv: &[f32], dx: &mut [f32], params: bool) -> Vec<(Vec<f32>, Vec<f32>)> {
         let h = wv.len();
-        let mut dx = vec![0f32; xv.len()];
         // Per row: dx = rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂)); dw, db summed over rows.
-        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(h * 64)
+        dx.par_chunks_mut(h * 64)
             .zip(xv.par_chunks(h * 64).zip(gv.par_chunks(h * 64)))
             .map(|(dx, (x, g))| {
-                let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                let (mut dw, mut db) = if params { (vec![0f32; h], vec![0f32; h]) } else { (vec![0f32; 0], vec![0f32; 0]) };
                 for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
                     let (mean, rstd) = row_stats(x, self.eps);
                     let (mut sum_gw, mut sum_gwx) = (0f32, 0f32);
@@ -174,8 +196,12 @@ impl CustomOp3 for LayerNormOp {
                         let gw = g[i] * wv[i];
                         sum_gw += gw;
                         sum_gwx += gw * xhat;
-                        dw[i] += g[i] * xhat;
-                        db[i] += g[i];
+                    }
+                    if params {
+                        for i in 0..h {
+                            dw[i] += g[i] * ((x[i] - mean) * rstd);
+                            db[i] += g[i];
+                        }
                     }
                     let (m1, m2) = (sum_gw / h as f32, sum_gwx / h as f32);
                     for i in 0..h {
@@ -185,18 +211,7 @@ impl CustomOp3 for LayerNormOp {
                 }
                 (dw, db)
             })
-            .collect();
-        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-        for (pw, pb) in partial {
-            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
-        }
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, w.shape(), dev)?),
-        ))
+            .collect()
     }
 }
 
@@ -237,7 +252,8 @@ impl CustomOp1 for DropoutOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: `dropout_chunk` writes every element of each chunk.
+        let mut y = unsafe { super::linear::uninit(x.len()) };
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()

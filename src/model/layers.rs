@@ -150,18 +150,20 @@ impl Linear {
         if self.in_out || self.packed.is_some() || !cpu_fused(xs) || self.weight.track_op() || self.bias.track_op() {
             return Ok(None);
         }
-        self.on_rows(xs, |x2| super::lora_linear::lora_linear(x2, &self.weight, &self.bias, a, b, scale, dropout)).map(Some)
+        super::lora_linear::lora_linear(xs, &self.weight, &self.bias, a, b, scale, dropout).map(Some)
     }
 
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.packed.is_none() && !self.in_out && cpu_fused(xs) {
+            // The fused op reads any rank as rows: no reshape nodes in the training graph.
+            return super::linear::linear(xs, &self.weight, &self.bias);
+        }
         self.on_rows(xs, |x2| {
             if let Some(w) = &self.packed {
                 x2.contiguous()?.apply_op1_no_bwd(&PackedLinear { weight: w.clone(), gelu: false })
             } else if self.in_out {
                 super::linear::linear_in_out(x2, &self.weight, &self.bias)
-            } else if cpu_fused(x2) {
-                super::linear::linear(x2, &self.weight, &self.bias)
             } else {
                 x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
             }

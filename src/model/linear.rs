@@ -40,6 +40,63 @@ pub(super) fn with_f32s<const N: usize, R>(ts: [&Tensor; N], f: impl FnOnce([&[f
     Ok(f(slices))
 }
 
+/// `(rows, width)` of a tensor read as rows of its last dimension: a `[batch, seq, hidden]`
+/// activation goes into a dense layer as `batch·seq` rows without a reshape, which in training
+/// would be one more graph node whose gradient candle zero-fills and adds.
+pub(super) fn rows_of(shape: &Shape) -> Result<(usize, usize)> {
+    match shape.dims().last() {
+        Some(&w) if w > 0 => Ok((shape.elem_count() / w, w)),
+        _ => candle_core::bail!("dense layer: input of shape {shape:?} has no rows"),
+    }
+}
+
+/// `shape` with its last dimension replaced by `n`.
+pub(super) fn with_last(shape: &Shape, n: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
+}
+
+/// A buffer of `len` f32 whose contents are not initialised: for outputs that the caller
+/// writes in full before anything reads them (gemm without `read_dst`, row fills). The
+/// zero-fill `vec![0.0; len]` costs a pass over memory that the writer makes anyway.
+///
+/// # Safety
+/// Every element must be written before it is read.
+// Every f32 bit pattern is a valid value and the callers overwrite the buffer before reading
+// it; candle's own CPU backend allocates its uninitialised outputs the same way.
+#[allow(clippy::uninit_vec)]
+pub(super) unsafe fn uninit(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: capacity is `len`; the caller writes every element before reading (above).
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `m` rows, each a copy of `row`.
+pub(super) fn repeat_rows(m: usize, row: &[f32]) -> Vec<f32> {
+    let n = row.len();
+    // SAFETY: the chunks below cover the whole buffer and each copies a full row into it.
+    let mut y = unsafe { uninit(m * n) };
+    if n > 0 {
+        y.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|r| r.copy_from_slice(row)));
+    }
+    y
+}
+
+/// A new `m×n` matrix holding `lhs·rhs` (strides as in [`gemm`]), written without a zero-fill first.
+pub(super) fn gemm_new(m: usize, n: usize, k: usize, lhs: (&[f32], isize, isize), rhs: (&[f32], isize, isize)) -> Vec<f32> {
+    if k == 0 {
+        return vec![0f32; m * n];
+    }
+    // SAFETY: gemm without `read_dst` writes all m×n elements and reads none of them.
+    let mut dst = unsafe { uninit(m * n) };
+    gemm(m, n, k, &mut dst, false, lhs, rhs);
+    dst
+}
+
 /// `dst (m×n, row-major) = read·dst + lhs·rhs`, with strides (column, row) for each input.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], read: bool, lhs: (&[f32], isize, isize), rhs: (&[f32], isize, isize)) {
@@ -120,14 +177,13 @@ impl CustomOp3 for LinearOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
-        let (m, k) = l1.shape().dims2()?;
+        let (m, k) = rows_of(l1.shape())?;
         let n = b.len();
         check_weight(w, k, n)?;
-        let mut y = vec![0f32; m * n];
-        y.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|r| r.copy_from_slice(b)));
+        let mut y = repeat_rows(m, b);
         // Wᵀ as a k×n matrix: element (kk, j) is w[j·k + kk].
         gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, k as isize, 1));
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), with_last(l1.shape(), n)))
     }
 
     fn bwd(
@@ -138,28 +194,37 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
+        let (m, k) = rows_of(x.shape())?;
         let n = w.dim(0)?;
         let dev = x.device();
         // A frozen weight (LoRA's base, a frozen encoder) is a plain tensor that tracks no op:
         // its gradient, a third of the layer's backward work, is not computed at all.
         let (want_dw, want_db) = (w.track_op(), b.track_op());
-        let mut dx = x.track_op().then(|| vec![0f32; m * k]);
-        let mut dw = want_dw.then(|| vec![0f32; n * k]);
+        let (mut dx, mut dw) = (None, None);
         let db = with_f32(grad, |g| {
-            if let Some(dx) = dx.as_mut() {
-                with_f32(w, |wv| input_grad(m, k, n, dx, g, wv))?;
+            if x.track_op() {
+                dx = Some(with_f32(w, |wv| input_grad_new(m, k, n, g, wv))?);
             }
-            if let Some(dw) = dw.as_mut() {
+            if want_dw {
                 // gᵀ as an n×m matrix: element (j, i) is g[i·n + j].
-                with_f32(x, |xv| gemm(n, k, m, dw, false, (g, n as isize, 1), (xv, 1, k as isize)))?;
+                dw = Some(with_f32(x, |xv| gemm_new(n, k, m, (g, n as isize, 1), (xv, 1, k as isize)))?);
             }
             Ok::<_, candle_core::Error>(want_db.then(|| column_sums(g, n)))
         })??;
-        let dx = dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?;
+        let dx = dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?;
         let dw = dw.map(|v| Tensor::from_vec(v, (n, k), dev)).transpose()?;
         Ok((dx, dw, db.map(|v| Tensor::from_vec(v, n, dev)).transpose()?))
     }
+}
+
+/// A new `m×k` matrix holding `g (m×n) · W (n×k)`, as [`input_grad`] computes it.
+pub(super) fn input_grad_new(m: usize, k: usize, n: usize, g: &[f32], w: &[f32]) -> Vec<f32> {
+    if m * k > 256 * 1024 || n < 2 * SUM_PART {
+        return gemm_new(m, k, n, (g, 1, n as isize), (w, 1, k as isize));
+    }
+    let mut dx = vec![0f32; m * k];
+    input_grad(m, k, n, &mut dx, g, w);
+    dx
 }
 
 /// Output columns per part when [`input_grad`] splits a long sum.
@@ -335,7 +400,7 @@ pub fn linear_in_out_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> 
     x.contiguous()?.apply_op3_no_bwd(w, b, &LinearInOut { gelu: true })
 }
 
-/// `x·Wᵀ + b` for 2-D `x` on CPU f32, differentiable in all three.
+/// `x·Wᵀ + b` over the last dimension of `x` (any rank) on CPU f32, differentiable in all three.
 pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LinearOp)
 }

@@ -10,7 +10,9 @@
 //! the backward pass: the op and the composed path give the same values.
 
 use super::kernels::CHUNK;
-use super::linear::{check_weight, f32s, gemm, gemm_scaled, input_grad, with_f32, with_f32s};
+use super::linear::{
+    check_weight, f32s, gemm, gemm_new, gemm_scaled, input_grad_new, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last,
+};
 use super::simd::simd_kernel;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -55,7 +57,8 @@ simd_kernel! {
 impl Dropped {
     fn draw(x: &[f32], p: f64, seed: u64) -> Self {
         let (keep_below, factor) = super::rng::keep_rule(p);
-        let (mut y, mut kept) = (vec![0f32; x.len()], vec![0u8; x.len()]);
+        // SAFETY: `drop_chunk` writes every element of `y` (the chunks cover it).
+        let (mut y, mut kept) = (unsafe { uninit(x.len()) }, vec![0u8; x.len()]);
         y.par_chunks_mut(CHUNK)
             .zip(kept.par_chunks_mut(CHUNK))
             .zip(x.par_chunks(CHUNK))
@@ -65,9 +68,10 @@ impl Dropped {
     }
 }
 
-/// Rows, inputs, rank and outputs of `x [m, k]`, `A [r, k]`, `B [n, r]`, checked against each other.
+/// Rows, inputs, rank and outputs of `x [.., k]` (as `m` rows), `A [r, k]`, `B [n, r]`, checked
+/// against each other.
 fn dims(x: &Layout, a: &Layout, b: &Layout) -> Result<(usize, usize, usize, usize)> {
-    let (m, k) = x.shape().dims2()?;
+    let (m, k) = rows_of(x.shape())?;
     let (r, ka) = a.shape().dims2()?;
     let (n, rb) = b.shape().dims2()?;
     if ka != k || rb != r {
@@ -94,10 +98,8 @@ impl CustomOp3 for LoraLinear {
         let (m, k, r, n) = dims(l1, l2, l3)?;
         let xd = self.dropped.as_ref().map_or(x, |d| &d.x);
         // low = drop(x)·Aᵀ, m×r; Aᵀ as a k×r matrix: element (kk, j) is a[j·k + kk].
-        let mut low = vec![0f32; m * r];
-        gemm(m, r, k, &mut low, false, (xd, 1, k as isize), (a, k as isize, 1));
-        let mut y = vec![0f32; m * n];
-        with_f32(&self.bias, |b| y.par_chunks_mut(n * 64).for_each(|rows| rows.chunks_mut(n).for_each(|row| row.copy_from_slice(b))))?;
+        let low = gemm_new(m, r, k, (xd, 1, k as isize), (a, k as isize, 1));
+        let mut y = with_f32(&self.bias, |b| repeat_rows(m, b))?;
         with_f32(&self.weight, |w| {
             check_weight(w, k, n)?;
             gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, k as isize, 1));
@@ -105,7 +107,7 @@ impl CustomOp3 for LoraLinear {
         })??;
         // y += s·low·Bᵀ; Bᵀ as an r×n matrix: element (j, o) is bm[o·r + j].
         gemm_scaled(m, n, r, &mut y, true, (&low, 1, r as isize), (bm, r as isize, 1), self.scale);
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((CpuStorage::F32(y), with_last(l1.shape(), n)))
     }
 
     fn bwd(
@@ -116,16 +118,13 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, k) = x.dims2()?;
+        let (m, k) = rows_of(x.shape())?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
         let s = self.scale;
-        // The first layer's input comes from the frozen embeddings: no gradient is wanted there.
-        let mut dx = x.track_op().then(|| vec![0f32; m * k]);
         let (mut da, mut db) = (vec![0f32; r * k], vec![0f32; n * r]);
-        with_f32s([grad, x, a, b, &self.weight], |[g, xv, av, bv, w]| {
+        let dx = with_f32s([grad, x, a, b, &self.weight], |[g, xv, av, bv, w]| {
             let xd = self.dropped.as_ref().map_or(xv, |d| &d.x);
-            let mut low = vec![0f32; m * r];
-            gemm(m, r, k, &mut low, false, (xd, 1, k as isize), (av, k as isize, 1));
+            let low = gemm_new(m, r, k, (xd, 1, k as isize), (av, k as isize, 1));
             // gl = s·g·B (m×r), the gradient of low.
             let mut gl = vec![0f32; m * r];
             gemm_scaled(m, r, n, &mut gl, false, (g, 1, n as isize), (bv, 1, r as isize), s);
@@ -133,31 +132,34 @@ impl CustomOp3 for LoraLinear {
             gemm_scaled(n, r, m, &mut db, false, (g, n as isize, 1), (&low, 1, r as isize), s);
             // dA = glᵀ·drop(x) (r×k).
             gemm(r, k, m, &mut da, false, (&gl, r as isize, 1), (xd, 1, k as isize));
+            // The first layer's input comes from the frozen embeddings: no gradient is wanted there.
+            if !x.track_op() {
+                return None;
+            }
             // dx = g·W + drop'(gl·A): the base path and the adapter's path.
-            let Some(dx) = dx.as_mut() else { return };
-            input_grad(m, k, n, dx, g, w);
+            let mut dx = input_grad_new(m, k, n, g, w);
             match &self.dropped {
-                None => gemm(m, k, r, dx, true, (&gl, 1, r as isize), (av, 1, k as isize)),
+                None => gemm(m, k, r, &mut dx, true, (&gl, 1, r as isize), (av, 1, k as isize)),
                 Some(d) => {
-                    let mut t = vec![0f32; m * k];
-                    gemm(m, k, r, &mut t, false, (&gl, 1, r as isize), (av, 1, k as isize));
+                    let t = gemm_new(m, k, r, (&gl, 1, r as isize), (av, 1, k as isize));
                     dx.par_chunks_mut(CHUNK)
                         .zip(t.par_chunks(CHUNK))
                         .zip(d.kept.par_chunks(CHUNK))
                         .for_each(|((dx, t), kept)| add_kept(dx, t, kept, d.factor));
                 }
             }
+            Some(dx)
         })?;
         let dev = x.device();
         Ok((
-            dx.map(|dx| Tensor::from_vec(dx, (m, k), dev)).transpose()?,
+            dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev)).transpose()?,
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(db, (n, r), dev)?),
         ))
     }
 }
 
-/// `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` for 2-D `x` `[rows, in]` on CPU f32, `W` `[out, in]`,
+/// `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ` over the last dimension of `x` `[.., in]` on CPU f32, `W` `[out, in]`,
 /// `A` `[r, in]`, `B` `[out, r]`. Differentiable in `x`, `A` and `B`; `W` and `b` are the frozen
 /// base (no gradient). `dropout` is `(p, seed)` in training, the mask drawn as
 /// `kernels::dropout` draws it.
@@ -178,7 +180,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// The fused op against the same maths from candle ops: values, and the gradients of `x`,
-    /// `A` and `B`, with and without dropout (20×300 inputs span more than one dropout chunk).
+    /// `A` and `B`, with and without dropout (4×5×300 inputs, read as 20 rows, span more than
+    /// one dropout chunk).
     #[test]
     fn fused_lora_layer_matches_composed_ops_in_values_and_gradients() {
         let dev = Device::Cpu;
@@ -190,7 +193,7 @@ mod tests {
         };
         let (w, b) = (rand(&[n, k], 1), rand(&[n], 2));
         for dropout in [None, Some((0.3, 99))] {
-            let x = Var::from_tensor(&rand(&[m, k], 3)).unwrap();
+            let x = Var::from_tensor(&rand(&[4, m / 4, k], 3)).unwrap();
             let a = Var::from_tensor(&rand(&[r, k], 4)).unwrap();
             let bm = Var::from_tensor(&rand(&[n, r], 5)).unwrap();
             let fused = lora_linear(&x, &w, &b, &a, &bm, 2.0, dropout).unwrap();
@@ -198,10 +201,11 @@ mod tests {
                 Some((p, seed)) => super::super::kernels::dropout(&x, p, seed).unwrap(),
                 None => x.as_tensor().clone(),
             };
-            let base = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
-            let term = (xd.matmul(&a.t().unwrap()).unwrap().matmul(&bm.t().unwrap()).unwrap() * 2.0).unwrap();
+            let base = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let term = (xd.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&bm.t().unwrap()).unwrap() * 2.0).unwrap();
             let composed = (base + term).unwrap();
-            let weights = rand(&[m, n], 6);
+            assert_eq!(fused.dims(), &[4, m / 4, n]);
+            let weights = rand(&[4, m / 4, n], 6);
             let fused_grads = (&fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             let composed_grads = (&composed * &weights).unwrap().sum_all().unwrap().backward().unwrap();
             let diff = |p: &Tensor, q: &Tensor| (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

@@ -97,14 +97,21 @@ impl CustomOp3 for LoraLinear {
         let (x, a, bm) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let (m, k, r, n) = dims(l1, l2, l3)?;
         let xd = self.dropped.as_ref().map_or(x, |d| &d.x);
-        // low = drop(x)·Aᵀ, m×r; Aᵀ as a k×r matrix: element (kk, j) is a[j·k + kk].
-        let low = gemm_new(m, r, k, (xd, 1, k as isize), (a, k as isize, 1));
         let mut y = with_f32(&self.bias, |b| repeat_rows(m, b))?;
-        with_f32(&self.weight, |w| {
-            check_weight(w, k, n)?;
-            gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, k as isize, 1));
-            Ok::<_, candle_core::Error>(())
-        })??;
+        // The adapter's small product runs on one thread (see `linear::gemm_scaled`), beside the
+        // base layer's product on the others rather than after it.
+        // low = drop(x)·Aᵀ, m×r; Aᵀ as a k×r matrix: element (kk, j) is a[j·k + kk].
+        let (low, base) = rayon::join(
+            || gemm_new(m, r, k, (xd, 1, k as isize), (a, k as isize, 1)),
+            || {
+                with_f32(&self.weight, |w| {
+                    check_weight(w, k, n)?;
+                    gemm(m, n, k, &mut y, true, (x, 1, k as isize), (w, k as isize, 1));
+                    Ok::<_, candle_core::Error>(())
+                })
+            },
+        );
+        base??;
         // y += s·low·Bᵀ; Bᵀ as an r×n matrix: element (j, o) is bm[o·r + j].
         gemm_scaled(m, n, r, &mut y, true, (&low, 1, r as isize), (bm, r as isize, 1), self.scale);
         Ok((CpuStorage::F32(y), with_last(l1.shape(), n)))
@@ -124,29 +131,34 @@ impl CustomOp3 for LoraLinear {
         let (mut da, mut db) = (vec![0f32; r * k], vec![0f32; n * r]);
         let dx = with_f32s([grad, x, a, b, &self.weight], |[g, xv, av, bv, w]| {
             let xd = self.dropped.as_ref().map_or(xv, |d| &d.x);
-            let low = gemm_new(m, r, k, (xd, 1, k as isize), (av, k as isize, 1));
-            // gl = s·g·B (m×r), the gradient of low.
-            let mut gl = vec![0f32; m * r];
-            gemm_scaled(m, r, n, &mut gl, false, (g, 1, n as isize), (bv, 1, r as isize), s);
-            // dB = s·gᵀ·low (n×r); gᵀ as n×m: element (o, i) is g[i·n + o].
-            gemm_scaled(n, r, m, &mut db, false, (g, n as isize, 1), (&low, 1, r as isize), s);
-            // dA = glᵀ·drop(x) (r×k).
-            gemm(r, k, m, &mut da, false, (&gl, r as isize, 1), (xd, 1, k as isize));
             // The first layer's input comes from the frozen embeddings: no gradient is wanted there.
-            if !x.track_op() {
-                return None;
-            }
+            let want_dx = x.track_op();
+            // The adapter's small products, one after another on one thread, run beside the base
+            // layer's input gradient on the other threads.
+            let adapter = || {
+                let low = gemm_new(m, r, k, (xd, 1, k as isize), (av, k as isize, 1));
+                // gl = s·g·B (m×r), the gradient of low.
+                let mut gl = vec![0f32; m * r];
+                gemm_scaled(m, r, n, &mut gl, false, (g, 1, n as isize), (bv, 1, r as isize), s);
+                // dB = s·gᵀ·low (n×r); gᵀ as n×m: element (o, i) is g[i·n + o].
+                gemm_scaled(n, r, m, &mut db, false, (g, n as isize, 1), (&low, 1, r as isize), s);
+                // dA = glᵀ·drop(x) (r×k).
+                gemm(r, k, m, &mut da, false, (&gl, r as isize, 1), (xd, 1, k as isize));
+                // drop(x)'s gradient gl·A, to go through the mask into x's.
+                let t = (want_dx && self.dropped.is_some()).then(|| gemm_new(m, k, r, (&gl, 1, r as isize), (av, 1, k as isize)));
+                (gl, t)
+            };
+            let ((gl, t), dx) = rayon::join(adapter, || want_dx.then(|| input_grad_new(m, k, n, g, w)));
             // dx = g·W + drop'(gl·A): the base path and the adapter's path.
-            let mut dx = input_grad_new(m, k, n, g, w);
-            match &self.dropped {
-                None => gemm(m, k, r, &mut dx, true, (&gl, 1, r as isize), (av, 1, k as isize)),
-                Some(d) => {
-                    let t = gemm_new(m, k, r, (&gl, 1, r as isize), (av, 1, k as isize));
+            let mut dx = dx?;
+            match (&self.dropped, t) {
+                (Some(d), Some(t)) => {
                     dx.par_chunks_mut(CHUNK)
                         .zip(t.par_chunks(CHUNK))
                         .zip(d.kept.par_chunks(CHUNK))
                         .for_each(|((dx, t), kept)| add_kept(dx, t, kept, d.factor));
                 }
+                _ => gemm(m, k, r, &mut dx, true, (&gl, 1, r as isize), (av, 1, k as isize)),
             }
             Some(dx)
         })?;

@@ -280,6 +280,19 @@ impl Bert {
         let attn = lr.linear(i, Target::AttnOut, &l.attn_out, &ctx, mode)?;
         let attn = mode.dropout(&attn, self.cfg.hidden_dropout_prob)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
+        let ffn_frozen = !lr.touches(i, Target::Intermediate) && !lr.touches(i, Target::Output);
+        if ffn_frozen
+            && mode.is_train()
+            && x.track_op()
+            && self.cfg.hidden_act == "gelu"
+            && l.intermediate.frozen_on_cpu(&x)
+            && l.output.frozen_on_cpu(&x)
+        {
+            // LoRA on the attention only: the whole feed-forward block is one op (`model::frozen_ffn`).
+            let out = super::frozen_ffn::frozen_ffn(&x, &l.intermediate.weight, &l.intermediate.bias, &l.output.weight, &l.output.bias)?;
+            let out = mode.dropout(&out, self.cfg.hidden_dropout_prob)?;
+            return l.out_norm.forward(&(out + x)?, mode);
+        }
         let inter = if lr.touches(i, Target::Intermediate) {
             // The adapter's term goes in before the activation, so the fused GELU cannot be used.
             let pre = lr.linear(i, Target::Intermediate, &l.intermediate, &x, mode)?;

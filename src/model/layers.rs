@@ -153,6 +153,12 @@ impl Linear {
         super::lora_linear::lora_linear(xs, &self.weight, &self.bias, a, b, scale, dropout).map(Some)
     }
 
+    /// Whether this is a frozen layer in PyTorch's layout that the fused CPU ops take for `xs`
+    /// (f32 on the CPU, neither weight nor bias trained, not prepared for inference).
+    pub fn frozen_on_cpu(&self, xs: &Tensor) -> bool {
+        !self.in_out && self.packed.is_none() && cpu_fused(xs) && !self.weight.track_op() && !self.bias.track_op()
+    }
+
     /// Applies the layer to the last dimension of `xs` (any rank).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.packed.is_none() && !self.in_out && cpu_fused(xs) {

@@ -11,6 +11,7 @@ pub mod config;
 mod cuda;
 pub mod device_ops;
 mod fastmath;
+pub mod frozen_ffn;
 pub mod kernels;
 pub mod layers;
 pub mod linear;

@@ -98,9 +98,11 @@ impl<'a> LowRank<'a> {
                 if let Some(y) = base.forward_lora(x, a, b, set.scale, dropout)? {
                     return Ok(y);
                 }
-                let y = base.forward(x)?;
-                let d = lora_term(&dropout_or_none(x, dropout)?, a, b, set.scale)?;
-                return y + d;
+                if mode.is_train() {
+                    let y = base.forward(x)?;
+                    let d = lora_term(&dropout_or_none(x, dropout)?, a, b, set.scale)?;
+                    return y + d;
+                }
             }
         }
         self.add(layer, target, x, base.forward(x)?, mode)
@@ -111,6 +113,9 @@ impl<'a> LowRank<'a> {
     pub fn add(&self, layer: usize, target: Target, x: &Tensor, y: Tensor, mode: &mut Mode) -> Result<Tensor> {
         if !self.touches(layer, target) {
             return Ok(y);
+        }
+        if !mode.is_train() && super::adapter_terms::applies(&self.groups, layer, target, x, &y) {
+            return super::adapter_terms::add_terms(&self.groups, layer, target, x, &y);
         }
         let delta = |set: &LowRankSet, x: &Tensor, mode: &mut Mode| -> Result<Option<Tensor>> {
             let Some((a, b)) = set.pairs.get(&(layer, target)) else { return Ok(None) };

@@ -1,6 +1,7 @@
 //! The BERT model, its heads, and Hugging Face model directories.
 
 pub mod adapter_serving;
+pub mod adapter_terms;
 pub mod adapters;
 pub mod artifacts;
 pub mod attention;

@@ -8,15 +8,12 @@
 //! pass is two products and one multiply in place. Neither weight gets a gradient.
 
 use super::fastmath::{erf_given_exp, exp};
-use super::kernels::CHUNK;
+use super::kernels::{CHUNK, INV_SQRT_2PI, SQRT_2_INV};
 use super::linear::{check_weight, f32s, gemm, input_grad_new, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last};
 use super::simd::simd_kernel;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
-
-const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
-const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 simd_kernel! {
     /// Exact GELU of `y` in place, and its derivative at the same points into `d`.

@@ -39,8 +39,8 @@ pub fn set_fused_cpu_kernels(on: bool) -> bool {
     FUSED_CPU.with(|f| f.replace(on))
 }
 
-const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
-const INV_SQRT_2PI: f32 = 0.398_942_3;
+pub(super) const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
+pub(super) const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 simd_kernel! {
     /// Exact GELU in place.

@@ -147,7 +147,7 @@ impl Linear {
     /// this layer frozen (see `model::lora_linear`); `None` where that op does not apply: another
     /// device or dtype, a layer prepared for inference, or a weight that is itself trained.
     pub fn forward_lora(&self, xs: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: Option<(f64, u64)>) -> Result<Option<Tensor>> {
-        if self.in_out || self.packed.is_some() || !cpu_fused(xs) || self.weight.track_op() || self.bias.track_op() {
+        if !self.frozen_on_cpu(xs) {
             return Ok(None);
         }
         super::lora_linear::lora_linear(xs, &self.weight, &self.bias, a, b, scale, dropout).map(Some)

@@ -7,28 +7,12 @@
 //! derivative beside GELU itself (they share one `exp`) and keeps only that; the backward
 //! pass is two products and one multiply in place. Neither weight gets a gradient.
 
-use super::fastmath::{erf_given_exp, exp};
-use super::kernels::{CHUNK, INV_SQRT_2PI, SQRT_2_INV};
+use super::kernels::{gelu_with_grad, CHUNK};
 use super::linear::{check_weight, f32s, gemm, input_grad_new, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last};
 use super::simd::simd_kernel;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::OnceLock;
-
-simd_kernel! {
-    /// Exact GELU of `y` in place, and its derivative at the same points into `d`.
-    fn gelu_with_grad(y: &mut [f32], d: &mut [f32]) {
-        for (v, d) in y.iter_mut().zip(d.iter_mut()) {
-            let x = *v;
-            let a = x * SQRT_2_INV;
-            let e = exp(-a * a);
-            let erf = erf_given_exp(a, e);
-            // The same rounding as `kernels::gelu_in_place`.
-            *v = 0.5 * x * (1.0 + erf);
-            *d = 0.5 * (1.0 + erf) + x * INV_SQRT_2PI * e;
-        }
-    }
-}
 
 simd_kernel! {
     fn mul_in_place(y: &mut [f32], d: &[f32]) {

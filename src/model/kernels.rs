@@ -39,8 +39,8 @@ pub fn set_fused_cpu_kernels(on: bool) -> bool {
     FUSED_CPU.with(|f| f.replace(on))
 }
 
-pub(super) const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
-pub(super) const INV_SQRT_2PI: f32 = 0.398_942_3;
+const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 simd_kernel! {
     /// Exact GELU in place.
@@ -58,6 +58,21 @@ simd_kernel! {
             let e = exp(-0.5 * x * x);
             let cdf = 0.5 * (1.0 + erf_given_exp(x * SQRT_2_INV, e));
             *o = g * (cdf + x * INV_SQRT_2PI * e);
+        }
+    }
+}
+
+simd_kernel! {
+    /// Exact GELU of `y` in place, and its derivative at the same points into `d`.
+    pub(super) fn gelu_with_grad(y: &mut [f32], d: &mut [f32]) {
+        for (v, d) in y.iter_mut().zip(d.iter_mut()) {
+            let x = *v;
+            let a = x * SQRT_2_INV;
+            let e = exp(-a * a);
+            let erf = erf_given_exp(a, e);
+            // The same rounding as `gelu_in_place`.
+            *v = 0.5 * x * (1.0 + erf);
+            *d = 0.5 * (1.0 + erf) + x * INV_SQRT_2PI * e;
         }
     }
 }
@@ -154,12 +169,12 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Frozen (LoRA, a frozen encoder): no weight or bias gradient is kept, so none is summed.
-        let want_params = w.track_op() || _b.track_op();
+        let want_params = w.track_op() || b.track_op();
         let h = w.elem_count();
         // SAFETY: every row of `dx` is written below.
         let mut dx = unsafe { super::linear::uninit(x.elem_count()) };

@@ -6,6 +6,9 @@ labeled rows with the same settings, both scored on the test set through predict
   python3 bench/domain_adapt.py --url http://127.0.0.1:8099 --model all-minilm-l6-v2 \
       --data ../shared/datasets/banking77 --labeled 1000 --out domain.json
 
+--mlm-anchor-weight sets the masked-LM job's sentence-embedding anchor (0 turns it off);
+--only-adapted skips the parent's fine-tunes (deterministic: the same figures every run).
+
 With --scratch-config '{"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2}' the
 masked-LM job starts from a fresh model of that shape (--model only lends its tokenizer), and
 --baseline names the model it is compared with (e.g. a random init of the same shape made by
@@ -37,6 +40,8 @@ def main():
     ap.add_argument("--scratch-config", help="JSON config: pre-train from scratch")
     ap.add_argument("--baseline", help="model to compare with (default: --model)")
     ap.add_argument("--corpus", nargs="+", help="data set dirs whose training texts make the masked-LM corpus (default: --data)")
+    ap.add_argument("--mlm-anchor-weight", type=float, help="the masked-LM job's mlm_anchor_weight (default: the job's own)")
+    ap.add_argument("--only-adapted", action="store_true", help="fine-tune only the adapted base (the parent's runs are deterministic: reuse them)")
     ap.add_argument("--out")
     a = ap.parse_args()
     u = a.url.rstrip("/")
@@ -46,6 +51,8 @@ def main():
     texts = upload(u, corpus, "domain-texts")
     hp = {"epochs": a.mlm_epochs, "batch_size": a.batch_size, "learning_rate": a.mlm_lr, "max_seq_len": a.max_len, "seed": a.seed,
           "group_by_length": a.mlm_group_by_length}
+    if a.mlm_anchor_weight is not None:
+        hp["mlm_anchor_weight"] = a.mlm_anchor_weight
     job = {"base_model": a.model, "training_dataset": texts, "task": "mlm", "model_name": "domain-base", "hyperparameters": hp}
     if a.scratch_config:
         job["config"] = json.loads(a.scratch_config)
@@ -58,7 +65,7 @@ def main():
     for seed in a.seeds or [a.seed]:
         hp = {"epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.lr, "max_seq_len": a.max_len,
               "seed": seed, "pooling": a.pooling}
-        for base in ["domain-base", a.baseline or a.model]:
+        for base in ["domain-base"] + ([] if a.only_adapted else [a.baseline or a.model]):
             job = run_job(u, {"base_model": base, "training_dataset": labeled, "validation_dataset": val, "hyperparameters": hp})
             accuracy, f1 = score(u, job["model"], test)
             results.setdefault(base, {"runs": {}})["runs"][seed] = {"test_accuracy": accuracy, "test_macro_f1": f1,

@@ -99,6 +99,13 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
     if task != JobTask::Mlm && hp.mlm_head_warmup_steps.is_some() {
         return Err(ApiError::invalid("hyperparameters.mlm_head_warmup_steps", "applies only to masked-LM jobs (\"task\": \"mlm\")"));
     }
+    if task != JobTask::Mlm && hp.mlm_anchor_weight.is_some() {
+        return Err(ApiError::invalid("hyperparameters.mlm_anchor_weight", "applies only to masked-LM jobs (\"task\": \"mlm\")"));
+    }
+    if req.config.is_some() && hp.mlm_anchor_weight.is_some_and(|w| w > 0.0) {
+        let msg = "a job from config starts from random weights: there are no sentence embeddings to keep";
+        return Err(ApiError::invalid("hyperparameters.mlm_anchor_weight", msg));
+    }
     if task == JobTask::Mlm && hp.method != crate::train::hyper::Method::Full {
         return Err(ApiError::invalid("hyperparameters.method", "masked-LM pre-training trains every weight: method must be \"full\""));
     }

@@ -50,6 +50,18 @@ impl MaskedLm {
 
     /// Vocabulary logits `[n, vocab]` at the flat positions `rows` (u32, index into `batch × seq`).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, rows: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        Ok(self.forward_with_hidden(ids, type_ids, mask, rows, mode)?.0)
+    }
+
+    /// The logits of [`Self::forward`] and the encoder's last hidden states `[batch, seq, hidden]`.
+    pub fn forward_with_hidden(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        rows: &Tensor,
+        mode: &mut Mode,
+    ) -> Result<(Tensor, Tensor)> {
         let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
         let (b, s, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * s, h))?.index_select(rows, 0)?;
@@ -57,7 +69,8 @@ impl MaskedLm {
         let x = self.norm.forward(&x, mode)?;
         // As a dense layer (the tied embeddings are its `[vocab, hidden]` weight), whose own
         // backward writes the embeddings' gradient untransposed and sums the bias gradient.
-        Linear::new(self.word_embeddings.clone(), self.bias.clone()).forward(&x)
+        let logits = Linear::new(self.word_embeddings.clone(), self.bias.clone()).forward(&x)?;
+        Ok((logits, hidden))
     }
 }
 

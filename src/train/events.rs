@@ -182,6 +182,21 @@ pub struct MlmReport {
     pub train_loss: Option<f64>,
     pub loss: f64,
     pub perplexity: f64,
+    /// Mean cosine similarity between the held-out texts' sentence embeddings now and under
+    /// the base (1 before training); for a base whose sentence-transformers files name its pooling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_similarity: Option<f64>,
+}
+
+impl MlmReport {
+    /// The held-out figures as a job's metrics show them.
+    pub fn validation_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({"loss": self.loss, "perplexity": self.perplexity});
+        if let Some(s) = self.embedding_similarity {
+            v["embedding_similarity"] = serde_json::json!(s);
+        }
+        v
+    }
 }
 
 #[cfg(test)]

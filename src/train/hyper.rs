@@ -25,6 +25,7 @@ pub struct HyperparametersInput {
     pub lora_dropout: Option<f64>,
     pub lora_target_modules: Option<Vec<String>>,
     pub mlm_head_warmup_steps: Option<u64>,
+    pub mlm_anchor_weight: Option<f64>,
 }
 
 /// `epochs` as a request gives it: a count, or `"auto"`.
@@ -90,6 +91,11 @@ pub struct Hyperparameters {
     /// everything trains. `None`: chosen by the job (see `train::mlm::head_warmup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlm_head_warmup_steps: Option<usize>,
+    /// Masked-LM jobs: the weight of the term that keeps each text's sentence embedding (the
+    /// base's own pooling) where the base put it. `None`: chosen by the job (see
+    /// `train::anchor::default_weight`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlm_anchor_weight: Option<f64>,
 }
 
 /// Which weights a fine-tuning job trains.
@@ -198,6 +204,10 @@ impl HyperparametersInput {
             mlm_head_warmup_steps: match self.mlm_head_warmup_steps {
                 None => None,
                 Some(n) => Some(int_in("mlm_head_warmup_steps", Some(n), 0, 0, 1_000_000)?),
+            },
+            mlm_anchor_weight: match self.mlm_anchor_weight {
+                None => None,
+                w => Some(float_in("mlm_anchor_weight", w, 0.0, 0.0, 1000.0, false)?),
             },
         })
     }

@@ -1,6 +1,7 @@
 //! Masked-language-model pre-training: continues a checkpoint (or starts from a fresh
 //! config) on a dataset's texts and writes a new base model.
 
+use super::anchor;
 use super::checkpoint::{CheckpointMeta, CheckpointPlan};
 use super::data::batch_order;
 pub use super::events::MlmReport;
@@ -13,6 +14,7 @@ use crate::dataset::Row;
 use crate::model::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::bert::encoder_params;
 use crate::model::bert::Getter;
+use crate::model::classifier::Pooling;
 use crate::model::layers::Mode;
 use crate::model::mlm::{head_params, mask_tokens, Masked, MaskedLm};
 use crate::model::params::Params;
@@ -63,6 +65,8 @@ struct Batch {
     rows: Tensor,
     labels: Tensor,
     count: usize,
+    /// The base's unit embeddings of the batch's clean texts, when the anchor is on.
+    targets: Option<Tensor>,
 }
 
 fn make_batch(masked: &[Masked], pad: u32, device: &Device) -> candle_core::Result<Batch> {
@@ -79,6 +83,7 @@ fn make_batch(masked: &[Masked], pad: u32, device: &Device) -> candle_core::Resu
         rows: Tensor::new(rows, device)?,
         labels: Tensor::new(labels, device)?,
         count,
+        targets: None,
     })
 }
 
@@ -116,17 +121,22 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     crate::compute::keep_freed_memory();
     let hp = &req.hp;
     let base_err = |e: anyhow::Error| TrainError::BaseModel(format!("{e:#}"));
-    let (mut cfg, tokenizer_dir, weights) = match &req.start {
+    // `sentence`: the pooling sentence-transformers files give the base; `pooling`: how the
+    // anchor reads a sentence embedding (`None` from scratch: there is nothing to keep).
+    let (mut cfg, tokenizer_dir, weights, sentence, pooling) = match &req.start {
         Start::Checkpoint(dir) => {
             let info = inspect(dir).map_err(base_err)?;
-            (info.config, dir.clone(), load_weights(dir, &req.device).map_err(base_err)?)
+            let sentence = info.sentence_pooling.as_deref().and_then(Pooling::parse);
+            let pooling = Pooling::parse(&info.auto_pooling()).unwrap_or(Pooling::Cls);
+            (info.config, dir.clone(), load_weights(dir, &req.device).map_err(base_err)?, sentence, Some(pooling))
         }
         Start::Scratch { spec, tokenizer_dir } => {
             let tok = load_tokenizer(tokenizer_dir).map_err(base_err)?;
             let pad = tok.token_to_id("[PAD]").unwrap_or(0) as usize;
-            (spec.config(tok.get_vocab_size(true), pad), tokenizer_dir.clone(), HashMap::new())
+            (spec.config(tok.get_vocab_size(true), pad), tokenizer_dir.clone(), HashMap::new(), None, None)
         }
     };
+    let anchor_weight = pooling.map_or(0.0, |_| hp.mlm_anchor_weight.unwrap_or_else(|| anchor::default_weight(sentence)));
     let tok = load_tokenizer(&tokenizer_dir).map_err(base_err)?;
     let mask_id = tok.token_to_id("[MASK]").ok_or_else(|| TrainError::BaseModel("the tokenizer has no [MASK] token".into()))?;
     let special: HashSet<u32> = tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
@@ -148,10 +158,8 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let train = tokenize(&train_rows, &tok, hp.max_seq_len)?;
     let vocab = cfg.vocab_size as u32;
     let mut val_rng = ChaCha8Rng::seed_from_u64(hp.seed.wrapping_add(1));
-    let val: Vec<Masked> = tokenize(&val_rows, &tok, hp.max_seq_len)?
-        .iter()
-        .map(|ids| mask_tokens(ids, &special, mask_id, vocab, req.mask_prob, &mut val_rng))
-        .collect();
+    let val_clean = tokenize(&val_rows, &tok, hp.max_seq_len)?;
+    let val: Vec<Masked> = val_clean.iter().map(|ids| mask_tokens(ids, &special, mask_id, vocab, req.mask_prob, &mut val_rng)).collect();
     let mut spec = encoder_params(&cfg);
     let h = cfg.hidden_size;
     spec.push(("pooler.dense.weight".into(), vec![h, h]));
@@ -175,6 +183,26 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         params.count()
     )));
     let model_eval = MaskedLm::load(&|n| params.detached(n), &cfg)?;
+    // Measured on the base's weights: a resumed run restores its own only inside the loop.
+    let pad = cfg.pad_token_id as u32;
+    let watch = sentence.or(pooling.filter(|_| anchor_weight > 0.0));
+    let anchor = match watch {
+        Some(p) => {
+            let train_targets =
+                if anchor_weight > 0.0 { Some(anchor::embed(&model_eval.bert, &train, p, pad, &req.device)?) } else { None };
+            obs.on_event(Event::Message(match train_targets {
+                Some(_) => format!("keeping sentence embeddings ({} pooling) near the base's: anchor weight {anchor_weight}", p.as_str()),
+                None => format!("sentence embeddings ({} pooling) are free to move: anchor weight 0", p.as_str()),
+            }));
+            Some(Anchor {
+                pooling: p,
+                weight: anchor_weight,
+                train: train_targets,
+                val: anchor::embed(&model_eval.bert, &val_clean, p, pad, &req.device)?,
+            })
+        }
+        None => None,
+    };
     let mut obj = Pretrain {
         lengths: train.iter().map(Vec::len).collect(),
         train,
@@ -187,6 +215,8 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         hp,
         device: &req.device,
         model_eval,
+        val_clean,
+        anchor,
         before: None,
         last: None,
     };
@@ -237,6 +267,8 @@ struct Pretrain<'a> {
     hp: &'a Hyperparameters,
     device: &'a Device,
     model_eval: MaskedLm,
+    val_clean: Vec<Vec<u32>>,
+    anchor: Option<Anchor>,
     /// Held-out loss before training (from the checkpoint when resumed).
     before: Option<f64>,
     last: Option<MlmReport>,
@@ -259,13 +291,24 @@ impl run_loop::Objective for Pretrain<'_> {
             .iter()
             .map(|&i| mask_tokens(&self.train[i], &self.special, self.mask_id, self.vocab, self.mask_prob, &mut *rng))
             .collect();
-        let b = make_batch(&masked, self.cfg.pad_token_id as u32, self.device)?;
+        let mut b = make_batch(&masked, self.cfg.pad_token_id as u32, self.device)?;
+        if let Some(targets) = self.anchor.as_ref().and_then(|a| a.train.as_ref()) {
+            let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+            b.targets = Some(targets.index_select(&Tensor::new(idx, self.device)?, 0)?);
+        }
         Ok((b.count > 0).then_some(b))
     }
 
     fn loss(&self, model: &MaskedLm, b: &Batch, rng: &mut ChaCha8Rng) -> Result<Tensor, TrainError> {
-        let logits = model.forward(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(rng))?.to_dtype(DType::F32)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
+        let (logits, hidden) = model.forward_with_hidden(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(rng))?;
+        let mlm = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &b.labels)?;
+        match (&self.anchor, &b.targets) {
+            (Some(a), Some(targets)) => {
+                let keep = anchor::loss(&anchor::pool(&hidden, &b.mask, a.pooling)?, targets)?;
+                Ok((mlm + keep.affine(a.weight, 0.0)?)?)
+            }
+            _ => Ok(mlm),
+        }
     }
 
     fn weight(&self, _indices: &[usize]) -> usize {
@@ -284,7 +327,15 @@ impl run_loop::Objective for Pretrain<'_> {
     fn begin(&mut self, _resumed: bool, obs: &mut dyn Observer) -> Result<(), TrainError> {
         if self.before.is_none() {
             let b = evaluate(&self.model_eval, &self.val, self.cfg.pad_token_id as u32, self.device)?;
-            obs.on_event(Event::Pretrain(MlmReport { epoch: 0, step: 0, train_loss: None, loss: b, perplexity: b.exp() }));
+            let embedding_similarity = self.similarity()?;
+            obs.on_event(Event::Pretrain(MlmReport {
+                epoch: 0,
+                step: 0,
+                train_loss: None,
+                loss: b,
+                perplexity: b.exp(),
+                embedding_similarity,
+            }));
             self.before = Some(b);
         }
         Ok(())
@@ -297,9 +348,36 @@ impl run_loop::Objective for Pretrain<'_> {
 
     fn end_epoch(&mut self, end: EpochEnd, obs: &mut dyn Observer) -> Result<bool, TrainError> {
         let loss = evaluate(&self.model_eval, &self.val, self.cfg.pad_token_id as u32, self.device)?;
-        let report = MlmReport { epoch: end.epoch, step: end.step, train_loss: Some(end.train_loss()), loss, perplexity: loss.exp() };
+        let embedding_similarity = self.similarity()?;
+        let report = MlmReport {
+            epoch: end.epoch,
+            step: end.step,
+            train_loss: Some(end.train_loss()),
+            loss,
+            perplexity: loss.exp(),
+            embedding_similarity,
+        };
         obs.on_event(Event::Pretrain(report.clone()));
         self.last = Some(report);
         Ok(false)
+    }
+}
+
+/// The sentence-embedding anchor (see [`anchor`]) and what it measures drift against.
+struct Anchor {
+    pooling: Pooling,
+    weight: f64,
+    /// The base's unit embeddings of the training texts (`None` when the weight is 0).
+    train: Option<Tensor>,
+    /// The base's unit embeddings of the held-out texts.
+    val: Tensor,
+}
+
+impl Pretrain<'_> {
+    /// How close the held-out embeddings stay to the base's, when a pooling is known.
+    fn similarity(&self) -> candle_core::Result<Option<f64>> {
+        let Some(a) = &self.anchor else { return Ok(None) };
+        let now = anchor::embed(&self.model_eval.bert, &self.val_clean, a.pooling, self.cfg.pad_token_id as u32, self.device)?;
+        anchor::similarity(&now, &a.val).map(Some)
     }
 }

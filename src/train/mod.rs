@@ -1,6 +1,7 @@
 //! Training: the loop fine-tuning and pre-training share, their data, optimiser and metrics,
 //! and the job worker.
 
+pub mod anchor;
 pub mod calibration;
 pub mod checkpoint;
 pub mod data;

@@ -4,6 +4,7 @@
 mod common;
 mod helpers;
 
+mod anchor;
 mod datasets;
 mod disk_full;
 mod faults;

@@ -4,15 +4,10 @@ use finetuned::config::ServeConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-fn unlabeled(n: usize) -> String {
-    toy_rows(n).iter().map(|r| json!({"text": r.text}).to_string() + "\n").collect()
-}
-
-#[tokio::test]
-async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
-    // The base is described as a sentence-transformers model pooling by mean, as all-minilm-l6-v2.
-    let tmp = tempfile::tempdir().unwrap();
-    let models = models_dir(tmp.path());
+/// A models dir whose "tiny" is described as a sentence-transformers model pooling by mean,
+/// as all-minilm-l6-v2.
+pub fn sentence_models_dir(root: &std::path::Path) -> std::path::PathBuf {
+    let models = models_dir(root);
     std::fs::write(
         models.join("tiny/modules.json"),
         r#"[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -22,6 +17,17 @@ async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
     std::fs::create_dir_all(models.join("tiny/1_Pooling")).unwrap();
     std::fs::write(models.join("tiny/1_Pooling/config.json"), r#"{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#)
         .unwrap();
+    models
+}
+
+pub fn unlabeled(n: usize) -> String {
+    toy_rows(n).iter().map(|r| json!({"text": r.text}).to_string() + "\n").collect()
+}
+
+#[tokio::test]
+async fn pretrain_on_unlabeled_text_then_fine_tune_the_new_base_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = sentence_models_dir(tmp.path());
     let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
     let texts = app.upload_ok(unlabeled(80)).await;
     let d: Value = app.get(&format!("/v1/datasets/{texts}")).await.json().await.unwrap();

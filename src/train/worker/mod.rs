@@ -270,7 +270,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
         Ok(Ok(Outcome::Pretrained { before, last })) => {
-            let metrics = json!({"train_loss": last.train_loss, "validation": {"loss": last.loss, "perplexity": last.perplexity},
+            let metrics = json!({"train_loss": last.train_loss, "validation": last.validation_json(),
                                  "validation_before": {"loss": before, "perplexity": before.exp()}, "epoch": last.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             // The adapted base pools as its parent does (`auto` resolves the same for both).

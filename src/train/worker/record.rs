@@ -164,8 +164,12 @@ async fn record_pretrain(pool: &Pool, job: &str, r: MlmReport) -> sqlx::Result<(
         None => format!("before training: validation MLM loss {:.4}, perplexity {:.2}", r.loss, r.perplexity),
         Some(t) => format!("epoch {}: train loss {t:.4}, validation MLM loss {:.4}, perplexity {:.2}", r.epoch, r.loss, r.perplexity),
     };
+    let msg = match r.embedding_similarity {
+        Some(s) => format!("{msg}, sentence embeddings {s:.4} similar to the base's"),
+        None => msg,
+    };
     jobs::add_validation_metric(pool, job, r.epoch as i64, &data).await?;
-    let summary = json!({"train_loss": r.train_loss, "validation": {"loss": r.loss, "perplexity": r.perplexity}, "epoch": r.epoch});
+    let summary = json!({"train_loss": r.train_loss, "validation": r.validation_json(), "epoch": r.epoch});
     jobs::set_metrics(pool, job, &summary).await?;
     jobs::add_event(pool, job, "info", "metrics", &msg, Some(&data)).await
 }

@@ -111,3 +111,26 @@ fn from_scratch_pretraining_lowers_the_loss() {
     let losses = run(Start::Scratch { spec, tokenizer_dir: base }, dir.path());
     assert!(losses[8] < losses[0] * 0.85 && losses[8] < losses[1], "{losses:?}");
 }
+
+#[test]
+fn the_anchor_embeds_texts_of_mixed_lengths_in_their_own_order() {
+    use finetuned::model::bert::Bert;
+    use finetuned::model::classifier::Pooling;
+    use finetuned::train::anchor::embed;
+    let cfg = tiny_config();
+    let weights = tiny_weights(&cfg, 3);
+    let bert = Bert::load(&|n: &str| Ok(weights[n].clone()), &cfg).unwrap();
+    // 70 texts: more than one chunk, lengths out of order.
+    let seqs: Vec<Vec<u32>> =
+        (0..70u32).map(|i| std::iter::once(2).chain((0..(i * 7) % 13 + 1).map(|j| 5 + (i + j) % 20)).chain([3]).collect()).collect();
+    for pooling in [Pooling::Mean, Pooling::Cls] {
+        let all = embed(&bert, &seqs, pooling, 0, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        for (i, s) in seqs.iter().enumerate().step_by(9) {
+            let alone = embed(&bert, std::slice::from_ref(s), pooling, 0, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let norm: f32 = alone[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-4, "unit length: {norm}");
+            let gap = all[i].iter().zip(&alone[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(gap < 1e-4, "{pooling:?} text {i}: batched and alone differ by {gap}");
+        }
+    }
+}

@@ -33,7 +33,7 @@ async fn the_anchor_keeps_a_sentence_embedding_base_nearer_its_embeddings() {
 
     let (id, anchored) = pretrain(&app, &texts, "anchored", json!({})).await;
     let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
-    assert!(events.to_string().contains("keeping sentence embeddings (mean pooling) near the base's: anchor weight 10"), "{events}");
+    assert!(events.to_string().contains("keeping sentence embeddings (mean pooling) near the base's: anchor weight 100"), "{events}");
     let (id, free) = pretrain(&app, &texts, "free", json!({"mlm_anchor_weight": 0})).await;
     let events: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
     assert!(events.to_string().contains("sentence embeddings (mean pooling) are free to move: anchor weight 0"), "{events}");

@@ -152,6 +152,11 @@ impl Bert {
         Ok(())
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> candle_core::Device {
+        self.embeddings.word.device().clone()
+    }
+
     /// Bytes of the encoder's weights as held now.
     pub fn bytes(&self) -> usize {
         let e = &self.embeddings;

@@ -79,6 +79,56 @@ pub fn similarity(a: &Tensor, b: &Tensor) -> Result<f64> {
     a.mul(b)?.sum(D::Minus1)?.mean_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
+/// A pre-training run's anchor: the base's embeddings of its texts, taken before training.
+pub struct Anchor {
+    pub pooling: Pooling,
+    pub weight: f64,
+    /// The base's unit embeddings of the training texts (`None` when the weight is 0: only
+    /// the drift is measured).
+    train: Option<Tensor>,
+    held_out: Vec<Vec<u32>>,
+    /// The base's unit embeddings of `held_out`.
+    held_out_base: Tensor,
+    pad: u32,
+}
+
+impl Anchor {
+    /// Embeds the texts under `base` (the base's weights, before any step).
+    pub fn new(base: &Bert, train: &[Vec<u32>], held_out: Vec<Vec<u32>>, pooling: Pooling, weight: f64, pad: u32) -> Result<Self> {
+        let device = base.device();
+        let train = if weight > 0.0 { Some(embed(base, train, pooling, pad, &device)?) } else { None };
+        let held_out_base = embed(base, &held_out, pooling, pad, &device)?;
+        Ok(Self { pooling, weight, train, held_out, held_out_base, pad })
+    }
+
+    /// What the event log says of it.
+    pub fn describe(&self) -> String {
+        match self.train {
+            Some(_) => {
+                format!("keeping sentence embeddings ({} pooling) near the base's: anchor weight {}", self.pooling.as_str(), self.weight)
+            }
+            None => format!("sentence embeddings ({} pooling) are free to move: anchor weight 0", self.pooling.as_str()),
+        }
+    }
+
+    /// The base's embeddings of the training texts `indices`, when the anchor is on.
+    pub fn targets(&self, indices: &[usize]) -> Result<Option<Tensor>> {
+        let Some(all) = &self.train else { return Ok(None) };
+        let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        all.index_select(&Tensor::new(idx, all.device())?, 0).map(Some)
+    }
+
+    /// `weight × (1 − cos)` of a batch's last hidden states against its `targets`.
+    pub fn term(&self, hidden: &Tensor, mask: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        loss(&pool(hidden, mask, self.pooling)?, targets)?.affine(self.weight, 0.0)
+    }
+
+    /// How close the held-out texts' embeddings under `now` stay to the base's.
+    pub fn similarity(&self, now: &Bert) -> Result<f64> {
+        similarity(&embed(now, &self.held_out, self.pooling, self.pad, &now.device())?, &self.held_out_base)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! Masked-language-model pre-training: continues a checkpoint (or starts from a fresh
 //! config) on a dataset's texts and writes a new base model.
 
-use super::anchor;
+use super::anchor::{self, Anchor};
 use super::checkpoint::{CheckpointMeta, CheckpointPlan};
 use super::data::batch_order;
 pub use super::events::MlmReport;
@@ -183,23 +183,13 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         params.count()
     )));
     let model_eval = MaskedLm::load(&|n| params.detached(n), &cfg)?;
-    // Measured on the base's weights: a resumed run restores its own only inside the loop.
-    let pad = cfg.pad_token_id as u32;
-    let watch = sentence.or(pooling.filter(|_| anchor_weight > 0.0));
-    let anchor = match watch {
+    // The drift is measured over a sentence-embedding base even when it is free to move.
+    // Embedded on the base's weights: a resumed run restores its own only inside the loop.
+    let anchor = match sentence.or(pooling.filter(|_| anchor_weight > 0.0)) {
         Some(p) => {
-            let train_targets =
-                if anchor_weight > 0.0 { Some(anchor::embed(&model_eval.bert, &train, p, pad, &req.device)?) } else { None };
-            obs.on_event(Event::Message(match train_targets {
-                Some(_) => format!("keeping sentence embeddings ({} pooling) near the base's: anchor weight {anchor_weight}", p.as_str()),
-                None => format!("sentence embeddings ({} pooling) are free to move: anchor weight 0", p.as_str()),
-            }));
-            Some(Anchor {
-                pooling: p,
-                weight: anchor_weight,
-                train: train_targets,
-                val: anchor::embed(&model_eval.bert, &val_clean, p, pad, &req.device)?,
-            })
+            let a = Anchor::new(&model_eval.bert, &train, val_clean, p, anchor_weight, cfg.pad_token_id as u32)?;
+            obs.on_event(Event::Message(a.describe()));
+            Some(a)
         }
         None => None,
     };
@@ -215,7 +205,6 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         hp,
         device: &req.device,
         model_eval,
-        val_clean,
         anchor,
         before: None,
         last: None,
@@ -267,7 +256,6 @@ struct Pretrain<'a> {
     hp: &'a Hyperparameters,
     device: &'a Device,
     model_eval: MaskedLm,
-    val_clean: Vec<Vec<u32>>,
     anchor: Option<Anchor>,
     /// Held-out loss before training (from the checkpoint when resumed).
     before: Option<f64>,
@@ -292,9 +280,8 @@ impl run_loop::Objective for Pretrain<'_> {
             .map(|&i| mask_tokens(&self.train[i], &self.special, self.mask_id, self.vocab, self.mask_prob, &mut *rng))
             .collect();
         let mut b = make_batch(&masked, self.cfg.pad_token_id as u32, self.device)?;
-        if let Some(targets) = self.anchor.as_ref().and_then(|a| a.train.as_ref()) {
-            let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
-            b.targets = Some(targets.index_select(&Tensor::new(idx, self.device)?, 0)?);
+        if let Some(a) = &self.anchor {
+            b.targets = a.targets(indices)?;
         }
         Ok((b.count > 0).then_some(b))
     }
@@ -303,10 +290,7 @@ impl run_loop::Objective for Pretrain<'_> {
         let (logits, hidden) = model.forward_with_hidden(&b.ids, &b.type_ids, &b.mask, &b.rows, &mut Mode::Train(rng))?;
         let mlm = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &b.labels)?;
         match (&self.anchor, &b.targets) {
-            (Some(a), Some(targets)) => {
-                let keep = anchor::loss(&anchor::pool(&hidden, &b.mask, a.pooling)?, targets)?;
-                Ok((mlm + keep.affine(a.weight, 0.0)?)?)
-            }
+            (Some(a), Some(targets)) => Ok((mlm + a.term(&hidden, &b.mask, targets)?)?),
             _ => Ok(mlm),
         }
     }
@@ -363,21 +347,9 @@ impl run_loop::Objective for Pretrain<'_> {
     }
 }
 
-/// The sentence-embedding anchor (see [`anchor`]) and what it measures drift against.
-struct Anchor {
-    pooling: Pooling,
-    weight: f64,
-    /// The base's unit embeddings of the training texts (`None` when the weight is 0).
-    train: Option<Tensor>,
-    /// The base's unit embeddings of the held-out texts.
-    val: Tensor,
-}
-
 impl Pretrain<'_> {
     /// How close the held-out embeddings stay to the base's, when a pooling is known.
     fn similarity(&self) -> candle_core::Result<Option<f64>> {
-        let Some(a) = &self.anchor else { return Ok(None) };
-        let now = anchor::embed(&self.model_eval.bert, &self.val_clean, a.pooling, self.cfg.pad_token_id as u32, self.device)?;
-        anchor::similarity(&now, &a.val).map(Some)
+        self.anchor.as_ref().map(|a| a.similarity(&self.model_eval.bert)).transpose()
     }
 }

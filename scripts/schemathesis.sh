@@ -159,7 +159,7 @@ run_schemathesis() {
         --max-examples "$MAX_EXAMPLES" \
         --seed "$SEED" \
         --generation-database none \
-        --workers 2 \
+        --workers 1 \
         --request-timeout 30 \
         --report junit,json,vcr --report-dir "$REPORT_DIR" \
         --no-color \
@@ -169,9 +169,11 @@ run_schemathesis() {
 set +e
 run_schemathesis
 rc=$?
-# An error inside schemathesis itself (seen once: CPython's "AST constructor recursion depth
-# mismatch" while drawing a body) is not a check the API failed: run once more. A failed check
-# (its FAILURES section) never gets a second run.
+# One worker: with two threads, runs here stopped three times in five on CPython 3.11's "AST
+# constructor recursion depth mismatch" inside schemathesis (a bug seen in threaded programs,
+# python/cpython#106905); with one, the case count is the same every run. Any error inside
+# schemathesis, with no check failed, gets one more run; a failed check (its FAILURES section)
+# never does.
 if [[ $rc -ne 0 && $rc -ne 124 && $rc -ne 130 ]] && grep -q "^Errors:" "$WORK/run.log" && ! grep -q "FAILURES\|^Failures:" "$WORK/run.log"; then
     echo "schemathesis stopped on an error of its own, with no failed check: running it once more" >&2
     run_schemathesis

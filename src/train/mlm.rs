@@ -311,7 +311,8 @@ impl run_loop::Objective for Pretrain<'_> {
     fn begin(&mut self, _resumed: bool, obs: &mut dyn Observer) -> Result<(), TrainError> {
         if self.before.is_none() {
             let b = evaluate(&self.model_eval, &self.val, self.cfg.pad_token_id as u32, self.device)?;
-            let embedding_similarity = self.similarity()?;
+            // A fresh run is still on the base's weights, whose embeddings the anchor just took.
+            let embedding_similarity = self.anchor.as_ref().map(|_| 1.0);
             obs.on_event(Event::Pretrain(MlmReport {
                 epoch: 0,
                 step: 0,

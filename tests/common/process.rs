@@ -1,13 +1,19 @@
 //! Our real binary as a child process: started on a free port, killed when dropped.
 
 use serde_json::Value;
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A server process, killed when dropped (so a failing test leaves none behind).
-pub struct Server(pub Child);
+/// How many of the server's last log lines a failing test prints.
+const LOG_TAIL: usize = 200;
+
+/// A server process, killed when dropped (so a failing test leaves none behind). When it is
+/// dropped because the test panicked, the tail of its log is printed with the failure.
+pub struct Server(pub Child, Arc<Mutex<VecDeque<String>>>);
 
 impl std::ops::Deref for Server {
     type Target = Child;
@@ -26,6 +32,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let tail = self.1.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!("--- the last {} lines of server {}'s log ---", tail.len(), self.0.id());
+            tail.iter().for_each(|l| eprintln!("{l}"));
+        }
     }
 }
 
@@ -59,15 +70,26 @@ pub fn start_with_env(data: &Path, models: &Path, extra: &[&str], env: &[(String
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
     let url = loop {
         let line = lines.next().expect("server exited before listening").unwrap();
+        tail.lock().unwrap().push_back(line.clone());
         if let Some(rest) = line.split("listening on ").nth(1) {
             break rest.split_whitespace().next().unwrap().trim_end_matches(|c: char| !c.is_ascii_digit()).to_string();
         }
     };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    (Server(child), url)
+    // Keep draining the log so the server never blocks on a full pipe; keep its tail.
+    let kept = tail.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.len() == LOG_TAIL {
+                kept.pop_front();
+            }
+            kept.push_back(line);
+        }
+    });
+    (Server(child, tail), url)
 }
 
 pub async fn wait_for(client: &reqwest::Client, url: &str, secs: u64, done: impl Fn(&Value) -> bool) -> Value {

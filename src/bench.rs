@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Requests sent first and not counted.
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
+    /// Milliseconds each client waits after an answer before it sends its next request: the
+    /// time a real caller spends elsewhere (its network, its own work).
+    #[arg(long, default_value_t = 0.0)]
+    pub think_ms: f64,
     /// Per-request timeout in seconds (a timed-out request counts as status "timeout").
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
@@ -77,7 +81,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     for c in 0..a.clients {
         tasks.push(async move {
             let (mut lat, mut statuses) = (Vec::new(), BTreeMap::<String, usize>::new());
-            let mut server: Vec<[f64; 3]> = Vec::new();
+            let mut server: Vec<[f64; 4]> = Vec::new();
             let mut i = c;
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -85,10 +89,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                     Ok(r) => {
                         let s = r.status().as_u16().to_string();
                         let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()?.parse::<f64>().ok());
-                        if let (Some(q), Some(t), Some(i)) =
-                            (header("x-queue-time"), header("x-tokenization-time"), header("x-inference-time"))
+                        if let (Some(q), Some(t), Some(i), Some(b)) =
+                            (header("x-queue-time"), header("x-tokenization-time"), header("x-inference-time"), header("x-batch-size"))
                         {
-                            server.push([q, t, i]);
+                            server.push([q, t, i, b]);
                         }
                         let _ = r.bytes().await;
                         s
@@ -101,6 +105,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
                 }
                 *statuses.entry(status).or_default() += 1;
                 i += a.clients;
+                if a.think_ms > 0.0 {
+                    tokio::time::sleep(Duration::from_secs_f64(a.think_ms / 1e3)).await;
+                }
             }
             (lat, statuses, server)
         });
@@ -110,11 +117,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut lat: Vec<f64> = results.iter().flat_map(|(l, _, _)| l.iter().copied()).collect();
     lat.sort_by(f64::total_cmp);
     let mut statuses = BTreeMap::<String, usize>::new();
-    let server_p50 = |k: usize| {
+    let server = |k: usize| {
         let mut v: Vec<f64> = results.iter().flat_map(|(_, _, s)| s.iter().map(move |t| t[k])).collect();
         v.sort_by(f64::total_cmp);
-        percentile(&v, 0.5)
+        v
     };
+    let server_p50 = |k: usize| percentile(&server(k), 0.5);
+    let batch_sizes = server(3);
     for (_, s, _) in &results {
         for (k, v) in s {
             *statuses.entry(k.clone()).or_default() += v;
@@ -122,7 +131,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let ok = statuses.get("200").copied().unwrap_or(0);
     let report = json!({
-        "clients": a.clients, "batch": a.batch, "seconds": wall,
+        "clients": a.clients, "batch": a.batch, "think_ms": a.think_ms, "seconds": wall,
         "requests": statuses.values().sum::<usize>(), "statuses": statuses,
         "texts_per_s": (ok * a.batch) as f64 / wall,
         "latency_ms": {"p50": percentile(&lat, 0.5), "p95": percentile(&lat, 0.95), "p99": percentile(&lat, 0.99),
@@ -130,6 +139,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         // Medians of what the server reports in its timing headers: the rest of a request's
         // latency is HTTP, JSON and the client.
         "server_ms_p50": {"queue": server_p50(0), "tokenization": server_p50(1), "inference": server_p50(2)},
+        // Texts in the forward passes each request shared, as the server reports them.
+        "batch_size": {"mean": batch_sizes.iter().sum::<f64>() / batch_sizes.len().max(1) as f64,
+                       "p50": percentile(&batch_sizes, 0.5)},
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     if let Some(out) = &a.out {

@@ -277,6 +277,7 @@ async fn bench_serve_reports_throughput_latency_and_statuses() {
         batch: 2,
         duration: 0.5,
         warmup: 1,
+        think_ms: 1.0,
         timeout: 30.0,
         api_key: None,
         out: Some(out.clone()),
@@ -287,6 +288,10 @@ async fn bench_serve_reports_throughput_latency_and_statuses() {
     assert_eq!(report["statuses"].as_object().unwrap().len(), 1, "only 200s: {report}");
     assert!(report["texts_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["latency_ms"]["p50"].as_f64().unwrap() <= report["latency_ms"]["p99"].as_f64().unwrap());
+    assert_eq!(report["think_ms"], 1.0);
+    // Each request of 2 texts shared its forward pass with at most the 3 other clients'.
+    let mean = report["batch_size"]["mean"].as_f64().unwrap();
+    assert!((2.0..=8.0).contains(&mean), "{report}");
 }
 
 #[tokio::test]

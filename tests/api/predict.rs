@@ -144,8 +144,9 @@ async fn concurrent_requests_are_batched_and_each_caller_gets_its_own_scores() {
 }
 
 /// Batch sizes seen by `clients` callers that each send `rounds` single texts one after
-/// another, on a server whose rejoin wait is `wait_ms`.
-async fn closed_loop_batch_sizes(wait_ms: u64, clients: usize, rounds: usize) -> Vec<usize> {
+/// another, on a server whose rejoin wait is `wait_ms`, with each request's round trip and
+/// time in the batcher's queue (ms), for the failure message.
+async fn closed_loop_batch_sizes(wait_ms: u64, clients: usize, rounds: usize) -> Vec<(usize, f64, f64)> {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
     cfg.batch_rejoin_wait_ms = wait_ms;
@@ -154,13 +155,15 @@ async fn closed_loop_batch_sizes(wait_ms: u64, clients: usize, rounds: usize) ->
     let caller = |c: usize| {
         let app = &app;
         async move {
-            let mut sizes = Vec::new();
+            let mut seen = Vec::new();
             for r in 0..rounds {
+                let sent = std::time::Instant::now();
                 let resp = app.predict("toy", &json!({"inputs": format!("text {c} round {r} was good")})).await;
                 assert_eq!(resp.status(), StatusCode::OK);
-                sizes.push(resp.headers()["x-batch-size"].to_str().unwrap().parse::<usize>().unwrap());
+                let header = |h: &str| resp.headers()[h].to_str().unwrap().parse::<f64>().unwrap();
+                seen.push((header("x-batch-size") as usize, sent.elapsed().as_secs_f64() * 1e3, header("x-queue-time")));
             }
-            sizes
+            seen
         }
     };
     futures::future::join_all((0..clients).map(caller)).await.concat()
@@ -174,9 +177,23 @@ async fn callers_sending_one_text_after_another_share_full_batches() {
     // callers that joined late finish a round or two after the rest; so the check is that most
     // rounds, not all, ran in a batch of every caller. With no wait, none did.
     let (clients, rounds) = (8, 20);
-    let sizes = closed_loop_batch_sizes(1_000, clients, rounds).await;
-    let full = sizes.iter().filter(|&&s| s == clients).count();
-    assert!(full * 2 >= sizes.len(), "only {full} of {} requests ran in a batch of all {clients} callers: {sizes:?}", sizes.len());
+    let seen = closed_loop_batch_sizes(1_000, clients, rounds).await;
+    let full = seen.iter().filter(|s| s.0 == clients).count();
+    let sizes: Vec<usize> = seen.iter().map(|s| s.0).collect();
+    let mut trips: Vec<f64> = seen.iter().map(|s| s.1).collect();
+    let mut queued: Vec<f64> = seen.iter().map(|s| s.2).collect();
+    trips.sort_by(f64::total_cmp);
+    queued.sort_by(f64::total_cmp);
+    assert!(
+        full * 2 >= seen.len(),
+        "only {full} of {} requests ran in a batch of all {clients} callers: {sizes:?}; round trip ms median {:.1}, max {:.1}; \
+         queued ms median {:.1}, max {:.1}",
+        seen.len(),
+        trips[trips.len() / 2],
+        trips[trips.len() - 1],
+        queued[queued.len() / 2],
+        queued[queued.len() - 1],
+    );
 }
 
 #[tokio::test]

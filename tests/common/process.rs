@@ -69,7 +69,9 @@ pub fn start_with_env(data: &Path, models: &Path, extra: &[&str], env: &[(String
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Split on bytes, not `lines()`: a line that is not UTF-8 must not stop the draining.
+    let mut lines =
+        BufReader::new(child.stderr.take().unwrap()).split(b'\n').map(|l| l.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()));
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL)));
     let url = loop {
         let line = lines.next().expect("server exited before listening").unwrap();

@@ -50,6 +50,12 @@ pub async fn spawn_with(mut config: ServeConfig) -> TestApp {
     if config.object_store.is_none() {
         config.object_store = crate::common::test_object_store(&config.data_dir);
     }
+    spawn_embedded(config).await
+}
+
+/// Starts the server with `config` as it is: SQLite and the local data dir unless `config`
+/// names others, whatever the test environment provides.
+pub async fn spawn_embedded(config: ServeConfig) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         finetuned::telemetry::init("text");
     }

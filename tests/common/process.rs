@@ -85,7 +85,7 @@ pub fn start_with_env(data: &Path, models: &Path, extra: &[&str], env: &[(String
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-            if kept.len() == LOG_TAIL {
+            while kept.len() >= LOG_TAIL {
                 kept.pop_front();
             }
             kept.push_back(line);

@@ -122,6 +122,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FINETUNED_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// Seconds a webhook receiver has to answer one delivery; one that does not is retried as
+    /// a failure. A slow receiver holds back only its own job's webhooks.
+    #[arg(long, env = "FINETUNED_WEBHOOK_TIMEOUT_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub webhook_timeout_seconds: u64,
+
     /// Steps between checkpoints of a running fine-tuning job (0: only when the server stops).
     /// A job interrupted by a stop or a crash resumes from its newest checkpoint.
     #[arg(long, env = "FINETUNED_CHECKPOINT_EVERY", default_value_t = 100)]
@@ -191,6 +196,7 @@ impl ServeConfig {
             train_threads: 0,
             hf_endpoint: None,
             webhook_secret: None,
+            webhook_timeout_seconds: 10,
             hf_home: None,
             predict_threads: 0,
             checkpoint_every: 100,

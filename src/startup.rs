@@ -207,8 +207,13 @@ impl Application {
         let shutdown = self.shutdown.clone();
         let worker =
             tokio::spawn(futures::future::join_all(self.workers.into_iter().map(move |w| run_worker_until_stopped(w, shutdown.clone()))));
-        let secret = self.state.config.webhook_secret.clone();
-        let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(self.state.pool.clone(), secret, self.shutdown.clone()));
+        let (secret, timeout) = (self.state.config.webhook_secret.clone(), self.state.config.webhook_timeout_seconds);
+        let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(
+            self.state.pool.clone(),
+            secret,
+            std::time::Duration::from_secs(timeout),
+            self.shutdown.clone(),
+        ));
         let app = api::router(self.state.clone());
         let token = self.shutdown.clone();
         let server = axum::serve(self.listener, app).with_graceful_shutdown(token.clone().cancelled_owned());

@@ -32,14 +32,28 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Delivers the outbox until `shutdown` fires.
-pub async fn run_until_stopped(pool: Pool, secret: Option<String>, shutdown: CancellationToken) {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client builds");
+/// Deliveries in flight at once, at most.
+const IN_FLIGHT: usize = 64;
+
+/// Delivers the outbox until `shutdown` fires. Each delivery runs on a task of its own, so a
+/// slow receiver holds back only the changes of its own job (a claimed change is not due
+/// again, see [`webhooks::claim`]); deliveries cut off by the stop are retried after their claim
+/// runs out, by this server's next start or another one.
+pub async fn run_until_stopped(pool: Pool, secret: Option<String>, timeout: Duration, shutdown: CancellationToken) {
+    let client = reqwest::Client::builder().timeout(timeout).build().expect("HTTP client builds");
+    // A claim keeps other servers from sending a change while this one does: it outlasts the
+    // attempt's timeout, so it never runs out while the attempt may still succeed.
+    let claim_ms = 3 * timeout.as_millis() as i64;
+    let secret: Option<std::sync::Arc<str>> = secret.map(Into::into);
+    let mut in_flight = tokio::task::JoinSet::new();
     while !shutdown.is_cancelled() {
-        match webhooks::due(&pool, now_ms(), 32).await {
+        while in_flight.try_join_next().is_some() {}
+        let room = IN_FLIGHT.saturating_sub(in_flight.len()) as i64;
+        match webhooks::due(&pool, now_ms(), room).await {
             Ok(rows) => {
                 for row in rows {
-                    deliver(&pool, &client, secret.as_deref(), row).await;
+                    let (pool, client, secret) = (pool.clone(), client.clone(), secret.clone());
+                    in_flight.spawn(async move { deliver(&pool, &client, secret.as_deref(), claim_ms, row).await });
                 }
             }
             Err(e) => tracing::error!(error = %e, "reading the webhook outbox failed"),
@@ -51,23 +65,37 @@ pub async fn run_until_stopped(pool: Pool, secret: Option<String>, shutdown: Can
     }
 }
 
-async fn deliver(pool: &Pool, client: &reqwest::Client, secret: Option<&str>, row: webhooks::Pending) {
-    let job = match jobs::get(pool, &row.job_id).await {
-        Ok(Some(job)) => job,
-        Ok(None) => return drop(webhooks::done(pool, row.id).await),
-        Err(e) => return tracing::error!(error = %e, "loading a job for its webhook failed"),
-    };
+/// The body of a change: the one fixed at its first attempt, or else the job as it is now with
+/// the status of the change, fixed in the outbox before it is first sent.
+async fn body_of(pool: &Pool, row: &webhooks::Pending) -> Result<Option<String>, sqlx::Error> {
+    if let Some(body) = &row.body {
+        return Ok(Some(body.clone()));
+    }
+    let Some(job) = jobs::get(pool, &row.job_id).await? else { return Ok(None) };
     let mut job = serde_json::to_value(job).expect("job serialises");
-    // The job as it is now, with the status of the change this delivery reports.
     job["status"] = json!(row.status);
-    let body = serde_json::to_vec(&json!({"type": "job.status_changed", "status": row.status, "job": job})).expect("body serialises");
+    let body = json!({"type": "job.status_changed", "status": row.status, "job": job}).to_string();
+    webhooks::fix_body(pool, row.id, &body).await.map(Some)
+}
+
+async fn deliver(pool: &Pool, client: &reqwest::Client, secret: Option<&str>, claim_ms: i64, row: webhooks::Pending) {
+    match webhooks::claim(pool, &row, now_ms() + claim_ms).await {
+        Ok(true) => {}
+        Ok(false) => return, // another server sharing the database is sending it
+        Err(e) => return tracing::error!(error = %e, "claiming a webhook delivery failed"),
+    }
+    let body = match body_of(pool, &row).await {
+        Ok(Some(body)) => body,
+        Ok(None) => return drop(webhooks::done(pool, row.id).await),
+        Err(e) => return tracing::error!(error = %e, "preparing a webhook body failed"),
+    };
     let mut req = client
         .post(&row.url)
         .header("content-type", "application/json")
         .header("x-finetuned-event", "job.status_changed")
         .header("x-finetuned-delivery", row.id.to_string());
     if let Some(secret) = secret {
-        req = req.header("x-finetuned-signature", signature(secret, &body));
+        req = req.header("x-finetuned-signature", signature(secret, body.as_bytes()));
     }
     let outcome = match req.body(body).send().await {
         Ok(r) if r.status().is_success() => Ok(()),

@@ -1,5 +1,5 @@
-//! Job webhooks: every state change is POSTed in order, signed, and retried when the
-//! receiver fails; a receiver that never answers does not affect the job.
+//! Job webhooks: every state change is POSTed once, in order, signed, and retried with the
+//! same body when the receiver fails; a receiver that never answers does not affect the job.
 
 use crate::helpers::*;
 use axum::extract::State;
@@ -9,42 +9,92 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Every request the receiver got: (status it answered, signature header, body).
-type Log = Arc<Mutex<Vec<(u16, Option<String>, Vec<u8>)>>>;
-
-async fn receive(State(log): State<Log>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
-    let mut log = log.lock().unwrap();
-    // The very first delivery fails, to see it retried.
-    let status = if log.is_empty() { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
-    let sig = headers.get("x-finetuned-signature").and_then(|v| v.to_str().ok()).map(String::from);
-    log.push((status.as_u16(), sig, body.to_vec()));
-    status
+/// One request the receiver got.
+struct Received {
+    /// The status it answered.
+    status: u16,
+    signature: Option<String>,
+    delivery: Option<String>,
+    body: Vec<u8>,
+    /// Whether it came while the first request was still waiting for its answer.
+    during_first: bool,
 }
 
-async fn spawn_receiver() -> (String, Log) {
-    let log: Log = Arc::default();
-    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(log.clone());
+type Log = Arc<Mutex<Vec<Received>>>;
+
+/// The receiver's log, and a flag the test raises once the job has ended.
+#[derive(Clone, Default)]
+struct Receiver {
+    log: Log,
+    job_ended: Arc<tokio::sync::Notify>,
+    first_answered: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn receive(State(rx): State<Receiver>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
+    use std::sync::atomic::Ordering::SeqCst;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(String::from);
+    let first = {
+        let mut log = rx.log.lock().unwrap();
+        // The very first delivery fails, to see it retried.
+        let status = if log.is_empty() { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK };
+        let during_first = !log.is_empty() && !rx.first_answered.load(SeqCst);
+        log.push(Received {
+            status: status.as_u16(),
+            signature: header("x-finetuned-signature"),
+            delivery: header("x-finetuned-delivery"),
+            body: body.to_vec(),
+            during_first,
+        });
+        log.len() == 1
+    };
+    if first {
+        // Answer the failure only once the job has moved on (or after 8 s, within the sender's
+        // 10 s timeout), so that the retry comes when the job is no longer what it was.
+        let _ = tokio::time::timeout(Duration::from_secs(8), rx.job_ended.notified()).await;
+        rx.first_answered.store(true, SeqCst);
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    StatusCode::OK
+}
+
+async fn spawn_receiver() -> (String, Receiver) {
+    let rx = Receiver::default();
+    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(rx.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, log)
+    (url, rx)
 }
 
 fn delivered_statuses(log: &Log) -> Vec<String> {
     let log = log.lock().unwrap();
     log.iter()
-        .filter(|(code, _, _)| *code == 200)
-        .map(|(_, _, body)| serde_json::from_slice::<Value>(body).unwrap()["status"].as_str().unwrap().to_string())
+        .filter(|r| r.status == 200)
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["status"].as_str().unwrap().to_string())
         .collect()
 }
 
+/// Polls `done` every 50 ms until it holds or `secs` pass.
+async fn poll_until(secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
-async fn each_state_change_is_posted_in_order_signed_and_retried() {
+async fn each_state_change_is_posted_once_in_order_signed_and_retried() {
+    // An API process and, later, a worker process on one database, as a scaled-out deployment
+    // runs them: both deliver webhooks, and each change must still reach the receiver once.
     let tmp = tempfile::tempdir().unwrap();
     let mut config = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
     config.webhook_secret = Some("s3cret".into());
+    config.poll_interval_ms = 100;
+    let worker_config = ServeConfig { role: "worker".into(), ..config.clone() };
+    config.role = "api".into();
     let app = spawn_with(config).await;
-    let (url, log) = spawn_receiver().await;
+    let (url, rx) = spawn_receiver().await;
+    let log = rx.log.clone();
     let ds = app.upload_ok(crate::common::toy_jsonl(48)).await;
 
     let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "webhook_url": "ftp://x/y"})).await;
@@ -53,18 +103,33 @@ async fn each_state_change_is_posted_in_order_signed_and_retried() {
     let job =
         app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1), "webhook_url": url})).await;
     let id = job["id"].as_str().unwrap().to_string();
+    // The first attempt (of `queued`, with no worker yet) is held by the receiver while a
+    // worker starts and trains the job; the retry comes once the job has ended.
+    poll_until(30, || !log.lock().unwrap().is_empty()).await;
+    assert!(!log.lock().unwrap().is_empty(), "no delivery within 30 s");
+    let worker = spawn_with(worker_config).await;
     assert_eq!(app.wait_ended(&id, 120).await["status"], "succeeded");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while delivered_statuses(&log).len() < 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    rx.job_ended.notify_one();
+    poll_until(30, || delivered_statuses(&log).len() >= 3).await;
+    worker.stop().await;
+    app.stop().await;
     assert_eq!(delivered_statuses(&log), ["queued", "running", "succeeded"]);
     let log = log.lock().unwrap();
-    assert_eq!(log.len(), 4, "the failed first delivery was retried once");
-    assert_eq!(log[0].2, log[1].2, "the retry sends the same change");
-    for (_, sig, body) in log.iter() {
-        assert_eq!(sig.as_deref(), Some(finetuned::webhooks::signature("s3cret", body).as_str()));
-        let v: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(log.len(), 4, "the failed first delivery was retried once, and nothing was sent twice");
+    assert!(log.iter().all(|r| !r.during_first), "nothing was sent while the first attempt waited for its answer");
+    let first: Value = serde_json::from_slice(&log[0].body).unwrap();
+    assert_eq!(first["job"]["finished_at"], Value::Null, "the first attempt was sent before the job ended");
+    assert_eq!(
+        String::from_utf8_lossy(&log[0].body),
+        String::from_utf8_lossy(&log[1].body),
+        "the retry sends the same bytes as the first attempt, though the job has ended since"
+    );
+    assert!(log[0].delivery.is_some());
+    assert_eq!(log[0].delivery, log[1].delivery, "a retry keeps its delivery id");
+    assert_ne!(log[1].delivery, log[2].delivery, "each change has a delivery id of its own");
+    for r in log.iter() {
+        assert_eq!(r.signature.as_deref(), Some(finetuned::webhooks::signature("s3cret", &r.body).as_str()));
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["job"]["id"], id.as_str());
         assert_eq!(v["type"], "job.status_changed");
     }
@@ -87,4 +152,41 @@ async fn a_receiver_that_is_down_does_not_affect_the_job() {
         .await;
     let done = app.wait_ended(job["id"].as_str().unwrap(), 120).await;
     assert_eq!(done["status"], "succeeded", "{done}");
+}
+
+#[tokio::test]
+async fn a_receiver_that_hangs_holds_back_only_its_own_jobs_webhooks() {
+    // The sender waits up to 5 minutes for an answer: all of the other job's changes must
+    // arrive while the hung receiver still holds the first one.
+    let app = spawn_app_with(|c| c.webhook_timeout_seconds = 300).await;
+    let hung = Arc::new(tokio::sync::Notify::new());
+    let hung_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hang_url = {
+        let (release, count) = (hung.clone(), hung_requests.clone());
+        let handler = move || {
+            let (release, count) = (release.clone(), count.clone());
+            async move {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tokio::time::timeout(Duration::from_secs(120), release.notified()).await;
+                StatusCode::OK
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, axum::Router::new().route("/hook", axum::routing::post(handler))).await.unwrap() });
+        url
+    };
+    let (url, rx) = spawn_receiver().await;
+    rx.job_ended.notify_one(); // this receiver's first delivery fails at once
+    let ds = app.upload_ok(crate::common::toy_jsonl(48)).await;
+    let job = |url: &str| json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(1), "webhook_url": url});
+    let slow = app.create_job(&job(&hang_url)).await;
+    poll_until(30, || hung_requests.load(std::sync::atomic::Ordering::SeqCst) > 0).await;
+    let fast = app.create_job(&job(&url)).await;
+    assert_eq!(app.wait_ended(fast["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+    poll_until(60, || delivered_statuses(&rx.log).len() >= 3).await;
+    assert_eq!(delivered_statuses(&rx.log), ["queued", "running", "succeeded"]);
+    assert_eq!(hung_requests.load(std::sync::atomic::Ordering::SeqCst), 1, "the hung receiver got its first change only");
+    hung.notify_one();
+    assert_eq!(app.wait_ended(slow["id"].as_str().unwrap(), 120).await["status"], "succeeded");
 }

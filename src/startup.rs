@@ -20,6 +20,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     workers: Vec<WorkerContext>,
+    webhook_signer: Option<crate::webhooks::Signer>,
     shutdown: CancellationToken,
 }
 
@@ -99,6 +100,10 @@ impl Application {
         // Settings are checked before anything on disk is touched.
         let asked = Weights::parse(&config.predict_dtype)
             .ok_or_else(|| anyhow::anyhow!("--predict-dtype: {:?} is not one of f32, bf16", config.predict_dtype))?;
+        let webhook_signer = match &config.webhook_secret {
+            Some(secret) => Some(crate::webhooks::Signer::new(secret).map_err(|e| anyhow::anyhow!("--webhook-secret: {e}"))?),
+            None => None,
+        };
         let dir = config.data_dir.display().to_string();
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create the data dir {dir}"))?;
         let probe = config.data_dir.join(format!(".tmp-write-check-{}", std::process::id()));
@@ -184,7 +189,7 @@ impl Application {
         let shutdown = CancellationToken::new();
         let state =
             AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };
-        Ok(Self { addr, listener, state, workers, shutdown })
+        Ok(Self { addr, listener, state, workers, webhook_signer, shutdown })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -207,10 +212,10 @@ impl Application {
         let shutdown = self.shutdown.clone();
         let worker =
             tokio::spawn(futures::future::join_all(self.workers.into_iter().map(move |w| run_worker_until_stopped(w, shutdown.clone()))));
-        let (secret, timeout) = (self.state.config.webhook_secret.clone(), self.state.config.webhook_timeout_seconds);
+        let timeout = self.state.config.webhook_timeout_seconds;
         let webhooks = tokio::spawn(crate::webhooks::run_until_stopped(
             self.state.pool.clone(),
-            secret,
+            self.webhook_signer,
             std::time::Duration::from_secs(timeout),
             self.shutdown.clone(),
         ));

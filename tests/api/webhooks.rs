@@ -15,6 +15,8 @@ struct Received {
     status: u16,
     signature: Option<String>,
     delivery: Option<String>,
+    /// Standard Webhooks' `webhook-id`, `webhook-timestamp` and `webhook-signature`.
+    standard: [Option<String>; 3],
     body: Vec<u8>,
     /// Whether it came while the first request was still waiting for its answer.
     during_first: bool,
@@ -42,6 +44,7 @@ async fn receive(State(rx): State<Receiver>, headers: HeaderMap, body: axum::bod
             status: status.as_u16(),
             signature: header("x-finetuned-signature"),
             delivery: header("x-finetuned-delivery"),
+            standard: ["webhook-id", "webhook-timestamp", "webhook-signature"].map(header),
             body: body.to_vec(),
             during_first,
         });
@@ -74,6 +77,9 @@ fn delivered_statuses(log: &Log) -> Vec<String> {
         .collect()
 }
 
+/// A Standard Webhooks secret (`whsec_` and a base64 key): deliveries carry both signatures.
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
 /// Polls `done` every 50 ms until it holds or `secs` pass.
 async fn poll_until(secs: u64, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -88,7 +94,7 @@ async fn each_state_change_is_posted_once_in_order_signed_and_retried() {
     // runs them: both deliver webhooks, and each change must still reach the receiver once.
     let tmp = tempfile::tempdir().unwrap();
     let mut config = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
-    config.webhook_secret = Some("s3cret".into());
+    config.webhook_secret = Some(SECRET.into());
     config.poll_interval_ms = 100;
     let worker_config = ServeConfig { role: "worker".into(), ..config.clone() };
     config.role = "api".into();
@@ -127,17 +133,19 @@ async fn each_state_change_is_posted_once_in_order_signed_and_retried() {
     assert!(log[0].delivery.is_some());
     assert_eq!(log[0].delivery, log[1].delivery, "a retry keeps its delivery id");
     assert_ne!(log[1].delivery, log[2].delivery, "each change has a delivery id of its own");
+    let key = finetuned::webhooks::standard_key(SECRET).unwrap().unwrap();
+    let sent_after = first["job"]["created_at"].as_i64().unwrap();
     for r in log.iter() {
-        assert_eq!(r.signature.as_deref(), Some(finetuned::webhooks::signature("s3cret", &r.body).as_str()));
+        assert_eq!(r.signature.as_deref(), Some(finetuned::webhooks::signature(SECRET, &r.body).as_str()));
+        let [Some(msg), Some(ts), Some(sig)] = &r.standard else { panic!("Standard Webhooks headers missing: {:?}", r.standard) };
+        assert_eq!(Some(msg), r.delivery.as_ref());
+        let ts: i64 = ts.parse().unwrap();
+        assert!(ts >= sent_after, "webhook-timestamp {ts} is the time of the attempt");
+        assert_eq!(sig, &finetuned::webhooks::standard_signature(&key, msg, ts, &r.body));
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["job"]["id"], id.as_str());
         assert_eq!(v["type"], "job.status_changed");
     }
-    // Known-answer check of the signature itself (HMAC-SHA256, RFC 4231 test case 2).
-    assert_eq!(
-        finetuned::webhooks::signature("Jefe", b"what do ya want for nothing?"),
-        "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-    );
 }
 
 #[tokio::test]
@@ -189,4 +197,13 @@ async fn a_receiver_that_hangs_holds_back_only_its_own_jobs_webhooks() {
     assert_eq!(hung_requests.load(std::sync::atomic::Ordering::SeqCst), 1, "the hung receiver got its first change only");
     hung.notify_one();
     assert_eq!(app.wait_ended(slow["id"].as_str().unwrap(), 120).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn a_standard_webhooks_secret_that_is_not_base64_stops_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
+    config.webhook_secret = Some("whsec_not base64!".into());
+    let err = finetuned::startup::Application::build(config).await.err().expect("start-up refuses the secret");
+    assert!(format!("{err:#}").contains("--webhook-secret: the key after `whsec_` is not base64"), "{err:#}");
 }

@@ -4,24 +4,18 @@
 
 use crate::store::Pool;
 use crate::store::{jobs, webhooks};
-use hmac::{Hmac, Mac};
 use serde_json::json;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+mod signing;
+pub use signing::{signature, standard_key, standard_signature, Signer};
 
 /// Attempts per state change before it is given up (with a warning event on the job).
 pub const MAX_ATTEMPTS: i64 = 6;
 /// The first retry waits this long; each later one twice as long as the one before.
 const FIRST_BACKOFF_MS: i64 = 500;
 const POLL: Duration = Duration::from_millis(200);
-
-/// `sha256=<hex HMAC-SHA256 of body>`, the value of `X-Finetuned-Signature`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
-    mac.update(body);
-    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
-}
 
 /// Whether `url` can be a webhook: absolute http(s), at most 2048 characters.
 pub fn valid_url(url: &str) -> bool {
@@ -39,12 +33,12 @@ const IN_FLIGHT: usize = 64;
 /// slow receiver holds back only the changes of its own job (a claimed change is not due
 /// again, see [`webhooks::claim`]); deliveries cut off by the stop are retried after their claim
 /// runs out, by this server's next start or another one.
-pub async fn run_until_stopped(pool: Pool, secret: Option<String>, timeout: Duration, shutdown: CancellationToken) {
+pub async fn run_until_stopped(pool: Pool, signer: Option<Signer>, timeout: Duration, shutdown: CancellationToken) {
     let client = reqwest::Client::builder().timeout(timeout).build().expect("HTTP client builds");
     // A claim keeps other servers from sending a change while this one does: it outlasts the
     // attempt's timeout, so it never runs out while the attempt may still succeed.
     let claim_ms = 3 * timeout.as_millis() as i64;
-    let secret: Option<std::sync::Arc<str>> = secret.map(Into::into);
+    let signer = signer.map(std::sync::Arc::new);
     let mut in_flight = tokio::task::JoinSet::new();
     while !shutdown.is_cancelled() {
         while in_flight.try_join_next().is_some() {}
@@ -52,8 +46,8 @@ pub async fn run_until_stopped(pool: Pool, secret: Option<String>, timeout: Dura
         match webhooks::due(&pool, now_ms(), room).await {
             Ok(rows) => {
                 for row in rows {
-                    let (pool, client, secret) = (pool.clone(), client.clone(), secret.clone());
-                    in_flight.spawn(async move { deliver(&pool, &client, secret.as_deref(), claim_ms, row).await });
+                    let (pool, client, signer) = (pool.clone(), client.clone(), signer.clone());
+                    in_flight.spawn(async move { deliver(&pool, &client, signer.as_deref(), claim_ms, row).await });
                 }
             }
             Err(e) => tracing::error!(error = %e, "reading the webhook outbox failed"),
@@ -78,7 +72,7 @@ async fn body_of(pool: &Pool, row: &webhooks::Pending) -> Result<Option<String>,
     webhooks::fix_body(pool, row.id, &body).await.map(Some)
 }
 
-async fn deliver(pool: &Pool, client: &reqwest::Client, secret: Option<&str>, claim_ms: i64, row: webhooks::Pending) {
+async fn deliver(pool: &Pool, client: &reqwest::Client, signer: Option<&Signer>, claim_ms: i64, row: webhooks::Pending) {
     match webhooks::claim(pool, &row, now_ms() + claim_ms).await {
         Ok(true) => {}
         Ok(false) => return, // another server sharing the database is sending it
@@ -89,13 +83,18 @@ async fn deliver(pool: &Pool, client: &reqwest::Client, secret: Option<&str>, cl
         Ok(None) => return drop(webhooks::done(pool, row.id).await),
         Err(e) => return tracing::error!(error = %e, "preparing a webhook body failed"),
     };
+    // Standard Webhooks' id and time of the attempt (the id stays across retries; the time is
+    // each attempt's own, so that receivers can refuse old replays).
+    let (id, timestamp) = (row.id.to_string(), now_ms() / 1000);
     let mut req = client
         .post(&row.url)
         .header("content-type", "application/json")
         .header("x-finetuned-event", "job.status_changed")
-        .header("x-finetuned-delivery", row.id.to_string());
-    if let Some(secret) = secret {
-        req = req.header("x-finetuned-signature", signature(secret, body.as_bytes()));
+        .header("x-finetuned-delivery", &id)
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", timestamp.to_string());
+    for (name, value) in signer.map(|s| s.headers(&id, timestamp, body.as_bytes())).unwrap_or_default() {
+        req = req.header(name, value);
     }
     let outcome = match req.body(body).send().await {
         Ok(r) if r.status().is_success() => Ok(()),

@@ -1,6 +1,7 @@
 // The README's walk-through with a client generated from openapi.yaml by @hey-api/openapi-ts (run by
-// scripts/client-test.sh with tsx): upload, job, poll, predict, download. GEN_DIR is the generated
-// client's folder; BASE, API_KEY, MODEL_NAME and DATASET_DIR come from the script.
+// scripts/client-test.sh with tsx): upload, job (with metadata, then found by it), poll, predict,
+// download. GEN_DIR is the generated client's folder; BASE, API_KEY, MODEL_NAME and DATASET_DIR
+// come from the script.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
@@ -28,9 +29,16 @@ check(val.data?.rows > 0, `upload the validation set: ${JSON.stringify(val.data 
 
 const hyperparameters = { epochs: 4, batch_size: 16, learning_rate: 1e-4, max_seq_len: 64 };
 const created = await sdk.createJob({
-  body: { base_model: "all-minilm-l6-v2", training_dataset: train.data.id, validation_dataset: val.data.id, model_name: model, hyperparameters },
+  body: {
+    base_model: "all-minilm-l6-v2", training_dataset: train.data.id, validation_dataset: val.data.id, model_name: model, hyperparameters,
+    metadata: { client: "openapi-ts", run: model },
+  },
 });
 check(created.data?.id, `create a job: ${JSON.stringify(created.data ?? created.error)}`);
+// The list filter is a deepObject query parameter: metadata[client]=…&metadata[run]=….
+const found = await sdk.listJobs({ query: { metadata: { client: "openapi-ts", run: model } } });
+const foundIds = found.data?.data?.map((j: { id: string }) => j.id);
+check(JSON.stringify(foundIds) === JSON.stringify([created.data.id]), `list jobs by metadata: ${JSON.stringify(found.data ?? found.error)}`);
 
 const deadline = Date.now() + 600_000;
 let job = created.data;

@@ -2,7 +2,7 @@
 //! events (JSON or Server-Sent Events) and metrics.
 
 use super::datasets::{format_of, multipart_error, store_upload, Upload, UploadQuery};
-use super::json::{is_json, parse_json, ApiQuery};
+use super::json::{is_json, parse_json, parse_query, ApiQuery};
 use super::{check_limit, AppState};
 use crate::dataset::Format;
 use crate::error::{ApiError, ApiResult};
@@ -10,7 +10,7 @@ use crate::store::jobs::{JobStatus, JobTask};
 use crate::store::{self, datasets, jobs, jobs::JobRecord};
 use crate::train::hyper::HyperparametersInput;
 use crate::train::mlm::ScratchSpec;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 pub fn router() -> Router<AppState> {
@@ -45,6 +46,33 @@ pub struct JobRequest {
     pub config: Option<ScratchSpec>,
     /// Gets a signed POST of the job on each of its state changes.
     pub webhook_url: Option<String>,
+    /// Up to 16 string pairs to find the job by (`GET /v1/jobs?metadata[key]=value`).
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Most pairs of a job's `metadata`, and the longest key and value, in characters (OpenAI's
+/// limits for the same field).
+const METADATA_PAIRS: usize = 16;
+const METADATA_KEY_CHARS: usize = 64;
+const METADATA_VALUE_CHARS: usize = 512;
+
+/// Checks a job's metadata pairs against the limits.
+fn check_metadata(pairs: &BTreeMap<String, String>) -> ApiResult<()> {
+    if pairs.len() > METADATA_PAIRS {
+        return Err(ApiError::invalid("metadata", format!("metadata holds at most {METADATA_PAIRS} pairs, not {}", pairs.len())));
+    }
+    for (key, value) in pairs {
+        if key.is_empty() || key.chars().count() > METADATA_KEY_CHARS {
+            return Err(ApiError::invalid("metadata", format!("metadata keys are 1 to {METADATA_KEY_CHARS} characters: {key:?} is not")));
+        }
+        if value.chars().count() > METADATA_VALUE_CHARS {
+            return Err(ApiError::invalid(
+                format!("metadata.{key}"),
+                format!("metadata values are at most {METADATA_VALUE_CHARS} characters"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_model_name(name: &str) -> ApiResult<()> {
@@ -79,6 +107,9 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
             ))
             .param("model_name"));
         }
+    }
+    if let Some(m) = &req.metadata {
+        check_metadata(m)?;
     }
     if req.webhook_url.as_deref().is_some_and(|u| !crate::webhooks::valid_url(u)) {
         return Err(ApiError::invalid("webhook_url", "webhook_url must be an absolute http or https URL of at most 2048 characters"));
@@ -182,6 +213,7 @@ async fn insert_job(
         hyperparameters: hp,
         config: config.as_ref(),
         webhook_url: req.webhook_url.as_deref(),
+        metadata: req.metadata.as_ref(),
     };
     match jobs::insert(tx, &new).await? {
         jobs::InsertOutcome::Queued => Ok(id),
@@ -260,12 +292,34 @@ struct ListQuery {
     after: Option<String>,
 }
 
-async fn list(State(state): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<Value>> {
+/// `metadata[key]=value` pairs of a list query, and the query without them.
+fn metadata_filter(query: &str) -> (Vec<(String, String)>, String) {
+    let (mut pairs, mut rest) = (Vec::new(), form_urlencoded::Serializer::new(String::new()));
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match name.strip_prefix("metadata[").and_then(|k| k.strip_suffix(']')) {
+            Some(key) => pairs.push((key.to_string(), value.into_owned())),
+            None => drop(rest.append_pair(&name, &value)),
+        }
+    }
+    (pairs, rest.finish())
+}
+
+async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> ApiResult<Json<Value>> {
+    let (metadata, rest) = metadata_filter(query.as_deref().unwrap_or(""));
+    let q: ListQuery = parse_query(&rest)?;
+    // A key no job can have (an empty one, say) matches none; the count and the values have
+    // the limits of a job's metadata.
+    if metadata.len() > METADATA_PAIRS {
+        return Err(ApiError::invalid("metadata", format!("a list filters by at most {METADATA_PAIRS} metadata pairs")));
+    }
+    if let Some((key, _)) = metadata.iter().find(|(_, v)| v.chars().count() > METADATA_VALUE_CHARS) {
+        return Err(ApiError::invalid(format!("metadata.{key}"), format!("metadata values are at most {METADATA_VALUE_CHARS} characters")));
+    }
     let limit = check_limit(q.limit, 20, 1000)?;
     let status = q.status.as_deref().map(|s| {
         JobStatus::parse(s).ok_or_else(|| ApiError::invalid("status", "status must be queued, running, succeeded, failed or cancelled"))
     });
-    let mut rows = jobs::list(&state.pool, status.transpose()?, q.after.as_deref(), limit).await?;
+    let mut rows = jobs::list(&state.pool, status.transpose()?, &metadata, q.after.as_deref(), limit).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     Ok(Json(json!({"object": "list", "data": rows, "has_more": has_more})))

@@ -19,6 +19,8 @@ pub struct JobRecord {
     pub training_dataset: String,
     pub validation_dataset: Option<String>,
     pub model_name: Option<String>,
+    /// The caller's string pairs, if any.
+    pub metadata: Option<Value>,
     pub hyperparameters: Value,
     /// For a pre-training job from scratch: the architecture.
     pub config: Option<Value>,
@@ -31,7 +33,7 @@ pub struct JobRecord {
     pub finished_at: Option<i64>,
 }
 
-const COLUMNS: &str = "id, task, status, base_model, training_dataset, validation_dataset, model_name, \
+const COLUMNS: &str = "id, task, status, base_model, training_dataset, validation_dataset, model_name, metadata, \
     hyperparameters, config, progress, metrics, model, error, created_at, started_at, finished_at";
 
 impl<'r> sqlx::FromRow<'r, AnyRow> for JobRecord {
@@ -45,6 +47,7 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for JobRecord {
             training_dataset: row.try_get("training_dataset")?,
             validation_dataset: row.try_get("validation_dataset")?,
             model_name: row.try_get("model_name")?,
+            metadata: super::json_column_opt(row, "metadata")?,
             hyperparameters: super::json_column(row, "hyperparameters")?,
             config: super::json_column_opt(row, "config")?,
             progress: super::json_column_opt(row, "progress")?,
@@ -70,6 +73,7 @@ pub struct NewJob<'a> {
     pub config: Option<&'a Value>,
     /// Gets a POST on each state change (see `crate::webhooks`).
     pub webhook_url: Option<&'a str>,
+    pub metadata: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 /// Why a job could not be queued.
@@ -91,8 +95,8 @@ pub async fn insert(tx: &mut crate::store::Tx, j: &NewJob<'_>) -> sqlx::Result<I
     tx.lock(&keys.iter().flatten().map(String::as_str).collect::<Vec<_>>()).await?;
     let done = sqlx::query(
         r#"insert into jobs (id, task, status, base_model, training_dataset, validation_dataset, model_name,
-                             hyperparameters, created_at, config, webhook_url)
-           select $1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10
+                             hyperparameters, created_at, config, webhook_url, metadata)
+           select $1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11
            where exists (select 1 from datasets where id = $4)
              and ($5 is null or exists (select 1 from datasets where id = $5))
              and ($6 is null or (not exists (select 1 from models where id = $6)
@@ -108,9 +112,11 @@ pub async fn insert(tx: &mut crate::store::Tx, j: &NewJob<'_>) -> sqlx::Result<I
     .bind(super::now())
     .bind(j.config.map(Value::to_string))
     .bind(j.webhook_url)
+    .bind(j.metadata.map(|m| serde_json::to_string(m).expect("metadata serialises")))
     .execute(&mut **tx)
     .await?;
     if done.rows_affected() == 1 {
+        super::job_metadata::insert(tx, j.id, j.metadata.unwrap_or(&Default::default())).await?;
         return Ok(InsertOutcome::Queued);
     }
     let datasets_ok: i64 = sqlx::query_scalar(
@@ -129,20 +135,27 @@ pub async fn get(pool: &Pool, id: &str) -> sqlx::Result<Option<JobRecord>> {
     Ok(j)
 }
 
-/// Jobs newest first, optionally of one status, after the cursor `after` (a job id).
-pub async fn list(pool: &Pool, status: Option<JobStatus>, after: Option<&str>, limit: i64) -> sqlx::Result<Vec<JobRecord>> {
-    let rows: Vec<JobRecord> = sqlx::query_as(&format!(
+/// Jobs newest first, optionally of one status and with every pair of `metadata`, after the
+/// cursor `after` (a job id).
+pub async fn list(
+    pool: &Pool,
+    status: Option<JobStatus>,
+    metadata: &[(String, String)],
+    after: Option<&str>,
+    limit: i64,
+) -> sqlx::Result<Vec<JobRecord>> {
+    let sql = format!(
         r#"select {COLUMNS} from jobs
            where ($1 is null or status = $1)
-             and ($2 is null or seq < (select seq from jobs where id = $2))
-           order by seq desc limit $3"#
-    ))
-    .bind(status.map(JobStatus::as_str))
-    .bind(after)
-    .bind(limit + 1)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows)
+             and ($2 is null or seq < (select seq from jobs where id = $2)){}
+           order by seq desc limit $3"#,
+        super::job_metadata::filter_sql(4, metadata.len())
+    );
+    let mut query = sqlx::query_as(&sql).bind(status.map(JobStatus::as_str)).bind(after).bind(limit + 1);
+    for (key, value) in metadata {
+        query = query.bind(key).bind(value);
+    }
+    query.fetch_all(pool).await
 }
 
 /// A job a worker claimed, and the worker it took the job over from when that worker's lease

@@ -9,6 +9,7 @@ mod datasets;
 mod disk_full;
 mod faults;
 mod hub;
+mod job_metadata;
 mod jobs;
 mod lora;
 mod lora_jobs;

@@ -48,6 +48,7 @@ function renderJob(j) {
     ["Val. accuracy", fmt(v.accuracy, 4)], ["Val. macro-F1", fmt(v.macro_f1, 4)],
     ["Model", j.model || "–"],
   ];
+  for (const [k, val] of Object.entries(j.metadata || {})) items.push([k, val]);
   if (j.error) items.push(["Error", j.error.message]);
   $("detail-summary").replaceChildren(...items.map(([k, val]) => el("span", {}, k + ": ", el("b", {}, val))));
   queueDraw();

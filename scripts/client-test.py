@@ -61,8 +61,11 @@ def walk_through(client):
     check(isinstance(val, Dataset) and val.rows > 0, f"upload a raw JSON Lines body: {val}")
     hp = {"epochs": 4, "batch_size": 16, "learning_rate": 1e-4, "max_seq_len": 64}
     req = JobRequest.from_dict({"base_model": "all-minilm-l6-v2", "training_dataset": train.id, "validation_dataset": val.id, "model_name": MODEL, "hyperparameters": hp})
-    job = create_job.sync(client=client, body=req)
+    job = create_job.sync(client=client, body=req, idempotency_key="client-test-json")
     check(isinstance(job, Job), f"create a job (JSON): {job}")
+    # A retry with the same Idempotency-Key gets the same job, not a second one.
+    again = create_job.sync(client=client, body=req, idempotency_key="client-test-json")
+    check(isinstance(again, Job) and again.id == job.id, f"retry with the same Idempotency-Key: {again}")
     # The one-call form: the files and the job spec as multipart parts.
     spec = JobSpec.from_dict({"base_model": "all-minilm-l6-v2", "model_name": MODEL + "-multipart", "hyperparameters": {**hp, "epochs": 1}})
     files = CreateJobFilesBody(training_file=File(payload=io.BytesIO(read("train.jsonl")), file_name="train.jsonl"), job=spec)

@@ -2,6 +2,8 @@
 //! events (JSON or Server-Sent Events) and metrics.
 
 use super::datasets::{format_of, multipart_error, store_upload, Upload, UploadQuery};
+use super::idempotency::{self, Idempotency, RequestHasher};
+use super::job_metadata::{check_filter, check_metadata, filter_of};
 use super::json::{is_json, parse_json, parse_query, ApiQuery};
 use super::{check_limit, AppState};
 use crate::dataset::Format;
@@ -48,31 +50,6 @@ pub struct JobRequest {
     pub webhook_url: Option<String>,
     /// Up to 16 string pairs to find the job by (`GET /v1/jobs?metadata[key]=value`).
     pub metadata: Option<BTreeMap<String, String>>,
-}
-
-/// Most pairs of a job's `metadata`, and the longest key and value, in characters (OpenAI's
-/// limits for the same field).
-const METADATA_PAIRS: usize = 16;
-const METADATA_KEY_CHARS: usize = 64;
-const METADATA_VALUE_CHARS: usize = 512;
-
-/// Checks a job's metadata pairs against the limits.
-fn check_metadata(pairs: &BTreeMap<String, String>) -> ApiResult<()> {
-    if pairs.len() > METADATA_PAIRS {
-        return Err(ApiError::invalid("metadata", format!("metadata holds at most {METADATA_PAIRS} pairs, not {}", pairs.len())));
-    }
-    for (key, value) in pairs {
-        if key.is_empty() || key.chars().count() > METADATA_KEY_CHARS {
-            return Err(ApiError::invalid("metadata", format!("metadata keys are 1 to {METADATA_KEY_CHARS} characters: {key:?} is not")));
-        }
-        if value.chars().count() > METADATA_VALUE_CHARS {
-            return Err(ApiError::invalid(
-                format!("metadata.{key}"),
-                format!("metadata values are at most {METADATA_VALUE_CHARS} characters"),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn check_model_name(name: &str) -> ApiResult<()> {
@@ -165,21 +142,38 @@ fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &JobTask) 
     }
 }
 
-async fn create(State(state): State<AppState>, headers: HeaderMap, req: Request) -> ApiResult<(StatusCode, Json<JobRecord>)> {
+async fn create(State(state): State<AppState>, headers: HeaderMap, req: Request) -> ApiResult<Response> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let job = if ct.starts_with("multipart/form-data") {
-        create_multipart(&state, req).await?
+    let key = idempotency::key_of(&headers)?;
+    let created = if ct.starts_with("multipart/form-data") {
+        create_multipart(&state, req, key).await?
     } else if is_json(&headers) {
         let bytes = Bytes::from_request(req, &state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
-        create_json(&state, parse_json(&bytes, "")?).await?
+        let idem = RequestHasher::json(&bytes).finish(key);
+        let req = parse_json(&bytes, "")?;
+        match idempotency::replay(&state, idem.as_ref()).await? {
+            Some(job) => Created::Replayed(job),
+            None => create_json(&state, req, idem.as_ref()).await?,
+        }
     } else {
         return Err(ApiError::bad_request("Content-Type must be application/json or multipart/form-data"));
     };
-    state.queue.notify();
-    Ok((StatusCode::CREATED, Json(job)))
+    Ok(match created {
+        Created::Queued(job) => {
+            state.queue.notify();
+            (StatusCode::CREATED, Json(job)).into_response()
+        }
+        Created::Replayed(job) => (StatusCode::CREATED, [("idempotent-replayed", "true")], Json(job)).into_response(),
+    })
 }
 
-async fn create_json(state: &AppState, req: JobRequest) -> ApiResult<JobRecord> {
+/// A job a create request queued, or the one an earlier request with its idempotency key did.
+enum Created {
+    Queued(JobRecord),
+    Replayed(JobRecord),
+}
+
+async fn create_json(state: &AppState, req: JobRequest, idem: Option<&Idempotency>) -> ApiResult<Created> {
     let (task, hp) = check_request(state, &req).await?;
     let train_id = req.training_dataset.clone().ok_or_else(|| ApiError::invalid("training_dataset", "training_dataset is required"))?;
     for (param, id) in [("training_dataset", Some(&train_id)), ("validation_dataset", req.validation_dataset.as_ref())] {
@@ -188,9 +182,9 @@ async fn create_json(state: &AppState, req: JobRequest) -> ApiResult<JobRecord> 
         check_dataset_kind(&d, param, &task)?;
     }
     let mut tx = crate::store::Tx::begin(&state.pool).await?;
-    let id = insert_job(&mut tx, &req, &task, &hp, &train_id, req.validation_dataset.as_deref()).await?;
+    let id = insert_job(&mut tx, &req, &task, &hp, &train_id, req.validation_dataset.as_deref(), idem).await?;
     tx.commit().await?;
-    Ok(jobs::get(&state.pool, &id).await?.expect("job just inserted"))
+    Ok(Created::Queued(jobs::get(&state.pool, &id).await?.expect("job just inserted")))
 }
 
 async fn insert_job(
@@ -200,6 +194,7 @@ async fn insert_job(
     hp: &Value,
     train: &str,
     val: Option<&str>,
+    idem: Option<&Idempotency>,
 ) -> ApiResult<String> {
     let id = store::new_id("job");
     let config = req.config.as_ref().map(|c| serde_json::to_value(c).expect("config serialises"));
@@ -216,7 +211,7 @@ async fn insert_job(
         metadata: req.metadata.as_ref(),
     };
     match jobs::insert(tx, &new).await? {
-        jobs::InsertOutcome::Queued => Ok(id),
+        jobs::InsertOutcome::Queued => idempotency::record(tx, idem, &id).await.map(|()| id),
         jobs::InsertOutcome::DatasetMissing => Err(ApiError::not_found("dataset", train).param("training_dataset")),
         jobs::InsertOutcome::NameTaken => Err(ApiError::conflict(format!(
             "model_name {:?} is already used by a model or an active job",
@@ -227,14 +222,16 @@ async fn insert_job(
 }
 
 /// One request: store the uploaded file(s) as datasets and queue the job, all or nothing.
-async fn create_multipart(state: &AppState, req: Request) -> ApiResult<JobRecord> {
+async fn create_multipart(state: &AppState, req: Request, key: Option<String>) -> ApiResult<Created> {
     let mut mp = Multipart::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
     let (mut job_json, mut train, mut val) = (None, None, None);
+    let mut hasher = RequestHasher::default();
     while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or("").to_string();
         let filename = field.file_name().map(str::to_string);
         let fct = field.content_type().map(str::to_string);
         let bytes = field.bytes().await.map_err(multipart_error)?;
+        hasher.part(&name, filename.as_deref(), fct.as_deref(), &bytes);
         let format = format_of(fct.as_deref(), filename.as_deref()).unwrap_or(Format::Jsonl);
         match name.as_str() {
             "job" => job_json = Some(bytes),
@@ -242,6 +239,10 @@ async fn create_multipart(state: &AppState, req: Request) -> ApiResult<JobRecord
             "validation_file" => val = Some(Upload { bytes, format, filename }),
             other => return Err(ApiError::bad_request(format!("unexpected multipart part {other:?}")).param(other)),
         }
+    }
+    let idem = hasher.finish(key);
+    if let Some(job) = idempotency::replay(state, idem.as_ref()).await? {
+        return Ok(Created::Replayed(job));
     }
     let job_json = job_json.ok_or_else(|| ApiError::bad_request("multipart body has no part named \"job\"").param("job"))?;
     let req: JobRequest = parse_json(&job_json, "job")?;
@@ -266,13 +267,13 @@ async fn create_multipart(state: &AppState, req: Request) -> ApiResult<JobRecord
             }
             None => None,
         };
-        insert_job(&mut tx, &req, &task, &hp, &t.id, v.as_deref()).await
+        insert_job(&mut tx, &req, &task, &hp, &t.id, v.as_deref(), idem.as_ref()).await
     }
     .await;
     match result {
         Ok(id) => {
             tx.commit().await?;
-            Ok(jobs::get(&state.pool, &id).await?.expect("job just inserted"))
+            Ok(Created::Queued(jobs::get(&state.pool, &id).await?.expect("job just inserted")))
         }
         Err(e) => {
             drop(tx);
@@ -292,29 +293,10 @@ struct ListQuery {
     after: Option<String>,
 }
 
-/// `metadata[key]=value` pairs of a list query, and the query without them.
-fn metadata_filter(query: &str) -> (Vec<(String, String)>, String) {
-    let (mut pairs, mut rest) = (Vec::new(), form_urlencoded::Serializer::new(String::new()));
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        match name.strip_prefix("metadata[").and_then(|k| k.strip_suffix(']')) {
-            Some(key) => pairs.push((key.to_string(), value.into_owned())),
-            None => drop(rest.append_pair(&name, &value)),
-        }
-    }
-    (pairs, rest.finish())
-}
-
 async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> ApiResult<Json<Value>> {
-    let (metadata, rest) = metadata_filter(query.as_deref().unwrap_or(""));
+    let (metadata, rest) = filter_of(query.as_deref().unwrap_or(""));
     let q: ListQuery = parse_query(&rest)?;
-    // A key no job can have (an empty one, say) matches none; the count and the values have
-    // the limits of a job's metadata.
-    if metadata.len() > METADATA_PAIRS {
-        return Err(ApiError::invalid("metadata", format!("a list filters by at most {METADATA_PAIRS} metadata pairs")));
-    }
-    if let Some((key, _)) = metadata.iter().find(|(_, v)| v.chars().count() > METADATA_VALUE_CHARS) {
-        return Err(ApiError::invalid(format!("metadata.{key}"), format!("metadata values are at most {METADATA_VALUE_CHARS} characters")));
-    }
+    check_filter(&metadata)?;
     let limit = check_limit(q.limit, 20, 1000)?;
     let status = q.status.as_deref().map(|s| {
         JobStatus::parse(s).ok_or_else(|| ApiError::invalid("status", "status must be queued, running, succeeded, failed or cancelled"))

@@ -4,6 +4,8 @@ pub mod dashboard;
 pub mod datasets;
 pub mod health;
 pub mod hf;
+pub mod idempotency;
+pub mod job_metadata;
 pub mod jobs;
 pub mod json;
 pub mod models;

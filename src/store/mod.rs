@@ -1,6 +1,7 @@
 //! All SQL: the database pool (SQLite or Postgres) and one module per table group.
 
 pub mod datasets;
+pub mod idempotency;
 pub mod job_metadata;
 pub mod job_types;
 pub mod jobs;

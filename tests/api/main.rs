@@ -9,6 +9,7 @@ mod datasets;
 mod disk_full;
 mod faults;
 mod hub;
+mod idempotency;
 mod job_metadata;
 mod jobs;
 mod lora;

@@ -6,6 +6,8 @@
 2. huggingface_hub's InferenceClient.text_classification against /v1/models/{id}/predict and against
    the TEI route /predict (the server's --default-model) gives our own predict route's labels and scores.
 3. TEI's own /predict examples (single, batch, raw scores, truncation) answer in TEI's shapes.
+4. The JSON job's webhooks reach a receiver that verifies each with the `standardwebhooks` package
+   (the server has a `whsec_` secret): queued, running, succeeded.
 """
 
 import io
@@ -16,7 +18,11 @@ import sys
 import tarfile
 import time
 
+import http.server
+import threading
+
 import httpx
+from standardwebhooks.webhooks import Webhook
 from finetuned_client import AuthenticatedClient
 from finetuned_client.api.datasets import create_dataset
 from finetuned_client.api.jobs import create_job, get_job
@@ -54,13 +60,38 @@ def wait(client, job_id, secs=600):
         time.sleep(1)
 
 
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """Verifies each delivery with the Standard Webhooks package; keeps the statuses verified."""
+
+    verified, refused = [], []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        try:
+            payload = Webhook(os.environ["WEBHOOK_SECRET"]).verify(body, {k.lower(): v for k, v in self.headers.items()})
+            Receiver.verified.append(payload["status"])
+        except Exception as e:  # noqa: BLE001 - any refusal is a failed check below
+            Receiver.refused.append(repr(e))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def start_receiver():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/hook"
+
+
 def walk_through(client):
     train = create_dataset.sync(client=client, name="train", body=CreateDatasetFilesBody(file=File(payload=io.BytesIO(read("train.jsonl")), file_name="train.jsonl")))
     check(isinstance(train, Dataset) and train.rows > 0, f"upload multipart `file`: {train}")
     val = create_dataset.sync(client=client, name="val", body=File(payload=io.BytesIO(read("validation.jsonl"))))
     check(isinstance(val, Dataset) and val.rows > 0, f"upload a raw JSON Lines body: {val}")
     hp = {"epochs": 4, "batch_size": 16, "learning_rate": 1e-4, "max_seq_len": 64}
-    req = JobRequest.from_dict({"base_model": "all-minilm-l6-v2", "training_dataset": train.id, "validation_dataset": val.id, "model_name": MODEL, "hyperparameters": hp})
+    req = JobRequest.from_dict({"base_model": "all-minilm-l6-v2", "training_dataset": train.id, "validation_dataset": val.id, "model_name": MODEL, "hyperparameters": hp, "webhook_url": start_receiver()})
     job = create_job.sync(client=client, body=req, idempotency_key="client-test-json")
     check(isinstance(job, Job), f"create a job (JSON): {job}")
     # A retry with the same Idempotency-Key gets the same job, not a second one.
@@ -74,6 +105,11 @@ def walk_through(client):
     for j in (job, job2):
         done = wait(client, j.id)
         check(done.status.value == "succeeded", f"job {j.id} succeeded: {done.to_dict()}")
+    deadline = time.time() + 60
+    while len(Receiver.verified) < 3 and not Receiver.refused and time.time() < deadline:
+        time.sleep(0.2)
+    check(Receiver.verified == ["queued", "running", "succeeded"] and not Receiver.refused,
+          f"webhooks verified by standardwebhooks: {Receiver.verified}, refused: {Receiver.refused}")
     out = predict.sync(MODEL, client=client, body=PredictRequest(inputs=TEXTS, top_k=1))
     labels = [p[0].label for p in out.predictions]
     check(labels == ["positive", "negative"], f"predict through the generated client: {labels}")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Real clients against a live server: clients generated from openapi.yaml by openapi-python-client
 # and by @hey-api/openapi-ts run the README's walk-through, huggingface_hub's
-# InferenceClient.text_classification calls our predict route and the TEI route /predict, and TEI's
-# own /predict examples answer in TEI's shapes (scripts/client-test.py and client-test.mts hold the checks).
+# InferenceClient.text_classification calls our predict route and the TEI route /predict, TEI's
+# own /predict examples answer in TEI's shapes, and the standardwebhooks package verifies a job's
+# webhooks (scripts/client-test.py and client-test.mts hold the checks).
 #
 #   scripts/client-test.sh path/to/finetuned
 #
@@ -17,6 +18,7 @@ set -euo pipefail
 
 HF_HUB_VERSION=2.4.0
 OPC_VERSION=0.29.1
+STANDARDWEBHOOKS_VERSION=1.1.0
 HEYAPI_VERSION=0.95.0
 
 if [[ $# -ne 1 || ! -x $1 ]]; then
@@ -38,10 +40,12 @@ make_work clients
 # --- clients, from PyPI ---------------------------------------------------------------------------
 VENV=${CLIENT_VENV:-$WORK/venv}
 if ! "$VENV/bin/python" -c "import huggingface_hub as h, sys; sys.exit(h.__version__ != '$HF_HUB_VERSION')" 2>/dev/null \
-    || ! "$VENV/bin/openapi-python-client" --version 2>/dev/null | grep -qF "$OPC_VERSION"; then
-    echo "installing huggingface_hub==$HF_HUB_VERSION openapi-python-client==$OPC_VERSION into $VENV"
+    || ! "$VENV/bin/openapi-python-client" --version 2>/dev/null | grep -qF "$OPC_VERSION" \
+    || ! "$VENV/bin/pip" show standardwebhooks 2>/dev/null | grep -qx "Version: $STANDARDWEBHOOKS_VERSION"; then
+    echo "installing huggingface_hub==$HF_HUB_VERSION openapi-python-client==$OPC_VERSION standardwebhooks==$STANDARDWEBHOOKS_VERSION into $VENV"
     [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "huggingface_hub==$HF_HUB_VERSION" "openapi-python-client==$OPC_VERSION"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "huggingface_hub==$HF_HUB_VERSION" "openapi-python-client==$OPC_VERSION" \
+        "standardwebhooks==$STANDARDWEBHOOKS_VERSION"
 fi
 
 # --- the generated client -------------------------------------------------------------------------
@@ -83,10 +87,13 @@ echo "generated a TypeScript client with @hey-api/openapi-ts, no warnings"
 # --- server ---------------------------------------------------------------------------------------
 MODEL_NAME=client-test-v1
 API_KEY=client-test-key
-start_server "$BIN" "$MODEL_SRC" --api-key "$API_KEY" --default-model "$MODEL_NAME"
+# A Standard Webhooks secret (`whsec_` and a base64 key): the webhooks check verifies with it.
+WEBHOOK_SECRET=whsec_Y2xpZW50LXRlc3Qtd2ViaG9vay1rZXk=
+start_server "$BIN" "$MODEL_SRC" --api-key "$API_KEY" --default-model "$MODEL_NAME" --webhook-secret "$WEBHOOK_SECRET"
 
 # --- the checks -----------------------------------------------------------------------------------
 BASE=$BASE API_KEY=$API_KEY MODEL_NAME=$MODEL_NAME DATASET_DIR=$DATASET_DIR HF_HOME=$WORK/hf HF_HUB_DISABLE_TELEMETRY=1 PYTHONPATH=$WORK \
+    WEBHOOK_SECRET=$WEBHOOK_SECRET \
     timeout 900 "$VENV/bin/python" "$ROOT/scripts/client-test.py"
 BASE=$BASE API_KEY=$API_KEY MODEL_NAME=$MODEL_NAME DATASET_DIR=$DATASET_DIR GEN_DIR=$WORK/ts-client \
     timeout 900 "$NODE_PREFIX/node_modules/.bin/tsx" "$ROOT/scripts/client-test.mts"

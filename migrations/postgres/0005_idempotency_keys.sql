@@ -5,3 +5,5 @@ create table idempotency_keys (
     job_id text not null,
     created_at bigint not null
 );
+-- Expired keys are removed whenever a new one is written.
+create index idempotency_keys_created on idempotency_keys (created_at);

@@ -8,3 +8,5 @@ create table idempotency_keys (
     job_id text not null,
     created_at integer not null
 );
+-- Expired keys are removed whenever a new one is written.
+create index idempotency_keys_created on idempotency_keys (created_at);

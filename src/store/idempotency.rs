@@ -25,11 +25,8 @@ pub async fn find(pool: &Pool, key: &str) -> sqlx::Result<Option<Seen>> {
 /// key already (its transaction wins; this one must roll back).
 pub async fn record(tx: &mut crate::store::Tx, key: &str, request_hash: &str, job_id: &str) -> sqlx::Result<bool> {
     let now = super::now();
-    sqlx::query("delete from idempotency_keys where key = $1 and created_at < $2")
-        .bind(key)
-        .bind(now - KEEP_SECS)
-        .execute(&mut **tx)
-        .await?;
+    // Keys past their time go (this one too, if it was last used more than a day ago).
+    sqlx::query("delete from idempotency_keys where created_at < $1").bind(now - KEEP_SECS).execute(&mut **tx).await?;
     let done = sqlx::query(
         "insert into idempotency_keys (key, request_hash, job_id, created_at) values ($1, $2, $3, $4) on conflict (key) do nothing",
     )

@@ -1,6 +1,8 @@
 //! Job webhooks: a POST of the job to its `webhook_url` on each state change, signed with an
-//! HMAC-SHA256 of the body (`--webhook-secret`), retried with exponential backoff. Delivery
-//! runs on its own task from the durable outbox: a failing receiver never affects the job.
+//! HMAC-SHA256 of the body (`--webhook-secret`; `signing.rs` adds the Standard Webhooks
+//! headers), retried with exponential backoff and the same body. Delivery runs from the durable
+//! outbox on tasks of its own: a failing receiver never affects the job, and processes sharing
+//! a database claim each change before sending it, so it goes out once.
 
 use crate::store::Pool;
 use crate::store::{jobs, webhooks};

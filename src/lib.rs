@@ -22,6 +22,8 @@ pub mod fuzzing;
 pub mod hub;
 /// Our BERT, its heads, and Hugging Face model directories.
 pub mod model;
+/// The Prometheus metrics: names, help texts and histogram buckets.
+pub mod monitoring;
 /// Datasets, checkpoints and models in an object store (`--object-store`).
 pub mod objects;
 /// Space held back in the data dir for recording how jobs end on a full disk.

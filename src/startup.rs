@@ -7,10 +7,9 @@ use crate::model::predictor::Weights;
 use crate::serve::Predictor;
 use crate::store::{self, jobs};
 use crate::train::worker::{run_worker_until_stopped, JobQueue, WorkerContext};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -26,19 +25,6 @@ pub struct Application {
 
 /// How long a stop waits for in-flight requests, and then for the running job to checkpoint.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The process-wide Prometheus recorder (installed once, shared by every app in a process).
-fn prometheus() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
 
 /// Whether a leftover may be removed. When other processes share the data dir (`--role api` or
 /// `worker`), what is younger than an hour may be another process's upload or model being
@@ -187,13 +173,26 @@ impl Application {
             }
         }
         let shutdown = CancellationToken::new();
-        let state =
-            AppState { pool, config: Arc::new(config), catalog, queue, predictor, metrics: prometheus(), shutdown: shutdown.clone() };
+        let state = AppState {
+            pool,
+            config: Arc::new(config),
+            catalog,
+            queue,
+            predictor,
+            metrics: crate::monitoring::prometheus(),
+            shutdown: shutdown.clone(),
+        };
         Ok(Self { addr, listener, state, workers, webhook_signer, shutdown })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The predictor, for tests that reach under the HTTP layer (its test hooks).
+    #[doc(hidden)]
+    pub fn predictor(&self) -> Predictor {
+        self.state.predictor.clone()
     }
 
     pub fn port(&self) -> u16 {

@@ -68,7 +68,12 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     let counts = crate::store::jobs::status_counts(&state.pool).await;
     for status in crate::store::jobs::JobStatus::ALL {
         let n = counts.as_ref().ok().and_then(|c| c.iter().find(|(s, _)| *s == status)).map_or(0, |(_, n)| *n);
-        metrics::gauge!("finetuned_jobs", "status" => status.as_str()).set(n as f64);
+        metrics::gauge!(crate::monitoring::JOBS, "status" => status.as_str()).set(n as f64);
+    }
+    if let Ok((oldest, expired)) = crate::store::jobs::queue_health(&state.pool).await {
+        let age = oldest.map_or(0, |t| (crate::store::now() - t).max(0));
+        metrics::gauge!(crate::monitoring::OLDEST_QUEUED_AGE).set(age as f64);
+        metrics::gauge!(crate::monitoring::LEASE_EXPIRED).set(expired as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

@@ -107,9 +107,9 @@ async fn record_metrics(req: Request<Body>, next: Next) -> Response {
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("finetuned_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+    metrics::counter!(crate::monitoring::HTTP_REQUESTS, "route" => route.clone(), "method" => method.clone(), "status" => status)
         .increment(1);
-    metrics::histogram!("finetuned_http_request_duration_seconds", "route" => route, "method" => method)
+    metrics::histogram!(crate::monitoring::HTTP_REQUEST_SECONDS, "route" => route, "method" => method)
         .record(start.elapsed().as_secs_f64());
     resp
 }

@@ -246,6 +246,9 @@ fn run_batch(
         Err(payload) => return Err((live, panic_message(payload.as_ref()))),
     };
     let inference = started.elapsed();
+    // Once per batch: the callers' timings would count a batch once per request in it.
+    metrics::histogram!(crate::monitoring::PREDICT_BATCH_SIZE).record(all.len() as f64);
+    metrics::histogram!(crate::monitoring::PREDICT_INFERENCE_SECONDS).record(inference.as_secs_f64());
     match result {
         Ok(rows) => {
             let mut rows = rows.into_iter();

@@ -481,3 +481,14 @@ pub async fn status_counts(pool: &Pool) -> sqlx::Result<Vec<(JobStatus, i64)>> {
     let rows: Vec<(String, i64)> = sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(pool).await?;
     Ok(JobStatus::ALL.into_iter().map(|s| (s, rows.iter().find(|(t, _)| t == s.as_str()).map_or(0, |(_, n)| *n))).collect())
 }
+
+/// The queue's health for monitoring: the creation time of the oldest queued job, and how many
+/// running jobs hold a lease that has run out (their worker stopped renewing it).
+pub async fn queue_health(pool: &Pool) -> sqlx::Result<(Option<i64>, i64)> {
+    let oldest: Option<i64> = sqlx::query_scalar("select min(created_at) from jobs where status = 'queued'").fetch_one(pool).await?;
+    let expired: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'running' and lease_expires_at < $1")
+        .bind(super::now())
+        .fetch_one(pool)
+        .await?;
+    Ok((oldest, expired))
+}

@@ -78,6 +78,8 @@ pub struct StepInfo {
     pub loss: f64,
     pub learning_rate: f64,
     pub examples_per_second: f64,
+    /// This step's wall time: forward, backward and update.
+    pub seconds: f64,
 }
 
 /// Validation results after one epoch.

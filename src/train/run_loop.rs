@@ -274,6 +274,7 @@ pub fn drive<O: Objective>(run: Run, obj: &mut O, rng: &mut ChaCha8Rng, obs: &mu
                 loss: loss_value,
                 learning_rate: lr,
                 examples_per_second: rate_of(&window, started),
+                seconds: t_fwd.elapsed().as_secs_f64(),
             }));
         }
         let end = EpochEnd {

@@ -85,6 +85,10 @@ pub async fn run_worker_until_stopped(ctx: WorkerContext, shutdown: Cancellation
         match jobs::claim_next(&ctx.pool, &ctx.worker_id, lease).await {
             Ok(Some(claimed)) => {
                 let job = claimed.job;
+                if claimed.taken_over_from.is_none() {
+                    let wait = (crate::store::now() - job.created_at).max(0);
+                    metrics::histogram!(crate::monitoring::JOB_QUEUE_WAIT_SECONDS).record(wait as f64);
+                }
                 let span = tracing::info_span!("job", job_id = %job.id);
                 let id = job.id.clone();
                 if let Some(from) = claimed.taken_over_from {
@@ -135,7 +139,15 @@ fn keep_lease(
                 _ = tokio::time::sleep(lease / 3) => {}
                 _ = done.cancelled() => return,
             }
-            match jobs::renew_lease(&pool, &job, &worker, lease.as_secs() as i64).await {
+            let renewed = jobs::renew_lease(&pool, &job, &worker, lease.as_secs() as i64).await;
+            let result = match &renewed {
+                Ok(jobs::Lease::Held) => "held",
+                Ok(jobs::Lease::Cancelled) => "cancelled",
+                Ok(jobs::Lease::Lost) => "lost",
+                Err(_) => "error",
+            };
+            metrics::counter!(crate::monitoring::LEASE_RENEWALS, "result" => result).increment(1);
+            match renewed {
                 Ok(jobs::Lease::Held) => {}
                 Ok(jobs::Lease::Cancelled) => cancel.store(true, Ordering::SeqCst),
                 Ok(jobs::Lease::Lost) => {

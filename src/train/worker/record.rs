@@ -116,6 +116,7 @@ pub(super) async fn record(pool: &Pool, job: &str, ev: Event) {
             metrics::gauge!("finetuned_training_examples_per_second").set(s.examples_per_second);
             metrics::gauge!("finetuned_training_loss").set(s.loss);
             metrics::counter!("finetuned_training_steps_total").increment(1);
+            metrics::histogram!(crate::monitoring::TRAINING_STEP_SECONDS).record(s.seconds);
             let progress = json!({"epoch": s.epoch, "step": s.step, "total_steps": s.total_steps,
                                   "examples_per_second": s.examples_per_second});
             let r = jobs::set_progress(pool, job, &progress).await;

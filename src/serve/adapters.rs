@@ -5,9 +5,10 @@
 
 use crate::model::adapter_serving::LoadedAdapter;
 use candle_core::{DType, Device};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// What an adapter id resolves to for serving.
 #[derive(Clone)]
@@ -48,7 +49,7 @@ impl AdapterCache {
             Some(a) if !own_tokenizer => Served::Shared(Arc::new(a)),
             _ => Served::Merged,
         };
-        let mut e = self.entries.lock().unwrap();
+        let mut e = self.entries.lock();
         e.clock += 1;
         let clock = e.clock;
         e.by_id.insert(id.to_string(), (served.clone(), clock));
@@ -57,7 +58,7 @@ impl AdapterCache {
     }
 
     fn touch(&self, id: &str) -> Option<Served> {
-        let mut e = self.entries.lock().unwrap();
+        let mut e = self.entries.lock();
         e.clock += 1;
         let clock = e.clock;
         e.by_id.get_mut(id).map(|(served, used)| {
@@ -79,14 +80,20 @@ impl AdapterCache {
         }
     }
 
+    /// Runs `f` while holding the lock (the test hook of [`super::Predictor::panic_holding_locks`]).
+    pub(super) fn with_lock_held(&self, f: impl FnOnce()) {
+        let _e = self.entries.lock();
+        f();
+    }
+
     /// Forgets adapter `id` (it was deleted).
     pub fn evict(&self, id: &str) {
-        self.entries.lock().unwrap().by_id.remove(id);
+        self.entries.lock().by_id.remove(id);
     }
 
     /// Ids of the adapters loaded over a shared base now.
     pub fn loaded_ids(&self) -> Vec<String> {
-        let e = self.entries.lock().unwrap();
+        let e = self.entries.lock();
         let mut ids: Vec<String> = e.by_id.iter().filter(|(_, (s, _))| matches!(s, Served::Shared(_))).map(|(k, _)| k.clone()).collect();
         ids.sort();
         ids

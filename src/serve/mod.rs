@@ -8,9 +8,10 @@ use crate::model::adapter_serving::LoadedAdapter;
 use crate::model::predictor::{LoadedClassifier, Overflow, Token, TooLong, Weights};
 use batcher::{BatchLimits, Batcher, Timings};
 use candle_core::{DType, Device};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::{OnceCell, Semaphore};
 
 /// Why a prediction failed.
@@ -128,7 +129,7 @@ impl Predictor {
     }
 
     fn slot(&self, id: &str) -> Slot {
-        let mut c = self.cache.lock().unwrap();
+        let mut c = self.cache.lock();
         c.clock += 1;
         let clock = c.clock;
         if let Some((slot, used)) = c.slots.get_mut(id) {
@@ -148,7 +149,7 @@ impl Predictor {
 
     /// Unloads least recently used models (never `keep`) until the loaded ones fit the budget.
     fn enforce_budget(&self, keep: &str) {
-        let mut c = self.cache.lock().unwrap();
+        let mut c = self.cache.lock();
         loop {
             let bytes: usize = c.slots.values().filter_map(|(s, _)| s.get()).map(|l| l.model.bytes).sum();
             if bytes <= c.budget_bytes {
@@ -174,7 +175,7 @@ impl Predictor {
     /// Ids of the models loaded now (for tests and the info endpoint); bases loaded for
     /// adapters to run over are not among them (see [`Predictor::bases_loaded`]).
     pub fn loaded_ids(&self) -> Vec<String> {
-        let c = self.cache.lock().unwrap();
+        let c = self.cache.lock();
         let mut ids: Vec<String> =
             c.slots.iter().filter(|(k, (s, _))| s.initialized() && !k.contains(BASE_KEY)).map(|(k, _)| k.clone()).collect();
         ids.sort();
@@ -184,25 +185,33 @@ impl Predictor {
     /// How many base encoders are loaded for adapters to run over (one per base, whatever the
     /// adapters' poolings).
     pub fn bases_loaded(&self) -> usize {
-        self.cache.lock().unwrap().slots.iter().filter(|(k, (s, _))| s.initialized() && k.contains(BASE_KEY)).count()
+        self.cache.lock().slots.iter().filter(|(k, (s, _))| s.initialized() && k.contains(BASE_KEY)).count()
     }
 
     /// Unloads the base encoders loaded from the model dir at `path` (it is being deleted).
     pub fn evict_base(&self, path: &std::path::Path) {
         let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
         let prefix = format!("{}{BASE_KEY}", path.display());
-        self.cache.lock().unwrap().slots.retain(|k, _| !k.starts_with(&prefix));
+        self.cache.lock().slots.retain(|k, _| !k.starts_with(&prefix));
+    }
+
+    /// Panics while holding the model cache's and the adapter cache's locks: the test of
+    /// predict's recovery from a panic under them (the locks do not poison).
+    #[doc(hidden)]
+    pub fn panic_holding_locks(&self) {
+        let _cache = self.cache.lock();
+        self.adapters.with_lock_held(|| panic!("a panic while the predict caches are locked (test hook)"));
     }
 
     /// Unloads a model (after it was deleted).
     pub fn evict(&self, id: &str) {
         self.adapters.evict(id);
-        self.cache.lock().unwrap().slots.remove(id);
+        self.cache.lock().slots.remove(id);
     }
 
     /// Unloads `loaded` if it is still model `id`'s entry: its inference thread died.
     fn unload_crashed(&self, id: &str, loaded: &Arc<Loaded>) {
-        let mut c = self.cache.lock().unwrap();
+        let mut c = self.cache.lock();
         if c.slots.get(id).and_then(|(s, _)| s.get()).is_some_and(|l| Arc::ptr_eq(l, loaded)) {
             c.slots.remove(id);
             tracing::warn!(model = %id, "unloaded model: its inference thread crashed");
@@ -299,9 +308,7 @@ impl Predictor {
         };
         let mut rows = per_window.into_iter();
         let scores = counts.iter().map(|&n| mean_rows(rows.by_ref().take(n).collect())).collect();
-        metrics::histogram!("finetuned_predict_batch_size").record(timings.batch_size as f64);
-        metrics::histogram!("finetuned_predict_queue_seconds").record(timings.queue.as_secs_f64());
-        metrics::histogram!("finetuned_predict_inference_seconds").record(timings.inference.as_secs_f64());
+        metrics::histogram!(crate::monitoring::PREDICT_QUEUE_SECONDS).record(timings.queue.as_secs_f64());
         let (labels, multi_label, thresholds, temperature) = match &adapter {
             Some(a) => (a.labels.clone(), a.multi_label, a.thresholds.clone(), a.temperature),
             None => (model.labels.clone(), model.multi_label, model.thresholds.clone(), model.temperature),

@@ -11,6 +11,8 @@ pub struct TestApp {
     pub base: String,
     pub client: Client,
     pub data_dir: PathBuf,
+    /// The server's predictor, for the tests of its test hooks.
+    pub predictor: finetuned::serve::Predictor,
     token: CancellationToken,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
     _tmp: Option<tempfile::TempDir>,
@@ -63,8 +65,9 @@ pub async fn spawn_embedded(config: ServeConfig) -> TestApp {
     let app = Application::build(config).await.expect("app builds");
     let base = format!("http://127.0.0.1:{}", app.port());
     let token = app.shutdown_token();
+    let predictor = app.predictor();
     let handle = tokio::spawn(app.run_until_stopped());
-    TestApp { base, client: Client::new(), data_dir, token, handle, _tmp: None }
+    TestApp { base, client: Client::new(), data_dir, predictor, token, handle, _tmp: None }
 }
 
 impl TestApp {

@@ -356,3 +356,24 @@ async fn an_unknown_predict_dtype_is_refused_before_the_data_dir_is_made() {
     assert!(format!("{err:#}").contains("--predict-dtype"), "{err:#}");
     assert!(!tmp.path().join("data").exists(), "a bad setting is refused before the data dir is made");
 }
+
+/// A panic while predict's cache locks are held (forced by the predictor's test hook) leaves
+/// predict working: the loaded model still answers, the same, and another model still loads.
+#[tokio::test]
+async fn predict_keeps_working_after_a_panic_under_its_cache_locks() {
+    let app = spawn_app().await;
+    trained(&app, "toy").await;
+    let body = json!({"inputs": ["a great superb film", "the plot was really awful"]});
+    let before: Value = app.predict("toy", &body).await.json().await.unwrap();
+    let predictor = app.predictor.clone();
+    let panicked = std::thread::spawn(move || predictor.panic_holding_locks()).join();
+    assert!(panicked.is_err(), "the test hook panics");
+    let r = app.predict("toy", &body).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    assert_eq!(r.json::<Value>().await.unwrap(), before);
+    trained(&app, "toy-2").await;
+    let r = app.predict("toy-2", &body).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    assert_eq!(info["models_loaded"], json!(["toy", "toy-2"]), "{info}");
+}

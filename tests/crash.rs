@@ -41,9 +41,18 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     wait_for(&client, &job_url, 60, |j| j["status"] == "running" && j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)).await;
     server.kill().unwrap(); // SIGKILL: no chance to clean up
     server.wait().unwrap();
+    // The whole checkpoints the kill left (the newest two are kept): the job must go on from
+    // the newest, so there must be an older one to tell it from.
+    let job_id = job["id"].as_str().unwrap();
+    let mut steps: Vec<u64> = std::fs::read_dir(data.join(format!("checkpoints/{job_id}")))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_prefix("step-").map(|n| n.parse().unwrap()))
+        .collect();
+    steps.sort();
+    assert!(steps.len() >= 2, "two checkpoints to tell apart: {steps:?}");
+    let newest = *steps.last().unwrap();
     // What a kill in the middle of a save leaves: half-written temp files and dirs of a
     // checkpoint, a model and a dataset (each is only renamed into place once whole).
-    let job_id = job["id"].as_str().unwrap();
     let half = [
         data.join(format!("checkpoints/{job_id}/.tmp-step-00009999-0/params.safetensors")),
         data.join("models/.tmp-survivor-0/model.safetensors"),
@@ -64,6 +73,7 @@ async fn kill_9_mid_training_then_restart_finishes_the_job_on_a_sound_database()
     // Checkpoints every 2 steps and killed after step 5: it went on from a checkpoint, not from scratch.
     let resumed = messages.iter().find(|m| m.starts_with("resumed from the checkpoint at step")).unwrap_or_else(|| panic!("{messages:?}"));
     assert!(!resumed.contains("9999"), "resumed from a half-written checkpoint: {resumed}");
+    assert!(resumed.starts_with(&format!("resumed from the checkpoint at step {newest} ")), "not from the newest ({steps:?}): {resumed}");
     for f in &half {
         assert!(!f.parent().unwrap().exists(), "{} was left behind", f.parent().unwrap().display());
     }

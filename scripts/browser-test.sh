@@ -60,7 +60,7 @@ start_server "$BIN" "$MODEL_SRC" --api-key "$KEY"
 # --- the browser session ------------------------------------------------------------------------------
 cat >"$WORK/drive.py" <<'EOF'
 """Drives the dashboard in headless Chromium; any failed step raises, after a screenshot."""
-import json, os, sys, time
+import json, os, sys, time, urllib.request
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -186,6 +186,27 @@ try:
         scores = [float(r[-1]) for r in pair]
         assert labels == {"negative", "positive"}, pair
         assert scores[0] >= scores[1] and abs(sum(scores) - 1) < 1e-3, pair
+
+    # The form's method, LoRA rank and epochs "auto": the job stored says what was chosen, and
+    # the learning rate left empty resolves to the method's own default.
+    Select(by("job-method")).select_by_value("lora")
+    by("job-lora-r").clear()
+    by("job-lora-r").send_keys("4")
+    by("job-epochs-auto").click()
+    by("job-lr").clear()
+    by("job-name").clear()
+    by("job-name").send_keys("dash-lora")
+    first = text("job-status")
+    by("job-start").click()
+    wait("the LoRA job to be queued", lambda: text("job-status").startswith("Queued") and text("job-status") != first, 30)
+    job_id = text("job-status").split()[1].rstrip(".")
+    req = lambda path, method="GET": json.load(urllib.request.urlopen(urllib.request.Request(
+        base + path, method=method, headers={"Authorization": "Bearer " + key})))
+    hp = req(f"/v1/jobs/{job_id}")["hyperparameters"]
+    step(f"LoRA job from the form: {hp}")
+    assert hp["method"] == "lora" and hp["lora"]["r"] == 4 and hp["auto_epochs"] is True, hp
+    assert hp["learning_rate"] == 0.002, hp
+    req(f"/v1/jobs/{job_id}/cancel", "POST")
 
     errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE" and "401" not in e["message"]]
     assert not errors, "errors in the browser console: " + json.dumps(errors)

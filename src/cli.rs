@@ -4,7 +4,7 @@
 
 use crate::config::ServeConfig;
 use crate::dataset::Row;
-use crate::train::hyper::{EpochsInput, HyperparametersInput};
+use crate::train::hyper::{EpochsInput, HyperparametersInput, JobKind};
 use crate::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -51,8 +51,9 @@ pub struct TrainArgs {
     pub batch_size: u64,
     #[arg(long, default_value_t = 64)]
     pub eval_batch_size: usize,
-    #[arg(long, default_value_t = 5e-5)]
-    pub lr: f64,
+    /// The peak learning rate; without it, the method's default (as the API's).
+    #[arg(long)]
+    pub lr: Option<f64>,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0.06)]
@@ -199,7 +200,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let hp = HyperparametersInput {
         epochs: Some(a.epochs.parse::<u64>().map_or_else(|_| EpochsInput::Word(a.epochs.clone()), EpochsInput::Count)),
         batch_size: Some(a.batch_size),
-        learning_rate: Some(a.lr),
+        learning_rate: a.lr,
         max_seq_len: Some(a.max_len),
         warmup_ratio: Some(a.warmup_ratio),
         weight_decay: Some(a.weight_decay),
@@ -213,7 +214,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         lora_target_modules: a.lora_targets.clone(),
         ..Default::default()
     }
-    .resolve(&info.auto_pooling())
+    .resolve(&info.auto_pooling(), JobKind::FineTune)
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let precision = crate::train::precision::Precision::parse(&a.dtype, &device).map_err(|e| anyhow::anyhow!("--dtype: {e}"))?;
     let mut req = TrainRequest::new(a.model.clone(), train, validation, hp.clone(), device);
@@ -250,7 +251,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let median = rates.get(rates.len() / 2).copied();
     let report = json!({
         "script": "finetuned train",
-        "args": {"model": a.model, "data": a.data, "epochs": a.epochs.parse::<u64>().map_or_else(|_| json!(a.epochs), |n| json!(n)), "batch_size": a.batch_size, "lr": a.lr,
+        "args": {"model": a.model, "data": a.data, "epochs": a.epochs.parse::<u64>().map_or_else(|_| json!(a.epochs), |n| json!(n)), "batch_size": a.batch_size, "lr": hp.learning_rate,
                  "max_len": a.max_len, "seed": a.seed, "max_train": a.max_train, "threads": a.threads,
                  "group_by_length": a.group_by_length, "pooling": hp.pooling, "weight_decay": a.weight_decay,
                  "warmup_ratio": a.warmup_ratio, "max_grad_norm": a.max_grad_norm, "eval_batch_size": a.eval_batch_size,

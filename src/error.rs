@@ -163,16 +163,23 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The error envelope, `{"error": {"code", "message", "param"?, "line"?}}`.
+    pub fn envelope(&self) -> serde_json::Value {
         let mut body = json!({"code": self.code, "message": self.message});
-        if let Some(p) = self.param {
-            body["param"] = p.into();
+        if let Some(p) = &self.param {
+            body["param"] = p.as_str().into();
         }
         if let Some(l) = self.line {
             body["line"] = l.into();
         }
-        let mut resp = (self.status, axum::Json(json!({ "error": body }))).into_response();
+        json!({ "error": body })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.envelope())).into_response();
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

@@ -38,6 +38,12 @@ async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards
         jobs.push(format!("{api}/v1/jobs/{}", job["id"].as_str().unwrap()));
     }
     wait_for(&client, &jobs[0], 60, |j| j["progress"]["step"].as_u64().is_some_and(|s| s >= 5)).await;
+    // A follower of the running job's events, open across the outage.
+    let mut follower = client.get(format!("{}/events", jobs[0])).header("accept", "text/event-stream").send().await.unwrap();
+    let mut before = String::new();
+    while !before.contains("\n\n") {
+        before.push_str(&String::from_utf8_lossy(&follower.chunk().await.unwrap().expect("the job's first events")));
+    }
 
     pg.run("stop");
     let down = Instant::now();
@@ -56,9 +62,22 @@ async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards
     assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "database_unavailable", "{body}");
+    // The event stream says it cannot read, and ends (the client reconnects), rather than going
+    // quiet as if the job had nothing to say.
+    let rest = tokio::time::timeout(Duration::from_secs(30), follower.text()).await.expect("the event stream ends").unwrap();
+    let stream = before + &rest;
+    let tail = stream.rsplit("\n\n").find(|e| !e.trim().is_empty()).unwrap();
+    assert!(tail.contains("event: error") && tail.contains("retry:"), "the stream's last event: {tail}");
+    assert!(tail.contains("database_unavailable"), "{tail}");
+    let last_id = stream.lines().rev().find_map(|l| l.strip_prefix("id: ")).unwrap().to_string();
     // The outage lasts ten seconds in all.
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
     pg.run("resume");
+    // Reconnected with `Last-Event-ID`, the follower gets what came after, to the job's end.
+    let again = wait_for_stream(&client, &format!("{}/events", jobs[0]), &last_id).await;
+    let ids: Vec<u64> = stream.lines().chain(again.lines()).filter_map(|l| l.strip_prefix("id: ev_")).map(|n| n.parse().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "each event once, in order: {ids:?}");
+    assert!(again.contains("succeeded"), "the resumed stream runs to the job's end: {again}");
 
     for job_url in &jobs {
         let done =
@@ -71,5 +90,22 @@ async fn postgres_down_for_ten_seconds_gets_503s_with_retry_after_and_afterwards
     for i in 0..3 {
         let r = client.post(format!("{api}/v1/models/outage-{i}/predict")).json(&json!({"inputs": "good"})).send().await.unwrap();
         assert_eq!(r.status(), 200);
+    }
+}
+
+/// The event stream of `url` from after `last_id`, read to its end once the database answers
+/// again (a reconnect during the database's restart gets the error event and is retried).
+async fn wait_for_stream(client: &reqwest::Client, url: &str, last_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let r = client.get(url).header("accept", "text/event-stream").header("last-event-id", last_id).send().await.unwrap();
+        if r.status() == 200 {
+            let body = r.text().await.unwrap();
+            if !body.contains("event: error") {
+                return body;
+            }
+        }
+        assert!(Instant::now() < deadline, "the event stream did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

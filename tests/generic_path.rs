@@ -126,7 +126,7 @@ fn a_short_training_run_on_the_device_generic_path_learns() {
         seed: Some(42),
         ..Default::default()
     }
-    .resolve("cls")
+    .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
     .unwrap();
     let req = TrainRequest::new(base, toy_rows(48), Some(toy_rows(16)), hp, Device::Cpu);
     let mut obs = Losses(vec![], vec![]);

@@ -187,7 +187,7 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
         lora_target_modules: Some(vec!["query".into(), "value".into(), "output.dense".into()]),
         ..Default::default()
     }
-    .resolve("cls")
+    .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ours");

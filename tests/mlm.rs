@@ -61,7 +61,7 @@ fn run(start: Start, dir: &std::path::Path) -> Vec<f64> {
         warmup_ratio: Some(0.0),
         ..Default::default()
     }
-    .resolve("cls")
+    .resolve("cls", finetuned::train::hyper::JobKind::Pretrain { from_config: false })
     .unwrap();
     let req = MlmRequest {
         start,

@@ -105,7 +105,7 @@ fn train_tiny_in(dir: &std::path::Path, seed: u64, precision: Precision) -> (std
         seed: Some(seed),
         ..Default::default()
     }
-    .resolve("cls")
+    .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
     .unwrap();
     let out = dir.join("out");
     let req = TrainRequest {

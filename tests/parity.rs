@@ -104,7 +104,7 @@ fn a_model_trained_here_gives_the_same_logits_in_transformers() {
         pooling: Some("cls".into()),
         ..Default::default()
     }
-    .resolve("cls")
+    .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
     .unwrap();
     let out = dir.path().join("trained");
     let mut req = TrainRequest::new(base(), tiny_rows("train"), Some(tiny_rows("validation")), hp, Device::Cpu);
@@ -149,7 +149,7 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     use finetuned::train::mlm::{self, MlmRequest, Start};
     let dir = tempfile::tempdir().unwrap();
     let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }
-        .resolve("cls")
+        .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
         .unwrap();
     let out = dir.path().join("mlm");
     let req = MlmRequest {

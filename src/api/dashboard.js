@@ -141,7 +141,11 @@ async function startJob(ev) {
     validation_dataset: $("job-validation").value || undefined,
     task: $("job-task").value,
     model_name: $("job-name").value.trim() || undefined,
-    hyperparameters: { epochs: num("job-epochs"), learning_rate: num("job-lr"), batch_size: num("job-batch"), max_seq_len: num("job-maxlen") },
+    hyperparameters: {
+      epochs: $("job-epochs-auto").checked ? "auto" : num("job-epochs"), learning_rate: num("job-lr"),
+      batch_size: num("job-batch"), max_seq_len: num("job-maxlen"), method: $("job-method").value,
+      lora_r: $("job-method").value === "lora" ? num("job-lora-r") : undefined,
+    },
   };
   $("job-start").disabled = true;
   try {
@@ -253,6 +257,9 @@ window.addEventListener("DOMContentLoaded", () => {
   $("key-form").addEventListener("submit", saveKey);
   $("upload-form").addEventListener("submit", upload);
   $("job-form").addEventListener("submit", startJob);
+  // The rank applies to LoRA only; an epoch count only when epochs are not chosen by validation.
+  $("job-method").addEventListener("change", () => { $("job-lora-r").disabled = $("job-method").value !== "lora"; });
+  $("job-epochs-auto").addEventListener("change", () => { $("job-epochs").disabled = $("job-epochs-auto").checked; });
   $("predict-form").addEventListener("submit", predict);
   connect();
   setTimeout(poll, 3000);

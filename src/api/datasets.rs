@@ -125,17 +125,23 @@ async fn read_upload(headers: &HeaderMap, req: Request, state: &AppState) -> Api
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     if ct.as_deref().is_some_and(|c| c.starts_with("multipart/form-data")) {
         let mut mp = Multipart::from_request(req, state).await.map_err(|e| ApiError::from_status(e.status(), e.body_text()))?;
+        let mut upload = None;
+        // The whole body is read before anything is stored, so that a second `file` part is
+        // refused rather than one of the two kept silently.
         while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
             if field.name() != Some("file") {
                 continue;
+            }
+            if upload.is_some() {
+                return Err(repeated_part("file"));
             }
             let filename = field.file_name().map(str::to_string);
             let fct = field.content_type().map(str::to_string);
             let bytes = spool(state, field, multipart_error).await?.read().await?;
             let format = format_of(fct.as_deref(), filename.as_deref()).unwrap_or(Format::Jsonl);
-            return Ok(Upload { bytes, format, filename });
+            upload = Some(Upload { bytes, format, filename });
         }
-        return Err(ApiError::bad_request("multipart body has no part named \"file\"").param("file"));
+        return upload.ok_or_else(|| ApiError::bad_request("multipart body has no part named \"file\"").param("file"));
     }
     let Some(format) = format_of(ct.as_deref(), None) else {
         return Err(ApiError::bad_request("Content-Type must be application/x-ndjson, application/jsonl, text/csv or multipart/form-data"));
@@ -195,6 +201,11 @@ async fn spool<E>(
     }
     file.flush().await.map_err(io)?;
     Ok(spooled)
+}
+
+/// 422 for a multipart part sent twice: which of the two was meant is not ours to guess.
+pub fn repeated_part(name: &str) -> ApiError {
+    ApiError::invalid(name, format!("the multipart part {name:?} appears more than once; send it once"))
 }
 
 /// A multipart read error: 413 when the body limit was hit, else 400.

@@ -1,7 +1,7 @@
 //! `/v1/jobs`: create (JSON, or multipart with the dataset files), list, get, cancel,
 //! events (JSON or Server-Sent Events) and metrics.
 
-use super::datasets::{format_of, multipart_error, store_upload, Upload, UploadQuery};
+use super::datasets::{format_of, multipart_error, repeated_part, store_upload, Upload, UploadQuery};
 use super::idempotency::{self, Idempotency, RequestHasher};
 use super::job_metadata::{check_filter, check_metadata, filter_of};
 use super::json::{is_json, parse_json, parse_query, ApiQuery};
@@ -10,7 +10,7 @@ use crate::dataset::Format;
 use crate::error::{ApiError, ApiResult};
 use crate::store::jobs::{JobStatus, JobTask};
 use crate::store::{self, datasets, jobs, jobs::JobRecord};
-use crate::train::hyper::HyperparametersInput;
+use crate::train::hyper::{HyperparametersInput, JobKind};
 use crate::train::mlm::ScratchSpec;
 use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -103,20 +103,9 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
         None if crate::hub::is_repo_id(&req.base_model) => "auto".to_string(),
         None => return Err(ApiError::not_found("model", &req.base_model).param("base_model")),
     };
-    let hp = req.hyperparameters.clone().unwrap_or_default().resolve(&auto_pooling).map_err(|e| ApiError::invalid(e.param, e.message))?;
-    if task != JobTask::Mlm && hp.mlm_head_warmup_steps.is_some() {
-        return Err(ApiError::invalid("hyperparameters.mlm_head_warmup_steps", "applies only to masked-LM jobs (\"task\": \"mlm\")"));
-    }
-    if task != JobTask::Mlm && hp.mlm_anchor_weight.is_some() {
-        return Err(ApiError::invalid("hyperparameters.mlm_anchor_weight", "applies only to masked-LM jobs (\"task\": \"mlm\")"));
-    }
-    if req.config.is_some() && hp.mlm_anchor_weight.is_some_and(|w| w > 0.0) {
-        let msg = "a job from config starts from random weights: there are no sentence embeddings to keep";
-        return Err(ApiError::invalid("hyperparameters.mlm_anchor_weight", msg));
-    }
-    if task == JobTask::Mlm && hp.method != crate::train::hyper::Method::Full {
-        return Err(ApiError::invalid("hyperparameters.method", "masked-LM pre-training trains every weight: method must be \"full\""));
-    }
+    let kind = if task == JobTask::Mlm { JobKind::Pretrain { from_config: req.config.is_some() } } else { JobKind::FineTune };
+    let hp =
+        req.hyperparameters.clone().unwrap_or_default().resolve(&auto_pooling, kind).map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
 }
 
@@ -233,11 +222,14 @@ async fn create_multipart(state: &AppState, req: Request, key: Option<String>) -
         let bytes = field.bytes().await.map_err(multipart_error)?;
         hasher.part(&name, filename.as_deref(), fct.as_deref(), &bytes);
         let format = format_of(fct.as_deref(), filename.as_deref()).unwrap_or(Format::Jsonl);
-        match name.as_str() {
-            "job" => job_json = Some(bytes),
-            "training_file" => train = Some(Upload { bytes, format, filename }),
-            "validation_file" => val = Some(Upload { bytes, format, filename }),
+        let seen = match name.as_str() {
+            "job" => job_json.replace(bytes).is_some(),
+            "training_file" => train.replace(Upload { bytes, format, filename }).is_some(),
+            "validation_file" => val.replace(Upload { bytes, format, filename }).is_some(),
             other => return Err(ApiError::bad_request(format!("unexpected multipart part {other:?}")).param(other)),
+        };
+        if seen {
+            return Err(repeated_part(&name));
         }
     }
     let idem = hasher.finish(key);
@@ -344,7 +336,9 @@ async fn events(
 ) -> ApiResult<Response> {
     jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
     let limit = check_limit(q.limit, 100, 1000)?;
-    let after = event_seq(q.after.as_deref())?;
+    // An SSE client reconnecting says where it was with `Last-Event-ID`; `after` wins if both.
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let after = event_seq(q.after.as_deref().or(last_id))?;
     let wants_sse = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/event-stream"));
     if wants_sse {
         return Ok(event_stream(state, id, after).into_response());
@@ -356,15 +350,30 @@ async fn events(
 }
 
 /// Streams the job's events as they are recorded; ends once the job has ended and every
-/// event has been sent.
+/// event has been sent. When the database cannot be read, or the job is gone, it sends one
+/// `error` event (the error envelope, with a retry hint) and ends: an SSE client reconnects,
+/// and `Last-Event-ID` takes it on from the last event it got.
 fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let stream = futures::stream::unfold((state, id, after, false), |(state, id, mut after, done)| async move {
         if done {
             return None;
         }
         loop {
-            let ended = matches!(jobs::get(&state.pool, &id).await, Ok(Some(j)) if j.status.has_ended());
-            let rows = jobs::events(&state.pool, &id, after, 500).await.unwrap_or_default();
+            let read = async {
+                let job = jobs::get(&state.pool, &id).await?;
+                Ok::<_, sqlx::Error>((job, jobs::events(&state.pool, &id, after, 500).await?))
+            };
+            let (ended, rows) = match read.await {
+                Ok((Some(job), rows)) => (job.status.has_ended(), rows),
+                Ok((None, _)) => {
+                    let gone = ApiError::not_found("job", &id);
+                    return Some((futures::stream::iter(vec![Ok(error_event(&gone))]), (state, id, after, true)));
+                }
+                Err(e) => {
+                    let down = ApiError::from(e);
+                    return Some((futures::stream::iter(vec![Ok(error_event(&down))]), (state, id, after, true)));
+                }
+            };
             if !rows.is_empty() {
                 after = rows.last().map(|e| e.seq).unwrap_or(after);
                 let batch: Vec<Result<SseEvent, _>> = rows
@@ -384,6 +393,12 @@ fn event_stream(state: AppState, id: String, after: i64) -> Sse<impl futures::St
     });
     use futures::StreamExt;
     Sse::new(stream.flatten()).keep_alive(KeepAlive::default())
+}
+
+/// The `error` event that ends a stream: the API's error envelope, and when to reconnect.
+fn error_event(e: &ApiError) -> SseEvent {
+    let retry = Duration::from_secs(e.retry_after.unwrap_or(1));
+    SseEvent::default().event("error").retry(retry).json_data(e.envelope()).expect("an error serialises")
 }
 
 async fn metrics(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {

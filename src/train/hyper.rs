@@ -153,10 +153,55 @@ fn float_in(name: &str, v: Option<f64>, default: f64, lo: f64, hi: f64, lo_open:
     Ok(v)
 }
 
+/// What a job does, as far as its hyperparameters care: the rules that tie a hyperparameter to
+/// a kind of job are checked where the defaults are filled in, so that the API and `finetuned
+/// train` refuse the same things with the same words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// Fine-tuning a classifier (one label or several per text).
+    FineTune,
+    /// Masked-LM pre-training; `from_config`: from random weights of a given architecture.
+    Pretrain { from_config: bool },
+}
+
+impl Method {
+    /// The learning rate a job of this method gets when it names none. LoRA and head-only
+    /// training move few weights from where the base put them and need a far higher rate than
+    /// full fine-tuning: measured on sst2, trec6 and banking77 (BENCHMARKS.md §5c).
+    pub fn default_learning_rate(self) -> f64 {
+        match self {
+            Method::Full => 5e-5,
+            Method::Lora => 2e-3,
+            Method::Head => 3e-3,
+        }
+    }
+}
+
 impl HyperparametersInput {
-    /// Checks ranges and fills defaults. `auto_pooling` is what `pooling: auto` means for
-    /// the chosen base model.
-    pub fn resolve(&self, auto_pooling: &str) -> Result<Hyperparameters, InvalidParam> {
+    /// Checks ranges, fills defaults (the learning rate by `method`) and checks the rules of
+    /// `kind`. `auto_pooling` is what `pooling: auto` means for the chosen base model.
+    pub fn resolve(&self, auto_pooling: &str, kind: JobKind) -> Result<Hyperparameters, InvalidParam> {
+        let hp = self.resolve_ranges(auto_pooling)?;
+        match kind {
+            JobKind::FineTune if hp.mlm_head_warmup_steps.is_some() => {
+                return bad("mlm_head_warmup_steps", "applies only to masked-LM jobs (\"task\": \"mlm\")")
+            }
+            JobKind::FineTune if hp.mlm_anchor_weight.is_some() => {
+                return bad("mlm_anchor_weight", "applies only to masked-LM jobs (\"task\": \"mlm\")")
+            }
+            JobKind::Pretrain { from_config: true } if hp.mlm_anchor_weight.is_some_and(|w| w > 0.0) => {
+                let msg = "a job from config starts from random weights: there are no sentence embeddings to keep";
+                return bad("mlm_anchor_weight", msg);
+            }
+            JobKind::Pretrain { .. } if hp.method != Method::Full => {
+                return bad("method", "masked-LM pre-training trains every weight: method must be \"full\"")
+            }
+            _ => {}
+        }
+        Ok(hp)
+    }
+
+    fn resolve_ranges(&self, auto_pooling: &str) -> Result<Hyperparameters, InvalidParam> {
         let pooling = match self.pooling.as_deref().unwrap_or("auto") {
             "auto" => auto_pooling.to_string(),
             p @ ("cls" | "mean") => p.to_string(),
@@ -189,7 +234,7 @@ impl HyperparametersInput {
             },
             auto_epochs: matches!(&self.epochs, Some(EpochsInput::Word(w)) if w == "auto"),
             batch_size: int_in("batch_size", self.batch_size, 32, 1, 1024)?,
-            learning_rate: float_in("learning_rate", self.learning_rate, 5e-5, 0.0, 1.0, true)?,
+            learning_rate: float_in("learning_rate", self.learning_rate, method.default_learning_rate(), 0.0, 1.0, true)?,
             max_seq_len: int_in("max_seq_len", self.max_seq_len, 128, 8, 512)?,
             warmup_ratio: float_in("warmup_ratio", self.warmup_ratio, 0.06, 0.0, 1.0, false)?,
             weight_decay: float_in("weight_decay", self.weight_decay, 0.01, 0.0, 1.0, false)?,
@@ -307,5 +352,36 @@ mod tests {
         // Large sets get the floor, tiny ones the ceiling.
         assert_eq!(auto_epochs_cap(67_349, 2), 3);
         assert_eq!(auto_epochs_cap(64, 2), 10);
+    }
+
+    fn with(method: &str) -> HyperparametersInput {
+        HyperparametersInput { method: Some(method.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn each_method_has_its_own_default_rate_and_a_given_rate_wins() {
+        let rate = |m: &str| with(m).resolve("cls", JobKind::FineTune).unwrap().learning_rate;
+        assert_eq!((rate("full"), rate("lora"), rate("head")), (5e-5, 2e-3, 3e-3));
+        let given = HyperparametersInput { learning_rate: Some(1e-4), ..with("lora") };
+        assert_eq!(given.resolve("cls", JobKind::FineTune).unwrap().learning_rate, 1e-4);
+    }
+
+    #[test]
+    fn the_rules_of_a_kind_of_job_are_checked_where_defaults_are_filled() {
+        let refused = |hp: HyperparametersInput, kind| hp.resolve("cls", kind).unwrap_err().to_string();
+        let warmup = HyperparametersInput { mlm_head_warmup_steps: Some(10), ..Default::default() };
+        assert_eq!(
+            refused(warmup.clone(), JobKind::FineTune),
+            "hyperparameters.mlm_head_warmup_steps: applies only to masked-LM jobs (\"task\": \"mlm\")"
+        );
+        assert!(warmup.resolve("cls", JobKind::Pretrain { from_config: false }).is_ok());
+        let anchor = HyperparametersInput { mlm_anchor_weight: Some(1.0), ..Default::default() };
+        assert!(refused(anchor.clone(), JobKind::FineTune).starts_with("hyperparameters.mlm_anchor_weight: applies only"));
+        assert!(refused(anchor.clone(), JobKind::Pretrain { from_config: true }).contains("starts from random weights"));
+        assert!(anchor.resolve("cls", JobKind::Pretrain { from_config: false }).is_ok());
+        assert_eq!(
+            refused(with("lora"), JobKind::Pretrain { from_config: false }),
+            "hyperparameters.method: masked-LM pre-training trains every weight: method must be \"full\""
+        );
     }
 }

@@ -124,3 +124,36 @@ async fn api_key_guards_v1_but_not_health() {
     assert_eq!(app.get("/readyz").await.status(), StatusCode::OK);
     assert_eq!(app.get("/openapi.yaml").await.status(), StatusCode::OK);
 }
+
+/// A part sent twice is refused with 422 naming it, and nothing is stored: not the dataset of
+/// `POST /v1/datasets`, nor the files or the job of `POST /v1/jobs`.
+#[tokio::test]
+async fn a_repeated_multipart_part_is_refused_and_nothing_is_stored() {
+    use reqwest::multipart::{Form, Part};
+    let app = spawn_app().await;
+    let file = |n| Part::text(toy_jsonl(n)).file_name("train.jsonl");
+    let form = Form::new().part("file", file(8)).part("file", file(12));
+    let r = app.client.post(app.url("/v1/datasets")).multipart(form).send().await.unwrap();
+    let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert_eq!(err["param"], "file", "{err}");
+
+    let job = || Part::text(serde_json::json!({"base_model": "tiny"}).to_string());
+    let forms = [
+        ("training_file", Form::new().part("job", job()).part("training_file", file(8)).part("training_file", file(12))),
+        (
+            "validation_file",
+            Form::new().part("job", job()).part("training_file", file(8)).part("validation_file", file(4)).part("validation_file", file(4)),
+        ),
+        ("job", Form::new().part("job", job()).part("training_file", file(8)).part("job", job())),
+    ];
+    for (part, form) in forms {
+        let r = app.client.post(app.url("/v1/jobs")).multipart(form).send().await.unwrap();
+        let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+        assert_eq!(err["param"], part, "{err}");
+        assert!(err["message"].as_str().unwrap().contains("more than once"), "{err}");
+    }
+    let datasets: Value = app.get("/v1/datasets").await.json().await.unwrap();
+    assert_eq!(datasets["data"], serde_json::json!([]), "{datasets}");
+    let jobs: Value = app.get("/v1/jobs").await.json().await.unwrap();
+    assert_eq!(jobs["data"], serde_json::json!([]), "{jobs}");
+}

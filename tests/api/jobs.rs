@@ -1,5 +1,6 @@
 use crate::common::{shared, toy_jsonl};
 use crate::helpers::*;
+use finetuned::config::ServeConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -238,6 +239,50 @@ async fn the_event_stream_ends_with_the_job_and_metrics_show_the_traffic() {
     for name in ["finetuned_http_requests_total", "finetuned_http_request_duration_seconds", "finetuned_jobs", "finetuned_training_loss"] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }
+}
+
+/// A stream whose job is gone from the database ends with an `error` event instead of
+/// polling for ever; `Last-Event-ID` (what an SSE client sends when it reconnects) resumes
+/// after the event it names.
+#[tokio::test]
+async fn the_event_stream_ends_for_a_job_that_is_gone_and_resumes_from_last_event_id() {
+    // On SQLite even in the Postgres run: the test removes the job from the database file.
+    let tmp = tempfile::tempdir().unwrap();
+    let app = spawn_embedded(ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()))).await;
+    let ds = app.upload_ok(toy_jsonl(32)).await;
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": tiny_hp(2)})).await;
+    let id = job["id"].as_str().unwrap();
+    app.wait_ended(id, 120).await;
+    let all: Value = app.get(&format!("/v1/jobs/{id}/events")).await.json().await.unwrap();
+    let ids: Vec<&str> = all["data"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert!(ids.len() > 2, "{all}");
+    let sse = |last: Option<&str>| {
+        let r = app.client.get(app.url(&format!("/v1/jobs/{id}/events"))).header("accept", "text/event-stream");
+        match last {
+            Some(l) => r.header("last-event-id", l),
+            None => r,
+        }
+    };
+    let resumed = sse(Some(ids[1])).send().await.unwrap().text().await.unwrap();
+    let got: Vec<&str> = resumed.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    assert_eq!(got, ids[2..], "{resumed}");
+
+    // A queued job (no worker here) whose stream is open when its row goes.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = ServeConfig::for_test(tmp.path().join("data"), models_dir(tmp.path()));
+    cfg.role = "api".into();
+    let app = spawn_embedded(cfg).await;
+    let ds = app.upload_ok(toy_jsonl(32)).await;
+    let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds})).await;
+    let id = job["id"].as_str().unwrap();
+    let url = app.url(&format!("/v1/jobs/{id}/events"));
+    let follower = app.client.get(url).header("accept", "text/event-stream").send().await.unwrap();
+    assert_eq!(follower.status(), StatusCode::OK);
+    let file = sqlx::sqlite::SqliteConnectOptions::new().filename(app.data_dir.join("finetuned.db")).foreign_keys(false);
+    let db = sqlx::SqlitePool::connect_with(file).await.unwrap();
+    sqlx::query("delete from jobs where id = $1").bind(id).execute(&db).await.unwrap();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(30), follower.text()).await.expect("the stream ends").unwrap();
+    assert!(rest.contains("event: error") && rest.contains("not_found"), "{rest}");
 }
 
 #[tokio::test]

@@ -126,6 +126,24 @@ async fn bad_method_settings_get_422_naming_the_field() {
         .await;
     let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
     assert_eq!(err["param"], "hyperparameters.method");
+    // The same words as `finetuned train` and the hyperparameters' own check (tests/cli.rs).
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": {"lora_r": 4}})).await;
+    let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert_eq!(err["message"], "applies only with \"method\": \"lora\"", "{err}");
+    app.stop().await;
+}
+
+/// With no `learning_rate`, a job gets its method's default, and shows the rate it resolved.
+#[tokio::test]
+async fn each_method_gets_its_own_default_learning_rate() {
+    let app = spawn_app().await;
+    let ds = app.upload_ok(toy_jsonl(10)).await;
+    for (method, rate) in [("full", 5e-5), ("lora", 2e-3), ("head", 3e-3)] {
+        let hp = json!({"method": method, "epochs": 1});
+        let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).await;
+        assert_eq!(job["hyperparameters"]["learning_rate"], rate, "{method}: {job}");
+        app.wait_ended(job["id"].as_str().unwrap(), 120).await;
+    }
     app.stop().await;
 }
 

@@ -24,6 +24,12 @@ pub const JOB_QUEUE_WAIT_SECONDS: &str = "finetuned_job_queue_wait_seconds";
 pub const TRAINING_STEP_SECONDS: &str = "finetuned_training_step_seconds";
 /// Lease renewals by the workers of this process, by result (`held`, `cancelled`, `lost`, `error`).
 pub const LEASE_RENEWALS: &str = "finetuned_worker_lease_renewals_total";
+/// Forward passes that panicked.
+pub const INFERENCE_PANICS: &str = "finetuned_inference_panics_total";
+/// Models unloaded from the predict cache.
+pub const MODEL_CACHE_EVICTIONS: &str = "finetuned_model_cache_evictions_total";
+/// Adapters unloaded from the adapter cache.
+pub const ADAPTER_CACHE_EVICTIONS: &str = "finetuned_adapter_cache_evictions_total";
 /// Jobs by status (a database count: every process exports the same value).
 pub const JOBS: &str = "finetuned_jobs";
 /// The age of the oldest queued job (0 when none is queued; from the database).
@@ -81,5 +87,14 @@ fn describe() {
     }
     for result in ["held", "cancelled", "lost", "error"] {
         metrics::counter!(LEASE_RENEWALS, "result" => result).absolute(0);
+    }
+    // Rare events: exported from the start, so that the first one is an increase and alerts see it.
+    for (name, help) in [
+        (INFERENCE_PANICS, "Forward passes that panicked (the model is unloaded and loaded again)"),
+        (MODEL_CACHE_EVICTIONS, "Models unloaded from the predict cache (count or memory budget)"),
+        (ADAPTER_CACHE_EVICTIONS, "LoRA adapters unloaded from the adapter cache (memory budget)"),
+    ] {
+        describe_counter!(name, help);
+        metrics::counter!(name).absolute(0);
     }
 }

@@ -76,7 +76,7 @@ impl AdapterCache {
             let victim = e.by_id.iter().filter(|(k, (s, _))| k.as_str() != keep && bytes_of(s) > 0).min_by_key(|(_, (_, used))| *used);
             let Some(victim) = victim.map(|(k, _)| k.clone()) else { return };
             e.by_id.remove(&victim);
-            metrics::counter!("finetuned_adapter_cache_evictions_total").increment(1);
+            metrics::counter!(crate::monitoring::ADAPTER_CACHE_EVICTIONS).increment(1);
         }
     }
 

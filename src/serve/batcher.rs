@@ -194,7 +194,7 @@ fn run(
             // the model afresh on the next request.
             alive.store(false, Ordering::SeqCst);
             tracing::error!(model = %name, panic = %panic, "a forward pass panicked; unloading the model");
-            metrics::counter!("finetuned_inference_panics_total").increment(1);
+            metrics::counter!(crate::monitoring::INFERENCE_PANICS).increment(1);
             drain(&rx, &mut queue);
             hit.extend(queue);
             for w in hit {

@@ -139,7 +139,7 @@ impl Predictor {
         if c.slots.len() >= c.capacity {
             if let Some(oldest) = c.slots.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
                 c.slots.remove(&oldest);
-                metrics::counter!("finetuned_model_cache_evictions_total").increment(1);
+                metrics::counter!(crate::monitoring::MODEL_CACHE_EVICTIONS).increment(1);
             }
         }
         let slot: Slot = Arc::new(OnceCell::new());
@@ -164,7 +164,7 @@ impl Predictor {
             let Some(victim) = victim else { return };
             tracing::info!(model = %victim, "unloading model: cache memory budget exceeded");
             c.slots.remove(&victim);
-            metrics::counter!("finetuned_model_cache_evictions_total").increment(1);
+            metrics::counter!(crate::monitoring::MODEL_CACHE_EVICTIONS).increment(1);
         }
     }
 

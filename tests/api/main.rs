@@ -14,6 +14,7 @@ mod job_metadata;
 mod jobs;
 mod lora;
 mod lora_jobs;
+mod monitoring;
 mod multilabel;
 mod predict;
 mod predict_limits;

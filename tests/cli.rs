@@ -35,7 +35,7 @@ fn setup() -> tempfile::TempDir {
 #[test]
 fn without_lr_each_method_trains_at_its_own_default_rate() {
     let tmp = setup();
-    for (method, rate) in [("head", 3e-3), ("lora", 2e-3), ("full", 5e-5)] {
+    for (method, rate) in [("head", 1e-2), ("lora", 2e-3), ("full", 5e-5)] {
         let run = train(tmp.path(), &["--method", method]);
         assert!(run.status.success(), "{method}: {}", String::from_utf8_lossy(&run.stderr));
         let report: Value = serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap();

@@ -172,7 +172,7 @@ impl Method {
         match self {
             Method::Full => 5e-5,
             Method::Lora => 2e-3,
-            Method::Head => 3e-3,
+            Method::Head => 1e-2,
         }
     }
 }
@@ -361,7 +361,7 @@ mod tests {
     #[test]
     fn each_method_has_its_own_default_rate_and_a_given_rate_wins() {
         let rate = |m: &str| with(m).resolve("cls", JobKind::FineTune).unwrap().learning_rate;
-        assert_eq!((rate("full"), rate("lora"), rate("head")), (5e-5, 2e-3, 3e-3));
+        assert_eq!((rate("full"), rate("lora"), rate("head")), (5e-5, 2e-3, 1e-2));
         let given = HyperparametersInput { learning_rate: Some(1e-4), ..with("lora") };
         assert_eq!(given.resolve("cls", JobKind::FineTune).unwrap().learning_rate, 1e-4);
     }

@@ -138,7 +138,7 @@ async fn bad_method_settings_get_422_naming_the_field() {
 async fn each_method_gets_its_own_default_learning_rate() {
     let app = spawn_app().await;
     let ds = app.upload_ok(toy_jsonl(10)).await;
-    for (method, rate) in [("full", 5e-5), ("lora", 2e-3), ("head", 3e-3)] {
+    for (method, rate) in [("full", 5e-5), ("lora", 2e-3), ("head", 1e-2)] {
         let hp = json!({"method": method, "epochs": 1});
         let job = app.create_job(&json!({"base_model": "tiny", "training_dataset": ds, "hyperparameters": hp})).await;
         assert_eq!(job["hyperparameters"]["learning_rate"], rate, "{method}: {job}");

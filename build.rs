@@ -1,5 +1,5 @@
 //! With the `cuda` feature, compiles `kernels/finetuned.cu` to PTX in `OUT_DIR` for
-//! `src/model/cuda.rs`: `finetuned.ptx` for compute capability min(CUDA_COMPUTE_CAP, 80) (default
+//! `src/model/ops/cuda.rs`: `finetuned.ptx` for compute capability min(CUDA_COMPUTE_CAP, 80) (default
 //! 80; the driver JIT-compiles it for Ampere, Hopper and later) and `finetuned_90.ptx` for
 //! compute_90, which `cuda.rs` picks on Hopper and later. Without the feature it does nothing.
 //!

@@ -50,7 +50,7 @@ def tokenizer_json():
 
 
 def encoder_params(c):
-    """src/model/bert.rs `encoder_params`, plus the pooler (as `tiny_weights` adds it)."""
+    """src/model/encoder/bert.rs `encoder_params`, plus the pooler (as `tiny_weights` adds it)."""
     h, i = c["hidden_size"], c["intermediate_size"]
     out = [("embeddings.word_embeddings.weight", [c["vocab_size"], h]),
            ("embeddings.position_embeddings.weight", [c["max_position_embeddings"], h]),
@@ -67,7 +67,7 @@ def encoder_params(c):
 
 
 def init(name, shape, c, rng):
-    """src/model/params.rs `init`: LayerNorm 1/0, biases 0, weights N(0, initializer_range)."""
+    """src/model/encoder/params.rs `init`: LayerNorm 1/0, biases 0, weights N(0, initializer_range)."""
     n = math.prod(shape)
     if "LayerNorm.weight" in name:
         return [1.0] * n

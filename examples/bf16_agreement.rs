@@ -4,7 +4,7 @@
 //! `cargo run --release --example bf16_agreement -- MODEL TEXTS.jsonl`.
 
 use candle_core::Device;
-use finetuned::model::predictor::{LoadedClassifier, Weights};
+use finetuned::model::predict::predictor::{LoadedClassifier, Weights};
 
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)

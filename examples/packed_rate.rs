@@ -8,7 +8,7 @@
 //! f32 and (where the CPU has AVX512-BF16) bf16. If cold is much slower than hot, the pass is
 //! bound by reading the weights from memory, not by arithmetic.
 
-use finetuned::model::packed::{bf16_supported, f32_supported, Packed};
+use finetuned::model::ops::packed::{bf16_supported, f32_supported, Packed};
 use std::time::Instant;
 
 /// (inputs, outputs, GELU) of one MiniLM layer's dense products.

@@ -7,7 +7,7 @@
 //! `predict_ref.py` uses); with POOL.jsonl, its texts also run in batches of 32.
 
 use candle_core::Device;
-use finetuned::model::predictor::{LoadedClassifier, Weights};
+use finetuned::model::predict::predictor::{LoadedClassifier, Weights};
 use std::time::Instant;
 
 fn texts(path: &str) -> anyhow::Result<Vec<String>> {

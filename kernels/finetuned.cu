@@ -1,8 +1,8 @@
-// The CUDA kernels of the device-generic training ops (src/model/device_ops.rs), launched from
-// src/model/cuda.rs and compiled to PTX by build.rs. Each kernel computes the same function as
+// The CUDA kernels of the device-generic training ops (src/model/ops/device_ops.rs), launched from
+// src/model/ops/cuda.rs and compiled to PTX by build.rs. Each kernel computes the same function as
 // its op's `cpu_fwd`: the same indexing, the same order of f32 operations per element (build.rs
 // passes -fmad=false so that no a*b+c is fused where the CPU rounds twice), f32 accumulation, and
-// the same dropout bits (src/model/rng.rs). Only sums over a row are added in another order
+// the same dropout bits (src/model/ops/rng.rs). Only sums over a row are added in another order
 // (a warp's lanes, then a butterfly), and erff/expf are CUDA's, not libm's.
 //
 // Storage types: float, __nv_bfloat16, __half; arithmetic is in f32 and a result is rounded to

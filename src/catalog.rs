@@ -1,7 +1,7 @@
 //! Every model the service knows: base (and classifier) checkpoints found in the models dir,
 //! and models made by jobs (in the database, files under the data dir).
 
-use crate::model::artifacts::{inspect, ModelInfo};
+use crate::model::hf::artifacts::{inspect, ModelInfo};
 use crate::store::Pool;
 use crate::store::{self, models::ModelRecord};
 use serde::Serialize;
@@ -147,8 +147,8 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
         if !path.is_dir() || id.starts_with('.') {
             continue;
         }
-        let checked = if crate::model::lora::is_adapter(&path) {
-            crate::model::lora::inspect_adapter(&path).map(|a| {
+        let checked = if crate::model::hf::lora::is_adapter(&path) {
+            crate::model::hf::lora::inspect_adapter(&path).map(|a| {
                 let base = a.base.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
                 (a.info, Some((base, a.config.r)))
             })

@@ -196,7 +196,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     }
     let validation = read_split(&a.data, "validation", false)?.map(|(rows, _)| rows);
     let test = read_split(&a.data, "test", false)?.map(|(rows, _)| rows);
-    let info = crate::model::artifacts::inspect(&a.model)?;
+    let info = crate::model::hf::artifacts::inspect(&a.model)?;
     let hp = HyperparametersInput {
         epochs: Some(a.epochs.parse::<u64>().map_or_else(|_| EpochsInput::Word(a.epochs.clone()), EpochsInput::Count)),
         batch_size: Some(a.batch_size),

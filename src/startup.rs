@@ -3,7 +3,7 @@
 use crate::api::{self, AppState};
 use crate::catalog::Catalog;
 use crate::config::{self, ServeConfig};
-use crate::model::predictor::Weights;
+use crate::model::predict::predictor::Weights;
 use crate::serve::Predictor;
 use crate::store::{self, jobs};
 use crate::train::worker::{run_worker_until_stopped, JobQueue, WorkerContext};
@@ -245,11 +245,11 @@ impl Application {
 }
 
 /// Lets a LoRA adapter name its base by catalog id: a models-dir model, a trained model, or a
-/// hub repo in the cache (see `model::lora::find_base`).
+/// hub repo in the cache (see `model::hf::lora::find_base`).
 fn register_base_folders(config: &ServeConfig) {
     let folders = [config.models_dir.clone(), config.data_dir.join("models")];
     let hub = crate::hub::HubConfig::new(config.hf_endpoint.clone(), config.hf_home.as_deref(), &config.data_dir).cache_dir;
-    crate::model::lora::add_base_resolver(std::sync::Arc::new(move |id: &str| {
+    crate::model::hf::lora::add_base_resolver(std::sync::Arc::new(move |id: &str| {
         let one_component =
             matches!(std::path::Path::new(id).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
         let in_folder = folders.iter().map(|f| f.join(id)).find(|d| one_component && d.is_dir());

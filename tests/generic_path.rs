@@ -1,4 +1,4 @@
-//! The device-generic path (what a GPU runs: `model::device_ops`, matmuls, the optimizer's
+//! The device-generic path (what a GPU runs: `model::ops::device_ops`, matmuls, the optimizer's
 //! device update) run on the CPU, against the fused CPU kernels. CI has no GPU: this is how it
 //! checks the maths of the code a GPU runs.
 
@@ -6,10 +6,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use finetuned::model::kernels::set_fused_cpu_kernels;
-use finetuned::model::layers::Mode;
-use finetuned::model::params::Params;
-use finetuned::model::tokenize::pad_batch;
+use finetuned::model::encoder::params::Params;
+use finetuned::model::hf::tokenize::pad_batch;
+use finetuned::model::ops::kernels::set_fused_cpu_kernels;
+use finetuned::model::ops::layers::Mode;
 use finetuned::model::{Classifier, Pooling};
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::optim::AdamW;

@@ -1,7 +1,7 @@
 //! The fused CPU kernels agree with candle's composed ops, values and gradients.
 
 use candle_core::{Device, Tensor, Var, D};
-use finetuned::model::{attention, kernels};
+use finetuned::model::ops::{attention, kernels};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
@@ -11,7 +11,7 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
     use rand::SeedableRng;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = shape.iter().product();
-    Tensor::from_vec(finetuned::model::params::normal(&mut rng, n, 1.5), shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(finetuned::model::encoder::params::normal(&mut rng, n, 1.5), shape, &Device::Cpu).unwrap()
 }
 
 /// LayerNorm over the last dimension from candle ops (eps 1e-12), differentiable.
@@ -127,7 +127,7 @@ fn fused_linear_matches_composed_ops_and_their_gradients() {
         let w = Var::from_tensor(&random(&[outputs, inputs], 32)).unwrap();
         let b = Var::from_tensor(&random(&[outputs], 33)).unwrap();
         let upstream = random(&shape(outputs), 34);
-        let fused = finetuned::model::linear::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
+        let fused = finetuned::model::ops::linear::linear(x.as_tensor(), w.as_tensor(), b.as_tensor()).unwrap();
         assert_eq!(fused.dims(), shape(outputs).as_slice());
         let composed = x.as_tensor().broadcast_matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
         assert!(max_diff(&fused, &composed) < 1e-4, "outputs differ by {}", max_diff(&fused, &composed));
@@ -149,7 +149,7 @@ fn frozen_linear_and_layer_norm_give_the_input_gradient_only() {
     let (w, b) = (random(&[19, 24], 42), random(&[19], 43));
     let (nw, nb) = (random(&[19], 44).affine(0.1, 1.0).unwrap(), random(&[19], 45));
     let upstream = random(&[2, 5, 19], 46);
-    let fused = finetuned::model::linear::linear(x.as_tensor(), &w, &b).unwrap();
+    let fused = finetuned::model::ops::linear::linear(x.as_tensor(), &w, &b).unwrap();
     let fused = kernels::layer_norm(&fused, &nw, &nb, 1e-12).unwrap();
     let composed = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
     let composed = composed_layer_norm(&composed, &nw, &nb);
@@ -168,7 +168,7 @@ fn inference_linear_with_transposed_weight_matches_composed_ops() {
     for rows in [1, 14, 70] {
         let x = random(&[rows, 48], 41);
         let (w, b) = (random(&[20, 48], 42), random(&[20], 43));
-        let mut layer = finetuned::model::layers::Linear::new(w.clone(), b.clone());
+        let mut layer = finetuned::model::ops::layers::Linear::new(w.clone(), b.clone());
         layer.prepare_for_inference().unwrap();
         let composed = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
         let got = layer.forward(&x).unwrap();

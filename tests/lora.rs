@@ -9,7 +9,7 @@ mod common;
 mod golden;
 
 use candle_core::Device;
-use finetuned::model::predictor::LoadedClassifier;
+use finetuned::model::predict::predictor::LoadedClassifier;
 use golden::Answer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ fn models_dir(adapter: &Path) -> tempfile::TempDir {
     std::os::unix::fs::symlink(base(), dir.path().join("all-minilm-l6-v2")).unwrap();
     let to = dir.path().join("peft-tiny");
     std::fs::create_dir(&to).unwrap();
-    for f in [finetuned::model::lora::ADAPTER_CONFIG, finetuned::model::lora::ADAPTER_WEIGHTS] {
+    for f in [finetuned::model::hf::lora::ADAPTER_CONFIG, finetuned::model::hf::lora::ADAPTER_WEIGHTS] {
         std::fs::copy(adapter.join(f), to.join(f)).unwrap();
     }
     dir
@@ -66,7 +66,7 @@ fn an_adapter_trained_with_peft_serves_with_peft_logits() {
         if golden::writing() {
             let to = golden::dir().join("peft-adapter");
             std::fs::create_dir_all(&to).unwrap();
-            for f in [finetuned::model::lora::ADAPTER_CONFIG, finetuned::model::lora::ADAPTER_WEIGHTS] {
+            for f in [finetuned::model::hf::lora::ADAPTER_CONFIG, finetuned::model::hf::lora::ADAPTER_WEIGHTS] {
                 std::fs::copy(adapter.join(f), to.join(f)).unwrap();
             }
             golden::write("peft", &theirs);
@@ -92,10 +92,10 @@ fn an_adapter_whose_base_is_missing_is_refused_with_its_name() {
 fn merging_adds_the_scaled_low_rank_product() {
     use candle_core::Tensor;
     let models = models_dir(&golden::dir().join("peft-adapter"));
-    let adapter = finetuned::model::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
+    let adapter = finetuned::model::hf::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
     assert_eq!(adapter.pairs.len(), 18, "query, value and intermediate.dense in 6 layers");
     let name = "encoder.layer.0.attention.self.query.weight";
-    let mut weights = finetuned::model::artifacts::load_weights(&base(), &Device::Cpu).unwrap();
+    let mut weights = finetuned::model::hf::artifacts::load_weights(&base(), &Device::Cpu).unwrap();
     let before = weights[name].clone();
     adapter.merge_into(&mut weights).unwrap();
     let (a, b) = &adapter.pairs[name];
@@ -110,20 +110,20 @@ fn merging_adds_the_scaled_low_rank_product() {
 /// with that adapter merged into its weights gives it alone.
 #[test]
 fn a_mixed_adapter_batch_gives_each_row_its_own_adapters_result() {
-    use finetuned::model::adapters::{LowRank, LowRankSet};
-    use finetuned::model::classifier::{Classifier, Pooling};
-    use finetuned::model::layers::Mode;
+    use finetuned::model::encoder::adapters::{LowRank, LowRankSet};
+    use finetuned::model::encoder::classifier::{Classifier, Pooling};
+    use finetuned::model::ops::layers::Mode;
     use std::collections::HashMap;
     let models = models_dir(&golden::dir().join("peft-adapter"));
-    let first = finetuned::model::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
+    let first = finetuned::model::hf::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
     // A second adapter: the same pairs turned around and scaled, so its terms differ from the first's.
-    let mut second = finetuned::model::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
+    let mut second = finetuned::model::hf::lora::Adapter::load(&models.path().join("peft-tiny"), &Device::Cpu).unwrap();
     for (a, b) in second.pairs.values_mut() {
         *a = (a.clone() * -3.0).unwrap();
         *b = (b.clone() * 0.5).unwrap();
     }
-    let base = finetuned::model::artifacts::load_weights(&base(), &Device::Cpu).unwrap();
-    let cfg = finetuned::model::artifacts::inspect(&self::base()).unwrap().config;
+    let base = finetuned::model::hf::artifacts::load_weights(&base(), &Device::Cpu).unwrap();
+    let cfg = finetuned::model::hf::artifacts::inspect(&self::base()).unwrap().config;
     let build = |weights: &HashMap<String, candle_core::Tensor>| {
         let mut w = weights.clone();
         for (k, v) in &first.replaced {
@@ -133,15 +133,15 @@ fn a_mixed_adapter_batch_gives_each_row_its_own_adapters_result() {
         m.prepare_for_inference(false).unwrap();
         m
     };
-    let merged = |adapter: &finetuned::model::lora::Adapter| {
+    let merged = |adapter: &finetuned::model::hf::lora::Adapter| {
         let mut w = base.clone();
         adapter.merge_into(&mut w).unwrap();
         build(&w)
     };
-    let tok = finetuned::model::tokenize::load_tokenizer(&self::base()).unwrap();
-    let ids = finetuned::model::tokenize::encode_all(&tok, TEXTS).unwrap();
+    let tok = finetuned::model::hf::tokenize::load_tokenizer(&self::base()).unwrap();
+    let ids = finetuned::model::hf::tokenize::encode_all(&tok, TEXTS).unwrap();
     let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let batch = finetuned::model::tokenize::pad_batch(&refs, 0, &Device::Cpu).unwrap();
+    let batch = finetuned::model::hf::tokenize::pad_batch(&refs, 0, &Device::Cpu).unwrap();
     let pooled = |m: &Classifier, lr: &LowRank| -> Vec<Vec<f32>> {
         m.pooled(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval, lr).unwrap().to_vec2().unwrap()
     };
@@ -194,7 +194,7 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     let mut req = TrainRequest::new(base(), rows("train"), Some(rows("validation")), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
     trainer::run(req, &mut Quiet).unwrap();
-    assert!(finetuned::model::lora::is_adapter(&out), "saved as a peft adapter");
+    assert!(finetuned::model::hf::lora::is_adapter(&out), "saved as a peft adapter");
 
     let merged_in = ours(&out);
     let check = |theirs: &Answer, source: &str| golden::assert_matches("peft-export", source, &merged_in, theirs);
@@ -216,16 +216,16 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
 
     // Over the shared base, as predict serves it.
     let adapter = std::sync::Arc::new(
-        finetuned::model::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap().unwrap(),
+        finetuned::model::predict::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap().unwrap(),
     );
-    let encoder = LoadedClassifier::load_encoder(&base(), &Device::Cpu, finetuned::model::predictor::Weights::F32).unwrap();
+    let encoder = LoadedClassifier::load_encoder(&base(), &Device::Cpu, finetuned::model::predict::predictor::Weights::F32).unwrap();
     let shared = encoder.logits_mixed(&merged_in.ids, &vec![Some(adapter); TEXTS.len()], 8).unwrap();
     assert!(golden::max_diff(&shared, &merged_in.logits) <= 1e-4, "shared base and merged weights agree");
 
     // Merged into a whole model, as `?merged=true` downloads it.
     let whole = dir.path().join("merged");
-    finetuned::model::lora::write_merged(&out, &whole).unwrap();
-    assert!(!finetuned::model::lora::is_adapter(&whole));
+    finetuned::model::hf::lora::write_merged(&out, &whole).unwrap();
+    assert!(!finetuned::model::hf::lora::is_adapter(&whole));
     let m = LoadedClassifier::load(&whole, &Device::Cpu).unwrap();
     assert!(golden::max_diff(&m.logits(&merged_in.ids, 8).unwrap(), &merged_in.logits) <= 1e-4, "the merged model agrees");
 }

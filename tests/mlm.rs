@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use finetuned::model::mlm::mask_tokens;
+use finetuned::model::encoder::mlm::mask_tokens;
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::mlm::{self, MlmRequest, ScratchSpec, Start};
 use finetuned::train::trainer::{Event, Observer, Outcome};
@@ -93,7 +93,7 @@ fn mlm_loss_falls_on_a_tiny_corpus_and_the_result_fine_tunes_as_a_base() {
     assert!(names.contains(&"cls.predictions.transform.dense.weight".to_string()));
     assert!(names.contains(&"bert.embeddings.word_embeddings.weight".to_string()));
     assert!(!names.iter().any(|n| n.contains("decoder.weight")), "the decoder is tied to the word embeddings");
-    let info = finetuned::model::artifacts::inspect(&out).unwrap();
+    let info = finetuned::model::hf::artifacts::inspect(&out).unwrap();
     assert!(info.labels.is_none(), "a pre-trained model is a base model");
 }
 
@@ -114,8 +114,8 @@ fn from_scratch_pretraining_lowers_the_loss() {
 
 #[test]
 fn the_anchor_embeds_texts_of_mixed_lengths_in_their_own_order() {
-    use finetuned::model::bert::Bert;
-    use finetuned::model::classifier::Pooling;
+    use finetuned::model::encoder::bert::Bert;
+    use finetuned::model::encoder::classifier::Pooling;
     use finetuned::train::anchor::embed;
     let cfg = tiny_config();
     let weights = tiny_weights(&cfg, 3);

@@ -4,11 +4,11 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use finetuned::model::artifacts::write_model_dir;
-use finetuned::model::layers::Mode;
-use finetuned::model::params::Params;
-use finetuned::model::predictor::LoadedClassifier;
-use finetuned::model::tokenize::pad_batch;
+use finetuned::model::encoder::params::Params;
+use finetuned::model::hf::artifacts::write_model_dir;
+use finetuned::model::hf::tokenize::pad_batch;
+use finetuned::model::ops::layers::Mode;
+use finetuned::model::predict::predictor::LoadedClassifier;
 use finetuned::model::{Classifier, Pooling};
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::optim::AdamW;
@@ -17,7 +17,7 @@ use finetuned::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-fn toy_batch() -> (finetuned::model::tokenize::Batch, Tensor) {
+fn toy_batch() -> (finetuned::model::hf::tokenize::Batch, Tensor) {
     let seqs: Vec<Vec<u32>> = vec![vec![2, 5, 6, 3], vec![2, 11, 12, 13, 3], vec![2, 7, 3], vec![2, 14, 3]];
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let batch = pad_batch(&refs, 0, &Device::Cpu).unwrap();

@@ -10,7 +10,7 @@ mod common;
 mod golden;
 
 use candle_core::Device;
-use finetuned::model::predictor::LoadedClassifier;
+use finetuned::model::predict::predictor::LoadedClassifier;
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::trainer::{self, Event, Observer, TrainRequest};
 use golden::Answer;
@@ -137,15 +137,15 @@ fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
         }
         None => golden::rebuild_import(&base(), &out),
     }
-    let info = finetuned::model::artifacts::inspect(&out).unwrap();
+    let info = finetuned::model::hf::artifacts::inspect(&out).unwrap();
     assert_eq!(info.labels.unwrap(), vec!["label_0", "label_1", "label_2"], "listed as a classifier");
     check("import", &ours(&out), |py| live(py, "logits", &out));
 }
 
 #[test]
 fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
-    use finetuned::model::layers::Mode;
-    use finetuned::model::mlm::MaskedLm;
+    use finetuned::model::encoder::mlm::MaskedLm;
+    use finetuned::model::ops::layers::Mode;
     use finetuned::train::mlm::{self, MlmRequest, Start};
     let dir = tempfile::tempdir().unwrap();
     let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(32), max_seq_len: Some(64), ..Default::default() }
@@ -165,12 +165,12 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     };
     mlm::run(req, &mut Quiet).unwrap();
 
-    let tok = finetuned::model::tokenize::load_tokenizer(&out).unwrap();
-    let ids = finetuned::model::tokenize::encode_all(&tok, &[MLM_TEXT]).unwrap().remove(0);
-    let weights = finetuned::model::artifacts::load_weights(&out, &Device::Cpu).unwrap();
-    let cfg = finetuned::model::artifacts::inspect(&out).unwrap().config;
+    let tok = finetuned::model::hf::tokenize::load_tokenizer(&out).unwrap();
+    let ids = finetuned::model::hf::tokenize::encode_all(&tok, &[MLM_TEXT]).unwrap().remove(0);
+    let weights = finetuned::model::hf::artifacts::load_weights(&out, &Device::Cpu).unwrap();
+    let cfg = finetuned::model::hf::artifacts::inspect(&out).unwrap().config;
     let model = MaskedLm::load(&|n| weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(n.into())), &cfg).unwrap();
-    let batch = finetuned::model::tokenize::pad_batch(&[ids.as_slice()], 0, &Device::Cpu).unwrap();
+    let batch = finetuned::model::hf::tokenize::pad_batch(&[ids.as_slice()], 0, &Device::Cpu).unwrap();
     let rows = candle_core::Tensor::new((0..ids.len() as u32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
     let logits: Vec<Vec<f32>> = model
         .forward(&batch.ids, &batch.type_ids, &batch.mask, &rows, &mut Mode::Eval)

@@ -70,7 +70,7 @@ impl Function {
     pub(crate) fn apply(self, rows: &mut [Vec<f32>]) {
         for row in rows {
             match self {
-                Self::Softmax => *row = crate::model::predictor::softmax(row),
+                Self::Softmax => *row = crate::model::predict::predictor::softmax(row),
                 Self::Sigmoid => row.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
                 Self::Default | Self::None => {}
             }

@@ -94,7 +94,7 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
     // A hub id that is not a local model is fetched by the worker; `pooling: auto` is then
     // decided when its files are there.
     let auto_pooling = match state.catalog.resolve(&req.base_model).await? {
-        Some(base) if state.catalog.adapter_base(&req.base_model).is_some() || crate::model::lora::is_adapter(&base.path) => {
+        Some(base) if state.catalog.adapter_base(&req.base_model).is_some() || crate::model::hf::lora::is_adapter(&base.path) => {
             let of = state.catalog.adapter_base(&req.base_model).unwrap_or_else(|| "its base".into());
             let msg = format!("{} is a LoRA adapter over {of}: fine-tune from {of} instead", req.base_model);
             return Err(ApiError::invalid("base_model", msg));

@@ -65,10 +65,10 @@ async fn download(
         let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         let mut tar = tar::Builder::new(gz);
         tar.follow_symlinks(true);
-        if q.merged && crate::model::lora::is_adapter(&resolved.path) {
+        if q.merged && crate::model::hf::lora::is_adapter(&resolved.path) {
             let tmp = tempfile::tempdir()?;
             let merged = tmp.path().join("merged");
-            crate::model::lora::write_merged(&resolved.path, &merged)?;
+            crate::model::hf::lora::write_merged(&resolved.path, &merged)?;
             tar.append_dir_all(&name, &merged)?;
         } else {
             tar.append_dir_all(&name, &resolved.path)?;

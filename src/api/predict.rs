@@ -4,7 +4,7 @@ use super::hf::{check_top_k, hf_parameters, Function, HfParameters};
 use super::json::ApiJson;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::model::predictor::Overflow;
+use crate::model::predict::predictor::Overflow;
 use crate::serve::{Output, PredictError, Scored};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;

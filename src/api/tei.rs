@@ -7,7 +7,7 @@ use super::json::ApiJson;
 use super::predict::{classifier, predict_body, ranked, score, timing_headers, BodyLimits};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::model::predictor::Overflow;
+use crate::model::predict::predictor::Overflow;
 use crate::serve::Output;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};

@@ -1,33 +1,12 @@
-//! The BERT model, its heads, and Hugging Face model directories.
+//! The models: fused ops, the encoder and its heads, Hugging Face files, and inference loaders.
 
-pub mod adapter_serving;
-pub mod adapter_terms;
-pub mod adapters;
-pub mod artifacts;
-pub mod attention;
-pub mod bert;
-pub mod classifier;
-pub mod config;
-#[cfg(feature = "cuda")]
-mod cuda;
-pub mod device_ops;
-mod fastmath;
-pub mod frozen_ffn;
-pub mod kernels;
-pub mod layers;
-pub mod linear;
-pub mod lora;
-pub mod lora_linear;
-pub mod mlm;
-pub mod packed;
-pub mod params;
-pub mod predictor;
-pub mod rng;
-mod simd;
-pub mod tokenize;
+pub mod encoder;
+pub mod hf;
+pub mod ops;
+pub mod predict;
 
-pub use classifier::{Classifier, Pooling};
-pub use config::BertConfig;
+pub use encoder::classifier::{Classifier, Pooling};
+pub use encoder::config::BertConfig;
 
 /// Device memory in use now (MiB) on a CUDA device, as its driver reports it (candle's pool
 /// keeps freed blocks, so this is the high-water mark of what the run reserved, as
@@ -35,7 +14,7 @@ pub use config::BertConfig;
 pub fn device_memory_mib(device: &candle_core::Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        return cuda::memory_used_mib();
+        return ops::cuda::memory_used_mib();
     }
     let _ = device;
     None

@@ -3,7 +3,7 @@
 //! (it changes the pooler or the embeddings, or brings its own tokenizer) is remembered as such
 //! and served merged, as a model of its own.
 
-use crate::model::adapter_serving::LoadedAdapter;
+use crate::model::predict::adapter_serving::LoadedAdapter;
 use candle_core::{DType, Device};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -43,7 +43,7 @@ impl AdapterCache {
             return Ok(found);
         }
         let device = device.clone();
-        let own_tokenizer = dir.join(crate::model::artifacts::TOKENIZER).is_file();
+        let own_tokenizer = dir.join(crate::model::hf::artifacts::TOKENIZER).is_file();
         let loaded = tokio::task::spawn_blocking(move || LoadedAdapter::load(&dir, &device, dtype)).await??;
         let served = match loaded {
             Some(a) if !own_tokenizer => Served::Shared(Arc::new(a)),

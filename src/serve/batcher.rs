@@ -3,8 +3,8 @@
 //! size, after waiting at most `max_wait` for company, or `rejoin_wait` for the callers of
 //! the previous batch to send their next requests), then hands each caller its rows.
 
-use crate::model::adapter_serving::LoadedAdapter;
-use crate::model::predictor::LoadedClassifier;
+use crate::model::predict::adapter_serving::LoadedAdapter;
+use crate::model::predict::predictor::LoadedClassifier;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};

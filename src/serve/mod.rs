@@ -4,8 +4,8 @@
 pub mod adapters;
 pub mod batcher;
 
-use crate::model::adapter_serving::LoadedAdapter;
-use crate::model::predictor::{LoadedClassifier, Overflow, Token, TooLong, Weights};
+use crate::model::predict::adapter_serving::LoadedAdapter;
+use crate::model::predict::predictor::{LoadedClassifier, Overflow, Token, TooLong, Weights};
 use batcher::{BatchLimits, Batcher, Timings};
 use candle_core::{DType, Device};
 use parking_lot::Mutex;
@@ -356,7 +356,7 @@ impl Predictor {
 
     /// The adapter `id` at `path` when it is one served over a shared base.
     async fn shared_adapter(&self, id: &str, path: &std::path::Path) -> Result<Option<Arc<LoadedAdapter>>, PredictError> {
-        if !crate::model::lora::is_adapter(path) {
+        if !crate::model::hf::lora::is_adapter(path) {
             return Ok(None);
         }
         // Activations are f32 but on a GPU in bf16, where every weight is bf16.

@@ -7,10 +7,10 @@
 //! (BENCHMARKS §6b). The anchor adds `weight × (1 − cos)` between the pooled output of the
 //! masked text and the base's embedding of the clean text, computed once before training.
 
-use crate::model::bert::Bert;
-use crate::model::classifier::{mean_pool, Pooling};
-use crate::model::layers::Mode;
-use crate::model::tokenize::pad_batch;
+use crate::model::encoder::bert::Bert;
+use crate::model::encoder::classifier::{mean_pool, Pooling};
+use crate::model::hf::tokenize::pad_batch;
+use crate::model::ops::layers::Mode;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// The anchor's weight when a request gives none: on for a base whose sentence-transformers

@@ -27,7 +27,7 @@ pub struct Calibration {
 
 /// Probabilities from one row of logits divided by `temperature`: softmax, or sigmoid per label.
 pub fn probabilities(task: Task, logits: &[f32], temperature: f32) -> Vec<f32> {
-    crate::model::predictor::probabilities(task == Task::MultiLabel, logits, temperature)
+    crate::model::predict::predictor::probabilities(task == Task::MultiLabel, logits, temperature)
 }
 
 /// Fits the temperature on `logits` (one row per example) against `truth` (each example's label

@@ -8,7 +8,7 @@
 
 use super::events::{EpochReport, Event, MlmReport, Observer};
 use super::optim::{AdamW, OptimState};
-use crate::model::params::Params;
+use crate::model::encoder::params::Params;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};

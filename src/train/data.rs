@@ -1,7 +1,7 @@
 //! Training data: label ids, the stratified validation split, tokenisation and batch order.
 
 use crate::dataset::Row;
-use crate::model::tokenize::{encode_all, truncate};
+use crate::model::hf::tokenize::{encode_all, truncate};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

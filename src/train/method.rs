@@ -4,10 +4,10 @@
 //! optimizer holds no state for them.
 
 use super::hyper::{LoraSettings, Method};
-use crate::model::adapters::{LowRankSet, Target};
-use crate::model::bert::{encoder_params, Getter};
-use crate::model::classifier::{Classifier, Pooling, POOLER_NAMES};
-use crate::model::params::Params;
+use crate::model::encoder::adapters::{LowRankSet, Target};
+use crate::model::encoder::bert::{encoder_params, Getter};
+use crate::model::encoder::classifier::{Classifier, Pooling, POOLER_NAMES};
+use crate::model::encoder::params::Params;
 use crate::model::BertConfig;
 use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -160,13 +160,13 @@ impl Trainable {
                     Some(id) => id.to_string(),
                     None => base_dir.canonicalize().unwrap_or_else(|_| base_dir.to_path_buf()).to_string_lossy().into_owned(),
                 };
-                let config = crate::model::lora::AdapterConfig::for_classifier(&base, l.r, l.alpha, l.dropout, &l.target_modules);
-                crate::model::lora::write_adapter_dir(out, cfg, trained, &config)
+                let config = crate::model::hf::lora::AdapterConfig::for_classifier(&base, l.r, l.alpha, l.dropout, &l.target_modules);
+                crate::model::hf::lora::write_adapter_dir(out, cfg, trained, &config)
             }
             None => {
                 let mut all = self.frozen.clone();
                 all.extend(trained.iter().map(|(k, v)| (k.clone(), v.clone())));
-                crate::model::artifacts::write_model_dir(out, cfg, &all, base_dir)
+                crate::model::hf::artifacts::write_model_dir(out, cfg, &all, base_dir)
             }
         }
     }

@@ -4,8 +4,8 @@
 
 use super::data::Example;
 use super::metrics::{classification_report, multilabel_report, ClassificationReport};
-use crate::model::layers::Mode;
-use crate::model::tokenize::pad_batch;
+use crate::model::hf::tokenize::pad_batch;
+use crate::model::ops::layers::Mode;
 use crate::model::Classifier;
 use candle_core::{DType, Device, Result, Tensor};
 

@@ -4,10 +4,10 @@
 //! On CPU the update runs in place over each parameter's storage in one fused pass, with
 //! no temporaries (candle-nn's `AdamW` allocates ~15 tensors per parameter per step). On other
 //! devices (and on the CPU's device-generic path) two in-place kernels per parameter do the
-//! same (`model::device_ops::AdamWMoments`, `AdamWApply`), and the gradient norm costs one
+//! same (`model::ops::device_ops::AdamWMoments`, `AdamWApply`), and the gradient norm costs one
 //! device-to-host read per step, not one per parameter.
 
-use crate::model::device_ops::{AdamWApply, AdamWMoments};
+use crate::model::ops::device_ops::{AdamWApply, AdamWMoments};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
@@ -34,7 +34,7 @@ enum Moments {
 
 /// Whether `t` takes the fused CPU update (f32 on the CPU, unless switched off).
 fn fused_cpu(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && crate::model::kernels::use_fused_cpu_kernels()
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && crate::model::ops::kernels::use_fused_cpu_kernels()
 }
 
 /// Optimiser state for a fixed list of parameters.

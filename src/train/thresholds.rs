@@ -78,7 +78,7 @@ pub fn report(
 }
 
 fn probabilities(logits: &[Vec<f32>], temperature: f32) -> Vec<Vec<f32>> {
-    logits.iter().map(|row| crate::model::predictor::probabilities(true, row, temperature)).collect()
+    logits.iter().map(|row| crate::model::predict::predictor::probabilities(true, row, temperature)).collect()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ fn add_golden_adapter(models: &std::path::Path, name: &str) {
     let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden/peft-adapter");
     let to = models.join(name);
     std::fs::create_dir_all(&to).unwrap();
-    for f in [finetuned::model::lora::ADAPTER_CONFIG, finetuned::model::lora::ADAPTER_WEIGHTS] {
+    for f in [finetuned::model::hf::lora::ADAPTER_CONFIG, finetuned::model::hf::lora::ADAPTER_WEIGHTS] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
 }
@@ -93,7 +93,7 @@ fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
 /// scaled: a second adapter over the same base that answers differently.
 fn add_turned_adapter(models: &std::path::Path, name: &str) {
     add_golden_adapter(models, name);
-    let path = models.join(name).join(finetuned::model::lora::ADAPTER_WEIGHTS);
+    let path = models.join(name).join(finetuned::model::hf::lora::ADAPTER_WEIGHTS);
     let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
     for (k, t) in tensors.iter_mut() {
         if k.ends_with("lora_B.weight") {
@@ -112,7 +112,7 @@ async fn adapters_of_one_base_share_it_and_each_request_gets_its_own_adapters_sc
     add_golden_adapter(&models, "first");
     add_turned_adapter(&models, "second");
     // The second pools by mean where the first reads the pooler: still one base between them.
-    let base = finetuned::model::lora::inspect_adapter(&models.join("second")).unwrap().base;
+    let base = finetuned::model::hf::lora::inspect_adapter(&models.join("second")).unwrap().base;
     let mut cfg: Value = serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
     cfg["finetuned_pooling"] = json!("mean");
     std::fs::write(models.join("second").join("config.json"), cfg.to_string()).unwrap();
@@ -120,7 +120,7 @@ async fn adapters_of_one_base_share_it_and_each_request_gets_its_own_adapters_sc
     let texts = ["a gorgeous, witty, seductive movie.", "unflinchingly bleak and desperate", "x", "the plot is nothing but boilerplate"];
     // What each adapter gives alone, merged into its own copy of the base.
     let alone = |name: &str| {
-        let m = finetuned::model::predictor::LoadedClassifier::load(&models.join(name), &device).unwrap();
+        let m = finetuned::model::predict::predictor::LoadedClassifier::load(&models.join(name), &device).unwrap();
         let ids = m.tokenize(&texts, true).unwrap().unwrap();
         m.logits(&ids, 8).unwrap()
     };

@@ -331,7 +331,7 @@ async fn bf16_weights_give_the_f32_labels_with_scores_close_to_them() {
     config.predict_dtype = "bf16".into();
     let app = spawn_with(config).await;
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
-    if !finetuned::model::packed::bf16_supported() {
+    if !finetuned::model::ops::packed::bf16_supported() {
         assert_eq!(info["predict_dtype"], "f32", "falls back on a CPU without AVX512-BF16");
         finetuned::testing::skip("predict-bf16-avx512bf16", "this CPU has no AVX512-BF16: compared the fallback only");
         return;

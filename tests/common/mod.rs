@@ -7,8 +7,8 @@ pub mod servers;
 
 use candle_core::{Device, Tensor};
 use finetuned::dataset::{LabelValue, Row};
-use finetuned::model::bert::encoder_params;
-use finetuned::model::params::Params;
+use finetuned::model::encoder::bert::encoder_params;
+use finetuned::model::encoder::params::Params;
 use finetuned::model::BertConfig;
 use rand::SeedableRng;
 use serde_json::json;

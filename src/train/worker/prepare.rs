@@ -175,7 +175,7 @@ async fn from_hub(ctx: &WorkerContext, job: &JobRecord) -> Result<crate::catalog
     let dir = crate::hub::fetch(repo, &ctx.hub)
         .await
         .map_err(|e| TrainError::BaseModel(format!("base model {repo:?} could not be fetched from the hub: {e:#}")))?;
-    let info = crate::model::artifacts::inspect(&dir)
+    let info = crate::model::hf::artifacts::inspect(&dir)
         .map_err(|e| TrainError::BaseModel(format!("{repo} from the hub is not a supported checkpoint: {e:#}")))?;
     Ok(crate::catalog::Resolved {
         id: repo.clone(),

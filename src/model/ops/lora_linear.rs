@@ -6,13 +6,12 @@
 //! backward pass a second gradient into `x` that candle sums on one thread. Here the term is a
 //! few small gemm calls beside the base layer's, the backward pass gives `x`'s gradient from both
 //! paths at once, and the frozen weight gets no gradient. The dropout mask is drawn once from its
-//! seed (see `model::rng`), as the dropout kernel draws it, and kept with the dropped input for
+//! seed (see `model::ops::rng`), as the dropout kernel draws it, and kept with the dropped input for
 //! the backward pass: the op and the composed path give the same values.
 
+use super::buffers::{f32s, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last};
 use super::kernels::CHUNK;
-use super::linear::{
-    check_weight, f32s, gemm, gemm_new, gemm_scaled, input_grad_new, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last,
-};
+use super::linear::{check_weight, gemm, gemm_new, gemm_scaled, input_grad_new};
 use super::simd::simd_kernel;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

@@ -30,7 +30,7 @@ impl Mode<'_> {
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1/(1-p)`. The mask comes from our own seeded generator so runs are repeatable
     /// (candle cannot seed its CPU generator): one seed is taken here per call, and the kernel
-    /// draws the mask from it on the device (see `model::rng`); nothing per element is done
+    /// draws the mask from it on the device (see `model::ops::rng`); nothing per element is done
     /// on the host.
     pub fn dropout(&mut self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Mode::Train(rng) = self else { return Ok(xs.clone()) };
@@ -70,7 +70,7 @@ impl Linear {
     }
 
     /// Replaces the weight, once prepared for inference, by a copy packed for our AVX-512
-    /// kernel (see `model::packed`), in bf16 when `bf16`; the f32 weight is released. A
+    /// kernel (see `model::ops::packed`), in bf16 when `bf16`; the f32 weight is released. A
     /// no-op unless prepared and the CPU has the kernel's instructions.
     pub fn pack(&mut self, bf16: bool) -> Result<()> {
         let supported = if bf16 { super::packed::bf16_supported() } else { super::packed::f32_supported() };
@@ -144,7 +144,7 @@ impl Linear {
     }
 
     /// The layer plus a LoRA term, `x·Wᵀ + b + scale·(dropout(x)·Aᵀ)·Bᵀ`, as one fused op with
-    /// this layer frozen (see `model::lora_linear`); `None` where that op does not apply: another
+    /// this layer frozen (see `model::ops::lora_linear`); `None` where that op does not apply: another
     /// device or dtype, a layer prepared for inference, or a weight that is itself trained.
     pub fn forward_lora(&self, xs: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: Option<(f64, u64)>) -> Result<Option<Tensor>> {
         if !self.frozen_on_cpu(xs) {

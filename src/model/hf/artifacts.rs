@@ -1,7 +1,8 @@
 //! Hugging Face model directories: checking them, loading their weights, and writing
 //! trained classifiers atomically.
 
-use super::config::BertConfig;
+use crate::model::encoder::classifier::HEAD_NAMES;
+use crate::model::encoder::config::BertConfig;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -66,7 +67,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
 fn check_head(header: &HashMap<String, serde_json::Value>, labels: usize, hidden: usize) -> anyhow::Result<()> {
     for (name, info) in header {
         let name = name.strip_prefix("bert.").unwrap_or(name);
-        if !super::classifier::HEAD_NAMES.contains(&name) {
+        if !HEAD_NAMES.contains(&name) {
             continue;
         }
         let dim = |i: usize| info.get("shape").and_then(|s| s.get(i)).and_then(serde_json::Value::as_u64);
@@ -75,7 +76,7 @@ fn check_head(header: &HashMap<String, serde_json::Value>, labels: usize, hidden
             "config.json's id2label names {labels} labels but the classifier head's {name} has {} outputs",
             dim(0).map_or_else(|| "no".to_string(), |n| n.to_string())
         );
-        if name == super::classifier::HEAD_NAMES[0] {
+        if name == HEAD_NAMES[0] {
             ensure!(dim(1) == Some(hidden as u64), "the classifier head's {name} does not take hidden_size ({hidden}) inputs");
         }
     }

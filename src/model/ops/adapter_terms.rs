@@ -6,24 +6,34 @@
 //! small ops, and their overhead, not the arithmetic, set the speed. Here each group is two
 //! small gemm calls writing straight into its own rows of the output.
 
-use super::adapters::{LowRankSet, Target};
-use super::linear::{gemm_new, gemm_scaled, with_f32, with_f32s};
+use super::buffers::{with_f32, with_f32s};
+use super::linear::{gemm_new, gemm_scaled};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
+use std::fmt::Debug;
 use std::ops::Range;
 
-/// Whether [`add_terms`] takes `x`, `y` and the groups' pairs for `(layer, target)`: all f32 on
-/// the CPU, with the fused kernels on.
-pub fn applies(groups: &[(Range<usize>, Option<&LowRankSet>)], layer: usize, target: Target, x: &Tensor, y: &Tensor) -> bool {
+/// One group's low-rank pair for the layer at hand, `(A [r, in], B [out, r], scale)`.
+pub type Pair<'a> = (&'a Tensor, &'a Tensor, f64);
+
+/// Whether [`add_terms`] takes `x`, `y` and the groups' pairs: all f32 on the CPU, with the
+/// fused kernels on.
+pub fn applies(groups: &[(Range<usize>, Option<Pair>)], x: &Tensor, y: &Tensor) -> bool {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    let pairs = groups.iter().filter_map(|(_, s)| s.and_then(|s| s.pairs.get(&(layer, target))));
+    let pairs = groups.iter().filter_map(|(_, p)| p.map(|(a, b, _)| (a, b)));
     super::kernels::use_fused_cpu_kernels() && cpu_f32(x) && cpu_f32(y) && pairs.into_iter().all(|(a, b)| cpu_f32(a) && cpu_f32(b))
 }
 
-/// `y` plus, for each group of batch rows, `scale · (x·Aᵀ)·Bᵀ` of its adapter's pair for
-/// `(layer, target)`; rows with no adapter, or whose adapter leaves that layer alone, keep `y`.
-/// `x` is `[batch, .., in]` and `y` `[batch, .., out]`; no dropout (inference).
-pub fn add_terms(groups: &[(Range<usize>, Option<&LowRankSet>)], layer: usize, target: Target, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+/// `y` plus, for each group of batch rows, `scale · (x·Aᵀ)·Bᵀ` of its pair; rows with no pair
+/// (no adapter, or one that leaves this layer alone) keep `y`. `x` is `[batch, .., in]` and `y`
+/// `[batch, .., out]`; no dropout (inference). `target` of `layer` names the pairs in an error.
+pub fn add_terms(
+    groups: &[(Range<usize>, Option<Pair>)],
+    x: &Tensor,
+    y: &Tensor,
+    layer: usize,
+    target: impl Debug + Sync,
+) -> Result<Tensor> {
     let batch = x.dim(0)?;
     let (k, n) = (x.dim(candle_core::D::Minus1)?, y.dim(candle_core::D::Minus1)?);
     let per_row = |t: &Tensor| t.elem_count().checked_div(batch).unwrap_or(0);
@@ -33,11 +43,11 @@ pub fn add_terms(groups: &[(Range<usize>, Option<&LowRankSet>)], layer: usize, t
     // Each group's rows of `out`, with the group's pair where it has one.
     let mut work = Vec::with_capacity(groups.len());
     let mut rest = out.as_mut_slice();
-    for (rows, set) in groups {
+    for (rows, pair) in groups {
         let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows.len() * y_row);
         rest = tail;
-        if let Some(pair) = set.and_then(|s| s.pairs.get(&(layer, target)).map(|p| (p, s.scale))) {
-            work.push((rows.clone(), mine, pair));
+        if let Some((a, b, scale)) = pair {
+            work.push((rows.clone(), mine, ((*a, *b), *scale)));
         }
     }
     with_f32(&x.contiguous()?, |xv| {

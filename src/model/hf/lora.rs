@@ -2,6 +2,9 @@
 //! `adapter_model.safetensors` (the low-rank pairs and the fully trained head) over a base
 //! model the config names. Served by merging: `W + scale · B·A` for each adapted layer.
 
+use crate::model::encoder::adapters::{LowRankSet, Target};
+use crate::model::encoder::classifier::HEAD_NAMES;
+use crate::model::encoder::config::BertConfig;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -125,7 +128,7 @@ impl Adapter {
 
     /// Outputs of the head the adapter carries (`classifier.weight`'s rows), if it has one.
     pub fn num_labels(&self) -> Option<usize> {
-        self.replaced.get(super::classifier::HEAD_NAMES[0]).and_then(|w| w.dim(0).ok())
+        self.replaced.get(HEAD_NAMES[0]).and_then(|w| w.dim(0).ok())
     }
 
     /// Applies the adapter to a base model's `weights` (our names): each adapted weight becomes
@@ -143,6 +146,15 @@ impl Adapter {
             weights.insert(name.clone(), t.clone());
         }
         Ok(())
+    }
+}
+
+impl LowRankSet {
+    /// The pairs of a loaded peft adapter (those on the encoder's dense layers; an adapter of
+    /// the pooler is not one this forward pass adds).
+    pub fn from_adapter(adapter: &Adapter) -> Self {
+        let pairs = adapter.pairs.iter().filter_map(|(name, ab)| Target::of_weight(name).map(|key| (key, ab.clone()))).collect();
+        Self { pairs, scale: adapter.config.scale(), dropout: adapter.config.lora_dropout }
     }
 }
 
@@ -214,7 +226,7 @@ pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
     let own = dir.join(super::artifacts::CONFIG);
     let mut info = base_info;
     if own.is_file() {
-        info.config = super::config::BertConfig::from_file(&own).context("the adapter's config.json")?;
+        info.config = BertConfig::from_file(&own).context("the adapter's config.json")?;
         info.problem_type = info.config.problem_type();
     } else {
         info.problem_type = None;
@@ -232,7 +244,7 @@ pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
 /// `….lora_B.weight` and `classifier.*`.
 pub fn write_adapter_dir(
     dest: &Path,
-    classifier: &super::config::BertConfig,
+    classifier: &BertConfig,
     tensors: &HashMap<String, Tensor>,
     config: &AdapterConfig,
 ) -> anyhow::Result<()> {

@@ -1,13 +1,14 @@
 //! Many LoRA adapters served over one loaded base: an adapter is its low-rank pairs and its
 //! head (kilobytes to a few MiB), and one forward pass of the base can hold rows for different
-//! adapters (see `model::adapters`).
+//! adapters (see `model::encoder::adapters`).
 
-use super::adapters::{LowRank, LowRankSet, Target};
-use super::classifier::{Pooling, HEAD_NAMES};
-use super::layers::Linear;
-use super::lora::{inspect_adapter, Adapter};
 use super::predictor::{length_buckets, probabilities, LoadedClassifier};
-use super::tokenize::pad_batch;
+use crate::model::encoder::adapters::{LowRank, LowRankSet, Target};
+use crate::model::encoder::classifier::{Pooling, HEAD_NAMES};
+use crate::model::encoder::config::BertConfig;
+use crate::model::hf::lora::{inspect_adapter, Adapter};
+use crate::model::hf::tokenize::pad_batch;
+use crate::model::ops::layers::Linear;
 use anyhow::Context;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -71,7 +72,7 @@ impl LoadedAdapter {
 
 /// Refuses an adapter whose pairs or head do not fit its base: served over a shared base, a
 /// mismatch would fail (or panic in) the passes it shares with other adapters' rows.
-fn check_shapes(adapter: &Adapter, cfg: &super::BertConfig) -> anyhow::Result<()> {
+fn check_shapes(adapter: &Adapter, cfg: &BertConfig) -> anyhow::Result<()> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     for (name, (a, b)) in &adapter.pairs {
         let (layer, target) = Target::of_weight(name).with_context(|| format!("the adapter changes {name}"))?;

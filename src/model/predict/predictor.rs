@@ -1,9 +1,11 @@
 //! A classifier loaded for inference: detached weights, tokenizer and labels.
 
-use super::artifacts::{inspect, load_weights};
-use super::classifier::{Classifier, Pooling};
-use super::layers::Mode;
-use super::tokenize::{encode_all, load_tokenizer, pad_batch, truncate, truncate_left};
+use crate::model::encoder::classifier::{Classifier, Pooling, HEAD_NAMES, POOLER_NAMES};
+use crate::model::hf::artifacts::{self, inspect, load_weights};
+use crate::model::hf::lora;
+use crate::model::hf::tokenize::{encode_all, load_tokenizer, pad_batch, truncate, truncate_left};
+use crate::model::ops::layers::Mode;
+use crate::model::ops::packed;
 use anyhow::{bail, Context};
 use candle_core::{Device, Tensor};
 use std::path::Path;
@@ -72,7 +74,7 @@ pub enum Weights {
     /// f32, as trained and saved: logits match transformers'.
     #[default]
     F32,
-    /// bf16 encoder weights on a CPU with AVX512-BF16 (see `model::packed`), or the whole
+    /// bf16 encoder weights on a CPU with AVX512-BF16 (see `model::ops::packed`), or the whole
     /// model in bf16 on a GPU: faster, logits within about 1e-2 of f32. On a CPU without
     /// AVX512-BF16 the model loads in f32.
     Bf16,
@@ -90,7 +92,7 @@ impl Weights {
 
     /// What a model loaded on `device` will actually use.
     pub fn effective(self, device: &Device) -> Self {
-        if self == Self::Bf16 && (device.is_cuda() || (device.is_cpu() && super::packed::bf16_supported())) {
+        if self == Self::Bf16 && (device.is_cuda() || (device.is_cpu() && packed::bf16_supported())) {
             Self::Bf16
         } else {
             Self::F32
@@ -115,11 +117,11 @@ impl LoadedClassifier {
     /// Loads a classifier directory (or a peft LoRA adapter over a base beside it, merged) with
     /// its dense layers in `weights_as`.
     pub fn load_as(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
-        let (info, weights, tokenizer_dir) = if super::lora::is_adapter(dir) {
-            let adapter = super::lora::inspect_adapter(dir)?;
+        let (info, weights, tokenizer_dir) = if lora::is_adapter(dir) {
+            let adapter = lora::inspect_adapter(dir)?;
             let mut weights = load_weights(&adapter.base, device)?;
-            super::lora::Adapter::load(dir, device)?.merge_into(&mut weights)?;
-            let tokenizer_dir = if dir.join(super::artifacts::TOKENIZER).is_file() { dir.to_path_buf() } else { adapter.base.clone() };
+            lora::Adapter::load(dir, device)?.merge_into(&mut weights)?;
+            let tokenizer_dir = if dir.join(artifacts::TOKENIZER).is_file() { dir.to_path_buf() } else { adapter.base.clone() };
             (adapter.info, weights, tokenizer_dir)
         } else {
             (inspect(dir)?, load_weights(dir, device)?, dir.to_path_buf())
@@ -130,21 +132,21 @@ impl LoadedClassifier {
     }
 
     /// Loads a base model's encoder (and its pooler, where it has one) to serve adapters over:
-    /// each brings its own head and pooling (see `model::adapter_serving`); this model's own
-    /// head is a placeholder.
+    /// each brings its own head and pooling (see `model::predict::adapter_serving`); this
+    /// model's own head is a placeholder.
     pub fn load_encoder(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
         let info = inspect(dir)?;
         let mut weights = load_weights(dir, device)?;
-        let pooling = if weights.contains_key(super::classifier::POOLER_NAMES[0]) { Pooling::Cls } else { Pooling::Mean };
+        let pooling = if weights.contains_key(POOLER_NAMES[0]) { Pooling::Cls } else { Pooling::Mean };
         let hidden = info.config.hidden_size;
         // A placeholder head of one output (a zero-size one would be a zero-byte device allocation).
-        weights.insert(super::classifier::HEAD_NAMES[0].into(), Tensor::zeros((1, hidden), candle_core::DType::F32, device)?);
-        weights.insert(super::classifier::HEAD_NAMES[1].into(), Tensor::zeros(1, candle_core::DType::F32, device)?);
+        weights.insert(HEAD_NAMES[0].into(), Tensor::zeros((1, hidden), candle_core::DType::F32, device)?);
+        weights.insert(HEAD_NAMES[1].into(), Tensor::zeros(1, candle_core::DType::F32, device)?);
         Self::build(&info, weights, dir, Vec::new(), pooling, device, weights_as)
     }
 
     fn build(
-        info: &super::artifacts::ModelInfo,
+        info: &artifacts::ModelInfo,
         weights: std::collections::HashMap<String, Tensor>,
         tokenizer_dir: &Path,
         labels: Vec<String>,

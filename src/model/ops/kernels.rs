@@ -5,7 +5,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fastmath::{erf, erf_given_exp, exp};
+use super::buffers::{uninit, with_f32s};
+use super::fastmath::{gelu_grad_chunk, gelu_in_place, row_stats};
 use super::simd::simd_kernel;
 
 pub(super) const CHUNK: usize = 4096;
@@ -27,7 +28,7 @@ thread_local! {
 }
 
 /// Whether this thread's CPU work uses the fused CPU kernels (the default). Off, a CPU run takes
-/// the device-generic path a GPU takes (`model::device_ops`, cuBLAS-style matmuls, the
+/// the device-generic path a GPU takes (`model::ops::device_ops`, cuBLAS-style matmuls, the
 /// optimizer's device update), so tests check that path's maths without a GPU. The default
 /// comes from `FINETUNED_KERNELS=generic`; [`set_fused_cpu_kernels`] changes it per thread.
 pub fn use_fused_cpu_kernels() -> bool {
@@ -37,44 +38,6 @@ pub fn use_fused_cpu_kernels() -> bool {
 /// Sets [`use_fused_cpu_kernels`] for the calling thread; returns the previous setting.
 pub fn set_fused_cpu_kernels(on: bool) -> bool {
     FUSED_CPU.with(|f| f.replace(on))
-}
-
-const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
-const INV_SQRT_2PI: f32 = 0.398_942_3;
-
-simd_kernel! {
-    /// Exact GELU in place.
-    pub(crate) fn gelu_in_place(y: &mut [f32]) {
-        for v in y.iter_mut() {
-            *v = 0.5 * *v * (1.0 + erf(*v * SQRT_2_INV));
-        }
-    }
-}
-
-simd_kernel! {
-    fn gelu_grad_chunk(x: &[f32], g: &[f32], out: &mut [f32]) {
-        for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-            // exp(-x²/2) is both erf(x/√2)'s exponential and the density's.
-            let e = exp(-0.5 * x * x);
-            let cdf = 0.5 * (1.0 + erf_given_exp(x * SQRT_2_INV, e));
-            *o = g * (cdf + x * INV_SQRT_2PI * e);
-        }
-    }
-}
-
-simd_kernel! {
-    /// Exact GELU of `y` in place, and its derivative at the same points into `d`.
-    pub(super) fn gelu_with_grad(y: &mut [f32], d: &mut [f32]) {
-        for (v, d) in y.iter_mut().zip(d.iter_mut()) {
-            let x = *v;
-            let a = x * SQRT_2_INV;
-            let e = exp(-a * a);
-            let erf = erf_given_exp(a, e);
-            // The same rounding as `gelu_in_place`.
-            *v = 0.5 * x * (1.0 + erf);
-            *d = 0.5 * (1.0 + erf) + x * INV_SQRT_2PI * e;
-        }
-    }
 }
 
 struct GeluErf;
@@ -87,7 +50,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
         // SAFETY: every chunk is copied from `x` before it is read.
-        let mut y = unsafe { super::linear::uninit(x.len()) };
+        let mut y = unsafe { uninit(x.len()) };
         y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
             y.copy_from_slice(x);
             gelu_in_place(y)
@@ -111,7 +74,7 @@ impl CustomOp2 for GeluErfGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32s(s1, l1)?, f32s(s2, l2)?);
         // SAFETY: `gelu_grad_chunk` writes every element of each chunk.
-        let mut out = unsafe { super::linear::uninit(x.len()) };
+        let mut out = unsafe { uninit(x.len()) };
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).for_each(|(o, (x, g))| gelu_grad_chunk(x, g, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -128,14 +91,6 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 struct LayerNormOp {
     eps: f32,
-}
-
-/// A row's mean and 1/sqrt(variance + eps), for LayerNorm.
-pub(crate) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -155,7 +110,7 @@ impl CustomOp3 for LayerNormOp {
         let (x, w, b) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let h = w.len();
         // SAFETY: every row of `y` is written below.
-        let mut y = unsafe { super::linear::uninit(x.len()) };
+        let mut y = unsafe { uninit(x.len()) };
         y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
             let (mean, rstd) = row_stats(x, self.eps);
             for i in 0..h {
@@ -177,8 +132,8 @@ impl CustomOp3 for LayerNormOp {
         let want_params = w.track_op() || b.track_op();
         let h = w.elem_count();
         // SAFETY: every row of `dx` is written below.
-        let mut dx = unsafe { super::linear::uninit(x.elem_count()) };
-        let partial = super::linear::with_f32s([x, w, grad], |[xv, wv, gv]| self.grad_rows(xv, wv, gv, &mut dx, want_params))?;
+        let mut dx = unsafe { uninit(x.elem_count()) };
+        let partial = with_f32s([x, w, grad], |[xv, wv, gv]| self.grad_rows(xv, wv, gv, &mut dx, want_params))?;
         let dev = x.device();
         let dx = Some(Tensor::from_vec(dx, x.shape(), dev)?);
         if !want_params {
@@ -268,7 +223,7 @@ impl CustomOp1 for DropoutOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l)?;
         // SAFETY: `dropout_chunk` writes every element of each chunk.
-        let mut y = unsafe { super::linear::uninit(x.len()) };
+        let mut y = unsafe { uninit(x.len()) };
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .enumerate()

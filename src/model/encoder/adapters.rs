@@ -3,7 +3,8 @@
 //! adapters of one base in one batch). The base's dense layers run once for every row; each row
 //! adds only its own adapter's `scale · (x·Aᵀ)·Bᵀ`.
 
-use super::layers::{Linear, Mode};
+use crate::model::ops::adapter_terms::{self, Pair};
+use crate::model::ops::layers::{Linear, Mode};
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -48,7 +49,8 @@ impl Target {
 }
 
 /// One adapter's low-rank pairs: `(layer, target) → (A [r, in], B [out, r])`, and its scale
-/// and dropout (applied to the pair's input in training only).
+/// and dropout (applied to the pair's input in training only). A loaded peft adapter gives one
+/// with `LowRankSet::from_adapter` (in `model::hf::lora`).
 #[derive(Clone)]
 pub struct LowRankSet {
     pub pairs: HashMap<(usize, Target), (Tensor, Tensor)>,
@@ -57,13 +59,6 @@ pub struct LowRankSet {
 }
 
 impl LowRankSet {
-    /// The pairs of a loaded peft adapter (those on the encoder's dense layers; an adapter of
-    /// the pooler is not one this forward pass adds).
-    pub fn from_adapter(adapter: &super::lora::Adapter) -> Self {
-        let pairs = adapter.pairs.iter().filter_map(|(name, ab)| Target::of_weight(name).map(|key| (key, ab.clone()))).collect();
-        Self { pairs, scale: adapter.config.scale(), dropout: adapter.config.lora_dropout }
-    }
-
     /// Whether the set changes `target` of `layer`.
     pub fn touches(&self, layer: usize, target: Target) -> bool {
         self.pairs.contains_key(&(layer, target))
@@ -86,6 +81,13 @@ impl<'a> LowRank<'a> {
     /// Whether any group changes `target` of `layer`.
     pub fn touches(&self, layer: usize, target: Target) -> bool {
         self.groups.iter().any(|(_, s)| s.is_some_and(|s| s.touches(layer, target)))
+    }
+
+    /// Each group's pair for `target` of `layer` with its scale; `None` where the group leaves
+    /// that layer alone.
+    fn pairs(&self, layer: usize, target: Target) -> Vec<(Range<usize>, Option<Pair<'a>>)> {
+        let pair = |s: &'a LowRankSet| s.pairs.get(&(layer, target)).map(|(a, b)| (a, b, s.scale));
+        self.groups.iter().map(|(rows, set)| (rows.clone(), set.and_then(pair))).collect()
     }
 
     /// `base`'s output for `x` plus each row's adapter term for `target` of `layer`. One adapter
@@ -114,8 +116,11 @@ impl<'a> LowRank<'a> {
         if !self.touches(layer, target) {
             return Ok(y);
         }
-        if !mode.is_train() && super::adapter_terms::applies(&self.groups, layer, target, x, &y) {
-            return super::adapter_terms::add_terms(&self.groups, layer, target, x, &y);
+        if !mode.is_train() {
+            let pairs = self.pairs(layer, target);
+            if adapter_terms::applies(&pairs, x, &y) {
+                return adapter_terms::add_terms(&pairs, x, &y, layer, target);
+            }
         }
         let delta = |set: &LowRankSet, x: &Tensor, mode: &mut Mode| -> Result<Option<Tensor>> {
             let Some((a, b)) = set.pairs.get(&(layer, target)) else { return Ok(None) };
@@ -153,7 +158,7 @@ fn lora_term(x: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
 /// `x` with dropout `(p, seed)` applied, or `x` itself.
 fn dropout_or_none(x: &Tensor, dropout: Option<(f64, u64)>) -> Result<Tensor> {
     match dropout {
-        Some((p, seed)) => super::kernels::dropout(x, p, seed),
+        Some((p, seed)) => crate::model::ops::kernels::dropout(x, p, seed),
         None => Ok(x.clone()),
     }
 }

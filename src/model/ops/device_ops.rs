@@ -1,7 +1,7 @@
 //! The device-generic training ops: what a GPU runs, one kernel each, forward and backward.
 //!
-//! Each op has a CUDA kernel (`kernels/finetuned.cu`, launched from `model::cuda`, built by the
-//! `cuda` feature) and a CPU reference with the same arithmetic (f32 accumulation, the same
+//! Each op has a CUDA kernel (`kernels/finetuned.cu`, launched from `model::ops::cuda`, built by
+//! the `cuda` feature) and a CPU reference with the same arithmetic (f32 accumulation, the same
 //! dropout bits from [`super::rng`]). The CPU references are slow and serial on purpose: they
 //! exist so that `cargo test`, with no GPU, checks the maths of the path a GPU runs (see
 //! [`super::kernels::use_fused_cpu_kernels`]). Inputs must be contiguous; outputs are in the
@@ -71,7 +71,7 @@ impl CustomOp1 for Dropout {
     }
 }
 
-use super::kernels::row_stats as layer_norm_row;
+use super::fastmath::row_stats as layer_norm_row;
 
 /// LayerNorm over the last dimension of `x` with weight `w` and bias `b` (`[hidden]`).
 #[derive(Clone, Copy)]

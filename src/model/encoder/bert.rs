@@ -1,9 +1,12 @@
 //! Our BERT encoder: Hugging Face tensor names, differentiable in training mode.
 
 use super::adapters::{LowRank, Target};
-use super::attention::attention;
 use super::config::BertConfig;
-use super::layers::{attention_bias, softmax_last, LayerNorm, Linear, Mode};
+use crate::model::ops::attention::attention;
+use crate::model::ops::frozen_ffn::frozen_ffn;
+use crate::model::ops::kernels::use_fused_cpu_kernels;
+use crate::model::ops::layers::{activation, attention_bias, softmax_last, LayerNorm, Linear, Mode};
+use crate::model::ops::{device_ops, rng};
 use candle_core::{DType, Result, Tensor};
 
 /// Looks up a parameter by its name without the `bert.` prefix.
@@ -48,7 +51,7 @@ enum KeyMask {
 }
 
 fn fused_attention(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels()
+    x.device().is_cpu() && x.dtype() == DType::F32 && use_fused_cpu_kernels()
 }
 
 /// The BERT encoder (embeddings + transformer layers), without pooler or head.
@@ -211,7 +214,7 @@ impl Bert {
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
         let keys = if fused_attention(&x) {
             KeyMask::Fused(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        } else if mode.is_train() || !x.device().is_cpu() || !super::kernels::use_fused_cpu_kernels() {
+        } else if mode.is_train() || !x.device().is_cpu() || !use_fused_cpu_kernels() {
             KeyMask::Device(((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?)
         } else {
             KeyMask::Bias(attention_bias(mask, x.dtype())?)
@@ -251,10 +254,10 @@ impl Bert {
             KeyMask::Device(bias) => {
                 // Scale, padding mask, softmax and dropout in one kernel, with its own backward.
                 let dropout = (p > 0.0).then(|| {
-                    let (keep_below, scale) = super::rng::keep_rule(p);
-                    super::device_ops::Dropout { keep_below, scale, seed }
+                    let (keep_below, scale) = rng::keep_rule(p);
+                    device_ops::Dropout { keep_below, scale, seed }
                 });
-                let op = super::device_ops::MaskedSoftmax { scale: scale as f32, dropout };
+                let op = device_ops::MaskedSoftmax { scale: scale as f32, dropout };
                 q.matmul(&k.t()?)?.contiguous()?.apply_op2(bias, op)?
             }
             KeyMask::Bias(bias) => softmax_last(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?, mode)?,
@@ -293,15 +296,15 @@ impl Bert {
             && l.intermediate.frozen_on_cpu(&x)
             && l.output.frozen_on_cpu(&x)
         {
-            // LoRA on the attention only: the whole feed-forward block is one op (`model::frozen_ffn`).
-            let out = super::frozen_ffn::frozen_ffn(&x, &l.intermediate.weight, &l.intermediate.bias, &l.output.weight, &l.output.bias)?;
+            // LoRA on the attention only: the whole feed-forward block is one op (`model::ops::frozen_ffn`).
+            let out = frozen_ffn(&x, &l.intermediate.weight, &l.intermediate.bias, &l.output.weight, &l.output.bias)?;
             let out = mode.dropout(&out, self.cfg.hidden_dropout_prob)?;
             return l.out_norm.forward(&(out + x)?, mode);
         }
         let inter = if lr.touches(i, Target::Intermediate) {
             // The adapter's term goes in before the activation, so the fused GELU cannot be used.
             let pre = lr.linear(i, Target::Intermediate, &l.intermediate, &x, mode)?;
-            super::layers::activation(&pre, &self.cfg.hidden_act)?
+            activation(&pre, &self.cfg.hidden_act)?
         } else {
             l.intermediate.forward_activated(&x, &self.cfg.hidden_act)?
         };

@@ -11,7 +11,7 @@
 //! dot-product instruction does two multiply-adds per f32 lane; each layer rounds its input
 //! to bf16 and sums in f32. Everything between the dense layers stays f32.
 
-use super::linear::SharedOut;
+use super::buffers::SharedOut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -175,7 +175,7 @@ impl Packed {
                 for r in 0..rows {
                     // SAFETY: row r's columns c0..c1 belong to this task alone.
                     let row = unsafe { std::slice::from_raw_parts_mut(out.at(r * n + c0), c1 - c0) };
-                    super::kernels::gelu_in_place(row);
+                    super::fastmath::gelu_in_place(row);
                 }
             }
         });
@@ -415,7 +415,7 @@ mod tests {
                 assert!(worst < tolerance, "bf16 {bf16}, {rows}×{k}×{n}: off by {worst}");
                 let with_gelu = packed.forward(&x, rows, true);
                 let mut expect = got.clone();
-                super::super::kernels::gelu_in_place(&mut expect);
+                super::super::fastmath::gelu_in_place(&mut expect);
                 assert_eq!(with_gelu, expect, "bf16 {bf16}, {rows}×{k}×{n}: GELU");
             }
         }

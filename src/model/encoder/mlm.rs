@@ -3,7 +3,7 @@
 
 use super::bert::{Bert, Getter};
 use super::config::BertConfig;
-use super::layers::{activation, LayerNorm, Linear, Mode};
+use crate::model::ops::layers::{activation, LayerNorm, Linear, Mode};
 use candle_core::{Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;

@@ -7,8 +7,10 @@
 //! derivative beside GELU itself (they share one `exp`) and keeps only that; the backward
 //! pass is two products and one multiply in place. Neither weight gets a gradient.
 
-use super::kernels::{gelu_with_grad, CHUNK};
-use super::linear::{check_weight, f32s, gemm, input_grad_new, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last};
+use super::buffers::{f32s, repeat_rows, rows_of, uninit, with_f32, with_f32s, with_last};
+use super::fastmath::gelu_with_grad;
+use super::kernels::CHUNK;
+use super::linear::{check_weight, gemm, input_grad_new};
 use super::simd::simd_kernel;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

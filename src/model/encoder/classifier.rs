@@ -4,7 +4,7 @@
 use super::adapters::{LowRank, LowRankSet};
 use super::bert::{Bert, Getter};
 use super::config::BertConfig;
-use super::layers::{Linear, Mode};
+use crate::model::ops::layers::{Linear, Mode};
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -88,7 +88,7 @@ impl Classifier {
         self.head.forward(&pooled)
     }
 
-    /// The model with `set`'s low-rank terms added for every row (see `model::adapters`).
+    /// The model with `set`'s low-rank terms added for every row (see `model::encoder::adapters`).
     pub fn with_low_rank(mut self, set: LowRankSet) -> Self {
         self.low_rank = Some(set);
         self

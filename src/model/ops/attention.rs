@@ -95,7 +95,7 @@ fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// Scatters per-(text, head) `[seq, head_dim]` blocks back into `[batch, seq, hidden]`.
 fn scatter(blocks: &[Vec<f32>], d: Dims) -> Vec<f32> {
     // SAFETY: each text's rows get every head's `hd` columns, `nh·hd = h`: all written.
-    let mut out = unsafe { super::linear::uninit(d.b * d.s * d.h) };
+    let mut out = unsafe { super::buffers::uninit(d.b * d.s * d.h) };
     out.par_chunks_mut(d.s * d.h).enumerate().for_each(|(bi, text)| {
         for hi in 0..d.nh {
             let block = &blocks[bi * d.nh + hi];
@@ -323,7 +323,7 @@ impl CustomOp3 for Attention {
         let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
         let factor = self.keep_factor();
         // The inputs are read where they lie, not copied out of their tensors.
-        let blocks: Vec<[Vec<f32>; 3]> = super::linear::with_f32s([q, k, v, grad], |[q, kv, vv, g]| {
+        let blocks: Vec<[Vec<f32>; 3]> = super::buffers::with_f32s([q, k, v, grad], |[q, kv, vv, g]| {
             (0..d.b * d.nh)
                 .into_par_iter()
                 .map(|task| {

@@ -1,0 +1,5 @@
+//! Hugging Face files: checkpoint directories, peft LoRA adapters and tokenizers.
+
+pub mod artifacts;
+pub mod lora;
+pub mod tokenize;

@@ -1,0 +1,17 @@
+//! Architecture-free ops with their backward passes (CPU kernels, device-generic ops, CUDA launchers) and their shared CPU helpers.
+
+pub mod adapter_terms;
+pub mod attention;
+mod buffers;
+#[cfg(feature = "cuda")]
+pub(super) mod cuda;
+pub mod device_ops;
+mod fastmath;
+pub mod frozen_ffn;
+pub mod kernels;
+pub mod layers;
+pub mod linear;
+pub mod lora_linear;
+pub mod packed;
+pub mod rng;
+mod simd;

@@ -97,7 +97,7 @@ impl DirModel {
             metrics: None,
             created_at: self.created_at,
             pooling: Some(self.info.auto_pooling()),
-            max_seq_len: Some(self.info.config.max_position_embeddings as i64),
+            max_seq_len: Some(self.info.config.max_tokens() as i64),
             method: match (&self.adapter, &self.info.labels) {
                 (Some(_), _) => Some("lora"),
                 (None, Some(_)) => Some("full"),

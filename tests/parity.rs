@@ -114,6 +114,35 @@ fn a_model_trained_here_gives_the_same_logits_in_transformers() {
     check("export", &ours, |py| live(py, "logits", &out));
 }
 
+/// The tiny RoBERTa of the golden files (`tests/parity/make_roberta.py`): a random RobertaModel
+/// with a byte-level BPE tokenizer, and a RobertaForSequenceClassification made from it.
+fn roberta(which: &str) -> PathBuf {
+    golden::dir().join("roberta").join(which)
+}
+
+#[test]
+fn a_roberta_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    let dir = roberta("classifier");
+    let info = finetuned::model::hf::artifacts::inspect(&dir).unwrap();
+    assert_eq!(info.labels.unwrap(), vec!["negative", "positive"], "listed as a classifier");
+    check("roberta-import", &ours(&dir), |py| live(py, "logits", &dir));
+}
+
+#[test]
+fn a_roberta_model_trained_here_gives_the_same_logits_in_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(16), max_seq_len: Some(64), ..Default::default() }
+        .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
+        .unwrap();
+    let out = dir.path().join("trained");
+    let mut req = TrainRequest::new(roberta("base"), tiny_rows("train"), Some(tiny_rows("validation")), hp, Device::Cpu);
+    req.out_dir = Some(out.clone());
+    trainer::run(req, &mut Quiet).unwrap();
+    let ours = Answer { layout: golden::layout(&out), ..ours(&out) };
+    assert_eq!(ours.layout["config"]["architectures"], serde_json::json!(["RobertaForSequenceClassification"]));
+    check("roberta-export", &ours, |py| live(py, "logits", &out));
+}
+
 #[test]
 fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();

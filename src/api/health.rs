@@ -31,6 +31,7 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "device": format!("{:?}", state.predictor.device()),
         "predict_dtype": state.predictor.weights.as_str(),
+        "architectures": crate::model::encoder::arch::Arch::supported_types(),
         "limits": {
             "max_upload_bytes": c.max_upload_bytes,
             "max_batch_inputs": c.max_batch_inputs,

@@ -11,6 +11,7 @@ pub use super::hyper::ScratchSpec;
 use super::precision::Precision;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
+use crate::model::encoder::arch::Arch;
 use crate::model::encoder::bert::encoder_params;
 use crate::model::encoder::bert::Getter;
 use crate::model::encoder::classifier::Pooling;
@@ -235,7 +236,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         for key in ["id2label", "label2id", "problem_type", "finetuned_pooling"] {
             cfg.extra.remove(key);
         }
-        cfg.extra.insert("architectures".into(), serde_json::json!(["BertForMaskedLM"]));
+        cfg.extra.insert("architectures".into(), serde_json::json!([Arch::class_name(&cfg.model_type, "ForMaskedLM")]));
         write_model_dir(out, &cfg, &params.snapshot()?, &tokenizer_dir)
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }

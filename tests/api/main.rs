@@ -19,5 +19,6 @@ mod multilabel;
 mod predict;
 mod predict_limits;
 mod pretrain;
+mod roberta;
 mod tei;
 mod webhooks;

@@ -208,7 +208,7 @@ impl Bert {
         let e = &self.embeddings;
         let words = e.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?;
         let types = e.token_type.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?;
-        let pos = e.position.narrow(0, 0, s)?;
+        let pos = e.position.narrow(0, self.cfg.position_offset(), s)?;
         let x = (words + types)?.broadcast_add(&pos)?;
         let x = e.norm.forward(&x, mode)?;
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;

@@ -1,5 +1,6 @@
-//! Sequence classification on top of our BERT: pooling, dropout and a linear head
-//! (`BertForSequenceClassification` for `cls` pooling).
+//! Sequence classification on top of our encoder: pooling, dropout and a linear head
+//! (`BertForSequenceClassification` for `cls` pooling; `RobertaForSequenceClassification`'s
+//! head is the same dense → tanh → linear on the first token, with one more dropout).
 
 use super::adapters::{LowRank, LowRankSet};
 use super::bert::{Bert, Getter};
@@ -42,6 +43,8 @@ pub struct Classifier {
     head: Linear,
     pooling: Pooling,
     dropout: f64,
+    /// Dropout on `[CLS]` before the pooler's dense layer too (RoBERTa's head).
+    dropout_before_pooler: bool,
     /// An adapter every row takes (a LoRA job's, while it trains and evaluates).
     low_rank: Option<LowRankSet>,
 }
@@ -59,7 +62,8 @@ impl Classifier {
             Pooling::Mean => None,
         };
         let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
-        Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob(), low_rank: None })
+        let dropout_before_pooler = cfg.arch().dropout_before_pooler();
+        Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob(), dropout_before_pooler, low_rank: None })
     }
 
     /// Readies the model for inference only (it can no longer be trained), with the
@@ -106,8 +110,9 @@ impl Classifier {
             // Training keeps the full last layer, so its dropout draws stay as they were.
             (Some(pooler), Pooling::Cls) => {
                 let first_only = !mode.is_train();
-                let hidden = self.bert.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?;
-                pooler.forward(&hidden.squeeze(1)?)?.tanh()
+                let hidden = self.bert.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?.squeeze(1)?;
+                let hidden = if self.dropout_before_pooler { mode.dropout(&hidden, self.dropout)? } else { hidden };
+                pooler.forward(&hidden)?.tanh()
             }
             _ => mean_pool(&self.bert.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
         }

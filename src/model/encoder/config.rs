@@ -1,5 +1,6 @@
-//! `config.json` of a Hugging Face BERT checkpoint, keeping every field we do not use.
+//! `config.json` of a Hugging Face BERT-family checkpoint, keeping every field we do not use.
 
+use super::arch::Arch;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -59,9 +60,6 @@ fn default_model_type() -> String {
 }
 
 impl BertConfig {
-    /// Model types whose checkpoints use BERT's tensor layout and so load here.
-    pub const SUPPORTED_TYPES: &'static [&'static str] = &["bert"];
-
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)?;
@@ -73,9 +71,10 @@ impl BertConfig {
     /// Refuses configurations our BERT cannot run.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            Self::SUPPORTED_TYPES.contains(&self.model_type.as_str()),
-            "model_type {:?} is not supported (only BERT)",
-            self.model_type
+            Arch::of(&self.model_type).is_some(),
+            "model_type {:?} is not supported (supported: {})",
+            self.model_type,
+            Arch::supported_types().join(", ")
         );
         anyhow::ensure!(
             matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"),
@@ -90,6 +89,22 @@ impl BertConfig {
             anyhow::ensure!(p == "absolute", "position_embedding_type {p:?} is not supported");
         }
         Ok(())
+    }
+
+    /// The architecture `model_type` names (BERT for a type [`BertConfig::validate`] refused).
+    pub fn arch(&self) -> Arch {
+        Arch::of(&self.model_type).unwrap_or(Arch::Bert)
+    }
+
+    /// The position id of a text's first token (see [`Arch::position_offset`]).
+    pub fn position_offset(&self) -> usize {
+        self.arch().position_offset(self.pad_token_id)
+    }
+
+    /// The longest sequence the position table holds, special tokens included (RoBERTa's 514
+    /// rows hold 512 tokens).
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings.saturating_sub(self.position_offset())
     }
 
     /// Dropout before the classification head, as transformers resolves it.
@@ -129,7 +144,7 @@ impl BertConfig {
     pub fn set_classifier(&mut self, labels: &[String], problem_type: &str, pooling: &str) {
         let id2label: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
         let label2id: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
-        self.extra.insert("architectures".into(), Value::from(vec!["BertForSequenceClassification"]));
+        self.extra.insert("architectures".into(), Value::from(vec![Arch::class_name(&self.model_type, "ForSequenceClassification")]));
         self.extra.insert("id2label".into(), Value::Object(id2label));
         self.extra.insert("label2id".into(), Value::Object(label2id));
         self.extra.insert("problem_type".into(), Value::from(problem_type));

@@ -1,6 +1,7 @@
 //! Hugging Face model directories: checking them, loading their weights, and writing
 //! trained classifiers atomically.
 
+use crate::model::encoder::arch::Arch;
 use crate::model::encoder::classifier::HEAD_NAMES;
 use crate::model::encoder::config::BertConfig;
 use anyhow::{bail, ensure, Context};
@@ -39,7 +40,7 @@ impl ModelInfo {
     }
 }
 
-/// Checks that `dir` is a BERT checkpoint we can load: config parses and is BERT, the tokenizer
+/// Checks that `dir` is a checkpoint we can load: config parses and names an architecture we run, the tokenizer
 /// and weights exist, and the safetensors header is sound. Reads no tensor data.
 pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
     let config = BertConfig::from_file(&dir.join(CONFIG)).context("config.json")?;
@@ -55,7 +56,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
     let is_classifier = config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification"));
     let labels = if is_classifier { config.id2label() } else { None };
     if let Some(labels) = &labels {
-        check_head(&header, labels.len(), config.hidden_size)?;
+        check_head(&header, config.arch(), labels.len(), config.hidden_size)?;
     }
     let problem_type = config.problem_type();
     Ok(ModelInfo { labels, problem_type, sentence_pooling: sentence_pooling(dir), config })
@@ -64,10 +65,10 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
 /// Refuses a classifier whose `id2label` does not name one label per output of its head
 /// (predict would give scores without a label, or look labels up past the end), or whose head
 /// does not read `hidden` inputs. A head that is missing is left to loading to report.
-fn check_head(header: &HashMap<String, serde_json::Value>, labels: usize, hidden: usize) -> anyhow::Result<()> {
+fn check_head(header: &HashMap<String, serde_json::Value>, arch: Arch, labels: usize, hidden: usize) -> anyhow::Result<()> {
     for (name, info) in header {
-        let name = name.strip_prefix("bert.").unwrap_or(name);
-        if !HEAD_NAMES.contains(&name) {
+        let Some(ours) = arch.to_ours(name) else { continue };
+        if !HEAD_NAMES.contains(&ours.as_str()) {
             continue;
         }
         let dim = |i: usize| info.get("shape").and_then(|s| s.get(i)).and_then(serde_json::Value::as_u64);
@@ -76,7 +77,7 @@ fn check_head(header: &HashMap<String, serde_json::Value>, labels: usize, hidden
             "config.json's id2label names {labels} labels but the classifier head's {name} has {} outputs",
             dim(0).map_or_else(|| "no".to_string(), |n| n.to_string())
         );
-        if name == HEAD_NAMES[0] {
+        if ours == HEAD_NAMES[0] {
             ensure!(dim(1) == Some(hidden as u64), "the classifier head's {name} does not take hidden_size ({hidden}) inputs");
         }
     }
@@ -119,26 +120,22 @@ fn sentence_pooling(dir: &Path) -> Option<String> {
     }
 }
 
-/// All tensors of a checkpoint as f32 on `device`, names without the `bert.` prefix.
+/// All tensors of a checkpoint as f32 on `device`, under our (BERT) names: see
+/// [`Arch::to_ours`]; the architecture is the one `config.json` names.
 pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    let arch = BertConfig::from_file(&dir.join(CONFIG)).context("config.json")?.arch();
     let raw =
         candle_core::safetensors::load(dir.join(WEIGHTS), device).with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))?;
-    raw.into_iter()
-        .map(|(name, t)| {
-            let name = name.strip_prefix("bert.").map(String::from).unwrap_or(name);
-            let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
-            Ok((name, t))
-        })
-        .collect()
-}
-
-/// Hugging Face name of one of our parameters: the encoder and pooler live under `bert.`.
-pub fn hf_name(name: &str) -> String {
-    if name.starts_with("classifier.") || name.starts_with("cls.") {
-        name.to_string()
-    } else {
-        format!("bert.{name}")
+    let mut out = HashMap::new();
+    for (name, t) in raw {
+        let Some(ours) = arch.to_ours(&name) else { continue };
+        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        // A classifier's head wins over a pooler that the same file also carries.
+        if arch.to_hf(&ours) == name || !out.contains_key(&ours) {
+            out.insert(ours, t);
+        }
     }
+    Ok(out)
 }
 
 /// Writes a complete model directory to `dest`: built in a sibling temp dir, synced, then
@@ -146,7 +143,9 @@ pub fn hf_name(name: &str) -> String {
 pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> anyhow::Result<()> {
     write_atomically(dest, |tmp| {
         std::fs::write(tmp.join(CONFIG), serde_json::to_vec_pretty(config)?)?;
-        let named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((hf_name(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
+        let arch = config.arch();
+        let named: Vec<(String, Tensor)> =
+            tensors.iter().map(|(n, t)| Ok((arch.to_hf(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
         safetensors::serialize_to_file(named, metadata, &tmp.join(WEIGHTS))?;
         std::fs::copy(tokenizer_dir.join(TOKENIZER), tmp.join(TOKENIZER))?;

@@ -3,6 +3,7 @@
 //! model the config names. Served by merging: `W + scale · B·A` for each adapted layer.
 
 use crate::model::encoder::adapters::{LowRankSet, Target};
+use crate::model::encoder::arch::Arch;
 use crate::model::encoder::classifier::HEAD_NAMES;
 use crate::model::encoder::config::BertConfig;
 use anyhow::{bail, ensure, Context};
@@ -95,10 +96,13 @@ impl Adapter {
         let path = dir.join(ADAPTER_WEIGHTS);
         let raw = candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
         let (mut a, mut b, mut replaced) = (HashMap::new(), HashMap::new(), HashMap::new());
+        // The encoder's prefix in the names says which architecture the adapter was made for.
+        let arch = if raw.keys().any(|n| n.starts_with("base_model.model.roberta.")) { Arch::Roberta } else { Arch::Bert };
         for (name, t) in raw {
             let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
-            let ours = name.strip_prefix("base_model.model.").unwrap_or(&name);
-            let ours = ours.strip_prefix("bert.").unwrap_or(ours);
+            let theirs = name.strip_prefix("base_model.model.").unwrap_or(&name);
+            let Some(ours) = arch.to_ours(theirs) else { continue };
+            let ours = ours.as_str();
             if let Some(module) = ours.strip_suffix(".lora_A.weight") {
                 a.insert(format!("{module}.weight"), t);
             } else if let Some(module) = ours.strip_suffix(".lora_B.weight") {
@@ -253,7 +257,7 @@ pub fn write_adapter_dir(
         std::fs::write(tmp.join(super::artifacts::CONFIG), serde_json::to_vec_pretty(classifier)?)?;
         let named: Vec<(String, Tensor)> = tensors
             .iter()
-            .map(|(n, t)| Ok((format!("base_model.model.{}", super::artifacts::hf_name(n)), t.contiguous()?)))
+            .map(|(n, t)| Ok((format!("base_model.model.{}", classifier.arch().to_hf(n)), t.contiguous()?)))
             .collect::<anyhow::Result<_>>()?;
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
         safetensors::serialize_to_file(named, metadata, &tmp.join(ADAPTER_WEIGHTS))?;

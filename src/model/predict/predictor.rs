@@ -177,7 +177,7 @@ impl LoadedClassifier {
             temperature: info.config.temperature(),
             labels,
             multi_label,
-            max_len: info.config.max_position_embeddings,
+            max_len: info.config.max_tokens(),
             pad_id: info.config.pad_token_id as u32,
             device: device.clone(),
             bytes,

@@ -46,9 +46,14 @@ fn hf(py: &Path, args: &[&std::ffi::OsStr]) -> Value {
 /// transformers' answer for `model` (sequence classification over TEXTS, or the masked LM over
 /// MLM_TEXT), after checking that it loaded every tensor and found none it did not expect.
 fn live(py: &Path, verb: &str, model: &Path) -> Answer {
-    let texts = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(texts.path(), serde_json::to_vec(if verb == "mlm" { &[MLM_TEXT][..] } else { TEXTS }).unwrap()).unwrap();
-    let v = hf(py, &[verb.as_ref(), model.as_os_str(), texts.path().as_os_str()]);
+    live_on(py, verb, model, if verb == "mlm" { &[MLM_TEXT][..] } else { TEXTS })
+}
+
+/// [`live`] on `texts`.
+fn live_on(py: &Path, verb: &str, model: &Path, texts: &[&str]) -> Answer {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(texts).unwrap()).unwrap();
+    let v = hf(py, &[verb.as_ref(), model.as_os_str(), file.path().as_os_str()]);
     for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
         // The base's pooler travels with a pre-trained encoder; a masked LM has no use for it.
         let keys = v["loading_info"][k].as_array().cloned().unwrap_or_default();
@@ -173,6 +178,17 @@ fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
 
 #[test]
 fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("mlm", &base(), MLM_TEXT);
+}
+
+#[test]
+fn a_roberta_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("roberta-mlm", &roberta("base"), "the movie was a <mask> surprise.");
+}
+
+/// Masked-LM pre-training from `base` on the tiny texts; the saved model's logits on `text` (the
+/// first 1,000 vocabulary entries per token) against transformers' `AutoModelForMaskedLM`.
+fn pretrain_and_compare(case: &str, base: &Path, text: &str) {
     use finetuned::model::encoder::mlm::MaskedLm;
     use finetuned::model::ops::layers::Mode;
     use finetuned::train::mlm::{self, MlmRequest, Start};
@@ -182,7 +198,7 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
         .unwrap();
     let out = dir.path().join("mlm");
     let req = MlmRequest {
-        start: Start::Checkpoint(base()),
+        start: Start::Checkpoint(base.to_path_buf()),
         train_rows: tiny_rows("train"),
         validation_rows: None,
         hp,
@@ -195,7 +211,7 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     mlm::run(req, &mut Quiet).unwrap();
 
     let tok = finetuned::model::hf::tokenize::load_tokenizer(&out).unwrap();
-    let ids = finetuned::model::hf::tokenize::encode_all(&tok, &[MLM_TEXT]).unwrap().remove(0);
+    let ids = finetuned::model::hf::tokenize::encode_all(&tok, &[text]).unwrap().remove(0);
     let weights = finetuned::model::hf::artifacts::load_weights(&out, &Device::Cpu).unwrap();
     let cfg = finetuned::model::hf::artifacts::inspect(&out).unwrap().config;
     let model = MaskedLm::load(&|n| weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(n.into())), &cfg).unwrap();
@@ -204,10 +220,10 @@ fn a_model_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     let logits: Vec<Vec<f32>> = model
         .forward(&batch.ids, &batch.type_ids, &batch.mask, &rows, &mut Mode::Eval)
         .unwrap()
-        .narrow(1, 0, 1000)
+        .narrow(1, 0, cfg.vocab_size.min(1000))
         .unwrap()
         .to_vec2()
         .unwrap();
     let ours = Answer { ids: vec![ids], logits, layout: golden::layout(&out), versions: Value::Null };
-    check("mlm", &ours, |py| live(py, "mlm", &out));
+    check(case, &ours, |py| live_on(py, "mlm", &out, &[text]));
 }

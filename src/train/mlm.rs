@@ -139,7 +139,11 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     };
     let anchor_weight = pooling.map_or(0.0, |_| hp.mlm_anchor_weight.unwrap_or_else(|| anchor::default_weight(sentence)));
     let tok = load_tokenizer(&tokenizer_dir).map_err(base_err)?;
-    let mask_id = tok.token_to_id("[MASK]").ok_or_else(|| TrainError::BaseModel("the tokenizer has no [MASK] token".into()))?;
+    // BERT's mask token, or RoBERTa's.
+    let mask_id = ["[MASK]", "<mask>"]
+        .iter()
+        .find_map(|t| tok.token_to_id(t))
+        .ok_or_else(|| TrainError::BaseModel("the tokenizer has no mask token ([MASK] or <mask>)".into()))?;
     let special: HashSet<u32> = tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
     let (train_rows, val_rows) = match req.validation_rows {
@@ -163,8 +167,12 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let val: Vec<Masked> = val_clean.iter().map(|ids| mask_tokens(ids, &special, mask_id, vocab, req.mask_prob, &mut val_rng)).collect();
     let mut spec = encoder_params(&cfg);
     let h = cfg.hidden_size;
-    spec.push(("pooler.dense.weight".into(), vec![h, h]));
-    spec.push(("pooler.dense.bias".into(), vec![h]));
+    // BERT's pooler travels with the encoder; RoBERTa's masked LM has none (its name would be
+    // the classification head's).
+    if cfg.arch() == Arch::Bert {
+        spec.push(("pooler.dense.weight".into(), vec![h, h]));
+        spec.push(("pooler.dense.bias".into(), vec![h]));
+    }
     spec.extend(head_params(&cfg));
     let params = Params::build(&cfg, &spec, &weights, &[], &mut rng, &req.device).map_err(base_err)?;
     let fresh: Vec<&str> = spec.iter().filter(|(n, _)| !weights.contains_key(n)).map(|(n, _)| n.as_str()).collect();

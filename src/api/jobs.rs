@@ -337,8 +337,13 @@ async fn events(
     jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
     let limit = check_limit(q.limit, 100, 1000)?;
     // An SSE client reconnecting says where it was with `Last-Event-ID`; `after` wins if both.
-    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    let after = event_seq(q.after.as_deref().or(last_id))?;
+    // The header is whatever id the client last saw: one that is not an event id of ours
+    // (mangled on the way) starts from the beginning, as no header does.
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| event_seq(Some(v)).ok());
+    let after = match q.after.as_deref() {
+        Some(a) => event_seq(Some(a))?,
+        None => last_id.unwrap_or(0),
+    };
     let wants_sse = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/event-stream"));
     if wants_sse {
         return Ok(event_stream(state, id, after).into_response());

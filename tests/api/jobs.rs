@@ -266,6 +266,9 @@ async fn the_event_stream_ends_for_a_job_that_is_gone_and_resumes_from_last_even
     let resumed = sse(Some(ids[1])).send().await.unwrap().text().await.unwrap();
     let got: Vec<&str> = resumed.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
     assert_eq!(got, ids[2..], "{resumed}");
+    // A header that is not one of our event ids (mangled on the way) starts from the beginning.
+    let mangled = sse(Some("0")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(mangled.lines().filter_map(|l| l.strip_prefix("id: ")).collect::<Vec<_>>(), ids, "{mangled}");
 
     // A queued job (no worker here) whose stream is open when its row goes.
     let tmp = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@ use super::config::BertConfig;
 use crate::model::ops::attention::attention;
 use crate::model::ops::frozen_ffn::frozen_ffn;
 use crate::model::ops::kernels::use_fused_cpu_kernels;
-use crate::model::ops::layers::{activation, attention_bias, softmax_last, LayerNorm, Linear, Mode};
+use crate::model::ops::layers::{activation, attention_bias, softmax_last, tensor_bytes, Act, LayerNorm, Linear, Mode};
 use crate::model::ops::{device_ops, rng};
 use candle_core::{DType, Result, Tensor};
 
@@ -59,6 +59,8 @@ pub struct Bert {
     embeddings: Embeddings,
     layers: Vec<Layer>,
     cfg: BertConfig,
+    /// `cfg.hidden_act`, read once.
+    act: Act,
 }
 
 /// Every encoder parameter (name without `bert.`, shape), in checkpoint order.
@@ -120,7 +122,7 @@ impl Bert {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings, layers, cfg: cfg.clone() })
+        Ok(Self { embeddings, layers, cfg: cfg.clone(), act: cfg.act() })
     }
 
     /// Readies every dense layer for inference (see `Linear::prepare_for_inference`) and
@@ -163,13 +165,13 @@ impl Bert {
     /// Bytes of the encoder's weights as held now.
     pub fn bytes(&self) -> usize {
         let e = &self.embeddings;
-        let mut n = [&e.word, &e.position, &e.token_type, &e.norm.weight, &e.norm.bias].iter().map(|t| t.elem_count() * 4).sum();
+        let mut n = [&e.word, &e.position, &e.token_type, &e.norm.weight, &e.norm.bias].into_iter().map(tensor_bytes).sum();
         for l in &self.layers {
             let dense = match &l.qkv {
                 Some(qkv) => qkv.bytes(),
                 None => l.query.bytes() + l.key.bytes() + l.value.bytes(),
             };
-            let norms: usize = [&l.attn_norm, &l.out_norm].iter().map(|n| (n.weight.elem_count() + n.bias.elem_count()) * 4).sum();
+            let norms: usize = [&l.attn_norm, &l.out_norm].iter().map(|n| tensor_bytes(&n.weight) + tensor_bytes(&n.bias)).sum();
             n += dense + l.attn_out.bytes() + l.intermediate.bytes() + l.output.bytes() + norms;
         }
         n
@@ -292,7 +294,7 @@ impl Bert {
         if ffn_frozen
             && mode.is_train()
             && x.track_op()
-            && self.cfg.hidden_act == "gelu"
+            && self.act == Act::Gelu
             && l.intermediate.frozen_on_cpu(&x)
             && l.output.frozen_on_cpu(&x)
         {
@@ -304,9 +306,9 @@ impl Bert {
         let inter = if lr.touches(i, Target::Intermediate) {
             // The adapter's term goes in before the activation, so the fused GELU cannot be used.
             let pre = lr.linear(i, Target::Intermediate, &l.intermediate, &x, mode)?;
-            activation(&pre, &self.cfg.hidden_act)?
+            activation(&pre, self.act)?
         } else {
-            l.intermediate.forward_activated(&x, &self.cfg.hidden_act)?
+            l.intermediate.forward_activated(&x, self.act)?
         };
         let out = lr.linear(i, Target::Output, &l.output, &inter, mode)?;
         let out = mode.dropout(&out, self.cfg.hidden_dropout_prob)?;

@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face BERT-family checkpoint, keeping every field we do not use.
 
 use super::arch::Arch;
+use crate::model::ops::layers::Act;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -76,11 +77,7 @@ impl BertConfig {
             self.model_type,
             Arch::supported_types().join(", ")
         );
-        anyhow::ensure!(
-            matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"),
-            "hidden_act {:?} is not supported",
-            self.hidden_act
-        );
+        anyhow::ensure!(Act::parse(&self.hidden_act).is_some(), "hidden_act {:?} is not supported", self.hidden_act);
         anyhow::ensure!(
             self.num_attention_heads > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size must be a multiple of num_attention_heads"
@@ -89,6 +86,11 @@ impl BertConfig {
             anyhow::ensure!(p == "absolute", "position_embedding_type {p:?} is not supported");
         }
         Ok(())
+    }
+
+    /// The feed-forward activation (GELU for a `hidden_act` [`BertConfig::validate`] refused).
+    pub fn act(&self) -> Act {
+        Act::parse(&self.hidden_act).unwrap_or(Act::Gelu)
     }
 
     /// The architecture `model_type` names (BERT for a type [`BertConfig::validate`] refused).

@@ -3,7 +3,7 @@
 
 use super::bert::{Bert, Getter};
 use super::config::BertConfig;
-use crate::model::ops::layers::{activation, LayerNorm, Linear, Mode};
+use crate::model::ops::layers::{activation, Act, LayerNorm, Linear, Mode};
 use candle_core::{Result, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -28,7 +28,7 @@ pub struct MaskedLm {
     norm: LayerNorm,
     bias: Tensor,
     word_embeddings: Tensor,
-    act: String,
+    act: Act,
 }
 
 impl MaskedLm {
@@ -44,7 +44,7 @@ impl MaskedLm {
             },
             bias: get(&format!("{p}.bias"))?,
             word_embeddings: get("embeddings.word_embeddings.weight")?,
-            act: cfg.hidden_act.clone(),
+            act: cfg.act(),
         })
     }
 
@@ -65,7 +65,7 @@ impl MaskedLm {
         let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
         let (b, s, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * s, h))?.index_select(rows, 0)?;
-        let x = activation(&self.transform.forward(&picked)?, &self.act)?;
+        let x = activation(&self.transform.forward(&picked)?, self.act)?;
         let x = self.norm.forward(&x, mode)?;
         // As a dense layer (the tied embeddings are its `[vocab, hidden]` weight), whose own
         // backward writes the embeddings' gradient untransposed and sums the bias gradient.

@@ -100,7 +100,7 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         match &self.packed {
             Some(p) => p.bytes(),
-            None => (self.weight.elem_count() + self.bias.elem_count()) * 4,
+            None => tensor_bytes(&self.weight) + tensor_bytes(&self.bias),
         }
     }
 
@@ -117,16 +117,16 @@ impl Linear {
 
     /// The layer followed by the activation `act`. Prepared for inference, exact GELU is
     /// applied inside the layer's own pass over its output.
-    pub fn forward_activated(&self, xs: &Tensor, act: &str) -> Result<Tensor> {
-        if let (Some(w), "gelu") = (&self.packed, act) {
+    pub fn forward_activated(&self, xs: &Tensor, act: Act) -> Result<Tensor> {
+        if let (Some(w), Act::Gelu) = (&self.packed, act) {
             let op = PackedLinear { weight: w.clone(), gelu: true };
             return self.on_rows(xs, |x2| x2.contiguous()?.apply_op1_no_bwd(&op));
         }
-        if act == "gelu" && !self.in_out && self.packed.is_none() && !cpu_fused(xs) {
+        if act == Act::Gelu && !self.in_out && self.packed.is_none() && !cpu_fused(xs) {
             // Device-generic: the matmul, then bias and GELU in one kernel with its backward.
             return self.on_rows(xs, |x2| x2.matmul(&self.weight.t()?)?.apply_op2(&self.bias, super::device_ops::BiasGelu));
         }
-        if !(self.in_out && act == "gelu") {
+        if !(self.in_out && act == Act::Gelu) {
             return activation(&self.forward(xs)?, act);
         }
         self.on_rows(xs, |x2| super::linear::linear_in_out_gelu(x2, &self.weight, &self.bias))
@@ -210,12 +210,35 @@ pub fn softmax_last(xs: &Tensor, mode: &Mode) -> Result<Tensor> {
     }
 }
 
-/// The activation named by `hidden_act`.
-pub fn activation(xs: &Tensor, act: &str) -> Result<Tensor> {
+/// A feed-forward activation, as a config's `hidden_act` names it (read once, at load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// `gelu`: the exact (erf) GELU.
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `relu`.
+    Relu,
+}
+
+impl Act {
+    /// The activation `hidden_act` names, if we run it.
+    pub fn parse(hidden_act: &str) -> Option<Self> {
+        match hidden_act {
+            "gelu" => Some(Act::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Act::GeluTanh),
+            "relu" => Some(Act::Relu),
+            _ => None,
+        }
+    }
+}
+
+/// `act` applied to `xs`.
+pub fn activation(xs: &Tensor, act: Act) -> Result<Tensor> {
     match act {
-        "relu" => xs.relu(),
-        "gelu_new" | "gelu_pytorch_tanh" => xs.gelu(),
-        _ => super::kernels::gelu_erf(xs),
+        Act::Relu => xs.relu(),
+        Act::GeluTanh => xs.gelu(),
+        Act::Gelu => super::kernels::gelu_erf(xs),
     }
 }
 
@@ -225,4 +248,23 @@ pub fn attention_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let (b, s) = mask.dims2()?;
     let m = mask.to_dtype(dtype)?;
     ((m - 1.0)? * 1e4)?.reshape((b, 1, 1, s))
+}
+
+/// Bytes a tensor holds, in its own dtype (a bf16 model counts half an f32 one).
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_counts_the_bytes_of_its_own_dtype() {
+        let w = Tensor::zeros((8, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let b = Tensor::zeros(8, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let f32 = Linear::new(w.clone(), b.clone());
+        let bf16 = Linear::new(w.to_dtype(candle_core::DType::BF16).unwrap(), b.to_dtype(candle_core::DType::BF16).unwrap());
+        assert_eq!((f32.bytes(), bf16.bytes()), (40 * 4, 40 * 2));
+    }
 }

@@ -163,6 +163,17 @@ fn a_mixed_adapter_batch_gives_each_row_its_own_adapters_result() {
 /// here over the shared base and merged into a whole model, it gives them too.
 #[test]
 fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_trained_here_matches_peft("peft-export", &base());
+}
+
+/// The same over the tiny RoBERTa of the golden files (`tests/parity/make_roberta.py`): peft's
+/// names under `roberta.`, the head as `classifier.dense` and `classifier.out_proj`.
+#[test]
+fn a_roberta_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_trained_here_matches_peft("roberta-peft-export", &golden::dir().join("roberta/base"));
+}
+
+fn adapter_trained_here_matches_peft(case: &str, base: &Path) {
     use finetuned::train::hyper::HyperparametersInput;
     use finetuned::train::trainer::{self, Event, Observer, TrainRequest};
     struct Quiet;
@@ -191,34 +202,34 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ours");
-    let mut req = TrainRequest::new(base(), rows("train"), Some(rows("validation")), hp, Device::Cpu);
+    let mut req = TrainRequest::new(base.to_path_buf(), rows("train"), Some(rows("validation")), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
     trainer::run(req, &mut Quiet).unwrap();
     assert!(finetuned::model::hf::lora::is_adapter(&out), "saved as a peft adapter");
 
     let merged_in = ours(&out);
-    let check = |theirs: &Answer, source: &str| golden::assert_matches("peft-export", source, &merged_in, theirs);
+    let check = |theirs: &Answer, source: &str| golden::assert_matches(case, source, &merged_in, theirs);
     match peft_python() {
         Some(py) => {
             let texts = tempfile::NamedTempFile::new().unwrap();
             std::fs::write(texts.path(), serde_json::to_vec(TEXTS).unwrap()).unwrap();
-            let o = Command::new(&py).arg(script()).arg("peft-logits").arg(base()).arg(&out).arg(texts.path()).output().unwrap();
+            let o = Command::new(&py).arg(script()).arg("peft-logits").arg(base).arg(&out).arg(texts.path()).output().unwrap();
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let theirs: Answer = serde_json::from_slice(&o.stdout).unwrap();
             check(&theirs, "peft live");
             if golden::writing() {
-                golden::write("peft-export", &theirs);
+                golden::write(case, &theirs);
             }
         }
-        None => eprintln!("parity peft-export: no Python with torch, transformers and peft here; golden files only"),
+        None => eprintln!("parity {case}: no Python with torch, transformers and peft here; golden files only"),
     }
-    check(&golden::read("peft-export"), "the golden file");
+    check(&golden::read(case), "the golden file");
 
     // Over the shared base, as predict serves it.
     let adapter = std::sync::Arc::new(
         finetuned::model::predict::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap().unwrap(),
     );
-    let encoder = LoadedClassifier::load_encoder(&base(), &Device::Cpu, finetuned::model::predict::predictor::Weights::F32).unwrap();
+    let encoder = LoadedClassifier::load_encoder(base, &Device::Cpu, finetuned::model::predict::predictor::Weights::F32).unwrap();
     let shared = encoder.logits_mixed(&merged_in.ids, &vec![Some(adapter); TEXTS.len()], 8).unwrap();
     assert!(golden::max_diff(&shared, &merged_in.logits) <= 1e-4, "shared base and merged weights agree");
 

@@ -80,28 +80,28 @@ impl Trainable {
             frozen.insert(name, t.to_dtype(candle_core::DType::F32)?.to_device(device)?);
         }
         // The pooler as the base has it (freshly made where it has none): frozen for `lora`,
-        // as in peft, where only the head is trained in full; trained for `head`.
+        // as in peft, where only the head is trained in full (unless the pooler is part of the
+        // head, as RoBERTa's `classifier.dense`); trained for `head`.
         let h = cfg.hidden_size;
         let pooler_spec: Vec<(String, Vec<usize>)> = vec![(POOLER_NAMES[0].into(), vec![h, h]), (POOLER_NAMES[1].into(), vec![h])];
         let pooler = Params::build(cfg, &pooler_spec, &weights, &[], rng, device)?;
         let mut spec: Vec<(String, Vec<usize>)> = Vec::new();
-        match (&method, &lora) {
-            (Method::Lora, Some(l)) => {
-                for name in POOLER_NAMES {
-                    frozen.insert(name.to_string(), pooler.detached(name)?);
-                }
-                for (layer, target) in lora_targets(cfg, l) {
-                    let (out, inp) = frozen[&target.weight_name(layer)].dims2()?;
-                    let (a, b) = pair_names(layer, target);
-                    spec.push((a, vec![l.r, inp]));
-                    spec.push((b, vec![out, l.r]));
-                }
+        if method == Method::Lora && !cfg.arch().pooler_in_head() {
+            for name in POOLER_NAMES {
+                frozen.insert(name.to_string(), pooler.detached(name)?);
             }
-            _ => {
-                for name in POOLER_NAMES {
-                    weights.insert(name.to_string(), pooler.detached(name)?);
-                }
-                spec.extend(pooler_spec);
+        } else {
+            for name in POOLER_NAMES {
+                weights.insert(name.to_string(), pooler.detached(name)?);
+            }
+            spec.extend(pooler_spec);
+        }
+        if let (Method::Lora, Some(l)) = (&method, &lora) {
+            for (layer, target) in lora_targets(cfg, l) {
+                let (out, inp) = frozen[&target.weight_name(layer)].dims2()?;
+                let (a, b) = pair_names(layer, target);
+                spec.push((a, vec![l.r, inp]));
+                spec.push((b, vec![out, l.r]));
             }
         }
         spec.push(("classifier.weight".into(), vec![num_labels, h]));

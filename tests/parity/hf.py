@@ -110,7 +110,9 @@ def peft_logits(base, adapter, texts_path):
     from peft import PeftModel
     from safetensors.torch import load_file
     texts = json.load(open(texts_path))
-    n = load_file(os.path.join(adapter, "adapter_model.safetensors"))["base_model.model.classifier.weight"].shape[0]
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    head = saved.get("base_model.model.classifier.weight", saved.get("base_model.model.classifier.out_proj.weight"))
+    n = head.shape[0]
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n)
     model = PeftModel.from_pretrained(model, adapter).eval()

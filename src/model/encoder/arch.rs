@@ -107,6 +107,13 @@ impl Arch {
     pub fn dropout_before_pooler(self) -> bool {
         self == Arch::Roberta
     }
+
+    /// Whether what we call the pooler is part of the classification head (RoBERTa's
+    /// `classifier.dense`): peft then trains and saves it with the head (`modules_to_save`),
+    /// where BERT's pooler stays frozen in a LoRA job.
+    pub fn pooler_in_head(self) -> bool {
+        self == Arch::Roberta
+    }
 }
 
 #[cfg(test)]

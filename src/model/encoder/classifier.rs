@@ -124,15 +124,23 @@ impl Classifier {
     }
 
     /// The pooled vectors of a batch whose groups of rows (`lr`'s groups, in order) pool each
-    /// their own way (`poolings`, one per group): adapters of one base with different poolings
-    /// share the encoder's pass. Inference only.
-    pub fn pooled_groups(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, lr: &LowRank, poolings: &[Pooling]) -> Result<Tensor> {
-        let first_only = poolings.iter().all(|p| *p == Pooling::Cls);
+    /// their own way (`poolings`, one per group, with the group's own pooler where it brings
+    /// one, as a RoBERTa adapter's `classifier.dense`): adapters of one base with different
+    /// poolings share the encoder's pass. Inference only.
+    pub fn pooled_groups(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        lr: &LowRank,
+        poolings: &[(Pooling, Option<&Linear>)],
+    ) -> Result<Tensor> {
+        let first_only = poolings.iter().all(|(p, _)| *p == Pooling::Cls);
         let hidden = self.bert.forward_low_rank(ids, type_ids, mask, &mut Mode::Eval, first_only, lr)?;
         let mut parts = Vec::with_capacity(poolings.len());
-        for ((rows, _), pooling) in lr.groups.iter().zip(poolings) {
+        for ((rows, _), (pooling, own)) in lr.groups.iter().zip(poolings) {
             let h = hidden.narrow(0, rows.start, rows.len())?;
-            parts.push(match (pooling, &self.pooler) {
+            parts.push(match (pooling, own.or(self.pooler.as_ref())) {
                 (Pooling::Cls, Some(pooler)) => pooler.forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?,
                 (Pooling::Cls, None) => candle_core::bail!("cls pooling over a base that has no pooler"),
                 (Pooling::Mean, _) => mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?,

@@ -4,7 +4,7 @@
 
 use super::predictor::{length_buckets, probabilities, LoadedClassifier};
 use crate::model::encoder::adapters::{LowRank, LowRankSet, Target};
-use crate::model::encoder::classifier::{Pooling, HEAD_NAMES};
+use crate::model::encoder::classifier::{Pooling, HEAD_NAMES, POOLER_NAMES};
 use crate::model::encoder::config::BertConfig;
 use crate::model::hf::lora::{inspect_adapter, Adapter};
 use crate::model::hf::tokenize::pad_batch;
@@ -18,6 +18,8 @@ use std::sync::Arc;
 pub struct LoadedAdapter {
     pub set: LowRankSet,
     head: Linear,
+    /// Its own pooler, where the head includes one (RoBERTa's `classifier.dense`).
+    pooler: Option<Linear>,
     pub labels: Vec<String>,
     pub multi_label: bool,
     /// Its decision threshold per label, when multi-label and tuned.
@@ -39,7 +41,7 @@ impl LoadedAdapter {
         let info = inspect_adapter(dir)?;
         let adapter = Adapter::load(dir, device)?;
         let only_dense = adapter.pairs.keys().all(|name| Target::of_weight(name).is_some());
-        let only_head = adapter.replaced.keys().all(|name| HEAD_NAMES.contains(&name.as_str()));
+        let only_head = adapter.replaced.keys().all(|name| HEAD_NAMES.contains(&name.as_str()) || POOLER_NAMES.contains(&name.as_str()));
         if !(only_dense && only_head) {
             return Ok(None);
         }
@@ -55,12 +57,21 @@ impl LoadedAdapter {
         let mut head = Linear::new(get(HEAD_NAMES[0])?.to_dtype(dtype)?, get(HEAD_NAMES[1])?.to_dtype(dtype)?);
         head.prepare_for_inference()?;
         bytes += head.bytes();
+        let pooler = match (adapter.replaced.get(POOLER_NAMES[0]), adapter.replaced.get(POOLER_NAMES[1])) {
+            (Some(w), Some(b)) => {
+                let mut p = Linear::new(w.to_dtype(dtype)?, b.to_dtype(dtype)?);
+                p.prepare_for_inference()?;
+                bytes += p.bytes();
+                Some(p)
+            }
+            _ => None,
+        };
         let labels = info.info.labels.clone().unwrap_or_default();
         let pooling = info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
         let multi_label = info.info.problem_type.as_deref() == Some("multi_label_classification");
         let thresholds = info.info.config.thresholds(&labels).filter(|_| multi_label);
         let temperature = info.info.config.temperature();
-        Ok(Some(Self { set, head, labels, multi_label, thresholds, temperature, base: info.base, pooling, bytes }))
+        Ok(Some(Self { set, head, pooler, labels, multi_label, thresholds, temperature, base: info.base, pooling, bytes }))
     }
 
     /// Probabilities from logits: softmax, or sigmoid for multi-label adapters; at the
@@ -92,6 +103,9 @@ fn check_shapes(adapter: &Adapter, cfg: &BertConfig) -> anyhow::Result<()> {
     }
     let head = adapter.replaced.get(HEAD_NAMES[0]).context("the adapter carries no classifier head")?;
     anyhow::ensure!(head.dim(1)? == h, "the adapter's head reads {} inputs; its base gives {h}", head.dim(1)?);
+    if let Some(p) = adapter.replaced.get(POOLER_NAMES[0]) {
+        anyhow::ensure!(p.dims() == [h, h], "the adapter's pooler is {:?}; its base needs [{h}, {h}]", p.dims());
+    }
     Ok(())
 }
 
@@ -123,8 +137,12 @@ impl LoadedClassifier {
             }
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
             let batch = pad_batch(&refs, self.pad_id, &self.device)?;
-            let poolings: Vec<Pooling> =
-                groups.iter().map(|(rows, _)| adapters[chunk[rows.start]].as_ref().map_or(self.model.pooling(), |a| a.pooling)).collect();
+            let poolings: Vec<(Pooling, Option<&Linear>)> = groups
+                .iter()
+                .map(|(rows, _)| {
+                    adapters[chunk[rows.start]].as_ref().map_or((self.model.pooling(), None), |a| (a.pooling, a.pooler.as_ref()))
+                })
+                .collect();
             let pooled =
                 self.model.pooled_groups(&batch.ids, &batch.type_ids, &batch.mask, &LowRank { groups: groups.clone() }, &poolings)?;
             for (rows, _) in &groups {

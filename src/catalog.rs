@@ -64,6 +64,9 @@ pub struct Catalog {
     data_dir: PathBuf,
     pool: Pool,
     dirs: RwLock<BTreeMap<String, DirModel>>,
+    /// Entries of the models dir that cannot be run, with the reason (shown on `/v1/info`; a
+    /// job naming one is refused with it).
+    refused: BTreeMap<String, String>,
     /// Where trained models are kept besides the data dir.
     pub objects: crate::objects::Objects,
     /// Trained models resolved in the last [`RESOLVED_TTL`]: predict asks for the same model
@@ -133,13 +136,13 @@ pub fn record_view(m: &ModelRecord) -> ModelView {
     }
 }
 
-/// Scans `models_dir`: every sub-directory that is a loadable BERT checkpoint. Entries that
-/// are not are skipped with a logged reason.
-pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
-    let mut out = BTreeMap::new();
+/// Scans `models_dir`: every sub-directory that is a checkpoint we can run, and the others
+/// (each skipped with a logged reason, which is returned with it).
+pub fn scan_models_dir(models_dir: &Path) -> (BTreeMap<String, DirModel>, BTreeMap<String, String>) {
+    let (mut out, mut refused) = (BTreeMap::new(), BTreeMap::new());
     let Ok(entries) = std::fs::read_dir(models_dir) else {
         tracing::warn!(dir = %models_dir.display(), "models dir not readable; no base models");
-        return out;
+        return (out, refused);
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -167,16 +170,25 @@ pub fn scan_models_dir(models_dir: &Path) -> BTreeMap<String, DirModel> {
                 tracing::info!(model = %id, classifier = info.labels.is_some(), "found model");
                 out.insert(id.clone(), DirModel { id, path, info, created_at, adapter });
             }
-            Err(e) => tracing::warn!(entry = %path.display(), reason = %format!("{e:#}"), "skipping models dir entry"),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::warn!(entry = %path.display(), reason = %reason, "skipping models dir entry");
+                refused.insert(id, reason);
+            }
         }
     }
-    out
+    (out, refused)
 }
 
 impl Catalog {
     pub fn new(models_dir: PathBuf, data_dir: PathBuf, pool: Pool, objects: crate::objects::Objects) -> Self {
-        let dirs = scan_models_dir(&models_dir);
-        Self { data_dir, pool, dirs: RwLock::new(dirs), objects, recent: Default::default() }
+        let (dirs, refused) = scan_models_dir(&models_dir);
+        Self { data_dir, pool, dirs: RwLock::new(dirs), refused, objects, recent: Default::default() }
+    }
+
+    /// The models dir's entries that cannot be run, each with the reason.
+    pub fn refused(&self) -> &BTreeMap<String, String> {
+        &self.refused
     }
 
     /// Is `id` a model of the models dir?

@@ -32,6 +32,7 @@ async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
         "device": format!("{:?}", state.predictor.device()),
         "predict_dtype": state.predictor.weights.as_str(),
         "architectures": crate::model::encoder::arch::Arch::supported_types(),
+        "refused_models": state.catalog.refused().iter().map(|(id, reason)| json!({"id": id, "reason": reason})).collect::<Vec<_>>(),
         "limits": {
             "max_upload_bytes": c.max_upload_bytes,
             "max_batch_inputs": c.max_batch_inputs,

@@ -100,6 +100,10 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
             return Err(ApiError::invalid("base_model", msg));
         }
         Some(base) => base.auto_pooling,
+        None if state.catalog.refused().contains_key(&req.base_model) => {
+            let why = &state.catalog.refused()[&req.base_model];
+            return Err(ApiError::invalid("base_model", format!("{} cannot be fine-tuned here: {why}", req.base_model)));
+        }
         None if crate::hub::is_repo_id(&req.base_model) => "auto".to_string(),
         None => return Err(ApiError::not_found("model", &req.base_model).param("base_model")),
     };

@@ -190,6 +190,18 @@ async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts
     for bad in ["other-arch", "bin-only", "corrupt", "notes"] {
         assert_error(app.get(&format!("/v1/models/{bad}")).await, StatusCode::NOT_FOUND, "not_found").await;
     }
+    // Not hidden: each is listed with its reason, and a job on one is refused with it.
+    let info: Value = app.get("/v1/info").await.json().await.unwrap();
+    let refused: std::collections::BTreeMap<&str, &str> =
+        info["refused_models"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap(), m["reason"].as_str().unwrap())).collect();
+    assert_eq!(refused.keys().copied().collect::<Vec<_>>(), ["bin-only", "corrupt", "notes", "other-arch"], "{info}");
+    assert!(refused["other-arch"].contains("\"gpt2\"") && refused["other-arch"].contains("bert, roberta"), "{info}");
+    assert!(refused["bin-only"].contains("pytorch_model.bin"), "{info}");
+    let ds = app.upload_ok(crate::common::toy_jsonl(8)).await;
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "other-arch", "training_dataset": ds})).await;
+    let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert_eq!(err["param"], "base_model", "{err}");
+    assert!(err["message"].as_str().unwrap().contains("model_type \"gpt2\" is not supported (supported: bert, roberta"), "{err}");
 }
 
 #[tokio::test]

@@ -166,11 +166,17 @@ fn an_adapter_trained_here_gives_the_same_logits_in_peft() {
     adapter_trained_here_matches_peft("peft-export", &base());
 }
 
-/// The same over the tiny RoBERTa of the golden files (`tests/parity/make_roberta.py`): peft's
+/// The same over the tiny RoBERTa of the golden files (`tests/parity/make_models.py`): peft's
 /// names under `roberta.`, the head as `classifier.dense` and `classifier.out_proj`.
 #[test]
 fn a_roberta_adapter_trained_here_gives_the_same_logits_in_peft() {
     adapter_trained_here_matches_peft("roberta-peft-export", &golden::dir().join("roberta/base"));
+}
+
+/// And over the tiny ELECTRA: `electra.` names, the head's dense layer with GELU.
+#[test]
+fn an_electra_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_trained_here_matches_peft("electra-peft-export", &golden::dir().join("electra/base"));
 }
 
 fn adapter_trained_here_matches_peft(case: &str, base: &Path) {

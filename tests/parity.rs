@@ -119,33 +119,60 @@ fn a_model_trained_here_gives_the_same_logits_in_transformers() {
     check("export", &ours, |py| live(py, "logits", &out));
 }
 
-/// The tiny RoBERTa of the golden files (`tests/parity/make_roberta.py`): a random RobertaModel
-/// with a byte-level BPE tokenizer, and a RobertaForSequenceClassification made from it.
-fn roberta(which: &str) -> PathBuf {
-    golden::dir().join("roberta").join(which)
+/// A tiny model of the golden files (`tests/parity/make_models.py`): `roberta` (a random
+/// RobertaModel with a byte-level BPE tokenizer) or `electra` (a random ElectraModel whose
+/// 16-wide embeddings are projected to its hidden size of 32, with a WordPiece tokenizer);
+/// `which` is `base` or `classifier` (the ForSequenceClassification transformers made from it).
+fn tiny(arch: &str, which: &str) -> PathBuf {
+    golden::dir().join(arch).join(which)
 }
 
-#[test]
-fn a_roberta_classifier_saved_by_transformers_serves_with_the_same_logits() {
-    let dir = roberta("classifier");
+fn roberta(which: &str) -> PathBuf {
+    tiny("roberta", which)
+}
+
+/// A classifier transformers saved serves here with its token ids and logits.
+fn imported(arch: &str) {
+    let dir = tiny(arch, "classifier");
     let info = finetuned::model::hf::artifacts::inspect(&dir).unwrap();
     assert_eq!(info.labels.unwrap(), vec!["negative", "positive"], "listed as a classifier");
-    check("roberta-import", &ours(&dir), |py| live(py, "logits", &dir));
+    check(&format!("{arch}-import"), &ours(&dir), |py| live(py, "logits", &dir));
 }
 
-#[test]
-fn a_roberta_model_trained_here_gives_the_same_logits_in_transformers() {
+/// A classifier trained here from the base loads in transformers as `class`, with no missing or
+/// unexpected keys and the same logits.
+fn exported(arch: &str, class: &str) {
     let dir = tempfile::tempdir().unwrap();
     let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(16), max_seq_len: Some(64), ..Default::default() }
         .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
         .unwrap();
     let out = dir.path().join("trained");
-    let mut req = TrainRequest::new(roberta("base"), tiny_rows("train"), Some(tiny_rows("validation")), hp, Device::Cpu);
+    let mut req = TrainRequest::new(tiny(arch, "base"), tiny_rows("train"), Some(tiny_rows("validation")), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
     trainer::run(req, &mut Quiet).unwrap();
     let ours = Answer { layout: golden::layout(&out), ..ours(&out) };
-    assert_eq!(ours.layout["config"]["architectures"], serde_json::json!(["RobertaForSequenceClassification"]));
-    check("roberta-export", &ours, |py| live(py, "logits", &out));
+    assert_eq!(ours.layout["config"]["architectures"], serde_json::json!([class]));
+    check(&format!("{arch}-export"), &ours, |py| live(py, "logits", &out));
+}
+
+#[test]
+fn a_roberta_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("roberta");
+}
+
+#[test]
+fn a_roberta_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("roberta", "RobertaForSequenceClassification");
+}
+
+#[test]
+fn an_electra_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("electra");
+}
+
+#[test]
+fn an_electra_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("electra", "ElectraForSequenceClassification");
 }
 
 #[test]

@@ -137,6 +137,13 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
             (spec.config(tok.get_vocab_size(true), pad), tokenizer_dir.clone(), HashMap::new(), None, None)
         }
     };
+    if !cfg.arch().pretrains() {
+        let msg = format!(
+            "masked-LM pre-training of a {} checkpoint needs its generator (ELECTRA's masked LM), which this discriminator checkpoint does not hold",
+            cfg.model_type
+        );
+        return Err(TrainError::BaseModel(msg));
+    }
     let anchor_weight = pooling.map_or(0.0, |_| hp.mlm_anchor_weight.unwrap_or_else(|| anchor::default_weight(sentence)));
     let tok = load_tokenizer(&tokenizer_dir).map_err(base_err)?;
     // BERT's mask token, or RoBERTa's.

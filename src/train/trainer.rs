@@ -106,8 +106,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
     let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
-    if hp.method == Method::Lora && pooling == Pooling::Cls && !weights.contains_key(POOLER_NAMES[0]) {
-        // The pooler would start random and stay frozen, and the adapter would not carry it.
+    if hp.method == Method::Lora && pooling == Pooling::Cls && !weights.contains_key(POOLER_NAMES[0]) && !cfg.arch().pooler_in_head() {
+        // The pooler would start random and stay frozen, and the adapter would not carry it
+        // (where it is part of the head, as RoBERTa's and ELECTRA's, it trains and travels).
         return Err(TrainError::InvalidData(
             "the base model has no pooler, which `cls` pooling reads: use pooling \"mean\" with method \"lora\"".into(),
         ));

@@ -5,6 +5,7 @@ mod common;
 mod helpers;
 
 mod anchor;
+mod architectures;
 mod datasets;
 mod disk_full;
 mod faults;
@@ -19,6 +20,5 @@ mod multilabel;
 mod predict;
 mod predict_limits;
 mod pretrain;
-mod roberta;
 mod tei;
 mod webhooks;

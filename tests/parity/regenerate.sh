@@ -13,7 +13,7 @@ if [ -z "${FINETUNED_PYTHON:-}" ]; then
   fi
   export FINETUNED_PYTHON=$VENV/bin/python
 fi
-# The tiny RoBERTa (model files and tokenizer) that the RoBERTa cases start from.
-"$FINETUNED_PYTHON" tests/parity/make_roberta.py tests/parity/golden/roberta
+# The tiny RoBERTa and ELECTRA (model files and tokenizers) that their cases start from.
+"$FINETUNED_PYTHON" tests/parity/make_models.py tests/parity/golden
 FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity --test lora -- --nocapture --test-threads 1
 git status --short tests/parity/golden

@@ -13,14 +13,28 @@ pub enum Arch {
     /// from `pad_token_id + 1`, one token type, a classification head of dense → tanh → out_proj
     /// on `<s>`, an `lm_head`.
     Roberta,
+    /// ELECTRA's discriminator: BERT's layer names, word embeddings of their own width
+    /// (`embedding_size`) projected to the hidden size, no pooler, a classification head of
+    /// dense → GELU → out_proj on `[CLS]`.
+    Electra,
+}
+
+/// The activation after the pooler's (the head's first) dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolerAct {
+    /// BERT's pooler and RoBERTa's head.
+    Tanh,
+    /// ELECTRA's head (exact GELU).
+    Gelu,
 }
 
 /// Every `model_type` we run, and the transformers class prefix of each.
-const TYPES: [(&str, Arch, &str); 4] = [
+const TYPES: [(&str, Arch, &str); 5] = [
     ("bert", Arch::Bert, "Bert"),
     ("roberta", Arch::Roberta, "Roberta"),
     ("xlm-roberta", Arch::Roberta, "XLMRoberta"),
     ("camembert", Arch::Roberta, "Camembert"),
+    ("electra", Arch::Electra, "Electra"),
 ];
 
 /// RoBERTa's names of our BERT-named head tensors: (our prefix, theirs).
@@ -33,6 +47,12 @@ const ROBERTA_HEADS: [(&str, &str); 5] = [
 ];
 
 impl Arch {
+    /// The architecture whose encoder prefix `names` use (BERT's when none of the others').
+    pub fn of_names<'a>(mut names: impl Iterator<Item = &'a str>) -> Self {
+        let others = [Arch::Roberta, Arch::Electra];
+        names.find_map(|n| others.into_iter().find(|a| n.starts_with(a.prefix()))).unwrap_or(Arch::Bert)
+    }
+
     /// The `model_type`s this crate runs.
     pub fn supported_types() -> Vec<&'static str> {
         TYPES.iter().map(|(t, _, _)| *t).collect()
@@ -50,11 +70,23 @@ impl Arch {
         format!("{prefix}{task}")
     }
 
+    /// The head tensors whose names differ from BERT's: (our prefix, theirs). ELECTRA's
+    /// masked LM lives in its generator, a model of its own, so only the classification head
+    /// is renamed.
+    fn heads(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Arch::Bert => &[],
+            Arch::Roberta => &ROBERTA_HEADS,
+            Arch::Electra => &ROBERTA_HEADS[..2],
+        }
+    }
+
     /// The prefix of the encoder's tensors in a checkpoint.
-    fn prefix(self) -> &'static str {
+    pub fn prefix(self) -> &'static str {
         match self {
             Arch::Bert => "bert.",
             Arch::Roberta => "roberta.",
+            Arch::Electra => "electra.",
         }
     }
 
@@ -64,26 +96,22 @@ impl Arch {
         if let Some(encoder) = name.strip_prefix(self.prefix()) {
             return Some(encoder.to_string());
         }
-        match self {
-            Arch::Bert => Some(name.to_string()),
-            Arch::Roberta => {
-                if name.starts_with("lm_head.decoder.") {
-                    return None;
-                }
-                Some(match ROBERTA_HEADS.iter().find(|(_, theirs)| name.starts_with(theirs)) {
-                    Some((ours, theirs)) => format!("{ours}{}", &name[theirs.len()..]),
-                    None => name.to_string(),
-                })
-            }
+        if self == Arch::Bert {
+            return Some(name.to_string());
         }
+        if name.starts_with("lm_head.decoder.") {
+            return None;
+        }
+        Some(match self.heads().iter().find(|(_, theirs)| name.starts_with(theirs)) {
+            Some((ours, theirs)) => format!("{ours}{}", &name[theirs.len()..]),
+            None => name.to_string(),
+        })
     }
 
     /// The checkpoint's name for one of our tensors: the inverse of [`Arch::to_ours`].
     pub fn to_hf(self, name: &str) -> String {
-        if self == Arch::Roberta {
-            if let Some((ours, theirs)) = ROBERTA_HEADS.iter().find(|(ours, _)| name.starts_with(ours)) {
-                return format!("{theirs}{}", &name[ours.len()..]);
-            }
+        if let Some((ours, theirs)) = self.heads().iter().find(|(ours, _)| name.starts_with(ours)) {
+            return format!("{theirs}{}", &name[ours.len()..]);
         }
         if name.starts_with("classifier.") || name.starts_with("cls.") {
             name.to_string()
@@ -97,7 +125,7 @@ impl Arch {
     /// right-padded batches.
     pub fn position_offset(self, pad_token_id: usize) -> usize {
         match self {
-            Arch::Bert => 0,
+            Arch::Bert | Arch::Electra => 0,
             Arch::Roberta => pad_token_id + 1,
         }
     }
@@ -105,14 +133,28 @@ impl Arch {
     /// Whether the classification head drops out its input before the dense layer (RoBERTa's
     /// `RobertaClassificationHead`; BERT's pooler reads `[CLS]` as it is).
     pub fn dropout_before_pooler(self) -> bool {
-        self == Arch::Roberta
+        self != Arch::Bert
+    }
+
+    /// The activation of the pooler (the head's first dense layer).
+    pub fn pooler_act(self) -> PoolerAct {
+        match self {
+            Arch::Electra => PoolerAct::Gelu,
+            _ => PoolerAct::Tanh,
+        }
+    }
+
+    /// Whether masked-LM pre-training runs on a checkpoint of this architecture (ELECTRA's
+    /// masked LM is its generator, which a discriminator checkpoint does not hold).
+    pub fn pretrains(self) -> bool {
+        self != Arch::Electra
     }
 
     /// Whether what we call the pooler is part of the classification head (RoBERTa's
     /// `classifier.dense`): peft then trains and saves it with the head (`modules_to_save`),
     /// where BERT's pooler stays frozen in a LoRA job.
     pub fn pooler_in_head(self) -> bool {
-        self == Arch::Roberta
+        self != Arch::Bert
     }
 }
 
@@ -137,6 +179,9 @@ mod tests {
             assert_eq!(arch.to_hf(ours), hf, "{ours}");
         }
         assert_eq!(Arch::Roberta.to_ours("lm_head.decoder.weight"), None);
+        assert_eq!(Arch::Electra.to_ours("electra.embeddings_project.weight").as_deref(), Some("embeddings_project.weight"));
+        assert_eq!(Arch::Electra.to_hf("pooler.dense.weight"), "classifier.dense.weight");
+        assert_eq!(Arch::Electra.to_hf("classifier.bias"), "classifier.out_proj.bias");
         assert_eq!(Arch::class_name("xlm-roberta", "ForSequenceClassification"), "XLMRobertaForSequenceClassification");
         assert_eq!(Arch::Roberta.position_offset(1), 2);
     }

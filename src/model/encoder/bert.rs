@@ -54,9 +54,14 @@ fn fused_attention(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && use_fused_cpu_kernels()
 }
 
+/// ELECTRA's projection of narrower embeddings to the hidden size.
+const PROJECT: &str = "embeddings_project";
+
 /// The BERT encoder (embeddings + transformer layers), without pooler or head.
 pub struct Bert {
     embeddings: Embeddings,
+    /// Embeddings of another width than the hidden size (ELECTRA) go through this first.
+    project: Option<Linear>,
     layers: Vec<Layer>,
     cfg: BertConfig,
     /// `cfg.hidden_act`, read once.
@@ -65,14 +70,18 @@ pub struct Bert {
 
 /// Every encoder parameter (name without `bert.`, shape), in checkpoint order.
 pub fn encoder_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (h, i, e) = (cfg.hidden_size, cfg.intermediate_size, cfg.embedding_size());
     let mut out: Vec<(String, Vec<usize>)> = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, h]),
-        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, h]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, h]),
-        ("embeddings.LayerNorm.weight".into(), vec![h]),
-        ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, e]),
+        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, e]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, e]),
+        ("embeddings.LayerNorm.weight".into(), vec![e]),
+        ("embeddings.LayerNorm.bias".into(), vec![e]),
     ];
+    if e != h {
+        out.push((PROJECT.to_string() + ".weight", vec![h, e]));
+        out.push((PROJECT.to_string() + ".bias", vec![h]));
+    }
     for l in 0..cfg.num_hidden_layers {
         for (part, w, b) in [
             ("attention.self.query", vec![h, h], h),
@@ -122,12 +131,16 @@ impl Bert {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings, layers, cfg: cfg.clone(), act: cfg.act() })
+        let project = if cfg.embedding_size() != cfg.hidden_size { Some(linear(get, PROJECT)?) } else { None };
+        Ok(Self { embeddings, project, layers, cfg: cfg.clone(), act: cfg.act() })
     }
 
     /// Readies every dense layer for inference (see `Linear::prepare_for_inference`) and
     /// packs the encoder's for our kernel, in bf16 when `bf16` (see `Linear::pack`).
     pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
+        if let Some(p) = &mut self.project {
+            p.prepare_for_inference()?;
+        }
         for l in &mut self.layers {
             for lin in [&mut l.query, &mut l.key, &mut l.value, &mut l.attn_out, &mut l.intermediate, &mut l.output] {
                 lin.prepare_for_inference()?;
@@ -165,7 +178,8 @@ impl Bert {
     /// Bytes of the encoder's weights as held now.
     pub fn bytes(&self) -> usize {
         let e = &self.embeddings;
-        let mut n = [&e.word, &e.position, &e.token_type, &e.norm.weight, &e.norm.bias].into_iter().map(tensor_bytes).sum();
+        let mut n = [&e.word, &e.position, &e.token_type, &e.norm.weight, &e.norm.bias].into_iter().map(tensor_bytes).sum::<usize>();
+        n += self.project.as_ref().map_or(0, Linear::bytes);
         for l in &self.layers {
             let dense = match &l.qkv {
                 Some(qkv) => qkv.bytes(),
@@ -206,7 +220,7 @@ impl Bert {
 
     fn encode(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, first_only: bool, lr: &LowRank) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        let h = self.cfg.hidden_size;
+        let h = self.cfg.embedding_size();
         let e = &self.embeddings;
         let words = e.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?;
         let types = e.token_type.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?;
@@ -214,6 +228,9 @@ impl Bert {
         let x = (words + types)?.broadcast_add(&pos)?;
         let x = e.norm.forward(&x, mode)?;
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
+        if let Some(p) = &self.project {
+            x = p.forward(&x)?;
+        }
         let keys = if fused_attention(&x) {
             KeyMask::Fused(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         } else if mode.is_train() || !x.device().is_cpu() || !use_fused_cpu_kernels() {

@@ -3,9 +3,10 @@
 //! head is the same dense → tanh → linear on the first token, with one more dropout).
 
 use super::adapters::{LowRank, LowRankSet};
+use super::arch::PoolerAct;
 use super::bert::{Bert, Getter};
 use super::config::BertConfig;
-use crate::model::ops::layers::{Linear, Mode};
+use crate::model::ops::layers::{activation, Act, Linear, Mode};
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,8 @@ pub struct Classifier {
     dropout: f64,
     /// Dropout on `[CLS]` before the pooler's dense layer too (RoBERTa's head).
     dropout_before_pooler: bool,
+    /// After the pooler's dense layer: tanh, or GELU (ELECTRA's head).
+    pooler_act: PoolerAct,
     /// An adapter every row takes (a LoRA job's, while it trains and evaluates).
     low_rank: Option<LowRankSet>,
 }
@@ -62,8 +65,9 @@ impl Classifier {
             Pooling::Mean => None,
         };
         let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
-        let dropout_before_pooler = cfg.arch().dropout_before_pooler();
-        Ok(Self { bert, pooler, head, pooling, dropout: cfg.classifier_dropout_prob(), dropout_before_pooler, low_rank: None })
+        let (dropout_before_pooler, pooler_act) = (cfg.arch().dropout_before_pooler(), cfg.arch().pooler_act());
+        let dropout = cfg.classifier_dropout_prob();
+        Ok(Self { bert, pooler, head, pooling, dropout, dropout_before_pooler, pooler_act, low_rank: None })
     }
 
     /// Readies the model for inference only (it can no longer be trained), with the
@@ -112,9 +116,18 @@ impl Classifier {
                 let first_only = !mode.is_train();
                 let hidden = self.bert.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?.squeeze(1)?;
                 let hidden = if self.dropout_before_pooler { mode.dropout(&hidden, self.dropout)? } else { hidden };
-                pooler.forward(&hidden)?.tanh()
+                self.pool(pooler, &hidden)
             }
             _ => mean_pool(&self.bert.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
+        }
+    }
+
+    /// The pooler's dense layer and its activation on first tokens `[batch, hidden]`.
+    fn pool(&self, pooler: &Linear, first: &Tensor) -> Result<Tensor> {
+        let y = pooler.forward(first)?;
+        match self.pooler_act {
+            PoolerAct::Tanh => y.tanh(),
+            PoolerAct::Gelu => activation(&y, Act::Gelu),
         }
     }
 
@@ -141,7 +154,7 @@ impl Classifier {
         for ((rows, _), (pooling, own)) in lr.groups.iter().zip(poolings) {
             let h = hidden.narrow(0, rows.start, rows.len())?;
             parts.push(match (pooling, own.or(self.pooler.as_ref())) {
-                (Pooling::Cls, Some(pooler)) => pooler.forward(&h.narrow(1, 0, 1)?.squeeze(1)?)?.tanh()?,
+                (Pooling::Cls, Some(pooler)) => self.pool(pooler, &h.narrow(1, 0, 1)?.squeeze(1)?)?,
                 (Pooling::Cls, None) => candle_core::bail!("cls pooling over a base that has no pooler"),
                 (Pooling::Mean, _) => mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?,
             });

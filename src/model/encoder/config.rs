@@ -98,6 +98,12 @@ impl BertConfig {
         Arch::of(&self.model_type).unwrap_or(Arch::Bert)
     }
 
+    /// The width of the embeddings: ELECTRA's `embedding_size`, projected to the hidden size
+    /// after the embeddings' LayerNorm when it differs; the hidden size elsewhere.
+    pub fn embedding_size(&self) -> usize {
+        self.extra.get("embedding_size").and_then(Value::as_u64).map_or(self.hidden_size, |e| e as usize)
+    }
+
     /// The position id of a text's first token (see [`Arch::position_offset`]).
     pub fn position_offset(&self) -> usize {
         self.arch().position_offset(self.pad_token_id)

@@ -97,7 +97,7 @@ impl Adapter {
         let raw = candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
         let (mut a, mut b, mut replaced) = (HashMap::new(), HashMap::new(), HashMap::new());
         // The encoder's prefix in the names says which architecture the adapter was made for.
-        let arch = if raw.keys().any(|n| n.starts_with("base_model.model.roberta.")) { Arch::Roberta } else { Arch::Bert };
+        let arch = Arch::of_names(raw.keys().map(|n| n.strip_prefix("base_model.model.").unwrap_or(n)));
         for (name, t) in raw {
             let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
             let theirs = name.strip_prefix("base_model.model.").unwrap_or(&name);

@@ -1,0 +1,69 @@
+"""Makes the tiny models of the golden files with transformers (run by tests/parity/regenerate.sh):
+
+  make_models.py GOLDEN -> GOLDEN/roberta/{base,classifier}/  a random RobertaModel with a byte-level BPE
+                                                              tokenizer, and RobertaForSequenceClassification
+                                                              made from it (a seeded head)
+                           GOLDEN/electra/{base,classifier}/  a random ElectraModel (embedding_size 16 under a
+                                                              hidden size of 32) with a WordPiece tokenizer, and
+                                                              ElectraForSequenceClassification made from it
+
+The tokenizers are trained here on the `tiny` data set's texts, so the golden files need nothing
+from a hub.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+from transformers import (ElectraConfig, ElectraForSequenceClassification, ElectraModel, ElectraTokenizerFast, RobertaConfig,
+                          RobertaForSequenceClassification, RobertaModel, RobertaTokenizerFast)
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared")
+LABELS = dict(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+
+
+def texts():
+    return [json.loads(l)["text"] for l in open(os.path.join(SHARED, "datasets/tiny/train.jsonl"))]
+
+
+def save(out, model_cls, config, classifier_cls, tok):
+    """Saves a seeded random `model_cls` and its tokenizer as `out/base`, and `classifier_cls`
+    made from it (a seeded head) as `out/classifier`."""
+    shutil.rmtree(out, ignore_errors=True)
+    base, classifier = os.path.join(out, "base"), os.path.join(out, "classifier")
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    torch.manual_seed(1)
+    classifier_cls.from_pretrained(base, **LABELS).save_pretrained(classifier, safe_serialization=True)
+    tok.save_pretrained(classifier)
+
+
+def roberta(out):
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts(), vocab_size=512, min_frequency=2, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        tok = RobertaTokenizerFast(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=128)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    save(out, RobertaModel, config, RobertaForSequenceClassification, tok)
+
+
+def electra(out):
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(texts(), vocab_size=600, min_frequency=2, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    with tempfile.TemporaryDirectory() as tmp:
+        wp.save_model(tmp)
+        tok = ElectraTokenizerFast(os.path.join(tmp, "vocab.txt"), do_lower_case=True, model_max_length=128)
+    config = ElectraConfig(vocab_size=len(tok), embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    save(out, ElectraModel, config, ElectraForSequenceClassification, tok)
+
+
+if __name__ == "__main__":
+    roberta(os.path.join(sys.argv[1], "roberta"))
+    electra(os.path.join(sys.argv[1], "electra"))

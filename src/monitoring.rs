@@ -18,7 +18,9 @@ pub const PREDICT_QUEUE_SECONDS: &str = "finetuned_predict_queue_seconds";
 pub const PREDICT_INFERENCE_SECONDS: &str = "finetuned_predict_inference_seconds";
 /// Inputs in one predict batch.
 pub const PREDICT_BATCH_SIZE: &str = "finetuned_predict_batch_size";
-/// A job's wait from its creation to a worker's claim.
+/// A job's wait from its creation to a worker's claim. A job that a stop put back in the queue
+/// is counted again from its creation when it is claimed again (the database keeps no time of
+/// the re-queue); a lease taken over from a dead worker is not counted.
 pub const JOB_QUEUE_WAIT_SECONDS: &str = "finetuned_job_queue_wait_seconds";
 /// One optimizer step: forward, backward and update.
 pub const TRAINING_STEP_SECONDS: &str = "finetuned_training_step_seconds";
@@ -76,7 +78,7 @@ fn describe() {
     describe_histogram!(PREDICT_QUEUE_SECONDS, Unit::Seconds, "Time an input waited in the predict batcher");
     describe_histogram!(PREDICT_INFERENCE_SECONDS, Unit::Seconds, "Forward pass of one predict batch");
     describe_histogram!(PREDICT_BATCH_SIZE, Unit::Count, "Inputs per predict batch");
-    describe_histogram!(JOB_QUEUE_WAIT_SECONDS, Unit::Seconds, "A job's wait from creation to a worker's claim");
+    describe_histogram!(JOB_QUEUE_WAIT_SECONDS, Unit::Seconds, "A job's wait from creation to a worker's claim (a re-queued job counts from its creation)");
     describe_histogram!(TRAINING_STEP_SECONDS, Unit::Seconds, "One training step: forward, backward and update");
     describe_counter!(LEASE_RENEWALS, "Job lease renewals by this process's workers, by result");
     describe_gauge!(JOBS, "Jobs by status (from the database)");

@@ -78,7 +78,11 @@ fn describe() {
     describe_histogram!(PREDICT_QUEUE_SECONDS, Unit::Seconds, "Time an input waited in the predict batcher");
     describe_histogram!(PREDICT_INFERENCE_SECONDS, Unit::Seconds, "Forward pass of one predict batch");
     describe_histogram!(PREDICT_BATCH_SIZE, Unit::Count, "Inputs per predict batch");
-    describe_histogram!(JOB_QUEUE_WAIT_SECONDS, Unit::Seconds, "A job's wait from creation to a worker's claim (a re-queued job counts from its creation)");
+    describe_histogram!(
+        JOB_QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "A job's wait from creation to a worker's claim (a re-queued job counts from its creation)"
+    );
     describe_histogram!(TRAINING_STEP_SECONDS, Unit::Seconds, "One training step: forward, backward and update");
     describe_counter!(LEASE_RENEWALS, "Job lease renewals by this process's workers, by result");
     describe_gauge!(JOBS, "Jobs by status (from the database)");

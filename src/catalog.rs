@@ -35,6 +35,8 @@ pub struct ModelView {
     pub created_at: i64,
     pub pooling: Option<String>,
     pub max_seq_len: Option<i64>,
+    /// The encoder's architecture: its `model_type` (`bert`, `roberta`, `distilbert`…).
+    pub architecture: Option<String>,
     /// How a classifier was made: `full` (every weight trained), `lora` (a low-rank adapter
     /// over `base_model`, which it needs to run) or `head` (only the pooler and head trained);
     /// null for a base model.
@@ -101,6 +103,7 @@ impl DirModel {
             created_at: self.created_at,
             pooling: Some(self.info.auto_pooling()),
             max_seq_len: Some(self.info.config.max_tokens() as i64),
+            architecture: Some(self.info.config.model_type.clone()),
             method: match (&self.adapter, &self.info.labels) {
                 (Some(_), _) => Some("lora"),
                 (None, Some(_)) => Some("full"),
@@ -126,6 +129,7 @@ pub fn record_view(m: &ModelRecord) -> ModelView {
         created_at: m.created_at,
         pooling: m.pooling.clone(),
         max_seq_len: m.max_seq_len,
+        architecture: m.architecture.clone(),
         method: match m.method.as_deref() {
             Some("lora") => Some("lora"),
             Some("head") => Some("head"),

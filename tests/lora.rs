@@ -179,6 +179,13 @@ fn an_electra_adapter_trained_here_gives_the_same_logits_in_peft() {
     adapter_trained_here_matches_peft("electra-peft-export", &golden::dir().join("electra/base"));
 }
 
+/// And over the tiny DistilBERT: peft's `q_lin`/`v_lin`/`lin2` targets under `distilbert.`,
+/// the head's `pre_classifier` saved with it.
+#[test]
+fn a_distilbert_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_trained_here_matches_peft("distilbert-peft-export", &golden::dir().join("distilbert/base"));
+}
+
 fn adapter_trained_here_matches_peft(case: &str, base: &Path) {
     use finetuned::train::hyper::HyperparametersInput;
     use finetuned::train::trainer::{self, Event, Observer, TrainRequest};

@@ -176,6 +176,21 @@ fn an_electra_model_trained_here_gives_the_same_logits_in_transformers() {
 }
 
 #[test]
+fn a_distilbert_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("distilbert");
+}
+
+#[test]
+fn a_distilbert_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("distilbert", "DistilBertForSequenceClassification");
+}
+
+#[test]
+fn a_distilbert_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("distilbert-mlm", &tiny("distilbert", "base"), MLM_TEXT);
+}
+
+#[test]
 fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf-classifier");

@@ -99,7 +99,14 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
             let msg = format!("{} is a LoRA adapter over {of}: fine-tune from {of} instead", req.base_model);
             return Err(ApiError::invalid("base_model", msg));
         }
-        Some(base) => base.auto_pooling,
+        Some(base) => {
+            if task == JobTask::Mlm && req.config.is_none() {
+                if let Some(why) = crate::model::hf::artifacts::pretraining_refusal(&base.path) {
+                    return Err(ApiError::invalid("base_model", format!("{}: {why}", req.base_model)));
+                }
+            }
+            base.auto_pooling
+        }
         None if state.catalog.refused().contains_key(&req.base_model) => {
             let why = &state.catalog.refused()[&req.base_model];
             return Err(ApiError::invalid("base_model", format!("{} cannot be fine-tuned here: {why}", req.base_model)));

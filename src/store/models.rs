@@ -24,6 +24,8 @@ pub struct ModelRecord {
     /// `full`, `lora` or `head` for a classifier (null for models stored before methods).
     pub method: Option<String>,
     pub lora_rank: Option<i64>,
+    /// The encoder's `model_type` (null for models stored before it was recorded).
+    pub architecture: Option<String>,
 }
 
 impl<'r> sqlx::FromRow<'r, AnyRow> for ModelRecord {
@@ -46,14 +48,16 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for ModelRecord {
             created_at: row.try_get("created_at")?,
             method: row.try_get("method")?,
             lora_rank: row.try_get("lora_rank")?,
+            architecture: row.try_get("architecture")?,
         })
     }
 }
 
-const COLUMNS: &str = "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at, method, lora_rank";
+const COLUMNS: &str =
+    "id, kind, task, base_model, job_id, labels, metrics, path, pooling, max_seq_len, created_at, method, lora_rank, architecture";
 
 pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<()> {
-    sqlx::query(&format!("insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"))
+    sqlx::query(&format!("insert into models ({COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"))
         .bind(&m.id)
         .bind(&m.kind)
         .bind(m.task.map(|t| t.as_str()))
@@ -67,6 +71,7 @@ pub async fn insert(tx: &mut crate::store::Tx, m: &ModelRecord) -> sqlx::Result<
         .bind(m.created_at)
         .bind(&m.method)
         .bind(m.lora_rank)
+        .bind(&m.architecture)
         .execute(&mut **tx)
         .await?;
     Ok(())

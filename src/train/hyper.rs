@@ -121,7 +121,7 @@ pub struct LoraSettings {
 }
 
 /// The modules a LoRA job may adapt (the encoder's dense layers, by peft's names).
-pub const LORA_TARGETS: [&str; 6] = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
+pub const LORA_TARGETS: [&str; 12] = crate::model::encoder::arch::Arch::LORA_NAMES;
 
 /// A hyperparameter out of range: the `param` path and why.
 #[derive(Debug, Clone, thiserror::Error)]

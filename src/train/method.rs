@@ -5,6 +5,7 @@
 
 use super::hyper::{LoraSettings, Method};
 use crate::model::encoder::adapters::{LowRankSet, Target};
+use crate::model::encoder::arch::Arch;
 use crate::model::encoder::bert::{encoder_params, Getter};
 use crate::model::encoder::classifier::{Classifier, Pooling, POOLER_NAMES};
 use crate::model::encoder::params::Params;
@@ -31,15 +32,7 @@ pub struct Trainable {
 fn lora_targets(cfg: &BertConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
     let mut targets: Vec<Target> = Vec::new();
     for t in &lora.target_modules {
-        let matched: &[Target] = match t.as_str() {
-            "query" => &[Target::Query],
-            "key" => &[Target::Key],
-            "value" => &[Target::Value],
-            "attention.output.dense" => &[Target::AttnOut],
-            "intermediate.dense" => &[Target::Intermediate],
-            "output.dense" => &[Target::AttnOut, Target::Output],
-            _ => &[],
-        };
+        let matched = Arch::lora_targets_named(t);
         for m in matched {
             if !targets.contains(m) {
                 targets.push(*m);
@@ -160,7 +153,8 @@ impl Trainable {
                     Some(id) => id.to_string(),
                     None => base_dir.canonicalize().unwrap_or_else(|_| base_dir.to_path_buf()).to_string_lossy().into_owned(),
                 };
-                let config = crate::model::hf::lora::AdapterConfig::for_classifier(&base, l.r, l.alpha, l.dropout, &l.target_modules);
+                let targets = cfg.arch().peft_target_modules(&l.target_modules);
+                let config = crate::model::hf::lora::AdapterConfig::for_classifier(&base, l.r, l.alpha, l.dropout, &targets);
                 crate::model::hf::lora::write_adapter_dir(out, cfg, trained, &config)
             }
             None => {

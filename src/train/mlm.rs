@@ -11,11 +11,10 @@ pub use super::hyper::ScratchSpec;
 use super::precision::Precision;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
-use crate::model::encoder::arch::Arch;
 use crate::model::encoder::bert::encoder_params;
 use crate::model::encoder::bert::Getter;
 use crate::model::encoder::classifier::Pooling;
-use crate::model::encoder::mlm::{head_params, mask_tokens, Masked, MaskedLm};
+use crate::model::encoder::mlm::{head_params, mask_tokens, Masked, MaskedLm, MLM_HEAD_PREFIX};
 use crate::model::encoder::params::Params;
 use crate::model::hf::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::hf::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
@@ -137,11 +136,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
             (spec.config(tok.get_vocab_size(true), pad), tokenizer_dir.clone(), HashMap::new(), None, None)
         }
     };
-    if !cfg.arch().pretrains() {
-        let msg = format!(
-            "masked-LM pre-training of a {} checkpoint needs its generator (ELECTRA's masked LM), which this discriminator checkpoint does not hold",
-            cfg.model_type
-        );
+    if let Some(msg) = cfg.pretraining_refusal() {
         return Err(TrainError::BaseModel(msg));
     }
     let anchor_weight = pooling.map_or(0.0, |_| hp.mlm_anchor_weight.unwrap_or_else(|| anchor::default_weight(sentence)));
@@ -174,9 +169,9 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let val: Vec<Masked> = val_clean.iter().map(|ids| mask_tokens(ids, &special, mask_id, vocab, req.mask_prob, &mut val_rng)).collect();
     let mut spec = encoder_params(&cfg);
     let h = cfg.hidden_size;
-    // BERT's pooler travels with the encoder; RoBERTa's masked LM has none (its name would be
-    // the classification head's).
-    if cfg.arch() == Arch::Bert {
+    // BERT's pooler travels with the encoder; where the pooler is part of the classification
+    // head (RoBERTa, DistilBERT), a masked LM has none.
+    if !cfg.arch().pooler_in_head() {
         spec.push(("pooler.dense.weight".into(), vec![h, h]));
         spec.push(("pooler.dense.bias".into(), vec![h]));
     }
@@ -184,7 +179,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let params = Params::build(&cfg, &spec, &weights, &[], &mut rng, &req.device).map_err(base_err)?;
     let fresh: Vec<&str> = spec.iter().filter(|(n, _)| !weights.contains_key(n)).map(|(n, _)| n.as_str()).collect();
     // A base that ships no masked-LM head (sentence-transformers checkpoints) gets a random one.
-    let fresh_head: Vec<String> = fresh.iter().filter(|n| n.starts_with("cls.")).map(|n| n.to_string()).collect();
+    let fresh_head: Vec<String> = fresh.iter().filter(|n| n.starts_with(MLM_HEAD_PREFIX)).map(|n| n.to_string()).collect();
     if !fresh.is_empty() {
         obs.on_event(Event::Message(format!("{} of {} tensors start from random initialisation", fresh.len(), spec.len())));
     }
@@ -234,7 +229,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         )));
     }
     let run = Run {
-        head_first: Some((head_steps, |n: &str| n.starts_with("cls."))),
+        head_first: Some((head_steps, |n: &str| n.starts_with(MLM_HEAD_PREFIX))),
         params: &params,
         hp,
         schedule,
@@ -248,10 +243,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     }
     let (before, last) = (obj.before.expect("evaluated before training"), obj.last.expect("at least one epoch"));
     if let Some(out) = &req.out_dir {
-        for key in ["id2label", "label2id", "problem_type", "finetuned_pooling"] {
-            cfg.extra.remove(key);
-        }
-        cfg.extra.insert("architectures".into(), serde_json::json!([Arch::class_name(&cfg.model_type, "ForMaskedLM")]));
+        cfg.set_masked_lm();
         write_model_dir(out, &cfg, &params.snapshot()?, &tokenizer_dir)
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }

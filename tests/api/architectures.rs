@@ -1,4 +1,4 @@
-//! The golden files' tiny RoBERTa and ELECTRA (`tests/parity/make_models.py`) through the API:
+//! The golden files' tiny RoBERTa, ELECTRA and DistilBERT (`tests/parity/make_models.py`) through the API:
 //! listed with their length limits, fine-tuned with each method, served; a masked-LM job on the
 //! ELECTRA discriminator fails saying what it lacks.
 
@@ -10,33 +10,36 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 #[tokio::test]
-async fn roberta_and_electra_bases_fine_tune_with_each_method_and_serve() {
+async fn roberta_electra_and_distilbert_bases_fine_tune_with_each_method_and_serve() {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir(tmp.path());
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden");
-    for arch in ["roberta", "electra"] {
+    for arch in ["roberta", "electra", "distilbert"] {
         std::os::unix::fs::symlink(golden.join(arch).join("base"), models.join(format!("tiny-{arch}"))).unwrap();
     }
     let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
 
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
-    for t in ["bert", "roberta", "xlm-roberta", "camembert", "electra"] {
+    for t in ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"] {
         assert!(info["architectures"].as_array().unwrap().contains(&json!(t)), "{info}");
     }
     // RoBERTa's 130 position rows count from pad_token_id + 1 = 2: 128 tokens; ELECTRA's from 0.
-    for (arch, max) in [("roberta", 128), ("electra", 128)] {
+    for (arch, max) in [("roberta", 128), ("electra", 128), ("distilbert", 128)] {
         let listed: Value = app.get(&format!("/v1/models/tiny-{arch}")).await.json().await.unwrap();
         assert_eq!(listed["max_seq_len"], max, "{listed}");
+        assert_eq!(listed["architecture"], arch, "{listed}");
     }
 
     let ds = app.upload_ok(toy_jsonl(48)).await;
-    for arch in ["roberta", "electra"] {
+    for arch in ["roberta", "electra", "distilbert"] {
         for (method, lr) in [("full", 2e-3), ("lora", 2e-2), ("head", 5e-2)] {
             let name = format!("{arch}-{method}");
             let hp = json!({"epochs": 10, "batch_size": 8, "learning_rate": lr, "warmup_ratio": 0.0, "seed": 1, "method": method});
             let body = json!({"base_model": format!("tiny-{arch}"), "training_dataset": ds, "model_name": name, "hyperparameters": hp});
             let done = app.wait_ended(app.create_job(&body).await["id"].as_str().unwrap(), 300).await;
             assert_eq!(done["status"], "succeeded", "{done}");
+            let model: Value = app.get(&format!("/v1/models/{name}")).await.json().await.unwrap();
+            assert_eq!(model["architecture"], arch, "{model}");
             let r = app.predict(&name, &json!({"inputs": ["a great superb film", "the plot was really awful and boring"]})).await;
             assert_eq!(r.status(), StatusCode::OK);
             let v: Value = r.json().await.unwrap();
@@ -47,8 +50,15 @@ async fn roberta_and_electra_bases_fine_tune_with_each_method_and_serve() {
         }
     }
 
+    // A masked-LM job on the ELECTRA discriminator is refused at creation, saying what it lacks.
     let body = json!({"base_model": "tiny-electra", "training_dataset": ds, "task": "mlm", "hyperparameters": {"epochs": 1}});
+    let r = app.post_json("/v1/jobs", &body).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "base_model", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("needs its generator"), "{v}");
+    // A DistilBERT pre-trains.
+    let body = json!({"base_model": "tiny-distilbert", "training_dataset": ds, "task": "mlm", "hyperparameters": {"epochs": 1}});
     let done = app.wait_ended(app.create_job(&body).await["id"].as_str().unwrap(), 120).await;
-    assert_eq!(done["status"], "failed", "{done}");
-    assert!(done["error"]["message"].as_str().unwrap().contains("needs its generator"), "{done}");
+    assert_eq!(done["status"], "succeeded", "{done}");
 }

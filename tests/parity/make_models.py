@@ -6,6 +6,8 @@
                            GOLDEN/electra/{base,classifier}/  a random ElectraModel (embedding_size 16 under a
                                                               hidden size of 32) with a WordPiece tokenizer, and
                                                               ElectraForSequenceClassification made from it
+                           GOLDEN/distilbert/{base,classifier}/  a random DistilBertModel with a WordPiece
+                                                              tokenizer, and DistilBertForSequenceClassification
 
 The tokenizers are trained here on the `tiny` data set's texts, so the golden files need nothing
 from a hub.
@@ -18,7 +20,8 @@ import tempfile
 
 import torch
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
-from transformers import (ElectraConfig, ElectraForSequenceClassification, ElectraModel, ElectraTokenizerFast, RobertaConfig,
+from transformers import (DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel, DistilBertTokenizerFast,
+                          ElectraConfig, ElectraForSequenceClassification, ElectraModel, ElectraTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification, RobertaModel, RobertaTokenizerFast)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared")
@@ -53,17 +56,29 @@ def roberta(out):
     save(out, RobertaModel, config, RobertaForSequenceClassification, tok)
 
 
-def electra(out):
+def wordpiece(cls):
     wp = BertWordPieceTokenizer(lowercase=True)
     wp.train_from_iterator(texts(), vocab_size=600, min_frequency=2, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     with tempfile.TemporaryDirectory() as tmp:
         wp.save_model(tmp)
-        tok = ElectraTokenizerFast(os.path.join(tmp, "vocab.txt"), do_lower_case=True, model_max_length=128)
+        return cls(os.path.join(tmp, "vocab.txt"), do_lower_case=True, model_max_length=128)
+
+
+def electra(out):
+    tok = wordpiece(ElectraTokenizerFast)
     config = ElectraConfig(vocab_size=len(tok), embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
     save(out, ElectraModel, config, ElectraForSequenceClassification, tok)
 
 
+def distilbert(out):
+    tok = wordpiece(DistilBertTokenizerFast)
+    config = DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128,
+                              pad_token_id=0)
+    save(out, DistilBertModel, config, DistilBertForSequenceClassification, tok)
+
+
 if __name__ == "__main__":
     roberta(os.path.join(sys.argv[1], "roberta"))
     electra(os.path.join(sys.argv[1], "electra"))
+    distilbert(os.path.join(sys.argv[1], "distilbert"))

@@ -4,6 +4,9 @@
 //! its BERT name (`encoder.layer.0.attention.self.query.weight`, `pooler.dense.weight`,
 //! `classifier.weight`, `cls.predictions.…`); the names are translated here, on load and on save.
 
+use super::adapters::Target;
+use super::distilbert;
+
 /// An architecture of the encoder family this crate runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -17,6 +20,9 @@ pub enum Arch {
     /// (`embedding_size`) projected to the hidden size, no pooler, a classification head of
     /// dense → GELU → out_proj on `[CLS]`.
     Electra,
+    /// DistilBERT: BERT's layers under its own names (see [`super::distilbert`]), no token
+    /// types, a head of `pre_classifier` → ReLU → `classifier` on `[CLS]`.
+    DistilBert,
 }
 
 /// The activation after the pooler's (the head's first) dense layer.
@@ -26,15 +32,18 @@ pub enum PoolerAct {
     Tanh,
     /// ELECTRA's head (exact GELU).
     Gelu,
+    /// DistilBERT's `pre_classifier`.
+    Relu,
 }
 
 /// Every `model_type` we run, and the transformers class prefix of each.
-const TYPES: [(&str, Arch, &str); 5] = [
+const TYPES: [(&str, Arch, &str); 6] = [
     ("bert", Arch::Bert, "Bert"),
     ("roberta", Arch::Roberta, "Roberta"),
     ("xlm-roberta", Arch::Roberta, "XLMRoberta"),
     ("camembert", Arch::Roberta, "Camembert"),
     ("electra", Arch::Electra, "Electra"),
+    ("distilbert", Arch::DistilBert, "DistilBert"),
 ];
 
 /// RoBERTa's names of our BERT-named head tensors: (our prefix, theirs).
@@ -49,7 +58,7 @@ const ROBERTA_HEADS: [(&str, &str); 5] = [
 impl Arch {
     /// The architecture whose encoder prefix `names` use (BERT's when none of the others').
     pub fn of_names<'a>(mut names: impl Iterator<Item = &'a str>) -> Self {
-        let others = [Arch::Roberta, Arch::Electra];
+        let others = [Arch::Roberta, Arch::Electra, Arch::DistilBert];
         names.find_map(|n| others.into_iter().find(|a| n.starts_with(a.prefix()))).unwrap_or(Arch::Bert)
     }
 
@@ -78,6 +87,7 @@ impl Arch {
             Arch::Bert => &[],
             Arch::Roberta => &ROBERTA_HEADS,
             Arch::Electra => &ROBERTA_HEADS[..2],
+            Arch::DistilBert => &distilbert::HEADS,
         }
     }
 
@@ -87,6 +97,7 @@ impl Arch {
             Arch::Bert => "bert.",
             Arch::Roberta => "roberta.",
             Arch::Electra => "electra.",
+            Arch::DistilBert => "distilbert.",
         }
     }
 
@@ -94,12 +105,19 @@ impl Arch {
     /// masked-LM decoder, tied to the word embeddings, and its copy of the output bias).
     pub fn to_ours(self, name: &str) -> Option<String> {
         if let Some(encoder) = name.strip_prefix(self.prefix()) {
-            return Some(encoder.to_string());
+            return Some(match self {
+                Arch::DistilBert => distilbert::encoder_to_ours(encoder),
+                _ => encoder.to_string(),
+            });
         }
         if self == Arch::Bert {
             return Some(name.to_string());
         }
-        if name.starts_with("lm_head.decoder.") {
+        if self == Arch::DistilBert && name.starts_with("transformer.") {
+            // A bare `DistilBertModel` saves its encoder without the prefix.
+            return Some(distilbert::encoder_to_ours(name));
+        }
+        if name.starts_with("lm_head.decoder.") || name == "vocab_projector.weight" {
             return None;
         }
         Some(match self.heads().iter().find(|(_, theirs)| name.starts_with(theirs)) {
@@ -115,9 +133,76 @@ impl Arch {
         }
         if name.starts_with("classifier.") || name.starts_with("cls.") {
             name.to_string()
+        } else if self == Arch::DistilBert {
+            format!("{}{}", self.prefix(), distilbert::encoder_to_hf(name))
         } else {
             format!("{}{name}", self.prefix())
         }
+    }
+
+    /// The modules LoRA adapts for a name of `lora_target_modules`: BERT's names (`query`,
+    /// `attention.output.dense`…, matched by suffix as peft matches them, so `output.dense`
+    /// is both output projections) or DistilBERT's (`q_lin`, `out_lin`, `lin1`…), whichever
+    /// the architecture.
+    pub fn lora_targets_named(name: &str) -> &'static [Target] {
+        match name {
+            "query" | "q_lin" => &[Target::Query],
+            "key" | "k_lin" => &[Target::Key],
+            "value" | "v_lin" => &[Target::Value],
+            "attention.output.dense" | "out_lin" => &[Target::AttnOut],
+            "intermediate.dense" | "lin1" => &[Target::Intermediate],
+            "output.dense" => &[Target::AttnOut, Target::Output],
+            "lin2" => &[Target::Output],
+            _ => &[],
+        }
+    }
+
+    /// Every name [`Arch::lora_targets_named`] knows.
+    pub const LORA_NAMES: [&'static str; 12] = [
+        "query",
+        "key",
+        "value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+        "q_lin",
+        "k_lin",
+        "v_lin",
+        "out_lin",
+        "lin1",
+        "lin2",
+    ];
+
+    /// The `target_modules` peft's `adapter_config.json` lists for the `lora_target_modules`
+    /// `names` on this architecture: a name of its own as it is, one of the other naming
+    /// (`q_lin` on BERT, `query` on DistilBERT) as its modules' names here.
+    pub fn peft_target_modules(self, names: &[String]) -> Vec<String> {
+        let own = |t: Target| match (self == Arch::DistilBert, t) {
+            (false, Target::Query) => "query",
+            (false, Target::Key) => "key",
+            (false, Target::Value) => "value",
+            (false, Target::AttnOut) => "attention.output.dense",
+            (false, Target::Intermediate) => "intermediate.dense",
+            (false, Target::Output) => "output.dense",
+            (true, Target::Query) => "q_lin",
+            (true, Target::Key) => "k_lin",
+            (true, Target::Value) => "v_lin",
+            (true, Target::AttnOut) => "out_lin",
+            (true, Target::Intermediate) => "lin1",
+            (true, Target::Output) => "lin2",
+        };
+        let mut out: Vec<String> = Vec::new();
+        for name in names {
+            let targets = Self::lora_targets_named(name);
+            let mine = targets.iter().any(|&t| own(t) == name) || (name == "output.dense" && self != Arch::DistilBert);
+            let put: Vec<String> = if mine { vec![name.clone()] } else { targets.iter().map(|&t| own(t).to_string()).collect() };
+            for p in put {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
     }
 
     /// The position id of a text's first token (its `[CLS]`/`<s>`): RoBERTa counts positions
@@ -125,21 +210,29 @@ impl Arch {
     /// right-padded batches.
     pub fn position_offset(self, pad_token_id: usize) -> usize {
         match self {
-            Arch::Bert | Arch::Electra => 0,
+            Arch::Bert | Arch::Electra | Arch::DistilBert => 0,
             Arch::Roberta => pad_token_id + 1,
         }
     }
 
     /// Whether the classification head drops out its input before the dense layer (RoBERTa's
-    /// `RobertaClassificationHead`; BERT's pooler reads `[CLS]` as it is).
+    /// `RobertaClassificationHead`; BERT's pooler and DistilBERT's `pre_classifier` read
+    /// `[CLS]` as it is).
     pub fn dropout_before_pooler(self) -> bool {
-        self != Arch::Bert
+        !matches!(self, Arch::Bert | Arch::DistilBert)
+    }
+
+    /// Whether the attention block drops out its output projection before the residual sum
+    /// (DistilBERT's does not).
+    pub fn attention_output_dropout(self) -> bool {
+        self != Arch::DistilBert
     }
 
     /// The activation of the pooler (the head's first dense layer).
     pub fn pooler_act(self) -> PoolerAct {
         match self {
             Arch::Electra => PoolerAct::Gelu,
+            Arch::DistilBert => PoolerAct::Relu,
             _ => PoolerAct::Tanh,
         }
     }
@@ -151,8 +244,8 @@ impl Arch {
     }
 
     /// Whether what we call the pooler is part of the classification head (RoBERTa's
-    /// `classifier.dense`): peft then trains and saves it with the head (`modules_to_save`),
-    /// where BERT's pooler stays frozen in a LoRA job.
+    /// `classifier.dense`, DistilBERT's `pre_classifier`): peft then trains and saves it with
+    /// the head (`modules_to_save`), where BERT's pooler stays frozen in a LoRA job.
     pub fn pooler_in_head(self) -> bool {
         self != Arch::Bert
     }
@@ -184,5 +277,26 @@ mod tests {
         assert_eq!(Arch::Electra.to_hf("classifier.bias"), "classifier.out_proj.bias");
         assert_eq!(Arch::class_name("xlm-roberta", "ForSequenceClassification"), "XLMRobertaForSequenceClassification");
         assert_eq!(Arch::Roberta.position_offset(1), 2);
+        for (hf, ours) in [
+            ("distilbert.transformer.layer.1.attention.q_lin.weight", "encoder.layer.1.attention.self.query.weight"),
+            ("distilbert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight"),
+            ("pre_classifier.bias", "pooler.dense.bias"),
+            ("classifier.weight", "classifier.weight"),
+            ("vocab_layer_norm.weight", "cls.predictions.transform.LayerNorm.weight"),
+            ("vocab_projector.bias", "cls.predictions.bias"),
+        ] {
+            assert_eq!(Arch::DistilBert.to_ours(hf).as_deref(), Some(ours), "{hf}");
+            assert_eq!(Arch::DistilBert.to_hf(ours), hf, "{ours}");
+        }
+        assert_eq!(Arch::DistilBert.to_ours("vocab_projector.weight"), None);
+    }
+
+    #[test]
+    fn lora_targets_are_written_in_the_architectures_own_names() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(Arch::DistilBert.peft_target_modules(&names(&["query", "value", "lin1"])), names(&["q_lin", "v_lin", "lin1"]));
+        assert_eq!(Arch::DistilBert.peft_target_modules(&names(&["output.dense"])), names(&["out_lin", "lin2"]));
+        assert_eq!(Arch::Bert.peft_target_modules(&names(&["query", "output.dense"])), names(&["query", "output.dense"]));
+        assert_eq!(Arch::Roberta.peft_target_modules(&names(&["q_lin", "lin2"])), names(&["query", "output.dense"]));
     }
 }

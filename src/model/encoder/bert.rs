@@ -23,7 +23,8 @@ fn layer_norm(get: &Getter, prefix: &str, eps: f64) -> Result<LayerNorm> {
 struct Embeddings {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    /// `None` for a model without token types (DistilBERT: `type_vocab_size` 0).
+    token_type: Option<Tensor>,
     norm: LayerNorm,
 }
 
@@ -66,6 +67,8 @@ pub struct Bert {
     cfg: BertConfig,
     /// `cfg.hidden_act`, read once.
     act: Act,
+    /// Dropout on the attention's output projection (none in DistilBERT).
+    attn_out_dropout: f64,
 }
 
 /// Every encoder parameter (name without `bert.`, shape), in checkpoint order.
@@ -74,10 +77,12 @@ pub fn encoder_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let mut out: Vec<(String, Vec<usize>)> = vec![
         ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, e]),
         ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, e]),
-        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, e]),
         ("embeddings.LayerNorm.weight".into(), vec![e]),
         ("embeddings.LayerNorm.bias".into(), vec![e]),
     ];
+    if cfg.type_vocab_size > 0 {
+        out.insert(2, ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, e]));
+    }
     if e != h {
         out.push((PROJECT.to_string() + ".weight", vec![h, e]));
         out.push((PROJECT.to_string() + ".bias", vec![h]));
@@ -112,7 +117,7 @@ impl Bert {
         let embeddings = Embeddings {
             word: get("embeddings.word_embeddings.weight")?,
             position: get("embeddings.position_embeddings.weight")?,
-            token_type: get("embeddings.token_type_embeddings.weight")?,
+            token_type: if cfg.type_vocab_size > 0 { Some(get("embeddings.token_type_embeddings.weight")?) } else { None },
             norm: layer_norm(get, "embeddings.LayerNorm", eps)?,
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -132,7 +137,8 @@ impl Bert {
             })
             .collect::<Result<Vec<_>>>()?;
         let project = if cfg.embedding_size() != cfg.hidden_size { Some(linear(get, PROJECT)?) } else { None };
-        Ok(Self { embeddings, project, layers, cfg: cfg.clone(), act: cfg.act() })
+        let attn_out_dropout = if cfg.arch().attention_output_dropout() { cfg.hidden_dropout_prob } else { 0.0 };
+        Ok(Self { embeddings, project, layers, cfg: cfg.clone(), act: cfg.act(), attn_out_dropout })
     }
 
     /// Readies every dense layer for inference (see `Linear::prepare_for_inference`) and
@@ -178,7 +184,8 @@ impl Bert {
     /// Bytes of the encoder's weights as held now.
     pub fn bytes(&self) -> usize {
         let e = &self.embeddings;
-        let mut n = [&e.word, &e.position, &e.token_type, &e.norm.weight, &e.norm.bias].into_iter().map(tensor_bytes).sum::<usize>();
+        let mut n = [&e.word, &e.position, &e.norm.weight, &e.norm.bias].into_iter().map(tensor_bytes).sum::<usize>();
+        n += e.token_type.as_ref().map_or(0, tensor_bytes);
         n += self.project.as_ref().map_or(0, Linear::bytes);
         for l in &self.layers {
             let dense = match &l.qkv {
@@ -223,9 +230,12 @@ impl Bert {
         let h = self.cfg.embedding_size();
         let e = &self.embeddings;
         let words = e.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?;
-        let types = e.token_type.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?;
+        let words = match &e.token_type {
+            Some(table) => (words + table.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?)?,
+            None => words,
+        };
         let pos = e.position.narrow(0, self.cfg.position_offset(), s)?;
-        let x = (words + types)?.broadcast_add(&pos)?;
+        let x = words.broadcast_add(&pos)?;
         let x = e.norm.forward(&x, mode)?;
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
         if let Some(p) = &self.project {
@@ -305,7 +315,7 @@ impl Bert {
             (ctx, x)
         };
         let attn = lr.linear(i, Target::AttnOut, &l.attn_out, &ctx, mode)?;
-        let attn = mode.dropout(&attn, self.cfg.hidden_dropout_prob)?;
+        let attn = mode.dropout(&attn, self.attn_out_dropout)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
         let ffn_frozen = !lr.touches(i, Target::Intermediate) && !lr.touches(i, Target::Output);
         if ffn_frozen

@@ -128,6 +128,7 @@ impl Classifier {
         match self.pooler_act {
             PoolerAct::Tanh => y.tanh(),
             PoolerAct::Gelu => activation(&y, Act::Gelu),
+            PoolerAct::Relu => y.relu(),
         }
     }
 

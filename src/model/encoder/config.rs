@@ -64,9 +64,29 @@ impl BertConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)?;
-        let cfg: Self = serde_json::from_str(&text)?;
+        Self::from_json(&text)
+    }
+
+    /// Reads and checks the text of a `config.json`, in the field names of its `model_type`
+    /// (DistilBERT's are read as BERT's).
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        let mut map: Map<String, Value> = serde_json::from_str(text)?;
+        if map.get("model_type").and_then(Value::as_str) == Some("distilbert") {
+            super::distilbert::config_to_bert(&mut map)?;
+        }
+        let cfg: Self = serde_json::from_value(Value::Object(map))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The `config.json` transformers reads for this model, in its `model_type`'s field names.
+    pub fn to_json(&self) -> anyhow::Result<Vec<u8>> {
+        if self.arch() != Arch::DistilBert {
+            return Ok(serde_json::to_vec_pretty(self)?);
+        }
+        let Value::Object(mut map) = serde_json::to_value(self)? else { anyhow::bail!("a config serialises to an object") };
+        super::distilbert::config_from_bert(&mut map);
+        Ok(serde_json::to_vec_pretty(&map)?)
     }
 
     /// Refuses configurations our BERT cannot run.
@@ -102,6 +122,17 @@ impl BertConfig {
     /// after the embeddings' LayerNorm when it differs; the hidden size elsewhere.
     pub fn embedding_size(&self) -> usize {
         self.extra.get("embedding_size").and_then(Value::as_u64).map_or(self.hidden_size, |e| e as usize)
+    }
+
+    /// Why masked-LM pre-training cannot start from this checkpoint, if it cannot (an ELECTRA
+    /// discriminator: its masked LM is the generator, a model of its own).
+    pub fn pretraining_refusal(&self) -> Option<String> {
+        (!self.arch().pretrains()).then(|| {
+            format!(
+                "masked-LM pre-training of a {} checkpoint needs its generator (ELECTRA's masked LM), which this discriminator checkpoint does not hold",
+                self.model_type
+            )
+        })
     }
 
     /// The position id of a text's first token (see [`Arch::position_offset`]).
@@ -157,6 +188,14 @@ impl BertConfig {
         self.extra.insert("label2id".into(), Value::Object(label2id));
         self.extra.insert("problem_type".into(), Value::from(problem_type));
         self.extra.insert("finetuned_pooling".into(), Value::from(pooling));
+    }
+
+    /// Makes this the config of a masked LM (`…ForMaskedLM`), without a classifier's fields.
+    pub fn set_masked_lm(&mut self) {
+        for key in ["id2label", "label2id", "problem_type", "finetuned_pooling"] {
+            self.extra.remove(key);
+        }
+        self.extra.insert("architectures".into(), Value::from(vec![Arch::class_name(&self.model_type, "ForMaskedLM")]));
     }
 
     /// The pooling a classifier was trained with (`cls` unless we recorded otherwise).

@@ -9,6 +9,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashSet;
 
+/// The prefix of the head's tensors (our names).
+pub const MLM_HEAD_PREFIX: &str = "cls.";
+
 /// Head parameters (name, shape) after the encoder's, Hugging Face names.
 pub fn head_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;

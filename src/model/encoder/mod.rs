@@ -5,5 +5,6 @@ pub mod arch;
 pub mod bert;
 pub mod classifier;
 pub mod config;
+pub mod distilbert;
 pub mod mlm;
 pub mod params;

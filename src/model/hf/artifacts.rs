@@ -120,6 +120,20 @@ fn sentence_pooling(dir: &Path) -> Option<String> {
     }
 }
 
+/// The `model_type` that `dir/config.json` names, if it can be read.
+pub fn model_type(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(CONFIG)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("model_type")?.as_str().map(String::from)
+}
+
+/// Why masked-LM pre-training cannot start from the checkpoint in `dir`, if it cannot (see
+/// [`BertConfig::pretraining_refusal`]); `None` too when its config cannot be read (the job
+/// then fails saying why).
+pub fn pretraining_refusal(dir: &Path) -> Option<String> {
+    BertConfig::from_file(&dir.join(CONFIG)).ok()?.pretraining_refusal()
+}
+
 /// All tensors of a checkpoint as f32 on `device`, under our (BERT) names: see
 /// [`Arch::to_ours`]; the architecture is the one `config.json` names.
 pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
@@ -142,7 +156,7 @@ pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<Strin
 /// renamed into place so that a crash never leaves half a model behind.
 pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> anyhow::Result<()> {
     write_atomically(dest, |tmp| {
-        std::fs::write(tmp.join(CONFIG), serde_json::to_vec_pretty(config)?)?;
+        std::fs::write(tmp.join(CONFIG), config.to_json()?)?;
         let arch = config.arch();
         let named: Vec<(String, Tensor)> =
             tensors.iter().map(|(n, t)| Ok((arch.to_hf(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;

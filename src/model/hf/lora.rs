@@ -254,7 +254,7 @@ pub fn write_adapter_dir(
 ) -> anyhow::Result<()> {
     super::artifacts::write_atomically(dest, |tmp| {
         std::fs::write(tmp.join(ADAPTER_CONFIG), serde_json::to_vec_pretty(config)?)?;
-        std::fs::write(tmp.join(super::artifacts::CONFIG), serde_json::to_vec_pretty(classifier)?)?;
+        std::fs::write(tmp.join(super::artifacts::CONFIG), classifier.to_json()?)?;
         let named: Vec<(String, Tensor)> = tensors
             .iter()
             .map(|(n, t)| Ok((format!("base_model.model.{}", classifier.arch().to_hf(n)), t.contiguous()?)))

@@ -80,6 +80,7 @@ pub(super) fn new_model(
         created_at: store::now(),
         method: (kind == "classifier").then(|| job.hyperparameters["method"].as_str().unwrap_or("full").to_string()),
         lora_rank: job.hyperparameters["lora"]["r"].as_i64(),
+        architecture: None,
     }
 }
 

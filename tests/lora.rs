@@ -179,6 +179,12 @@ fn an_electra_adapter_trained_here_gives_the_same_logits_in_peft() {
     adapter_trained_here_matches_peft("electra-peft-export", &golden::dir().join("electra/base"));
 }
 
+/// And over the tiny XLM-RoBERTa (a SentencePiece Unigram tokenizer): `roberta.` names.
+#[test]
+fn an_xlm_roberta_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_trained_here_matches_peft("xlm-roberta-peft-export", &golden::dir().join("xlm-roberta/base"));
+}
+
 /// And over the tiny DistilBERT: peft's `q_lin`/`v_lin`/`lin2` targets under `distilbert.`,
 /// the head's `pre_classifier` saved with it.
 #[test]

@@ -176,6 +176,21 @@ fn an_electra_model_trained_here_gives_the_same_logits_in_transformers() {
 }
 
 #[test]
+fn an_xlm_roberta_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("xlm-roberta");
+}
+
+#[test]
+fn an_xlm_roberta_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("xlm-roberta", "XLMRobertaForSequenceClassification");
+}
+
+#[test]
+fn an_xlm_roberta_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("xlm-roberta-mlm", &tiny("xlm-roberta", "base"), "the movie was a <mask> surprise.");
+}
+
+#[test]
 fn a_distilbert_classifier_saved_by_transformers_serves_with_the_same_logits() {
     imported("distilbert");
 }

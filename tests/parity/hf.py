@@ -5,6 +5,8 @@
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
   hf.py peft-make BASE DATA_JSONL OUT -> trains a LoRA adapter with peft (seeded, a few steps) and saves it
   hf.py peft-logits BASE ADAPTER TEXTS_JSON -> {"logits", "ids", "versions"} of base + adapter in peft
+  hf.py tokenize MODEL_DIR INPUTS_JSON -> {"ids", "type_ids", "versions"}: each input (a text, or a pair
+                                        [a, b]) encoded by AutoTokenizer with special tokens, no truncation
   hf.py pack-import OUT BASE GOLDEN  -> the golden copy of what `make` saved: its small files, the
                                         tensors that differ from BASE, every tensor's name and shape
 """
@@ -127,6 +129,18 @@ def peft_logits(base, adapter, texts_path):
     print(json.dumps({"logits": out_logits, "ids": out_ids, "versions": versions}))
 
 
+def tokenize(model_dir, inputs_path):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, types = [], []
+    for x in json.load(open(inputs_path)):
+        enc = tok(*x) if isinstance(x, list) else tok(x)
+        ids.append(enc["input_ids"])
+        # null where the tokenizer gives no token types (RoBERTa's, DistilBERT's).
+        types.append(enc.get("token_type_ids"))
+    versions = {"transformers": transformers.__version__}
+    print(json.dumps({"ids": ids, "type_ids": types, "versions": versions}))
+
+
 if __name__ == "__main__":
     {"logits": logits, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
-     "peft-logits": peft_logits}[sys.argv[1]](*sys.argv[2:])
+     "peft-logits": peft_logits, "tokenize": tokenize}[sys.argv[1]](*sys.argv[2:])

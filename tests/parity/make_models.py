@@ -6,6 +6,10 @@
                            GOLDEN/electra/{base,classifier}/  a random ElectraModel (embedding_size 16 under a
                                                               hidden size of 32) with a WordPiece tokenizer, and
                                                               ElectraForSequenceClassification made from it
+                           GOLDEN/bert/{base,classifier}/     a random BertModel with a WordPiece tokenizer, and
+                                                              BertForSequenceClassification made from it
+                           GOLDEN/xlm-roberta/{base,classifier}/  a random XLMRobertaModel with a SentencePiece
+                                                              Unigram tokenizer, and XLMRobertaForSequenceClassification
                            GOLDEN/distilbert/{base,classifier}/  a random DistilBertModel with a WordPiece
                                                               tokenizer, and DistilBertForSequenceClassification
 
@@ -19,8 +23,10 @@ import sys
 import tempfile
 
 import torch
-from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
-from transformers import (DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel, DistilBertTokenizerFast,
+from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
+from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast, XLMRobertaConfig,
+                          XLMRobertaForSequenceClassification, XLMRobertaModel, XLMRobertaTokenizerFast,
+                          DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel, DistilBertTokenizerFast,
                           ElectraConfig, ElectraForSequenceClassification, ElectraModel, ElectraTokenizerFast, RobertaConfig,
                           RobertaForSequenceClassification, RobertaModel, RobertaTokenizerFast)
 
@@ -78,7 +84,33 @@ def distilbert(out):
     save(out, DistilBertModel, config, DistilBertForSequenceClassification, tok)
 
 
+def bert(out):
+    tok = wordpiece(BertTokenizerFast)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=128, pad_token_id=0)
+    save(out, BertModel, config, BertForSequenceClassification, tok)
+
+
+def xlm_roberta(out):
+    # XLM-R's vocabulary begins <s>, <pad>, </s>, <unk>, as fairseq's; <mask> is its last entry.
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(texts(), vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    sp.add_special_tokens(["<mask>"])
+    tok = XLMRobertaTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+                                  unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=128)
+    # Saved and read back, so that tokenizer.json holds the pipeline transformers' XLMRobertaTokenizer builds
+    # (whitespace split, then Metaspace; the trainer's NMT normalizer is not one it keeps).
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+    config = XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    save(out, XLMRobertaModel, config, XLMRobertaForSequenceClassification, tok)
+
+
 if __name__ == "__main__":
     roberta(os.path.join(sys.argv[1], "roberta"))
     electra(os.path.join(sys.argv[1], "electra"))
     distilbert(os.path.join(sys.argv[1], "distilbert"))
+    bert(os.path.join(sys.argv[1], "bert"))
+    xlm_roberta(os.path.join(sys.argv[1], "xlm-roberta"))

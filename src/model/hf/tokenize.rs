@@ -28,6 +28,14 @@ pub fn encode_all(tok: &Tokenizer, texts: &[&str]) -> anyhow::Result<Vec<Vec<u32
     Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
 }
 
+/// Token ids and token types of a pair of texts, by the tokenizer's own pair template (BERT's
+/// `[CLS] a [SEP] b [SEP]` with types 0 then 1, RoBERTa's `<s> a </s></s> b </s>`), without
+/// truncation.
+pub fn encode_pair(tok: &Tokenizer, first: &str, second: &str) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
+    let e = tok.encode((first, second), true).map_err(|e| anyhow::anyhow!("tokenizing a pair: {e}"))?;
+    Ok((e.get_ids().to_vec(), e.get_type_ids().to_vec()))
+}
+
 /// Up to this many texts are encoded on the calling thread.
 const FEW_TEXTS: usize = 4;
 

@@ -5,7 +5,6 @@
 
 mod common;
 #[path = "parity/golden.rs"]
-#[allow(dead_code)]
 mod golden;
 
 use candle_core::Device;

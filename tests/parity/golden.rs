@@ -2,6 +2,8 @@
 //! so the tests compare against it on machines without torch. `tests/parity/regenerate.sh` writes
 //! them (it runs these tests live with `FINETUNED_PARITY_WRITE=1`).
 
+#![allow(dead_code)] // each test crate uses a part of it
+
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

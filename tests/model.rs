@@ -205,3 +205,20 @@ fn mixed_precision_training_learns_and_saves_f32_weights() {
         assert!(saved.values().all(|t| t.dtype() == candle_core::DType::F32), "{precision:?} saved non-f32 weights");
     }
 }
+
+/// A new classifier keeps BERT's pre-trained pooler, but starts RoBERTa's `classifier.dense`
+/// afresh even where the base carries a pooler under that name, as transformers does.
+#[test]
+fn a_pooler_that_belongs_to_the_head_starts_fresh() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden");
+    for (arch, kept) in [("bert", true), ("roberta", false)] {
+        let dir = golden.join(arch).join("base");
+        let cfg = finetuned::model::hf::artifacts::inspect(&dir).unwrap().config;
+        let weights = finetuned::model::hf::artifacts::load_weights(&dir, &Device::Cpu).unwrap();
+        let base = weights.get("pooler.dense.weight").unwrap_or_else(|| panic!("the tiny {arch} base has a pooler"));
+        let params = Params::for_classifier(&cfg, &weights, 2, &mut ChaCha8Rng::seed_from_u64(0), &Device::Cpu).unwrap();
+        let now = params.detached("pooler.dense.weight").unwrap();
+        let same = (now - base).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0;
+        assert_eq!(same, kept, "{arch}: the pooler kept from the base");
+    }
+}

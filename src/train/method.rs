@@ -8,7 +8,7 @@ use crate::model::encoder::adapters::{LowRankSet, Target};
 use crate::model::encoder::arch::Arch;
 use crate::model::encoder::bert::{encoder_params, Getter};
 use crate::model::encoder::classifier::{Classifier, Pooling, POOLER_NAMES};
-use crate::model::encoder::params::Params;
+use crate::model::encoder::params::{fresh_head, Params};
 use crate::model::BertConfig;
 use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
@@ -77,7 +77,7 @@ impl Trainable {
         // head, as RoBERTa's `classifier.dense`); trained for `head`.
         let h = cfg.hidden_size;
         let pooler_spec: Vec<(String, Vec<usize>)> = vec![(POOLER_NAMES[0].into(), vec![h, h]), (POOLER_NAMES[1].into(), vec![h])];
-        let pooler = Params::build(cfg, &pooler_spec, &weights, &[], rng, device)?;
+        let pooler = Params::build(cfg, &pooler_spec, &weights, &fresh_head(cfg), rng, device)?;
         let mut spec: Vec<(String, Vec<usize>)> = Vec::new();
         if method == Method::Lora && !cfg.arch().pooler_in_head() {
             for name in POOLER_NAMES {

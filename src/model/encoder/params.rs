@@ -51,6 +51,18 @@ fn init(name: &str, shape: &[usize], cfg: &BertConfig, rng: &mut ChaCha8Rng) -> 
     }
 }
 
+/// The tensors a new classifier starts afresh, whatever its base holds: the output layer, and
+/// the pooler's dense layer where it belongs to the head (RoBERTa's `classifier.dense`, which
+/// transformers initialises anew even where the base carries a pooler; ELECTRA's; DistilBERT's
+/// `pre_classifier`). BERT's pooler is pre-trained with the encoder and is kept.
+pub fn fresh_head(cfg: &BertConfig) -> Vec<&'static str> {
+    let mut fresh = vec!["classifier.weight", "classifier.bias"];
+    if cfg.arch().pooler_in_head() {
+        fresh.extend(["pooler.dense.weight", "pooler.dense.bias"]);
+    }
+    fresh
+}
+
 impl Params {
     /// Builds `spec` (name, shape): from `weights` when the checkpoint has the name with that
     /// shape and the name is not in `fresh`, else initialised from `rng`.
@@ -75,7 +87,7 @@ impl Params {
     }
 
     /// Parameters of a sequence classifier with `num_labels` outputs: the encoder (which the
-    /// checkpoint must have) and pooler from `weights`, a fresh head.
+    /// checkpoint must have) and BERT's pooler from `weights`, a fresh head (see [`fresh_head`]).
     pub fn for_classifier(
         cfg: &BertConfig,
         weights: &HashMap<String, Tensor>,
@@ -96,7 +108,7 @@ impl Params {
         spec.push(("pooler.dense.bias".into(), vec![h]));
         spec.push(("classifier.weight".into(), vec![num_labels, h]));
         spec.push(("classifier.bias".into(), vec![num_labels]));
-        Self::build(cfg, &spec, weights, &["classifier.weight", "classifier.bias"], rng, device)
+        Self::build(cfg, &spec, weights, &fresh_head(cfg), rng, device)
     }
 
     pub fn new(names: Vec<String>, vars: Vec<Var>) -> Self {

@@ -179,6 +179,30 @@ async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts
     let d = copy("corrupt");
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
     std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 3]).unwrap();
+    // A tensor missing; a tensor of another shape than the config's; an activation we do not
+    // know; a tokenizer whose ids run past the embedding.
+    let d = copy("missing-tensor");
+    let mut tensors = candle_core::safetensors::load(d.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let gone = tensors.keys().find(|n| n.ends_with("encoder.layer.1.output.dense.weight")).unwrap().clone();
+    tensors.remove(&gone);
+    candle_core::safetensors::save(&tensors, d.join("model.safetensors")).unwrap();
+    let edit_config = |name: &str, key: &str, value: Value| {
+        let d = copy(name);
+        let mut cfg: Value = serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    };
+    edit_config("wrong-shape", "intermediate_size", json!(48));
+    edit_config("unknown-act", "hidden_act", json!("swish9"));
+    edit_config("small-vocab", "vocab_size", json!(10));
+    let path = models.join("small-vocab/model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("word_embeddings.weight") {
+            *t = t.narrow(0, 0, 10).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&tensors, &path).unwrap();
     // Not a model at all.
     std::fs::create_dir_all(models.join("notes")).unwrap();
     std::fs::write(models.join("notes/readme.txt"), "hello").unwrap();
@@ -194,7 +218,15 @@ async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts
     let info: Value = app.get("/v1/info").await.json().await.unwrap();
     let refused: std::collections::BTreeMap<&str, &str> =
         info["refused_models"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap(), m["reason"].as_str().unwrap())).collect();
-    assert_eq!(refused.keys().copied().collect::<Vec<_>>(), ["bin-only", "corrupt", "notes", "other-arch"], "{info}");
+    let expected = ["bin-only", "corrupt", "missing-tensor", "notes", "other-arch", "small-vocab", "unknown-act", "wrong-shape"];
+    assert_eq!(refused.keys().copied().collect::<Vec<_>>(), expected, "{info}");
+    assert!(refused["missing-tensor"].contains(&format!("model.safetensors: tensor {gone:?} is missing")), "{info}");
+    assert!(
+        refused["wrong-shape"].contains("model.safetensors: tensor") && refused["wrong-shape"].contains("config.json says [48,"),
+        "{info}"
+    );
+    assert!(refused["unknown-act"].contains("config.json") && refused["unknown-act"].contains("hidden_act \"swish9\""), "{info}");
+    assert!(refused["small-vocab"].contains("tokenizer.json") && refused["small-vocab"].contains("10 rows"), "{info}");
     assert!(refused["other-arch"].contains("\"gpt2\"") && refused["other-arch"].contains("bert, roberta"), "{info}");
     assert!(refused["bin-only"].contains("pytorch_model.bin"), "{info}");
     let ds = app.upload_ok(crate::common::toy_jsonl(8)).await;
@@ -202,6 +234,9 @@ async fn unsupported_entries_in_the_models_dir_are_skipped_and_the_server_starts
     let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
     assert_eq!(err["param"], "base_model", "{err}");
     assert!(err["message"].as_str().unwrap().contains("model_type \"gpt2\" is not supported (supported: bert, roberta"), "{err}");
+    let r = app.post_json("/v1/jobs", &json!({"base_model": "missing-tensor", "training_dataset": ds})).await;
+    let err = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert!(err["message"].as_str().unwrap().contains(&format!("tensor {gone:?} is missing")), "{err}");
 }
 
 #[tokio::test]

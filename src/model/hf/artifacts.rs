@@ -53,6 +53,8 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
         bail!("no model.safetensors");
     }
     let header = check_safetensors_header(&weights).context("model.safetensors")?;
+    check_encoder(&header, &config).context("model.safetensors")?;
+    check_vocabulary(dir, &config)?;
     let is_classifier = config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification"));
     let labels = if is_classifier { config.id2label() } else { None };
     if let Some(labels) = &labels {
@@ -81,6 +83,46 @@ fn check_head(header: &HashMap<String, serde_json::Value>, arch: Arch, labels: u
             ensure!(dim(1) == Some(hidden as u64), "the classifier head's {name} does not take hidden_size ({hidden}) inputs");
         }
     }
+    Ok(())
+}
+
+/// Refuses a checkpoint whose encoder tensors are not all there in the shapes its config
+/// gives, naming the first tensor that is missing or of another shape.
+fn check_encoder(header: &HashMap<String, serde_json::Value>, config: &BertConfig) -> anyhow::Result<()> {
+    let arch = config.arch();
+    let shape = |info: &serde_json::Value| -> Option<Vec<usize>> {
+        info.get("shape")?.as_array()?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect()
+    };
+    let held: HashMap<String, (&str, Option<Vec<usize>>)> =
+        header.iter().filter_map(|(name, info)| Some((arch.to_ours(name)?, (name.as_str(), shape(info))))).collect();
+    // A bare encoder (`BertModel`) names its tensors without the architecture's prefix.
+    let prefixed = header.keys().any(|n| n.starts_with(arch.prefix()));
+    for (name, want) in crate::model::encoder::bert::encoder_params(config) {
+        match held.get(&name) {
+            None => {
+                let hf = arch.to_hf(&name);
+                let hf = if prefixed { hf.as_str() } else { hf.strip_prefix(arch.prefix()).unwrap_or(&hf) };
+                bail!("tensor {hf:?} is missing (config.json's {} model has it)", config.model_type)
+            }
+            Some((theirs, got)) if got.as_deref() != Some(want.as_slice()) => {
+                let got = got.as_ref().map_or_else(|| "unreadable".to_string(), |g| format!("{g:?}"));
+                bail!("tensor {theirs:?} has shape {got}; config.json says {want:?}")
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a tokenizer whose ids run past the word embeddings' rows.
+fn check_vocabulary(dir: &Path, config: &BertConfig) -> anyhow::Result<()> {
+    let tok = super::tokenize::load_tokenizer(dir).context(TOKENIZER)?;
+    let n = tok.get_vocab_size(true);
+    ensure!(
+        n <= config.vocab_size,
+        "{TOKENIZER}: its vocabulary of {n} tokens does not fit the word embeddings' {} rows (config.json's vocab_size)",
+        config.vocab_size
+    );
     Ok(())
 }
 

@@ -114,12 +114,12 @@ fn from_scratch_pretraining_lowers_the_loss() {
 
 #[test]
 fn the_anchor_embeds_texts_of_mixed_lengths_in_their_own_order() {
-    use finetuned::model::encoder::bert::Bert;
     use finetuned::model::encoder::classifier::Pooling;
+    use finetuned::model::encoder::Encoder;
     use finetuned::train::anchor::embed;
     let cfg = tiny_config();
     let weights = tiny_weights(&cfg, 3);
-    let bert = Bert::load(&|n: &str| Ok(weights[n].clone()), &cfg).unwrap();
+    let bert = Encoder::load(&|n: &str| Ok(weights[n].clone()), &cfg).unwrap();
     // 70 texts: more than one chunk, lengths out of order.
     let seqs: Vec<Vec<u32>> =
         (0..70u32).map(|i| std::iter::once(2).chain((0..(i * 7) % 13 + 1).map(|j| 5 + (i + j) % 20)).chain([3]).collect()).collect();

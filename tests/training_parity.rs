@@ -11,7 +11,7 @@ mod common;
 mod golden;
 
 use candle_core::{Device, Tensor};
-use finetuned::model::encoder::bert::encoder_params;
+use finetuned::model::encoder::encoder_params;
 use finetuned::model::encoder::params::Params;
 use finetuned::model::hf::artifacts::{inspect, load_weights};
 use finetuned::model::hf::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};

@@ -6,7 +6,7 @@ pub mod ops;
 pub mod predict;
 
 pub use encoder::classifier::{Classifier, Pooling};
-pub use encoder::config::BertConfig;
+pub use encoder::config::EncoderConfig;
 
 /// Device memory in use now (MiB) on a CUDA device, as its driver reports it (candle's pool
 /// keeps freed blocks, so this is the high-water mark of what the run reserved, as

@@ -7,8 +7,8 @@
 //! (BENCHMARKS §6b). The anchor adds `weight × (1 − cos)` between the pooled output of the
 //! masked text and the base's embedding of the clean text, computed once before training.
 
-use crate::model::encoder::bert::Bert;
 use crate::model::encoder::classifier::{mean_pool, Pooling};
+use crate::model::encoder::Encoder;
 use crate::model::hf::tokenize::pad_batch;
 use crate::model::ops::layers::Mode;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -46,7 +46,7 @@ pub fn unit_rows(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The unit-length embeddings `[n, h]` of `seqs` under `bert` (eval mode), in order.
-pub fn embed(bert: &Bert, seqs: &[Vec<u32>], pooling: Pooling, pad: u32, device: &Device) -> Result<Tensor> {
+pub fn embed(bert: &Encoder, seqs: &[Vec<u32>], pooling: Pooling, pad: u32, device: &Device) -> Result<Tensor> {
     // Sorted by length so that each chunk pads little; put back in order at the end.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].len());
@@ -94,7 +94,7 @@ pub struct Anchor {
 
 impl Anchor {
     /// Embeds the texts under `base` (the base's weights, before any step).
-    pub fn new(base: &Bert, train: &[Vec<u32>], held_out: Vec<Vec<u32>>, pooling: Pooling, weight: f64, pad: u32) -> Result<Self> {
+    pub fn new(base: &Encoder, train: &[Vec<u32>], held_out: Vec<Vec<u32>>, pooling: Pooling, weight: f64, pad: u32) -> Result<Self> {
         let device = base.device();
         let train = if weight > 0.0 { Some(embed(base, train, pooling, pad, &device)?) } else { None };
         let held_out_base = embed(base, &held_out, pooling, pad, &device)?;
@@ -124,7 +124,7 @@ impl Anchor {
     }
 
     /// How close the held-out texts' embeddings under `now` stay to the base's.
-    pub fn similarity(&self, now: &Bert) -> Result<f64> {
+    pub fn similarity(&self, now: &Encoder) -> Result<f64> {
         similarity(&embed(now, &self.held_out, self.pooling, self.pad, &now.device())?, &self.held_out_base)
     }
 }

@@ -1,7 +1,7 @@
 //! Job hyperparameters: what a request may set, the defaults, and their checks; and the
 //! architecture of a pre-training job from scratch.
 
-use crate::model::BertConfig;
+use crate::model::EncoderConfig;
 use serde::{Deserialize, Serialize};
 
 /// Hyperparameters as a client sends them: every field optional, unknown fields refused.
@@ -323,7 +323,7 @@ impl ScratchSpec {
     }
 
     /// A BERT config of this shape for a tokenizer of `vocab_size` tokens.
-    pub fn config(&self, vocab_size: usize, pad_token_id: usize) -> BertConfig {
+    pub fn config(&self, vocab_size: usize, pad_token_id: usize) -> EncoderConfig {
         serde_json::from_value(serde_json::json!({
             "model_type": "bert", "architectures": ["BertForMaskedLM"], "vocab_size": vocab_size,
             "hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,

@@ -6,10 +6,10 @@
 use super::hyper::{LoraSettings, Method};
 use crate::model::encoder::adapters::{LowRankSet, Target};
 use crate::model::encoder::arch::Arch;
-use crate::model::encoder::bert::{encoder_params, Getter};
 use crate::model::encoder::classifier::{Classifier, Pooling, POOLER_NAMES};
 use crate::model::encoder::params::{fresh_head, Params};
-use crate::model::BertConfig;
+use crate::model::encoder::post_norm::{encoder_params, Getter};
+use crate::model::EncoderConfig;
 use candle_core::{Device, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ pub struct Trainable {
 /// The encoder layers and targets a LoRA job adapts. A name means what it means to peft, which
 /// matches module names by suffix: `output.dense` adapts `attention.output.dense` too. Each
 /// module is adapted once however many names match it.
-fn lora_targets(cfg: &BertConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
+fn lora_targets(cfg: &EncoderConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
     let mut targets: Vec<Target> = Vec::new();
     for t in &lora.target_modules {
         let matched = Arch::lora_targets_named(t);
@@ -55,7 +55,7 @@ impl Trainable {
     pub fn new(
         method: Method,
         lora: Option<LoraSettings>,
-        cfg: &BertConfig,
+        cfg: &EncoderConfig,
         mut weights: HashMap<String, Tensor>,
         num_labels: usize,
         rng: &mut ChaCha8Rng,
@@ -119,7 +119,7 @@ impl Trainable {
 
     /// The classifier over `weights` (the trainable parameters, tracked, detached or cast) and
     /// the frozen ones, with the adapter's low-rank terms for `lora`.
-    pub fn model(&self, cfg: &BertConfig, pooling: Pooling, weights: &Getter) -> Result<Classifier> {
+    pub fn model(&self, cfg: &EncoderConfig, pooling: Pooling, weights: &Getter) -> Result<Classifier> {
         let dtype = weights("classifier.weight")?.dtype();
         let cast = self.frozen_in(dtype)?;
         let get = |n: &str| match cast.get(n) {
@@ -142,7 +142,7 @@ impl Trainable {
     pub fn save(
         &self,
         out: &Path,
-        cfg: &BertConfig,
+        cfg: &EncoderConfig,
         trained: &HashMap<String, Tensor>,
         base_dir: &Path,
         base_id: Option<&str>,

@@ -11,15 +11,15 @@ pub use super::hyper::ScratchSpec;
 use super::precision::Precision;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
-use crate::model::encoder::bert::encoder_params;
-use crate::model::encoder::bert::Getter;
 use crate::model::encoder::classifier::Pooling;
+use crate::model::encoder::encoder_params;
 use crate::model::encoder::mlm::{head_params, mask_tokens, Masked, MaskedLm, MLM_HEAD_PREFIX};
 use crate::model::encoder::params::Params;
+use crate::model::encoder::Getter;
 use crate::model::hf::artifacts::{inspect, load_weights, write_model_dir};
 use crate::model::hf::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
 use crate::model::ops::layers::Mode;
-use crate::model::BertConfig;
+use crate::model::EncoderConfig;
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -198,7 +198,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     // Embedded on the base's weights: a resumed run restores its own only inside the loop.
     let anchor = match sentence.or(pooling.filter(|_| anchor_weight > 0.0)) {
         Some(p) => {
-            let a = Anchor::new(&model_eval.bert, &train, val_clean, p, anchor_weight, cfg.pad_token_id as u32)?;
+            let a = Anchor::new(&model_eval.encoder, &train, val_clean, p, anchor_weight, cfg.pad_token_id as u32)?;
             obs.on_event(Event::Message(a.describe()));
             Some(a)
         }
@@ -260,7 +260,7 @@ struct Pretrain<'a> {
     mask_id: u32,
     vocab: u32,
     mask_prob: f64,
-    cfg: &'a BertConfig,
+    cfg: &'a EncoderConfig,
     hp: &'a Hyperparameters,
     device: &'a Device,
     model_eval: MaskedLm,
@@ -359,6 +359,6 @@ impl run_loop::Objective for Pretrain<'_> {
 impl Pretrain<'_> {
     /// How close the held-out embeddings stay to the base's, when a pooling is known.
     fn similarity(&self) -> candle_core::Result<Option<f64>> {
-        self.anchor.as_ref().map(|a| a.similarity(&self.model_eval.bert)).transpose()
+        self.anchor.as_ref().map(|a| a.similarity(&self.model_eval.encoder)).transpose()
     }
 }

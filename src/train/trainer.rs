@@ -10,13 +10,13 @@ use super::objective::{balanced_weights, prior_log_odds, Task};
 use super::precision::Precision;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
-use crate::model::encoder::bert::Getter;
 use crate::model::encoder::classifier::POOLER_NAMES;
 use crate::model::encoder::params::Params;
+use crate::model::encoder::Getter;
 use crate::model::hf::artifacts::{inspect, load_weights};
 use crate::model::hf::tokenize::{load_tokenizer, pad_batch, Batch};
 use crate::model::ops::layers::Mode;
-use crate::model::{BertConfig, Classifier, Pooling};
+use crate::model::{Classifier, EncoderConfig, Pooling};
 use crate::train::hyper::Method;
 use crate::train::method::Trainable;
 use candle_core::{DType, Device, Tensor};
@@ -102,7 +102,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         return Err(TrainError::InvalidData("classification needs at least two distinct labels".into()));
     }
     let tok = load_tokenizer(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
-    let mut cfg: BertConfig = info.config.clone();
+    let mut cfg: EncoderConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
     let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
@@ -257,7 +257,7 @@ struct Classify<'a> {
     train: Vec<Example>,
     val: Vec<Example>,
     labels: Vec<String>,
-    cfg: &'a BertConfig,
+    cfg: &'a EncoderConfig,
     pooling: Pooling,
     task: Task,
     class_weights: Option<Tensor>,

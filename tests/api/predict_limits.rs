@@ -5,7 +5,7 @@
 use crate::helpers::*;
 use candle_core::{DType, Device, Tensor};
 use finetuned::config::ServeConfig;
-use finetuned::model::encoder::bert::encoder_params;
+use finetuned::model::encoder::encoder_params;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::Path;

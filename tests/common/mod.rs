@@ -7,9 +7,9 @@ pub mod servers;
 
 use candle_core::{Device, Tensor};
 use finetuned::dataset::{LabelValue, Row};
-use finetuned::model::encoder::bert::encoder_params;
 use finetuned::model::encoder::params::Params;
-use finetuned::model::BertConfig;
+use finetuned::model::encoder::post_norm::encoder_params;
+use finetuned::model::EncoderConfig;
 use rand::SeedableRng;
 use serde_json::json;
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ fn vocab() -> Vec<String> {
 }
 
 /// Config of the tiny BERT: 2 layers, hidden 32, 4 heads.
-pub fn tiny_config() -> BertConfig {
+pub fn tiny_config() -> EncoderConfig {
     serde_json::from_value(json!({
         "architectures": ["BertModel"], "model_type": "bert", "vocab_size": vocab().len(),
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
@@ -60,7 +60,7 @@ fn tokenizer_json() -> serde_json::Value {
 }
 
 /// Random encoder weights (N(0, 0.02); LayerNorm 1/0), with a pooler, names without `bert.`.
-pub fn tiny_weights(cfg: &BertConfig, seed: u64) -> HashMap<String, Tensor> {
+pub fn tiny_weights(cfg: &EncoderConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let h = cfg.hidden_size;
     let mut spec = encoder_params(cfg);

@@ -26,7 +26,7 @@ pub enum Target {
 impl Target {
     pub const ALL: [Target; 6] = [Target::Query, Target::Key, Target::Value, Target::AttnOut, Target::Intermediate, Target::Output];
 
-    /// The weight's name (without `bert.`) in encoder layer `layer`.
+    /// Our name of the weight in encoder layer `layer`.
     pub fn weight_name(self, layer: usize) -> String {
         let module = match self {
             Target::Query => "attention.self.query",

@@ -4,8 +4,8 @@
 
 use super::adapters::{LowRank, LowRankSet};
 use super::arch::PoolerAct;
-use super::bert::{Bert, Getter};
-use super::config::BertConfig;
+use super::config::EncoderConfig;
+use super::post_norm::{Encoder, Getter};
 use crate::model::ops::layers::{activation, Act, Linear, Mode};
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,7 @@ impl Pooling {
 
 /// Encoder + pooling + classification head.
 pub struct Classifier {
-    pub bert: Bert,
+    pub encoder: Encoder,
     pooler: Option<Linear>,
     head: Linear,
     pooling: Pooling,
@@ -57,9 +57,9 @@ pub const POOLER_NAMES: [&str; 2] = ["pooler.dense.weight", "pooler.dense.bias"]
 pub const HEAD_NAMES: [&str; 2] = ["classifier.weight", "classifier.bias"];
 
 impl Classifier {
-    /// Builds the classifier from named tensors (encoder names without `bert.`).
-    pub fn load(get: &Getter, cfg: &BertConfig, pooling: Pooling) -> Result<Self> {
-        let bert = Bert::load(get, cfg)?;
+    /// Builds the classifier from named tensors (our names, see `arch`).
+    pub fn load(get: &Getter, cfg: &EncoderConfig, pooling: Pooling) -> Result<Self> {
+        let encoder = Encoder::load(get, cfg)?;
         let pooler = match pooling {
             Pooling::Cls => Some(Linear::new(get(POOLER_NAMES[0])?, get(POOLER_NAMES[1])?)),
             Pooling::Mean => None,
@@ -67,13 +67,13 @@ impl Classifier {
         let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
         let (dropout_before_pooler, pooler_act) = (cfg.arch().dropout_before_pooler(), cfg.arch().pooler_act());
         let dropout = cfg.classifier_dropout_prob();
-        Ok(Self { bert, pooler, head, pooling, dropout, dropout_before_pooler, pooler_act, low_rank: None })
+        Ok(Self { encoder, pooler, head, pooling, dropout, dropout_before_pooler, pooler_act, low_rank: None })
     }
 
     /// Readies the model for inference only (it can no longer be trained), with the
     /// encoder's dense layers in bf16 when `bf16`.
     pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
-        self.bert.prepare_for_inference(bf16)?;
+        self.encoder.prepare_for_inference(bf16)?;
         if let Some(p) = &mut self.pooler {
             p.prepare_for_inference()?;
         }
@@ -82,7 +82,7 @@ impl Classifier {
 
     /// Bytes of weights held.
     pub fn bytes(&self) -> usize {
-        self.bert.bytes() + self.pooler.as_ref().map_or(0, Linear::bytes) + self.head.bytes()
+        self.encoder.bytes() + self.pooler.as_ref().map_or(0, Linear::bytes) + self.head.bytes()
     }
 
     /// Logits `[batch, labels]`.
@@ -114,11 +114,11 @@ impl Classifier {
             // Training keeps the full last layer, so its dropout draws stay as they were.
             (Some(pooler), Pooling::Cls) => {
                 let first_only = !mode.is_train();
-                let hidden = self.bert.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?.squeeze(1)?;
+                let hidden = self.encoder.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?.squeeze(1)?;
                 let hidden = if self.dropout_before_pooler { mode.dropout(&hidden, self.dropout)? } else { hidden };
                 self.pool(pooler, &hidden)
             }
-            _ => mean_pool(&self.bert.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
+            _ => mean_pool(&self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
         }
     }
 
@@ -150,7 +150,7 @@ impl Classifier {
         poolings: &[(Pooling, Option<&Linear>)],
     ) -> Result<Tensor> {
         let first_only = poolings.iter().all(|(p, _)| *p == Pooling::Cls);
-        let hidden = self.bert.forward_low_rank(ids, type_ids, mask, &mut Mode::Eval, first_only, lr)?;
+        let hidden = self.encoder.forward_low_rank(ids, type_ids, mask, &mut Mode::Eval, first_only, lr)?;
         let mut parts = Vec::with_capacity(poolings.len());
         for ((rows, _), (pooling, own)) in lr.groups.iter().zip(poolings) {
             let h = hidden.narrow(0, rows.start, rows.len())?;

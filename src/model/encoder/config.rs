@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 /// The architecture fields we read; all other keys of `config.json` are kept in `extra`
 /// so that a saved model carries them unchanged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BertConfig {
+pub struct EncoderConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -60,7 +60,7 @@ fn default_model_type() -> String {
     "bert".into()
 }
 
-impl BertConfig {
+impl EncoderConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)?;
@@ -108,12 +108,12 @@ impl BertConfig {
         Ok(())
     }
 
-    /// The feed-forward activation (GELU for a `hidden_act` [`BertConfig::validate`] refused).
+    /// The feed-forward activation (GELU for a `hidden_act` [`EncoderConfig::validate`] refused).
     pub fn act(&self) -> Act {
         Act::parse(&self.hidden_act).unwrap_or(Act::Gelu)
     }
 
-    /// The architecture `model_type` names (BERT for a type [`BertConfig::validate`] refused).
+    /// The architecture `model_type` names (BERT for a type [`EncoderConfig::validate`] refused).
     pub fn arch(&self) -> Arch {
         Arch::of(&self.model_type).unwrap_or(Arch::Bert)
     }

@@ -1,8 +1,8 @@
 //! The masked-language-model head (`BertForMaskedLM`'s `cls.predictions`), its decoder tied
 //! to the word embeddings, and the masking of inputs.
 
-use super::bert::{Bert, Getter};
-use super::config::BertConfig;
+use super::config::EncoderConfig;
+use super::post_norm::{Encoder, Getter};
 use crate::model::ops::layers::{activation, Act, LayerNorm, Linear, Mode};
 use candle_core::{Result, Tensor};
 use rand::Rng;
@@ -13,7 +13,7 @@ use std::collections::HashSet;
 pub const MLM_HEAD_PREFIX: &str = "cls.";
 
 /// Head parameters (name, shape) after the encoder's, Hugging Face names.
-pub fn head_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+pub fn head_params(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
     vec![
         ("cls.predictions.transform.dense.weight".into(), vec![h, h]),
@@ -26,7 +26,7 @@ pub fn head_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Encoder + prediction head over the vocabulary.
 pub struct MaskedLm {
-    pub bert: Bert,
+    pub encoder: Encoder,
     transform: Linear,
     norm: LayerNorm,
     bias: Tensor,
@@ -35,10 +35,10 @@ pub struct MaskedLm {
 }
 
 impl MaskedLm {
-    pub fn load(get: &Getter, cfg: &BertConfig) -> Result<Self> {
+    pub fn load(get: &Getter, cfg: &EncoderConfig) -> Result<Self> {
         let p = "cls.predictions";
         Ok(Self {
-            bert: Bert::load(get, cfg)?,
+            encoder: Encoder::load(get, cfg)?,
             transform: Linear::new(get(&format!("{p}.transform.dense.weight"))?, get(&format!("{p}.transform.dense.bias"))?),
             norm: LayerNorm {
                 weight: get(&format!("{p}.transform.LayerNorm.weight"))?,
@@ -65,7 +65,7 @@ impl MaskedLm {
         rows: &Tensor,
         mode: &mut Mode,
     ) -> Result<(Tensor, Tensor)> {
-        let hidden = self.bert.forward(ids, type_ids, mask, mode)?;
+        let hidden = self.encoder.forward(ids, type_ids, mask, mode)?;
         let (b, s, h) = hidden.dims3()?;
         let picked = hidden.reshape((b * s, h))?.index_select(rows, 0)?;
         let x = activation(&self.transform.forward(&picked)?, self.act)?;

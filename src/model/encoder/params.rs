@@ -1,8 +1,8 @@
 //! The trainable parameters of a model: named `Var`s, taken from a checkpoint where it has
 //! them and freshly initialised (as transformers does) where it does not.
 
-use super::bert::encoder_params;
-use super::config::BertConfig;
+use super::config::EncoderConfig;
+use super::post_norm::encoder_params;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -27,7 +27,7 @@ pub fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
 }
 
 /// How a parameter missing from the checkpoint starts: transformers' rules.
-fn init(name: &str, shape: &[usize], cfg: &BertConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
+fn init(name: &str, shape: &[usize], cfg: &EncoderConfig, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let n: usize = shape.iter().product();
     if name.ends_with("lora_B.weight") {
         // peft's start: B at zero, so the adapted model begins as its base.
@@ -55,7 +55,7 @@ fn init(name: &str, shape: &[usize], cfg: &BertConfig, rng: &mut ChaCha8Rng) -> 
 /// the pooler's dense layer where it belongs to the head (RoBERTa's `classifier.dense`, which
 /// transformers initialises anew even where the base carries a pooler; ELECTRA's; DistilBERT's
 /// `pre_classifier`). BERT's pooler is pre-trained with the encoder and is kept.
-pub fn fresh_head(cfg: &BertConfig) -> Vec<&'static str> {
+pub fn fresh_head(cfg: &EncoderConfig) -> Vec<&'static str> {
     let mut fresh = vec!["classifier.weight", "classifier.bias"];
     if cfg.arch().pooler_in_head() {
         fresh.extend(["pooler.dense.weight", "pooler.dense.bias"]);
@@ -67,7 +67,7 @@ impl Params {
     /// Builds `spec` (name, shape): from `weights` when the checkpoint has the name with that
     /// shape and the name is not in `fresh`, else initialised from `rng`.
     pub fn build(
-        cfg: &BertConfig,
+        cfg: &EncoderConfig,
         spec: &[(String, Vec<usize>)],
         weights: &HashMap<String, Tensor>,
         fresh: &[&str],
@@ -89,7 +89,7 @@ impl Params {
     /// Parameters of a sequence classifier with `num_labels` outputs: the encoder (which the
     /// checkpoint must have) and BERT's pooler from `weights`, a fresh head (see [`fresh_head`]).
     pub fn for_classifier(
-        cfg: &BertConfig,
+        cfg: &EncoderConfig,
         weights: &HashMap<String, Tensor>,
         num_labels: usize,
         rng: &mut ChaCha8Rng,

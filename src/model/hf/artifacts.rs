@@ -3,7 +3,7 @@
 
 use crate::model::encoder::arch::Arch;
 use crate::model::encoder::classifier::HEAD_NAMES;
-use crate::model::encoder::config::BertConfig;
+use crate::model::encoder::config::EncoderConfig;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -24,7 +24,7 @@ const SENTENCE_FILES: &[&str] =
 /// What a model directory holds, once checked.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
-    pub config: BertConfig,
+    pub config: EncoderConfig,
     /// `Some(labels)` when the config names a sequence-classification architecture with `id2label`.
     pub labels: Option<Vec<String>>,
     pub problem_type: Option<String>,
@@ -43,7 +43,7 @@ impl ModelInfo {
 /// Checks that `dir` is a checkpoint we can load: config parses and names an architecture we run, the tokenizer
 /// and weights exist, and the safetensors header is sound. Reads no tensor data.
 pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
-    let config = BertConfig::from_file(&dir.join(CONFIG)).context("config.json")?;
+    let config = EncoderConfig::from_file(&dir.join(CONFIG)).context("config.json")?;
     ensure!(dir.join(TOKENIZER).is_file(), "no tokenizer.json");
     let weights = dir.join(WEIGHTS);
     if !weights.is_file() {
@@ -88,7 +88,7 @@ fn check_head(header: &HashMap<String, serde_json::Value>, arch: Arch, labels: u
 
 /// Refuses a checkpoint whose encoder tensors are not all there in the shapes its config
 /// gives, naming the first tensor that is missing or of another shape.
-fn check_encoder(header: &HashMap<String, serde_json::Value>, config: &BertConfig) -> anyhow::Result<()> {
+fn check_encoder(header: &HashMap<String, serde_json::Value>, config: &EncoderConfig) -> anyhow::Result<()> {
     let arch = config.arch();
     let shape = |info: &serde_json::Value| -> Option<Vec<usize>> {
         info.get("shape")?.as_array()?.iter().map(|d| d.as_u64().map(|d| d as usize)).collect()
@@ -97,7 +97,7 @@ fn check_encoder(header: &HashMap<String, serde_json::Value>, config: &BertConfi
         header.iter().filter_map(|(name, info)| Some((arch.to_ours(name)?, (name.as_str(), shape(info))))).collect();
     // A bare encoder (`BertModel`) names its tensors without the architecture's prefix.
     let prefixed = header.keys().any(|n| n.starts_with(arch.prefix()));
-    for (name, want) in crate::model::encoder::bert::encoder_params(config) {
+    for (name, want) in crate::model::encoder::post_norm::encoder_params(config) {
         match held.get(&name) {
             None => {
                 let hf = arch.to_hf(&name);
@@ -115,7 +115,7 @@ fn check_encoder(header: &HashMap<String, serde_json::Value>, config: &BertConfi
 }
 
 /// Refuses a tokenizer whose ids run past the word embeddings' rows.
-fn check_vocabulary(dir: &Path, config: &BertConfig) -> anyhow::Result<()> {
+fn check_vocabulary(dir: &Path, config: &EncoderConfig) -> anyhow::Result<()> {
     let tok = super::tokenize::load_tokenizer(dir).context(TOKENIZER)?;
     let n = tok.get_vocab_size(true);
     ensure!(
@@ -170,16 +170,16 @@ pub fn model_type(dir: &Path) -> Option<String> {
 }
 
 /// Why masked-LM pre-training cannot start from the checkpoint in `dir`, if it cannot (see
-/// [`BertConfig::pretraining_refusal`]); `None` too when its config cannot be read (the job
+/// [`EncoderConfig::pretraining_refusal`]); `None` too when its config cannot be read (the job
 /// then fails saying why).
 pub fn pretraining_refusal(dir: &Path) -> Option<String> {
-    BertConfig::from_file(&dir.join(CONFIG)).ok()?.pretraining_refusal()
+    EncoderConfig::from_file(&dir.join(CONFIG)).ok()?.pretraining_refusal()
 }
 
 /// All tensors of a checkpoint as f32 on `device`, under our (BERT) names: see
 /// [`Arch::to_ours`]; the architecture is the one `config.json` names.
 pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
-    let arch = BertConfig::from_file(&dir.join(CONFIG)).context("config.json")?.arch();
+    let arch = EncoderConfig::from_file(&dir.join(CONFIG)).context("config.json")?.arch();
     let raw =
         candle_core::safetensors::load(dir.join(WEIGHTS), device).with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))?;
     let mut out = HashMap::new();
@@ -196,7 +196,7 @@ pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<Strin
 
 /// Writes a complete model directory to `dest`: built in a sibling temp dir, synced, then
 /// renamed into place so that a crash never leaves half a model behind.
-pub fn write_model_dir(dest: &Path, config: &BertConfig, tensors: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> anyhow::Result<()> {
+pub fn write_model_dir(dest: &Path, config: &EncoderConfig, tensors: &HashMap<String, Tensor>, tokenizer_dir: &Path) -> anyhow::Result<()> {
     write_atomically(dest, |tmp| {
         std::fs::write(tmp.join(CONFIG), config.to_json()?)?;
         let arch = config.arch();

@@ -5,7 +5,7 @@
 use crate::model::encoder::adapters::{LowRankSet, Target};
 use crate::model::encoder::arch::Arch;
 use crate::model::encoder::classifier::HEAD_NAMES;
-use crate::model::encoder::config::BertConfig;
+use crate::model::encoder::config::EncoderConfig;
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -81,7 +81,7 @@ pub fn is_adapter(dir: &Path) -> bool {
 }
 
 /// A loaded adapter: low-rank pairs keyed by the weight they change (our names, without
-/// `bert.`), and the tensors it replaces whole (the head, any other `modules_to_save`).
+/// see `arch`), and the tensors it replaces whole (the head, any other `modules_to_save`).
 pub struct Adapter {
     pub config: AdapterConfig,
     /// `weight name → (A [r, in], B [out, r])`.
@@ -230,7 +230,7 @@ pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
     let own = dir.join(super::artifacts::CONFIG);
     let mut info = base_info;
     if own.is_file() {
-        info.config = BertConfig::from_file(&own).context("the adapter's config.json")?;
+        info.config = EncoderConfig::from_file(&own).context("the adapter's config.json")?;
         info.problem_type = info.config.problem_type();
     } else {
         info.problem_type = None;
@@ -248,7 +248,7 @@ pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
 /// `….lora_B.weight` and `classifier.*`.
 pub fn write_adapter_dir(
     dest: &Path,
-    classifier: &BertConfig,
+    classifier: &EncoderConfig,
     tensors: &HashMap<String, Tensor>,
     config: &AdapterConfig,
 ) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 use super::predictor::{length_buckets, probabilities, LoadedClassifier};
 use crate::model::encoder::adapters::{LowRank, LowRankSet, Target};
 use crate::model::encoder::classifier::{Pooling, HEAD_NAMES, POOLER_NAMES};
-use crate::model::encoder::config::BertConfig;
+use crate::model::encoder::config::EncoderConfig;
 use crate::model::hf::lora::{inspect_adapter, Adapter};
 use crate::model::hf::tokenize::pad_batch;
 use crate::model::ops::layers::Linear;
@@ -83,7 +83,7 @@ impl LoadedAdapter {
 
 /// Refuses an adapter whose pairs or head do not fit its base: served over a shared base, a
 /// mismatch would fail (or panic in) the passes it shares with other adapters' rows.
-fn check_shapes(adapter: &Adapter, cfg: &BertConfig) -> anyhow::Result<()> {
+fn check_shapes(adapter: &Adapter, cfg: &EncoderConfig) -> anyhow::Result<()> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     for (name, (a, b)) in &adapter.pairs {
         let (layer, target) = Target::of_weight(name).with_context(|| format!("the adapter changes {name}"))?;

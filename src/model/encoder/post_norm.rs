@@ -1,7 +1,10 @@
-//! Our BERT encoder: Hugging Face tensor names, differentiable in training mode.
+//! The post-norm transformer encoder the BERT family shares (BERT, RoBERTa, XLM-RoBERTa,
+//! CamemBERT, ELECTRA, DistilBERT): embeddings, optional token types, an optional projection of
+//! narrower embeddings, and post-norm layers; differentiable in training mode, packed for
+//! inference. What differs between the architectures comes from `EncoderConfig::arch`.
 
 use super::adapters::{LowRank, Target};
-use super::config::BertConfig;
+use super::config::EncoderConfig;
 use crate::model::ops::attention::attention;
 use crate::model::ops::frozen_ffn::frozen_ffn;
 use crate::model::ops::kernels::use_fused_cpu_kernels;
@@ -9,7 +12,7 @@ use crate::model::ops::layers::{activation, attention_bias, softmax_last, tensor
 use crate::model::ops::{device_ops, rng};
 use candle_core::{DType, Result, Tensor};
 
-/// Looks up a parameter by its name without the `bert.` prefix.
+/// Looks up a parameter by its name in our naming (see `arch`: BERT's names without the architecture's prefix).
 pub type Getter<'a> = dyn Fn(&str) -> Result<Tensor> + 'a;
 
 fn linear(get: &Getter, prefix: &str) -> Result<Linear> {
@@ -58,21 +61,22 @@ fn fused_attention(x: &Tensor) -> bool {
 /// ELECTRA's projection of narrower embeddings to the hidden size.
 const PROJECT: &str = "embeddings_project";
 
-/// The BERT encoder (embeddings + transformer layers), without pooler or head.
-pub struct Bert {
+/// An encoder (embeddings + transformer layers), without pooler or head: what `model_type`
+/// loads, under every head.
+pub struct Encoder {
     embeddings: Embeddings,
     /// Embeddings of another width than the hidden size (ELECTRA) go through this first.
     project: Option<Linear>,
     layers: Vec<Layer>,
-    cfg: BertConfig,
+    cfg: EncoderConfig,
     /// `cfg.hidden_act`, read once.
     act: Act,
     /// Dropout on the attention's output projection (none in DistilBERT).
     attn_out_dropout: f64,
 }
 
-/// Every encoder parameter (name without `bert.`, shape), in checkpoint order.
-pub fn encoder_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+/// Every encoder parameter (our name, shape), in checkpoint order.
+pub fn encoder_params(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, e) = (cfg.hidden_size, cfg.intermediate_size, cfg.embedding_size());
     let mut out: Vec<(String, Vec<usize>)> = vec![
         ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, e]),
@@ -105,14 +109,14 @@ pub fn encoder_params(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Names of every encoder parameter, in checkpoint order, without the `bert.` prefix.
-pub fn encoder_param_names(cfg: &BertConfig) -> Vec<String> {
+/// Names of every encoder parameter, in checkpoint order, in our naming (see `arch`: BERT's names without the architecture's prefix).
+pub fn encoder_param_names(cfg: &EncoderConfig) -> Vec<String> {
     encoder_params(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
-impl Bert {
+impl Encoder {
     /// Builds the encoder from named tensors.
-    pub fn load(get: &Getter, cfg: &BertConfig) -> Result<Self> {
+    pub fn load(get: &Getter, cfg: &EncoderConfig) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
         let embeddings = Embeddings {
             word: get("embeddings.word_embeddings.weight")?,
@@ -203,7 +207,7 @@ impl Bert {
         self.encode(ids, type_ids, mask, mode, false, &LowRank::default())
     }
 
-    /// [`Bert::forward`] (or [`Bert::forward_first_token`] when `first_only`) with each row's
+    /// [`Encoder::forward`] (or [`Encoder::forward_first_token`] when `first_only`) with each row's
     /// adapter terms added to the dense layers they change.
     pub fn forward_low_rank(
         &self,

@@ -34,6 +34,9 @@ impl Format {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub text: String,
+    /// The second text of a pair (sentence-pair tasks: entailment, paraphrase, similarity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_pair: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<LabelValue>,
 }
@@ -65,6 +68,23 @@ pub struct Parsed {
     /// Examples per label (empty for unlabeled data).
     pub labels: BTreeMap<String, usize>,
     pub multi_label: bool,
+    /// Whether the rows are pairs of texts (every row has a `text_pair`).
+    pub pairs: bool,
+}
+
+/// The columns (JSONL fields) a file's rows are read from.
+#[derive(Debug, Clone)]
+pub struct Columns<'a> {
+    pub text: &'a str,
+    /// The second text of a pair, where a row has it.
+    pub text_pair: &'a str,
+    pub label: &'a str,
+}
+
+impl Default for Columns<'_> {
+    fn default() -> Self {
+        Self { text: "text", text_pair: "text_pair", label: "label" }
+    }
 }
 
 /// The first problem found in a file: 1-based line (0 for the file as a whole).
@@ -82,6 +102,11 @@ fn err<T>(line: usize, message: impl Into<String>) -> Result<T, DatasetError> {
 /// Parses and validates a whole file. Accepts a leading byte-order mark and CRLF line ends;
 /// skips blank lines; refuses the file at its first bad row.
 pub fn parse(bytes: &[u8], format: Format, text_col: &str, label_col: &str) -> Result<Parsed, DatasetError> {
+    parse_columns(bytes, format, &Columns { text: text_col, label: label_col, ..Columns::default() })
+}
+
+/// [`parse`] with the pair's column named too.
+pub fn parse_columns(bytes: &[u8], format: Format, cols: &Columns) -> Result<Parsed, DatasetError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
@@ -91,8 +116,8 @@ pub fn parse(bytes: &[u8], format: Format, text_col: &str, label_col: &str) -> R
         }
     };
     let rows = match format {
-        Format::Jsonl => parse_jsonl(text, text_col, label_col)?,
-        Format::Csv => parse_csv(text, text_col, label_col)?,
+        Format::Jsonl => parse_jsonl(text, cols)?,
+        Format::Csv => parse_csv(text, cols)?,
     };
     check_rows(rows, format)
 }
@@ -103,6 +128,7 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
     }
     let labeled = rows[0].1.label.is_some();
     let multi = matches!(rows[0].1.label, Some(LabelValue::Many(_)));
+    let pairs = rows[0].1.text_pair.is_some();
     let mut labels = BTreeMap::new();
     for (line, row) in &rows {
         if row.text.trim().is_empty() {
@@ -110,6 +136,13 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
         }
         if row.text.len() > MAX_TEXT_BYTES {
             return err(*line, format!("text is longer than {MAX_TEXT_BYTES} bytes"));
+        }
+        match (&row.text_pair, pairs) {
+            (None, true) => return err(*line, "field \"text_pair\" is missing (other rows are pairs)"),
+            (Some(_), false) => return err(*line, "this row is a pair but the first row is a single text"),
+            (Some(p), _) if p.trim().is_empty() => return err(*line, "field \"text_pair\" is empty"),
+            (Some(p), _) if p.len() > MAX_TEXT_BYTES => return err(*line, format!("text_pair is longer than {MAX_TEXT_BYTES} bytes")),
+            _ => {}
         }
         match (&row.label, labeled, multi) {
             (None, true, _) => return err(*line, "field \"label\" is missing (other rows have one)"),
@@ -128,7 +161,7 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
             }
         }
     }
-    Ok(Parsed { rows: rows.into_iter().map(|(_, r)| r).collect(), format, labels, multi_label: multi })
+    Ok(Parsed { rows: rows.into_iter().map(|(_, r)| r).collect(), format, labels, multi_label: multi, pairs })
 }
 
 fn label_from_json(v: &Value, line: usize, col: &str) -> Result<Option<LabelValue>, DatasetError> {
@@ -153,7 +186,8 @@ fn label_from_json(v: &Value, line: usize, col: &str) -> Result<Option<LabelValu
     })
 }
 
-fn parse_jsonl(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, Row)>, DatasetError> {
+fn parse_jsonl(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetError> {
+    let (text_col, label_col) = (cols.text, cols.label);
     let mut rows = Vec::new();
     for (i, raw) in text.split('\n').enumerate() {
         let line = i + 1;
@@ -171,16 +205,22 @@ fn parse_jsonl(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize
             Some(_) => return err(line, format!("field {text_col:?} must be a string")),
             None => return err(line, format!("field {text_col:?} is missing")),
         };
+        let text_pair = match obj.get(cols.text_pair) {
+            Some(Value::String(s)) => Some(s.clone()),
+            None | Some(Value::Null) => None,
+            Some(_) => return err(line, format!("field {:?} must be a string", cols.text_pair)),
+        };
         let label = match obj.get(label_col) {
             Some(v) => label_from_json(v, line, label_col)?,
             None => None,
         };
-        rows.push((line, Row { text, label }));
+        rows.push((line, Row { text, text_pair, label }));
     }
     Ok(rows)
 }
 
-fn parse_csv(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, Row)>, DatasetError> {
+fn parse_csv(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetError> {
+    let (text_col, label_col) = (cols.text, cols.label);
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(text.as_bytes());
     let headers = match reader.headers() {
         Ok(h) => h.clone(),
@@ -190,6 +230,7 @@ fn parse_csv(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, 
         return err(1, format!("the header has no column {text_col:?}"));
     };
     let label_idx = headers.iter().position(|h| h.trim() == label_col);
+    let pair_idx = headers.iter().position(|h| h.trim() == cols.text_pair);
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = match record {
@@ -205,7 +246,8 @@ fn parse_csv(text: &str, text_col: &str, label_col: &str) -> Result<Vec<(usize, 
         }
         let text = record.get(text_idx).unwrap_or("").to_string();
         let label = label_idx.and_then(|i| record.get(i)).filter(|l| !l.is_empty()).map(|l| LabelValue::One(l.to_string()));
-        rows.push((line, Row { text, label }));
+        let text_pair = pair_idx.and_then(|i| record.get(i)).filter(|p| !p.is_empty()).map(String::from);
+        rows.push((line, Row { text, text_pair, label }));
     }
     Ok(rows)
 }

@@ -70,3 +70,42 @@ fn csv_with_custom_columns_and_quoted_fields() {
 fn an_empty_file_is_refused() {
     assert!(jsonl("\n\n").is_err());
 }
+
+#[test]
+fn pairs_parse_from_jsonl_and_csv_and_a_named_column() {
+    let d = jsonl(
+        "{\"text\": \"a b\", \"text_pair\": \"c d\", \"label\": \"same\"}\n{\"text\": \"e\", \"text_pair\": \"f\", \"label\": \"other\"}\n",
+    )
+    .unwrap();
+    assert!(d.pairs);
+    assert_eq!(d.rows[0].text_pair.as_deref(), Some("c d"));
+    let stored = finetuned::dataset::to_jsonl(&d.rows);
+    assert_eq!(jsonl(std::str::from_utf8(&stored).unwrap()).unwrap().rows, d.rows, "stored as it came");
+    let csv = parse(b"text,text_pair,label\na,b,x\nc,d,y\n", Format::Csv, "text", "label").unwrap();
+    assert!(csv.pairs);
+    assert_eq!(csv.rows[1].text_pair.as_deref(), Some("d"));
+    let cols = finetuned::dataset::Columns { text: "question", text_pair: "answer", label: "label" };
+    let named =
+        finetuned::dataset::parse_columns(b"{\"question\": \"q\", \"answer\": \"a\", \"label\": 1}\n", Format::Jsonl, &cols).unwrap();
+    assert_eq!((named.rows[0].text.as_str(), named.rows[0].text_pair.as_deref()), ("q", Some("a")));
+    assert!(!jsonl("{\"text\": \"a\", \"label\": \"x\"}\n").unwrap().pairs);
+}
+
+#[test]
+fn pairs_and_single_texts_do_not_mix_and_an_empty_second_text_is_refused() {
+    let cases = [
+        ("{\"text\": \"a\", \"text_pair\": \"b\", \"label\": \"x\"}\n{\"text\": \"c\", \"label\": \"y\"}\n", 2, "\"text_pair\" is missing"),
+        (
+            "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"c\", \"text_pair\": \"d\", \"label\": \"y\"}\n",
+            2,
+            "first row is a single text",
+        ),
+        ("{\"text\": \"a\", \"text_pair\": \" \", \"label\": \"x\"}\n", 1, "\"text_pair\" is empty"),
+        ("{\"text\": \"a\", \"text_pair\": 3, \"label\": \"x\"}\n", 1, "\"text_pair\" must be a string"),
+    ];
+    for (input, line, needle) in cases {
+        let e = jsonl(input).unwrap_err();
+        assert_eq!(e.line, line, "{input:?} → {e}");
+        assert!(e.message.contains(needle), "{input:?} → {e}");
+    }
+}

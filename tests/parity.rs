@@ -205,6 +205,65 @@ fn a_distilbert_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     pretrain_and_compare("distilbert-mlm", &tiny("distilbert", "base"), MLM_TEXT);
 }
 
+const PAIRS: &[(&str, &str)] = &[
+    (
+        "Amrozi accused his brother of deliberately distorting his evidence.",
+        "Referring to him as only the witness, Amrozi accused his brother.",
+    ),
+    ("the cat sat on the mat", "a cat was sitting on a mat"),
+    ("x", "a much longer second text than the first one, with more words in it"),
+];
+
+/// A sentence-pair classifier trained here (MRPC's first rows, from the tiny BERT and the tiny
+/// RoBERTa: token types 0/1 on one, none on the other) gives transformers' logits for pairs.
+fn pair_classifier_matches(arch: &str) {
+    let bytes = std::fs::read(common::shared().join("datasets/mrpc/train.jsonl")).unwrap();
+    let rows = finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows;
+    assert!(rows[0].text_pair.is_some(), "MRPC rows are pairs");
+    let dir = tempfile::tempdir().unwrap();
+    let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(16), max_seq_len: Some(64), ..Default::default() }
+        .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
+        .unwrap();
+    let out = dir.path().join("trained");
+    let mut req = TrainRequest::new(tiny(arch, "base"), rows[..96].to_vec(), Some(rows[96..128].to_vec()), hp, Device::Cpu);
+    req.out_dir = Some(out.clone());
+    trainer::run(req, &mut Quiet).unwrap();
+
+    let cfg = finetuned::model::hf::artifacts::inspect(&out).unwrap().config;
+    let tok = finetuned::model::hf::tokenize::load_tokenizer(&out).unwrap();
+    let m = LoadedClassifier::load(&out, &Device::Cpu).unwrap();
+    let (mut ids, mut logits) = (Vec::new(), Vec::new());
+    for (a, b) in PAIRS {
+        let (seq, types) = finetuned::model::hf::tokenize::encode_pairs(&tok, &[(a, b)], 512).unwrap().remove(0);
+        let types = if cfg.type_vocab_size > 1 { types } else { vec![] };
+        if cfg.type_vocab_size > 1 {
+            assert!(types.contains(&1), "the second text is type 1");
+        }
+        let batch =
+            finetuned::model::hf::tokenize::pad_batch_typed(&[seq.as_slice()], &[types.as_slice()], cfg.pad_token_id as u32, &Device::Cpu)
+                .unwrap();
+        logits.push(m.forward(&batch.ids, &batch.type_ids, &batch.mask).unwrap().to_vec2::<f32>().unwrap().remove(0));
+        ids.push(seq);
+    }
+    let ours = Answer { ids, logits, layout: Value::Null, versions: Value::Null };
+    check(&format!("{arch}-pairs"), &ours, |py| {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let items: Vec<[&str; 2]> = PAIRS.iter().map(|(a, b)| [*a, *b]).collect();
+        std::fs::write(file.path(), serde_json::to_vec(&items).unwrap()).unwrap();
+        serde_json::from_value(hf(py, &["logits".as_ref(), out.as_os_str(), file.path().as_os_str()])).unwrap()
+    });
+}
+
+#[test]
+fn a_bert_pair_classifier_trained_here_gives_transformers_logits_for_pairs() {
+    pair_classifier_matches("bert");
+}
+
+#[test]
+fn a_roberta_pair_classifier_trained_here_gives_transformers_logits_for_pairs() {
+    pair_classifier_matches("roberta");
+}
+
 #[test]
 fn a_classifier_saved_by_transformers_serves_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,7 @@ pub fn router() -> Router<AppState> {
 pub struct UploadQuery {
     pub name: Option<String>,
     pub text_column: Option<String>,
+    pub text_pair_column: Option<String>,
     pub label_column: Option<String>,
 }
 
@@ -63,13 +64,16 @@ pub async fn store_upload(
     param: &str,
 ) -> ApiResult<DatasetRecord> {
     let text_col = q.text_column.clone().unwrap_or_else(|| "text".into());
+    let pair_col = q.text_pair_column.clone().unwrap_or_else(|| "text_pair".into());
     let label_col = q.label_column.clone().unwrap_or_else(|| "label".into());
     let bytes = upload.bytes.clone();
     let format = upload.format;
-    let parsed = tokio::task::spawn_blocking(move || dataset::parse(&bytes, format, &text_col, &label_col))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| ApiError::invalid_dataset(param, &e))?;
+    let parsed = tokio::task::spawn_blocking(move || {
+        dataset::parse_columns(&bytes, format, &dataset::Columns { text: &text_col, text_pair: &pair_col, label: &label_col })
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| ApiError::invalid_dataset(param, &e))?;
     let id = store::new_id("ds");
     let rel = format!("datasets/{id}.jsonl");
     let path = state.config.data_dir.join(&rel);

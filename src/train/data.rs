@@ -1,7 +1,7 @@
 //! Training data: label ids, the stratified validation split, tokenisation and batch order.
 
 use crate::dataset::Row;
-use crate::model::hf::tokenize::{encode_all, truncate};
+use crate::model::hf::tokenize::{encode_all, encode_pairs, truncate};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -11,6 +11,9 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone)]
 pub struct Example {
     pub ids: Vec<u32>,
+    /// Token types of a pair (0 for the first text, 1 for the second) where the model has
+    /// token types; empty otherwise (all 0).
+    pub type_ids: Vec<u32>,
     pub labels: Vec<usize>,
 }
 
@@ -81,20 +84,38 @@ pub fn batch_order(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
 }
 
-/// Tokenises `rows` (truncated to `max_len`) with their labels as ids into `labels` (sorted).
-pub fn to_examples(rows: &[Row], labels: &[String], tok: &tokenizers::Tokenizer, max_len: usize) -> anyhow::Result<Vec<Example>> {
-    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
-    let ids = encode_all(tok, &texts)?;
+/// Tokenises `rows` (truncated to `max_len`: a single text keeps its final `[SEP]`, a pair is
+/// cut longer text first) with their labels as ids into `labels` (sorted). `typed`: the model
+/// has token types, so a pair's second text gets type 1.
+pub fn to_examples(
+    rows: &[Row],
+    labels: &[String],
+    tok: &tokenizers::Tokenizer,
+    max_len: usize,
+    typed: bool,
+) -> anyhow::Result<Vec<Example>> {
+    let encoded: Vec<(Vec<u32>, Vec<u32>)> = if rows.iter().any(|r| r.text_pair.is_some()) {
+        let pairs: Vec<(&str, &str)> = rows.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref().unwrap_or(""))).collect();
+        encode_pairs(tok, &pairs, max_len)?.into_iter().map(|(ids, types)| (ids, if typed { types } else { vec![] })).collect()
+    } else {
+        let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+        encode_all(tok, &texts)?
+            .into_iter()
+            .map(|mut ids| {
+                truncate(&mut ids, max_len);
+                (ids, vec![])
+            })
+            .collect()
+    };
     rows.iter()
-        .zip(ids)
-        .map(|(r, mut ids)| {
-            truncate(&mut ids, max_len);
+        .zip(encoded)
+        .map(|(r, (ids, type_ids))| {
             let ids_of = r
                 .labels()
                 .iter()
                 .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
                 .collect::<anyhow::Result<Vec<usize>>>()?;
-            Ok(Example { ids, labels: ids_of })
+            Ok(Example { ids, type_ids, labels: ids_of })
         })
         .collect()
 }
@@ -104,7 +125,7 @@ mod tests {
     use super::*;
 
     fn examples(n: usize) -> Vec<Example> {
-        (0..n).map(|i| Example { ids: vec![0; 1 + (i * 7919) % 61], labels: vec![0] }).collect()
+        (0..n).map(|i| Example { ids: vec![0; 1 + (i * 7919) % 61], type_ids: vec![], labels: vec![0] }).collect()
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::data::Example;
 use super::metrics::{classification_report, multilabel_report, ClassificationReport};
-use crate::model::hf::tokenize::pad_batch;
+use crate::model::hf::tokenize::pad_batch_typed;
 use crate::model::ops::layers::Mode;
 use crate::model::Classifier;
 use candle_core::{DType, Device, Result, Tensor};
@@ -88,7 +88,8 @@ impl Task {
         let mut loss_sum = 0.0;
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| data[i].ids.as_slice()).collect();
-            let batch = pad_batch(&seqs, pad, device)?;
+            let types: Vec<&[u32]> = chunk.iter().map(|&i| data[i].type_ids.as_slice()).collect();
+            let batch = pad_batch_typed(&seqs, &types, pad, device)?;
             let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
             let examples: Vec<&Example> = chunk.iter().map(|&i| &data[i]).collect();
             let targets = self.targets(&examples, labels.len(), device)?;
@@ -174,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_sigmoid_head_starts_at_each_labels_smoothed_frequency() {
-        let ex = |labels: &[usize]| Example { ids: vec![], labels: labels.to_vec() };
+        let ex = |labels: &[usize]| Example { ids: vec![], type_ids: vec![], labels: labels.to_vec() };
         let train = [ex(&[0]), ex(&[0, 1]), ex(&[0]), ex(&[2])];
         let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
         let p: Vec<f32> = prior_log_odds(&train, 4).into_iter().map(sigmoid).collect();

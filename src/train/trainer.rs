@@ -14,7 +14,7 @@ use crate::model::encoder::classifier::POOLER_NAMES;
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
 use crate::model::hf::artifacts::{inspect, load_weights};
-use crate::model::hf::tokenize::{load_tokenizer, pad_batch, Batch};
+use crate::model::hf::tokenize::{load_tokenizer, pad_batch_typed, Batch};
 use crate::model::ops::layers::Mode;
 use crate::model::{Classifier, EncoderConfig, Pooling};
 use crate::train::hyper::Method;
@@ -118,9 +118,19 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let params = &trainable.params;
     let load_seconds = t_load.elapsed().as_secs_f64();
     let t_tok = Instant::now();
-    let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len)?;
-    let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len)?;
-    let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len)?;
+    let pairs = |rows: &[crate::dataset::Row]| rows.first().map(|r| r.text_pair.is_some());
+    for (name, rows) in [("validation", &val_rows), ("test", &test_rows)] {
+        if pairs(rows).is_some_and(|p| Some(p) != pairs(&train_rows)) {
+            let (these, those) =
+                if pairs(rows) == Some(true) { ("pairs of texts", "single texts") } else { ("single texts", "pairs of texts") };
+            return Err(TrainError::InvalidData(format!("the {name} data are {these} but the training data are {those}")));
+        }
+    }
+    // A pair's second text is type 1 only where the model has a second token type.
+    let typed = cfg.type_vocab_size > 1;
+    let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len, typed)?;
+    let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len, typed)?;
+    let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len, typed)?;
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
     let mut hp_run = req.hp.clone();
     if hp_run.auto_epochs {
@@ -286,7 +296,8 @@ impl run_loop::Objective for Classify<'_> {
 
     fn prepare(&mut self, indices: &[usize], _rng: &mut ChaCha8Rng, sums: &mut EpochSums) -> Result<Option<(Batch, Tensor)>, TrainError> {
         let seqs: Vec<&[u32]> = indices.iter().map(|&i| self.train[i].ids.as_slice()).collect();
-        let batch = pad_batch(&seqs, self.cfg.pad_token_id as u32, self.device)?;
+        let types: Vec<&[u32]> = indices.iter().map(|&i| self.train[i].type_ids.as_slice()).collect();
+        let batch = pad_batch_typed(&seqs, &types, self.cfg.pad_token_id as u32, self.device)?;
         sums.real_tokens += seqs.iter().map(|s| s.len()).sum::<usize>();
         sums.padded_tokens += batch.ids.elem_count();
         let examples: Vec<&Example> = indices.iter().map(|&i| &self.train[i]).collect();

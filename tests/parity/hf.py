@@ -1,6 +1,7 @@
 """transformers side of the parity tests (run by tests/parity.rs when transformers is installed).
 
   hf.py logits MODEL_DIR TEXTS_JSON  -> {"logits", "ids", "loading_info", "versions"}, sequence classification
+                                        (an item of TEXTS_JSON is a text or a pair [text, text_pair])
   hf.py mlm MODEL_DIR TEXTS_JSON     -> the same for the masked LM (first 1000 vocabulary entries per token)
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
   hf.py peft-make BASE DATA_JSONL OUT -> trains a LoRA adapter with peft (seeded, a few steps) and saves it
@@ -28,7 +29,9 @@ def _answer(model_dir, texts_path, cls, take):
     out_logits, out_ids = [], []
     with torch.inference_mode():
         for t in texts:
-            enc = tok(t, return_tensors="pt", truncation=True, max_length=512)
+            # A pair of texts comes as [text, text_pair].
+            enc = tok(*t, return_tensors="pt", truncation=True, max_length=512) if isinstance(t, list) else \
+                tok(t, return_tensors="pt", truncation=True, max_length=512)
             out_ids.append(enc["input_ids"][0].tolist())
             out_logits.extend(take(model(**enc).logits[0]))
     info = {k: [str(x) for x in v] for k, v in info.items() if isinstance(v, (list, set))}

@@ -36,6 +36,19 @@ pub fn encode_pair(tok: &Tokenizer, first: &str, second: &str) -> anyhow::Result
     Ok((e.get_ids().to_vec(), e.get_type_ids().to_vec()))
 }
 
+/// Token ids and token types of each pair of texts, cut to `max_len` tokens in all (special
+/// tokens included) by taking tokens off the longer text first, as transformers' default
+/// `longest_first` truncation does.
+pub fn encode_pairs(tok: &Tokenizer, pairs: &[(&str, &str)], max_len: usize) -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let mut tok = tok.clone();
+    let params =
+        tokenizers::TruncationParams { max_length: max_len, strategy: tokenizers::TruncationStrategy::LongestFirst, ..Default::default() };
+    tok.with_truncation(Some(params)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let inputs: Vec<tokenizers::EncodeInput> = pairs.iter().map(|&(a, b)| (a, b).into()).collect();
+    let encs = tok.encode_batch(inputs, true).map_err(|e| anyhow::anyhow!("tokenizing pairs: {e}"))?;
+    Ok(encs.into_iter().map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec())).collect())
+}
+
 /// Up to this many texts are encoded on the calling thread.
 const FEW_TEXTS: usize = 4;
 
@@ -57,26 +70,36 @@ pub fn truncate_left(ids: &mut Vec<u32>, max_len: usize) {
     }
 }
 
-/// One padded batch: `input_ids`, `token_type_ids` (all 0) and `attention_mask`, `[batch, longest]`.
+/// One padded batch: `input_ids`, `token_type_ids` and `attention_mask`, `[batch, longest]`.
 pub struct Batch {
     pub ids: Tensor,
     pub type_ids: Tensor,
     pub mask: Tensor,
 }
 
-/// Pads the sequences to the longest in the batch with `pad_id`.
+/// Pads the sequences to the longest in the batch with `pad_id` (token types all 0).
 pub fn pad_batch(seqs: &[&[u32]], pad_id: u32, device: &Device) -> candle_core::Result<Batch> {
+    pad_batch_typed(seqs, &[], pad_id, device)
+}
+
+/// [`pad_batch`] with each sequence's token types (`types[i]` as long as `seqs[i]`; an empty
+/// `types`, or an empty entry, means all 0).
+pub fn pad_batch_typed(seqs: &[&[u32]], types: &[&[u32]], pad_id: u32, device: &Device) -> candle_core::Result<Batch> {
     let len = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
     let b = seqs.len();
     let mut ids = vec![pad_id; b * len];
     let mut mask = vec![0u32; b * len];
+    let mut type_ids = vec![0u32; b * len];
     for (i, s) in seqs.iter().enumerate() {
         ids[i * len..i * len + s.len()].copy_from_slice(s);
         mask[i * len..i * len + s.len()].iter_mut().for_each(|m| *m = 1);
+        if let Some(t) = types.get(i).filter(|t| t.len() == s.len()) {
+            type_ids[i * len..i * len + s.len()].copy_from_slice(t);
+        }
     }
     Ok(Batch {
         ids: Tensor::from_vec(ids, (b, len), device)?,
-        type_ids: Tensor::zeros((b, len), candle_core::DType::U32, device)?,
+        type_ids: Tensor::from_vec(type_ids, (b, len), device)?,
         mask: Tensor::from_vec(mask, (b, len), device)?,
     })
 }

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Random-init weights of real shapes, saved once by transformers, for the architecture speed
+benchmark (bench/architectures.sh): both sides load the same files.
+
+  ~/refbench-venv/bin/python bench/make_arch_bases.py OUT_DIR
+
+writes OUT_DIR/{roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator}: each
+its architecture's default shape (roberta-base's 50,265-token vocabulary and 514 positions; xlm-roberta-base's
+250,002; distilbert-base-uncased's 6 layers; electra-base-discriminator's 12 layers of 768). No hub here, so
+the tokenizers are made locally: bert-base-uncased's WordPiece (from all-MiniLM-L6-v2, the same 30,522
+tokens) for DistilBERT and ELECTRA, and a byte-level BPE and a SentencePiece Unigram trained on SST-2's
+texts for RoBERTa and XLM-R (their ids fit the real vocabularies; texts come out a little longer).
+"""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from tokenizers import ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
+from transformers import (AutoTokenizer, DistilBertConfig, DistilBertModel, DistilBertTokenizerFast, ElectraConfig, ElectraModel,
+                          ElectraTokenizerFast, RobertaConfig, RobertaModel, RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel,
+                          XLMRobertaTokenizerFast)
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+MINILM = os.path.join(SHARED, "models", "all-minilm-l6-v2")
+
+
+def texts():
+    return [json.loads(l)["text"] for l in open(os.path.join(SHARED, "datasets", "sst2", "train.jsonl"))]
+
+
+def save(out, model, tok):
+    torch.manual_seed(0)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    print(out, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")
+
+
+def roberta(out):
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts(), vocab_size=16000, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.save_model(tmp)
+        tok = RobertaTokenizerFast(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"), model_max_length=512)
+    torch.manual_seed(0)
+    save(out, RobertaModel(RobertaConfig()), tok)
+
+
+def xlm_roberta(out):
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(texts(), vocab_size=16000, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    sp.add_special_tokens(["<mask>"])
+    tok = XLMRobertaTokenizerFast(tokenizer_object=sp, model_max_length=512)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+    torch.manual_seed(0)
+    save(out, XLMRobertaModel(XLMRobertaConfig(vocab_size=250002)), tok)
+
+
+def distilbert(out):
+    tok = DistilBertTokenizerFast(tokenizer_file=os.path.join(MINILM, "tokenizer.json"), model_max_length=512)
+    torch.manual_seed(0)
+    save(out, DistilBertModel(DistilBertConfig()), tok)
+
+
+def electra(out):
+    tok = ElectraTokenizerFast(tokenizer_file=os.path.join(MINILM, "tokenizer.json"), model_max_length=512)
+    config = ElectraConfig(embedding_size=768, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(0)
+    save(out, ElectraModel(config), tok)
+
+
+if __name__ == "__main__":
+    root = sys.argv[1]
+    roberta(os.path.join(root, "roberta-base"))
+    xlm_roberta(os.path.join(root, "xlm-roberta-base"))
+    distilbert(os.path.join(root, "distilbert-base-uncased"))
+    electra(os.path.join(root, "electra-base-discriminator"))

@@ -52,12 +52,47 @@ impl BodyLimits {
     }
 }
 
-/// One text or a list of texts.
+/// One input or a list of them.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Inputs {
-    One(String),
-    Many(Vec<String>),
+    One(Input),
+    Many(Vec<Input>),
+}
+
+/// A text, or a pair of texts in the Hugging Face inference API's shape: an object
+/// `{"text", "text_pair"}` (a map, so that a list of two texts stays two inputs).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Input {
+    Text(String),
+    Pair(std::collections::BTreeMap<String, String>),
+}
+
+/// A pair's two texts, or the error naming what the object lacks or has too many of.
+fn pair_of(mut m: std::collections::BTreeMap<String, String>) -> ApiResult<(String, String)> {
+    match (m.remove("text"), m.remove("text_pair")) {
+        (Some(a), Some(b)) if m.is_empty() => Ok((a, b)),
+        _ => Err(ApiError::invalid("inputs", "a pair of texts is an object with exactly \"text\" and \"text_pair\"")),
+    }
+}
+
+/// The texts of `inputs`, and each one's second text when they are pairs (all of them or
+/// none: a request mixing the two is refused).
+fn split_inputs(inputs: Vec<Input>) -> ApiResult<(Vec<String>, Option<Vec<String>>)> {
+    let pairs = inputs.iter().filter(|i| matches!(i, Input::Pair(_))).count();
+    if pairs > 0 && pairs < inputs.len() {
+        return Err(ApiError::invalid("inputs", "inputs mix single texts and pairs: send one kind per request"));
+    }
+    if pairs == 0 {
+        return Ok((inputs.into_iter().map(|i| if let Input::Text(t) = i { t } else { unreachable!("counted") }).collect(), None));
+    }
+    let both = inputs
+        .into_iter()
+        .map(|i| if let Input::Pair(p) = i { pair_of(p) } else { unreachable!("counted") })
+        .collect::<ApiResult<Vec<(String, String)>>>()?;
+    let (texts, seconds) = both.into_iter().unzip();
+    Ok((texts, Some(seconds)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +181,8 @@ impl From<PredictError> for ApiError {
 #[derive(Debug)]
 pub struct CheckedRequest {
     pub texts: Vec<String>,
+    /// Each text's second text, for pairs.
+    pub pairs: Option<Vec<String>>,
     pub overflow: Overflow,
     top_k: Option<u64>,
     raw_scores: Option<bool>,
@@ -157,11 +194,17 @@ pub struct CheckedRequest {
 
 impl PredictRequest {
     fn check(self, limits: BodyLimits) -> ApiResult<CheckedRequest> {
-        let texts = match self.inputs {
+        let (texts, pairs) = split_inputs(match self.inputs {
             Inputs::One(t) => vec![t],
             Inputs::Many(ts) => ts,
-        };
+        })?;
         limits.check(&texts)?;
+        if let Some(seconds) = &pairs {
+            limits.check(seconds)?;
+            if self.overflow.as_deref() == Some("chunk") {
+                return Err(ApiError::invalid("overflow", "overflow \"chunk\" applies to single texts, not pairs"));
+            }
+        }
         check_top_k("top_k", self.top_k)?;
         if self.calibrated.is_some() && self.raw_scores == Some(true) {
             return Err(ApiError::invalid("calibrated", "calibrated applies to probabilities; it cannot be used with raw_scores"));
@@ -196,6 +239,7 @@ impl PredictRequest {
         };
         Ok(CheckedRequest {
             texts,
+            pairs,
             overflow,
             top_k,
             raw_scores: self.raw_scores,
@@ -227,7 +271,7 @@ async fn predict(
         (false, Some(false)) => Output::Uncalibrated,
         (false, _) => Output::Calibrated,
     };
-    let mut scored = score(&state, &id, req.texts, req.overflow, output).await?;
+    let mut scored = score_pairs(&state, &id, req.texts, req.pairs, req.overflow, output).await?;
     if let Some(f) = req.hf {
         f.apply(&mut scored.scores);
         let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
@@ -290,10 +334,18 @@ pub(crate) async fn classifier(state: &AppState, id: &str) -> ApiResult<crate::c
     Ok(model)
 }
 
-/// `texts` scored by classifier `id` as `output` says.
-pub(crate) async fn score(state: &AppState, id: &str, texts: Vec<String>, overflow: Overflow, output: Output) -> ApiResult<Scored> {
+/// `texts` scored by classifier `id` as `output` says, each with its second text when `pairs`
+/// holds them.
+pub(crate) async fn score_pairs(
+    state: &AppState,
+    id: &str,
+    texts: Vec<String>,
+    pairs: Option<Vec<String>>,
+    overflow: Overflow,
+    output: Output,
+) -> ApiResult<Scored> {
     let model = classifier(state, id).await?;
-    Ok(state.predictor.predict(id, model.path, texts, overflow, output).await?)
+    Ok(state.predictor.predict_pairs(id, model.path, texts, pairs, overflow, output).await?)
 }
 
 /// Each input's `{label, score}` pairs, highest score first (ties in label order), at most `k`.

@@ -4,7 +4,7 @@
 
 use super::hf::{hf_parameters, HfParameters};
 use super::json::ApiJson;
-use super::predict::{classifier, predict_body, ranked, score, timing_headers, BodyLimits};
+use super::predict::{classifier, predict_body, ranked, score_pairs, timing_headers, BodyLimits};
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::model::predict::predictor::Overflow;
@@ -43,31 +43,56 @@ fn model_id(state: &AppState, headers: &HeaderMap) -> ApiResult<String> {
     }
 }
 
-/// TEI's `inputs`: one text, or a batch of one-text lists. `Pair` is a pair of texts, which
-/// TEI scores as one input; our classifiers take one text, so a pair is refused.
+/// TEI's `inputs`: one text (`"a"` or `["a"]`), one pair (`["a", "b"]`), or a batch of
+/// one-text lists or of pairs (`[["a"], ["b"]]`, `[["a", "b"], ["c", "d"]]`; not both kinds).
+/// `pairs` holds each text's second text when the inputs are pairs.
 #[derive(Debug)]
-enum TeiInputs {
-    Single(String),
-    Batch(Vec<String>),
+struct TeiInputs {
+    texts: Vec<String>,
+    pairs: Option<Vec<String>>,
+    single: bool,
 }
 
 impl TeiInputs {
     fn parse(v: Value) -> ApiResult<Self> {
-        let pair = || ApiError::invalid("inputs", "a pair of texts is not supported: these classifiers take one text per input");
-        let shape = || ApiError::invalid("inputs", "inputs must be a string, [string] or a batch [[string], [string], ...]");
+        let shape = || {
+            ApiError::invalid(
+                "inputs",
+                "inputs must be a string, [string], a pair [string, string], or a batch of either: [[string], ...] or [[string, string], ...]",
+            )
+        };
+        let one = |texts: Vec<String>, pair: Option<String>| Self { texts, pairs: pair.map(|p| vec![p]), single: true };
         match v {
-            Value::String(s) => Ok(Self::Single(s)),
+            Value::String(s) => Ok(one(vec![s], None)),
             Value::Array(items) => match items.first() {
                 None => Err(ApiError::invalid("inputs", "inputs must hold at least one text")),
-                Some(Value::String(_)) if items.len() == 1 => Ok(Self::Single(text(&items[0]).ok_or_else(shape)?)),
-                Some(Value::String(_)) if items.len() == 2 => Err(pair()),
-                Some(Value::Array(_)) => {
-                    let one = |item: &Value| match item.as_array().map(Vec::as_slice) {
-                        Some([t]) => text(t).ok_or_else(shape),
-                        Some([_, _]) => Err(pair()),
-                        _ => Err(shape()),
-                    };
-                    Ok(Self::Batch(items.iter().map(one).collect::<ApiResult<_>>()?))
+                Some(Value::String(_)) if items.len() == 1 => Ok(one(vec![text(&items[0]).ok_or_else(shape)?], None)),
+                Some(Value::String(_)) if items.len() == 2 => {
+                    Ok(one(vec![text(&items[0]).ok_or_else(shape)?], Some(text(&items[1]).ok_or_else(shape)?)))
+                }
+                Some(Value::Array(first)) => {
+                    let width = first.len();
+                    if !(1..=2).contains(&width) {
+                        return Err(shape());
+                    }
+                    let (mut texts, mut seconds) = (Vec::new(), Vec::new());
+                    for item in &items {
+                        match item.as_array().map(Vec::as_slice) {
+                            Some([t]) if width == 1 => texts.push(text(t).ok_or_else(shape)?),
+                            Some([a, b]) if width == 2 => {
+                                texts.push(text(a).ok_or_else(shape)?);
+                                seconds.push(text(b).ok_or_else(shape)?);
+                            }
+                            Some([_] | [_, _]) => {
+                                return Err(ApiError::invalid(
+                                    "inputs",
+                                    "the batch mixes single texts and pairs: send one kind per request",
+                                ))
+                            }
+                            _ => return Err(shape()),
+                        }
+                    }
+                    Ok(Self { texts, pairs: (width == 2).then_some(seconds), single: false })
                 }
                 _ => Err(shape()),
             },
@@ -100,16 +125,19 @@ async fn predict(
 ) -> ApiResult<Response> {
     let req = predict_body(&state, body)?;
     let id = model_id(&state, &headers)?;
-    let inputs = TeiInputs::parse(req.inputs)?;
-    let (texts, single) = match inputs {
-        TeiInputs::Single(t) => (vec![t], true),
-        TeiInputs::Batch(ts) => (ts, false),
-    };
-    BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars }.check(&texts)?;
+    let TeiInputs { texts, pairs, single } = TeiInputs::parse(req.inputs)?;
+    let limits = BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars };
+    limits.check(&texts)?;
+    if let Some(seconds) = &pairs {
+        limits.check(seconds)?;
+    }
     // TEI's `--auto-truncate` is on by default: a missing `truncate` truncates.
     let overflow = match (req.truncate.unwrap_or(true), req.truncation_direction.as_deref()) {
         (false, _) => Overflow::Refuse,
         (true, None | Some("Right" | "right")) => Overflow::Truncate,
+        (true, Some("Left" | "left")) if pairs.is_some() => {
+            return Err(ApiError::invalid("truncation_direction", "a pair of texts is truncated from the right (longer text first)"))
+        }
         (true, Some("Left" | "left")) => Overflow::TruncateLeft,
         (true, Some(_)) => return Err(ApiError::invalid("truncation_direction", "truncation_direction must be \"Left\" or \"Right\"")),
     };
@@ -119,7 +147,7 @@ async fn predict(
     }
     let raw = req.raw_scores.unwrap_or(false) || hf.is_some_and(|(f, _)| f.needs_logits());
     let output = if raw { Output::Logits } else { Output::Calibrated };
-    let mut scored = score(&state, &id, texts, overflow, output).await?;
+    let mut scored = score_pairs(&state, &id, texts, pairs, overflow, output).await?;
     let body = match hf {
         Some((f, k)) => {
             f.apply(&mut scored.scores);

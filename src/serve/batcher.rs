@@ -49,6 +49,8 @@ type Reply = oneshot::Sender<anyhow::Result<(Vec<Vec<f32>>, Timings)>>;
 
 struct Work {
     seqs: Vec<Vec<u32>>,
+    /// Each sequence's token types (a pair's second text is 1); empty: all 0.
+    types: Vec<Vec<u32>>,
     /// The adapter whose terms and head these rows take; `None`: the model's own.
     adapter: Option<Arc<LoadedAdapter>>,
     reply: Reply,
@@ -91,8 +93,20 @@ impl Batcher {
     /// Raw logits for `seqs` through `adapter` (over this thread's base model), computed
     /// together with whatever else is queued, other adapters' rows included.
     pub async fn logits_with(&self, seqs: Vec<Vec<u32>>, adapter: Option<Arc<LoadedAdapter>>) -> anyhow::Result<(Vec<Vec<f32>>, Timings)> {
+        self.logits_typed_with(seqs, Vec::new(), adapter).await
+    }
+
+    /// [`Self::logits_with`] with each sequence's token types (pairs of texts; empty: all 0).
+    pub async fn logits_typed_with(
+        &self,
+        seqs: Vec<Vec<u32>>,
+        types: Vec<Vec<u32>>,
+        adapter: Option<Arc<LoadedAdapter>>,
+    ) -> anyhow::Result<(Vec<Vec<f32>>, Timings)> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Work { seqs, adapter, reply, enqueued: Instant::now() }).map_err(|_| anyhow::anyhow!("inference thread stopped"))?;
+        self.tx
+            .send(Work { seqs, types, adapter, reply, enqueued: Instant::now() })
+            .map_err(|_| anyhow::anyhow!("inference thread stopped"))?;
         rx.await.map_err(|_| anyhow::anyhow!("inference thread stopped"))?
     }
 }
@@ -231,12 +245,13 @@ fn run_batch(
         return Ok(());
     }
     let all: Vec<Vec<u32>> = live.iter().flat_map(|w| w.seqs.iter().cloned()).collect();
+    let types: Vec<Vec<u32>> = live.iter().flat_map(|w| (0..w.seqs.len()).map(|i| w.types.get(i).cloned().unwrap_or_default())).collect();
     let adapters: Vec<Option<Arc<LoadedAdapter>>> = live.iter().flat_map(|w| w.seqs.iter().map(|_| w.adapter.clone())).collect();
     let forward = || {
         if adapters.iter().all(Option::is_none) {
-            model.logits(&all, limits.max_batch_size)
+            model.logits_typed(&all, &types, limits.max_batch_size)
         } else {
-            model.logits_mixed(&all, &adapters, limits.max_batch_size)
+            model.logits_mixed_typed(&all, &types, &adapters, limits.max_batch_size)
         }
     };
     // Installed per batch, not for the thread's life: the pool is shared by every model.

@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{OnceCell, Semaphore};
 
+/// Each input's sequences (one, or a long text's windows) and, for pairs, each one's token types.
+type Tokenized = (Vec<Vec<Vec<u32>>>, Vec<Vec<u32>>);
+
 /// Why a prediction failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PredictError {
@@ -272,18 +275,43 @@ impl Predictor {
         overflow: Overflow,
         output: Output,
     ) -> Result<Scored, PredictError> {
+        self.predict_pairs(id, path, texts, None, overflow, output).await
+    }
+
+    /// [`Self::predict`], where `pairs` (when given) holds each text's second text: each input
+    /// is then the pair, encoded by the tokenizer's pair template.
+    pub async fn predict_pairs(
+        &self,
+        id: &str,
+        path: PathBuf,
+        texts: Vec<String>,
+        pairs: Option<Vec<String>>,
+        overflow: Overflow,
+        output: Output,
+    ) -> Result<Scored, PredictError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
         let (key, loaded, adapter) = self.runner(id, path).await?;
         let model = loaded.model.clone();
-        let small = texts.len() <= INLINE_TEXTS && texts.iter().map(String::len).sum::<usize>() <= INLINE_BYTES;
+        let bytes = texts.iter().chain(pairs.iter().flatten()).map(String::len).sum::<usize>();
+        let small = texts.len() <= INLINE_TEXTS && bytes <= INLINE_BYTES;
         let started = std::time::Instant::now();
-        let tokenize = move || {
+        let tokenize = move || -> Result<Result<Tokenized, TooLong>, PredictError> {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            model.tokenize_windows(&refs, overflow).map_err(|e| PredictError::Inference(format!("{e:#}")))
+            let err = |e: anyhow::Error| PredictError::Inference(format!("{e:#}"));
+            match &pairs {
+                None => Ok(model.tokenize_windows(&refs, overflow).map_err(err)?.map(|w| (w, Vec::new()))),
+                Some(seconds) => {
+                    let both: Vec<(&str, &str)> = refs.iter().zip(seconds).map(|(a, b)| (*a, b.as_str())).collect();
+                    Ok(model.tokenize_pairs(&both, overflow).map_err(err)?.map(|encoded| {
+                        let (seqs, types): (Vec<Vec<u32>>, Vec<Vec<u32>>) = encoded.into_iter().unzip();
+                        (seqs.into_iter().map(|s| vec![s]).collect(), types)
+                    }))
+                }
+            }
         };
         // A short request takes the tokenizer well under 0.1 ms (docs/benchmarks-history.md §25),
         // about what handing it to a blocking thread and back costs; anything longer goes there.
-        let windows = if small {
+        let (windows, types) = if small {
             tokenize()??
         } else {
             tokio::task::spawn_blocking(tokenize).await.map_err(|e| PredictError::Inference(e.to_string()))???
@@ -291,7 +319,7 @@ impl Predictor {
         let tokenization = started.elapsed();
         let counts: Vec<usize> = windows.iter().map(Vec::len).collect();
         let seqs: Vec<Vec<u32>> = windows.into_iter().flatten().collect();
-        let (logits, timings) = match loaded.batcher.logits_with(seqs, adapter.clone()).await {
+        let (logits, timings) = match loaded.batcher.logits_typed_with(seqs, types, adapter.clone()).await {
             Ok(done) => done,
             Err(e) if !loaded.batcher.is_alive() => {
                 self.unload_crashed(&key, &loaded);

@@ -162,10 +162,12 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     if train_rows.is_empty() || val_rows.is_empty() {
         return Err(TrainError::InvalidData("pre-training needs at least two texts".into()));
     }
-    let train = tokenize(&train_rows, &tok, hp.max_seq_len)?;
+    // No longer than the model's position table holds, whatever the job asked.
+    let max_len = hp.max_seq_len.min(cfg.max_tokens());
+    let train = tokenize(&train_rows, &tok, max_len)?;
     let vocab = cfg.vocab_size as u32;
     let mut val_rng = ChaCha8Rng::seed_from_u64(hp.seed.wrapping_add(1));
-    let val_clean = tokenize(&val_rows, &tok, hp.max_seq_len)?;
+    let val_clean = tokenize(&val_rows, &tok, max_len)?;
     let val: Vec<Masked> = val_clean.iter().map(|ids| mask_tokens(ids, &special, mask_id, vocab, req.mask_prob, &mut val_rng)).collect();
     let mut spec = encoder_params(&cfg);
     let h = cfg.hidden_size;

@@ -128,9 +128,11 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     // A pair's second text is type 1 only where the model has a second token type.
     let typed = cfg.type_vocab_size > 1;
-    let train = to_examples(&train_rows, &labels, &tok, hp.max_seq_len, typed)?;
-    let val = to_examples(&val_rows, &labels, &tok, hp.max_seq_len, typed)?;
-    let test = to_examples(&test_rows, &labels, &tok, hp.max_seq_len, typed)?;
+    // No longer than the model's position table holds, whatever the job asked.
+    let max_len = hp.max_seq_len.min(cfg.max_tokens());
+    let train = to_examples(&train_rows, &labels, &tok, max_len, typed)?;
+    let val = to_examples(&val_rows, &labels, &tok, max_len, typed)?;
+    let test = to_examples(&test_rows, &labels, &tok, max_len, typed)?;
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
     let mut hp_run = req.hp.clone();
     if hp_run.auto_epochs {

@@ -17,6 +17,7 @@ mod lora;
 mod lora_jobs;
 mod monitoring;
 mod multilabel;
+mod pairs;
 mod predict;
 mod predict_limits;
 mod pretrain;

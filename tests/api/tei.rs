@@ -70,9 +70,23 @@ async fn tei_examples_answer_in_teis_shapes() {
     assert_eq!((right[0]["label"].as_str(), left[0]["label"].as_str()), (Some("pos"), Some("neg")), "{right} {left}");
     let r = post(&app, "/predict", None, &json!({"inputs": "good", "truncation_direction": "middle"})).await;
     assert_eq!(assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await["param"], "truncation_direction");
-    // A pair of texts is one input to TEI; our classifiers take one text.
-    let r = post(&app, "/predict", None, &json!({"inputs": ["good", "bad"]})).await;
-    assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    // A pair of texts is one input to TEI, and to our route in the Hugging Face shape.
+    let pair = ok_json(post(&app, "/predict", None, &json!({"inputs": ["good", "awful and dull"]})).await).await;
+    let hf_pair = json!({"inputs": [{"text": "good", "text_pair": "awful and dull"}]});
+    assert_eq!(pair, ours(&app, "toy", hf_pair).await[0], "a pair: the same scores on both routes");
+    let alone = ok_json(post(&app, "/predict", None, &json!({"inputs": "good"})).await).await;
+    assert_ne!(pair, alone, "the second text counts");
+    let pairs = ok_json(post(&app, "/predict", None, &json!({"inputs": [["good", "awful and dull"], ["bad", "superb"]]})).await).await;
+    assert_eq!(pairs[0], pair, "a batch of pairs: {pairs}");
+    assert_eq!(pairs.as_array().unwrap().len(), 2);
+    let r = post(&app, "/predict", None, &json!({"inputs": [["good"], ["bad", "superb"]]})).await;
+    let e = assert_error(r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert!(e["message"].as_str().unwrap().contains("mixes single texts and pairs"), "{e}");
+    let mixed = json!({"inputs": ["good", {"text": "bad", "text_pair": "superb"}]});
+    assert_error(app.predict("toy", &mixed).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    let chunked = json!({"inputs": {"text": "bad", "text_pair": "superb"}, "overflow": "chunk"});
+    let e = assert_error(app.predict("toy", &chunked).await, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert_eq!(e["param"], "overflow");
     // The header names another model; an unknown or base model is our usual error.
     assert_error(post(&app, "/predict", Some("nope"), &json!({"inputs": "good"})).await, StatusCode::NOT_FOUND, "not_found").await;
     let r = post(&app, "/predict", Some("tiny"), &json!({"inputs": "good"})).await;

@@ -7,7 +7,7 @@ use crate::model::encoder::adapters::{LowRank, LowRankSet, Target};
 use crate::model::encoder::classifier::{Pooling, HEAD_NAMES, POOLER_NAMES};
 use crate::model::encoder::config::EncoderConfig;
 use crate::model::hf::lora::{inspect_adapter, Adapter};
-use crate::model::hf::tokenize::pad_batch;
+use crate::model::hf::tokenize::pad_batch_typed;
 use crate::model::ops::layers::Linear;
 use anyhow::Context;
 use candle_core::{DType, Device};
@@ -120,6 +120,18 @@ impl LoadedClassifier {
         adapters: &[Option<Arc<LoadedAdapter>>],
         batch_size: usize,
     ) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.logits_mixed_typed(seqs, &[], adapters, batch_size)
+    }
+
+    /// [`Self::logits_mixed`] with each sequence's token types (`types` empty, or an empty
+    /// entry, for all 0).
+    pub fn logits_mixed_typed(
+        &self,
+        seqs: &[Vec<u32>],
+        types: &[Vec<u32>],
+        adapters: &[Option<Arc<LoadedAdapter>>],
+        batch_size: usize,
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
         anyhow::ensure!(seqs.len() == adapters.len(), "one adapter (or none) per sequence");
         let key = |i: usize| adapters[i].as_ref().map_or(0, |a| Arc::as_ptr(a) as usize);
         let mut order: Vec<usize> = (0..seqs.len()).collect();
@@ -136,7 +148,8 @@ impl LoadedClassifier {
                 }
             }
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = pad_batch(&refs, self.pad_id, &self.device)?;
+            let type_refs: Vec<&[u32]> = chunk.iter().map(|&i| types.get(i).map_or(&[][..], Vec::as_slice)).collect();
+            let batch = pad_batch_typed(&refs, &type_refs, self.pad_id, &self.device)?;
             let poolings: Vec<(Pooling, Option<&Linear>)> = groups
                 .iter()
                 .map(|(rows, _)| {

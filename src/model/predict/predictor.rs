@@ -3,7 +3,7 @@
 use crate::model::encoder::classifier::{Classifier, Pooling, HEAD_NAMES, POOLER_NAMES};
 use crate::model::hf::artifacts::{self, inspect, load_weights};
 use crate::model::hf::lora;
-use crate::model::hf::tokenize::{encode_all, load_tokenizer, pad_batch, truncate, truncate_left};
+use crate::model::hf::tokenize::{encode_all, encode_pair, encode_pairs, load_tokenizer, pad_batch_typed, truncate, truncate_left};
 use crate::model::ops::layers::Mode;
 use crate::model::ops::packed;
 use anyhow::{bail, Context};
@@ -23,6 +23,8 @@ pub struct LoadedClassifier {
     pub temperature: f32,
     /// Longest input the position embeddings allow.
     pub max_len: usize,
+    /// Whether the model has a second token type (a pair's second text is type 1).
+    typed: bool,
     pub(super) pad_id: u32,
     pub(super) device: Device,
     /// Approximate bytes of weights held.
@@ -30,6 +32,9 @@ pub struct LoadedClassifier {
     /// What activations are computed in (bf16 where every weight is, on a GPU).
     pub(super) dtype: candle_core::DType,
 }
+
+/// A sequence's token ids and token types (empty: all 0).
+pub type Typed = (Vec<u32>, Vec<u32>);
 
 /// An input longer than the model allows, with `truncate: false`.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +183,7 @@ impl LoadedClassifier {
             labels,
             multi_label,
             max_len: info.config.max_tokens(),
+            typed: info.config.type_vocab_size > 1,
             pad_id: info.config.pad_token_id as u32,
             device: device.clone(),
             bytes,
@@ -223,6 +229,24 @@ impl LoadedClassifier {
         Ok(Ok(out))
     }
 
+    /// Token ids and token types of each pair of texts (by the tokenizer's pair template), cut
+    /// to `max_len` from the longer text first with [`Overflow::Truncate`], refused when longer
+    /// with [`Overflow::Refuse`]. The types are empty (all 0) for a model with one token type.
+    pub fn tokenize_pairs(&self, pairs: &[(&str, &str)], overflow: Overflow) -> anyhow::Result<Result<Vec<Typed>, TooLong>> {
+        let encoded = match overflow {
+            Overflow::Truncate => encode_pairs(&self.tokenizer, pairs, self.max_len)?,
+            Overflow::Refuse => {
+                let all = pairs.iter().map(|(a, b)| encode_pair(&self.tokenizer, a, b)).collect::<anyhow::Result<Vec<_>>>()?;
+                if let Some((index, (ids, _))) = all.iter().enumerate().find(|(_, (ids, _))| ids.len() > self.max_len) {
+                    return Ok(Err(TooLong { index, tokens: ids.len(), max: self.max_len }));
+                }
+                all
+            }
+            _ => bail!("a pair of texts is truncated or refused when too long, not cut from the left or into windows"),
+        };
+        Ok(Ok(encoded.into_iter().map(|(ids, types)| (ids, if self.typed { types } else { vec![] })).collect()))
+    }
+
     /// Each text's tokens with their offsets, `[CLS]`/`[SEP]` included when `special`.
     pub fn tokens(&self, texts: &[String], special: bool) -> anyhow::Result<Vec<Vec<Token>>> {
         let one = |text: &String| -> anyhow::Result<Vec<Token>> {
@@ -244,12 +268,19 @@ impl LoadedClassifier {
     /// Raw logits for each sequence, in input order. Sequences are run in batches of
     /// similar length so that little time goes to padding.
     pub fn logits(&self, seqs: &[Vec<u32>], batch_size: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        self.logits_typed(seqs, &[], batch_size)
+    }
+
+    /// [`Self::logits`] with each sequence's token types (`types` empty, or an empty entry,
+    /// for all 0).
+    pub fn logits_typed(&self, seqs: &[Vec<u32>], types: &[Vec<u32>], batch_size: usize) -> anyhow::Result<Vec<Vec<f32>>> {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i].len());
         let mut out = vec![Vec::new(); seqs.len()];
         for chunk in length_buckets(&order, seqs, batch_size.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = pad_batch(&refs, self.pad_id, &self.device)?;
+            let type_refs: Vec<&[u32]> = chunk.iter().map(|&i| types.get(i).map_or(&[][..], Vec::as_slice)).collect();
+            let batch = pad_batch_typed(&refs, &type_refs, self.pad_id, &self.device)?;
             let logits = self.model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
             let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
             for (&i, row) in chunk.iter().zip(rows) {

@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::Path;
 
 pub const CONFIG: &str = "config.json";
-pub const TOKENIZER: &str = "tokenizer.json";
+pub use super::tokenize::TOKENIZER;
 pub const WEIGHTS: &str = "model.safetensors";
 /// Tokenizer side files copied along when present, so transformers' `AutoTokenizer` loads too.
 const TOKENIZER_EXTRAS: &[&str] = &["vocab.txt", "tokenizer_config.json", "special_tokens_map.json"];

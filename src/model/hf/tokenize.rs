@@ -5,12 +5,13 @@ use candle_core::{Device, Tensor};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// The tokenizer's file in a model directory.
+pub const TOKENIZER: &str = "tokenizer.json";
+
 /// Loads `tokenizer.json` with padding and truncation turned off: we pad per batch and
 /// truncate ourselves.
 pub fn load_tokenizer(dir: &Path) -> anyhow::Result<Tokenizer> {
-    let mut tok = Tokenizer::from_file(dir.join(super::artifacts::TOKENIZER))
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("loading tokenizer.json")?;
+    let mut tok = Tokenizer::from_file(dir.join(TOKENIZER)).map_err(|e| anyhow::anyhow!("{e}")).context("loading tokenizer.json")?;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(tok)

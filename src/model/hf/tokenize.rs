@@ -41,12 +41,29 @@ pub fn encode_pair(tok: &Tokenizer, first: &str, second: &str) -> anyhow::Result
 /// tokens included) by taking tokens off the longer text first, as transformers' default
 /// `longest_first` truncation does.
 pub fn encode_pairs(tok: &Tokenizer, pairs: &[(&str, &str)], max_len: usize) -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    encode_pairs_with(&pair_truncating(tok, max_len)?, pairs)
+}
+
+/// A copy of `tok` that cuts a pair to `max_len` tokens in all, longer text first (made once
+/// and kept by a caller that encodes pairs often: the copy holds the whole vocabulary).
+pub fn pair_truncating(tok: &Tokenizer, max_len: usize) -> anyhow::Result<Tokenizer> {
     let mut tok = tok.clone();
     let params =
         tokenizers::TruncationParams { max_length: max_len, strategy: tokenizers::TruncationStrategy::LongestFirst, ..Default::default() };
     tok.with_truncation(Some(params)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let inputs: Vec<tokenizers::EncodeInput> = pairs.iter().map(|&(a, b)| (a, b).into()).collect();
-    let encs = tok.encode_batch(inputs, true).map_err(|e| anyhow::anyhow!("tokenizing pairs: {e}"))?;
+    Ok(tok)
+}
+
+/// Token ids and token types of each pair of texts by `tok` as it is set up (see
+/// [`pair_truncating`]).
+pub fn encode_pairs_with(tok: &Tokenizer, pairs: &[(&str, &str)]) -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
+    let err = |e| anyhow::anyhow!("tokenizing pairs: {e}");
+    let encs = if pairs.len() <= FEW_TEXTS {
+        pairs.iter().map(|&(a, b)| tok.encode((a, b), true)).collect::<Result<Vec<_>, _>>().map_err(err)?
+    } else {
+        let inputs: Vec<tokenizers::EncodeInput> = pairs.iter().map(|&(a, b)| (a, b).into()).collect();
+        tok.encode_batch(inputs, true).map_err(err)?
+    };
     Ok(encs.into_iter().map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec())).collect())
 }
 

@@ -3,7 +3,9 @@
 use crate::model::encoder::classifier::{Classifier, Pooling, HEAD_NAMES, POOLER_NAMES};
 use crate::model::hf::artifacts::{self, inspect, load_weights};
 use crate::model::hf::lora;
-use crate::model::hf::tokenize::{encode_all, encode_pair, encode_pairs, load_tokenizer, pad_batch_typed, truncate, truncate_left};
+use crate::model::hf::tokenize::{
+    encode_all, encode_pair, encode_pairs_with, load_tokenizer, pad_batch_typed, pair_truncating, truncate, truncate_left,
+};
 use crate::model::ops::layers::Mode;
 use crate::model::ops::packed;
 use anyhow::{bail, Context};
@@ -25,6 +27,8 @@ pub struct LoadedClassifier {
     pub max_len: usize,
     /// Whether the model has a second token type (a pair's second text is type 1).
     typed: bool,
+    /// The tokenizer set to cut pairs at `max_len`, made on the first pair.
+    pair_tokenizer: std::sync::OnceLock<Tokenizer>,
     pub(super) pad_id: u32,
     pub(super) device: Device,
     /// Approximate bytes of weights held.
@@ -184,6 +188,7 @@ impl LoadedClassifier {
             multi_label,
             max_len: info.config.max_tokens(),
             typed: info.config.type_vocab_size > 1,
+            pair_tokenizer: std::sync::OnceLock::new(),
             pad_id: info.config.pad_token_id as u32,
             device: device.clone(),
             bytes,
@@ -234,7 +239,16 @@ impl LoadedClassifier {
     /// with [`Overflow::Refuse`]. The types are empty (all 0) for a model with one token type.
     pub fn tokenize_pairs(&self, pairs: &[(&str, &str)], overflow: Overflow) -> anyhow::Result<Result<Vec<Typed>, TooLong>> {
         let encoded = match overflow {
-            Overflow::Truncate => encode_pairs(&self.tokenizer, pairs, self.max_len)?,
+            Overflow::Truncate => {
+                let tok = match self.pair_tokenizer.get() {
+                    Some(t) => t,
+                    None => {
+                        let made = pair_truncating(&self.tokenizer, self.max_len)?;
+                        self.pair_tokenizer.get_or_init(|| made)
+                    }
+                };
+                encode_pairs_with(tok, pairs)?
+            }
             Overflow::Refuse => {
                 let all = pairs.iter().map(|(a, b)| encode_pair(&self.tokenizer, a, b)).collect::<anyhow::Result<Vec<_>>>()?;
                 if let Some((index, (ids, _))) = all.iter().enumerate().find(|(_, (ids, _))| ids.len() > self.max_len) {

@@ -20,6 +20,10 @@ async fn a_pair_dataset_trains_with_each_method_and_serves_pairs() {
         let body = json!({"base_model": "tiny", "training_dataset": ds, "model_name": name, "hyperparameters": hp});
         let done = app.wait_ended(app.create_job(&body).await["id"].as_str().unwrap(), 120).await;
         assert_eq!(done["status"], "succeeded", "{done}");
+        // The job asked for 128 tokens; the tiny base's positions hold 64.
+        assert_eq!(done["hyperparameters"]["max_seq_len"], 128);
+        let listed: Value = app.get(&format!("/v1/models/{name}")).await.json().await.unwrap();
+        assert_eq!(listed["max_seq_len"], 64, "{listed}");
 
         let ours: Value = app.predict(&name, &json!({"inputs": [one.clone(), one.clone()]})).await.json().await.unwrap();
         let preds = ours["predictions"].as_array().unwrap_or_else(|| panic!("{ours}"));

@@ -169,6 +169,11 @@ pub fn model_type(dir: &Path) -> Option<String> {
     v.get("model_type")?.as_str().map(String::from)
 }
 
+/// The longest input the model in `dir` takes (its position table's rows), if its config reads.
+pub fn max_tokens(dir: &Path) -> Option<usize> {
+    EncoderConfig::from_file(&dir.join(CONFIG)).ok().map(|c| c.max_tokens())
+}
+
 /// Why masked-LM pre-training cannot start from the checkpoint in `dir`, if it cannot (see
 /// [`EncoderConfig::pretraining_refusal`]); `None` too when its config cannot be read (the job
 /// then fails saying why).

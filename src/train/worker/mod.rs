@@ -278,7 +278,9 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                 metrics["validation_tuned"] = json!({"macro_f1": t.validation.macro_f1, "micro_f1": t.validation.micro_f1});
             }
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
-            let mut rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), hp.max_seq_len);
+            // The job's length, capped (as training was) at what the model's positions hold.
+            let max_len = crate::model::hf::artifacts::max_tokens(&out_dir).map_or(hp.max_seq_len, |m| m.min(hp.max_seq_len));
+            let mut rec = new_model(&job, &model_id, "classifier", labels, metrics, Some(pooling), max_len);
             rec.architecture = crate::model::hf::artifacts::model_type(&out_dir);
             persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }
@@ -287,7 +289,9 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
                                  "validation_before": {"loss": before, "perplexity": before.exp()}, "epoch": last.epoch});
             let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())?;
             // The adapted base pools as its parent does (`auto` resolves the same for both).
-            let mut rec = new_model(&job, &model_id, "base", vec![], metrics, Some(pooling), hp.max_seq_len);
+            // The job's length, capped (as training was) at what the model's positions hold.
+            let max_len = crate::model::hf::artifacts::max_tokens(&out_dir).map_or(hp.max_seq_len, |m| m.min(hp.max_seq_len));
+            let mut rec = new_model(&job, &model_id, "base", vec![], metrics, Some(pooling), max_len);
             rec.architecture = crate::model::hf::artifacts::model_type(&out_dir);
             persist(ctx, shutdown, "registering the model", || finish(ctx, &job, rec.clone(), &out_dir)).await?;
         }

@@ -23,15 +23,7 @@ head -200 ../shared/datasets/sst2/validation.jsonl > "$D/validation.jsonl"
 head -200 ../shared/datasets/sst2/test.jsonl > "$D/test.jsonl"
 awk "NR <= 2048" ../shared/datasets/sst2/test.jsonl ../shared/datasets/sst2/validation.jsonl > "$OUT/pool.jsonl"
 COMMON="--data $D --epochs 1 --batch-size 32 --lr 5e-5 --max-len 64 --seed 42 --threads 2 --group-by-length"
-idle() { python3 - <<'PY'
-import time
-def busy():
-    a=[int(x) for x in open('/proc/stat').readline().split()[1:]]; return a[3]+a[4], sum(a)
-for _ in range(60):
-    i0,t0=busy(); time.sleep(2); i1,t1=busy()
-    if (i1-i0)/(t1-t0) > 0.9: break
-PY
-}
+. "$(dirname "$0")/idle.sh"
 for a in $ARCHS; do
   M=$OUT/models/$a; R=$OUT/$a
   mkdir -p "$R"

@@ -9,15 +9,7 @@ PY=${PY:-$HOME/refbench-venv/bin/python}
 REF=../shared/bench/reference
 BIN=target/release/finetuned
 COMMON="--model ../shared/models/all-minilm-l6-v2 --data ../shared/datasets/sst2 --epochs 1 --batch-size 32 --lr 5e-5 --max-len 64 --seed 42 --max-train $N --threads 2"
-idle() { python3 - <<'PY'
-import time
-def busy():
-    a=[int(x) for x in open('/proc/stat').readline().split()[1:]]; return a[3]+a[4], sum(a)
-for _ in range(60):
-    i0,t0=busy(); time.sleep(2); i1,t1=busy()
-    if (i1-i0)/(t1-t0) > 0.9: break
-PY
-}
+. "$(dirname "$0")/idle.sh"
 idle; $PY $REF/finetune_ref.py $COMMON --out "$OUT/ref_default.json" > "$OUT/ref_default.log" 2>&1
 idle; $BIN train $COMMON --pooling cls --out "$OUT/ours_default.json" > "$OUT/ours_default.log" 2>&1
 idle; $PY $REF/finetune_ref.py $COMMON --group-by-length --out "$OUT/ref_gbl.json" > "$OUT/ref_gbl.log" 2>&1

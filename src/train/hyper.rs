@@ -120,9 +120,6 @@ pub struct LoraSettings {
     pub target_modules: Vec<String>,
 }
 
-/// The modules a LoRA job may adapt (the encoder's dense layers, by peft's names).
-pub const LORA_TARGETS: [&str; 12] = crate::model::encoder::arch::Arch::LORA_NAMES;
-
 /// A hyperparameter out of range: the `param` path and why.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{param}: {message}")]
@@ -279,11 +276,9 @@ impl HyperparametersInput {
         if targets.is_empty() {
             return bad("lora_target_modules", "must name at least one module");
         }
-        if let Some(t) = targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
-            return bad(
-                "lora_target_modules",
-                format!("{t:?} is not a module LoRA can adapt here; use any of {}", LORA_TARGETS.join(", ")),
-            );
+        let known = crate::model::encoder::arch::Arch::lora_names();
+        if let Some(t) = targets.iter().find(|t| !known.contains(&t.as_str())) {
+            return bad("lora_target_modules", format!("{t:?} is not a module LoRA can adapt here; use any of {}", known.join(", ")));
         }
         Ok(Some(LoraSettings { r, alpha, dropout, target_modules: targets }))
     }

@@ -32,10 +32,9 @@ pub struct Trainable {
 fn lora_targets(cfg: &EncoderConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
     let mut targets: Vec<Target> = Vec::new();
     for t in &lora.target_modules {
-        let matched = Arch::lora_targets_named(t);
-        for m in matched {
-            if !targets.contains(m) {
-                targets.push(*m);
+        for m in Arch::lora_targets_named(t) {
+            if !targets.contains(&m) {
+                targets.push(m);
             }
         }
     }

@@ -46,6 +46,17 @@ const TYPES: [(&str, Arch, &str); 6] = [
     ("distilbert", Arch::DistilBert, "DistilBert"),
 ];
 
+/// The dense layers LoRA adapts: each with peft's module name in BERT's layout (RoBERTa's and
+/// ELECTRA's too) and in DistilBERT's.
+const LORA_MODULES: [(Target, &str, &str); 6] = [
+    (Target::Query, "query", "q_lin"),
+    (Target::Key, "key", "k_lin"),
+    (Target::Value, "value", "v_lin"),
+    (Target::AttnOut, "attention.output.dense", "out_lin"),
+    (Target::Intermediate, "intermediate.dense", "lin1"),
+    (Target::Output, "output.dense", "lin2"),
+];
+
 /// RoBERTa's names of our BERT-named head tensors: (our prefix, theirs).
 const ROBERTA_HEADS: [(&str, &str); 5] = [
     ("pooler.dense.", "classifier.dense."),
@@ -144,57 +155,28 @@ impl Arch {
     /// `attention.output.dense`…, matched by suffix as peft matches them, so `output.dense`
     /// is both output projections) or DistilBERT's (`q_lin`, `out_lin`, `lin1`…), whichever
     /// the architecture.
-    pub fn lora_targets_named(name: &str) -> &'static [Target] {
-        match name {
-            "query" | "q_lin" => &[Target::Query],
-            "key" | "k_lin" => &[Target::Key],
-            "value" | "v_lin" => &[Target::Value],
-            "attention.output.dense" | "out_lin" => &[Target::AttnOut],
-            "intermediate.dense" | "lin1" => &[Target::Intermediate],
-            "output.dense" => &[Target::AttnOut, Target::Output],
-            "lin2" => &[Target::Output],
-            _ => &[],
+    pub fn lora_targets_named(name: &str) -> Vec<Target> {
+        if name == "output.dense" {
+            return vec![Target::AttnOut, Target::Output];
         }
+        LORA_MODULES.iter().filter(|(_, bert, distil)| *bert == name || *distil == name).map(|(t, _, _)| *t).collect()
     }
 
     /// Every name [`Arch::lora_targets_named`] knows.
-    pub const LORA_NAMES: [&'static str; 12] = [
-        "query",
-        "key",
-        "value",
-        "attention.output.dense",
-        "intermediate.dense",
-        "output.dense",
-        "q_lin",
-        "k_lin",
-        "v_lin",
-        "out_lin",
-        "lin1",
-        "lin2",
-    ];
+    pub fn lora_names() -> Vec<&'static str> {
+        LORA_MODULES.iter().map(|(_, bert, _)| *bert).chain(LORA_MODULES.iter().map(|(_, _, distil)| *distil)).collect()
+    }
 
     /// The `target_modules` peft's `adapter_config.json` lists for the `lora_target_modules`
     /// `names` on this architecture: a name of its own as it is, one of the other naming
     /// (`q_lin` on BERT, `query` on DistilBERT) as its modules' names here.
     pub fn peft_target_modules(self, names: &[String]) -> Vec<String> {
-        let own = |t: Target| match (self == Arch::DistilBert, t) {
-            (false, Target::Query) => "query",
-            (false, Target::Key) => "key",
-            (false, Target::Value) => "value",
-            (false, Target::AttnOut) => "attention.output.dense",
-            (false, Target::Intermediate) => "intermediate.dense",
-            (false, Target::Output) => "output.dense",
-            (true, Target::Query) => "q_lin",
-            (true, Target::Key) => "k_lin",
-            (true, Target::Value) => "v_lin",
-            (true, Target::AttnOut) => "out_lin",
-            (true, Target::Intermediate) => "lin1",
-            (true, Target::Output) => "lin2",
-        };
+        let distil = self == Arch::DistilBert;
+        let own = |t: Target| LORA_MODULES.iter().find(|(m, _, _)| *m == t).map_or("", |(_, b, d)| if distil { d } else { b });
         let mut out: Vec<String> = Vec::new();
         for name in names {
             let targets = Self::lora_targets_named(name);
-            let mine = targets.iter().any(|&t| own(t) == name) || (name == "output.dense" && self != Arch::DistilBert);
+            let mine = targets.iter().any(|&t| own(t) == name) || (name == "output.dense" && !distil);
             let put: Vec<String> = if mine { vec![name.clone()] } else { targets.iter().map(|&t| own(t).to_string()).collect() };
             for p in put {
                 if !out.contains(&p) {

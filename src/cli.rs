@@ -5,6 +5,7 @@
 use crate::config::ServeConfig;
 use crate::dataset::Row;
 use crate::train::hyper::{EpochsInput, HyperparametersInput, JobKind};
+use crate::train::objective::Task;
 use crate::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -67,6 +68,11 @@ pub struct TrainArgs {
     /// Keep the first N training rows (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_train: usize,
+    /// `auto` (multi-label for lists of labels; regression when every label is a number and
+    /// one is not whole, as `finetune_ref.py --task auto`), `classification`,
+    /// `multi_label_classification`, `regression` or `rerank`.
+    #[arg(long, default_value = "auto")]
+    pub task: String,
     /// Compute threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -106,8 +112,8 @@ pub struct TrainArgs {
     pub lora_targets: Option<Vec<String>>,
 }
 
-/// Rows of `DIR/split.jsonl`, and whether their labels are lists (multi-label).
-fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<(Vec<Row>, bool)>> {
+/// Rows of `DIR/split.jsonl`, and the task `auto` picks for them.
+fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<(Vec<Row>, Task)>> {
     let path = dir.join(format!("{split}.jsonl"));
     if !path.is_file() {
         if required {
@@ -118,7 +124,27 @@ fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<
     let bytes = std::fs::read(&path)?;
     let parsed =
         crate::dataset::parse(&bytes, crate::dataset::Format::Jsonl, "text", "label").with_context(|| format!("{}", path.display()))?;
-    Ok(Some((parsed.rows, parsed.multi_label)))
+    let fractional = |r: &Row| r.labels().iter().any(|l| l.parse::<f64>().is_ok_and(|v| v.fract() != 0.0));
+    let task = if parsed.multi_label {
+        Task::MultiLabel
+    } else if parsed.text_label_line.is_none() && parsed.rows.iter().any(fractional) {
+        Task::Regression
+    } else {
+        Task::SingleLabel
+    };
+    Ok(Some((parsed.rows, task)))
+}
+
+/// The task `--task` names, or the one `auto` found in the data.
+fn task_of(arg: &str, found: Task) -> anyhow::Result<Task> {
+    Ok(match arg {
+        "auto" => found,
+        "classification" => Task::SingleLabel,
+        "multi_label_classification" => Task::MultiLabel,
+        "regression" => Task::Regression,
+        "rerank" => Task::Rerank,
+        other => bail!("--task {other:?}: use auto, classification, multi_label_classification, regression or rerank"),
+    })
 }
 
 struct CliObserver {
@@ -170,7 +196,7 @@ impl Observer for CliObserver {
             }
             Event::Pretrain(r) => tracing::info!("epoch {}: validation MLM loss {:.4}", r.epoch, r.loss),
             Event::Epoch(r) => {
-                let m = format!("epoch {}: validation accuracy {:.4}, macro-F1 {:.4}", r.epoch, r.report.accuracy, r.report.macro_f1);
+                let m = format!("epoch {}: validation {}", r.epoch, r.report.headline_text());
                 match &self.bar {
                     Some(b) => b.println(m),
                     None => tracing::info!("{m}"),
@@ -189,7 +215,9 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     // candle's CPU kernels size their thread pools from RAYON_NUM_THREADS.
     std::env::set_var("RAYON_NUM_THREADS", a.threads.to_string());
     let device = crate::config::device(a.device.as_deref().or(Some("cpu")))?;
-    let (mut train, multi_label) = read_split(&a.data, "train", true)?.unwrap_or_default();
+    let (mut train, found) = read_split(&a.data, "train", true)?.unwrap_or((vec![], Task::SingleLabel));
+    let task = task_of(&a.task, found)?;
+    let multi_label = task == Task::MultiLabel;
     let n_train_in_file = train.len();
     if a.max_train > 0 {
         train.truncate(a.max_train);
@@ -223,9 +251,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     req.out_dir = a.save.clone();
     req.max_grad_norm = a.max_grad_norm;
     req.eval_batch_size = a.eval_batch_size;
-    if multi_label {
-        req.task = crate::train::objective::Task::MultiLabel;
-    }
+    req.task = task;
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new(0);
         b.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} steps {per_sec} eta {eta} {msg}").expect("valid template"));
@@ -273,6 +299,12 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         "test_accuracy": done.test.as_ref().map(|t| t.report.accuracy),
         "test_macro_f1": done.test.as_ref().map(|t| t.report.macro_f1),
         "multi_label": multi_label,
+        "task": format!("{task:?}"),
+        "test_pearson": done.test.as_ref().and_then(|t| t.report.pearson),
+        "test_spearman": done.test.as_ref().and_then(|t| t.report.spearman),
+        "test_mse": done.test.as_ref().and_then(|t| t.report.mse),
+        "test_mrr_at_10": done.test.as_ref().and_then(|t| t.report.mrr_at_10),
+        "test_ndcg_at_10": done.test.as_ref().and_then(|t| t.report.ndcg_at_10),
         "test_micro_f1": done.test.as_ref().and_then(|t| t.report.micro_f1),
         "thresholds": done.tuned.as_ref().map(|t| done.labels.iter().cloned().zip(t.thresholds.iter().copied()).collect::<std::collections::BTreeMap<_, _>>()),
         "calibration": {"temperature": done.calibration.temperature,
@@ -287,9 +319,9 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     });
     std::fs::write(&a.out, serde_json::to_vec_pretty(&report)?)?;
     eprintln!(
-        "[finetuned] train {:.1} ex/s, test accuracy {:?}, peak RSS {:.0} MiB -> {}",
+        "[finetuned] train {:.1} ex/s, test {}, peak RSS {:.0} MiB -> {}",
         report["train_examples_per_s"].as_f64().unwrap_or(0.0),
-        report["test_accuracy"].as_f64(),
+        done.test.as_ref().map_or("-".into(), |t| t.report.headline_text()),
         peak,
         a.out.display()
     );

@@ -70,6 +70,9 @@ pub struct Parsed {
     pub multi_label: bool,
     /// Whether the rows are pairs of texts (every row has a `text_pair`).
     pub pairs: bool,
+    /// The line of the first label that is not a number (`None`: every label is one, as a
+    /// regression's must be, or the file has none).
+    pub text_label_line: Option<usize>,
 }
 
 /// The columns (JSONL fields) a file's rows are read from.
@@ -130,6 +133,7 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
     let multi = matches!(rows[0].1.label, Some(LabelValue::Many(_)));
     let pairs = rows[0].1.text_pair.is_some();
     let mut labels = BTreeMap::new();
+    let mut text_label_line = None;
     for (line, row) in &rows {
         if row.text.trim().is_empty() {
             return err(*line, "field \"text\" is empty");
@@ -156,19 +160,31 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
                 return err(*line, format!("a label must be 1 to {MAX_LABEL_BYTES} bytes and not blank"));
             }
             *labels.entry(l.to_string()).or_insert(0) += 1;
-            if labels.len() > MAX_LABELS {
+            if text_label_line.is_none() && !is_number(l) {
+                text_label_line = Some(*line);
+            }
+            // Numeric labels (a regression's targets) may take any number of values.
+            if labels.len() > MAX_LABELS && text_label_line.is_some() {
                 return err(*line, format!("more than {MAX_LABELS} distinct labels"));
             }
         }
     }
-    Ok(Parsed { rows: rows.into_iter().map(|(_, r)| r).collect(), format, labels, multi_label: multi, pairs })
+    let rows = rows.into_iter().map(|(_, r)| r).collect();
+    Ok(Parsed { rows, format, labels, multi_label: multi, pairs, text_label_line })
+}
+
+/// Whether a label is a finite number (a JSON number, or a CSV field that reads as one).
+pub fn is_number(label: &str) -> bool {
+    label.trim().parse::<f64>().is_ok_and(f64::is_finite)
 }
 
 fn label_from_json(v: &Value, line: usize, col: &str) -> Result<Option<LabelValue>, DatasetError> {
     Ok(match v {
         Value::Null => None,
         Value::String(s) => Some(LabelValue::One(s.clone())),
-        Value::Number(n) if n.is_i64() || n.is_u64() => Some(LabelValue::One(n.to_string())),
+        // Kept as written: `4.2` stays "4.2", a class name for classification or a target for
+        // regression.
+        Value::Number(n) => Some(LabelValue::One(n.to_string())),
         Value::Array(items) => {
             let mut out = Vec::with_capacity(items.len());
             for item in items {
@@ -182,12 +198,22 @@ fn label_from_json(v: &Value, line: usize, col: &str) -> Result<Option<LabelValu
             out.dedup();
             Some(LabelValue::Many(out))
         }
-        _ => return err(line, format!("field {col:?} must be a string, an integer or a list of strings")),
+        _ => return err(line, format!("field {col:?} must be a string, a number or a list of strings")),
     })
 }
 
+/// The text and pair columns: the default `text`/`text_pair`, or a reranking file's
+/// `query`/`document` where it has those and no `text`.
+fn reranking_columns<'a>(cols: &Columns<'a>, has: impl Fn(&str) -> bool) -> (&'a str, &'a str) {
+    let defaults = Columns::default();
+    if cols.text == defaults.text && cols.text_pair == defaults.text_pair && !has("text") && has("query") {
+        return ("query", "document");
+    }
+    (cols.text, cols.text_pair)
+}
+
 fn parse_jsonl(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetError> {
-    let (text_col, label_col) = (cols.text, cols.label);
+    let label_col = cols.label;
     let mut rows = Vec::new();
     for (i, raw) in text.split('\n').enumerate() {
         let line = i + 1;
@@ -200,15 +226,16 @@ fn parse_jsonl(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetE
             Ok(_) => return err(line, "each line must be a JSON object"),
             Err(e) => return err(line, format!("invalid JSON: {e}")),
         };
+        let (text_col, pair_col) = reranking_columns(cols, |c| obj.contains_key(c));
         let text = match obj.get(text_col) {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return err(line, format!("field {text_col:?} must be a string")),
             None => return err(line, format!("field {text_col:?} is missing")),
         };
-        let text_pair = match obj.get(cols.text_pair) {
+        let text_pair = match obj.get(pair_col) {
             Some(Value::String(s)) => Some(s.clone()),
             None | Some(Value::Null) => None,
-            Some(_) => return err(line, format!("field {:?} must be a string", cols.text_pair)),
+            Some(_) => return err(line, format!("field {pair_col:?} must be a string")),
         };
         let label = match obj.get(label_col) {
             Some(v) => label_from_json(v, line, label_col)?,
@@ -220,17 +247,18 @@ fn parse_jsonl(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetE
 }
 
 fn parse_csv(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetError> {
-    let (text_col, label_col) = (cols.text, cols.label);
+    let label_col = cols.label;
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(text.as_bytes());
     let headers = match reader.headers() {
         Ok(h) => h.clone(),
         Err(e) => return err(1, format!("invalid CSV header: {e}")),
     };
+    let (text_col, pair_col) = reranking_columns(cols, |c| headers.iter().any(|h| h.trim() == c));
     let Some(text_idx) = headers.iter().position(|h| h.trim() == text_col) else {
         return err(1, format!("the header has no column {text_col:?}"));
     };
     let label_idx = headers.iter().position(|h| h.trim() == label_col);
-    let pair_idx = headers.iter().position(|h| h.trim() == cols.text_pair);
+    let pair_idx = headers.iter().position(|h| h.trim() == pair_col);
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = match record {

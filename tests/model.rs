@@ -175,7 +175,7 @@ fn saved_model_loads_back_with_identical_logits_and_hugging_face_names() {
     assert!(max_diff < 1e-6, "the inference layout changes logits by {max_diff}");
 
     let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-    cfg.set_classifier(&labels, "single_label_classification", "cls");
+    cfg.set_classifier(&labels, Some("single_label_classification"), "cls");
     let out = dir.path().join("saved");
     write_model_dir(&out, &cfg, &params.snapshot().unwrap(), &base).unwrap();
 

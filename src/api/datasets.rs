@@ -88,6 +88,7 @@ pub async fn store_upload(
         rows: parsed.rows.len() as i64,
         labels: parsed.labels.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
         multi_label: parsed.multi_label,
+        text_label_line: parsed.text_label_line.map(|l| l as i64),
         bytes: upload.bytes.len() as i64,
         path: rel,
         created_at: store::now(),

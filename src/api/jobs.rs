@@ -64,9 +64,9 @@ fn check_model_name(name: &str) -> ApiResult<()> {
 async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask, Value)> {
     let task = match req.task.as_deref() {
         None => JobTask::Classification,
-        Some(t) => {
-            JobTask::parse(t).ok_or_else(|| ApiError::invalid("task", "task must be classification, multi_label_classification or mlm"))?
-        }
+        Some(t) => JobTask::parse(t).ok_or_else(|| {
+            ApiError::invalid("task", "task must be classification, multi_label_classification, regression, rerank or mlm")
+        })?,
     };
     if let Some(c) = &req.config {
         if task != JobTask::Mlm {
@@ -127,6 +127,21 @@ fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &JobTask) 
     }
     if d.labels.is_empty() {
         return Err(ApiError::invalid(param, format!("dataset {} has no labels; {task} needs labeled data", d.id)));
+    }
+    if matches!(task, JobTask::Regression | JobTask::Rerank) {
+        if d.multi_label {
+            return Err(ApiError::invalid(param, format!("dataset {} has lists of labels; {task} needs a number per row", d.id)));
+        }
+        if let Some(line) = d.text_label_line {
+            let what = if *task == JobTask::Rerank { "a relevance from 0 to 1" } else { "a number" };
+            return Err(ApiError::invalid(param, format!("dataset {} line {line}: the label is not a number; {task} needs {what}", d.id)));
+        }
+        if *task == JobTask::Rerank {
+            if let Some(v) = d.labels.keys().find(|l| l.trim().parse::<f64>().is_ok_and(|v| !(0.0..=1.0).contains(&v))) {
+                return Err(ApiError::invalid(param, format!("dataset {}: relevance {v} is outside 0 to 1", d.id)));
+            }
+        }
+        return Ok(());
     }
     if param.starts_with("training") && d.labels.len() < 2 {
         return Err(ApiError::invalid(param, format!("dataset {} has a single label; classification needs at least two", d.id)));
@@ -439,10 +454,12 @@ async fn checkpoints(State(state): State<AppState>, Path(id): Path<String>) -> A
     let data: Vec<Value> = found
         .iter()
         .map(|crate::train::checkpoint::JobCheckpoint { name, meta: m }| {
-            let best = m
-                .best
-                .as_ref()
-                .map(|b| json!({"epoch": b.epoch, "loss": b.loss, "accuracy": b.report.accuracy, "macro_f1": b.report.macro_f1}));
+            let best = m.best.as_ref().map(|b| {
+                let mut v = b.report.headline();
+                v.insert("epoch".into(), json!(b.epoch));
+                v.insert("loss".into(), json!(b.loss));
+                v
+            });
             json!({"object": "job.checkpoint", "id": name, "job": id,
                    "step": m.step, "epoch": m.epoch, "created_at": m.created_at,
                    "metrics": {"epoch_train_loss": m.epoch_train_loss(), "best_validation": best}})

@@ -15,6 +15,9 @@ pub struct DatasetRecord {
     pub rows: i64,
     pub labels: BTreeMap<String, i64>,
     pub multi_label: bool,
+    /// The line of the first label that is not a number (a regression job is refused with it).
+    #[serde(skip)]
+    pub text_label_line: Option<i64>,
     pub bytes: i64,
     #[serde(skip)]
     pub path: String,
@@ -30,6 +33,7 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for DatasetRecord {
             rows: row.try_get("rows")?,
             labels: super::json_column(row, "labels")?,
             multi_label: row.try_get::<i64, _>("multi_label")? != 0,
+            text_label_line: row.try_get("text_label_line")?,
             bytes: row.try_get("bytes")?,
             path: row.try_get("path")?,
             created_at: row.try_get("created_at")?,
@@ -37,13 +41,13 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for DatasetRecord {
     }
 }
 
-const COLUMNS: &str = "id, name, format, rows, labels, multi_label, bytes, path, created_at";
+const COLUMNS: &str = "id, name, format, rows, labels, multi_label, text_label_line, bytes, path, created_at";
 
 /// Inserts a dataset row inside `tx`.
 pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Result<()> {
     sqlx::query(
-        r#"insert into datasets (id, name, format, rows, labels, multi_label, bytes, path, created_at)
-           values ($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
+        r#"insert into datasets (id, name, format, rows, labels, multi_label, text_label_line, bytes, path, created_at)
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"#,
     )
     .bind(&d.id)
     .bind(&d.name)
@@ -51,6 +55,7 @@ pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Resul
     .bind(d.rows)
     .bind(serde_json::to_string(&d.labels).expect("labels serialise"))
     .bind(d.multi_label as i64)
+    .bind(d.text_label_line)
     .bind(d.bytes)
     .bind(&d.path)
     .bind(d.created_at)

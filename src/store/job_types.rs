@@ -48,19 +48,26 @@ pub enum JobTask {
     Classification,
     /// Any number of labels per text (sigmoid per label).
     MultiLabelClassification,
+    /// A number per text or pair (one output, mean squared error).
+    Regression,
+    /// A cross-encoder reranker: a relevance per (query, document) pair (one output, sigmoid).
+    Rerank,
     /// Masked-language-model pre-training: the result is a base model.
     Mlm,
 }
 
 impl JobTask {
     /// Every task, as the API lists them.
-    pub const ALL: [JobTask; 3] = [JobTask::Classification, JobTask::MultiLabelClassification, JobTask::Mlm];
+    pub const ALL: [JobTask; 5] =
+        [JobTask::Classification, JobTask::MultiLabelClassification, JobTask::Regression, JobTask::Rerank, JobTask::Mlm];
 
     /// The task as stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
             JobTask::Classification => "classification",
             JobTask::MultiLabelClassification => "multi_label_classification",
+            JobTask::Regression => "regression",
+            JobTask::Rerank => "rerank",
             JobTask::Mlm => "mlm",
         }
     }

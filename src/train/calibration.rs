@@ -25,9 +25,16 @@ pub struct Calibration {
     pub validation_ece_after: f64,
 }
 
+impl Calibration {
+    /// No calibration: temperature 1, and no calibration error measured (a one-output task).
+    pub fn none() -> Self {
+        Self { temperature: 1.0, validation_ece_before: f64::NAN, validation_ece_after: f64::NAN }
+    }
+}
+
 /// Probabilities from one row of logits divided by `temperature`: softmax, or sigmoid per label.
 pub fn probabilities(task: Task, logits: &[f32], temperature: f32) -> Vec<f32> {
-    crate::model::predict::predictor::probabilities(task == Task::MultiLabel, logits, temperature)
+    crate::model::predict::predictor::probabilities(matches!(task, Task::MultiLabel | Task::Rerank), logits, temperature)
 }
 
 /// Fits the temperature on `logits` (one row per example) against `truth` (each example's label
@@ -73,13 +80,14 @@ fn nll(task: Task, logits: &[Vec<f32>], truth: &[Vec<usize>], beta: f64) -> f64 
         .iter()
         .zip(truth)
         .map(|(row, labels)| match task {
-            Task::SingleLabel => {
+            // A regression is never calibrated.
+            Task::SingleLabel | Task::Regression => {
                 let z: Vec<f64> = row.iter().map(|&x| x as f64 * beta).collect();
                 let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
                 lse - z[labels[0]]
             }
-            Task::MultiLabel => row
+            Task::MultiLabel | Task::Rerank => row
                 .iter()
                 .enumerate()
                 .map(|(j, &x)| {
@@ -107,11 +115,11 @@ pub fn ece(task: Task, logits: &[Vec<f32>], truth: &[Vec<usize>], temperature: f
     for (row, labels) in logits.iter().zip(truth) {
         let probs = probabilities(task, row, temperature);
         match task {
-            Task::SingleLabel => {
+            Task::SingleLabel | Task::Regression => {
                 let (top, &p) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("a row has a score per label");
                 add(p, labels[0] == top);
             }
-            Task::MultiLabel => probs.iter().enumerate().for_each(|(j, &p)| add(p, labels.contains(&j))),
+            Task::MultiLabel | Task::Rerank => probs.iter().enumerate().for_each(|(j, &p)| add(p, labels.contains(&j))),
         }
     }
     // Σ (n_b / n) · |mean confidence_b − accuracy_b| = Σ |Σ confidence_b − hits_b| / n

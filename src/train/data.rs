@@ -7,14 +7,19 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 
-/// A tokenised example with its label ids (one for single-label classification).
-#[derive(Debug, Clone)]
+/// A tokenised example with its label ids (one for single-label classification; for a
+/// reranker, label 0 when the document is relevant) or its number (regression, reranking).
+#[derive(Debug, Clone, Default)]
 pub struct Example {
     pub ids: Vec<u32>,
     /// Token types of a pair (0 for the first text, 1 for the second) where the model has
     /// token types; empty otherwise (all 0).
     pub type_ids: Vec<u32>,
     pub labels: Vec<usize>,
+    /// A regression's target, a reranker's relevance (0 otherwise).
+    pub target: f32,
+    /// A reranker's query: the documents of one query are ranked together.
+    pub group: u32,
 }
 
 impl Example {
@@ -84,15 +89,27 @@ pub fn batch_order(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
 }
 
+/// What a row's label becomes.
+#[derive(Debug, Clone, Copy)]
+pub enum Labeling<'a> {
+    /// Ids into these label names (sorted).
+    Classes(&'a [String]),
+    /// A number (regression).
+    Number,
+    /// A relevance in [0, 1] of a (query, document) pair; a query's documents share a group.
+    Relevance,
+}
+
 /// Tokenises `rows` (truncated to `max_len`: a single text keeps its final `[SEP]`, a pair is
-/// cut longer text first) with their labels as ids into `labels` (sorted). `typed`: the model
-/// has token types, so a pair's second text gets type 1.
+/// cut longer text first) with their labels as `labeling` says. `typed`: the model has token
+/// types, so a pair's second text gets type 1. `what` names the rows in errors.
 pub fn to_examples(
     rows: &[Row],
-    labels: &[String],
+    labeling: Labeling,
     tok: &tokenizers::Tokenizer,
     max_len: usize,
     typed: bool,
+    what: &str,
 ) -> anyhow::Result<Vec<Example>> {
     let encoded: Vec<(Vec<u32>, Vec<u32>)> = if rows.iter().any(|r| r.text_pair.is_some()) {
         let pairs: Vec<(&str, &str)> = rows.iter().map(|r| (r.text.as_str(), r.text_pair.as_deref().unwrap_or(""))).collect();
@@ -107,17 +124,75 @@ pub fn to_examples(
             })
             .collect()
     };
+    let mut queries: std::collections::HashMap<&str, u32> = Default::default();
     rows.iter()
         .zip(encoded)
-        .map(|(r, (ids, type_ids))| {
-            let ids_of = r
-                .labels()
-                .iter()
-                .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
-                .collect::<anyhow::Result<Vec<usize>>>()?;
-            Ok(Example { ids, type_ids, labels: ids_of })
+        .enumerate()
+        .map(|(i, (r, (ids, type_ids)))| {
+            let mut ex = Example { ids, type_ids, ..Example::default() };
+            match labeling {
+                Labeling::Classes(labels) => {
+                    ex.labels = r
+                        .labels()
+                        .iter()
+                        .map(|name| labels.binary_search_by(|l| l.as_str().cmp(name)).map_err(|_| anyhow::anyhow!("unknown label {name}")))
+                        .collect::<anyhow::Result<Vec<usize>>>()?;
+                }
+                Labeling::Number | Labeling::Relevance => {
+                    let label = r.labels().first().copied().unwrap_or_default();
+                    let value = label.trim().parse::<f64>().ok().filter(|v| v.is_finite());
+                    let Some(value) = value else {
+                        anyhow::bail!("{what} row {}: label {label:?} is not a number", i + 1);
+                    };
+                    if matches!(labeling, Labeling::Relevance) {
+                        if !(0.0..=1.0).contains(&value) {
+                            anyhow::bail!("{what} row {}: a relevance must be from 0 to 1 (got {value})", i + 1);
+                        }
+                        let next = queries.len() as u32;
+                        ex.group = *queries.entry(r.text.as_str()).or_insert(next);
+                        // Relevant documents carry label 0, the one output's, for the class weight
+                        // and the head's starting bias.
+                        ex.labels = if value >= 0.5 { vec![0] } else { vec![] };
+                    }
+                    ex.target = value as f32;
+                }
+            }
+            Ok(ex)
         })
         .collect()
+}
+
+/// Holds out about `fraction` of the queries of reranking rows with all their documents, chosen
+/// by `seed`, so that no query is both trained and validated on. Returns (train, validation).
+pub fn query_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, Vec<Row>) {
+    let mut queries: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    queries.sort_unstable();
+    queries.dedup();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    queries.shuffle(&mut rng);
+    let n = if queries.len() >= 2 { ((queries.len() as f64 * fraction).round() as usize).max(1) } else { 0 };
+    let held: std::collections::HashSet<String> = queries[..n].iter().map(|q| q.to_string()).collect();
+    rows.into_iter().partition(|r| !held.contains(&r.text))
+}
+
+/// Holds out `fraction` of the rows at random, chosen by `seed` (for numeric labels, which
+/// have no classes to stratify by). Returns (train, validation).
+pub fn random_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, Vec<Row>) {
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    order.shuffle(&mut rng);
+    let n = if rows.len() >= 2 { ((rows.len() as f64 * fraction).round() as usize).max(1) } else { 0 };
+    let mut held = vec![false; rows.len()];
+    order[..n].iter().for_each(|&i| held[i] = true);
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (r, h) in rows.into_iter().zip(held) {
+        if h {
+            val.push(r)
+        } else {
+            train.push(r)
+        }
+    }
+    (train, val)
 }
 
 #[cfg(test)]
@@ -125,7 +200,7 @@ mod tests {
     use super::*;
 
     fn examples(n: usize) -> Vec<Example> {
-        (0..n).map(|i| Example { ids: vec![0; 1 + (i * 7919) % 61], type_ids: vec![], labels: vec![0] }).collect()
+        (0..n).map(|i| Example { ids: vec![0; 1 + (i * 7919) % 61], labels: vec![0], ..Example::default() }).collect()
     }
 
     #[test]

@@ -18,6 +18,15 @@ pub struct EpochStats {
     pub train_loss: f64,
     pub val_accuracy: f64,
     pub val_macro_f1: f64,
+    /// Regression only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_pearson: Option<f64>,
+    /// Regression only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_spearman: Option<f64>,
+    /// Reranking only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_ndcg_at_10: Option<f64>,
     pub eval_seconds: f64,
     /// Peak device memory so far (GPU runs only), MiB.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,6 @@
-//! Classification metrics: accuracy, macro-F1, per-class precision/recall/F1/support and
-//! the confusion matrix (rows: true label, columns: predicted).
+//! Evaluation metrics. Classification: accuracy, macro-F1, per-class precision/recall/F1/support
+//! and the confusion matrix (rows: true label, columns: predicted). Regression and reranking
+//! fill their own fields instead ([`super::scores`]).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -13,16 +14,98 @@ pub struct ClassScores {
     pub support: usize,
 }
 
-/// Metrics of one evaluation pass.
+/// Metrics of one evaluation pass. A regression has no accuracy or macro-F1 (NaN, left out of
+/// the JSON), a reranker no macro-F1.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClassificationReport {
+    #[serde(skip_serializing_if = "is_nan", default = "nan")]
     pub accuracy: f64,
+    #[serde(skip_serializing_if = "is_nan", default = "nan")]
     pub macro_f1: f64,
     /// Multi-label only: F1 over all (example, label) decisions.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub micro_f1: Option<f64>,
     pub per_class: BTreeMap<String, ClassScores>,
     pub confusion_matrix: Vec<Vec<usize>>,
+    /// Regression: Pearson's correlation of predictions and labels.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pearson: Option<f64>,
+    /// Regression: Spearman's rank correlation (what picks the best epoch).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub spearman: Option<f64>,
+    /// Regression: mean squared error.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mse: Option<f64>,
+    /// Reranking: mean reciprocal rank of the first relevant document in each query's top 10.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mrr_at_10: Option<f64>,
+    /// Reranking: NDCG of each query's top 10 (what picks the best epoch).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ndcg_at_10: Option<f64>,
+}
+
+fn is_nan(x: &f64) -> bool {
+    x.is_nan()
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+impl ClassificationReport {
+    /// An empty report to fill a one-output task's fields into.
+    pub fn one_output() -> Self {
+        Self {
+            accuracy: f64::NAN,
+            macro_f1: f64::NAN,
+            micro_f1: None,
+            per_class: BTreeMap::new(),
+            confusion_matrix: vec![],
+            pearson: None,
+            spearman: None,
+            mse: None,
+            mrr_at_10: None,
+            ndcg_at_10: None,
+        }
+    }
+
+    /// The figure the best epoch is chosen by: Spearman for a regression, NDCG@10 for a
+    /// reranker, macro-F1 for a classifier.
+    pub fn selection(&self) -> f64 {
+        self.spearman.or(self.ndcg_at_10).unwrap_or(self.macro_f1)
+    }
+
+    /// What the selection figure is called.
+    pub fn selection_name(&self) -> &'static str {
+        match (self.spearman, self.ndcg_at_10) {
+            (Some(_), _) => "Spearman",
+            (_, Some(_)) => "NDCG@10",
+            _ => "macro-F1",
+        }
+    }
+
+    /// The headline figures as a job's metrics show them.
+    pub fn headline(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        let mut put = |k: &str, v: Option<f64>| {
+            if let Some(v) = v.filter(|v| !v.is_nan()) {
+                out.insert(k.into(), v.into());
+            }
+        };
+        put("accuracy", Some(self.accuracy));
+        put("macro_f1", Some(self.macro_f1));
+        put("pearson", self.pearson);
+        put("spearman", self.spearman);
+        put("mse", self.mse);
+        put("mrr_at_10", self.mrr_at_10);
+        put("ndcg_at_10", self.ndcg_at_10);
+        out
+    }
+
+    /// The headline figures in words, for logs.
+    pub fn headline_text(&self) -> String {
+        self.headline().iter().map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// Computes the report from true and predicted label ids. Classes with no true and no predicted
@@ -56,6 +139,7 @@ pub fn classification_report(labels: &[String], truth: &[usize], pred: &[usize])
         micro_f1: None,
         per_class,
         confusion_matrix: cm,
+        ..ClassificationReport::one_output()
     }
 }
 
@@ -100,6 +184,7 @@ pub fn multilabel_report(labels: &[String], truth: &[Vec<usize>], pred: &[Vec<us
         micro_f1: Some(micro),
         per_class,
         confusion_matrix: vec![],
+        ..ClassificationReport::one_output()
     }
 }
 

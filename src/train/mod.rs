@@ -14,6 +14,7 @@ pub mod objective;
 pub mod optim;
 pub mod precision;
 pub mod run_loop;
+pub mod scores;
 pub mod thresholds;
 pub mod trainer;
 pub mod worker;

@@ -1,37 +1,55 @@
 //! What a task optimises and how it is scored: targets, loss, predictions and metrics for
 //! single-label (softmax + cross-entropy) and multi-label (sigmoid + binary cross-entropy)
-//! classification.
+//! classification, regression (one output, mean squared error) and cross-encoder reranking
+//! (one output, binary cross-entropy on a relevance in [0, 1]).
 
 use super::data::Example;
 use super::metrics::{classification_report, multilabel_report, ClassificationReport};
+use super::scores;
 use crate::model::hf::tokenize::pad_batch_typed;
 use crate::model::ops::layers::Mode;
 use crate::model::Classifier;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// The kind of classification.
+/// What a fine-tuned head predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
     SingleLabel,
     MultiLabel,
+    /// A number per input.
+    Regression,
+    /// A relevance per (query, document) pair.
+    Rerank,
 }
 
 /// Decision threshold on sigmoid scores for multi-label metrics.
 pub const THRESHOLD: f32 = 0.5;
 
 impl Task {
-    /// The `problem_type` written to `config.json`.
-    pub fn problem_type(self) -> &'static str {
+    /// The `problem_type` written to `config.json` (none for a reranker: transformers has no
+    /// name for one sigmoid output, and cross-encoders are saved without one).
+    pub fn problem_type(self) -> Option<&'static str> {
         match self {
-            Task::SingleLabel => "single_label_classification",
-            Task::MultiLabel => "multi_label_classification",
+            Task::SingleLabel => Some("single_label_classification"),
+            Task::MultiLabel => Some("multi_label_classification"),
+            Task::Regression => Some("regression"),
+            Task::Rerank => None,
         }
     }
 
-    /// Targets of a batch: label ids `[b]` (u32), or a multi-hot `[b, k]` (f32).
+    /// Whether the head has one output, a number rather than a label.
+    pub fn one_output(self) -> bool {
+        matches!(self, Task::Regression | Task::Rerank)
+    }
+
+    /// Targets of a batch: label ids `[b]` (u32), a multi-hot `[b, k]` (f32), or each
+    /// example's number `[b, 1]` (f32).
     pub fn targets(self, batch: &[&Example], k: usize, device: &Device) -> Result<Tensor> {
         match self {
             Task::SingleLabel => Tensor::new(batch.iter().map(|e| e.label() as u32).collect::<Vec<_>>(), device),
+            Task::Regression | Task::Rerank => {
+                Tensor::from_vec(batch.iter().map(|e| e.target).collect::<Vec<_>>(), (batch.len(), 1), device)
+            }
             Task::MultiLabel => {
                 let mut hot = vec![0f32; batch.len() * k];
                 for (i, e) in batch.iter().enumerate() {
@@ -53,7 +71,8 @@ impl Task {
                 let wt = w.index_select(targets, 0)?;
                 (picked * &wt)?.sum_all()?.neg()? / wt.sum_all()?.to_scalar::<f32>()? as f64
             }
-            (Task::MultiLabel, w) => {
+            (Task::Regression, _) => (logits - targets)?.sqr()?.mean_all(),
+            (Task::MultiLabel | Task::Rerank, w) => {
                 // Stable BCE with logits: max(x, 0) − x·t + log(1 + e^−|x|).
                 let softplus = ((logits.abs()?.neg()?.exp()? + 1.0)?.log()? + logits.relu()?)?;
                 match w {
@@ -83,6 +102,9 @@ impl Task {
     ) -> Result<(f64, ClassificationReport, Vec<Vec<f32>>)> {
         let mut order: Vec<usize> = (0..data.len()).collect();
         order.sort_by_key(|&i| data[i].ids.len());
+        if self.one_output() && labels.len() != 1 {
+            candle_core::bail!("a one-output task has one label, not {}", labels.len());
+        }
         let mut preds: Vec<Vec<usize>> = vec![vec![]; data.len()];
         let mut all_logits: Vec<Vec<f32>> = vec![vec![]; data.len()];
         let mut loss_sum = 0.0;
@@ -109,11 +131,33 @@ impl Task {
                 classification_report(labels, &t, &p)
             }
             Task::MultiLabel => multilabel_report(labels, &truth, &preds),
+            Task::Regression | Task::Rerank => self.one_output_report(data, &all_logits),
         };
         Ok((loss_sum / data.len().max(1) as f64, report, all_logits))
     }
 
-    /// Predicted label ids from one row of logits (multi-label: at 0.5).
+    /// Regression: Pearson, Spearman and MSE. Reranking: MRR@10 and NDCG@10 over each query's
+    /// documents, and the accuracy of sigmoid ≥ 0.5 against relevance ≥ 0.5.
+    fn one_output_report(self, data: &[Example], logits: &[Vec<f32>]) -> ClassificationReport {
+        let truth: Vec<f64> = data.iter().map(|e| e.target as f64).collect();
+        let pred: Vec<f64> = logits.iter().map(|row| row[0] as f64).collect();
+        let mut r = ClassificationReport::one_output();
+        if self == Task::Regression {
+            r.pearson = Some(scores::pearson(&truth, &pred));
+            r.spearman = Some(scores::spearman(&truth, &pred));
+            r.mse = Some(scores::mse(&truth, &pred));
+            return r;
+        }
+        let groups: Vec<u32> = data.iter().map(|e| e.group).collect();
+        let (mrr, ndcg) = scores::mrr_ndcg(&groups, &truth, &pred);
+        r.mrr_at_10 = Some(mrr);
+        r.ndcg_at_10 = Some(ndcg);
+        let right = truth.iter().zip(&pred).filter(|(t, p)| (**t >= scores::RELEVANT) == (**p >= 0.0)).count();
+        r.accuracy = right as f64 / truth.len().max(1) as f64;
+        r
+    }
+
+    /// Predicted label ids from one row of logits (multi-label and reranking: at 0.5).
     fn decide(self, logits: &[f32]) -> Vec<usize> {
         match self {
             Task::SingleLabel => {
@@ -121,7 +165,8 @@ impl Task {
                 vec![best]
             }
             // sigmoid(x) ≥ 0.5 ⇔ x ≥ 0
-            Task::MultiLabel => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
+            Task::MultiLabel | Task::Rerank => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
+            Task::Regression => vec![],
         }
     }
 }
@@ -162,8 +207,8 @@ pub fn balanced_weights(task: Task, train: &[Example], k: usize, device: &Device
         .iter()
         .map(|&c| match (task, c) {
             (_, 0) => 0.0,
-            (Task::SingleLabel, c) => n / (k as f32 * c as f32),
-            (Task::MultiLabel, c) => (n - c as f32) / c as f32,
+            (Task::SingleLabel | Task::Regression, c) => n / (k as f32 * c as f32),
+            (Task::MultiLabel | Task::Rerank, c) => (n - c as f32) / c as f32,
         })
         .collect();
     Tensor::new(w, device)
@@ -175,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_sigmoid_head_starts_at_each_labels_smoothed_frequency() {
-        let ex = |labels: &[usize]| Example { ids: vec![], type_ids: vec![], labels: labels.to_vec() };
+        let ex = |labels: &[usize]| Example { labels: labels.to_vec(), ..Example::default() };
         let train = [ex(&[0]), ex(&[0, 1]), ex(&[0]), ex(&[2])];
         let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
         let p: Vec<f32> = prior_log_odds(&train, 4).into_iter().map(sigmoid).collect();

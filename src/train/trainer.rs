@@ -3,7 +3,7 @@
 //! [`Observer`]; shared by the service's worker and the `train` command.
 
 use super::checkpoint::{CheckpointMeta, CheckpointPlan};
-use super::data::{epoch_batches, label_set, stratified_split, to_examples, Example};
+use super::data::{epoch_batches, label_set, query_split, random_split, stratified_split, to_examples, Example, Labeling};
 pub use super::events::{EpochReport, EpochStats, Event, Finished, Observer, Outcome, RunStats, StepInfo, TestReport, TrainError};
 use super::hyper::Hyperparameters;
 use super::objective::{balanced_weights, prior_log_odds, Task};
@@ -25,6 +25,9 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// The name of a regression's or a reranker's one output (its `id2label`).
+pub const ONE_OUTPUT: &str = "score";
 
 /// Everything one fine-tuning run needs.
 pub struct TrainRequest {
@@ -80,8 +83,12 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let (train_rows, val_rows) = match req.validation_rows {
         Some(v) => (req.train_rows, v),
         None => {
-            let (t, v) = stratified_split(req.train_rows, 0.1, hp.seed);
-            obs.on_event(Event::Message(format!("held out {} of {} rows for validation (stratified 10 %)", v.len(), t.len() + v.len())));
+            let (how, (t, v)) = match req.task {
+                Task::SingleLabel | Task::MultiLabel => ("stratified 10 %", stratified_split(req.train_rows, 0.1, hp.seed)),
+                Task::Regression => ("10 % at random", random_split(req.train_rows, 0.1, hp.seed)),
+                Task::Rerank => ("10 % of the queries, with all their documents", query_split(req.train_rows, 0.1, hp.seed)),
+            };
+            obs.on_event(Event::Message(format!("held out {} of {} rows for validation ({how})", v.len(), t.len() + v.len())));
             (t, v)
         }
     };
@@ -97,9 +104,17 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         )));
     }
     let test_rows = req.test_rows.unwrap_or_default();
-    let labels = label_set(&train_rows, &[val_rows.as_slice(), test_rows.as_slice()].concat());
-    if labels.len() < 2 {
+    let task = req.task;
+    let labels = if task.one_output() {
+        vec![ONE_OUTPUT.to_string()]
+    } else {
+        label_set(&train_rows, &[val_rows.as_slice(), test_rows.as_slice()].concat())
+    };
+    if labels.len() < 2 && !task.one_output() {
         return Err(TrainError::InvalidData("classification needs at least two distinct labels".into()));
+    }
+    if task == Task::Regression && hp.class_weights.is_some() {
+        return Err(TrainError::InvalidData("class_weights applies to classification and reranking, not regression".into()));
     }
     let tok = load_tokenizer(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut cfg: EncoderConfig = info.config.clone();
@@ -130,9 +145,17 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let typed = cfg.type_vocab_size > 1;
     // No longer than the model's position table holds, whatever the job asked.
     let max_len = hp.max_seq_len.min(cfg.max_tokens());
-    let train = to_examples(&train_rows, &labels, &tok, max_len, typed)?;
-    let val = to_examples(&val_rows, &labels, &tok, max_len, typed)?;
-    let test = to_examples(&test_rows, &labels, &tok, max_len, typed)?;
+    let labeling = match task {
+        Task::SingleLabel | Task::MultiLabel => Labeling::Classes(&labels),
+        Task::Regression => Labeling::Number,
+        Task::Rerank => Labeling::Relevance,
+    };
+    let examples = |rows: &[Row], what: &str| {
+        to_examples(rows, labeling, &tok, max_len, typed, what).map_err(|e| TrainError::InvalidData(format!("{e:#}")))
+    };
+    let train = examples(&train_rows, "training")?;
+    let val = examples(&val_rows, "validation")?;
+    let test = examples(&test_rows, "test")?;
     let tokenize_seconds = t_tok.elapsed().as_secs_f64();
     let mut hp_run = req.hp.clone();
     if hp_run.auto_epochs {
@@ -146,8 +169,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         )));
     }
     let hp = &hp_run;
-    let task = req.task;
-    if task == Task::MultiLabel {
+    if matches!(task, Task::MultiLabel | Task::Rerank) {
         let prior = Tensor::new(prior_log_odds(&train, labels.len()), &req.device)?;
         params.set("classifier.bias", &prior)?;
     }
@@ -217,11 +239,14 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     // The temperature first: thresholds are tuned on the probabilities predict will return.
     let (_, _, val_logits) = task.evaluate(&kept, &val, &labels, pad, req.eval_batch_size, &req.device)?;
     let val_truth: Vec<Vec<usize>> = val.iter().map(|e| e.labels.clone()).collect();
-    let calibration = super::calibration::fit(task, &val_logits, &val_truth);
+    // A number is not a probability to calibrate; a reranker's scores stay the sigmoid of its
+    // logit, as a cross-encoder's.
+    let calibration =
+        if task.one_output() { super::calibration::Calibration::none() } else { super::calibration::fit(task, &val_logits, &val_truth) };
     let temperature = calibration.temperature;
     let tuned = match task {
         Task::MultiLabel => Some(super::thresholds::fit(&val_logits, &val_truth, &labels, temperature)),
-        Task::SingleLabel => None,
+        _ => None,
     };
     let (mut test_report, mut test_tuned, mut test_ece) = (None, None, None);
     if !test.is_empty() {
@@ -229,7 +254,10 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         let (loss, report, logits) = task.evaluate(&kept, &test, &labels, pad, req.eval_batch_size, &req.device)?;
         let seconds = t_test.elapsed().as_secs_f64();
         let truth: Vec<Vec<usize>> = test.iter().map(|e| e.labels.clone()).collect();
-        test_ece = Some((super::calibration::ece(task, &logits, &truth, 1.0), super::calibration::ece(task, &logits, &truth, temperature)));
+        if !task.one_output() {
+            test_ece =
+                Some((super::calibration::ece(task, &logits, &truth, 1.0), super::calibration::ece(task, &logits, &truth, temperature)));
+        }
         if let Some(t) = &tuned {
             let report = super::thresholds::report(&logits, &truth, &labels, &t.thresholds, temperature);
             test_tuned = Some(TestReport { loss, seconds, report });
@@ -238,6 +266,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     if let Some(out) = &req.out_dir {
         cfg.set_classifier(&labels, task.problem_type(), pooling.as_str());
+        if task == Task::Rerank {
+            cfg.set_reranker();
+        }
         cfg.set_temperature(temperature);
         if let Some(t) = &tuned {
             cfg.set_thresholds(&labels, &t.thresholds);
@@ -246,11 +277,18 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             .save(out, &cfg, &tensors, &req.base_dir, req.base_id.as_deref())
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
-    obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation macro-F1 {:.4})", best.epoch, best.report.macro_f1)));
     obs.on_event(Event::Message(format!(
-        "scores calibrated on validation: temperature {:.3}, expected calibration error {:.4} (uncalibrated {:.4})",
-        temperature, calibration.validation_ece_after, calibration.validation_ece_before
+        "kept the weights of epoch {} (validation {} {:.4})",
+        best.epoch,
+        best.report.selection_name(),
+        best.report.selection()
     )));
+    if !task.one_output() {
+        obs.on_event(Event::Message(format!(
+            "scores calibrated on validation: temperature {:.3}, expected calibration error {:.4} (uncalibrated {:.4})",
+            temperature, calibration.validation_ece_after, calibration.validation_ece_before
+        )));
+    }
     if let Some(t) = &tuned {
         obs.on_event(Event::Message(format!(
             "thresholds tuned per label on validation: macro-F1 {:.4} (at 0.5: {:.4}), micro-F1 {:.4} (at 0.5: {:.4})",
@@ -348,6 +386,9 @@ impl run_loop::Objective for Classify<'_> {
             train_loss,
             val_accuracy: report.accuracy,
             val_macro_f1: report.macro_f1,
+            val_pearson: report.pearson,
+            val_spearman: report.spearman,
+            val_ndcg_at_10: report.ndcg_at_10,
             eval_seconds: t_eval.elapsed().as_secs_f64(),
             peak_gpu_mib,
         });
@@ -372,6 +413,9 @@ fn lookup(tensors: &HashMap<String, Tensor>, name: &str) -> candle_core::Result<
     tensors.get(name).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))
 }
 
+/// Whether epoch `a` beats `b`: a higher selection figure (macro-F1, Spearman or NDCG@10), or
+/// the same with a lower validation loss.
 fn is_better(a: &EpochReport, b: &EpochReport) -> bool {
-    a.report.macro_f1 > b.report.macro_f1 || (a.report.macro_f1 == b.report.macro_f1 && a.loss < b.loss)
+    let (x, y) = (a.report.selection(), b.report.selection());
+    x > y || (x == y && a.loss < b.loss)
 }

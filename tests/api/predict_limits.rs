@@ -17,7 +17,7 @@ fn write_classifier(models: &Path, name: &str, labels: &[&str], outputs: usize) 
     let dir = crate::common::write_tiny_model(models, name);
     let mut cfg = crate::common::tiny_config();
     let labels: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-    cfg.set_classifier(&labels, "single_label_classification", "cls");
+    cfg.set_classifier(&labels, Some("single_label_classification"), "cls");
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let file = dir.join("model.safetensors");
     let mut w = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
@@ -41,7 +41,7 @@ fn write_crashing_classifier(models: &Path, name: &str) {
     let dir = crate::common::write_tiny_model(models, name);
     let mut cfg = crate::common::tiny_config();
     cfg.hidden_size = 0;
-    cfg.set_classifier(&["neg".into(), "pos".into()], "single_label_classification", "cls");
+    cfg.set_classifier(&["neg".into(), "pos".into()], Some("single_label_classification"), "cls");
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let mut shapes = encoder_params(&cfg);
     shapes.extend([("pooler.dense.weight".into(), vec![0, 0]), ("pooler.dense.bias".into(), vec![0])]);

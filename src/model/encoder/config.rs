@@ -180,19 +180,44 @@ impl EncoderConfig {
     }
 
     /// Sets the fields that make this a `BertForSequenceClassification` config.
-    pub fn set_classifier(&mut self, labels: &[String], problem_type: &str, pooling: &str) {
+    pub fn set_classifier(&mut self, labels: &[String], problem_type: Option<&str>, pooling: &str) {
         let id2label: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), Value::from(l.clone()))).collect();
         let label2id: Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), Value::from(i))).collect();
         self.extra.insert("architectures".into(), Value::from(vec![Arch::class_name(&self.model_type, "ForSequenceClassification")]));
         self.extra.insert("id2label".into(), Value::Object(id2label));
         self.extra.insert("label2id".into(), Value::Object(label2id));
-        self.extra.insert("problem_type".into(), Value::from(problem_type));
+        match problem_type {
+            Some(p) => self.extra.insert("problem_type".into(), Value::from(p)),
+            None => self.extra.remove("problem_type"),
+        };
         self.extra.insert("finetuned_pooling".into(), Value::from(pooling));
+    }
+
+    /// Marks a one-output classifier as a cross-encoder reranker: its score is the sigmoid of
+    /// its logit, for us and for sentence-transformers' `CrossEncoder`.
+    pub fn set_reranker(&mut self) {
+        self.extra.insert("finetuned_task".into(), Value::from("rerank"));
+        self.extra.insert("sentence_transformers".into(), serde_json::json!({"activation_fn": "torch.nn.modules.activation.Sigmoid"}));
+    }
+
+    /// What a classifier's head was trained for: `regression`, `rerank`, `multi_label_classification`
+    /// or `classification`. A one-output head with no `problem_type` is a reranker, as
+    /// text-embeddings-inference and sentence-transformers take it.
+    pub fn head_task(&self) -> &'static str {
+        let problem = self.extra.get("problem_type").and_then(Value::as_str);
+        let outputs = self.extra.get("id2label").and_then(Value::as_object).map_or(0, |m| m.len());
+        match problem {
+            Some("multi_label_classification") => "multi_label_classification",
+            Some("regression") => "regression",
+            _ if self.extra.get("finetuned_task").and_then(Value::as_str) == Some("rerank") => "rerank",
+            None if outputs == 1 => "rerank",
+            _ => "classification",
+        }
     }
 
     /// Makes this the config of a masked LM (`…ForMaskedLM`), without a classifier's fields.
     pub fn set_masked_lm(&mut self) {
-        for key in ["id2label", "label2id", "problem_type", "finetuned_pooling"] {
+        for key in ["id2label", "label2id", "problem_type", "finetuned_pooling", "finetuned_task", "sentence_transformers"] {
             self.extra.remove(key);
         }
         self.extra.insert("architectures".into(), Value::from(vec![Arch::class_name(&self.model_type, "ForMaskedLM")]));

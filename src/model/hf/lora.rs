@@ -297,8 +297,9 @@ pub fn write_merged(dir: &Path, dest: &Path) -> anyhow::Result<()> {
     Adapter::load(dir, &Device::Cpu)?.merge_into(&mut weights)?;
     let mut config = info.info.config.clone();
     let labels = info.info.labels.clone().unwrap_or_default();
-    let problem_type = info.info.problem_type.clone().unwrap_or_else(|| "single_label_classification".into());
+    // A one-output head without a problem type is a reranker, which keeps having none.
+    let problem_type = info.info.problem_type.clone().or_else(|| (labels.len() != 1).then(|| "single_label_classification".into()));
     let pooling = config.pooling().unwrap_or_else(|| "cls".into());
-    config.set_classifier(&labels, &problem_type, &pooling);
+    config.set_classifier(&labels, problem_type.as_deref(), &pooling);
     super::artifacts::write_model_dir(dest, &config, &weights, &info.base)
 }

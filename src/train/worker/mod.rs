@@ -166,7 +166,7 @@ fn keep_lease(
 /// What the training thread sends the recorder: an event, or a request to say when everything
 /// before it is recorded.
 enum ToRecorder {
-    Event(Event),
+    Event(Box<Event>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -178,7 +178,7 @@ struct ChannelObserver {
 
 impl Observer for ChannelObserver {
     fn on_event(&mut self, event: Event) {
-        let _ = self.tx.send(ToRecorder::Event(event));
+        let _ = self.tx.send(ToRecorder::Event(Box::new(event)));
     }
 
     fn wait_recorded(&mut self) {
@@ -243,7 +243,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
     });
     while let Some(msg) = rx.recv().await {
         match msg {
-            ToRecorder::Event(ev) => record(pool, &job.id, ev).await,
+            ToRecorder::Event(ev) => record(pool, &job.id, *ev).await,
             ToRecorder::Flush(done) => {
                 let _ = done.send(());
             }
@@ -268,9 +268,12 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             let trainer::Finished { best, labels, stats, tuned, calibration, .. } = *done;
             // The last epoch's number: a resumed run's stats hold only the epochs since the resume.
             let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.last().map_or(0, |e| e.epoch), "max_epochs": stats.max_epochs});
-            let mut metrics = json!({"train_loss": best.train_loss, "validation": {
-                "loss": best.loss, "accuracy": best.report.accuracy, "macro_f1": best.report.macro_f1}, "epoch": best.epoch, "stopped": stopped});
-            metrics["calibration"] = json!(calibration);
+            let mut validation = best.report.headline();
+            validation.insert("loss".into(), json!(best.loss));
+            let mut metrics = json!({"train_loss": best.train_loss, "validation": validation, "epoch": best.epoch, "stopped": stopped});
+            if !calibration.validation_ece_before.is_nan() {
+                metrics["calibration"] = json!(calibration);
+            }
             if let Some(t) = tuned {
                 let per_label: serde_json::Map<String, serde_json::Value> =
                     labels.iter().cloned().zip(t.thresholds.iter().map(|&v| json!(v))).collect();

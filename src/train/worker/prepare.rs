@@ -161,7 +161,12 @@ pub(super) async fn prepare(
         base_id: Some(base.id.clone()),
         out_dir,
         checkpoints,
-        task: if job.task == JobTask::MultiLabelClassification { Task::MultiLabel } else { Task::SingleLabel },
+        task: match job.task {
+            JobTask::MultiLabelClassification => Task::MultiLabel,
+            JobTask::Regression => Task::Regression,
+            JobTask::Rerank => Task::Rerank,
+            JobTask::Classification | JobTask::Mlm => Task::SingleLabel,
+        },
         precision: ctx.precision,
         ..TrainRequest::new(base.path, train_rows, validation_rows, hp, ctx.device.clone())
     };

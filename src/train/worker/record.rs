@@ -138,16 +138,15 @@ pub(super) async fn record(pool: &Pool, job: &str, ev: Event) {
         }
         Event::Epoch(e) => {
             let data: Value = serde_json::to_value(&e).unwrap_or(Value::Null);
-            let mut summary = json!({"train_loss": e.train_loss, "validation": {
-                "loss": e.loss, "accuracy": e.report.accuracy, "macro_f1": e.report.macro_f1}, "epoch": e.epoch});
+            let mut validation = e.report.headline();
+            validation.insert("loss".into(), json!(e.loss));
+            let mut summary = json!({"train_loss": e.train_loss, "validation": validation, "epoch": e.epoch});
             if let Some(mib) = e.peak_gpu_mib {
                 summary["peak_gpu_mib"] = json!(mib);
                 metrics::gauge!("finetuned_training_gpu_memory_peak_mib").set(mib as f64);
             }
-            let msg = format!(
-                "epoch {}: train loss {:.4}, validation loss {:.4}, accuracy {:.4}, macro-F1 {:.4}",
-                e.epoch, e.train_loss, e.loss, e.report.accuracy, e.report.macro_f1
-            );
+            let msg =
+                format!("epoch {}: train loss {:.4}, validation loss {:.4}, {}", e.epoch, e.train_loss, e.loss, e.report.headline_text());
             let r1 = jobs::add_validation_metric(pool, job, e.epoch as i64, &data).await;
             let r2 = jobs::set_metrics(pool, job, &summary).await;
             let r3 = jobs::add_event(pool, job, "info", "metrics", &msg, Some(&data)).await;

@@ -81,13 +81,6 @@ pub struct Catalog {
 /// still found here for at most this long.
 const RESOLVED_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn task_of(problem_type: Option<&str>) -> &'static str {
-    match problem_type {
-        Some("multi_label_classification") => "multi_label_classification",
-        _ => "classification",
-    }
-}
-
 impl DirModel {
     fn view(&self) -> ModelView {
         let labels = self.info.labels.clone();
@@ -95,7 +88,7 @@ impl DirModel {
             id: self.id.clone(),
             object: "model",
             kind: if labels.is_some() { "classifier" } else { "base" }.into(),
-            task: labels.as_ref().map(|_| task_of(self.info.problem_type.as_deref()).to_string()),
+            task: labels.as_ref().map(|_| self.info.config.head_task().to_string()),
             base_model: self.adapter.as_ref().map(|(base, _)| base.clone()),
             job: None,
             labels: labels.unwrap_or_default(),

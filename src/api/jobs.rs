@@ -134,7 +134,9 @@ fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &JobTask) 
         }
         if let Some(line) = d.text_label_line {
             let what = if *task == JobTask::Rerank { "a relevance from 0 to 1" } else { "a number" };
-            return Err(ApiError::invalid(param, format!("dataset {} line {line}: the label is not a number; {task} needs {what}", d.id)));
+            let mut e = ApiError::invalid(param, format!("dataset {} line {line}: the label is not a number; {task} needs {what}", d.id));
+            e.line = Some(line as usize);
+            return Err(e);
         }
         if *task == JobTask::Rerank {
             if let Some(v) = d.labels.keys().find(|l| l.trim().parse::<f64>().is_ok_and(|v| !(0.0..=1.0).contains(&v))) {

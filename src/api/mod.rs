@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod json;
 pub mod models;
 pub mod predict;
+pub mod rerank;
 pub mod tei;
 
 use crate::catalog::Catalog;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(models::router())
         .merge(predict::router(state.config.max_predict_body_bytes))
+        .merge(rerank::router(state.config.max_predict_body_bytes))
         .merge(tei::router(state.config.max_predict_body_bytes))
         .merge(health::info_router())
         .layer(middleware::from_fn_with_state(state.clone(), require_api_key));

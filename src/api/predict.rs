@@ -286,6 +286,11 @@ async fn predict(
             return Err(ApiError::invalid("threshold", "threshold compares probabilities; it cannot be used with raw_scores"));
         }
     }
+    if scored.head.one_output() {
+        // A regression's number, a reranker's relevance: one score per input.
+        let predictions: Vec<Value> = scored.scores.iter().map(|row| json!({"score": row[0]})).collect();
+        return Ok((timing_headers(&scored), Json(json!({"model": id, "predictions": predictions}))).into_response());
+    }
     let k = req.top_k.map(|k| k as usize).unwrap_or(usize::MAX);
     let predictions = ranked(&scored, k);
     let mut body = json!({"model": id, "predictions": predictions});

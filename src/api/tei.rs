@@ -1,5 +1,5 @@
 //! Routes in the shapes of Hugging Face's text-embeddings-inference (TEI), so that clients
-//! written for it work unchanged: `POST /predict`, `GET /info` and `POST /tokenize`, for the
+//! written for it work unchanged: `POST /predict`, `POST /rerank`, `GET /info` and `POST /tokenize`, for the
 //! model named by the `X-Model` header or, without one, by `--default-model`.
 
 use super::hf::{hf_parameters, HfParameters};
@@ -25,6 +25,7 @@ pub fn router(max_body_bytes: usize) -> Router<AppState> {
     Router::new()
         .route("/predict", post(predict))
         .route("/tokenize", post(tokenize))
+        .route("/rerank", post(rerank))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route("/info", get(info))
 }
@@ -163,7 +164,8 @@ async fn predict(
 async fn info(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     let id = model_id(&state, &headers)?;
     let model = classifier(&state, &id).await?;
-    let (max_len, labels) = state.predictor.shape(&id, model.path).await?;
+    let (max_len, labels, head) = state.predictor.shape(&id, model.path).await?;
+    let kind = if head.one_output() { "reranker" } else { "classifier" };
     let id2label: serde_json::Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
     let label2id: serde_json::Map<String, Value> = labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
     let c = &state.config;
@@ -177,7 +179,7 @@ async fn info(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Js
         "model_sha": null,
         "model_dtype": dtype,
         "served_model_name": id,
-        "model_type": {"classifier": {"id2label": id2label, "label2id": label2id}},
+        "model_type": {kind: {"id2label": id2label, "label2id": label2id}},
         "max_concurrent_requests": c.max_concurrent_predicts,
         "max_input_length": max_len,
         "max_batch_tokens": l.max_batch_tokens,
@@ -189,6 +191,18 @@ async fn info(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Js
         "sha": null,
         "docker_label": null,
     })))
+}
+
+/// TEI's `/rerank`: the texts ordered by relevance to the query, `[{index, score, text?}]`.
+async fn rerank(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<super::rerank::RerankRequest>, ApiError>,
+) -> ApiResult<Response> {
+    let req = predict_body(&state, body)?;
+    let id = model_id(&state, &headers)?;
+    let (results, scored) = super::rerank::ranked(&state, &id, req).await?;
+    Ok((timing_headers(&scored), Json(results)).into_response())
 }
 
 /// TEI's tokenize body.

@@ -5,7 +5,7 @@ pub mod adapters;
 pub mod batcher;
 
 use crate::model::predict::adapter_serving::LoadedAdapter;
-use crate::model::predict::predictor::{LoadedClassifier, Overflow, Token, TooLong, Weights};
+use crate::model::predict::predictor::{Head, LoadedClassifier, Overflow, Token, TooLong, Weights};
 use batcher::{BatchLimits, Batcher, Timings};
 use candle_core::{DType, Device};
 use parking_lot::Mutex;
@@ -39,6 +39,8 @@ pub struct Scored {
     pub timings: Timings,
     pub tokenization: std::time::Duration,
     pub labels: Arc<Vec<String>>,
+    /// What the scores are: a probability per label, or one number per input.
+    pub head: Head,
     pub multi_label: bool,
     /// A multi-label model's own decision threshold per label (tuned when it trained), on the
     /// scale of `scores`.
@@ -337,16 +339,17 @@ impl Predictor {
         let mut rows = per_window.into_iter();
         let scores = counts.iter().map(|&n| mean_rows(rows.by_ref().take(n).collect())).collect();
         metrics::histogram!(crate::monitoring::PREDICT_QUEUE_SECONDS).record(timings.queue.as_secs_f64());
-        let (labels, multi_label, thresholds, temperature) = match &adapter {
-            Some(a) => (a.labels.clone(), a.multi_label, a.thresholds.clone(), a.temperature),
-            None => (model.labels.clone(), model.multi_label, model.thresholds.clone(), model.temperature),
+        let (labels, head, thresholds, temperature) = match &adapter {
+            Some(a) => (a.labels.clone(), a.head_kind, a.thresholds.clone(), a.temperature),
+            None => (model.labels.clone(), model.head, model.thresholds.clone(), model.temperature),
         };
+        let multi_label = head == Head::MultiLabel;
         // The thresholds were tuned on calibrated probabilities: the same decisions on others.
         let thresholds = thresholds.map(|t| match output {
             Output::Uncalibrated => crate::train::calibration::move_thresholds(&t, temperature, 1.0),
             _ => t,
         });
-        Ok(Scored { labels: Arc::new(labels), multi_label, thresholds, scores, timings, tokenization })
+        Ok(Scored { labels: Arc::new(labels), head, multi_label, thresholds, scores, timings, tokenization })
     }
 
     /// What runs model `id`: its cache key, the loaded model, and the adapter when it is one
@@ -376,10 +379,10 @@ impl Predictor {
     }
 
     /// The longest input model `id` takes, in tokens, and its labels.
-    pub async fn shape(&self, id: &str, path: PathBuf) -> Result<(usize, Vec<String>), PredictError> {
+    pub async fn shape(&self, id: &str, path: PathBuf) -> Result<(usize, Vec<String>, Head), PredictError> {
         let (_, loaded, adapter) = self.runner(id, path).await?;
-        let labels = adapter.map_or_else(|| loaded.model.labels.clone(), |a| a.labels.clone());
-        Ok((loaded.model.max_len, labels))
+        let (labels, head) = adapter.map_or_else(|| (loaded.model.labels.clone(), loaded.model.head), |a| (a.labels.clone(), a.head_kind));
+        Ok((loaded.model.max_len, labels, head))
     }
 
     /// The adapter `id` at `path` when it is one served over a shared base.

@@ -2,7 +2,7 @@
 //! head (kilobytes to a few MiB), and one forward pass of the base can hold rows for different
 //! adapters (see `model::encoder::adapters`).
 
-use super::predictor::{length_buckets, probabilities, LoadedClassifier};
+use super::predictor::{length_buckets, Head, LoadedClassifier};
 use crate::model::encoder::adapters::{LowRank, LowRankSet, Target};
 use crate::model::encoder::classifier::{Pooling, HEAD_NAMES, POOLER_NAMES};
 use crate::model::encoder::config::EncoderConfig;
@@ -21,7 +21,8 @@ pub struct LoadedAdapter {
     /// Its own pooler, where the head includes one (RoBERTa's `classifier.dense`).
     pooler: Option<Linear>,
     pub labels: Vec<String>,
-    pub multi_label: bool,
+    /// What its head's outputs are.
+    pub head_kind: Head,
     /// Its decision threshold per label, when multi-label and tuned.
     pub thresholds: Option<Vec<f32>>,
     /// Divides its logits before the probabilities are taken (1 for none).
@@ -68,16 +69,15 @@ impl LoadedAdapter {
         };
         let labels = info.info.labels.clone().unwrap_or_default();
         let pooling = info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
-        let multi_label = info.info.problem_type.as_deref() == Some("multi_label_classification");
-        let thresholds = info.info.config.thresholds(&labels).filter(|_| multi_label);
+        let kind = Head::of(&info.info.config);
+        let thresholds = info.info.config.thresholds(&labels).filter(|_| kind == Head::MultiLabel);
         let temperature = info.info.config.temperature();
-        Ok(Some(Self { set, head, pooler, labels, multi_label, thresholds, temperature, base: info.base, pooling, bytes }))
+        Ok(Some(Self { set, head, pooler, labels, head_kind: kind, thresholds, temperature, base: info.base, pooling, bytes }))
     }
 
-    /// Probabilities from logits: softmax, or sigmoid for multi-label adapters; at the
-    /// adapter's temperature when `calibrated`.
+    /// Scores from logits as its head says; at the adapter's temperature when `calibrated`.
     pub fn probabilities(&self, logits: &[f32], calibrated: bool) -> Vec<f32> {
-        probabilities(self.multi_label, logits, if calibrated { self.temperature } else { 1.0 })
+        self.head_kind.scores(logits, if calibrated { self.temperature } else { 1.0 })
     }
 }
 

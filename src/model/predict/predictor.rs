@@ -18,7 +18,8 @@ pub struct LoadedClassifier {
     pub(super) model: Classifier,
     tokenizer: Tokenizer,
     pub labels: Vec<String>,
-    pub multi_label: bool,
+    /// What the head's outputs are.
+    pub head: Head,
     /// A multi-label model's decision threshold per label, tuned on validation when it trained.
     pub thresholds: Option<Vec<f32>>,
     /// Divides the logits before the probabilities are taken (fitted on validation; 1 for none).
@@ -178,14 +179,14 @@ impl LoadedClassifier {
         // The model holds what it still needs; packed layers released their f32 weights.
         drop(weights);
         let bytes = model.bytes();
-        let multi_label = info.problem_type.as_deref() == Some("multi_label_classification");
+        let head = Head::of(&info.config);
         Ok(Self {
             model,
             tokenizer: load_tokenizer(tokenizer_dir)?,
-            thresholds: info.config.thresholds(&labels).filter(|_| multi_label),
+            thresholds: info.config.thresholds(&labels).filter(|_| head == Head::MultiLabel),
             temperature: info.config.temperature(),
             labels,
-            multi_label,
+            head,
             max_len: info.config.max_tokens(),
             typed: info.config.type_vocab_size > 1,
             pair_tokenizer: std::sync::OnceLock::new(),
@@ -304,10 +305,10 @@ impl LoadedClassifier {
         Ok(out)
     }
 
-    /// Probabilities from logits: softmax, or sigmoid for multi-label models; at the model's
-    /// temperature when `calibrated`.
+    /// Scores from logits as the head says ([`Head::scores`]); at the model's temperature when
+    /// `calibrated`.
     pub fn probabilities(&self, logits: &[f32], calibrated: bool) -> Vec<f32> {
-        probabilities(self.multi_label, logits, if calibrated { self.temperature } else { 1.0 })
+        self.head.scores(logits, if calibrated { self.temperature } else { 1.0 })
     }
 
     /// Forward pass on already padded tensors (for tests and benchmarks).
@@ -357,6 +358,46 @@ pub fn windows(ids: &[u32], max_len: usize) -> Vec<Vec<u32>> {
             return out;
         }
         start += stride;
+    }
+}
+
+/// What a classifier's outputs are, from its config ([`crate::model::EncoderConfig::head_task`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// One label per input: softmax.
+    SingleLabel,
+    /// Any number of labels: sigmoid per label.
+    MultiLabel,
+    /// One number per input: the logit itself.
+    Regression,
+    /// A cross-encoder's relevance of a pair: the sigmoid of its one logit.
+    Rerank,
+}
+
+impl Head {
+    /// The head a config describes.
+    pub fn of(cfg: &crate::model::EncoderConfig) -> Self {
+        match cfg.head_task() {
+            "multi_label_classification" => Head::MultiLabel,
+            "regression" => Head::Regression,
+            "rerank" => Head::Rerank,
+            _ => Head::SingleLabel,
+        }
+    }
+
+    /// Whether each input gets one number (`{"score"}`) rather than a score per label.
+    pub fn one_output(self) -> bool {
+        matches!(self, Head::Regression | Head::Rerank)
+    }
+
+    /// Scores of one row of logits divided by `temperature`: softmax, sigmoid (multi-label,
+    /// reranker) or the logits as they are (regression, never scaled).
+    pub fn scores(self, logits: &[f32], temperature: f32) -> Vec<f32> {
+        match self {
+            Head::Regression => logits.to_vec(),
+            Head::SingleLabel => probabilities(false, logits, temperature),
+            Head::MultiLabel | Head::Rerank => probabilities(true, logits, temperature),
+        }
     }
 }
 

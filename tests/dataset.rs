@@ -21,7 +21,7 @@ fn errors_name_the_first_bad_line() {
         ("{\"text\": \"a\", \"label\": \"x\"}\n{\"label\": \"y\"}\n", 2, "\"text\" is missing"),
         ("{\"text\": \"a\", \"label\": \"x\"}\n\n{\"text\": \"b\", \"label\": \"y\"}\nnot json\n", 4, "invalid JSON"),
         ("{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\"}\n", 2, "\"label\" is missing"),
-        ("{\"text\": \"a\", \"label\": 1.5}\n", 1, "must be a string"),
+        ("{\"text\": \"a\", \"label\": true}\n", 1, "must be a string, a number"),
         ("{\"text\": \"\", \"label\": \"x\"}\n", 1, "empty"),
         ("[1, 2]\n", 1, "JSON object"),
     ];
@@ -30,6 +30,30 @@ fn errors_name_the_first_bad_line() {
         assert_eq!(e.line, line, "{input:?} → {e}");
         assert!(e.message.contains(needle), "{input:?} → {e}");
     }
+}
+
+#[test]
+fn numeric_labels_are_kept_as_written_and_the_first_other_label_is_found() {
+    let d = jsonl("{\"text\": \"a\", \"label\": 4.25}\n{\"text\": \"b\", \"label\": 0}\n{\"text\": \"c\", \"label\": \"1e-3\"}\n").unwrap();
+    assert_eq!(d.rows[0].label, Some(LabelValue::One("4.25".into())));
+    assert_eq!(d.text_label_line, None, "every label is a number");
+    let d = jsonl("{\"text\": \"a\", \"label\": 4.25}\n\n{\"text\": \"b\", \"label\": \"high\"}\n").unwrap();
+    assert_eq!(d.text_label_line, Some(3), "the line in the file, blank lines counted");
+    // Numbers may take more distinct values than a classifier's labels.
+    let many: String = (0..10_050).map(|i| format!("{{\"text\": \"t\", \"label\": {}.5}}\n", i)).collect();
+    assert_eq!(jsonl(&many).unwrap().labels.len(), 10_050);
+    let e = jsonl(&format!("{many}{{\"text\": \"t\", \"label\": \"x\"}}\n")).unwrap_err();
+    assert!(e.message.contains("distinct labels"), "{e}");
+}
+
+#[test]
+fn reranking_rows_read_query_and_document_as_a_pair() {
+    let d = jsonl("{\"query\": \"q\", \"document\": \"d\", \"label\": 1}\n").unwrap();
+    assert_eq!((d.rows[0].text.as_str(), d.rows[0].text_pair.as_deref()), ("q", Some("d")));
+    assert!(d.pairs);
+    let csv = "query,document,label\nq,d,0.5\n";
+    let d = parse(csv.as_bytes(), Format::Csv, "text", "label").unwrap();
+    assert_eq!((d.rows[0].text.as_str(), d.rows[0].text_pair.as_deref()), ("q", Some("d")));
 }
 
 #[test]

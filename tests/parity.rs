@@ -12,6 +12,7 @@ mod golden;
 use candle_core::Device;
 use finetuned::model::predict::predictor::LoadedClassifier;
 use finetuned::train::hyper::HyperparametersInput;
+use finetuned::train::objective::Task;
 use finetuned::train::trainer::{self, Event, Observer, TrainRequest};
 use golden::Answer;
 use serde_json::Value;
@@ -214,19 +215,33 @@ const PAIRS: &[(&str, &str)] = &[
     ("x", "a much longer second text than the first one, with more words in it"),
 ];
 
-/// A sentence-pair classifier trained here (MRPC's first rows, from the tiny BERT and the tiny
-/// RoBERTa: token types 0/1 on one, none on the other) gives transformers' logits for pairs.
-fn pair_classifier_matches(arch: &str) {
-    let bytes = std::fs::read(common::shared().join("datasets/mrpc/train.jsonl")).unwrap();
-    let rows = finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows;
-    assert!(rows[0].text_pair.is_some(), "MRPC rows are pairs");
-    let dir = tempfile::tempdir().unwrap();
-    let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(16), max_seq_len: Some(64), ..Default::default() }
-        .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
-        .unwrap();
-    let out = dir.path().join("trained");
-    let mut req = TrainRequest::new(tiny(arch, "base"), rows[..96].to_vec(), Some(rows[96..128].to_vec()), hp, Device::Cpu);
+/// Rows of a shared dataset's training split.
+fn shared_train(dataset: &str) -> Vec<finetuned::dataset::Row> {
+    let bytes = std::fs::read(common::shared().join(format!("datasets/{dataset}/train.jsonl"))).unwrap();
+    finetuned::dataset::parse(&bytes, finetuned::dataset::Format::Jsonl, "text", "label").unwrap().rows
+}
+
+/// Trains a pair model of `task` on `rows` (96 to train, 32 to validate) from the tiny `arch`
+/// base; returns its dir (in `dir`) and our logits and ids for [`PAIRS`].
+fn train_pairs(dir: &Path, arch: &str, task: Task, rows: &[finetuned::dataset::Row]) -> (PathBuf, Answer) {
+    // The real all-MiniLM where a tiny random BERT would score every pair alike.
+    let from = if arch == "minilm" { base() } else { tiny(arch, "base") };
+    assert!(rows[0].text_pair.is_some(), "the rows are pairs");
+    // One-output heads train harder, so that the pairs' scores differ by more than the tolerance.
+    let (epochs, learning_rate) = if task.one_output() && arch != "minilm" { (3, Some(2e-3)) } else { (1, None) };
+    let hp = HyperparametersInput {
+        epochs: Some(epochs.into()),
+        batch_size: Some(16),
+        max_seq_len: Some(64),
+        learning_rate,
+        ..Default::default()
+    }
+    .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
+    .unwrap();
+    let out = dir.join("trained");
+    let mut req = TrainRequest::new(from, rows[..96].to_vec(), Some(rows[96..128].to_vec()), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
+    req.task = task;
     trainer::run(req, &mut Quiet).unwrap();
 
     let cfg = finetuned::model::hf::artifacts::inspect(&out).unwrap().config;
@@ -245,13 +260,23 @@ fn pair_classifier_matches(arch: &str) {
         logits.push(m.forward(&batch.ids, &batch.type_ids, &batch.mask).unwrap().to_vec2::<f32>().unwrap().remove(0));
         ids.push(seq);
     }
-    let ours = Answer { ids, logits, layout: Value::Null, versions: Value::Null };
-    check(&format!("{arch}-pairs"), &ours, |py| {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        let items: Vec<[&str; 2]> = PAIRS.iter().map(|(a, b)| [*a, *b]).collect();
-        std::fs::write(file.path(), serde_json::to_vec(&items).unwrap()).unwrap();
-        serde_json::from_value(hf(py, &["logits".as_ref(), out.as_os_str(), file.path().as_os_str()])).unwrap()
-    });
+    (out, Answer { ids, logits, layout: Value::Null, versions: Value::Null })
+}
+
+/// transformers' logits for [`PAIRS`] from the model in `out`.
+fn live_pairs(py: &Path, verb: &str, out: &Path) -> Answer {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let items: Vec<[&str; 2]> = PAIRS.iter().map(|(a, b)| [*a, *b]).collect();
+    std::fs::write(file.path(), serde_json::to_vec(&items).unwrap()).unwrap();
+    serde_json::from_value(hf(py, &[verb.as_ref(), out.as_os_str(), file.path().as_os_str()])).unwrap()
+}
+
+/// A sentence-pair classifier trained here (MRPC's first rows, from the tiny BERT and the tiny
+/// RoBERTa: token types 0/1 on one, none on the other) gives transformers' logits for pairs.
+fn pair_classifier_matches(arch: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, ours) = train_pairs(dir.path(), arch, Task::SingleLabel, &shared_train("mrpc"));
+    check(&format!("{arch}-pairs"), &ours, |py| live_pairs(py, "logits", &out));
 }
 
 #[test]
@@ -262,6 +287,57 @@ fn a_bert_pair_classifier_trained_here_gives_transformers_logits_for_pairs() {
 #[test]
 fn a_roberta_pair_classifier_trained_here_gives_transformers_logits_for_pairs() {
     pair_classifier_matches("roberta");
+}
+
+/// A regression trained here on STS-B's pairs is saved as transformers' regression (one output,
+/// `problem_type` regression) and gives its logits.
+#[test]
+fn a_regression_trained_here_loads_in_transformers_as_a_regression() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, ours) = train_pairs(dir.path(), "minilm", Task::Regression, &shared_train("stsb"));
+    let config: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["problem_type"], "regression", "{config}");
+    assert_eq!(config["id2label"], serde_json::json!({"0": "score"}), "one output: {config}");
+    let spread =
+        ours.logits.iter().map(|l| l[0]).fold(f32::NEG_INFINITY, f32::max) - ours.logits.iter().map(|l| l[0]).fold(f32::INFINITY, f32::min);
+    assert!(spread > 1e-2, "the pairs get different numbers: {:?}", ours.logits);
+    check("minilm-regression", &ours, |py| live_pairs(py, "logits", &out));
+}
+
+/// A reranker trained here (all-MiniLM on MRPC's pairs, relevance 1 for a paraphrase) scores in
+/// sentence-transformers' `CrossEncoder` as it does here: the sigmoid of its one logit.
+fn reranker_matches(arch: &str) {
+    let rows: Vec<_> = shared_train("mrpc")
+        .into_iter()
+        .map(|mut r| {
+            let relevant = r.labels() == ["equivalent"];
+            r.label = Some(finetuned::dataset::LabelValue::One(if relevant { "1" } else { "0" }.into()));
+            r
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, ours) = train_pairs(dir.path(), arch, Task::Rerank, &rows);
+    let m = LoadedClassifier::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(m.head, finetuned::model::predict::predictor::Head::Rerank);
+    // Our served scores: the sigmoid of each logit.
+    let scores: Vec<Vec<f32>> = ours.logits.iter().map(|l| m.probabilities(l, true)).collect();
+    let spread = scores.iter().map(|l| l[0]).fold(f32::NEG_INFINITY, f32::max) - scores.iter().map(|l| l[0]).fold(f32::INFINITY, f32::min);
+    assert!(spread > 1e-3, "the pairs get different scores: {scores:?}");
+    let ours = Answer { logits: scores, ..ours };
+    let case = format!("{arch}-rerank-crossencoder");
+    let has_st = golden::python()
+        .is_some_and(|py| Command::new(py).args(["-c", "import sentence_transformers"]).output().is_ok_and(|o| o.status.success()));
+    if has_st {
+        check(&case, &ours, |py| live_pairs(py, "crossencoder", &out));
+    } else {
+        eprintln!("parity {case}: no sentence-transformers here; the golden file only");
+        golden::assert_matches(&case, "the golden file", &ours, &golden::read(&case));
+    }
+}
+
+#[test]
+fn a_reranker_trained_here_scores_the_same_in_sentence_transformers() {
+    reranker_matches("minilm");
 }
 
 #[test]

@@ -2,6 +2,8 @@
 
   hf.py logits MODEL_DIR TEXTS_JSON  -> {"logits", "ids", "loading_info", "versions"}, sequence classification
                                         (an item of TEXTS_JSON is a text or a pair [text, text_pair])
+  hf.py crossencoder MODEL_DIR PAIRS_JSON -> {"logits", "ids", "versions"}: sentence-transformers'
+                                        CrossEncoder(MODEL_DIR).predict of each pair, one score per row
   hf.py mlm MODEL_DIR TEXTS_JSON     -> the same for the masked LM (first 1000 vocabulary entries per token)
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
   hf.py peft-make BASE DATA_JSONL OUT -> trains a LoRA adapter with peft (seeded, a few steps) and saves it
@@ -41,6 +43,19 @@ def _answer(model_dir, texts_path, cls, take):
 
 def logits(model_dir, texts_path):
     _answer(model_dir, texts_path, AutoModelForSequenceClassification, lambda x: [x.tolist()])
+
+
+def crossencoder(model_dir, pairs_path):
+    import sentence_transformers
+    from sentence_transformers import CrossEncoder
+    pairs = json.load(open(pairs_path))
+    model = CrossEncoder(model_dir, device="cpu")
+    scores = model.predict([tuple(p) for p in pairs], batch_size=len(pairs), convert_to_numpy=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok(*p, truncation=True, max_length=512)["input_ids"] for p in pairs]
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+                "sentence_transformers": sentence_transformers.__version__}
+    print(json.dumps({"logits": [[float(s)] for s in scores], "ids": ids, "versions": versions}))
 
 
 def mlm(model_dir, texts_path):
@@ -145,5 +160,5 @@ def tokenize(model_dir, inputs_path):
 
 
 if __name__ == "__main__":
-    {"logits": logits, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
+    {"logits": logits, "crossencoder": crossencoder, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
      "peft-logits": peft_logits, "tokenize": tokenize}[sys.argv[1]](*sys.argv[2:])

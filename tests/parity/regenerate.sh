@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${FINETUNED_PYTHON:-}" ]; then
   VENV=${1:-$HOME/refbench-venv}
-  if ! "$VENV/bin/python" -c "import torch, transformers, safetensors, peft" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import torch, transformers, safetensors, peft, sentence_transformers" 2>/dev/null; then
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch transformers safetensors peft
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check torch transformers safetensors peft sentence-transformers
   fi
   export FINETUNED_PYTHON=$VENV/bin/python
 fi

@@ -8,6 +8,9 @@
 3. TEI's own /predict examples (single, batch, raw scores, truncation) answer in TEI's shapes.
 4. The JSON job's webhooks reach a receiver that verifies each with the `standardwebhooks` package
    (the server has a `whsec_` secret): queued, running, succeeded.
+5. A tagger (CoNLL-2003's first sentences) and a reranker (MRPC's pairs) trained through the
+   generated client: InferenceClient.token_classification gives our predict route's entities, and
+   TEI's /rerank (X-Model) answers what our /v1/models/{id}/rerank does.
 """
 
 import io
@@ -118,6 +121,48 @@ def walk_through(client):
     check(any(n.endswith("config.json") for n in names) and any(n.endswith("model.safetensors") for n in names), f"download: {names}")
 
 
+def jsonl_upload(client, name, rows):
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    d = create_dataset.sync(client=client, name=name, body=File(payload=io.BytesIO(body)))
+    check(isinstance(d, Dataset) and d.rows == len(rows), f"upload {name}: {d}")
+    return d
+
+
+def train(client, dataset, task, name):
+    hp = {"epochs": 1, "batch_size": 16, "learning_rate": 1e-4, "max_seq_len": 64}
+    req = JobRequest.from_dict({"base_model": "all-minilm-l6-v2", "training_dataset": dataset.id, "task": task, "model_name": name, "hyperparameters": hp})
+    job = create_job.sync(client=client, body=req)
+    check(isinstance(job, Job), f"create a {task} job: {job}")
+    done = wait(client, job.id)
+    check(done.status.value == "succeeded", f"{task} job succeeded: {done.to_dict()}")
+
+
+def entities_and_reranking(client):
+    shared = os.path.dirname(DATA)
+    rows = lambda d: [json.loads(l) for l in open(os.path.join(shared, d, "train.jsonl"))][:240]  # noqa: E731
+    train(client, jsonl_upload(client, "ner", rows("conll2003")), "token_classification", "client-ner")
+    text = "Peter Blackburn flew from Brussels to Washington on Monday."
+    auth = {"Authorization": f"Bearer {KEY}"}
+    ours_r = httpx.post(f"{BASE}/v1/models/client-ner/predict", json={"inputs": [text]}, headers=auth)
+    ours_r.raise_for_status()
+    mine = [(e["entity_group"], e["start"], e["end"], e["word"], e["score"]) for e in ours_r.json()["predictions"][0]]
+    hf = InferenceClient(model=f"{BASE}/v1/models/client-ner/predict", token=KEY)
+    got = [(e.entity_group, e.start, e.end, e.word, e.score) for e in hf.token_classification(text)]
+    check(got == mine, f"InferenceClient.token_classification: {got}")
+    first = [(e.entity_group, e.start, e.end) for e in hf.token_classification(text, aggregation_strategy="first")]
+    check(all(text[s:e] for _, s, e in first), f"InferenceClient.token_classification, first: {first}")
+
+    pairs = [{"query": r["text"], "document": r["text_pair"], "label": 1 if r["label"] == "equivalent" else 0} for r in rows("mrpc")]
+    train(client, jsonl_upload(client, "rerank", pairs), "rerank", "client-rerank")
+    body = {"query": "The cat sat on the mat.", "texts": ["A cat was sitting on the mat.", "Stocks fell.", "The mat is red."], "return_text": True}
+    r = httpx.post(f"{BASE}/v1/models/client-rerank/rerank", json=body, headers=auth)
+    r.raise_for_status()
+    results = r.json()["results"]
+    check([x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True), f"rerank, best first: {results}")
+    tei = httpx.post(f"{BASE}/rerank", json=body, headers={**auth, "X-Model": "client-rerank"})
+    check(tei.status_code == 200 and tei.json() == results, f"TEI /rerank: {tei.text[:200]}")
+
+
 def ours(text, **extra):
     r = httpx.post(f"{BASE}/v1/models/{MODEL}/predict", json={"inputs": text, **extra}, headers={"Authorization": f"Bearer {KEY}"})
     r.raise_for_status()
@@ -170,4 +215,5 @@ client = AuthenticatedClient(base_url=BASE, token=KEY, timeout=httpx.Timeout(120
 walk_through(client)
 hugging_face_clients()
 tei_examples()
+entities_and_reranking(client)
 print("all client checks passed")

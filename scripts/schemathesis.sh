@@ -121,11 +121,11 @@ include-name = ["GET /v1/jobs/{id}", "POST /v1/jobs/{id}/cancel", "GET /v1/jobs/
 parameters = { "path.id" = { dictionary = "jobs", probability = 0.5 } }
 
 [[operations]]
-include-name = ["GET /v1/models/{id}", "GET /v1/models/{id}/download", "POST /v1/models/{id}/predict"]
+include-name = ["GET /v1/models/{id}", "GET /v1/models/{id}/download", "POST /v1/models/{id}/predict", "POST /v1/models/{id}/rerank"]
 parameters = { "path.id" = { dictionary = "models", probability = 0.5 } }
 
 [[operations]]
-include-name = ["POST /predict", "GET /info", "POST /tokenize"]
+include-name = ["POST /predict", "GET /info", "POST /tokenize", "POST /rerank"]
 parameters = { "header.X-Model" = { dictionary = "models", probability = 0.5 } }
 
 [[operations]]
@@ -140,9 +140,9 @@ parameters = { "body.base_model" = { dictionary = "base_models", probability = 0
 # (a PNG, say) count as valid, but the server must refuse a file that is not JSON Lines/CSV
 # (invalid_dataset); "threshold" is schema-valid but only allowed for multi-label models; an X-Model
 # header may name a base model, which the TEI routes refuse as predict does, and /tokenize refuses a
-# prompt_name.
+# prompt_name; the rerank routes refuse a classifier of two labels (st-model), which is not a reranker.
 [[operations]]
-include-name = ["POST /v1/datasets", "POST /v1/jobs", "POST /v1/models/{id}/predict", "POST /predict", "GET /info", "POST /tokenize"]
+include-name = ["POST /v1/datasets", "POST /v1/jobs", "POST /v1/models/{id}/predict", "POST /predict", "GET /info", "POST /tokenize", "POST /v1/models/{id}/rerank", "POST /rerank"]
 checks.positive_data_acceptance.expected-statuses = ["2XX", 401, 404, 409, 422]
 EOF
 

@@ -68,9 +68,10 @@ pub struct TrainArgs {
     /// Keep the first N training rows (0 = all).
     #[arg(long, default_value_t = 0)]
     pub max_train: usize,
-    /// `auto` (multi-label for lists of labels; regression when every label is a number and
-    /// one is not whole, as `finetune_ref.py --task auto`), `classification`,
-    /// `multi_label_classification`, `regression` or `rerank`.
+    /// `auto` (token classification for tagged words; multi-label for lists of labels;
+    /// regression when every label is a number and one is not whole, as `finetune_ref.py --task
+    /// auto`), `classification`, `multi_label_classification`, `regression`, `rerank` or
+    /// `token_classification`.
     #[arg(long, default_value = "auto")]
     pub task: String,
     /// Compute threads.
@@ -125,7 +126,9 @@ fn read_split(dir: &Path, split: &str, required: bool) -> anyhow::Result<Option<
     let parsed =
         crate::dataset::parse(&bytes, crate::dataset::Format::Jsonl, "text", "label").with_context(|| format!("{}", path.display()))?;
     let fractional = |r: &Row| r.labels().iter().any(|l| l.parse::<f64>().is_ok_and(|v| v.fract() != 0.0));
-    let task = if parsed.multi_label {
+    let task = if parsed.tokens {
+        Task::Tokens
+    } else if parsed.multi_label {
         Task::MultiLabel
     } else if parsed.text_label_line.is_none() && parsed.rows.iter().any(fractional) {
         Task::Regression
@@ -143,7 +146,10 @@ fn task_of(arg: &str, found: Task) -> anyhow::Result<Task> {
         "multi_label_classification" => Task::MultiLabel,
         "regression" => Task::Regression,
         "rerank" => Task::Rerank,
-        other => bail!("--task {other:?}: use auto, classification, multi_label_classification, regression or rerank"),
+        "token_classification" => Task::Tokens,
+        other => {
+            bail!("--task {other:?}: use auto, classification, multi_label_classification, regression, rerank or token_classification")
+        }
     })
 }
 
@@ -305,6 +311,12 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         "test_mse": done.test.as_ref().and_then(|t| t.report.mse),
         "test_mrr_at_10": done.test.as_ref().and_then(|t| t.report.mrr_at_10),
         "test_ndcg_at_10": done.test.as_ref().and_then(|t| t.report.ndcg_at_10),
+        "test_f1": done.test.as_ref().and_then(|t| t.report.f1),
+        "test_precision": done.test.as_ref().and_then(|t| t.report.precision),
+        "test_recall": done.test.as_ref().and_then(|t| t.report.recall),
+        "test_token_accuracy": done.test.as_ref().filter(|_| task == Task::Tokens).map(|t| t.report.accuracy),
+        "test_f1_per_type": done.test.as_ref().filter(|_| task == Task::Tokens)
+            .map(|t| t.report.per_class.iter().map(|(k, v)| (k.clone(), v.f1)).collect::<std::collections::BTreeMap<_, _>>()),
         "test_micro_f1": done.test.as_ref().and_then(|t| t.report.micro_f1),
         "thresholds": done.tuned.as_ref().map(|t| done.labels.iter().cloned().zip(t.thresholds.iter().copied()).collect::<std::collections::BTreeMap<_, _>>()),
         "calibration": {"temperature": done.calibration.temperature,

@@ -103,7 +103,7 @@ fn multi_label_classification_trains_on_every_architecture() {
             if i % 3 == 0 {
                 labels.push("third".into());
             }
-            Row { text: r.text, text_pair: None, label: Some(LabelValue::Many(labels)) }
+            Row { text: r.text, label: Some(LabelValue::Many(labels)), ..Row::default() }
         })
         .collect();
     for arch in ARCHS {

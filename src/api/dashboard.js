@@ -81,6 +81,44 @@ async function connect() {
 
 async function refreshAll() { await Promise.all([refreshDatasets(), refreshModels(), refreshJobs()]); }
 
+// --- validation figures by task --------------------------------------------------------------
+
+/** Each validation figure: its name, its digits, and whether it is a score of at most 1 (the chart's right axis). */
+const METRICS = {
+  accuracy: { name: "accuracy", unit: true }, macro_f1: { name: "macro-F1", unit: true },
+  spearman: { name: "Spearman", unit: true }, pearson: { name: "Pearson", unit: true }, mse: { name: "MSE" },
+  ndcg_at_10: { name: "NDCG@10", unit: true }, mrr_at_10: { name: "MRR@10", unit: true },
+  f1: { name: "entity F1", unit: true }, precision: { name: "precision", unit: true }, recall: { name: "recall", unit: true },
+  perplexity: { name: "perplexity", digits: 2 }, embedding_similarity: { name: "embedding similarity", unit: true },
+};
+/** Each task's headline figures, its main one first. */
+const TASK_METRICS = {
+  classification: ["accuracy", "macro_f1"], multi_label_classification: ["accuracy", "macro_f1"],
+  regression: ["spearman", "pearson", "mse"], rerank: ["ndcg_at_10", "mrr_at_10", "accuracy"],
+  token_classification: ["f1", "precision", "recall", "accuracy", "macro_f1"], mlm: ["perplexity", "embedding_similarity"],
+};
+/** Where the task is unknown: the main figure is the first of these that the metrics hold. */
+const MAIN_ORDER = ["spearman", "ndcg_at_10", "f1", "accuracy", "perplexity"];
+
+function metricName(key, task) { return key === "accuracy" && task === "token_classification" ? "word accuracy" : METRICS[key].name; }
+function fmtMetric(key, x) { return fmt(x, METRICS[key].digits || 4); }
+const capital = (s) => s.charAt(0).toUpperCase() + s.slice(1);
+
+/** The figures of a job or model of `task`: its task's, else those that one of `reports` holds. */
+function metricKeys(task, ...reports) {
+  if (TASK_METRICS[task]) return TASK_METRICS[task];
+  return Object.keys(METRICS).filter((k) => reports.some((v) => v && typeof v[k] === "number"));
+}
+
+/** A jobs or models table cell: the main validation figure of `metrics` (of `task`), named below it. */
+function mainFigureCell(task, metrics) {
+  const v = (metrics && metrics.validation) || {};
+  const key = (TASK_METRICS[task] ? [TASK_METRICS[task][0]] : MAIN_ORDER).find((k) => typeof v[k] === "number");
+  if (!key) return el("td", { class: "num" }, "–");
+  const name = metricName(key, task);
+  return el("td", { class: "num", title: "validation " + name }, fmt(v[key], METRICS[key].digits || 3), el("span", { class: "sub" }, name));
+}
+
 // --- datasets ------------------------------------------------------------------------------
 
 async function refreshDatasets() {
@@ -172,11 +210,10 @@ async function refreshJobs() {
   const list = await api("/v1/jobs?limit=50");
   state.jobs = list.data;
   fillBody("jobs-table", list.data.map((j) => {
-    const acc = j.metrics && j.metrics.validation ? j.metrics.validation.accuracy : undefined;
     return el("tr", { class: "clickable" + (j.id === state.selected ? " selected" : ""), "data-job": j.id, tabindex: 0,
       onclick: () => selectJob(j.id), onkeydown: (e) => { if (e.key === "Enter") selectJob(j.id); } },
     el("td", { class: "mono" }, j.id), el("td", {}, el("span", { class: "badge " + j.status, "data-testid": "job-status" }, j.status)),
-    el("td", {}, j.base_model, el("span", { class: "sub" }, j.task)), progressCell(j), el("td", { class: "num" }, fmt(acc, 3)),
+    el("td", {}, j.base_model, el("span", { class: "sub" }, j.task)), progressCell(j), mainFigureCell(j.task, j.metrics),
     el("td", { class: "mono" }, j.model || "–"), el("td", {}, when(j.created_at)));
   }), "No jobs yet.", 7);
   if (typeof onJobListed === "function") onJobListed(list.data.find((j) => j.id === state.selected));
@@ -188,48 +225,142 @@ async function refreshModels() {
   const list = await api("/v1/models");
   state.models = list.data;
   const classifiers = list.data.filter((m) => m.kind === "classifier");
-  fillBody("models-table", list.data.map((m) => {
-    const acc = m.metrics && m.metrics.validation ? m.metrics.validation.accuracy : undefined;
-    return el("tr", { "data-model": m.id },
-      el("td", { class: "mono" }, m.id, el("span", { class: "sub" }, m.kind)), el("td", { class: "wrap" }, m.labels.join(", ") || "–"),
-      el("td", { class: "num" }, fmt(acc, 3)),
-      el("td", {}, m.kind === "classifier" ? el("button", { type: "button", class: "secondary", "aria-label": "Try " + m.id, onclick: () => tryModel(m.id) }, "Try") : ""));
-  }), "No models.", 4);
+  fillBody("models-table", list.data.map((m) => el("tr", { "data-model": m.id },
+    el("td", { class: "mono" }, m.id, el("span", { class: "sub" }, m.task || m.kind)),
+    el("td", { class: "wrap" }, m.labels.join(", ") || "–"), mainFigureCell(m.task, m.metrics),
+    el("td", {}, m.kind === "classifier" ? el("button", { type: "button", class: "secondary", "aria-label": "Try " + m.id, onclick: () => tryModel(m.id) }, "Try") : ""))),
+  "No models.", 4);
   fillSelect("job-base", list.data.map((m) => [m.id, m.id + (m.kind === "classifier" ? " (classifier)" : "")]), null);
-  fillSelect("predict-model", classifiers.map((m) => [m.id, m.id + " · " + m.labels.join("/")]), null);
+  fillSelect("predict-model", classifiers.map(modelOption), null);
+  updatePredictForm();
+}
+
+/** A tagger's entity types from its tags (B-PER, I-PER → PER). */
+function entityTypes(tags) { return [...new Set(tags.filter((t) => t !== "O").map((t) => t.replace(/^[BIESL]-/, "")))]; }
+
+function modelOption(m) {
+  const t = m.task || "classification";
+  const what = t === "regression" || t === "rerank" ? t : t === "token_classification" ? "tags " + entityTypes(m.labels).join("/") : m.labels.join("/");
+  return [m.id, m.id + " · " + what];
+}
+
+function modelTask(id) { const m = state.models.find((x) => x.id === id); return (m && m.task) || "classification"; }
+
+/** The predict form of each task: what the text box holds, whether a second text or a query goes with it. */
+const PREDICT_FORMS = {
+  classification: { input: "Text (one input per line)", pair: true, run: "Predict", hint: "Each text's labels, most likely first." },
+  regression: { input: "Text (one input per line)", pair: true, run: "Predict", hint: "A regression: one number per text (or pair)." },
+  rerank: { input: "Texts to rank (one per line)", query: true, run: "Rerank", hint: "A reranker: the texts ordered by relevance to the query, best first." },
+  token_classification: { input: "Text to tag (one per line)", run: "Find entities", hint: "A token classifier: the entities found in each text." },
+};
+PREDICT_FORMS.multi_label_classification = Object.assign({}, PREDICT_FORMS.classification, { hint: "Multi-label: each label's own probability." });
+
+function predictForm(task) { return PREDICT_FORMS[task] || PREDICT_FORMS.classification; }
+
+/** Fits the predict form to the chosen model's task; a result of another task is cleared. */
+function updatePredictForm() {
+  const task = modelTask($("predict-model").value), f = predictForm(task);
+  $("predict-input-label").textContent = f.input;
+  $("predict-hint").textContent = $("predict-model").value ? f.hint : "";
+  $("predict-query-box").hidden = !f.query;
+  $("predict-pair-box").hidden = !f.pair;
+  $("predict-run").textContent = f.run;
+  if (state.predictTask !== task) {
+    state.predictTask = task;
+    $("predict-result").replaceChildren();
+    setMsg("predict-status", "");
+  }
 }
 
 function tryModel(id) {
   $("predict-model").value = id;
-  $("predict-input").focus();
+  updatePredictForm();
+  $(predictForm(modelTask(id)).query ? "predict-query" : "predict-input").focus();
 }
 
 async function predict(ev) {
   ev.preventDefault();
-  const model = $("predict-model").value;
-  const inputs = $("predict-input").value.split("\n").map((s) => s.trim()).filter(Boolean);
+  const model = $("predict-model").value, task = modelTask(model), f = predictForm(task);
+  const lines = (id) => $(id).value.split("\n").map((s) => s.trim()).filter(Boolean);
+  const texts = lines("predict-input");
   if (!model) { setMsg("predict-status", "No classifier yet: train one first.", "bad"); return; }
-  if (!inputs.length) { setMsg("predict-status", "Type some text first.", "bad"); return; }
+  if (!texts.length) { setMsg("predict-status", "Type some text first.", "bad"); return; }
+  let path = "/predict", body;
+  if (f.query) {
+    const query = $("predict-query").value.trim();
+    if (!query) { setMsg("predict-status", "Type a query first.", "bad"); return; }
+    path = "/rerank";
+    body = { query, texts, return_text: true };
+  } else {
+    const seconds = f.pair ? lines("predict-pair") : [];
+    if (seconds.length && seconds.length !== texts.length) {
+      setMsg("predict-status", "Pairs go line by line: " + texts.length + " text(s) but " + seconds.length + " second text(s).", "bad");
+      return;
+    }
+    body = { inputs: seconds.length ? texts.map((text, i) => ({ text, text_pair: seconds[i] })) : texts };
+  }
   $("predict-run").disabled = true;
-  setMsg("predict-status", "Scoring…");
+  setMsg("predict-status", f.query ? "Ranking…" : "Scoring…");
   try {
-    const r = await api("/v1/models/" + encodeURIComponent(model) + "/predict", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ inputs }),
+    const r = await api("/v1/models/" + encodeURIComponent(model) + path, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     });
     setMsg("predict-status", "Model " + r.model + ":", "ok");
-    $("predict-result").replaceChildren(...r.predictions.flatMap((preds, i) => [
-      el("div", { class: "pred-input" }, "“" + inputs[i] + "”"),
-      ...preds.map((p) => el("div", { class: "pred-row", "data-label": p.label },
-        el("span", {}, p.label), el("span", { class: "pred-bar" }, el("span", { style: "width:" + (100 * Math.max(0, Math.min(1, p.score))).toFixed(1) + "%" })),
-        el("span", { class: "num mono" }, p.score.toFixed(4)))),
-    ]));
+    $("predict-result").replaceChildren(...(Array.isArray(r.results) ? r.results.map((x, k) => rankedRow(x, k, texts))
+      : r.predictions.flatMap((p, i) => predictionRows(p, body.inputs[i], task))));
   } catch (e) {
-    setMsg("predict-status", "Predict failed: " + e.message, "bad");
+    setMsg("predict-status", (f.query ? "Rerank" : "Predict") + " failed: " + e.message, "bad");
     $("predict-result").replaceChildren();
   } finally {
     $("predict-run").disabled = false;
   }
 }
+
+function scoreBar(score) {
+  return el("span", { class: "pred-bar" }, el("span", { style: "width:" + (100 * Math.max(0, Math.min(1, score))).toFixed(1) + "%" }));
+}
+
+/** One input's answer: its labels' scores, its number (a one-output model) or its entities. */
+function predictionRows(p, input, task) {
+  const text = typeof input === "string" ? input : input.text;
+  if (task === "token_classification" && Array.isArray(p)) {
+    return [el("div", { class: "pred-input" }, p.length + (p.length === 1 ? " entity" : " entities")), taggedText(text, p)];
+  }
+  const head = el("div", { class: "pred-input" }, "“" + text + "”" + (typeof input === "string" ? "" : " + “" + input.text_pair + "”"));
+  if (Array.isArray(p)) {
+    return [head, ...p.map((x) => el("div", { class: "pred-row", "data-label": x.label },
+      el("span", {}, x.label), scoreBar(x.score), el("span", { class: "num mono" }, fmt(x.score, 4))))];
+  }
+  const score = p && p.score;
+  return [head, el("div", { class: "pred-row", "data-score": score }, el("span", {}, "score"), el("span", {}), el("span", { class: "num mono" }, fmt(score, 4)))];
+}
+
+/** A reranker's result: its rank, text, relevance. */
+function rankedRow(x, k, texts) {
+  const text = typeof x.text === "string" ? x.text : texts[x.index];
+  return el("div", { class: "pred-row rank-row", "data-index": x.index },
+    el("span", { class: "mono" }, "#" + (k + 1)), el("span", { class: "text" }, text), scoreBar(x.score), el("span", { class: "num mono" }, fmt(x.score, 4)));
+}
+
+/** `text` with each entity in a <mark>; offsets count Unicode scalar values, as Array.from splits. */
+function taggedText(text, entities) {
+  const chars = Array.from(text), out = [];
+  let at = 0;
+  const sorted = entities.filter((e) => Number.isInteger(e.start) && Number.isInteger(e.end)).sort((a, b) => a.start - b.start);
+  for (const e of sorted) {
+    const start = Math.min(e.start, chars.length), end = Math.min(e.end, chars.length);
+    if (start < at || end <= start) continue; // overlapping or empty: the text shows once
+    const kind = e.entity_group || e.entity || "?";
+    if (start > at) out.push(chars.slice(at, start).join(""));
+    out.push(el("mark", { class: "ent ent-" + hashOf(kind) % 6, "data-entity": kind, title: kind + " · score " + fmt(e.score, 3) },
+      chars.slice(start, end).join(""), el("small", {}, kind)));
+    at = end;
+  }
+  if (at < chars.length) out.push(chars.slice(at).join(""));
+  return el("div", { class: "tagged" }, out);
+}
+
+function hashOf(s) { let h = 0; for (const c of s) h = (h * 31 + c.codePointAt(0)) >>> 0; return h; }
 
 // --- wiring ----------------------------------------------------------------------------------
 
@@ -261,6 +392,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("job-method").addEventListener("change", () => { $("job-lora-r").disabled = $("job-method").value !== "lora"; });
   $("job-epochs-auto").addEventListener("change", () => { $("job-epochs").disabled = $("job-epochs-auto").checked; });
   $("predict-form").addEventListener("submit", predict);
+  $("predict-model").addEventListener("change", updatePredictForm);
   connect();
   setTimeout(poll, 3000);
 });

@@ -43,10 +43,14 @@ pub fn format_of(content_type: Option<&str>, filename: Option<&str>) -> Option<F
         if f.ends_with(".jsonl") || f.ends_with(".ndjson") || f.ends_with(".json") {
             return Some(Format::Jsonl);
         }
+        if f.ends_with(".conll") || f.ends_with(".conllu") || f.ends_with(".iob") || f.ends_with(".bio") {
+            return Some(Format::Conll);
+        }
     }
     let essence = content_type?.split(';').next()?.trim().to_ascii_lowercase();
     match essence.as_str() {
         "text/csv" => Some(Format::Csv),
+        "text/x-conll" => Some(Format::Conll),
         "application/x-ndjson" | "application/jsonl" | "application/x-jsonlines" | "application/json" | "application/ndjson" => {
             Some(Format::Jsonl)
         }
@@ -89,6 +93,14 @@ pub async fn store_upload(
         labels: parsed.labels.iter().map(|(k, v)| (k.clone(), *v as i64)).collect(),
         multi_label: parsed.multi_label,
         text_label_line: parsed.text_label_line.map(|l| l as i64),
+        kind: if parsed.tokens {
+            "tokens"
+        } else if parsed.pairs {
+            "pairs"
+        } else {
+            "texts"
+        }
+        .into(),
         bytes: upload.bytes.len() as i64,
         path: rel,
         created_at: store::now(),

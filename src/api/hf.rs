@@ -15,6 +15,14 @@ use serde_json::Value;
 pub(crate) struct HfParameters {
     pub(crate) top_k: Option<u64>,
     function_to_apply: Option<String>,
+    /// Token classification: how sub-words become entities.
+    pub(crate) aggregation_strategy: Option<String>,
+    /// Token classification: entity types left out (besides `O`).
+    pub(crate) ignore_labels: Option<Vec<String>>,
+    /// Token classification: the pipeline's window overlap. Accepted for its clients; our
+    /// windows overlap by half a window whatever it says.
+    #[allow(dead_code)]
+    stride: Option<u64>,
 }
 
 /// `parameters` as a JSON object only (serde would also take a struct as an array of its fields).
@@ -26,6 +34,11 @@ pub(crate) fn hf_parameters<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Op
 impl HfParameters {
     /// `function_to_apply`, checked, and `top_k`, checked (a missing one is every label).
     pub(crate) fn checked(&self) -> ApiResult<(Function, usize)> {
+        if let Some(s) = &self.aggregation_strategy {
+            crate::serve::entities::Aggregation::parse(s).ok_or_else(|| {
+                ApiError::invalid("parameters.aggregation_strategy", "aggregation_strategy must be none, simple, first, average or max")
+            })?;
+        }
         check_top_k("parameters.top_k", self.top_k)?;
         let f = self.function_to_apply.as_deref().map(Function::parse).transpose()?.unwrap_or(Function::Default);
         Ok((f, self.top_k.map_or(usize::MAX, |k| k as usize)))

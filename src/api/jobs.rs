@@ -65,7 +65,10 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
     let task = match req.task.as_deref() {
         None => JobTask::Classification,
         Some(t) => JobTask::parse(t).ok_or_else(|| {
-            ApiError::invalid("task", "task must be classification, multi_label_classification, regression, rerank or mlm")
+            ApiError::invalid(
+                "task",
+                "task must be classification, multi_label_classification, regression, rerank, token_classification or mlm",
+            )
         })?,
     };
     if let Some(c) = &req.config {
@@ -127,6 +130,22 @@ fn check_dataset_kind(d: &datasets::DatasetRecord, param: &str, task: &JobTask) 
     }
     if d.labels.is_empty() {
         return Err(ApiError::invalid(param, format!("dataset {} has no labels; {task} needs labeled data", d.id)));
+    }
+    match (*task == JobTask::TokenClassification, d.kind == "tokens") {
+        (true, false) => {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "dataset {} is {}, not tagged words: token_classification needs rows of \"tokens\" and \"tags\", entity spans or CoNLL",
+                    d.id, d.kind
+                ),
+            ));
+        }
+        (false, true) => {
+            return Err(ApiError::invalid(param, format!("dataset {} is tagged words: use task token_classification", d.id)));
+        }
+        (true, true) => return Ok(()),
+        (false, false) => {}
     }
     if matches!(task, JobTask::Regression | JobTask::Rerank) {
         if d.multi_label {

@@ -4,7 +4,9 @@ use super::hf::{check_top_k, hf_parameters, Function, HfParameters};
 use super::json::ApiJson;
 use super::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::model::predict::predictor::Head;
 use crate::model::predict::predictor::Overflow;
+use crate::serve::entities::Aggregation;
 use crate::serve::{Output, PredictError, Scored};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
@@ -115,6 +117,8 @@ struct PredictRequest {
     /// shape (see [`HfParameters`]).
     #[serde(default, deserialize_with = "hf_parameters")]
     parameters: Option<HfParameters>,
+    /// Token classifiers: `none`, `simple` (the default), `first`, `average` or `max`.
+    aggregation_strategy: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,10 +194,25 @@ pub struct CheckedRequest {
     threshold: Option<Threshold>,
     /// Set when the body had `parameters`: answer in the Hugging Face inference API's shape.
     hf: Option<Function>,
+    /// Token classifiers: how sub-words become entities (`None`: not asked).
+    aggregation: Option<Aggregation>,
+    /// Token classifiers: entity types to leave out.
+    ignore_labels: Vec<String>,
+    /// Whether `inputs` was one text rather than a list.
+    single: bool,
 }
 
 impl PredictRequest {
     fn check(self, limits: BodyLimits) -> ApiResult<CheckedRequest> {
+        let single = matches!(self.inputs, Inputs::One(_));
+        let hf_aggregation = self.parameters.as_ref().and_then(|p| p.aggregation_strategy.clone());
+        let ignore_labels = self.parameters.as_ref().and_then(|p| p.ignore_labels.clone()).unwrap_or_default();
+        let aggregation = match self.aggregation_strategy.as_deref().or(hf_aggregation.as_deref()) {
+            None => None,
+            Some(s) => Some(Aggregation::parse(s).ok_or_else(|| {
+                ApiError::invalid("aggregation_strategy", "aggregation_strategy must be none, simple, first, average or max")
+            })?),
+        };
         let (texts, pairs) = split_inputs(match self.inputs {
             Inputs::One(t) => vec![t],
             Inputs::Many(ts) => ts,
@@ -246,6 +265,9 @@ impl PredictRequest {
             calibrated: self.calibrated,
             threshold: self.threshold,
             hf,
+            aggregation,
+            ignore_labels,
+            single,
         })
     }
 }
@@ -266,6 +288,17 @@ async fn predict(
     let req = predict_body(&state, body)?;
     let limits = BodyLimits { max_inputs: state.config.max_batch_inputs, max_input_chars: state.config.max_input_chars };
     let req = req.check(limits)?;
+    let model = classifier(&state, &id).await?;
+    let (_, _, head) = state.predictor.shape(&id, model.path.clone()).await?;
+    if head == Head::Tokens {
+        return tag(&state, &id, model.path, req).await;
+    }
+    if req.aggregation.is_some() {
+        return Err(ApiError::invalid(
+            "aggregation_strategy",
+            format!("{id} is not a token classifier: aggregation_strategy applies to entities"),
+        ));
+    }
     let output = match (req.raw_scores.unwrap_or(false) || req.hf.is_some_and(Function::needs_logits), req.calibrated) {
         (true, _) => Output::Logits,
         (false, Some(false)) => Output::Uncalibrated,
@@ -312,6 +345,50 @@ async fn predict(
         body["labels"] = json!(chosen);
     }
     Ok((timing_headers(&scored), Json(body)).into_response())
+}
+
+/// A token classifier's answer: each text's entities, `{entity_group, score, word, start, end}`
+/// (`{entity, score, index, word, start, end}` with aggregation `none`), as transformers'
+/// pipeline gives them; in the Hugging Face inference API's shape when the body had `parameters`
+/// (one text: its list of entities).
+async fn tag(state: &AppState, id: &str, path: std::path::PathBuf, req: CheckedRequest) -> ApiResult<Response> {
+    if req.pairs.is_some() {
+        return Err(ApiError::invalid("inputs", format!("{id} is a token classifier: it takes single texts, not pairs")));
+    }
+    if req.threshold.is_some() || req.top_k.is_some() || req.calibrated.is_some() {
+        return Err(ApiError::invalid(
+            "inputs",
+            format!("{id} is a token classifier: threshold, top_k and calibrated apply to text classifiers"),
+        ));
+    }
+    let output = if req.raw_scores.unwrap_or(false) { Output::Logits } else { Output::Calibrated };
+    let strategy = req.aggregation.unwrap_or(Aggregation::Simple);
+    let texts = req.texts.clone();
+    let tagged = state.predictor.predict_tokens(id, path, req.texts, output).await?;
+    let per_text: Vec<Vec<crate::serve::entities::Entity>> = texts
+        .iter()
+        .zip(&tagged.texts)
+        .map(|(text, pieces)| {
+            let mut found = crate::serve::entities::aggregate(text, pieces, &tagged.labels, strategy);
+            found.retain(|e| {
+                let kind = e.entity_group.as_deref().or(e.entity.as_deref()).unwrap_or("");
+                let bare = kind.split_once('-').map_or(kind, |(_, k)| k);
+                !req.ignore_labels.iter().any(|l| l == kind || l == bare)
+            });
+            found
+        })
+        .collect();
+    let headers = [
+        ("x-tokenization-time", format!("{:.3}", tagged.tokenization.as_secs_f64() * 1e3)),
+        ("x-queue-time", format!("{:.3}", tagged.timings.queue.as_secs_f64() * 1e3)),
+        ("x-inference-time", format!("{:.3}", tagged.timings.inference.as_secs_f64() * 1e3)),
+        ("x-batch-size", tagged.timings.batch_size.to_string()),
+    ];
+    if req.hf.is_some() {
+        let body = if req.single { json!(per_text[0]) } else { json!(per_text) };
+        return Ok((headers, Json(body)).into_response());
+    }
+    Ok((headers, Json(json!({"model": id, "predictions": per_text}))).into_response())
 }
 
 /// The body of a predict request, or our error (a 413 naming `--max-predict-body-bytes`).

@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod batcher;
+pub mod entities;
 
 use crate::model::predict::adapter_serving::LoadedAdapter;
 use crate::model::predict::predictor::{Head, LoadedClassifier, Overflow, Token, TooLong, Weights};
@@ -47,6 +48,14 @@ pub struct Scored {
     pub thresholds: Option<Vec<f32>>,
     /// Probabilities (or raw logits) per input, one value per label.
     pub scores: Vec<Vec<f32>>,
+}
+
+/// Each text's scored sub-words, from a token classifier.
+pub struct Tagged {
+    pub labels: Arc<Vec<String>>,
+    pub texts: Vec<Vec<entities::Piece>>,
+    pub timings: Timings,
+    pub tokenization: std::time::Duration,
 }
 
 /// What a prediction's scores are.
@@ -278,6 +287,63 @@ impl Predictor {
         output: Output,
     ) -> Result<Scored, PredictError> {
         self.predict_pairs(id, path, texts, None, overflow, output).await
+    }
+
+    /// Each text's sub-words scored by token classifier `id` (probabilities per tag, or the
+    /// logits for [`Output::Logits`]), for [`entities::aggregate`]. A text longer than the model
+    /// takes is scored in windows half a window apart, each sub-word by the window that gives it
+    /// the most context on both sides, so no entity is lost at a window's edge.
+    pub async fn predict_tokens(&self, id: &str, path: PathBuf, texts: Vec<String>, output: Output) -> Result<Tagged, PredictError> {
+        let _permit = self.permits.clone().try_acquire_owned().map_err(|_| PredictError::Overloaded)?;
+        let (key, loaded, adapter) = self.runner(id, path).await?;
+        let model = loaded.model.clone();
+        let started = std::time::Instant::now();
+        let pieces = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            model.pieces(&refs)
+        })
+        .await
+        .map_err(|e| PredictError::Inference(e.to_string()))?
+        .map_err(|e| PredictError::Inference(format!("{e:#}")))?;
+        let tokenization = started.elapsed();
+        let (mut seqs, mut plans) = (Vec::new(), Vec::new());
+        for p in &pieces {
+            let head = p.content().start;
+            let mut plan = Vec::new();
+            for (ids, range) in crate::model::hf::words::cut(p, loaded.model.max_len) {
+                plan.push((seqs.len(), range, head));
+                seqs.push(ids);
+            }
+            plans.push(plan);
+        }
+        let (rows, timings) = match loaded.batcher.logits_typed_with(seqs, Vec::new(), adapter.clone()).await {
+            Ok(done) => done,
+            Err(e) if !loaded.batcher.is_alive() => {
+                self.unload_crashed(&key, &loaded);
+                return Err(PredictError::Crashed(format!("{e:#}")));
+            }
+            Err(e) => return Err(PredictError::Inference(format!("{e:#}"))),
+        };
+        let labels = adapter.as_ref().map_or_else(|| loaded.model.labels.clone(), |a| a.labels.clone());
+        let k = labels.len();
+        let texts = pieces
+            .iter()
+            .zip(&plans)
+            .map(|(p, plan)| {
+                let ranges: Vec<std::ops::Range<usize>> = plan.iter().map(|(_, r, _)| r.clone()).collect();
+                p.content()
+                    .map(|pos| {
+                        let (seq, range, head) = &plan[crate::model::hf::words::best_window(&ranges, pos)];
+                        let at = (head + pos - range.start) * k;
+                        let raw = &rows[*seq][at..at + k];
+                        let scores = if output == Output::Logits { raw.to_vec() } else { crate::model::predict::predictor::softmax(raw) };
+                        let (start, end) = p.offsets[pos];
+                        entities::Piece { index: pos, start, end, is_subword: p.continues.get(pos).copied().unwrap_or(false), scores }
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(Tagged { labels: Arc::new(labels), texts, timings, tokenization })
     }
 
     /// [`Self::predict`], where `pairs` (when given) holds each text's second text: each input

@@ -18,6 +18,9 @@ pub struct DatasetRecord {
     /// The line of the first label that is not a number (a regression job is refused with it).
     #[serde(skip)]
     pub text_label_line: Option<i64>,
+    /// What a row holds: `texts`, `pairs` (of texts) or `tokens` (tagged words); `texts` for a
+    /// dataset stored before this was recorded.
+    pub kind: String,
     pub bytes: i64,
     #[serde(skip)]
     pub path: String,
@@ -34,6 +37,7 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for DatasetRecord {
             labels: super::json_column(row, "labels")?,
             multi_label: row.try_get::<i64, _>("multi_label")? != 0,
             text_label_line: row.try_get("text_label_line")?,
+            kind: row.try_get::<Option<String>, _>("kind")?.unwrap_or_else(|| "texts".into()),
             bytes: row.try_get("bytes")?,
             path: row.try_get("path")?,
             created_at: row.try_get("created_at")?,
@@ -41,13 +45,13 @@ impl<'r> sqlx::FromRow<'r, AnyRow> for DatasetRecord {
     }
 }
 
-const COLUMNS: &str = "id, name, format, rows, labels, multi_label, text_label_line, bytes, path, created_at";
+const COLUMNS: &str = "id, name, format, rows, labels, multi_label, text_label_line, kind, bytes, path, created_at";
 
 /// Inserts a dataset row inside `tx`.
 pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Result<()> {
     sqlx::query(
-        r#"insert into datasets (id, name, format, rows, labels, multi_label, text_label_line, bytes, path, created_at)
-           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"#,
+        r#"insert into datasets (id, name, format, rows, labels, multi_label, text_label_line, kind, bytes, path, created_at)
+           values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"#,
     )
     .bind(&d.id)
     .bind(&d.name)
@@ -56,6 +60,7 @@ pub async fn insert(tx: &mut crate::store::Tx, d: &DatasetRecord) -> sqlx::Resul
     .bind(serde_json::to_string(&d.labels).expect("labels serialise"))
     .bind(d.multi_label as i64)
     .bind(d.text_label_line)
+    .bind(&d.kind)
     .bind(d.bytes)
     .bind(&d.path)
     .bind(d.created_at)

@@ -52,14 +52,22 @@ pub enum JobTask {
     Regression,
     /// A cross-encoder reranker: a relevance per (query, document) pair (one output, sigmoid).
     Rerank,
+    /// A tag per word (named entities).
+    TokenClassification,
     /// Masked-language-model pre-training: the result is a base model.
     Mlm,
 }
 
 impl JobTask {
     /// Every task, as the API lists them.
-    pub const ALL: [JobTask; 5] =
-        [JobTask::Classification, JobTask::MultiLabelClassification, JobTask::Regression, JobTask::Rerank, JobTask::Mlm];
+    pub const ALL: [JobTask; 6] = [
+        JobTask::Classification,
+        JobTask::MultiLabelClassification,
+        JobTask::Regression,
+        JobTask::Rerank,
+        JobTask::TokenClassification,
+        JobTask::Mlm,
+    ];
 
     /// The task as stored and shown.
     pub fn as_str(self) -> &'static str {
@@ -68,6 +76,7 @@ impl JobTask {
             JobTask::MultiLabelClassification => "multi_label_classification",
             JobTask::Regression => "regression",
             JobTask::Rerank => "rerank",
+            JobTask::TokenClassification => "token_classification",
             JobTask::Mlm => "mlm",
         }
     }

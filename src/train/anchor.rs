@@ -34,7 +34,8 @@ const DEFAULT_WEIGHT: f64 = 100.0;
 pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> Result<Tensor> {
     let hidden = hidden.to_dtype(DType::F32)?;
     match pooling {
-        Pooling::Mean => mean_pool(&hidden, mask),
+        // A sentence embedding never reads every token: `token` pools as the mean.
+        Pooling::Mean | Pooling::Token => mean_pool(&hidden, mask),
         Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
     }
 }

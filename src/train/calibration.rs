@@ -81,7 +81,7 @@ fn nll(task: Task, logits: &[Vec<f32>], truth: &[Vec<usize>], beta: f64) -> f64 
         .zip(truth)
         .map(|(row, labels)| match task {
             // A regression is never calibrated.
-            Task::SingleLabel | Task::Regression => {
+            Task::SingleLabel | Task::Regression | Task::Tokens => {
                 let z: Vec<f64> = row.iter().map(|&x| x as f64 * beta).collect();
                 let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let lse = max + z.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
@@ -115,7 +115,7 @@ pub fn ece(task: Task, logits: &[Vec<f32>], truth: &[Vec<usize>], temperature: f
     for (row, labels) in logits.iter().zip(truth) {
         let probs = probabilities(task, row, temperature);
         match task {
-            Task::SingleLabel | Task::Regression => {
+            Task::SingleLabel | Task::Regression | Task::Tokens => {
                 let (top, &p) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("a row has a score per label");
                 add(p, labels[0] == top);
             }

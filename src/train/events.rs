@@ -27,6 +27,9 @@ pub struct EpochStats {
     /// Reranking only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_ndcg_at_10: Option<f64>,
+    /// Token classification only: entity F1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_f1: Option<f64>,
     pub eval_seconds: f64,
     /// Peak device memory so far (GPU runs only), MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -76,7 +79,13 @@ pub struct Finished {
     pub calibration: super::calibration::Calibration,
     /// The expected calibration error on the test rows, uncalibrated and calibrated.
     pub test_ece: Option<(f64, f64)>,
+    /// Regression runs: (true, predicted) of up to [`SCATTER_POINTS`] validation rows, with the
+    /// kept weights.
+    pub validation_scatter: Option<Vec<[f32; 2]>>,
 }
+
+/// The most (true, predicted) points a regression keeps for its plot.
+pub const SCATTER_POINTS: usize = 500;
 
 /// Progress after one optimisation step.
 #[derive(Debug, Clone, Serialize)]
@@ -112,7 +121,7 @@ pub enum Event {
     /// Something the user should look at; the job goes on.
     Warning(String),
     Step(StepInfo),
-    Epoch(EpochReport),
+    Epoch(Box<EpochReport>),
     /// Held-out masked-LM loss (pre-training jobs).
     Pretrain(MlmReport),
 }

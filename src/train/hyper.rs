@@ -19,6 +19,9 @@ pub struct HyperparametersInput {
     pub class_weights: Option<String>,
     pub early_stopping_patience: Option<u64>,
     pub group_by_length: Option<bool>,
+    /// Token classification: every sub-word carries its word's tag (a `B-` becoming `I-` after
+    /// the first), not only the first.
+    pub label_all_tokens: Option<bool>,
     pub method: Option<String>,
     pub lora_r: Option<u64>,
     pub lora_alpha: Option<f64>,
@@ -79,6 +82,10 @@ pub struct Hyperparameters {
     pub early_stopping_patience: Option<usize>,
     /// Batch examples of similar length together (fewer padding tokens, faster).
     pub group_by_length: bool,
+    /// Token classification: every sub-word is tagged and scored in the loss, not only each
+    /// word's first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub label_all_tokens: bool,
     /// Which weights train: every one (`full`), low-rank adapters and the head (`lora`), or
     /// the pooler and head over a frozen encoder (`head`). Jobs stored before methods existed
     /// read as `full`.
@@ -243,6 +250,7 @@ impl HyperparametersInput {
             class_weights,
             early_stopping_patience: patience,
             group_by_length: self.group_by_length.unwrap_or(false),
+            label_all_tokens: self.label_all_tokens.unwrap_or(false),
             mlm_head_warmup_steps: match self.mlm_head_warmup_steps {
                 None => None,
                 Some(n) => Some(int_in("mlm_head_warmup_steps", Some(n), 0, 0, 1_000_000)?),

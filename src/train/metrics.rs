@@ -42,6 +42,15 @@ pub struct ClassificationReport {
     /// Reranking: NDCG of each query's top 10 (what picks the best epoch).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ndcg_at_10: Option<f64>,
+    /// Tagging: the share of predicted entities that are right (type and both ends).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub precision: Option<f64>,
+    /// Tagging: the share of true entities found.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub recall: Option<f64>,
+    /// Tagging: entity F1 over every type (what picks the best epoch).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub f1: Option<f64>,
 }
 
 fn is_nan(x: &f64) -> bool {
@@ -66,20 +75,24 @@ impl ClassificationReport {
             mse: None,
             mrr_at_10: None,
             ndcg_at_10: None,
+            precision: None,
+            recall: None,
+            f1: None,
         }
     }
 
     /// The figure the best epoch is chosen by: Spearman for a regression, NDCG@10 for a
-    /// reranker, macro-F1 for a classifier.
+    /// reranker, entity F1 for a tagger, macro-F1 for a classifier.
     pub fn selection(&self) -> f64 {
-        self.spearman.or(self.ndcg_at_10).unwrap_or(self.macro_f1)
+        self.spearman.or(self.ndcg_at_10).or(self.f1).unwrap_or(self.macro_f1)
     }
 
     /// What the selection figure is called.
     pub fn selection_name(&self) -> &'static str {
-        match (self.spearman, self.ndcg_at_10) {
-            (Some(_), _) => "Spearman",
-            (_, Some(_)) => "NDCG@10",
+        match (self.spearman, self.ndcg_at_10, self.f1) {
+            (Some(_), _, _) => "Spearman",
+            (_, Some(_), _) => "NDCG@10",
+            (_, _, Some(_)) => "entity F1",
             _ => "macro-F1",
         }
     }
@@ -99,6 +112,9 @@ impl ClassificationReport {
         put("mse", self.mse);
         put("mrr_at_10", self.mrr_at_10);
         put("ndcg_at_10", self.ndcg_at_10);
+        put("f1", self.f1);
+        put("precision", self.precision);
+        put("recall", self.recall);
         out
     }
 

@@ -20,6 +20,8 @@ pub enum Task {
     Regression,
     /// A relevance per (query, document) pair.
     Rerank,
+    /// A tag per word ([`super::tagger`] trains it).
+    Tokens,
 }
 
 /// Decision threshold on sigmoid scores for multi-label metrics.
@@ -33,7 +35,7 @@ impl Task {
             Task::SingleLabel => Some("single_label_classification"),
             Task::MultiLabel => Some("multi_label_classification"),
             Task::Regression => Some("regression"),
-            Task::Rerank => None,
+            Task::Rerank | Task::Tokens => None,
         }
     }
 
@@ -50,6 +52,7 @@ impl Task {
             Task::Regression | Task::Rerank => {
                 Tensor::from_vec(batch.iter().map(|e| e.target).collect::<Vec<_>>(), (batch.len(), 1), device)
             }
+            Task::Tokens => candle_core::bail!("token classification has per-token targets (see the tagger)"),
             Task::MultiLabel => {
                 let mut hot = vec![0f32; batch.len() * k];
                 for (i, e) in batch.iter().enumerate() {
@@ -72,6 +75,7 @@ impl Task {
                 (picked * &wt)?.sum_all()?.neg()? / wt.sum_all()?.to_scalar::<f32>()? as f64
             }
             (Task::Regression, _) => (logits - targets)?.sqr()?.mean_all(),
+            (Task::Tokens, _) => candle_core::bail!("token classification has its own loss (see the tagger)"),
             (Task::MultiLabel | Task::Rerank, w) => {
                 // Stable BCE with logits: max(x, 0) − x·t + log(1 + e^−|x|).
                 let softplus = ((logits.abs()?.neg()?.exp()? + 1.0)?.log()? + logits.relu()?)?;
@@ -131,7 +135,7 @@ impl Task {
                 classification_report(labels, &t, &p)
             }
             Task::MultiLabel => multilabel_report(labels, &truth, &preds),
-            Task::Regression | Task::Rerank => self.one_output_report(data, &all_logits),
+            Task::Regression | Task::Rerank | Task::Tokens => self.one_output_report(data, &all_logits),
         };
         Ok((loss_sum / data.len().max(1) as f64, report, all_logits))
     }
@@ -166,7 +170,7 @@ impl Task {
             }
             // sigmoid(x) ≥ 0.5 ⇔ x ≥ 0
             Task::MultiLabel | Task::Rerank => logits.iter().enumerate().filter(|(_, &x)| x >= 0.0).map(|(i, _)| i).collect(),
-            Task::Regression => vec![],
+            Task::Regression | Task::Tokens => vec![],
         }
     }
 }
@@ -207,7 +211,7 @@ pub fn balanced_weights(task: Task, train: &[Example], k: usize, device: &Device
         .iter()
         .map(|&c| match (task, c) {
             (_, 0) => 0.0,
-            (Task::SingleLabel | Task::Regression, c) => n / (k as f32 * c as f32),
+            (Task::SingleLabel | Task::Regression | Task::Tokens, c) => n / (k as f32 * c as f32),
             (Task::MultiLabel | Task::Rerank, c) => (n - c as f32) / c as f32,
         })
         .collect();

@@ -2,12 +2,12 @@
 //! the test scores and the saved model. Blocking, device-agnostic, reporting through an
 //! [`Observer`]; shared by the service's worker and the `train` command.
 
-use super::checkpoint::{CheckpointMeta, CheckpointPlan};
+use super::checkpoint::CheckpointMeta;
 use super::data::{epoch_batches, label_set, query_split, random_split, stratified_split, to_examples, Example, Labeling};
 pub use super::events::{EpochReport, EpochStats, Event, Finished, Observer, Outcome, RunStats, StepInfo, TestReport, TrainError};
 use super::hyper::Hyperparameters;
 use super::objective::{balanced_weights, prior_log_odds, Task};
-use super::precision::Precision;
+pub use super::request::{TrainRequest, ONE_OUTPUT};
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
 use crate::model::encoder::classifier::POOLER_NAMES;
@@ -23,60 +23,14 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Instant;
-
-/// The name of a regression's or a reranker's one output (its `id2label`).
-pub const ONE_OUTPUT: &str = "score";
-
-/// Everything one fine-tuning run needs.
-pub struct TrainRequest {
-    pub base_dir: PathBuf,
-    /// How a saved LoRA adapter names its base: the catalog's id for the base (`None`: the
-    /// base dir's absolute path, for runs outside the service).
-    pub base_id: Option<String>,
-    pub train_rows: Vec<Row>,
-    pub validation_rows: Option<Vec<Row>>,
-    pub hp: Hyperparameters,
-    /// Scored with the kept weights after training, when given.
-    pub test_rows: Option<Vec<Row>>,
-    pub device: Device,
-    /// Where the finished model directory goes (written atomically), if anywhere.
-    pub out_dir: Option<PathBuf>,
-    /// Global L2 norm gradients are clipped to.
-    pub max_grad_norm: f64,
-    pub eval_batch_size: usize,
-    pub task: Task,
-    /// Where to checkpoint, and resume from the newest checkpoint found there.
-    pub checkpoints: Option<CheckpointPlan>,
-    /// What the training steps compute in (evaluation and the saved weights are f32).
-    pub precision: Precision,
-}
-
-impl TrainRequest {
-    /// A request with the usual defaults (clipping at 1.0, evaluation batches of 64).
-    pub fn new(base_dir: PathBuf, train_rows: Vec<Row>, validation_rows: Option<Vec<Row>>, hp: Hyperparameters, device: Device) -> Self {
-        Self {
-            base_dir,
-            base_id: None,
-            train_rows,
-            validation_rows,
-            hp,
-            test_rows: None,
-            device,
-            out_dir: None,
-            max_grad_norm: 1.0,
-            eval_batch_size: 64,
-            task: Task::SingleLabel,
-            checkpoints: None,
-            precision: Precision::F32,
-        }
-    }
-}
 
 /// Runs a fine-tuning job to the end (or until the observer says stop).
 pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
     crate::compute::keep_freed_memory();
+    if req.task == Task::Tokens {
+        return super::tagger::run(req, obs);
+    }
     let hp = &req.hp;
     let t_load = Instant::now();
     let info = inspect(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
@@ -87,6 +41,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
                 Task::SingleLabel | Task::MultiLabel => ("stratified 10 %", stratified_split(req.train_rows, 0.1, hp.seed)),
                 Task::Regression => ("10 % at random", random_split(req.train_rows, 0.1, hp.seed)),
                 Task::Rerank => ("10 % of the queries, with all their documents", query_split(req.train_rows, 0.1, hp.seed)),
+                Task::Tokens => unreachable!("the tagger runs token classification"),
             };
             obs.on_event(Event::Message(format!("held out {} of {} rows for validation ({how})", v.len(), t.len() + v.len())));
             (t, v)
@@ -149,6 +104,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         Task::SingleLabel | Task::MultiLabel => Labeling::Classes(&labels),
         Task::Regression => Labeling::Number,
         Task::Rerank => Labeling::Relevance,
+        Task::Tokens => unreachable!("the tagger runs token classification"),
     };
     let examples = |rows: &[Row], what: &str| {
         to_examples(rows, labeling, &tok, max_len, typed, what).map_err(|e| TrainError::InvalidData(format!("{e:#}")))
@@ -239,6 +195,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     // The temperature first: thresholds are tuned on the probabilities predict will return.
     let (_, _, val_logits) = task.evaluate(&kept, &val, &labels, pad, req.eval_batch_size, &req.device)?;
     let val_truth: Vec<Vec<usize>> = val.iter().map(|e| e.labels.clone()).collect();
+    let validation_scatter = (task == Task::Regression)
+        .then(|| val.iter().zip(&val_logits).take(super::events::SCATTER_POINTS).map(|(e, l)| [e.target, l[0]]).collect());
     // A number is not a probability to calibrate; a reranker's scores stay the sigmoid of its
     // logit, as a cross-encoder's.
     let calibration =
@@ -298,7 +256,17 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             best.report.micro_f1.unwrap_or(f64::NAN)
         )));
     }
-    Ok(Outcome::Finished(Box::new(Finished { best, labels, stats, test: test_report, tuned, test_tuned, calibration, test_ece })))
+    Ok(Outcome::Finished(Box::new(Finished {
+        best,
+        labels,
+        stats,
+        test: test_report,
+        tuned,
+        test_tuned,
+        calibration,
+        test_ece,
+        validation_scatter,
+    })))
 }
 
 /// Fine-tuning as the shared loop's [`run_loop::Objective`]: keeps the best epoch's weights and
@@ -389,11 +357,12 @@ impl run_loop::Objective for Classify<'_> {
             val_pearson: report.pearson,
             val_spearman: report.spearman,
             val_ndcg_at_10: report.ndcg_at_10,
+            val_f1: None,
             eval_seconds: t_eval.elapsed().as_secs_f64(),
             peak_gpu_mib,
         });
         let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: self.labels.clone(), report, peak_gpu_mib };
-        obs.on_event(Event::Epoch(ep.clone()));
+        obs.on_event(Event::Epoch(Box::new(ep.clone())));
         if self.best.as_ref().is_none_or(|(b, _)| is_better(&ep, b)) {
             self.best = Some((ep, self.params.snapshot()?));
             self.since_best = 0;

@@ -17,6 +17,7 @@ mod lora;
 mod lora_jobs;
 mod monitoring;
 mod multilabel;
+mod ner;
 mod one_output;
 mod pairs;
 mod predict;

@@ -95,7 +95,7 @@ pub fn toy_rows(n: usize) -> Vec<Row> {
                 NEUTRAL[(i / 3) % NEUTRAL.len()],
                 words[(i / 2) % words.len()]
             );
-            Row { text, text_pair: None, label: Some(LabelValue::One(if pos { "pos" } else { "neg" }.into())) }
+            Row { text, label: Some(LabelValue::One(if pos { "pos" } else { "neg" }.into())), ..Row::default() }
         })
         .collect()
 }

@@ -4,6 +4,10 @@
                                         (an item of TEXTS_JSON is a text or a pair [text, text_pair])
   hf.py crossencoder MODEL_DIR PAIRS_JSON -> {"logits", "ids", "versions"}: sentence-transformers'
                                         CrossEncoder(MODEL_DIR).predict of each pair, one score per row
+  hf.py token-logits MODEL_DIR TEXTS_JSON -> {"logits", "ids", "loading_info", "versions"}, token classification
+                                        (each text's logits flattened: tokens × tags)
+  hf.py ner MODEL_DIR TEXTS_JSON     -> {"entities": {strategy: [entities of each text]}, "versions"}: the
+                                        token-classification pipeline with each aggregation strategy
   hf.py mlm MODEL_DIR TEXTS_JSON     -> the same for the masked LM (first 1000 vocabulary entries per token)
   hf.py make MODEL_DIR NUM_LABELS OUT -> saves a BertForSequenceClassification with a seeded head
   hf.py peft-make BASE DATA_JSONL OUT -> trains a LoRA adapter with peft (seeded, a few steps) and saves it
@@ -56,6 +60,24 @@ def crossencoder(model_dir, pairs_path):
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "sentence_transformers": sentence_transformers.__version__}
     print(json.dumps({"logits": [[float(s)] for s in scores], "ids": ids, "versions": versions}))
+
+
+def token_logits(model_dir, texts_path):
+    from transformers import AutoModelForTokenClassification
+    _answer(model_dir, texts_path, AutoModelForTokenClassification, lambda x: [x.flatten().tolist()])
+
+
+def ner(model_dir, texts_path):
+    from transformers import pipeline
+    texts = json.load(open(texts_path))
+    out = {}
+    for strategy in ("none", "simple", "first", "average", "max"):
+        pipe = pipeline("token-classification", model=model_dir, aggregation_strategy=strategy, device="cpu")
+        found = [pipe(t) for t in texts]
+        out[strategy] = [[{k: (float(v) if k == "score" else int(v) if k in ("start", "end", "index") else v)
+                           for k, v in e.items()} for e in ents] for ents in found]
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    print(json.dumps({"entities": out, "versions": versions}))
 
 
 def mlm(model_dir, texts_path):
@@ -160,5 +182,5 @@ def tokenize(model_dir, inputs_path):
 
 
 if __name__ == "__main__":
-    {"logits": logits, "crossencoder": crossencoder, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
+    {"logits": logits, "crossencoder": crossencoder, "token-logits": token_logits, "ner": ner, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
      "peft-logits": peft_logits, "tokenize": tokenize}[sys.argv[1]](*sys.argv[2:])

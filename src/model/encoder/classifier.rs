@@ -18,6 +18,9 @@ pub enum Pooling {
     Cls,
     /// Mean of the last hidden states over real (non-padding) tokens.
     Mean,
+    /// No pooling: the head reads every token (token classification), giving `[batch, tokens,
+    /// labels]`.
+    Token,
 }
 
 impl Pooling {
@@ -25,6 +28,7 @@ impl Pooling {
         match self {
             Pooling::Cls => "cls",
             Pooling::Mean => "mean",
+            Pooling::Token => "token",
         }
     }
 
@@ -32,6 +36,7 @@ impl Pooling {
         match s {
             "cls" => Some(Pooling::Cls),
             "mean" => Some(Pooling::Mean),
+            "token" => Some(Pooling::Token),
             _ => None,
         }
     }
@@ -62,7 +67,7 @@ impl Classifier {
         let encoder = Encoder::load(get, cfg)?;
         let pooler = match pooling {
             Pooling::Cls => Some(Linear::new(get(POOLER_NAMES[0])?, get(POOLER_NAMES[1])?)),
-            Pooling::Mean => None,
+            Pooling::Mean | Pooling::Token => None,
         };
         let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
         let (dropout_before_pooler, pooler_act) = (cfg.arch().dropout_before_pooler(), cfg.arch().pooler_act());
@@ -85,7 +90,7 @@ impl Classifier {
         self.encoder.bytes() + self.pooler.as_ref().map_or(0, Linear::bytes) + self.head.bytes()
     }
 
-    /// Logits `[batch, labels]`.
+    /// Logits `[batch, labels]` (`[batch, tokens, labels]` with [`Pooling::Token`]).
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let lr = match &self.low_rank {
             Some(set) => LowRank::single(set, ids.dim(0)?),
@@ -118,6 +123,7 @@ impl Classifier {
                 let hidden = if self.dropout_before_pooler { mode.dropout(&hidden, self.dropout)? } else { hidden };
                 self.pool(pooler, &hidden)
             }
+            (_, Pooling::Token) => self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr),
             _ => mean_pool(&self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
         }
     }
@@ -137,7 +143,7 @@ impl Classifier {
         self.pooling
     }
 
-    /// The pooled vectors of a batch whose groups of rows (`lr`'s groups, in order) pool each
+    /// The pooled vectors of each group of a batch whose groups of rows (`lr`'s groups, in order) pool each
     /// their own way (`poolings`, one per group, with the group's own pooler where it brings
     /// one, as a RoBERTa adapter's `classifier.dense`): adapters of one base with different
     /// poolings share the encoder's pass. Inference only.
@@ -148,7 +154,7 @@ impl Classifier {
         mask: &Tensor,
         lr: &LowRank,
         poolings: &[(Pooling, Option<&Linear>)],
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<Tensor>> {
         let first_only = poolings.iter().all(|(p, _)| *p == Pooling::Cls);
         let hidden = self.encoder.forward_low_rank(ids, type_ids, mask, &mut Mode::Eval, first_only, lr)?;
         let mut parts = Vec::with_capacity(poolings.len());
@@ -158,9 +164,11 @@ impl Classifier {
                 (Pooling::Cls, Some(pooler)) => self.pool(pooler, &h.narrow(1, 0, 1)?.squeeze(1)?)?,
                 (Pooling::Cls, None) => candle_core::bail!("cls pooling over a base that has no pooler"),
                 (Pooling::Mean, _) => mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?,
+                // Every token: `[rows, tokens, hidden]`, beside other groups' `[rows, hidden]`.
+                (Pooling::Token, _) => h,
             });
         }
-        Tensor::cat(&parts, 0)
+        Ok(parts)
     }
 }
 

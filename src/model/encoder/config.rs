@@ -193,6 +193,18 @@ impl EncoderConfig {
         self.extra.insert("finetuned_pooling".into(), Value::from(pooling));
     }
 
+    /// Makes this the config of a token classifier (`…ForTokenClassification`) of `tags`.
+    pub fn set_token_classifier(&mut self, tags: &[String]) {
+        self.set_classifier(tags, None, "token");
+        self.extra.insert("architectures".into(), Value::from(vec![Arch::class_name(&self.model_type, "ForTokenClassification")]));
+        self.extra.insert("finetuned_task".into(), Value::from("token_classification"));
+    }
+
+    /// Whether this is the config of a token classifier.
+    pub fn is_token_classifier(&self) -> bool {
+        self.architectures().iter().any(|a| a.ends_with("ForTokenClassification"))
+    }
+
     /// Marks a one-output classifier as a cross-encoder reranker: its score is the sigmoid of
     /// its logit, for us and for sentence-transformers' `CrossEncoder`.
     pub fn set_reranker(&mut self) {
@@ -200,12 +212,15 @@ impl EncoderConfig {
         self.extra.insert("sentence_transformers".into(), serde_json::json!({"activation_fn": "torch.nn.modules.activation.Sigmoid"}));
     }
 
-    /// What a classifier's head was trained for: `regression`, `rerank`, `multi_label_classification`
-    /// or `classification`. A one-output head with no `problem_type` is a reranker, as
+    /// What a classifier's head was trained for: `token_classification`, `regression`, `rerank`,
+    /// `multi_label_classification` or `classification`. A one-output head with no `problem_type` is a reranker, as
     /// text-embeddings-inference and sentence-transformers take it.
     pub fn head_task(&self) -> &'static str {
         let problem = self.extra.get("problem_type").and_then(Value::as_str);
         let outputs = self.extra.get("id2label").and_then(Value::as_object).map_or(0, |m| m.len());
+        if self.is_token_classifier() {
+            return "token_classification";
+        }
         match problem {
             Some("multi_label_classification") => "multi_label_classification",
             Some("regression") => "regression",

@@ -55,7 +55,8 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
     let header = check_safetensors_header(&weights).context("model.safetensors")?;
     check_encoder(&header, &config).context("model.safetensors")?;
     check_vocabulary(dir, &config)?;
-    let is_classifier = config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification"));
+    let is_classifier =
+        config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification") || a.ends_with("ForTokenClassification"));
     let labels = if is_classifier { config.id2label() } else { None };
     if let Some(labels) = &labels {
         check_head(&header, config.arch(), labels.len(), config.hidden_size)?;
@@ -205,12 +206,18 @@ pub fn write_model_dir(dest: &Path, config: &EncoderConfig, tensors: &HashMap<St
     write_atomically(dest, |tmp| {
         std::fs::write(tmp.join(CONFIG), config.to_json()?)?;
         let arch = config.arch();
-        let named: Vec<(String, Tensor)> =
-            tensors.iter().map(|(n, t)| Ok((arch.to_hf(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
+        // A token classifier's head is one linear layer named `classifier` in every architecture.
+        let token = config.is_token_classifier();
+        let hf_name = |n: &str| if token && n.starts_with("classifier.") { n.to_string() } else { arch.to_hf(n) };
+        let named: Vec<(String, Tensor)> = tensors.iter().map(|(n, t)| Ok((hf_name(n), t.contiguous()?))).collect::<anyhow::Result<_>>()?;
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
         safetensors::serialize_to_file(named, metadata, &tmp.join(WEIGHTS))?;
         std::fs::copy(tokenizer_dir.join(TOKENIZER), tmp.join(TOKENIZER))?;
-        for extra in TOKENIZER_EXTRAS.iter().chain(SENTENCE_FILES) {
+        // A reranker or a tagger is no sentence embedder: sentence-transformers' files would
+        // make its loaders take it for one.
+        let embedder = config.head_task() != "rerank" && !config.is_token_classifier();
+        let sentence: &[&str] = if embedder { SENTENCE_FILES } else { &[] };
+        for extra in TOKENIZER_EXTRAS.iter().chain(sentence) {
             if tokenizer_dir.join(extra).is_file() {
                 if let Some(parent) = Path::new(extra).parent() {
                     std::fs::create_dir_all(tmp.join(parent))?;

@@ -257,7 +257,12 @@ pub fn write_adapter_dir(
         std::fs::write(tmp.join(super::artifacts::CONFIG), classifier.to_json()?)?;
         let named: Vec<(String, Tensor)> = tensors
             .iter()
-            .map(|(n, t)| Ok((format!("base_model.model.{}", classifier.arch().to_hf(n)), t.contiguous()?)))
+            .map(|(n, t)| {
+                // A token classifier's head is one linear layer named `classifier` in every architecture.
+                let hf =
+                    if classifier.is_token_classifier() && n.starts_with("classifier.") { n.clone() } else { classifier.arch().to_hf(n) };
+                Ok((format!("base_model.model.{hf}"), t.contiguous()?))
+            })
             .collect::<anyhow::Result<_>>()?;
         let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
         safetensors::serialize_to_file(named, metadata, &tmp.join(ADAPTER_WEIGHTS))?;
@@ -300,6 +305,10 @@ pub fn write_merged(dir: &Path, dest: &Path) -> anyhow::Result<()> {
     // A one-output head without a problem type is a reranker, which keeps having none.
     let problem_type = info.info.problem_type.clone().or_else(|| (labels.len() != 1).then(|| "single_label_classification".into()));
     let pooling = config.pooling().unwrap_or_else(|| "cls".into());
-    config.set_classifier(&labels, problem_type.as_deref(), &pooling);
+    if config.is_token_classifier() {
+        config.set_token_classifier(&labels);
+    } else {
+        config.set_classifier(&labels, problem_type.as_deref(), &pooling);
+    }
     super::artifacts::write_model_dir(dest, &config, &weights, &info.base)
 }

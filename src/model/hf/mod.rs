@@ -3,3 +3,4 @@
 pub mod artifacts;
 pub mod lora;
 pub mod tokenize;
+pub mod words;

@@ -68,7 +68,10 @@ impl LoadedAdapter {
             _ => None,
         };
         let labels = info.info.labels.clone().unwrap_or_default();
-        let pooling = info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
+        let pooling = match info.info.config.is_token_classifier() {
+            true => Pooling::Token,
+            false => info.info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls),
+        };
         let kind = Head::of(&info.info.config);
         let thresholds = info.info.config.thresholds(&labels).filter(|_| kind == Head::MultiLabel);
         let temperature = info.info.config.temperature();
@@ -158,13 +161,12 @@ impl LoadedClassifier {
                 .collect();
             let pooled =
                 self.model.pooled_groups(&batch.ids, &batch.type_ids, &batch.mask, &LowRank { groups: groups.clone() }, &poolings)?;
-            for (rows, _) in &groups {
-                let part = pooled.narrow(0, rows.start, rows.len())?;
+            for ((rows, _), part) in groups.iter().zip(pooled) {
                 let logits = match &adapters[chunk[rows.start]] {
                     Some(a) => a.head.forward(&part)?,
                     None => self.model.head_forward(&part)?,
                 };
-                let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+                let logits = super::predictor::rows_of(&logits, &refs[rows.clone()])?;
                 for (&i, row) in chunk[rows.clone()].iter().zip(logits) {
                     out[i] = row;
                 }

@@ -137,7 +137,11 @@ impl LoadedClassifier {
             (inspect(dir)?, load_weights(dir, device)?, dir.to_path_buf())
         };
         let Some(labels) = info.labels.clone() else { bail!("not a sequence-classification model") };
-        let pooling = info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls);
+        // A token classifier reads every token, whoever saved it.
+        let pooling = match info.config.is_token_classifier() {
+            true => Pooling::Token,
+            false => info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls),
+        };
         Self::build(&info, weights, &tokenizer_dir, labels, pooling, device, weights_as)
     }
 
@@ -235,6 +239,11 @@ impl LoadedClassifier {
         Ok(Ok(out))
     }
 
+    /// Each text's sub-words with their characters, for entities (see [`crate::model::hf::words`]).
+    pub fn pieces(&self, texts: &[&str]) -> anyhow::Result<Vec<crate::model::hf::words::Pieces>> {
+        crate::model::hf::words::encode_texts(&self.tokenizer, texts)
+    }
+
     /// Token ids and token types of each pair of texts (by the tokenizer's pair template), cut
     /// to `max_len` from the longer text first with [`Overflow::Truncate`], refused when longer
     /// with [`Overflow::Refuse`]. The types are empty (all 0) for a model with one token type.
@@ -297,7 +306,7 @@ impl LoadedClassifier {
             let type_refs: Vec<&[u32]> = chunk.iter().map(|&i| types.get(i).map_or(&[][..], Vec::as_slice)).collect();
             let batch = pad_batch_typed(&refs, &type_refs, self.pad_id, &self.device)?;
             let logits = self.model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Eval)?;
-            let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+            let rows = rows_of(&logits, &refs)?;
             for (&i, row) in chunk.iter().zip(rows) {
                 out[i] = row;
             }
@@ -361,6 +370,16 @@ pub fn windows(ids: &[u32], max_len: usize) -> Vec<Vec<u32>> {
     }
 }
 
+/// Each sequence's logits as one row: a classifier's `[batch, labels]` as they are, a token
+/// classifier's `[batch, tokens, labels]` cut to each sequence's own tokens, flattened.
+pub fn rows_of(logits: &Tensor, seqs: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    if logits.rank() == 2 {
+        return logits.to_vec2();
+    }
+    Ok(logits.to_vec3::<f32>()?.into_iter().zip(seqs).map(|(rows, s)| rows.into_iter().take(s.len()).flatten().collect()).collect())
+}
+
 /// What a classifier's outputs are, from its config ([`crate::model::EncoderConfig::head_task`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Head {
@@ -372,6 +391,8 @@ pub enum Head {
     Regression,
     /// A cross-encoder's relevance of a pair: the sigmoid of its one logit.
     Rerank,
+    /// A tag per token: each token's row of logits, a softmax each.
+    Tokens,
 }
 
 impl Head {
@@ -381,6 +402,7 @@ impl Head {
             "multi_label_classification" => Head::MultiLabel,
             "regression" => Head::Regression,
             "rerank" => Head::Rerank,
+            "token_classification" => Head::Tokens,
             _ => Head::SingleLabel,
         }
     }
@@ -395,7 +417,7 @@ impl Head {
     pub fn scores(self, logits: &[f32], temperature: f32) -> Vec<f32> {
         match self {
             Head::Regression => logits.to_vec(),
-            Head::SingleLabel => probabilities(false, logits, temperature),
+            Head::SingleLabel | Head::Tokens => probabilities(false, logits, temperature),
             Head::MultiLabel | Head::Rerank => probabilities(true, logits, temperature),
         }
     }

@@ -265,7 +265,7 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
         && jobs::get(pool, &job.id).await?.is_none_or(|j| j.status != JobStatus::Cancelled);
     match result {
         Ok(Ok(Outcome::Finished(done))) => {
-            let trainer::Finished { best, labels, stats, tuned, calibration, .. } = *done;
+            let trainer::Finished { best, labels, stats, tuned, calibration, validation_scatter, .. } = *done;
             // The last epoch's number: a resumed run's stats hold only the epochs since the resume.
             let stopped = json!({"reason": stats.stop_reason, "epochs_run": stats.epochs.last().map_or(0, |e| e.epoch), "max_epochs": stats.max_epochs});
             let mut validation = best.report.headline();
@@ -273,6 +273,9 @@ async fn run_job(ctx: &WorkerContext, job: JobRecord, shutdown: &CancellationTok
             let mut metrics = json!({"train_loss": best.train_loss, "validation": validation, "epoch": best.epoch, "stopped": stopped});
             if !calibration.validation_ece_before.is_nan() {
                 metrics["calibration"] = json!(calibration);
+            }
+            if let Some(points) = validation_scatter {
+                metrics["validation_scatter"] = json!(points);
             }
             if let Some(t) = tuned {
                 let per_label: serde_json::Map<String, serde_json::Value> =

@@ -165,6 +165,7 @@ pub(super) async fn prepare(
             JobTask::MultiLabelClassification => Task::MultiLabel,
             JobTask::Regression => Task::Regression,
             JobTask::Rerank => Task::Rerank,
+            JobTask::TokenClassification => Task::Tokens,
             JobTask::Classification | JobTask::Mlm => Task::SingleLabel,
         },
         precision: ctx.precision,

@@ -1,5 +1,7 @@
-//! Dataset files: parsing and validating uploaded JSONL/CSV whole, and the normalised
+//! Dataset files: parsing and validating uploaded JSONL/CSV/CoNLL whole, and the normalised
 //! JSONL form they are stored in.
+
+pub mod tags;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,6 +20,8 @@ pub const MAX_LABELS: usize = 10_000;
 pub enum Format {
     Jsonl,
     Csv,
+    /// CoNLL text (`text/x-conll`): a `token … tag` line per token, sentences apart.
+    Conll,
 }
 
 impl Format {
@@ -25,13 +29,14 @@ impl Format {
         match self {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
+            Format::Conll => "conll",
         }
     }
 }
 
 /// One example: its text and its labels (none for unlabeled data, one for
-/// classification, any number for multi-label).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// classification, any number for multi-label), or its words and their tags (named entities).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub text: String,
     /// The second text of a pair (sentence-pair tasks: entailment, paraphrase, similarity).
@@ -39,6 +44,12 @@ pub struct Row {
     pub text_pair: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<LabelValue>,
+    /// A tagged row's words (its `text` is them joined by spaces, or the text they came from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<String>>,
+    /// A tagged row's IOB2 tag per word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
 }
 
 /// A stored label: one string, or a list for multi-label data.
@@ -50,8 +61,11 @@ pub enum LabelValue {
 }
 
 impl Row {
-    /// The row's labels as a list.
+    /// The row's labels as a list (a tagged row's tags, one per word).
     pub fn labels(&self) -> Vec<&str> {
+        if let Some(tags) = &self.tags {
+            return tags.iter().map(String::as_str).collect();
+        }
         match &self.label {
             None => vec![],
             Some(LabelValue::One(l)) => vec![l.as_str()],
@@ -70,6 +84,8 @@ pub struct Parsed {
     pub multi_label: bool,
     /// Whether the rows are pairs of texts (every row has a `text_pair`).
     pub pairs: bool,
+    /// Whether the rows are tagged words (named entities); `labels` then counts the tags.
+    pub tokens: bool,
     /// The line of the first label that is not a number (`None`: every label is one, as a
     /// regression's must be, or the file has none).
     pub text_label_line: Option<usize>,
@@ -98,7 +114,7 @@ pub struct DatasetError {
     pub message: String,
 }
 
-fn err<T>(line: usize, message: impl Into<String>) -> Result<T, DatasetError> {
+pub(crate) fn err<T>(line: usize, message: impl Into<String>) -> Result<T, DatasetError> {
     Err(DatasetError { line, message: message.into() })
 }
 
@@ -121,6 +137,7 @@ pub fn parse_columns(bytes: &[u8], format: Format, cols: &Columns) -> Result<Par
     let rows = match format {
         Format::Jsonl => parse_jsonl(text, cols)?,
         Format::Csv => parse_csv(text, cols)?,
+        Format::Conll => tags::parse_conll(text)?,
     };
     check_rows(rows, format)
 }
@@ -132,9 +149,16 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
     let labeled = rows[0].1.label.is_some();
     let multi = matches!(rows[0].1.label, Some(LabelValue::Many(_)));
     let pairs = rows[0].1.text_pair.is_some();
+    let tokens = rows[0].1.tokens.is_some();
+    let labeled = labeled || rows[0].1.tags.is_some();
     let mut labels = BTreeMap::new();
     let mut text_label_line = None;
     for (line, row) in &rows {
+        if tokens {
+            check_tagged(*line, row, labeled)?;
+        } else if row.tokens.is_some() {
+            return err(*line, "this row is tagged words but the first row is a text");
+        }
         if row.text.trim().is_empty() {
             return err(*line, "field \"text\" is empty");
         }
@@ -148,7 +172,7 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
             (Some(p), _) if p.len() > MAX_TEXT_BYTES => return err(*line, format!("text_pair is longer than {MAX_TEXT_BYTES} bytes")),
             _ => {}
         }
-        match (&row.label, labeled, multi) {
+        match (&row.label, labeled && !tokens, multi) {
             (None, true, _) => return err(*line, "field \"label\" is missing (other rows have one)"),
             (Some(_), false, _) => return err(*line, "this row has a label but the first row has none"),
             (Some(LabelValue::Many(_)), _, false) => return err(*line, "a label list in a single-label file"),
@@ -170,7 +194,27 @@ fn check_rows(rows: Vec<(usize, Row)>, format: Format) -> Result<Parsed, Dataset
         }
     }
     let rows = rows.into_iter().map(|(_, r)| r).collect();
-    Ok(Parsed { rows, format, labels, multi_label: multi, pairs, text_label_line })
+    Ok(Parsed { rows, format, labels, multi_label: multi, pairs, tokens, text_label_line })
+}
+
+/// A tagged row: words, a tag per word when the file is tagged, and no text label.
+fn check_tagged(line: usize, row: &Row, labeled: bool) -> Result<(), DatasetError> {
+    let words = row.tokens.as_deref().unwrap_or_default();
+    if row.tokens.is_none() {
+        return err(line, "this row is a text but the first row is tagged words");
+    }
+    if words.is_empty() || words.iter().any(|w| w.trim().is_empty()) {
+        return err(line, "field \"tokens\" must hold at least one word, and no empty word");
+    }
+    match (&row.tags, labeled) {
+        (None, true) => err(line, "field \"tags\" is missing (other rows have tags)"),
+        (Some(_), false) => err(line, "this row has tags but the first row has none"),
+        (Some(t), _) if t.len() != words.len() => {
+            err(line, format!("{} tags for {} tokens: each token needs one tag", t.len(), words.len()))
+        }
+        _ if row.label.is_some() => err(line, "a row of tagged words takes no \"label\""),
+        _ => Ok(()),
+    }
 }
 
 /// Whether a label is a finite number (a JSON number, or a CSV field that reads as one).
@@ -226,6 +270,10 @@ fn parse_jsonl(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetE
             Ok(_) => return err(line, "each line must be a JSON object"),
             Err(e) => return err(line, format!("invalid JSON: {e}")),
         };
+        if let Some(row) = tagged_json(&obj, line)? {
+            rows.push((line, row));
+            continue;
+        }
         let (text_col, pair_col) = reranking_columns(cols, |c| obj.contains_key(c));
         let text = match obj.get(text_col) {
             Some(Value::String(s)) => s.clone(),
@@ -241,9 +289,37 @@ fn parse_jsonl(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetE
             Some(v) => label_from_json(v, line, label_col)?,
             None => None,
         };
-        rows.push((line, Row { text, text_pair, label }));
+        rows.push((line, Row { text, text_pair, label, tokens: None, tags: None }));
     }
     Ok(rows)
+}
+
+/// A JSONL row of tagged words (`{"tokens", "tags"}`) or of a text and its entity spans
+/// (`{"text", "entities": [{"start", "end", "label"}]}`), with its tags in IOB2; `None` for a
+/// row of neither kind.
+fn tagged_json(obj: &serde_json::Map<String, Value>, line: usize) -> Result<Option<Row>, DatasetError> {
+    let strings = |field: &str| -> Result<Option<Vec<String>>, DatasetError> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                serde_json::from_value(v.clone()).map(Some).or_else(|_| err(line, format!("field {field:?} must be a list of strings")))
+            }
+        }
+    };
+    let iob2 = |found: Option<Vec<String>>| found.map(|t| tags::to_iob2(&t)).transpose().or_else(|m| err(line, m));
+    if let Some(tokens) = strings("tokens")? {
+        let tags = iob2(strings("tags")?)?;
+        return Ok(Some(tags::tagged_row(tokens, tags)));
+    }
+    let Some(entities) = obj.get("entities") else { return Ok(None) };
+    let Some(Value::String(text)) = obj.get("text") else { return err(line, "a row with \"entities\" needs its \"text\"") };
+    let spans: Vec<tags::Span> = serde_json::from_value(entities.clone())
+        .or_else(|e| err(line, format!("field \"entities\" must be a list of {{\"start\", \"end\", \"label\"}}: {e}")))?;
+    let (words, word_tags) = tags::spans_to_words(text, &spans).or_else(|m| err(line, m))?;
+    if words.is_empty() {
+        return err(line, "field \"text\" is empty");
+    }
+    Ok(Some(Row { text: text.clone(), text_pair: None, label: None, tokens: Some(words), tags: Some(word_tags) }))
 }
 
 fn parse_csv(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetError> {
@@ -275,7 +351,7 @@ fn parse_csv(text: &str, cols: &Columns) -> Result<Vec<(usize, Row)>, DatasetErr
         let text = record.get(text_idx).unwrap_or("").to_string();
         let label = label_idx.and_then(|i| record.get(i)).filter(|l| !l.is_empty()).map(|l| LabelValue::One(l.to_string()));
         let text_pair = pair_idx.and_then(|i| record.get(i)).filter(|p| !p.is_empty()).map(String::from);
-        rows.push((line, Row { text, text_pair, label }));
+        rows.push((line, Row { text, text_pair, label, tokens: None, tags: None }));
     }
     Ok(rows)
 }

@@ -59,4 +59,8 @@ check(JSON.stringify(labels) === JSON.stringify(["positive", "negative"]), `pred
 const downloaded = await sdk.downloadModel({ path: { id: model }, parseAs: "blob" });
 const bytes = new Uint8Array(await (downloaded.data as Blob).arrayBuffer());
 check(bytes.length > 1000 && bytes[0] === 0x1f && bytes[1] === 0x8b, `download: ${bytes.length} bytes of gzip`);
+// The reranker client-test.py trained: texts ordered best first.
+const reranked = await sdk.rerank({ path: { id: "client-rerank" }, body: { query: "The cat sat on the mat.", texts: ["Stocks fell.", "A cat was sitting on the mat."] } });
+const scores = reranked.data?.results?.map((r: { score: number }) => r.score) ?? [];
+check(scores.length === 2 && scores[0] >= scores[1], `rerank: ${JSON.stringify(reranked.data ?? reranked.error)}`);
 console.log("all @hey-api/openapi-ts checks passed");

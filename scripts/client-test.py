@@ -29,8 +29,8 @@ from standardwebhooks.webhooks import Webhook
 from finetuned_client import AuthenticatedClient
 from finetuned_client.api.datasets import create_dataset
 from finetuned_client.api.jobs import create_job, get_job
-from finetuned_client.api.models import download_model, predict
-from finetuned_client.models import CreateDatasetFilesBody, CreateJobFilesBody, Dataset, Job, JobRequest, JobSpec, PredictRequest
+from finetuned_client.api.models import download_model, predict, rerank
+from finetuned_client.models import CreateDatasetFilesBody, CreateJobFilesBody, Dataset, Job, JobRequest, JobSpec, PredictRequest, RerankRequest
 from finetuned_client.types import File
 from huggingface_hub import InferenceClient
 
@@ -155,9 +155,9 @@ def entities_and_reranking(client):
     pairs = [{"query": r["text"], "document": r["text_pair"], "label": 1 if r["label"] == "equivalent" else 0} for r in rows("mrpc")]
     train(client, jsonl_upload(client, "rerank", pairs), "rerank", "client-rerank")
     body = {"query": "The cat sat on the mat.", "texts": ["A cat was sitting on the mat.", "Stocks fell.", "The mat is red."], "return_text": True}
-    r = httpx.post(f"{BASE}/v1/models/client-rerank/rerank", json=body, headers=auth)
-    r.raise_for_status()
-    results = r.json()["results"]
+    out = rerank.sync("client-rerank", client=client, body=RerankRequest.from_dict(body))
+    check(out is not None and hasattr(out, "results"), f"rerank through the generated client: {out}")
+    results = [{"index": x.index, "score": x.score, "text": x.text} for x in out.results]
     check([x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True), f"rerank, best first: {results}")
     tei = httpx.post(f"{BASE}/rerank", json=body, headers={**auth, "X-Model": "client-rerank"})
     check(tei.status_code == 200 and tei.json() == results, f"TEI /rerank: {tei.text[:200]}")

@@ -14,13 +14,14 @@ BIN=target/release/finetuned
 D=../shared/datasets/conll2003
 COMMON="--model ../shared/models/all-minilm-l6-v2 --data $D --epochs $EPOCHS --batch-size 32 --lr 5e-5 --max-len 128 --seed 42 --threads 2 --group-by-length"
 . "$(dirname "$0")/idle.sh"
-idle; $PY $REF/ner_ref.py $COMMON --save "$OUT/ref_model" --out "$OUT/ref.json" > "$OUT/ref.log" 2>&1
-idle; $BIN train $COMMON --task token_classification --out "$OUT/ours.json" > "$OUT/ours.log" 2>&1
+# A run that stopped after training goes on with predict (delete the reports to train again).
+[ -f "$OUT/ref.json" ] || { idle; $PY $REF/ner_ref.py $COMMON --save "$OUT/ref_model" --out "$OUT/ref.json" > "$OUT/ref.log" 2>&1; }
+[ -f "$OUT/ours.json" ] || { idle; $BIN train $COMMON --task token_classification --out "$OUT/ours.json" > "$OUT/ours.log" 2>&1; }
 python3 -c '
 import json, sys
-for l in open(sys.argv[1]):
+for l in open(sys.argv[1]).readlines()[:1024]:
     print(json.dumps({"text": " ".join(json.loads(l)["tokens"])}))
-' $D/test.jsonl | head -1024 > "$OUT/sentences.jsonl"
+' $D/test.jsonl > "$OUT/sentences.jsonl"
 mkdir -p "$OUT/serve/models" "$OUT/serve/data"
 ln -sfn "$OUT/ref_model" "$OUT/serve/models/ner"
 idle; $BIN serve --addr 127.0.0.1:8196 --data-dir "$OUT/serve/data" --models-dir "$OUT/serve/models" > "$OUT/server.log" 2>&1 &

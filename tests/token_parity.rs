@@ -45,7 +45,12 @@ fn hf(py: &Path, verb: &str, model: &Path) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/hf.py");
     let out = Command::new(py).arg(script).args([verb.as_ref(), model.as_os_str(), file.path().as_os_str()]).output().unwrap();
     assert!(out.status.success(), "hf.py {verb}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // transformers loaded every tensor it expects, and found none it did not (a pooler, say).
+    for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+        assert_eq!(v["loading_info"][k].as_array().map_or(0, Vec::len), 0, "{verb}: transformers' {k}: {}", v["loading_info"]);
+    }
+    v
 }
 
 /// Our entities of TEXTS with each strategy, from our model's scores.
@@ -159,4 +164,69 @@ fn a_tagger_trained_here_gives_transformers_logits_and_its_pipelines_entities() 
     golden::assert_matches("minilm-ner", "the golden file", &ours, &golden::read("minilm-ner"));
     let pipe: Value = serde_json::from_slice(&std::fs::read(&pipeline_case).unwrap()).unwrap();
     assert_same_entities(&entities, &pipe["entities"], "the golden pipeline file");
+}
+
+/// The tiny models of the golden files, one per architecture.
+const ARCHS: [&str; 5] = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"];
+
+/// Words split into sub-words for training as transformers' `run_ner.py` splits them
+/// (`is_split_into_words`, RoBERTa's BPE with `add_prefix_space`), and the word of each sub-word.
+#[test]
+fn every_architecture_splits_words_as_run_ner_does() {
+    let sentences: Vec<Vec<String>> = conll("train", 40).into_iter().map(|r| r.tokens.unwrap()).collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(&sentences).unwrap()).unwrap();
+    for arch in ARCHS {
+        let base = golden::dir().join(arch).join("base");
+        let tok = finetuned::model::hf::tokenize::load_tokenizer(&base).unwrap();
+        let ours: Vec<(Vec<u32>, Vec<Option<u32>>)> =
+            finetuned::model::hf::words::encode_words(&tok, &sentences).unwrap().into_iter().map(|p| (p.ids, p.words)).collect();
+        let ours = json!({"ids": ours.iter().map(|o| &o.0).collect::<Vec<_>>(), "word_ids": ours.iter().map(|o| &o.1).collect::<Vec<_>>()});
+        let path = golden::dir().join(format!("{arch}-words.json"));
+        if let Some(py) = golden::python() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/hf.py");
+            let out = Command::new(&py).arg(script).args(["words".as_ref(), base.as_os_str(), file.path().as_os_str()]).output().unwrap();
+            assert!(out.status.success(), "hf.py words: {}", String::from_utf8_lossy(&out.stderr));
+            let theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(ours["ids"], theirs["ids"], "{arch}: sub-word ids against transformers live");
+            assert_eq!(ours["word_ids"], theirs["word_ids"], "{arch}: word ids against transformers live");
+            if golden::writing() {
+                std::fs::write(&path, serde_json::to_string(&theirs).unwrap() + "\n").unwrap();
+            }
+        }
+        let golden: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(ours["ids"], golden["ids"], "{arch}: sub-word ids against the golden file");
+        assert_eq!(ours["word_ids"], golden["word_ids"], "{arch}: word ids against the golden file");
+        eprintln!("parity {arch}-words: {} sentences split as run_ner.py splits them", sentences.len());
+    }
+}
+
+/// A tagger trained here from each architecture's tiny model loads as its
+/// `…ForTokenClassification` (a plain `classifier` head, no pooler) with the same logits.
+#[test]
+fn a_tagger_of_every_architecture_loads_in_transformers() {
+    for arch in ARCHS {
+        let dir = tempfile::tempdir().unwrap();
+        let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(16), max_seq_len: Some(64), ..Default::default() }
+            .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
+            .unwrap();
+        let out = dir.path().join("tagger");
+        let base = golden::dir().join(arch).join("base");
+        let mut req = TrainRequest::new(base, conll("train", 96), Some(conll("validation", 32)), hp, Device::Cpu);
+        req.out_dir = Some(out.clone());
+        req.task = Task::Tokens;
+        trainer::run(req, &mut Quiet).unwrap();
+        let m = LoadedClassifier::load(&out, &Device::Cpu).unwrap();
+        let ids = m.tokenize(TEXTS, true).unwrap().unwrap();
+        let ours = Answer { logits: m.logits(&ids, 8).unwrap(), ids, layout: golden::layout(&out), versions: Value::Null };
+        let case = format!("{arch}-ner");
+        if let Some(py) = golden::python() {
+            let theirs: Answer = serde_json::from_value(hf(&py, "token-logits", &out)).unwrap();
+            golden::assert_matches(&case, "transformers live", &ours, &theirs);
+            if golden::writing() {
+                golden::write(&case, &Answer { layout: ours.layout.clone(), ..theirs });
+            }
+        }
+        golden::assert_matches(&case, "the golden file", &ours, &golden::read(&case));
+    }
 }

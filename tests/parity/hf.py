@@ -6,6 +6,9 @@
                                         CrossEncoder(MODEL_DIR).predict of each pair, one score per row
   hf.py token-logits MODEL_DIR TEXTS_JSON -> {"logits", "ids", "loading_info", "versions"}, token classification
                                         (each text's logits flattened: tokens × tags)
+  hf.py words MODEL_DIR SENTENCES_JSON -> {"ids", "word_ids", "versions"}: each sentence (a list of words)
+                                        encoded as transformers' run_ner.py does (is_split_into_words; a
+                                        byte-level BPE with add_prefix_space=True)
   hf.py ner MODEL_DIR TEXTS_JSON     -> {"entities": {strategy: [entities of each text]}, "versions"}: the
                                         token-classification pipeline with each aggregation strategy
   hf.py mlm MODEL_DIR TEXTS_JSON     -> the same for the masked LM (first 1000 vocabulary entries per token)
@@ -65,6 +68,16 @@ def crossencoder(model_dir, pairs_path):
 def token_logits(model_dir, texts_path):
     from transformers import AutoModelForTokenClassification
     _answer(model_dir, texts_path, AutoModelForTokenClassification, lambda x: [x.flatten().tolist()])
+
+
+def words(model_dir, sentences_path):
+    sentences = json.load(open(sentences_path))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.backend_tokenizer.pre_tokenizer is not None and "ByteLevel" in str(tok.backend_tokenizer.pre_tokenizer.__getstate__()):
+        tok = AutoTokenizer.from_pretrained(model_dir, add_prefix_space=True)
+    enc = tok(sentences, is_split_into_words=True)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    print(json.dumps({"ids": enc["input_ids"], "word_ids": [enc.word_ids(i) for i in range(len(sentences))], "versions": versions}))
 
 
 def ner(model_dir, texts_path):
@@ -182,5 +195,5 @@ def tokenize(model_dir, inputs_path):
 
 
 if __name__ == "__main__":
-    {"logits": logits, "crossencoder": crossencoder, "token-logits": token_logits, "ner": ner, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
+    {"logits": logits, "crossencoder": crossencoder, "token-logits": token_logits, "ner": ner, "words": words, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
      "peft-logits": peft_logits, "tokenize": tokenize}[sys.argv[1]](*sys.argv[2:])

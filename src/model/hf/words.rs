@@ -4,7 +4,7 @@
 
 use anyhow::anyhow;
 use std::ops::Range;
-use tokenizers::{EncodeInput, InputSequence, Tokenizer};
+use tokenizers::{EncodeInput, InputSequence, ModelWrapper, Tokenizer};
 
 /// One sequence's sub-words with their special tokens: ids, the word of each (`None` for a
 /// special token), and its characters in the text (`start..end`, Unicode scalar values).
@@ -50,12 +50,21 @@ pub fn encode_words(tok: &Tokenizer, sentences: &[Vec<String>]) -> anyhow::Resul
 
 /// Sub-words of texts, with their character offsets.
 pub fn encode_texts(tok: &Tokenizer, texts: &[&str]) -> anyhow::Result<Vec<Pieces>> {
-    let inputs: Vec<EncodeInput> = texts.iter().map(|t| EncodeInput::Single((*t).into())).collect();
-    let encoded = tok.encode_batch_char_offsets(inputs, true).map_err(|e| anyhow!("tokenizing: {e}"))?;
-    let prefix = serde_json::to_value(tok.get_model())
-        .ok()
-        .and_then(|m| m.get("continuing_subword_prefix").and_then(|p| p.as_str()).map(String::from))
-        .filter(|p| !p.is_empty());
+    let err = |e| anyhow!("tokenizing: {e}");
+    // A batch goes to rayon's pool, and waking a thread there costs more than a short text.
+    let encoded = if texts.len() <= 4 {
+        texts.iter().map(|t| tok.encode_char_offsets(*t, true).map_err(err)).collect::<anyhow::Result<Vec<_>>>()?
+    } else {
+        let inputs: Vec<EncodeInput> = texts.iter().map(|t| EncodeInput::Single((*t).into())).collect();
+        tok.encode_batch_char_offsets(inputs, true).map_err(err)?
+    };
+    // Read from the model itself: serialising it would copy the whole vocabulary per request.
+    let prefix = match tok.get_model() {
+        ModelWrapper::WordPiece(wp) => Some(wp.continuing_subword_prefix.clone()),
+        ModelWrapper::BPE(bpe) => bpe.continuing_subword_prefix.clone(),
+        _ => None,
+    }
+    .filter(|p| !p.is_empty());
     Ok(texts
         .iter()
         .zip(encoded)

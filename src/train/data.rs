@@ -54,15 +54,7 @@ pub fn stratified_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, 
             held[i] = true;
         }
     }
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (r, h) in rows.into_iter().zip(held) {
-        if h {
-            val.push(r)
-        } else {
-            train.push(r)
-        }
-    }
-    (train, val)
+    split_held(rows, held)
 }
 
 /// Example order for one epoch: a permutation seeded by `seed + epoch`, cut into batches.
@@ -184,15 +176,13 @@ pub fn random_split(rows: Vec<Row>, fraction: f64, seed: u64) -> (Vec<Row>, Vec<
     let n = if rows.len() >= 2 { ((rows.len() as f64 * fraction).round() as usize).max(1) } else { 0 };
     let mut held = vec![false; rows.len()];
     order[..n].iter().for_each(|&i| held[i] = true);
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (r, h) in rows.into_iter().zip(held) {
-        if h {
-            val.push(r)
-        } else {
-            train.push(r)
-        }
-    }
-    (train, val)
+    split_held(rows, held)
+}
+
+/// `rows` split by `held`: (the rows not held, the rows held), each in file order.
+fn split_held(rows: Vec<Row>, held: Vec<bool>) -> (Vec<Row>, Vec<Row>) {
+    let (val, train): (Vec<_>, Vec<_>) = rows.into_iter().zip(held).partition(|(_, h)| *h);
+    (train.into_iter().map(|(r, _)| r).collect(), val.into_iter().map(|(r, _)| r).collect())
 }
 
 #[cfg(test)]

@@ -135,27 +135,6 @@ impl Trainable {
         Ok(model.with_low_rank(LowRankSet { pairs, scale: l.alpha / l.r as f64, dropout: l.dropout }))
     }
 
-    /// [`Self::save`] without the tensors named in `skip` (a token classifier's unused pooler).
-    pub fn save_without(
-        &self,
-        out: &Path,
-        cfg: &EncoderConfig,
-        trained: &HashMap<String, Tensor>,
-        base_dir: &Path,
-        base_id: Option<&str>,
-        skip: &[&str],
-    ) -> anyhow::Result<()> {
-        let kept: HashMap<String, Tensor> =
-            trained.iter().filter(|(n, _)| !skip.contains(&n.as_str())).map(|(n, t)| (n.clone(), t.clone())).collect();
-        if self.lora.is_some() {
-            return self.save(out, cfg, &kept, base_dir, base_id);
-        }
-        let mut all: HashMap<String, Tensor> =
-            self.frozen.iter().filter(|(n, _)| !skip.contains(&n.as_str())).map(|(n, t)| (n.clone(), t.clone())).collect();
-        all.extend(kept);
-        crate::model::hf::artifacts::write_model_dir(out, cfg, &all, base_dir)
-    }
-
     /// Saves the trained classifier: a peft adapter directory for `lora` (over `base_dir`,
     /// named `base_id` where the base has an id a catalog resolves, else by its absolute path),
     /// a whole model directory otherwise.

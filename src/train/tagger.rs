@@ -273,12 +273,13 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     if let Some(out) = &req.out_dir {
         // A token classifier has no pooler: transformers' `…ForTokenClassification` has none.
+        // (Only `lora` keeps the pooler among the frozen weights, and an adapter saves none of those.)
         for name in POOLER_NAMES {
             tensors.remove(name);
         }
         cfg.set_token_classifier(&tags);
         trainable
-            .save_without(out, &cfg, &tensors, &req.base_dir, req.base_id.as_deref(), &POOLER_NAMES)
+            .save(out, &cfg, &tensors, &req.base_dir, req.base_id.as_deref())
             .map_err(|e| TrainError::Storage(format!("saving the model to {}: {e:#}", out.display())))?;
     }
     obs.on_event(Event::Message(format!("kept the weights of epoch {} (validation entity F1 {:.4})", best.epoch, best.report.selection())));

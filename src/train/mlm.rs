@@ -16,7 +16,7 @@ use crate::model::encoder::encoder_params;
 use crate::model::encoder::mlm::{head_params, mask_tokens, Masked, MaskedLm, MLM_HEAD_PREFIX};
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
-use crate::model::hf::artifacts::{inspect, load_weights, write_model_dir};
+use crate::model::hf::artifacts::{load_weights, open, write_model_dir};
 use crate::model::hf::tokenize::{encode_all, load_tokenizer, pad_batch, truncate};
 use crate::model::ops::layers::Mode;
 use crate::model::EncoderConfig;
@@ -123,24 +123,23 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let base_err = |e: anyhow::Error| TrainError::BaseModel(format!("{e:#}"));
     // `sentence`: the pooling sentence-transformers files give the base; `pooling`: how the
     // anchor reads a sentence embedding (`None` from scratch: there is nothing to keep).
-    let (mut cfg, tokenizer_dir, weights, sentence, pooling) = match &req.start {
+    let (mut cfg, tok, tokenizer_dir, weights, sentence, pooling) = match &req.start {
         Start::Checkpoint(dir) => {
-            let info = inspect(dir).map_err(base_err)?;
+            let (info, tok) = open(dir).map_err(base_err)?;
             let sentence = info.sentence_pooling.as_deref().and_then(Pooling::parse);
             let pooling = Pooling::parse(&info.auto_pooling()).unwrap_or(Pooling::Cls);
-            (info.config, dir.clone(), load_weights(dir, &req.device).map_err(base_err)?, sentence, Some(pooling))
+            (info.config, tok, dir.clone(), load_weights(dir, &req.device).map_err(base_err)?, sentence, Some(pooling))
         }
         Start::Scratch { spec, tokenizer_dir } => {
             let tok = load_tokenizer(tokenizer_dir).map_err(base_err)?;
             let pad = tok.token_to_id("[PAD]").unwrap_or(0) as usize;
-            (spec.config(tok.get_vocab_size(true), pad), tokenizer_dir.clone(), HashMap::new(), None, None)
+            (spec.config(tok.get_vocab_size(true), pad), tok, tokenizer_dir.clone(), HashMap::new(), None, None)
         }
     };
     if let Some(msg) = cfg.pretraining_refusal() {
         return Err(TrainError::BaseModel(msg));
     }
     let anchor_weight = pooling.map_or(0.0, |_| hp.mlm_anchor_weight.unwrap_or_else(|| anchor::default_weight(sentence)));
-    let tok = load_tokenizer(&tokenizer_dir).map_err(base_err)?;
     // BERT's mask token, or RoBERTa's.
     let mask_id = ["[MASK]", "<mask>"]
         .iter()

@@ -16,8 +16,8 @@ use crate::dataset::Row;
 use crate::model::encoder::classifier::POOLER_NAMES;
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
-use crate::model::hf::artifacts::{inspect, load_weights};
-use crate::model::hf::tokenize::{load_tokenizer, pad_batch_typed, Batch};
+use crate::model::hf::artifacts::{load_weights, open};
+use crate::model::hf::tokenize::{pad_batch_typed, Batch};
 use crate::model::hf::words::{best_window, cut, encode_words};
 use crate::model::ops::layers::Mode;
 use crate::model::{Classifier, EncoderConfig, Pooling};
@@ -160,7 +160,7 @@ fn loss_terms<'a>(
 pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainError> {
     let hp = &req.hp;
     let t_load = Instant::now();
-    let info = inspect(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let (info, tok) = open(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let (train_rows, val_rows) = match req.validation_rows {
         Some(v) => (req.train_rows, v),
         None => {
@@ -184,7 +184,6 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         return Err(TrainError::InvalidData("class_weights applies to classification and reranking, not token classification".into()));
     }
     let tags = label_set(&train_rows, &[val_rows.as_slice(), test_rows.as_slice()].concat());
-    let tok = load_tokenizer(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut cfg: EncoderConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);

@@ -13,8 +13,8 @@ use crate::dataset::Row;
 use crate::model::encoder::classifier::POOLER_NAMES;
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
-use crate::model::hf::artifacts::{inspect, load_weights};
-use crate::model::hf::tokenize::{load_tokenizer, pad_batch_typed, Batch};
+use crate::model::hf::artifacts::{load_weights, open};
+use crate::model::hf::tokenize::{pad_batch_typed, Batch};
 use crate::model::ops::layers::Mode;
 use crate::model::{Classifier, EncoderConfig, Pooling};
 use crate::train::hyper::Method;
@@ -33,7 +33,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     }
     let hp = &req.hp;
     let t_load = Instant::now();
-    let info = inspect(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    let (info, tok) = open(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let (train_rows, val_rows) = match req.validation_rows {
         Some(v) => (req.train_rows, v),
         None => {
@@ -71,7 +71,6 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if task == Task::Regression && hp.class_weights.is_some() {
         return Err(TrainError::InvalidData("class_weights applies to classification and reranking, not regression".into()));
     }
-    let tok = load_tokenizer(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut cfg: EncoderConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);

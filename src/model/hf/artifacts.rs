@@ -43,6 +43,12 @@ impl ModelInfo {
 /// Checks that `dir` is a checkpoint we can load: config parses and names an architecture we run, the tokenizer
 /// and weights exist, and the safetensors header is sound. Reads no tensor data.
 pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
+    open(dir).map(|(info, _)| info)
+}
+
+/// [`inspect`], also handing on the tokenizer it checked (loaded as [`super::tokenize::load_tokenizer`]
+/// does), so a loader need not parse `tokenizer.json` a second time (XLM-R's is 17 MB).
+pub fn open(dir: &Path) -> anyhow::Result<(ModelInfo, tokenizers::Tokenizer)> {
     let config = EncoderConfig::from_file(&dir.join(CONFIG)).context("config.json")?;
     ensure!(dir.join(TOKENIZER).is_file(), "no tokenizer.json");
     let weights = dir.join(WEIGHTS);
@@ -54,7 +60,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
     }
     let header = check_safetensors_header(&weights).context("model.safetensors")?;
     check_encoder(&header, &config).context("model.safetensors")?;
-    check_vocabulary(dir, &config)?;
+    let tokenizer = check_vocabulary(dir, &config)?;
     let is_classifier =
         config.architectures().iter().any(|a| a.ends_with("ForSequenceClassification") || a.ends_with("ForTokenClassification"));
     let labels = if is_classifier { config.id2label() } else { None };
@@ -62,7 +68,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<ModelInfo> {
         check_head(&header, config.arch(), labels.len(), config.hidden_size)?;
     }
     let problem_type = config.problem_type();
-    Ok(ModelInfo { labels, problem_type, sentence_pooling: sentence_pooling(dir), config })
+    Ok((ModelInfo { labels, problem_type, sentence_pooling: sentence_pooling(dir), config }, tokenizer))
 }
 
 /// Refuses a classifier whose `id2label` does not name one label per output of its head
@@ -115,8 +121,8 @@ fn check_encoder(header: &HashMap<String, serde_json::Value>, config: &EncoderCo
     Ok(())
 }
 
-/// Refuses a tokenizer whose ids run past the word embeddings' rows.
-fn check_vocabulary(dir: &Path, config: &EncoderConfig) -> anyhow::Result<()> {
+/// Loads the tokenizer, refusing one whose ids run past the word embeddings' rows.
+fn check_vocabulary(dir: &Path, config: &EncoderConfig) -> anyhow::Result<tokenizers::Tokenizer> {
     let tok = super::tokenize::load_tokenizer(dir).context(TOKENIZER)?;
     let n = tok.get_vocab_size(true);
     ensure!(
@@ -124,7 +130,7 @@ fn check_vocabulary(dir: &Path, config: &EncoderConfig) -> anyhow::Result<()> {
         "{TOKENIZER}: its vocabulary of {n} tokens does not fit the word embeddings' {} rows (config.json's vocab_size)",
         config.vocab_size
     );
-    Ok(())
+    Ok(tok)
 }
 
 /// Checks the safetensors header against the file's size and returns it.

@@ -222,10 +222,16 @@ pub struct AdapterInfo {
 /// Checks the adapter in `dir` against its base (found in `dir`'s parent folder, see
 /// [`find_base`]): it must carry a classifier head whose outputs match the labels.
 pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
+    open_adapter(dir).map(|(info, _)| info)
+}
+
+/// [`inspect_adapter`], also handing on the tokenizer to use: the adapter's own
+/// `tokenizer.json` where it has one, else the base's that inspecting it loaded.
+pub fn open_adapter(dir: &Path) -> anyhow::Result<(AdapterInfo, tokenizers::Tokenizer)> {
     let adapter = Adapter::load(dir, &Device::Cpu)?;
     let search = dir.parent().context("an adapter dir has a parent")?;
     let base = find_base(&adapter.config, search)?;
-    let base_info = super::artifacts::inspect(&base).with_context(|| format!("the adapter's base {}", base.display()))?;
+    let (base_info, base_tokenizer) = super::artifacts::open(&base).with_context(|| format!("the adapter's base {}", base.display()))?;
     let n = adapter.num_labels().context("the adapter carries no classifier head (classifier in modules_to_save)")?;
     let own = dir.join(super::artifacts::CONFIG);
     let mut info = base_info;
@@ -238,7 +244,11 @@ pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
     let labels = info.config.id2label().unwrap_or_else(|| (0..n).map(|i| format!("LABEL_{i}")).collect());
     ensure!(labels.len() == n, "the adapter's id2label names {} labels but its head has {n} outputs", labels.len());
     info.labels = Some(labels);
-    Ok(AdapterInfo { config: adapter.config, base, info })
+    let tokenizer = match dir.join(super::artifacts::TOKENIZER).is_file() {
+        true => super::tokenize::load_tokenizer(dir)?,
+        false => base_tokenizer,
+    };
+    Ok((AdapterInfo { config: adapter.config, base, info }, tokenizer))
 }
 
 /// Writes a LoRA classifier as an adapter directory peft loads (`PeftModel.from_pretrained`

@@ -1,11 +1,9 @@
 //! A classifier loaded for inference: detached weights, tokenizer and labels.
 
 use crate::model::encoder::classifier::{Classifier, Pooling, HEAD_NAMES, POOLER_NAMES};
-use crate::model::hf::artifacts::{self, inspect, load_weights};
+use crate::model::hf::artifacts::{self, load_weights};
 use crate::model::hf::lora;
-use crate::model::hf::tokenize::{
-    encode_all, encode_pair, encode_pairs_with, load_tokenizer, pad_batch_typed, pair_truncating, truncate, truncate_left,
-};
+use crate::model::hf::tokenize::{encode_all, encode_pair, encode_pairs_with, pad_batch_typed, pair_truncating, truncate, truncate_left};
 use crate::model::ops::layers::Mode;
 use crate::model::ops::packed;
 use anyhow::{bail, Context};
@@ -127,14 +125,14 @@ impl LoadedClassifier {
     /// Loads a classifier directory (or a peft LoRA adapter over a base beside it, merged) with
     /// its dense layers in `weights_as`.
     pub fn load_as(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
-        let (info, weights, tokenizer_dir) = if lora::is_adapter(dir) {
-            let adapter = lora::inspect_adapter(dir)?;
+        let (info, weights, tokenizer) = if lora::is_adapter(dir) {
+            let (adapter, tokenizer) = lora::open_adapter(dir)?;
             let mut weights = load_weights(&adapter.base, device)?;
             lora::Adapter::load(dir, device)?.merge_into(&mut weights)?;
-            let tokenizer_dir = if dir.join(artifacts::TOKENIZER).is_file() { dir.to_path_buf() } else { adapter.base.clone() };
-            (adapter.info, weights, tokenizer_dir)
+            (adapter.info, weights, tokenizer)
         } else {
-            (inspect(dir)?, load_weights(dir, device)?, dir.to_path_buf())
+            let (info, tokenizer) = artifacts::open(dir)?;
+            (info, load_weights(dir, device)?, tokenizer)
         };
         let Some(labels) = info.labels.clone() else { bail!("not a sequence-classification model") };
         // A token classifier reads every token, whoever saved it.
@@ -142,27 +140,27 @@ impl LoadedClassifier {
             true => Pooling::Token,
             false => info.config.pooling().and_then(|p| Pooling::parse(&p)).unwrap_or(Pooling::Cls),
         };
-        Self::build(&info, weights, &tokenizer_dir, labels, pooling, device, weights_as)
+        Self::build(&info, weights, tokenizer, labels, pooling, device, weights_as)
     }
 
     /// Loads a base model's encoder (and its pooler, where it has one) to serve adapters over:
     /// each brings its own head and pooling (see `model::predict::adapter_serving`); this
     /// model's own head is a placeholder.
     pub fn load_encoder(dir: &Path, device: &Device, weights_as: Weights) -> anyhow::Result<Self> {
-        let info = inspect(dir)?;
+        let (info, tokenizer) = artifacts::open(dir)?;
         let mut weights = load_weights(dir, device)?;
         let pooling = if weights.contains_key(POOLER_NAMES[0]) { Pooling::Cls } else { Pooling::Mean };
         let hidden = info.config.hidden_size;
         // A placeholder head of one output (a zero-size one would be a zero-byte device allocation).
         weights.insert(HEAD_NAMES[0].into(), Tensor::zeros((1, hidden), candle_core::DType::F32, device)?);
         weights.insert(HEAD_NAMES[1].into(), Tensor::zeros(1, candle_core::DType::F32, device)?);
-        Self::build(&info, weights, dir, Vec::new(), pooling, device, weights_as)
+        Self::build(&info, weights, tokenizer, Vec::new(), pooling, device, weights_as)
     }
 
     fn build(
         info: &artifacts::ModelInfo,
         weights: std::collections::HashMap<String, Tensor>,
-        tokenizer_dir: &Path,
+        tokenizer: Tokenizer,
         labels: Vec<String>,
         pooling: Pooling,
         device: &Device,
@@ -186,7 +184,7 @@ impl LoadedClassifier {
         let head = Head::of(&info.config);
         Ok(Self {
             model,
-            tokenizer: load_tokenizer(tokenizer_dir)?,
+            tokenizer,
             thresholds: info.config.thresholds(&labels).filter(|_| head == Head::MultiLabel),
             temperature: info.config.temperature(),
             labels,

@@ -1,4 +1,4 @@
-//! What BERT does, every architecture does: on the golden files' tiny RoBERTa, XLM-RoBERTa,
+//! What BERT does, every architecture does: on the golden files' tiny RoBERTa, XLM-RoBERTa, CamemBERT,
 //! ELECTRA and DistilBERT (`tests/parity/make_models.py`), a run stopped mid-epoch and resumed
 //! from its checkpoint saves the same model, bit for bit, as one run straight through (with each
 //! method); multi-label classification trains and saves its thresholds; bf16 mixed precision
@@ -16,7 +16,7 @@ use finetuned::train::precision::Precision;
 use finetuned::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use std::path::{Path, PathBuf};
 
-const ARCHS: [&str; 4] = ["roberta", "xlm-roberta", "electra", "distilbert"];
+const ARCHS: [&str; 5] = ["roberta", "xlm-roberta", "camembert", "electra", "distilbert"];
 
 fn base(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden").join(arch).join("base")

@@ -184,6 +184,11 @@ fn an_xlm_roberta_adapter_trained_here_gives_the_same_logits_in_peft() {
     adapter_trained_here_matches_peft("xlm-roberta-peft-export", &golden::dir().join("xlm-roberta/base"));
 }
 
+#[test]
+fn a_camembert_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_trained_here_matches_peft("camembert-peft-export", &golden::dir().join("camembert/base"));
+}
+
 /// And over the tiny DistilBERT: peft's `q_lin`/`v_lin`/`lin2` targets under `distilbert.`,
 /// the head's `pre_classifier` saved with it.
 #[test]

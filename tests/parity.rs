@@ -192,6 +192,21 @@ fn an_xlm_roberta_pretrained_here_loads_in_transformers_as_a_masked_lm() {
 }
 
 #[test]
+fn a_camembert_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("camembert");
+}
+
+#[test]
+fn a_camembert_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("camembert", "CamembertForSequenceClassification");
+}
+
+#[test]
+fn a_camembert_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("camembert-mlm", &tiny("camembert", "base"), "the movie was a <mask> surprise.");
+}
+
+#[test]
 fn a_distilbert_classifier_saved_by_transformers_serves_with_the_same_logits() {
     imported("distilbert");
 }

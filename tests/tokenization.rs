@@ -142,3 +142,8 @@ fn byte_level_bpe_of_roberta_matches_transformers() {
 fn sentencepiece_unigram_of_xlm_roberta_matches_transformers() {
     check("xlm-roberta", golden::dir().join("xlm-roberta/base"));
 }
+
+#[test]
+fn sentencepiece_unigram_of_camembert_matches_transformers() {
+    check("camembert", golden::dir().join("camembert/base"));
+}

@@ -169,6 +169,11 @@ fn xlm_roberta_gradients_and_adamw_steps_match_pytorch() {
 }
 
 #[test]
+fn camembert_gradients_and_adamw_steps_match_pytorch() {
+    check("camembert");
+}
+
+#[test]
 fn electra_gradients_and_adamw_steps_match_pytorch() {
     check("electra");
 }

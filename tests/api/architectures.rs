@@ -1,4 +1,4 @@
-//! The golden files' tiny RoBERTa, ELECTRA and DistilBERT (`tests/parity/make_models.py`) through the API:
+//! The golden files' tiny RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT (`tests/parity/make_models.py`) through the API:
 //! listed with their length limits, fine-tuned with each method, served; a masked-LM job on the
 //! ELECTRA discriminator fails saying what it lacks.
 
@@ -9,12 +9,14 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::Path;
 
+const ARCHS: [&str; 5] = ["roberta", "xlm-roberta", "camembert", "electra", "distilbert"];
+
 #[tokio::test]
-async fn roberta_electra_and_distilbert_bases_fine_tune_with_each_method_and_serve() {
+async fn roberta_xlm_r_camembert_electra_and_distilbert_bases_fine_tune_with_each_method_and_serve() {
     let tmp = tempfile::tempdir().unwrap();
     let models = models_dir(tmp.path());
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden");
-    for arch in ["roberta", "electra", "distilbert"] {
+    for arch in ARCHS {
         std::os::unix::fs::symlink(golden.join(arch).join("base"), models.join(format!("tiny-{arch}"))).unwrap();
     }
     let app = spawn_with(ServeConfig::for_test(tmp.path().join("data"), models)).await;
@@ -24,14 +26,14 @@ async fn roberta_electra_and_distilbert_bases_fine_tune_with_each_method_and_ser
         assert!(info["architectures"].as_array().unwrap().contains(&json!(t)), "{info}");
     }
     // RoBERTa's 130 position rows count from pad_token_id + 1 = 2: 128 tokens; ELECTRA's from 0.
-    for (arch, max) in [("roberta", 128), ("electra", 128), ("distilbert", 128)] {
+    for (arch, max) in [("roberta", 128), ("xlm-roberta", 128), ("camembert", 128), ("electra", 128), ("distilbert", 128)] {
         let listed: Value = app.get(&format!("/v1/models/tiny-{arch}")).await.json().await.unwrap();
         assert_eq!(listed["max_seq_len"], max, "{listed}");
         assert_eq!(listed["architecture"], arch, "{listed}");
     }
 
     let ds = app.upload_ok(toy_jsonl(48)).await;
-    for arch in ["roberta", "electra", "distilbert"] {
+    for arch in ARCHS {
         for (method, lr) in [("full", 2e-3), ("lora", 2e-2), ("head", 5e-2)] {
             let name = format!("{arch}-{method}");
             let hp = json!({"epochs": 10, "batch_size": 8, "learning_rate": lr, "warmup_ratio": 0.0, "seed": 1, "method": method});

@@ -12,6 +12,12 @@
                                                               Unigram tokenizer, and XLMRobertaForSequenceClassification
                            GOLDEN/distilbert/{base,classifier}/  a random DistilBertModel with a WordPiece
                                                               tokenizer, and DistilBertForSequenceClassification
+                           GOLDEN/camembert/{base,classifier}/  a random CamembertModel with a SentencePiece Unigram
+                                                              tokenizer in CamemBERT's layout (<s>NOTUSED … first,
+                                                              <s> and </s> at 5 and 6), and CamembertForSequenceClassification
+
+  make_models.py GOLDEN NAME...  makes only the named ones (roberta, electra, distilbert, bert,
+                                 xlm-roberta, camembert).
 
 The tokenizers are trained here on the `tiny` data set's texts, so the golden files need nothing
 from a hub.
@@ -24,7 +30,8 @@ import tempfile
 
 import torch
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer, SentencePieceUnigramTokenizer
-from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast, XLMRobertaConfig,
+from transformers import (AutoTokenizer, BertConfig, CamembertConfig, CamembertForSequenceClassification, CamembertModel,
+                          CamembertTokenizerFast, BertForSequenceClassification, BertModel, BertTokenizerFast, XLMRobertaConfig,
                           XLMRobertaForSequenceClassification, XLMRobertaModel, XLMRobertaTokenizerFast,
                           DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel, DistilBertTokenizerFast,
                           ElectraConfig, ElectraForSequenceClassification, ElectraModel, ElectraTokenizerFast, RobertaConfig,
@@ -108,9 +115,27 @@ def xlm_roberta(out):
     save(out, XLMRobertaModel, config, XLMRobertaForSequenceClassification, tok)
 
 
+def camembert(out):
+    # camembert-base's vocabulary begins <s>NOTUSED, <pad>, </s>NOTUSED, <unk>, <unk>NOTUSED, then the
+    # <s> and </s> it uses (ids 5 and 6); <mask> is its last entry.
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(texts(), vocab_size=400, unk_token="<unk>",
+                           special_tokens=["<s>NOTUSED", "<pad>", "</s>NOTUSED", "<unk>", "<unk>NOTUSED", "<s>", "</s>"])
+    sp.add_special_tokens(["<mask>"])
+    tok = CamembertTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+                                 unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=128,
+                                 additional_special_tokens=["<s>NOTUSED", "</s>NOTUSED", "<unk>NOTUSED"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+    config = CamembertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=5, eos_token_id=6)
+    save(out, CamembertModel, config, CamembertForSequenceClassification, tok)
+
+
+MAKERS = {"roberta": roberta, "electra": electra, "distilbert": distilbert, "bert": bert, "xlm-roberta": xlm_roberta,
+          "camembert": camembert}
+
 if __name__ == "__main__":
-    roberta(os.path.join(sys.argv[1], "roberta"))
-    electra(os.path.join(sys.argv[1], "electra"))
-    distilbert(os.path.join(sys.argv[1], "distilbert"))
-    bert(os.path.join(sys.argv[1], "bert"))
-    xlm_roberta(os.path.join(sys.argv[1], "xlm-roberta"))
+    for name in sys.argv[2:] or MAKERS:
+        MAKERS[name](os.path.join(sys.argv[1], name))

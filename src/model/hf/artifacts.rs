@@ -5,9 +5,8 @@ use crate::model::encoder::arch::Arch;
 use crate::model::encoder::classifier::HEAD_NAMES;
 use crate::model::encoder::config::EncoderConfig;
 use anyhow::{bail, ensure, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 
 pub const CONFIG: &str = "config.json";
@@ -58,7 +57,7 @@ pub fn open(dir: &Path) -> anyhow::Result<(ModelInfo, tokenizers::Tokenizer)> {
         }
         bail!("no model.safetensors");
     }
-    let header = check_safetensors_header(&weights).context("model.safetensors")?;
+    let header = super::weights::check_header(&weights).context("model.safetensors")?;
     check_encoder(&header, &config).context("model.safetensors")?;
     let tokenizer = check_vocabulary(dir, &config)?;
     let is_classifier =
@@ -133,28 +132,6 @@ fn check_vocabulary(dir: &Path, config: &EncoderConfig) -> anyhow::Result<tokeni
     Ok(tok)
 }
 
-/// Checks the safetensors header against the file's size and returns it.
-fn check_safetensors_header(path: &Path) -> anyhow::Result<HashMap<String, serde_json::Value>> {
-    let mut f = std::fs::File::open(path)?;
-    let size = f.metadata()?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).context("file shorter than its header")?;
-    let n = u64::from_le_bytes(len);
-    ensure!(n <= 100 << 20 && 8 + n <= size, "header length {n} does not fit a {size}-byte file");
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)?;
-    let header: HashMap<String, serde_json::Value> = serde_json::from_slice(&header).context("header")?;
-    let data_len = size - 8 - n;
-    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
-        let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|v| v.as_u64());
-        match end {
-            Some(end) if end <= data_len => {}
-            _ => bail!("tensor {name:?} lies outside the file (truncated?)"),
-        }
-    }
-    Ok(header)
-}
-
 /// `mean` or `cls` when sentence-transformers files say how the checkpoint was trained.
 fn sentence_pooling(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("1_Pooling").join("config.json")).ok()?;
@@ -192,18 +169,9 @@ pub fn pretraining_refusal(dir: &Path) -> Option<String> {
 /// [`Arch::to_ours`]; the architecture is the one `config.json` names.
 pub fn load_weights(dir: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
     let arch = EncoderConfig::from_file(&dir.join(CONFIG)).context("config.json")?.arch();
-    let raw =
-        candle_core::safetensors::load(dir.join(WEIGHTS), device).with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))?;
-    let mut out = HashMap::new();
-    for (name, t) in raw {
-        let Some(ours) = arch.to_ours(&name) else { continue };
-        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
-        // A classifier's head wins over a pooler that the same file also carries.
-        if arch.to_hf(&ours) == name || !out.contains_key(&ours) {
-            out.insert(ours, t);
-        }
-    }
-    Ok(out)
+    // A classifier's head wins over a pooler that the same file also carries.
+    super::weights::read_f32(&dir.join(WEIGHTS), device, |name| arch.to_ours(name), |ours, name| arch.to_hf(ours) == name)
+        .with_context(|| format!("reading {}", dir.join(WEIGHTS).display()))
 }
 
 /// Writes a complete model directory to `dest`: built in a sibling temp dir, synced, then

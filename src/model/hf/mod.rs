@@ -3,4 +3,5 @@
 pub mod artifacts;
 pub mod lora;
 pub mod tokenize;
+pub mod weights;
 pub mod words;

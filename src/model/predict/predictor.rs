@@ -168,8 +168,11 @@ impl LoadedClassifier {
     ) -> anyhow::Result<Self> {
         // On a GPU, bf16 means every weight in bf16 (the CPU packs only the dense layers).
         let all_bf16 = weights_as.effective(device) == Weights::Bf16 && !device.is_cpu();
+        // Each tensor is taken out of the map as the model takes it, so that preparing a layer
+        // for inference frees its f32 weight at once rather than after the whole model is built.
+        let weights = std::cell::RefCell::new(weights);
         let get = |n: &str| {
-            let t = weights.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))?;
+            let t = weights.borrow_mut().remove(n).ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))?;
             if all_bf16 {
                 t.to_dtype(candle_core::DType::BF16)
             } else {
@@ -180,6 +183,7 @@ impl LoadedClassifier {
         model.prepare_for_inference(weights_as.effective(device) == Weights::Bf16)?;
         // The model holds what it still needs; packed layers released their f32 weights.
         drop(weights);
+        crate::compute::release_freed_memory();
         let bytes = model.bytes();
         let head = Head::of(&info.config);
         Ok(Self {

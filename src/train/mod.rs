@@ -8,6 +8,7 @@ pub mod data;
 pub mod entities;
 pub mod events;
 pub mod hyper;
+pub mod kept;
 pub mod method;
 pub mod metrics;
 pub mod mlm;

@@ -7,8 +7,9 @@
 use super::checkpoint::CheckpointMeta;
 use super::data::{batch_order, label_set, random_split};
 use super::entities::tagging_report;
-use super::events::{EpochReport, EpochStats, Event, Finished, Observer, Outcome, RunStats, TestReport, TrainError};
+use super::events::{Event, Finished, Observer, Outcome, RunStats, TestReport, TrainError};
 use super::hyper::Hyperparameters;
+use super::kept::{Kept, Validated};
 use super::method::Trainable;
 use super::request::TrainRequest;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
@@ -242,8 +243,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         params,
         trainable: &trainable,
         model_eval,
-        best: None,
-        since_best: 0,
+        kept: Kept::default(),
         stats,
     };
     let run = Run {
@@ -259,8 +259,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if run_loop::drive(run, &mut obj, &mut rng, obs)? == run_loop::Ended::Cancelled {
         return Ok(Outcome::Cancelled);
     }
-    let Tag { tags, stats, best, .. } = obj;
-    let (best, mut tensors) = best.expect("at least one epoch ran");
+    let Tag { tags, stats, kept, .. } = obj;
+    let (best, mut tensors) = kept.best.expect("at least one epoch ran");
     let pad = cfg.pad_token_id as u32;
     let kept = trainable
         .model(&cfg, Pooling::Token, &|n| tensors.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}"))))?;
@@ -308,8 +308,7 @@ struct Tag<'a> {
     params: &'a Params,
     trainable: &'a Trainable,
     model_eval: Classifier,
-    best: Option<(EpochReport, HashMap<String, Tensor>)>,
-    since_best: usize,
+    kept: Kept,
     stats: RunStats,
 }
 
@@ -354,60 +353,22 @@ impl run_loop::Objective for Tag<'_> {
     }
 
     fn resumed(&mut self, meta: &CheckpointMeta, best: Option<HashMap<String, Tensor>>) {
-        self.since_best = meta.since_best;
-        self.best = meta.best.clone().zip(best);
+        self.kept.resumed(meta, best);
     }
 
     fn record(&self, meta: &mut CheckpointMeta) {
-        meta.since_best = self.since_best;
-        meta.best = self.best.as_ref().map(|(b, _)| b.clone());
+        self.kept.record(meta);
     }
 
     fn best_weights(&self) -> Option<&HashMap<String, Tensor>> {
-        self.best.as_ref().map(|(_, t)| t)
+        self.kept.weights()
     }
 
     fn end_epoch(&mut self, end: EpochEnd, obs: &mut dyn Observer) -> Result<bool, TrainError> {
-        let EpochEnd { epoch, step, sums, train_seconds, peak_gpu_mib, .. } = end;
-        self.stats.train_seconds += train_seconds;
-        let train_loss = end.train_loss();
         let t_eval = Instant::now();
         let pad = self.cfg.pad_token_id as u32;
         let (loss, report) = evaluate(&self.model_eval, &self.val.0, &self.val.1, &self.tags, pad, self.eval_batch_size, self.device)?;
-        self.stats.epochs.push(EpochStats {
-            epoch,
-            train_seconds,
-            train_cpu_seconds: end.train_cpu_seconds,
-            examples_per_s: sums.seen as f64 / train_seconds.max(1e-9),
-            real_tokens: sums.real_tokens,
-            padded_tokens: sums.padded_tokens,
-            train_loss,
-            val_accuracy: report.accuracy,
-            val_macro_f1: report.macro_f1,
-            val_pearson: None,
-            val_spearman: None,
-            val_ndcg_at_10: None,
-            val_f1: report.f1,
-            eval_seconds: t_eval.elapsed().as_secs_f64(),
-            peak_gpu_mib,
-        });
-        let ep = EpochReport { epoch, step, train_loss, loss, labels: self.tags.clone(), report, peak_gpu_mib };
-        obs.on_event(Event::Epoch(Box::new(ep.clone())));
-        let better = self.best.as_ref().is_none_or(|(b, _)| {
-            let (x, y) = (ep.report.selection(), b.report.selection());
-            x > y || (x == y && ep.loss < b.loss)
-        });
-        if better {
-            self.best = Some((ep, self.params.snapshot()?));
-            self.since_best = 0;
-            return Ok(false);
-        }
-        self.since_best += 1;
-        if self.hp.early_stopping_patience.is_some_and(|p| self.since_best >= p) {
-            obs.on_event(Event::Message(format!("early stopping after epoch {epoch}: no improvement in {} epochs", self.since_best)));
-            self.stats.stop_reason = "early_stopping";
-            return Ok(true);
-        }
-        Ok(false)
+        let val = Validated { loss, report, seconds: t_eval.elapsed().as_secs_f64() };
+        self.kept.close_epoch(end, val, &self.tags, self.params, self.hp.early_stopping_patience, &mut self.stats, obs)
     }
 }

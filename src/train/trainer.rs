@@ -6,6 +6,7 @@ use super::checkpoint::CheckpointMeta;
 use super::data::{epoch_batches, label_set, query_split, random_split, stratified_split, to_examples, Example, Labeling};
 pub use super::events::{EpochReport, EpochStats, Event, Finished, Observer, Outcome, RunStats, StepInfo, TestReport, TrainError};
 use super::hyper::Hyperparameters;
+use super::kept::{Kept, Validated};
 use super::objective::{balanced_weights, prior_log_odds, Task};
 pub use super::request::{TrainRequest, ONE_OUTPUT};
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
@@ -170,8 +171,7 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         params,
         trainable: &trainable,
         model_eval,
-        best: None,
-        since_best: 0,
+        kept: Kept::default(),
         stats,
     };
     let run = Run {
@@ -187,8 +187,8 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     if run_loop::drive(run, &mut obj, &mut rng, obs)? == run_loop::Ended::Cancelled {
         return Ok(Outcome::Cancelled);
     }
-    let Classify { labels, stats, best, val, .. } = obj;
-    let (best, tensors) = best.expect("at least one epoch ran");
+    let Classify { labels, stats, kept, val, .. } = obj;
+    let (best, tensors) = kept.best.expect("at least one epoch ran");
     let pad = cfg.pad_token_id as u32;
     let kept = trainable.model(&cfg, pooling, &|n| lookup(&tensors, n))?;
     // The temperature first: thresholds are tuned on the probabilities predict will return.
@@ -284,8 +284,7 @@ struct Classify<'a> {
     params: &'a Params,
     trainable: &'a Trainable,
     model_eval: Classifier,
-    best: Option<(EpochReport, HashMap<String, Tensor>)>,
-    since_best: usize,
+    kept: Kept,
     stats: RunStats,
 }
 
@@ -322,68 +321,26 @@ impl run_loop::Objective for Classify<'_> {
     }
 
     fn resumed(&mut self, meta: &CheckpointMeta, best: Option<HashMap<String, Tensor>>) {
-        self.since_best = meta.since_best;
-        self.best = meta.best.clone().zip(best);
+        self.kept.resumed(meta, best);
     }
 
     fn record(&self, meta: &mut CheckpointMeta) {
-        meta.since_best = self.since_best;
-        meta.best = self.best.as_ref().map(|(b, _)| b.clone());
+        self.kept.record(meta);
     }
 
     fn best_weights(&self) -> Option<&HashMap<String, Tensor>> {
-        self.best.as_ref().map(|(_, t)| t)
+        self.kept.weights()
     }
 
     fn end_epoch(&mut self, end: EpochEnd, obs: &mut dyn Observer) -> Result<bool, TrainError> {
-        let EpochEnd { epoch, step, sums, train_seconds, peak_gpu_mib, .. } = end;
-        self.stats.train_seconds += train_seconds;
-        let train_loss = end.train_loss();
         let t_eval = Instant::now();
         let pad = self.cfg.pad_token_id as u32;
-        let (val_loss, report, _) =
-            self.task.evaluate(&self.model_eval, &self.val, &self.labels, pad, self.eval_batch_size, self.device)?;
-        self.stats.epochs.push(EpochStats {
-            epoch,
-            train_seconds,
-            train_cpu_seconds: end.train_cpu_seconds,
-            examples_per_s: sums.seen as f64 / train_seconds.max(1e-9),
-            real_tokens: sums.real_tokens,
-            padded_tokens: sums.padded_tokens,
-            train_loss,
-            val_accuracy: report.accuracy,
-            val_macro_f1: report.macro_f1,
-            val_pearson: report.pearson,
-            val_spearman: report.spearman,
-            val_ndcg_at_10: report.ndcg_at_10,
-            val_f1: None,
-            eval_seconds: t_eval.elapsed().as_secs_f64(),
-            peak_gpu_mib,
-        });
-        let ep = EpochReport { epoch, step, train_loss, loss: val_loss, labels: self.labels.clone(), report, peak_gpu_mib };
-        obs.on_event(Event::Epoch(Box::new(ep.clone())));
-        if self.best.as_ref().is_none_or(|(b, _)| is_better(&ep, b)) {
-            self.best = Some((ep, self.params.snapshot()?));
-            self.since_best = 0;
-            return Ok(false);
-        }
-        self.since_best += 1;
-        if self.hp.early_stopping_patience.is_some_and(|p| self.since_best >= p) {
-            obs.on_event(Event::Message(format!("early stopping after epoch {epoch}: no improvement in {} epochs", self.since_best)));
-            self.stats.stop_reason = "early_stopping";
-            return Ok(true);
-        }
-        Ok(false)
+        let (loss, report, _) = self.task.evaluate(&self.model_eval, &self.val, &self.labels, pad, self.eval_batch_size, self.device)?;
+        let val = Validated { loss, report, seconds: t_eval.elapsed().as_secs_f64() };
+        self.kept.close_epoch(end, val, &self.labels, self.params, self.hp.early_stopping_patience, &mut self.stats, obs)
     }
 }
 
 fn lookup(tensors: &HashMap<String, Tensor>, name: &str) -> candle_core::Result<Tensor> {
     tensors.get(name).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))
-}
-
-/// Whether epoch `a` beats `b`: a higher selection figure (macro-F1, Spearman or NDCG@10), or
-/// the same with a lower validation loss.
-fn is_better(a: &EpochReport, b: &EpochReport) -> bool {
-    let (x, y) = (a.report.selection(), b.report.selection());
-    x > y || (x == y && a.loss < b.loss)
 }

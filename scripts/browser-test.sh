@@ -60,7 +60,7 @@ start_server "$BIN" "$MODEL_SRC" --api-key "$KEY"
 # --- the browser session ------------------------------------------------------------------------------
 cat >"$WORK/drive.py" <<'EOF'
 """Drives the dashboard in headless Chromium; any failed step raises, after a screenshot."""
-import json, os, sys, time, urllib.request
+import json, os, re, sys, time, urllib.request
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -169,6 +169,10 @@ try:
     wait("the confusion matrix", lambda: len(by("confusion-matrix").find_elements(By.CSS_SELECTOR, "td.cell")) == 4)
     log = text("event-log")
     assert "job succeeded" in log, log
+    # The per-class table and the confusion matrix are of the epoch the job kept, as its log says.
+    kept = re.search(r"kept the weights of epoch (\d+)", log)
+    assert kept, log
+    wait("the per-class title to name the kept epoch", lambda: f"epoch {kept.group(1)}, kept" in text("per-class-title"))
 
     try_button = lambda: by("models-table").find_elements(By.CSS_SELECTOR, 'tr[data-model="dash-sentiment"] button')
     wait("the new model in the models table", lambda: try_button(), 30)

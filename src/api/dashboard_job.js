@@ -55,7 +55,7 @@ function renderJob(j) {
   for (const [k, val] of Object.entries(j.metadata || {})) items.push([k, val]);
   if (j.error) items.push(["Error", j.error.message]);
   $("detail-summary").replaceChildren(...items.map(([k, val]) => el("span", {}, k + ": ", el("b", {}, val))));
-  // The tables' columns follow the task, a tagger's per-type table the kept epoch.
+  // The tables' columns follow the task, their figures the kept epoch.
   if (tablesKey() !== detail.tablesKey) renderTables();
   renderScatter(j);
   queueDraw();
@@ -202,10 +202,11 @@ function renderTables() {
   $("class-tables").hidden = classless;
   if (classless) return;
   const tagger = task === "token_classification", withClasses = epochs.filter((v) => v.per_class);
-  // A tagger's table is of the epoch kept (the job's metrics name it), else the last.
-  const kept = tagger && detail.job.metrics ? withClasses.find((v) => v.epoch === detail.job.metrics.epoch) : undefined;
+  // The tables are of the epoch kept once the job's metrics name it, else of the last epoch.
+  const kept = detail.job.metrics ? withClasses.find((v) => v.epoch === detail.job.metrics.epoch) : undefined;
   const last = kept || withClasses[withClasses.length - 1];
-  $("per-class-title").textContent = tagger ? "Per entity type (" + (last ? "epoch " + last.epoch : "kept epoch") + ")" : "Per class (last epoch)";
+  const which = kept ? "epoch " + kept.epoch + ", kept" : last ? "epoch " + last.epoch + ", the latest" : "the kept epoch";
+  $("per-class-title").textContent = (tagger ? "Per entity type (" : "Per class (") + which + ")";
   $("per-class-table").tHead.rows[0].cells[0].textContent = tagger ? "Type" : "Label";
   $("confusion-title").textContent = tagger ? "Tag confusion, per word (rows: true, columns: predicted)" : "Confusion matrix (rows: true, columns: predicted)";
   const labels = last ? (last.labels || Object.keys(last.per_class)) : [];

@@ -1,7 +1,10 @@
-//! The fused CPU kernels agree with candle's composed ops, values and gradients.
+//! The fused CPU kernels agree with candle's composed ops, values and gradients; among them the
+//! ops ModernBERT needs (rotary embedding, GeGLU, sliding-window attention), whose composed forms
+//! are what a GPU runs.
 
 use candle_core::{Device, Tensor, Var, D};
-use finetuned::model::ops::{attention, kernels};
+use finetuned::model::ops::rotary::{rotary, rotary_composed, RopeTable};
+use finetuned::model::ops::{attention, geglu, kernels};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
@@ -54,10 +57,19 @@ fn fused_gelu_matches_candle_and_its_gradient() {
 
 /// Attention composed from candle ops: `[b, s, h]` projections, `[b, s]` 0/1 mask.
 fn composed_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, nh: usize) -> Tensor {
+    composed_windowed(q, k, v, mask, nh, None)
+}
+
+/// [`composed_attention`] with a sliding window's `[s, s]` bias added to the scores.
+fn composed_windowed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, nh: usize, window: Option<usize>) -> Tensor {
     let (b, s, h) = q.dims3().unwrap();
     let hd = h / nh;
     let heads = |t: &Tensor| t.reshape((b, s, nh, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-    let bias = ((mask - 1.0).unwrap() * 1e4).unwrap().reshape((b, 1, 1, s)).unwrap();
+    let mut bias = ((mask - 1.0).unwrap() * 1e4).unwrap().reshape((b, 1, 1, s)).unwrap();
+    if let Some(w) = window {
+        let band = attention::window_bias(s, w, candle_core::DType::F32, &Device::Cpu).unwrap().reshape((1, 1, s, s)).unwrap();
+        bias = bias.broadcast_add(&band).unwrap();
+    }
     let scores = (heads(q).matmul(&heads(k).t().unwrap()).unwrap() * (1.0 / (hd as f64).sqrt())).unwrap();
     let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias).unwrap(), D::Minus1).unwrap();
     probs.matmul(&heads(v)).unwrap().transpose(1, 2).unwrap().reshape((b, s, h)).unwrap()
@@ -199,4 +211,69 @@ fn fused_dropout_drops_about_p_scales_the_rest_and_its_gradient_uses_the_same_ma
         let want = if *y == 0.0 { 0.0 } else { u / 0.9 };
         assert!((g - want).abs() < 1e-5, "{g} vs {want}");
     }
+}
+
+/// The fused op's gradients of `sum(out · upstream)` against the composed op's, for each input,
+/// relative to the composed gradient's largest element.
+fn same_gradients(fused: Tensor, composed: Tensor, upstream: &Tensor, vars: &[(&str, &Var)], tol: f32) {
+    assert!(max_diff(&fused, &composed) < tol, "outputs differ by {}", max_diff(&fused, &composed));
+    let gf = (fused * upstream).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (composed * upstream).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in vars {
+        let (a, c) = (gf.get(var.as_tensor()).unwrap(), gc.get(var.as_tensor()).unwrap());
+        let scale = c.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        assert!(max_diff(a, c) / scale < tol, "d{name} differs by {}", max_diff(a, c));
+    }
+}
+
+#[test]
+fn sliding_window_attention_sees_only_keys_within_the_window_and_matches_composed_ops() {
+    // 40 tokens, a window of 5 each side (ModernBERT's local_attention 10), padding at the end.
+    let (b, s, h, nh, w) = (2, 40, 32, 4, 5);
+    let [q, k, v] = [31, 32, 33].map(|seed| Var::from_tensor(&random(&[b, s, h], seed)).unwrap());
+    let mask_rows: Vec<f32> = (0..b).flat_map(|i| (0..s).map(move |j| if j < s - 7 * i { 1.0 } else { 0.0 })).collect();
+    let mask = Tensor::from_vec(mask_rows.clone(), (b, s), &Device::Cpu).unwrap();
+    let fused = attention::attention_windowed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask_rows, nh, 0.0, 0, Some(w)).unwrap();
+    let composed = composed_windowed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, nh, Some(w));
+    // A key outside query 0's window moves nothing in row 0; one inside does.
+    let moved = |j: usize| {
+        let mut vv = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        vv[j * h] += 10.0;
+        let v2 = Tensor::from_vec(vv, (b, s, h), &Device::Cpu).unwrap();
+        let out = attention::attention_windowed(q.as_tensor(), k.as_tensor(), &v2, &mask_rows, nh, 0.0, 0, Some(w)).unwrap();
+        max_diff(&out.get(0).unwrap().get(0).unwrap(), &fused.get(0).unwrap().get(0).unwrap())
+    };
+    assert_eq!(moved(w + 1), 0.0, "a key beyond the window is seen");
+    assert!(moved(w) > 1e-3, "a key at the window's edge is not seen");
+    // A padded query whose window holds only padding reads nothing meaningful either way: rows
+    // at padding are compared as zeros.
+    let real = mask.reshape((b, s, 1)).unwrap();
+    let upstream = random(&[b, s, h], 34);
+    let (fused, composed) = (fused.broadcast_mul(&real).unwrap(), composed.broadcast_mul(&real).unwrap());
+    same_gradients(fused, composed, &upstream, &[("q", &q), ("k", &k), ("v", &v)], 1e-4);
+}
+
+#[test]
+fn rotary_embedding_matches_composed_ops_and_its_gradient_is_the_inverse_rotation() {
+    let (b, s, h, hd) = (2, 33, 48, 16);
+    let table = RopeTable::new(64, hd, 10_000.0);
+    let x = Var::from_tensor(&random(&[b, s, h], 41)).unwrap();
+    let fused = rotary(x.as_tensor(), &table).unwrap();
+    let composed = rotary_composed(x.as_tensor(), &table).unwrap();
+    // A rotation keeps each head's length.
+    let norms = |t: &Tensor| t.reshape((b, s, h / hd, hd)).unwrap().sqr().unwrap().sum(D::Minus1).unwrap();
+    assert!(max_diff(&norms(&fused), &norms(x.as_tensor())) < 1e-3);
+    // Position 0 is not rotated.
+    assert!(max_diff(&fused.narrow(1, 0, 1).unwrap(), &x.as_tensor().narrow(1, 0, 1).unwrap()) < 1e-6);
+    same_gradients(fused, composed, &random(&[b, s, h], 42), &[("x", &x)], 1e-5);
+    assert!(rotary(&random(&[1, 65, h], 43), &table).is_err(), "more positions than the table holds");
+}
+
+#[test]
+fn geglu_matches_composed_ops_and_their_gradients() {
+    let x = Var::from_tensor(&random(&[3, 5, 2 * 96], 51)).unwrap();
+    let fused = geglu::geglu(x.as_tensor()).unwrap();
+    assert_eq!(fused.dims(), &[3, 5, 96]);
+    let composed = geglu::geglu_composed(x.as_tensor()).unwrap();
+    same_gradients(fused, composed, &random(&[3, 5, 96], 52), &[("x", &x)], 1e-4);
 }

@@ -17,6 +17,10 @@
   hf.py peft-logits BASE ADAPTER TEXTS_JSON -> {"logits", "ids", "versions"} of base + adapter in peft
   hf.py tokenize MODEL_DIR INPUTS_JSON -> {"ids", "type_ids", "versions"}: each input (a text, or a pair
                                         [a, b]) encoded by AutoTokenizer with special tokens, no truncation
+  hf.py rope SEQ HEAD_DIM GLOBAL_THETA LOCAL_THETA -> {"logits": [full, sliding], "versions"}: transformers'
+                                        ModernBERT rotary embedding (ModernBertRotaryEmbedding and
+                                        apply_rotary_pos_emb) of x[i][d] = sin(0.37·i + 0.11·d) + 0.01·d, one
+                                        head, at positions 0..SEQ, with each layer type's theta, flattened
   hf.py pack-import OUT BASE GOLDEN  -> the golden copy of what `make` saved: its small files, the
                                         tensors that differ from BASE, every tensor's name and shape
 """
@@ -194,6 +198,24 @@ def tokenize(model_dir, inputs_path):
     print(json.dumps({"ids": ids, "type_ids": types, "versions": versions}))
 
 
+def rope(seq, head_dim, global_theta, local_theta):
+    from transformers import ModernBertConfig
+    from transformers.models.modernbert.modeling_modernbert import ModernBertRotaryEmbedding, apply_rotary_pos_emb
+    seq, head_dim = int(seq), int(head_dim)
+    config = ModernBertConfig(hidden_size=head_dim, num_attention_heads=1, max_position_embeddings=seq,
+                              global_rope_theta=float(global_theta), local_rope_theta=float(local_theta))
+    rotary = ModernBertRotaryEmbedding(config)
+    i, d = torch.arange(seq, dtype=torch.float32)[:, None], torch.arange(head_dim, dtype=torch.float32)[None, :]
+    x = (torch.sin(0.37 * i + 0.11 * d) + 0.01 * d)[None, None]  # [batch 1, head 1, seq, head_dim]
+    positions = torch.arange(seq)[None]
+    out = []
+    for layer_type in ("full_attention", "sliding_attention"):
+        cos, sin = rotary(x, positions, layer_type)
+        q, _ = apply_rotary_pos_emb(x, x, cos, sin)
+        out.append(q.flatten().tolist())
+    print(json.dumps({"logits": out, "ids": [], "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}))
+
+
 if __name__ == "__main__":
     {"logits": logits, "crossencoder": crossencoder, "token-logits": token_logits, "ner": ner, "words": words, "make": make, "mlm": mlm, "pack-import": pack_import, "peft-make": peft_make,
-     "peft-logits": peft_logits, "tokenize": tokenize}[sys.argv[1]](*sys.argv[2:])
+     "peft-logits": peft_logits, "tokenize": tokenize, "rope": rope}[sys.argv[1]](*sys.argv[2:])

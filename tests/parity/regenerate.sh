@@ -15,5 +15,5 @@ if [ -z "${FINETUNED_PYTHON:-}" ]; then
 fi
 # The tiny BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT (model files and tokenizers) their cases start from.
 "$FINETUNED_PYTHON" tests/parity/make_models.py tests/parity/golden
-FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity --test lora --test training_parity --test tokenization -- --nocapture --test-threads 1
+FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity --test lora --test training_parity --test tokenization --test token_parity --test rope_parity -- --nocapture --test-threads 1
 git status --short tests/parity/golden

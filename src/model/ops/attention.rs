@@ -26,6 +26,8 @@ struct Attention {
     seed: u64,
     /// Dropout keep flags `[batch, heads, seq, seq]`, drawn in the forward pass.
     keep: OnceLock<Vec<u8>>,
+    /// Sliding-window attention: query `i` sees keys `j` with `|i − j| ≤ window` only.
+    window: Option<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -35,6 +37,8 @@ struct Dims {
     h: usize,
     hd: usize,
     nh: usize,
+    /// The sliding window, if any (see [`Attention::window`]).
+    window: Option<usize>,
 }
 
 fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -50,7 +54,7 @@ impl Attention {
         if h % self.heads != 0 || self.key_bias.len() != b * s {
             candle_core::bail!("attention: hidden {h} over {} heads, bias of {}", self.heads, self.key_bias.len());
         }
-        Ok(Dims { b, s, h, hd: h / self.heads, nh: self.heads })
+        Ok(Dims { b, s, h, hd: h / self.heads, nh: self.heads, window: self.window })
     }
 
     /// Draws the keep flags: flag `((text·heads + head)·seq + i)·seq + j` from
@@ -107,9 +111,30 @@ fn scatter(blocks: &[Vec<f32>], d: Dims) -> Vec<f32> {
     out
 }
 
-/// Softmax of `scale·q_i·Kᵀ + bias` into `row`, for one query row; `kt` is `[hd, seq]`.
+/// The keys `lo..hi` that query `i` of `s` sees: all, or those within `window` of it.
 #[inline(always)]
-fn probs_row(q: &[f32], kt: &[f32], bias: &[f32], scale: f32, row: &mut [f32]) {
+fn band(i: usize, s: usize, window: Option<usize>) -> (usize, usize) {
+    match window {
+        Some(w) => (i.saturating_sub(w), (i + w + 1).min(s)),
+        None => (0, s),
+    }
+}
+
+/// Softmax over keys `lo..hi` of `row` in place; the other keys get probability 0.
+#[inline(always)]
+fn softmax_band(row: &mut [f32], (lo, hi): (usize, usize)) {
+    let max = lanes(&row[lo..hi], f32::NEG_INFINITY, f32::max);
+    row[lo..hi].iter_mut().for_each(|r| *r = exp(*r - max));
+    let inv = 1.0 / lanes(&row[lo..hi], 0.0, |a, b| a + b);
+    row[lo..hi].iter_mut().for_each(|r| *r *= inv);
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+}
+
+/// Softmax of `scale·q_i·Kᵀ + bias` over the keys of `keys` into `row`, for one query row; `kt`
+/// is `[hd, seq]`.
+#[inline(always)]
+fn probs_row(q: &[f32], kt: &[f32], bias: &[f32], scale: f32, keys: (usize, usize), row: &mut [f32]) {
     let s = row.len();
     row.copy_from_slice(bias);
     for (dd, &qd) in q.iter().enumerate() {
@@ -118,10 +143,7 @@ fn probs_row(q: &[f32], kt: &[f32], bias: &[f32], scale: f32, row: &mut [f32]) {
             *r += a * k;
         }
     }
-    let max = lanes(row, f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|r| *r = exp(*r - max));
-    let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
-    row.iter_mut().for_each(|r| *r *= inv);
+    softmax_band(row, keys);
 }
 
 /// `out[..hd] += Σ_j w[j] · rows[j·stride ..][..hd]`.
@@ -159,20 +181,15 @@ fn transposed_head(x: &[f32], d: Dims, hi: usize) -> Vec<f32> {
 }
 
 simd_kernel! {
-    /// Row-wise softmax of `p + bias` in place (`p` is `[s, s]`), then dropout.
-    fn softmax_rows(p: &mut [f32], bias: &[f32], keep: Option<&[u8]>, factor: f32) {
+    /// Row-wise softmax of `p + bias` in place (`p` is `[s, s]`) over each row's window, then dropout.
+    fn softmax_rows(p: &mut [f32], bias: &[f32], keep: Option<&[u8]>, factor: f32, window: Option<usize>) {
         let s = bias.len();
         for (i, row) in p.chunks_exact_mut(s).enumerate() {
             row.iter_mut().zip(bias).for_each(|(x, &b)| *x += b);
-            let max = lanes(row, f32::NEG_INFINITY, f32::max);
-            row.iter_mut().for_each(|r| *r = exp(*r - max));
-            let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
-            match keep {
-                Some(keep) => {
-                    let flags = &keep[i * s..(i + 1) * s];
-                    row.iter_mut().zip(flags).for_each(|(x, &f)| *x *= inv * f as f32 * factor);
-                }
-                None => row.iter_mut().for_each(|x| *x *= inv),
+            softmax_band(row, band(i, s, window));
+            if let Some(keep) = keep {
+                let flags = &keep[i * s..(i + 1) * s];
+                row.iter_mut().zip(flags).for_each(|(x, &f)| *x *= f as f32 * factor);
             }
         }
     }
@@ -212,7 +229,7 @@ fn fwd_task(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], keep: Option<&[u8]>, 
             none,
         );
     }
-    softmax_rows(&mut p, bias, keep, factor);
+    softmax_rows(&mut p, bias, keep, factor, d.window);
     // SAFETY: as above.
     unsafe {
         gemm::gemm(
@@ -252,7 +269,7 @@ simd_kernel! {
         for i in 0..d.s {
             let qi = &q[off + i * d.h..][..d.hd];
             let gi = &g[off + i * d.h..][..d.hd];
-            probs_row(qi, &kt, bias, scale, &mut p);
+            probs_row(qi, &kt, bias, scale, band(i, d.s, d.window), &mut p);
             pd.copy_from_slice(&p);
             let flags = keep.map(|k| &k[i * d.s..][..d.s]);
             if let Some(flags) = flags {
@@ -355,8 +372,32 @@ impl CustomOp3 for Attention {
 /// context in the same layout (heads concatenated). `mask` is `[batch, seq]` (1 = token);
 /// `dropout` applies to the attention weights with a mask drawn from `seed`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[f32], heads: usize, dropout: f64, seed: u64) -> Result<Tensor> {
+    attention_windowed(q, k, v, mask, heads, dropout, seed, None)
+}
+
+/// [`attention`] where, with `window`, query `i` attends only to keys `j` with `|i − j| ≤ window`
+/// (ModernBERT's local layers: `window` is half of `local_attention`), as transformers'
+/// bidirectional sliding-window mask.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &[f32],
+    heads: usize,
+    dropout: f64,
+    seed: u64,
+    window: Option<usize>,
+) -> Result<Tensor> {
     let key_bias = mask.iter().map(|&m| (m - 1.0) * 1e4).collect();
     let (keep_below, _) = super::rng::keep_rule(dropout);
-    let op = Attention { heads, key_bias, dropout: dropout as f32, keep_below, seed, keep: OnceLock::new() };
+    let op = Attention { heads, key_bias, dropout: dropout as f32, keep_below, seed, keep: OnceLock::new(), window };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// The additive `[seq, seq]` bias of a sliding window for composed attention (any device):
+/// 0 where `|i − j| ≤ window`, −1e4 elsewhere, as the padding bias.
+pub fn window_bias(seq: usize, window: usize, dtype: candle_core::DType, device: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..seq * seq).map(|n| if (n / seq).abs_diff(n % seq) <= window { 0.0 } else { -1e4 }).collect();
+    Tensor::from_vec(v, (seq, seq), device)?.to_dtype(dtype)
 }

@@ -16,8 +16,13 @@
                                                               tokenizer in CamemBERT's layout (<s>NOTUSED … first,
                                                               <s> and </s> at 5 and 6), and CamembertForSequenceClassification
 
+                           GOLDEN/modernbert/{base,classifier}/  a random ModernBertModel (4 layers: global, two
+                                                              local over 16 tokens, global; no biases, as the
+                                                              released ones) with a byte-level BPE tokenizer and
+                                                              [CLS] a [SEP], and ModernBertForSequenceClassification
+
   make_models.py GOLDEN NAME...  makes only the named ones (roberta, electra, distilbert, bert,
-                                 xlm-roberta, camembert).
+                                 xlm-roberta, camembert, modernbert).
 
 The tokenizers are trained here on the `tiny` data set's texts, so the golden files need nothing
 from a hub.
@@ -133,8 +138,24 @@ def camembert(out):
     save(out, CamembertModel, config, CamembertForSequenceClassification, tok)
 
 
+def modernbert(out):
+    from tokenizers import processors
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification, ModernBertModel, PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts(), vocab_size=512, min_frequency=2, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    bpe.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                  mask_token="[MASK]", model_max_length=512)
+    config = ModernBertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                              max_position_embeddings=512, local_attention=16, global_attn_every_n_layers=3, pad_token_id=3,
+                              cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2, global_rope_theta=160000.0,
+                              local_rope_theta=10000.0)
+    save(out, ModernBertModel, config, ModernBertForSequenceClassification, tok)
+
+
 MAKERS = {"roberta": roberta, "electra": electra, "distilbert": distilbert, "bert": bert, "xlm-roberta": xlm_roberta,
-          "camembert": camembert}
+          "camembert": camembert, "modernbert": modernbert}
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or MAKERS:

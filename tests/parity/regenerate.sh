@@ -13,7 +13,7 @@ if [ -z "${FINETUNED_PYTHON:-}" ]; then
   fi
   export FINETUNED_PYTHON=$VENV/bin/python
 fi
-# The tiny BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT (model files and tokenizers) their cases start from.
+# The tiny BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT and ModernBERT (model files and tokenizers) their cases start from.
 "$FINETUNED_PYTHON" tests/parity/make_models.py tests/parity/golden
-FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity --test lora --test training_parity --test tokenization --test token_parity --test rope_parity -- --nocapture --test-threads 1
+FINETUNED_PARITY_WRITE=1 cargo test --locked --test parity --test lora --test training_parity --test tokenization --test token_parity --test rope_parity --test modernbert -- --nocapture --test-threads 1
 git status --short tests/parity/golden

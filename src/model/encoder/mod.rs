@@ -11,6 +11,7 @@ pub mod classifier;
 pub mod config;
 pub mod distilbert;
 pub mod mlm;
+pub mod modernbert;
 pub mod params;
 pub mod post_norm;
 

@@ -19,7 +19,9 @@
                            GOLDEN/modernbert/{base,classifier}/  a random ModernBertModel (4 layers: global, two
                                                               local over 16 tokens, global; no biases, as the
                                                               released ones) with a byte-level BPE tokenizer and
-                                                              [CLS] a [SEP], and ModernBertForSequenceClassification
+                                                              [CLS] a [SEP], and ModernBertForSequenceClassification,
+                                                              ModernBertForTokenClassification and ModernBertForMaskedLM
+                                                              made from it
 
   make_models.py GOLDEN NAME...  makes only the named ones (roberta, electra, distilbert, bert,
                                  xlm-roberta, camembert, modernbert).
@@ -152,6 +154,13 @@ def modernbert(out):
                               cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2, global_rope_theta=160000.0,
                               local_rope_theta=10000.0)
     save(out, ModernBertModel, config, ModernBertForSequenceClassification, tok)
+    # Its token classifier (5 tags) and masked LM (the decoder tied to the embeddings), seeded heads.
+    from transformers import ModernBertForMaskedLM, ModernBertForTokenClassification
+    base = os.path.join(out, "base")
+    for name, cls, kwargs in (("token-classifier", ModernBertForTokenClassification, {"num_labels": 5}), ("mlm", ModernBertForMaskedLM, {})):
+        torch.manual_seed(2)
+        cls.from_pretrained(base, **kwargs).save_pretrained(os.path.join(out, name), safe_serialization=True)
+        tok.save_pretrained(os.path.join(out, name))
 
 
 MAKERS = {"roberta": roberta, "electra": electra, "distilbert": distilbert, "bert": bert, "xlm-roberta": xlm_roberta,

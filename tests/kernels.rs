@@ -235,16 +235,19 @@ fn sliding_window_attention_sees_only_keys_within_the_window_and_matches_compose
     let mask = Tensor::from_vec(mask_rows.clone(), (b, s), &Device::Cpu).unwrap();
     let fused = attention::attention_windowed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask_rows, nh, 0.0, 0, Some(w)).unwrap();
     let composed = composed_windowed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, nh, Some(w));
-    // A key outside query 0's window moves nothing in row 0; one inside does.
-    let moved = |j: usize| {
+    // A key outside query i's window moves nothing in row i; one at the window's edge does, on
+    // either side.
+    let moved = |i: usize, j: usize| {
         let mut vv = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         vv[j * h] += 10.0;
         let v2 = Tensor::from_vec(vv, (b, s, h), &Device::Cpu).unwrap();
         let out = attention::attention_windowed(q.as_tensor(), k.as_tensor(), &v2, &mask_rows, nh, 0.0, 0, Some(w)).unwrap();
-        max_diff(&out.get(0).unwrap().get(0).unwrap(), &fused.get(0).unwrap().get(0).unwrap())
+        max_diff(&out.get(0).unwrap().get(i).unwrap(), &fused.get(0).unwrap().get(i).unwrap())
     };
-    assert_eq!(moved(w + 1), 0.0, "a key beyond the window is seen");
-    assert!(moved(w) > 1e-3, "a key at the window's edge is not seen");
+    for (i, beyond, edge) in [(0, w + 1, w), (20, 20 - w - 1, 20 - w), (20, 20 + w + 1, 20 + w)] {
+        assert_eq!(moved(i, beyond), 0.0, "query {i} sees key {beyond}, beyond its window");
+        assert!(moved(i, edge) > 1e-3, "query {i} does not see key {edge}, at its window's edge");
+    }
     // A padded query whose window holds only padding reads nothing meaningful either way: rows
     // at padding are compared as zeros.
     let real = mask.reshape((b, s, 1)).unwrap();

@@ -178,7 +178,7 @@ function logLine(level, message, ts) {
 
 // --- tables ------------------------------------------------------------------------------------
 
-function tablesKey() { return detail.job ? detail.job.task + ":" + (detail.job.metrics && detail.job.metrics.epoch) : ""; }
+function tablesKey() { return detail.job ? [detail.job.task, detail.job.status, detail.job.metrics && detail.job.metrics.epoch].join(":") : ""; }
 
 /** The figures of the selected job: its task's, else those its epochs hold (accuracy and macro-F1 before any). */
 function jobMetricKeys(epochs) {
@@ -202,8 +202,10 @@ function renderTables() {
   $("class-tables").hidden = classless;
   if (classless) return;
   const tagger = task === "token_classification", withClasses = epochs.filter((v) => v.per_class);
-  // The tables are of the epoch kept once the job's metrics name it, else of the last epoch.
-  const kept = detail.job.metrics ? withClasses.find((v) => v.epoch === detail.job.metrics.epoch) : undefined;
+  // The tables are of the epoch kept once the job has ended and its final metrics name it (while
+  // it runs, its metrics follow the latest epoch), else of the last epoch.
+  const m = detail.job.metrics, ended = m && (detail.job.status === "succeeded" || m.stopped !== undefined);
+  const kept = ended ? withClasses.find((v) => v.epoch === m.epoch) : undefined;
   const last = kept || withClasses[withClasses.length - 1];
   const which = kept ? "epoch " + kept.epoch + ", kept" : last ? "epoch " + last.epoch + ", the latest" : "the kept epoch";
   $("per-class-title").textContent = (tagger ? "Per entity type (" : "Per class (") + which + ")";

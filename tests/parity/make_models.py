@@ -18,7 +18,8 @@
 
                            GOLDEN/modernbert/{base,classifier}/  a random ModernBertModel (4 layers: global, two
                                                               local over 16 tokens, global; no biases, as the
-                                                              released ones) with a byte-level BPE tokenizer and
+                                                              released ones; weights 10× the usual scale, so
+                                                              that its logits depend on every detail) with a byte-level BPE tokenizer and
                                                               [CLS] a [SEP], and ModernBertForSequenceClassification,
                                                               ModernBertForTokenClassification and ModernBertForMaskedLM
                                                               made from it
@@ -152,7 +153,7 @@ def modernbert(out):
     config = ModernBertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                               max_position_embeddings=512, local_attention=16, global_attn_every_n_layers=3, pad_token_id=3,
                               cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2, global_rope_theta=160000.0,
-                              local_rope_theta=10000.0)
+                              local_rope_theta=10000.0, initializer_range=0.2)
     save(out, ModernBertModel, config, ModernBertForSequenceClassification, tok)
     # Its token classifier (5 tags) and masked LM (the decoder tied to the embeddings), seeded heads.
     from transformers import ModernBertForMaskedLM, ModernBertForTokenClassification

@@ -222,12 +222,22 @@ pub struct AdapterInfo {
 /// Checks the adapter in `dir` against its base (found in `dir`'s parent folder, see
 /// [`find_base`]): it must carry a classifier head whose outputs match the labels.
 pub fn inspect_adapter(dir: &Path) -> anyhow::Result<AdapterInfo> {
-    open_adapter(dir).map(|(info, _)| info)
+    check_adapter(dir).map(|(info, _)| info)
 }
 
 /// [`inspect_adapter`], also handing on the tokenizer to use: the adapter's own
 /// `tokenizer.json` where it has one, else the base's that inspecting it loaded.
 pub fn open_adapter(dir: &Path) -> anyhow::Result<(AdapterInfo, tokenizers::Tokenizer)> {
+    let (info, base_tokenizer) = check_adapter(dir)?;
+    let tokenizer = match dir.join(super::artifacts::TOKENIZER).is_file() {
+        true => super::tokenize::load_tokenizer(dir)?,
+        false => base_tokenizer,
+    };
+    Ok((info, tokenizer))
+}
+
+/// The adapter checked against its base, and the base's tokenizer.
+fn check_adapter(dir: &Path) -> anyhow::Result<(AdapterInfo, tokenizers::Tokenizer)> {
     let adapter = Adapter::load(dir, &Device::Cpu)?;
     let search = dir.parent().context("an adapter dir has a parent")?;
     let base = find_base(&adapter.config, search)?;
@@ -244,11 +254,7 @@ pub fn open_adapter(dir: &Path) -> anyhow::Result<(AdapterInfo, tokenizers::Toke
     let labels = info.config.id2label().unwrap_or_else(|| (0..n).map(|i| format!("LABEL_{i}")).collect());
     ensure!(labels.len() == n, "the adapter's id2label names {} labels but its head has {n} outputs", labels.len());
     info.labels = Some(labels);
-    let tokenizer = match dir.join(super::artifacts::TOKENIZER).is_file() {
-        true => super::tokenize::load_tokenizer(dir)?,
-        false => base_tokenizer,
-    };
-    Ok((AdapterInfo { config: adapter.config, base, info }, tokenizer))
+    Ok((AdapterInfo { config: adapter.config, base, info }, base_tokenizer))
 }
 
 /// Writes a LoRA classifier as an adapter directory peft loads (`PeftModel.from_pretrained`

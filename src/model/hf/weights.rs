@@ -9,6 +9,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+// safetensors is little-endian; f32 data is read straight into f32 buffers.
+#[cfg(target_endian = "big")]
+compile_error!("reading safetensors assumes a little-endian machine");
+
 /// The header's entry for each tensor (`dtype`, `shape`, `data_offsets`) and `__metadata__`.
 pub type Header = HashMap<String, serde_json::Value>;
 
@@ -61,15 +65,17 @@ pub fn read_f32(
     }
     let mut out = HashMap::with_capacity(chosen.len());
     for (ours, name) in chosen {
-        let t = read_one(&mut f, &header[name], data_start).with_context(|| format!("tensor {name:?}"))?;
+        // A tensor of a type we do not compute in (integer buffers, fp8) is left out: a model
+        // that needs it is refused as missing that tensor, naming it.
+        let Some(t) = read_one(&mut f, &header[name], data_start).with_context(|| format!("tensor {name:?}"))? else { continue };
         out.insert(ours, if device.is_cpu() { t } else { t.to_device(device)? });
     }
     Ok(out)
 }
 
-/// One tensor as f32 on the CPU. f32 data is read into the tensor's own buffer; other types
-/// are read as bytes and converted.
-fn read_one(f: &mut File, info: &serde_json::Value, data_start: u64) -> anyhow::Result<Tensor> {
+/// One tensor as f32 on the CPU (`None` for a type we do not read). f32 data is read into the
+/// tensor's own buffer; other float types are read as bytes and converted.
+fn read_one(f: &mut File, info: &serde_json::Value, data_start: u64) -> anyhow::Result<Option<Tensor>> {
     let (start, end) = span(info).context("no data_offsets")?;
     let shape: Vec<usize> = info
         .get("shape")
@@ -86,18 +92,19 @@ fn read_one(f: &mut File, info: &serde_json::Value, data_start: u64) -> anyhow::
         "I64" => DType::I64,
         "U32" => DType::U32,
         "U8" => DType::U8,
-        other => bail!("dtype {other} is not one we read"),
+        _ => return Ok(None),
     };
-    let elems: usize = shape.iter().product();
-    ensure!((end - start) as usize == elems * dtype.size_in_bytes(), "its data does not hold {shape:?} of {dtype:?}");
+    let elems = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).context("its shape overflows")?;
+    let bytes = elems.checked_mul(dtype.size_in_bytes()).context("its shape overflows")?;
+    ensure!(end - start == bytes as u64, "its data does not hold {shape:?} of {dtype:?}");
     f.seek(SeekFrom::Start(data_start + start))?;
     if dtype == DType::F32 {
         let mut v = vec![0f32; elems];
         f.read_exact(bytemuck::cast_slice_mut(&mut v))?;
         // safetensors is little-endian, as are the machines we run on.
-        return Ok(Tensor::from_vec(v, shape, &Device::Cpu)?);
+        return Ok(Some(Tensor::from_vec(v, shape, &Device::Cpu)?));
     }
-    let mut bytes = vec![0u8; end as usize - start as usize];
-    f.read_exact(&mut bytes)?;
-    Ok(Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?.to_dtype(DType::F32)?)
+    let mut raw = vec![0u8; bytes];
+    f.read_exact(&mut raw)?;
+    Ok(Some(Tensor::from_raw_buffer(&raw, dtype, &shape, &Device::Cpu)?.to_dtype(DType::F32)?))
 }

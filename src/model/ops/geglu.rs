@@ -13,7 +13,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if !x.dim(D::Minus1)?.is_multiple_of(2) {
         candle_core::bail!("geglu: an even last dimension is needed, got {:?}", x.dims());
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels() {
         return x.contiguous()?.apply_op1(Geglu);
     }
     geglu_composed(x)

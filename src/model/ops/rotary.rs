@@ -59,7 +59,7 @@ pub fn rotary(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     if !hidden.is_multiple_of(table.head_dim) || !table.head_dim.is_multiple_of(2) || seq > table.positions() {
         candle_core::bail!("rotary: hidden {hidden}, head_dim {}, {seq} of {} positions", table.head_dim, table.positions());
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels() {
         return x.contiguous()?.apply_op1(Rotary { table: table.clone(), inverse: false });
     }
     rotary_composed(x, table)

@@ -1,0 +1,176 @@
+//! ModernBERT (answerdotai, 2024; the Ettin and mmBERT families share it): token embeddings and a
+//! LayerNorm (no position table), pre-norm layers (the first without its attention norm) with one
+//! fused `Wqkv`, rotary positions with a global and a local theta, global attention every
+//! `global_attn_every_n_layers` layers and sliding-window attention over `local_attention` tokens
+//! in the others, a GeGLU feed-forward, and a final norm. LayerNorms and dense layers carry a bias
+//! only where the config says so. Differentiable on every device: the fused CPU ops where they
+//! apply (attention, rotary, GeGLU, LayerNorm), composed candle ops elsewhere.
+
+pub mod config;
+pub mod heads;
+
+pub use config::ModernBertConfig;
+pub use heads::{ModernBertClassifier, ModernBertMaskedLm};
+
+use super::post_norm::Getter;
+use crate::model::ops::attention::{attention_windowed, window_bias};
+use crate::model::ops::geglu::geglu;
+use crate::model::ops::kernels::{layer_norm, use_fused_cpu_kernels};
+use crate::model::ops::layers::Mode;
+use crate::model::ops::rotary::{rotary, RopeTable};
+use candle_core::{DType, Result, Tensor, D};
+
+/// A LayerNorm whose bias is zeros (and no parameter) when the config has none.
+pub(super) struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    pub(super) fn load(get: &Getter, prefix: &str, with_bias: bool, eps: f64) -> Result<Self> {
+        let weight = get(&format!("{prefix}.weight"))?;
+        let bias = if with_bias { get(&format!("{prefix}.bias"))? } else { weight.zeros_like()? };
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// A dense layer, `x·Wᵀ (+ b)`, with or without a bias.
+pub(super) struct Dense {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Dense {
+    pub(super) fn load(get: &Getter, prefix: &str, with_bias: bool) -> Result<Self> {
+        let bias = if with_bias { Some(get(&format!("{prefix}.bias"))?) } else { None };
+        Ok(Self { weight: get(&format!("{prefix}.weight"))?, bias })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Layer {
+    /// `None` in the first layer, whose input is the embeddings' norm already.
+    attn_norm: Option<Norm>,
+    wqkv: Dense,
+    wo: Dense,
+    mlp_norm: Norm,
+    wi: Dense,
+    mlp_out: Dense,
+    global: bool,
+}
+
+/// The ModernBERT encoder: embeddings through the final norm.
+pub struct ModernBert {
+    pub(super) embeddings: Tensor,
+    embed_norm: Norm,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    global_rope: RopeTable,
+    local_rope: RopeTable,
+    pub(super) cfg: ModernBertConfig,
+}
+
+impl ModernBert {
+    /// Builds the encoder from tensors under ModernBertModel's names (`embeddings.tok_embeddings.weight`,
+    /// `layers.0.attn.Wqkv.weight`, …, `final_norm.weight`).
+    pub fn load(get: &Getter, cfg: &ModernBertConfig) -> anyhow::Result<Self> {
+        cfg.check()?;
+        let (nb, eps) = (cfg.norm_bias, cfg.norm_eps);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("layers.{i}");
+            layers.push(Layer {
+                attn_norm: if i == 0 { None } else { Some(Norm::load(get, &format!("{p}.attn_norm"), nb, eps)?) },
+                wqkv: Dense::load(get, &format!("{p}.attn.Wqkv"), cfg.attention_bias)?,
+                wo: Dense::load(get, &format!("{p}.attn.Wo"), cfg.attention_bias)?,
+                mlp_norm: Norm::load(get, &format!("{p}.mlp_norm"), nb, eps)?,
+                wi: Dense::load(get, &format!("{p}.mlp.Wi"), cfg.mlp_bias)?,
+                mlp_out: Dense::load(get, &format!("{p}.mlp.Wo"), cfg.mlp_bias)?,
+                global: cfg.is_global(i),
+            });
+        }
+        let hd = cfg.head_dim();
+        Ok(Self {
+            embeddings: get("embeddings.tok_embeddings.weight")?,
+            embed_norm: Norm::load(get, "embeddings.norm", nb, eps)?,
+            layers,
+            final_norm: Norm::load(get, "final_norm", nb, eps)?,
+            global_rope: RopeTable::new(cfg.max_position_embeddings, hd, cfg.rope_theta(true)),
+            local_rope: RopeTable::new(cfg.max_position_embeddings, hd, cfg.rope_theta(false)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Hidden states `[batch, seq, hidden]` of token ids `[batch, seq]` with `mask` (`[batch, seq]`,
+    /// 1 for tokens, 0 for padding at the end).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let x = self.embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden_size))?;
+        let mut x = mode.dropout(&self.embed_norm.forward(&x)?, self.cfg.embedding_dropout)?;
+        let keys = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        for layer in &self.layers {
+            let h = match &layer.attn_norm {
+                Some(n) => n.forward(&x)?,
+                None => x.clone(),
+            };
+            let attn = self.attention(layer, &h, mask, &keys, mode)?;
+            x = (x + mode.dropout(&layer.wo.forward(&attn)?, self.cfg.attention_dropout)?)?;
+            let up = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
+            let gated = mode.dropout(&geglu(&up)?, self.cfg.mlp_dropout)?;
+            x = (x + layer.mlp_out.forward(&gated)?)?;
+        }
+        self.final_norm.forward(&x)
+    }
+
+    fn attention(&self, layer: &Layer, h: &Tensor, mask: &Tensor, keys: &[f32], mode: &mut Mode) -> Result<Tensor> {
+        let hidden = self.cfg.hidden_size;
+        let qkv = layer.wqkv.forward(h)?;
+        let (table, window) = if layer.global { (&self.global_rope, None) } else { (&self.local_rope, Some(self.cfg.window())) };
+        let q = rotary(&qkv.narrow(D::Minus1, 0, hidden)?, table)?;
+        let k = rotary(&qkv.narrow(D::Minus1, hidden, hidden)?, table)?;
+        let v = qkv.narrow(D::Minus1, 2 * hidden, hidden)?;
+        let (p, heads) = (if mode.is_train() { self.cfg.attention_dropout } else { 0.0 }, self.cfg.num_attention_heads);
+        if q.device().is_cpu() && q.dtype() == DType::F32 && use_fused_cpu_kernels() {
+            return attention_windowed(&q, &k, &v, keys, heads, p, mode.seed(), window);
+        }
+        composed_attention(&q, &k, &v, mask, heads, window, p, mode)
+    }
+}
+
+/// Multi-head attention from candle ops (any device, any dtype): padding and the window as
+/// additive biases, softmax in f32.
+#[allow(clippy::too_many_arguments)]
+fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    nh: usize,
+    window: Option<usize>,
+    p: f64,
+    mode: &mut Mode,
+) -> Result<Tensor> {
+    let (b, s, h) = q.dims3()?;
+    let hd = h / nh;
+    let heads = |t: &Tensor| t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous();
+    let mut bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?.reshape((b, 1, 1, s))?;
+    if let Some(w) = window {
+        bias = bias.broadcast_add(&window_bias(s, w, DType::F32, q.device())?.reshape((1, 1, s, s))?)?;
+    }
+    let scores = (heads(q)?.matmul(&heads(k)?.t()?)? * (1.0 / (hd as f64).sqrt()))?.to_dtype(DType::F32)?;
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?.to_dtype(q.dtype())?;
+    let probs = mode.dropout(&probs, p)?;
+    probs.matmul(&heads(v)?)?.transpose(1, 2)?.reshape((b, s, h))
+}

@@ -6,14 +6,15 @@
 # XLM-R (a 250k-row embedding) our `lora` and `head` runs too.
 # Usage: bench/architectures.sh OUT_DIR [ARCH ...]   (from the repo root, after cargo build
 # --release; needs ~/refbench-venv; run it on an otherwise idle machine). ARCH is a folder of
-# OUT_DIR/models: roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator.
+# OUT_DIR/models: roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator,
+# modernbert-base (made when missing).
 set -euo pipefail
 OUT=$(mkdir -p "${1:?out dir}" && cd "$1" && pwd); shift
 ARCHS=${*:-roberta-base xlm-roberta-base distilbert-base-uncased electra-base-discriminator}
 PY=${PY:-$HOME/refbench-venv/bin/python}
 REF=../shared/bench/reference
 BIN=target/release/finetuned
-[ -d "$OUT/models" ] || $PY bench/make_arch_bases.py "$OUT/models"
+for a in $ARCHS; do [ -d "$OUT/models/$a" ] || $PY bench/make_arch_bases.py "$OUT/models" "$a"; done
 # SST-2's first 2,000 training rows; 200 rows each to validate and test (the weights are random:
 # the accuracy says nothing, the time spent evaluating is not what is measured).
 D=$OUT/sst2-2000

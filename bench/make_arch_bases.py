@@ -2,14 +2,17 @@
 """Random-init weights of real shapes, saved once by transformers, for the architecture speed
 benchmark (bench/architectures.sh): both sides load the same files.
 
-  ~/refbench-venv/bin/python bench/make_arch_bases.py OUT_DIR
+  ~/refbench-venv/bin/python bench/make_arch_bases.py OUT_DIR [NAME ...]
 
-writes OUT_DIR/{roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator}: each
+writes OUT_DIR/{roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator,
+modernbert-base} (or the NAMEs given): each
 its architecture's default shape (roberta-base's 50,265-token vocabulary and 514 positions; xlm-roberta-base's
 250,002; distilbert-base-uncased's 6 layers; electra-base-discriminator's 12 layers of 768). No hub here, so
 the tokenizers are made locally: bert-base-uncased's WordPiece (from all-MiniLM-L6-v2, the same 30,522
 tokens) for DistilBERT and ELECTRA, and a byte-level BPE and a SentencePiece Unigram trained on SST-2's
-texts for RoBERTa and XLM-R (their ids fit the real vocabularies; texts come out a little longer).
+texts for RoBERTa and XLM-R (their ids fit the real vocabularies; texts come out a little longer), and a
+byte-level BPE with ModernBERT's special tokens and `[CLS] a [SEP]` for ModernBERT-base (22 layers of 768,
+global attention every third, 128-token local windows).
 """
 import json
 import os
@@ -72,9 +75,23 @@ def electra(out):
     save(out, ElectraModel(config), tok)
 
 
+def modernbert(out):
+    from tokenizers import processors
+    from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts(), vocab_size=16000, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    bpe.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                  mask_token="[MASK]", model_max_length=8192)
+    torch.manual_seed(0)
+    save(out, ModernBertModel(ModernBertConfig(pad_token_id=3, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2)), tok)
+
+
+MAKERS = {"roberta-base": roberta, "xlm-roberta-base": xlm_roberta, "distilbert-base-uncased": distilbert,
+          "electra-base-discriminator": electra, "modernbert-base": modernbert}
+
 if __name__ == "__main__":
     root = sys.argv[1]
-    roberta(os.path.join(root, "roberta-base"))
-    xlm_roberta(os.path.join(root, "xlm-roberta-base"))
-    distilbert(os.path.join(root, "distilbert-base-uncased"))
-    electra(os.path.join(root, "electra-base-discriminator"))
+    for name in sys.argv[2:] or MAKERS:
+        MAKERS[name](os.path.join(root, name))

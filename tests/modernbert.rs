@@ -47,7 +47,7 @@ fn theirs_for(command: &str, which: &str, golden_name: &str, texts: &[String]) -
 }
 
 fn theirs() -> (golden::Answer, &'static str) {
-    theirs_for("logits", "classifier", "modernbert-import", &texts())
+    theirs_for("logits", "classifier", "modernbert-batch", &texts())
 }
 
 fn config(which: &str) -> ModernBertConfig {

@@ -143,17 +143,28 @@ fn imported(arch: &str) {
 /// A classifier trained here from the base loads in transformers as `class`, with no missing or
 /// unexpected keys and the same logits.
 fn exported(arch: &str, class: &str) {
+    exported_pooling(arch, class, "cls", &format!("{arch}-export"));
+}
+
+/// [`exported`] with the classifier pooling as `pooling` says, compared as golden case `case`.
+fn exported_pooling(arch: &str, class: &str, pooling: &str, case: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(16), max_seq_len: Some(64), ..Default::default() }
-        .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
-        .unwrap();
+    let hp = HyperparametersInput {
+        epochs: Some(1.into()),
+        batch_size: Some(16),
+        max_seq_len: Some(64),
+        pooling: Some(pooling.into()),
+        ..Default::default()
+    }
+    .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
+    .unwrap();
     let out = dir.path().join("trained");
     let mut req = TrainRequest::new(tiny(arch, "base"), tiny_rows("train"), Some(tiny_rows("validation")), hp, Device::Cpu);
     req.out_dir = Some(out.clone());
     trainer::run(req, &mut Quiet).unwrap();
     let ours = Answer { layout: golden::layout(&out), ..ours(&out) };
     assert_eq!(ours.layout["config"]["architectures"], serde_json::json!([class]));
-    check(&format!("{arch}-export"), &ours, |py| live(py, "logits", &out));
+    check(case, &ours, |py| live(py, "logits", &out));
 }
 
 #[test]
@@ -204,6 +215,21 @@ fn a_camembert_model_trained_here_gives_the_same_logits_in_transformers() {
 #[test]
 fn a_camembert_pretrained_here_loads_in_transformers_as_a_masked_lm() {
     pretrain_and_compare("camembert-mlm", &tiny("camembert", "base"), "the movie was a <mask> surprise.");
+}
+
+#[test]
+fn a_modernbert_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("modernbert");
+}
+
+#[test]
+fn a_modernbert_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("modernbert", "ModernBertForSequenceClassification");
+}
+
+#[test]
+fn a_modernbert_trained_here_with_mean_pooling_pools_the_same_in_transformers() {
+    exported_pooling("modernbert", "ModernBertForSequenceClassification", "mean", "modernbert-mean-export");
 }
 
 #[test]

@@ -96,7 +96,9 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
     }
     // A hub id that is not a local model is fetched by the worker; `pooling: auto` is then
     // decided when its files are there.
-    let auto_pooling = match state.catalog.resolve(&req.base_model).await? {
+    let resolved = state.catalog.resolve(&req.base_model).await?;
+    let base_path = resolved.as_ref().map(|b| b.path.clone());
+    let auto_pooling = match resolved {
         Some(base) if state.catalog.adapter_base(&req.base_model).is_some() || crate::model::hf::lora::is_adapter(&base.path) => {
             let of = state.catalog.adapter_base(&req.base_model).unwrap_or_else(|| "its base".into());
             let msg = format!("{} is a LoRA adapter over {of}: fine-tune from {of} instead", req.base_model);
@@ -120,6 +122,10 @@ async fn check_request(state: &AppState, req: &JobRequest) -> ApiResult<(JobTask
     let kind = if task == JobTask::Mlm { JobKind::Pretrain { from_config: req.config.is_some() } } else { JobKind::FineTune };
     let hp =
         req.hyperparameters.clone().unwrap_or_default().resolve(&auto_pooling, kind).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    let method = serde_json::to_value(hp.method).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    if let Some(why) = base_path.and_then(|p| crate::model::hf::artifacts::job_refusal(&p, task.as_str(), &method)) {
+        return Err(ApiError::invalid("base_model", format!("{}: {why}", req.base_model)));
+    }
     Ok((task, serde_json::to_value(hp).expect("hyperparameters serialise")))
 }
 

@@ -6,7 +6,7 @@
 use super::hyper::{LoraSettings, Method};
 use crate::model::encoder::adapters::{LowRankSet, Target};
 use crate::model::encoder::arch::Arch;
-use crate::model::encoder::classifier::{Classifier, Pooling, POOLER_NAMES};
+use crate::model::encoder::classifier::{Classifier, Pooling};
 use crate::model::encoder::params::{fresh_head, Params};
 use crate::model::encoder::post_norm::{encoder_params, Getter};
 use crate::model::EncoderConfig;
@@ -75,15 +75,16 @@ impl Trainable {
         // as in peft, where only the head is trained in full (unless the pooler is part of the
         // head, as RoBERTa's `classifier.dense`); trained for `head`.
         let h = cfg.hidden_size;
-        let pooler_spec: Vec<(String, Vec<usize>)> = vec![(POOLER_NAMES[0].into(), vec![h, h]), (POOLER_NAMES[1].into(), vec![h])];
+        let pooler_names = cfg.arch().pooler_names();
+        let pooler_spec: Vec<(String, Vec<usize>)> = vec![(pooler_names[0].into(), vec![h, h]), (pooler_names[1].into(), vec![h])];
         let pooler = Params::build(cfg, &pooler_spec, &weights, &fresh_head(cfg), rng, device)?;
         let mut spec: Vec<(String, Vec<usize>)> = Vec::new();
         if method == Method::Lora && !cfg.arch().pooler_in_head() {
-            for name in POOLER_NAMES {
+            for name in pooler_names {
                 frozen.insert(name.to_string(), pooler.detached(name)?);
             }
         } else {
-            for name in POOLER_NAMES {
+            for name in pooler_names {
                 weights.insert(name.to_string(), pooler.detached(name)?);
             }
             spec.extend(pooler_spec);

@@ -162,6 +162,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let hp = &req.hp;
     let t_load = Instant::now();
     let (info, tok) = open(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    if let Some(why) = info.config.arch().refusal("token_classification", "full") {
+        return Err(TrainError::BaseModel(why));
+    }
     let (train_rows, val_rows) = match req.validation_rows {
         Some(v) => (req.train_rows, v),
         None => {

@@ -11,7 +11,6 @@ use super::objective::{balanced_weights, prior_log_odds, Task};
 pub use super::request::{TrainRequest, ONE_OUTPUT};
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
-use crate::model::encoder::classifier::POOLER_NAMES;
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
 use crate::model::hf::artifacts::{load_weights, open};
@@ -35,6 +34,9 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let hp = &req.hp;
     let t_load = Instant::now();
     let (info, tok) = open(&req.base_dir).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
+    if let Some(why) = info.config.arch().refusal("classification", if hp.method == Method::Lora { "lora" } else { "full" }) {
+        return Err(TrainError::BaseModel(why));
+    }
     let (train_rows, val_rows) = match req.validation_rows {
         Some(v) => (req.train_rows, v),
         None => {
@@ -76,7 +78,11 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
     let pooling = Pooling::parse(&hp.pooling).unwrap_or(Pooling::Cls);
-    if hp.method == Method::Lora && pooling == Pooling::Cls && !weights.contains_key(POOLER_NAMES[0]) && !cfg.arch().pooler_in_head() {
+    if hp.method == Method::Lora
+        && pooling == Pooling::Cls
+        && !weights.contains_key(cfg.arch().pooler_names()[0])
+        && !cfg.arch().pooler_in_head()
+    {
         // The pooler would start random and stay frozen, and the adapter would not carry it
         // (where it is part of the head, as RoBERTa's and ELECTRA's, it trains and travels).
         return Err(TrainError::InvalidData(

@@ -23,6 +23,10 @@ pub enum Arch {
     /// DistilBERT: BERT's layers under its own names (see [`super::distilbert`]), no token
     /// types, a head of `pre_classifier` → ReLU → `classifier` on `[CLS]`.
     DistilBert,
+    /// ModernBERT: pre-norm layers with rotary positions and local attention (see
+    /// [`super::modernbert`]), no token types, a head of `head.dense` → GELU → `head.norm` →
+    /// `classifier`. Its tensors keep their own names (under `model.` in a checkpoint with a head).
+    ModernBert,
 }
 
 /// The activation after the pooler's (the head's first) dense layer.
@@ -37,13 +41,14 @@ pub enum PoolerAct {
 }
 
 /// Every `model_type` we run, and the transformers class prefix of each.
-const TYPES: [(&str, Arch, &str); 6] = [
+const TYPES: [(&str, Arch, &str); 7] = [
     ("bert", Arch::Bert, "Bert"),
     ("roberta", Arch::Roberta, "Roberta"),
     ("xlm-roberta", Arch::Roberta, "XLMRoberta"),
     ("camembert", Arch::Roberta, "Camembert"),
     ("electra", Arch::Electra, "Electra"),
     ("distilbert", Arch::DistilBert, "DistilBert"),
+    ("modernbert", Arch::ModernBert, "ModernBert"),
 ];
 
 /// The dense layers LoRA adapts: each with peft's module name in BERT's layout (RoBERTa's and
@@ -57,6 +62,9 @@ const LORA_MODULES: [(Target, &str, &str); 6] = [
     (Target::Output, "output.dense", "lin2"),
 ];
 
+/// ModernBERT's names of our head tensors: (our prefix, theirs).
+const MODERNBERT_HEADS: [(&str, &str); 2] = [("pooler.dense.", "head.dense."), ("pooler.norm.", "head.norm.")];
+
 /// RoBERTa's names of our BERT-named head tensors: (our prefix, theirs).
 const ROBERTA_HEADS: [(&str, &str); 5] = [
     ("pooler.dense.", "classifier.dense."),
@@ -69,7 +77,7 @@ const ROBERTA_HEADS: [(&str, &str); 5] = [
 impl Arch {
     /// The architecture whose encoder prefix `names` use (BERT's when none of the others').
     pub fn of_names<'a>(mut names: impl Iterator<Item = &'a str>) -> Self {
-        let others = [Arch::Roberta, Arch::Electra, Arch::DistilBert];
+        let others = [Arch::Roberta, Arch::Electra, Arch::DistilBert, Arch::ModernBert];
         names.find_map(|n| others.into_iter().find(|a| n.starts_with(a.prefix()))).unwrap_or(Arch::Bert)
     }
 
@@ -99,6 +107,7 @@ impl Arch {
             Arch::Roberta => &ROBERTA_HEADS,
             Arch::Electra => &ROBERTA_HEADS[..2],
             Arch::DistilBert => &distilbert::HEADS,
+            Arch::ModernBert => &MODERNBERT_HEADS,
         }
     }
 
@@ -109,6 +118,7 @@ impl Arch {
             Arch::Roberta => "roberta.",
             Arch::Electra => "electra.",
             Arch::DistilBert => "distilbert.",
+            Arch::ModernBert => "model.",
         }
     }
 
@@ -128,7 +138,10 @@ impl Arch {
             // A bare `DistilBertModel` saves its encoder without the prefix.
             return Some(distilbert::encoder_to_ours(name));
         }
-        if name.starts_with("lm_head.decoder.") || name == "vocab_projector.weight" {
+        if name.starts_with("lm_head.decoder.")
+            || name == "vocab_projector.weight"
+            || (self == Arch::ModernBert && name.starts_with("decoder."))
+        {
             return None;
         }
         Some(match self.heads().iter().find(|(_, theirs)| name.starts_with(theirs)) {
@@ -192,7 +205,7 @@ impl Arch {
     /// right-padded batches.
     pub fn position_offset(self, pad_token_id: usize) -> usize {
         match self {
-            Arch::Bert | Arch::Electra | Arch::DistilBert => 0,
+            Arch::Bert | Arch::Electra | Arch::DistilBert | Arch::ModernBert => 0,
             Arch::Roberta => pad_token_id + 1,
         }
     }
@@ -201,7 +214,7 @@ impl Arch {
     /// `RobertaClassificationHead`; BERT's pooler and DistilBERT's `pre_classifier` read
     /// `[CLS]` as it is).
     pub fn dropout_before_pooler(self) -> bool {
-        !matches!(self, Arch::Bert | Arch::DistilBert)
+        !matches!(self, Arch::Bert | Arch::DistilBert | Arch::ModernBert)
     }
 
     /// Whether the attention block drops out its output projection before the residual sum
@@ -213,7 +226,7 @@ impl Arch {
     /// The activation of the pooler (the head's first dense layer).
     pub fn pooler_act(self) -> PoolerAct {
         match self {
-            Arch::Electra => PoolerAct::Gelu,
+            Arch::Electra | Arch::ModernBert => PoolerAct::Gelu,
             Arch::DistilBert => PoolerAct::Relu,
             _ => PoolerAct::Tanh,
         }
@@ -222,7 +235,33 @@ impl Arch {
     /// Whether masked-LM pre-training runs on a checkpoint of this architecture (ELECTRA's
     /// masked LM is its generator, which a discriminator checkpoint does not hold).
     pub fn pretrains(self) -> bool {
-        self != Arch::Electra
+        !matches!(self, Arch::Electra | Arch::ModernBert)
+    }
+
+    /// Our names of the pooler's (the head's first layer's) two tensors: BERT's dense weight and
+    /// bias, or ModernBERT's dense weight (it has no bias) and its norm's weight.
+    pub fn pooler_names(self) -> [&'static str; 2] {
+        match self {
+            Arch::ModernBert => ["pooler.dense.weight", "pooler.norm.weight"],
+            _ => ["pooler.dense.weight", "pooler.dense.bias"],
+        }
+    }
+
+    /// Why a job of `task` (`token_classification`, `mlm`…) with `method` cannot run on this
+    /// architecture yet, if it cannot.
+    pub fn refusal(self, task: &str, method: &str) -> Option<String> {
+        if self != Arch::ModernBert {
+            return None;
+        }
+        let what = match (task, method) {
+            ("token_classification", _) => "token classification",
+            ("mlm", _) => "masked-LM pre-training",
+            (_, "lora") => "the lora method",
+            _ => return None,
+        };
+        Some(format!(
+            "{what} is not yet supported on modernbert checkpoints (classification, pairs, regression and rerank with full or head are)"
+        ))
     }
 
     /// Whether what we call the pooler is part of the classification head (RoBERTa's

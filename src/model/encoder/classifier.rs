@@ -3,10 +3,11 @@
 //! head is the same dense → tanh → linear on the first token, with one more dropout).
 
 use super::adapters::{LowRank, LowRankSet};
-use super::arch::PoolerAct;
+use super::arch::{Arch, PoolerAct};
 use super::config::EncoderConfig;
-use super::post_norm::{Encoder, Getter};
-use crate::model::ops::layers::{activation, Act, Linear, Mode};
+use super::post_norm::Getter;
+use super::Encoder;
+use crate::model::ops::layers::{activation, Act, LayerNorm, Linear, Mode};
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,8 @@ pub struct Classifier {
     dropout_before_pooler: bool,
     /// After the pooler's dense layer: tanh, or GELU (ELECTRA's head).
     pooler_act: PoolerAct,
+    /// ModernBERT's head: a LayerNorm after the activation, and the head over mean pooling too.
+    pooler_norm: Option<LayerNorm>,
     /// An adapter every row takes (a LoRA job's, while it trains and evaluates).
     low_rank: Option<LowRankSet>,
 }
@@ -65,14 +68,28 @@ impl Classifier {
     /// Builds the classifier from named tensors (our names, see `arch`).
     pub fn load(get: &Getter, cfg: &EncoderConfig, pooling: Pooling) -> Result<Self> {
         let encoder = Encoder::load(get, cfg)?;
-        let pooler = match pooling {
-            Pooling::Cls => Some(Linear::new(get(POOLER_NAMES[0])?, get(POOLER_NAMES[1])?)),
-            Pooling::Mean | Pooling::Token => None,
+        let modern = cfg.arch() == Arch::ModernBert;
+        let [dense, second] = cfg.arch().pooler_names();
+        let pooler = match (pooling, modern) {
+            (Pooling::Token, _) | (Pooling::Mean, false) => None,
+            (Pooling::Cls, false) => Some(Linear::new(get(dense)?, get(second)?)),
+            // ModernBERT's head has no bias: a zero one, which is no parameter.
+            (_, true) => {
+                let w = get(dense)?;
+                Some(Linear::new(w.clone(), Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?))
+            }
+        };
+        let pooler_norm = match (&pooler, modern) {
+            (Some(p), true) => {
+                let weight = get(second)?;
+                Some(LayerNorm { bias: Tensor::zeros(p.bias.dims(), weight.dtype(), weight.device())?, weight, eps: cfg.layer_norm_eps })
+            }
+            _ => None,
         };
         let head = Linear::new(get(HEAD_NAMES[0])?, get(HEAD_NAMES[1])?);
         let (dropout_before_pooler, pooler_act) = (cfg.arch().dropout_before_pooler(), cfg.arch().pooler_act());
         let dropout = cfg.classifier_dropout_prob();
-        Ok(Self { encoder, pooler, head, pooling, dropout, dropout_before_pooler, pooler_act, low_rank: None })
+        Ok(Self { encoder, pooler, head, pooling, dropout, dropout_before_pooler, pooler_act, pooler_norm, low_rank: None })
     }
 
     /// Readies the model for inference only (it can no longer be trained), with the
@@ -124,17 +141,24 @@ impl Classifier {
                 self.pool(pooler, &hidden)
             }
             (_, Pooling::Token) => self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr),
+            (Some(pooler), Pooling::Mean) => {
+                self.pool(pooler, &mean_pool(&self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask)?)
+            }
             _ => mean_pool(&self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask),
         }
     }
 
-    /// The pooler's dense layer and its activation on first tokens `[batch, hidden]`.
+    /// The pooler's dense layer and its activation (then ModernBERT's norm) on pooled rows `[batch, hidden]`.
     fn pool(&self, pooler: &Linear, first: &Tensor) -> Result<Tensor> {
         let y = pooler.forward(first)?;
-        match self.pooler_act {
-            PoolerAct::Tanh => y.tanh(),
-            PoolerAct::Gelu => activation(&y, Act::Gelu),
-            PoolerAct::Relu => y.relu(),
+        let y = match self.pooler_act {
+            PoolerAct::Tanh => y.tanh()?,
+            PoolerAct::Gelu => activation(&y, Act::Gelu)?,
+            PoolerAct::Relu => y.relu()?,
+        };
+        match &self.pooler_norm {
+            Some(n) => crate::model::ops::kernels::layer_norm(&y, &n.weight, &n.bias, n.eps),
+            None => Ok(y),
         }
     }
 
@@ -163,6 +187,9 @@ impl Classifier {
             parts.push(match (pooling, own.or(self.pooler.as_ref())) {
                 (Pooling::Cls, Some(pooler)) => self.pool(pooler, &h.narrow(1, 0, 1)?.squeeze(1)?)?,
                 (Pooling::Cls, None) => candle_core::bail!("cls pooling over a base that has no pooler"),
+                (Pooling::Mean, Some(pooler)) if self.pooler_norm.is_some() => {
+                    self.pool(pooler, &mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?)?
+                }
                 (Pooling::Mean, _) => mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?,
                 // Every token: `[rows, tokens, hidden]`, beside other groups' `[rows, hidden]`.
                 (Pooling::Token, _) => h,

@@ -71,8 +71,10 @@ impl EncoderConfig {
     /// (DistilBERT's are read as BERT's).
     pub fn from_json(text: &str) -> anyhow::Result<Self> {
         let mut map: Map<String, Value> = serde_json::from_str(text)?;
-        if map.get("model_type").and_then(Value::as_str) == Some("distilbert") {
-            super::distilbert::config_to_bert(&mut map)?;
+        match map.get("model_type").and_then(Value::as_str) {
+            Some("distilbert") => super::distilbert::config_to_bert(&mut map)?,
+            Some("modernbert") => super::modernbert::config::config_to_bert(&mut map)?,
+            _ => {}
         }
         let cfg: Self = serde_json::from_value(Value::Object(map))?;
         cfg.validate()?;
@@ -81,11 +83,14 @@ impl EncoderConfig {
 
     /// The `config.json` transformers reads for this model, in its `model_type`'s field names.
     pub fn to_json(&self) -> anyhow::Result<Vec<u8>> {
-        if self.arch() != Arch::DistilBert {
+        if !matches!(self.arch(), Arch::DistilBert | Arch::ModernBert) {
             return Ok(serde_json::to_vec_pretty(self)?);
         }
         let Value::Object(mut map) = serde_json::to_value(self)? else { anyhow::bail!("a config serialises to an object") };
-        super::distilbert::config_from_bert(&mut map);
+        match self.arch() {
+            Arch::DistilBert => super::distilbert::config_from_bert(&mut map),
+            _ => super::modernbert::config::config_from_bert(&mut map),
+        }
         Ok(serde_json::to_vec_pretty(&map)?)
     }
 
@@ -127,6 +132,9 @@ impl EncoderConfig {
     /// Why masked-LM pre-training cannot start from this checkpoint, if it cannot (an ELECTRA
     /// discriminator: its masked LM is the generator, a model of its own).
     pub fn pretraining_refusal(&self) -> Option<String> {
+        if let Some(why) = self.arch().refusal("mlm", "full") {
+            return Some(why);
+        }
         (!self.arch().pretrains()).then(|| {
             format!(
                 "masked-LM pre-training of a {} checkpoint needs its generator (ELECTRA's masked LM), which this discriminator checkpoint does not hold",
@@ -191,6 +199,10 @@ impl EncoderConfig {
             None => self.extra.remove("problem_type"),
         };
         self.extra.insert("finetuned_pooling".into(), Value::from(pooling));
+        if self.arch() == Arch::ModernBert && matches!(pooling, "cls" | "mean") {
+            // transformers' ModernBertForSequenceClassification pools as this field says.
+            self.extra.insert("classifier_pooling".into(), Value::from(pooling));
+        }
     }
 
     /// Makes this the config of a token classifier (`…ForTokenClassification`) of `tags`.
@@ -240,7 +252,10 @@ impl EncoderConfig {
 
     /// The pooling a classifier was trained with (`cls` unless we recorded otherwise).
     pub fn pooling(&self) -> Option<String> {
-        self.extra.get("finetuned_pooling").and_then(Value::as_str).map(String::from)
+        let ours = self.extra.get("finetuned_pooling");
+        // A ModernBERT classifier pools as its `classifier_pooling` says, whoever trained it.
+        let modern = (self.arch() == Arch::ModernBert).then(|| self.extra.get("classifier_pooling")).flatten();
+        ours.or(modern).and_then(Value::as_str).map(String::from)
     }
 
     /// Records a multi-label classifier's decision threshold per label (tuned on validation).

@@ -2,7 +2,8 @@
 //! to the word embeddings, and the masking of inputs.
 
 use super::config::EncoderConfig;
-use super::post_norm::{Encoder, Getter};
+use super::post_norm::Getter;
+use super::Encoder;
 use crate::model::ops::layers::{activation, Act, LayerNorm, Linear, Mode};
 use candle_core::{Result, Tensor};
 use rand::Rng;

@@ -36,10 +36,18 @@ fn init(name: &str, shape: &[usize], cfg: &EncoderConfig, rng: &mut ChaCha8Rng) 
         // peft's start for A: uniform within ±1/√fan_in (kaiming_uniform with a = √5).
         let bound = 1.0 / (shape[1] as f64).sqrt();
         (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect()
-    } else if name.contains("LayerNorm.weight") {
+    } else if name.contains("LayerNorm.weight") || name.ends_with("norm.weight") {
         vec![1.0; n]
     } else if name.ends_with(".bias") || name.contains("LayerNorm") || name == "cls.predictions.bias" {
         vec![0.0; n]
+    } else if cfg.arch() == super::arch::Arch::ModernBert {
+        // transformers' ModernBERT: normal within ±2σ, σ the range over √(2·layers) for the head's
+        // dense layer and 1/√hidden for the output layer.
+        let std = match name {
+            "classifier.weight" => (cfg.hidden_size as f64).powf(-0.5),
+            _ => cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt(),
+        };
+        normal(rng, n, std).into_iter().map(|x| x.clamp(-2.0 * std as f32, 2.0 * std as f32)).collect()
     } else {
         let mut w = normal(rng, n, cfg.initializer_range);
         if name.ends_with("embeddings.weight") && name.contains("word_embeddings") {
@@ -58,7 +66,7 @@ fn init(name: &str, shape: &[usize], cfg: &EncoderConfig, rng: &mut ChaCha8Rng) 
 pub fn fresh_head(cfg: &EncoderConfig) -> Vec<&'static str> {
     let mut fresh = vec!["classifier.weight", "classifier.bias"];
     if cfg.arch().pooler_in_head() {
-        fresh.extend(["pooler.dense.weight", "pooler.dense.bias"]);
+        fresh.extend(cfg.arch().pooler_names());
     }
     fresh
 }
@@ -104,8 +112,9 @@ impl Params {
             }
         }
         let h = cfg.hidden_size;
-        spec.push(("pooler.dense.weight".into(), vec![h, h]));
-        spec.push(("pooler.dense.bias".into(), vec![h]));
+        let [dense, second] = cfg.arch().pooler_names();
+        spec.push((dense.into(), vec![h, h]));
+        spec.push((second.into(), vec![h]));
         spec.push(("classifier.weight".into(), vec![num_labels, h]));
         spec.push(("classifier.bias".into(), vec![num_labels]));
         Self::build(cfg, &spec, weights, &fresh_head(cfg), rng, device)
@@ -142,7 +151,8 @@ impl Params {
 
     /// Whether weight decay applies: not to biases nor LayerNorm weights (transformers' rule).
     pub fn decays(name: &str) -> bool {
-        !(name.ends_with(".bias") || name.contains("LayerNorm") || name == "cls.predictions.bias")
+        // ModernBERT's norms are `…norm.weight`; BERT's `…LayerNorm.weight`.
+        !(name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("norm.") || name == "cls.predictions.bias")
     }
 
     /// Total number of scalar parameters.

@@ -61,9 +61,8 @@ fn fused_attention(x: &Tensor) -> bool {
 /// ELECTRA's projection of narrower embeddings to the hidden size.
 const PROJECT: &str = "embeddings_project";
 
-/// An encoder (embeddings + transformer layers), without pooler or head: what `model_type`
-/// loads, under every head.
-pub struct Encoder {
+/// The BERT family's encoder (embeddings + post-norm transformer layers), without pooler or head.
+pub struct PostNorm {
     embeddings: Embeddings,
     /// Embeddings of another width than the hidden size (ELECTRA) go through this first.
     project: Option<Linear>,
@@ -77,6 +76,9 @@ pub struct Encoder {
 
 /// Every encoder parameter (our name, shape), in checkpoint order.
 pub fn encoder_params(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
+    if cfg.arch() == super::arch::Arch::ModernBert {
+        return super::modernbert::ModernBertConfig::of(cfg).map(|m| super::modernbert::config::encoder_params(&m)).unwrap_or_default();
+    }
     let (h, i, e) = (cfg.hidden_size, cfg.intermediate_size, cfg.embedding_size());
     let mut out: Vec<(String, Vec<usize>)> = vec![
         ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, e]),
@@ -114,7 +116,7 @@ pub fn encoder_param_names(cfg: &EncoderConfig) -> Vec<String> {
     encoder_params(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
-impl Encoder {
+impl PostNorm {
     /// Builds the encoder from named tensors.
     pub fn load(get: &Getter, cfg: &EncoderConfig) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
@@ -207,7 +209,7 @@ impl Encoder {
         self.encode(ids, type_ids, mask, mode, false, &LowRank::default())
     }
 
-    /// [`Encoder::forward`] (or [`Encoder::forward_first_token`] when `first_only`) with each row's
+    /// [`PostNorm::forward`] (or [`PostNorm::forward_first_token`] when `first_only`) with each row's
     /// adapter terms added to the dense layers they change.
     pub fn forward_low_rank(
         &self,

@@ -146,6 +146,12 @@ fn sentence_pooling(dir: &Path) -> Option<String> {
     }
 }
 
+/// Why a job of `task` with `method` cannot run on the checkpoint in `dir` (see
+/// [`Arch::refusal`]); `None` when it can, or when its config cannot be read.
+pub fn job_refusal(dir: &Path, task: &str, method: &str) -> Option<String> {
+    EncoderConfig::from_file(&dir.join(CONFIG)).ok()?.arch().refusal(task, method)
+}
+
 /// The `model_type` that `dir/config.json` names, if it can be read.
 pub fn model_type(dir: &Path) -> Option<String> {
     let text = std::fs::read_to_string(dir.join(CONFIG)).ok()?;

@@ -2,6 +2,86 @@
 //! the same config read as BERT's fields for the rest of the crate.
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// ModernBERT's config fields read as BERT's (theirs, ours, transformers' default).
+const AS_BERT: [(&str, &str, f64); 5] = [
+    ("hidden_activation", "hidden_act", f64::NAN),
+    ("norm_eps", "layer_norm_eps", 1e-5),
+    ("mlp_dropout", "hidden_dropout_prob", 0.0),
+    ("attention_dropout", "attention_probs_dropout_prob", 0.0),
+    ("max_position_embeddings", "max_position_embeddings", 8192.0),
+];
+
+/// Marks the BERT fields [`config_to_bert`] added, so that saving drops them again.
+const ADDED: &str = "_bert_fields_added";
+
+/// Adds BERT's names for ModernBERT's fields to its `config.json` (no token types; the original
+/// fields stay, for [`ModernBertConfig`]), after checking that it is a ModernBERT we run.
+pub fn config_to_bert(map: &mut Map<String, Value>) -> anyhow::Result<()> {
+    let cfg: ModernBertConfig = serde_json::from_value(Value::Object(map.clone()))?;
+    cfg.check()?;
+    let mut added = Vec::new();
+    for (theirs, ours, default) in AS_BERT {
+        let value = map.get(theirs).cloned().unwrap_or_else(|| match theirs {
+            "hidden_activation" => Value::from("gelu"),
+            _ => serde_json::Number::from_f64(default).map(Value::Number).unwrap_or(Value::Null),
+        });
+        if theirs != ours {
+            map.insert(ours.to_string(), value);
+            added.push(Value::from(ours));
+        } else {
+            map.entry(ours).or_insert(value);
+        }
+    }
+    map.insert("type_vocab_size".into(), Value::from(0));
+    added.push(Value::from("type_vocab_size"));
+    // transformers' default; BERT's field of the same name defaults to 0.
+    map.entry("pad_token_id").or_insert(Value::from(50283));
+    map.insert(ADDED.into(), Value::Array(added));
+    Ok(())
+}
+
+/// The inverse of [`config_to_bert`]: the config as transformers' `ModernBertConfig` reads it.
+pub fn config_from_bert(map: &mut Map<String, Value>) {
+    if let Some(Value::Array(added)) = map.remove(ADDED) {
+        for name in added.iter().filter_map(Value::as_str) {
+            map.remove(name);
+        }
+    }
+}
+
+/// Every encoder parameter of a ModernBERT (our name, shape), in checkpoint order: its own names,
+/// without the `model.` a checkpoint with a head puts before them.
+pub fn encoder_params(cfg: &ModernBertConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut out: Vec<(String, Vec<usize>)> = vec![("embeddings.tok_embeddings.weight".into(), vec![v, h])];
+    let norm = |out: &mut Vec<(String, Vec<usize>)>, p: &str| {
+        out.push((format!("{p}.weight"), vec![h]));
+        if cfg.norm_bias {
+            out.push((format!("{p}.bias"), vec![h]));
+        }
+    };
+    let dense = |out: &mut Vec<(String, Vec<usize>)>, p: &str, o: usize, n: usize, bias: bool| {
+        out.push((format!("{p}.weight"), vec![o, n]));
+        if bias {
+            out.push((format!("{p}.bias"), vec![o]));
+        }
+    };
+    norm(&mut out, "embeddings.norm");
+    for l in 0..cfg.num_hidden_layers {
+        if l > 0 {
+            norm(&mut out, &format!("layers.{l}.attn_norm"));
+        }
+        dense(&mut out, &format!("layers.{l}.attn.Wqkv"), 3 * h, h, cfg.attention_bias);
+        dense(&mut out, &format!("layers.{l}.attn.Wo"), h, h, cfg.attention_bias);
+        norm(&mut out, &format!("layers.{l}.mlp_norm"));
+        dense(&mut out, &format!("layers.{l}.mlp.Wi"), 2 * i, h, cfg.mlp_bias);
+        dense(&mut out, &format!("layers.{l}.mlp.Wo"), h, i, cfg.mlp_bias);
+    }
+    norm(&mut out, "final_norm");
+    out
+}
 
 /// `config.json` of a ModernBERT checkpoint, as transformers writes it (older configs'
 /// `global_rope_theta`/`local_rope_theta`, newer ones' `rope_parameters`).

@@ -71,6 +71,13 @@ struct Layer {
     global: bool,
 }
 
+impl ModernBertConfig {
+    /// The ModernBERT fields of a config read through [`config::config_to_bert`].
+    pub fn of(cfg: &crate::model::EncoderConfig) -> anyhow::Result<Self> {
+        Ok(serde_json::from_value(serde_json::to_value(cfg)?)?)
+    }
+}
+
 /// The ModernBERT encoder: embeddings through the final norm.
 pub struct ModernBert {
     pub(super) embeddings: Tensor,
@@ -111,6 +118,26 @@ impl ModernBert {
             local_rope: RopeTable::new(cfg.max_position_embeddings, hd, cfg.rope_theta(false)),
             cfg: cfg.clone(),
         })
+    }
+
+    /// The device its weights are on.
+    pub fn device(&self) -> candle_core::Device {
+        self.embeddings.device().clone()
+    }
+
+    /// Bytes of its weights.
+    pub fn bytes(&self) -> usize {
+        use crate::model::ops::layers::tensor_bytes;
+        let dense = |d: &Dense| tensor_bytes(&d.weight) + d.bias.as_ref().map_or(0, tensor_bytes);
+        let norm = |n: &Norm| tensor_bytes(&n.weight) + tensor_bytes(&n.bias);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.as_ref().map_or(0, norm) + dense(&l.wqkv) + dense(&l.wo) + norm(&l.mlp_norm) + dense(&l.wi) + dense(&l.mlp_out)
+            })
+            .sum();
+        tensor_bytes(&self.embeddings) + norm(&self.embed_norm) + layers + norm(&self.final_norm)
     }
 
     /// Hidden states `[batch, seq, hidden]` of token ids `[batch, seq]` with `mask` (`[batch, seq]`,
@@ -173,4 +200,25 @@ fn composed_attention(
     let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?.to_dtype(q.dtype())?;
     let probs = mode.dropout(&probs, p)?;
     probs.matmul(&heads(v)?)?.transpose(1, 2)?.reshape((b, s, h))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_config_read_as_berts_is_written_back_as_transformers_wrote_it() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden/modernbert/classifier/config.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cfg = crate::model::EncoderConfig::from_json(&text).unwrap();
+        assert_eq!((cfg.type_vocab_size, cfg.layer_norm_eps, cfg.hidden_act.as_str()), (0, 1e-5, "gelu"));
+        let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let ours: serde_json::Value = serde_json::from_slice(&cfg.to_json().unwrap()).unwrap();
+        assert_eq!(ours, theirs);
+        // Its pooling is transformers' `classifier_pooling`, and a classifier made here records
+        // the pooling it was trained with there too.
+        assert_eq!(cfg.pooling().as_deref(), Some("cls"));
+        let mut mean = cfg.clone();
+        mean.set_classifier(&["a".into(), "b".into()], None, "mean");
+        let written: serde_json::Value = serde_json::from_slice(&mean.to_json().unwrap()).unwrap();
+        assert_eq!((written["classifier_pooling"].as_str(), mean.pooling().as_deref()), (Some("mean"), Some("mean")));
+    }
 }

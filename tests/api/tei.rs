@@ -79,9 +79,11 @@ async fn tei_examples_answer_in_teis_shapes() {
     let pairs = ok_json(post(&app, "/predict", None, &json!({"inputs": [["good", "awful and dull"], ["bad", "superb"]]})).await).await;
     // The first pair scores the same in a batch of two as alone (up to the last bit's rounding).
     let close = |a: &Value, b: &Value| {
-        a.as_array().unwrap().iter().zip(b.as_array().unwrap()).all(|(x, y)| {
-            x["label"] == y["label"] && (x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-6
-        })
+        a.as_array()
+            .unwrap()
+            .iter()
+            .zip(b.as_array().unwrap())
+            .all(|(x, y)| x["label"] == y["label"] && (x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-6)
     };
     assert!(close(&pairs[0], &pair), "a batch of pairs: {pairs} against {pair}");
     assert_eq!(pairs.as_array().unwrap().len(), 2);

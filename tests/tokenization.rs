@@ -144,6 +144,11 @@ fn sentencepiece_unigram_of_xlm_roberta_matches_transformers() {
 }
 
 #[test]
+fn byte_level_bpe_of_modernbert_matches_transformers() {
+    check("modernbert", golden::dir().join("modernbert/base"));
+}
+
+#[test]
 fn sentencepiece_unigram_of_camembert_matches_transformers() {
     check("camembert", golden::dir().join("camembert/base"));
 }

@@ -46,7 +46,7 @@ impl Encoder {
     pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
         match self {
             Self::PostNorm(e) => e.prepare_for_inference(bf16),
-            Self::Modern(_) => Ok(()),
+            Self::Modern(e) => e.prepare_for_inference(bf16),
         }
     }
 

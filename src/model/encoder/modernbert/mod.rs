@@ -16,7 +16,7 @@ use super::post_norm::Getter;
 use crate::model::ops::attention::{attention_windowed, window_bias};
 use crate::model::ops::geglu::geglu;
 use crate::model::ops::kernels::{layer_norm, use_fused_cpu_kernels};
-use crate::model::ops::layers::Mode;
+use crate::model::ops::layers::{tensor_bytes, Linear, Mode};
 use crate::model::ops::rotary::{rotary, RopeTable};
 use candle_core::{DType, Result, Tensor, D};
 
@@ -39,24 +39,37 @@ impl Norm {
     }
 }
 
-/// A dense layer, `x·Wᵀ (+ b)`, with or without a bias.
+/// A dense layer, `x·Wᵀ (+ b)`, with or without a bias: our [`Linear`] (the fused CPU op in
+/// training, the packed kernel once prepared for inference), with a zero bias that is no
+/// parameter where the checkpoint has none.
 pub(super) struct Dense {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    linear: Linear,
+    has_bias: bool,
 }
 
 impl Dense {
     pub(super) fn load(get: &Getter, prefix: &str, with_bias: bool) -> Result<Self> {
-        let bias = if with_bias { Some(get(&format!("{prefix}.bias"))?) } else { None };
-        Ok(Self { weight: get(&format!("{prefix}.weight"))?, bias })
+        let weight = get(&format!("{prefix}.weight"))?;
+        let bias = match with_bias {
+            true => get(&format!("{prefix}.bias"))?,
+            false => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
+        };
+        Ok(Self { linear: Linear::new(weight, bias), has_bias: with_bias })
     }
 
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        self.linear.forward(x)
+    }
+
+    /// Transposes and packs the weight for CPU inference (see [`Linear::pack`]).
+    fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
+        self.linear.prepare_for_inference()?;
+        self.linear.pack(bf16)
+    }
+
+    fn bytes(&self) -> usize {
+        let zero_bias = if self.has_bias { 0 } else { tensor_bytes(&self.linear.bias) };
+        self.linear.bytes().saturating_sub(zero_bias)
     }
 }
 
@@ -125,10 +138,22 @@ impl ModernBert {
         self.embeddings.device().clone()
     }
 
+    /// Packs the dense layers for CPU inference (bf16 weights when `bf16`); it can no longer train.
+    pub fn prepare_for_inference(&mut self, bf16: bool) -> Result<()> {
+        if !self.embeddings.device().is_cpu() {
+            return Ok(());
+        }
+        for l in &mut self.layers {
+            for d in [&mut l.wqkv, &mut l.wo, &mut l.wi, &mut l.mlp_out] {
+                d.prepare_for_inference(bf16)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of its weights.
     pub fn bytes(&self) -> usize {
-        use crate::model::ops::layers::tensor_bytes;
-        let dense = |d: &Dense| tensor_bytes(&d.weight) + d.bias.as_ref().map_or(0, tensor_bytes);
+        let dense = |d: &Dense| d.bytes();
         let norm = |n: &Norm| tensor_bytes(&n.weight) + tensor_bytes(&n.bias);
         let layers: usize = self
             .layers

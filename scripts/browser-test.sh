@@ -172,7 +172,8 @@ try:
     # The per-class table and the confusion matrix are of the epoch the job kept, as its log says.
     kept = re.search(r"kept the weights of epoch (\d+)", log)
     assert kept, log
-    wait("the per-class title to name the kept epoch", lambda: f"epoch {kept.group(1)}, kept" in text("per-class-title"))
+    # (The heading is shown in capitals by the style sheet.)
+    wait(f"the per-class title to name the kept epoch {kept.group(1)}", lambda: f"epoch {kept.group(1)}, kept" in text("per-class-title").lower())
 
     try_button = lambda: by("models-table").find_elements(By.CSS_SELECTOR, 'tr[data-model="dash-sentiment"] button')
     wait("the new model in the models table", lambda: try_button(), 30)

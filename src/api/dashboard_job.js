@@ -204,7 +204,7 @@ function renderTables() {
   const tagger = task === "token_classification", withClasses = epochs.filter((v) => v.per_class);
   // The tables are of the epoch kept once the job has ended and its final metrics name it (while
   // it runs, its metrics follow the latest epoch), else of the last epoch.
-  const m = detail.job.metrics, ended = m && (detail.job.status === "succeeded" || m.stopped !== undefined);
+  const m = detail.job && detail.job.metrics, ended = m && (detail.job.status === "succeeded" || m.stopped !== undefined);
   const kept = ended ? withClasses.find((v) => v.epoch === m.epoch) : undefined;
   const last = kept || withClasses[withClasses.length - 1];
   const which = kept ? "epoch " + kept.epoch + ", kept" : last ? "epoch " + last.epoch + ", the latest" : "the kept epoch";

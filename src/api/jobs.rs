@@ -478,7 +478,10 @@ async fn checkpoints(State(state): State<AppState>, Path(id): Path<String>) -> A
     jobs::get(&state.pool, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
     let (data_dir, job) = (state.config.data_dir.clone(), id.clone());
     let found = tokio::task::spawn_blocking(move || crate::train::checkpoint::of_job(&data_dir, &job)).await.map_err(ApiError::internal)?;
-    let data: Vec<Value> = found
+    // A checkpoint just written is on disk a moment before the oldest is pruned: list only the
+    // newest `keep`, the ones a resume may use.
+    let skip = found.len().saturating_sub(state.config.keep_checkpoints.max(1));
+    let data: Vec<Value> = found[skip..]
         .iter()
         .map(|crate::train::checkpoint::JobCheckpoint { name, meta: m }| {
             let best = m.best.as_ref().map(|b| {

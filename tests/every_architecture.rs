@@ -16,7 +16,7 @@ use finetuned::train::precision::Precision;
 use finetuned::train::trainer::{self, Event, Observer, Outcome, TrainRequest};
 use std::path::{Path, PathBuf};
 
-const ARCHS: [&str; 5] = ["roberta", "xlm-roberta", "camembert", "electra", "distilbert"];
+const ARCHS: [&str; 7] = ["roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert", "deberta-v2"];
 
 fn base(arch: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/golden").join(arch).join("base")
@@ -69,7 +69,7 @@ fn logits(dir: &Path) -> Vec<Vec<f32>> {
 
 #[test]
 fn a_run_stopped_and_resumed_saves_what_a_straight_run_saves() {
-    for (arch, method) in ARCHS.iter().zip(["full", "lora", "head", "full"]) {
+    for (arch, method) in ARCHS.iter().zip(["full", "lora", "head", "full", "head", "lora", "lora"]) {
         let tmp = tempfile::tempdir().unwrap();
         let plan = |dir: &str| Some(CheckpointPlan { dir: tmp.path().join(dir), every: 3, keep: 2, mirror: None });
         let mut straight = request(arch, method, common::toy_rows(48), &tmp.path().join("straight"));

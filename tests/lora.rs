@@ -197,6 +197,28 @@ fn a_distilbert_adapter_trained_here_gives_the_same_logits_in_peft() {
 }
 
 fn adapter_trained_here_matches_peft(case: &str, base: &Path) {
+    adapter_with_targets_matches_peft(case, base, &["query", "value", "output.dense"]);
+}
+
+/// And over the tiny ModernBERT: peft's `Wqkv` (query, key and value in one module), `Wo` (both
+/// output projections) and `Wi` under `model.`, the head's `head.dense` and `head.norm` with it.
+#[test]
+fn a_modernbert_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_with_targets_matches_peft("modernbert-peft-export", &golden::dir().join("modernbert/base"), &["Wqkv", "Wo", "Wi"]);
+}
+
+/// And over the tiny DeBERTa: peft's `query_proj` and `value_proj` (which also project the
+/// relative embeddings) and `output.dense` under `deberta.`, the `ContextPooler` with the head.
+#[test]
+fn a_deberta_adapter_trained_here_gives_the_same_logits_in_peft() {
+    adapter_with_targets_matches_peft(
+        "deberta-v2-peft-export",
+        &golden::dir().join("deberta-v2/base"),
+        &["query", "value", "output.dense"],
+    );
+}
+
+fn adapter_with_targets_matches_peft(case: &str, base: &Path, targets: &[&str]) {
     use finetuned::train::hyper::HyperparametersInput;
     use finetuned::train::trainer::{self, Event, Observer, TrainRequest};
     struct Quiet;
@@ -218,7 +240,7 @@ fn adapter_trained_here_matches_peft(case: &str, base: &Path) {
         pooling: Some("cls".into()),
         method: Some("lora".into()),
         lora_r: Some(4),
-        lora_target_modules: Some(vec!["query".into(), "value".into(), "output.dense".into()]),
+        lora_target_modules: Some(targets.iter().map(|t| t.to_string()).collect()),
         ..Default::default()
     }
     .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
@@ -248,13 +270,15 @@ fn adapter_trained_here_matches_peft(case: &str, base: &Path) {
     }
     check(&golden::read(case), "the golden file");
 
-    // Over the shared base, as predict serves it.
-    let adapter = std::sync::Arc::new(
-        finetuned::model::predict::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap().unwrap(),
-    );
-    let encoder = LoadedClassifier::load_encoder(base, &Device::Cpu, finetuned::model::predict::predictor::Weights::F32).unwrap();
-    let shared = encoder.logits_mixed(&merged_in.ids, &vec![Some(adapter); TEXTS.len()], 8).unwrap();
-    assert!(golden::max_diff(&shared, &merged_in.logits) <= 1e-4, "shared base and merged weights agree");
+    // Over the shared base, as predict serves it (DeBERTa's adapters are served merged).
+    let loaded = finetuned::model::predict::adapter_serving::LoadedAdapter::load(&out, &Device::Cpu, candle_core::DType::F32).unwrap();
+    assert_eq!(loaded.is_none(), case.starts_with("deberta"), "{case}: served over the shared base");
+    if let Some(adapter) = loaded {
+        let adapter = std::sync::Arc::new(adapter);
+        let encoder = LoadedClassifier::load_encoder(base, &Device::Cpu, finetuned::model::predict::predictor::Weights::F32).unwrap();
+        let shared = encoder.logits_mixed(&merged_in.ids, &vec![Some(adapter); TEXTS.len()], 8).unwrap();
+        assert!(golden::max_diff(&shared, &merged_in.logits) <= 1e-4, "shared base and merged weights agree");
+    }
 
     // Merged into a whole model, as `?merged=true` downloads it.
     let whole = dir.path().join("merged");

@@ -222,3 +222,64 @@ fn a_pooler_that_belongs_to_the_head_starts_fresh() {
         assert_eq!(same, kept, "{arch}: the pooler kept from the base");
     }
 }
+
+/// Training again from a classifier over the same labels starts from its head (as transformers
+/// keeps a checkpoint's classifier that fits): with a learning rate too small to move anything,
+/// the new model predicts what the old one did. Over other labels the head starts afresh.
+#[test]
+fn a_classifier_over_the_same_labels_trains_on_from_its_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _) = train_tiny(dir.path(), 42);
+    let texts = ["good fun", "bad boring", "a plain text"];
+    let logits_of = |model: &std::path::Path| {
+        let m = LoadedClassifier::load(model, &Device::Cpu).unwrap();
+        m.logits(&m.tokenize(&texts, true).unwrap().unwrap(), 8).unwrap()
+    };
+    let again = |labels: (&str, &str), out: &str| {
+        let hp = HyperparametersInput { epochs: Some(1.into()), batch_size: Some(8), learning_rate: Some(1e-9), ..Default::default() }
+            .resolve("cls", finetuned::train::hyper::JobKind::FineTune)
+            .unwrap();
+        let relabel = |rows: Vec<finetuned::dataset::Row>| {
+            rows.into_iter()
+                .map(|mut r| {
+                    let l = if r.labels()[0] == "neg" { labels.0 } else { labels.1 };
+                    r.label = Some(finetuned::dataset::LabelValue::One(l.into()));
+                    r
+                })
+                .collect::<Vec<_>>()
+        };
+        let out = dir.path().join(out);
+        let req = TrainRequest {
+            out_dir: Some(out.clone()),
+            ..TrainRequest::new(first.clone(), relabel(toy_rows(16)), Some(relabel(toy_rows(8))), hp, Device::Cpu)
+        };
+        let mut messages = Messages::default();
+        trainer::run(req, &mut messages).unwrap();
+        (logits_of(&out), messages.0)
+    };
+    let before = logits_of(&first);
+    let max_diff =
+        |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+
+    let (same, said) = again(("neg", "pos"), "same-labels");
+    assert!(max_diff(&same, &before) < 1e-4, "{same:?} against {before:?}");
+    assert!(said.iter().any(|m| m.contains("continues from its head")), "{said:?}");
+    let (other, said) = again(("negative", "positive"), "other-labels");
+    assert!(max_diff(&other, &before) > 1e-2, "a fresh head predicts as the old one: {other:?}");
+    assert!(!said.iter().any(|m| m.contains("continues from its head")), "{said:?}");
+}
+
+/// The run's messages.
+#[derive(Default)]
+struct Messages(Vec<String>);
+
+impl Observer for Messages {
+    fn on_event(&mut self, e: Event) {
+        if let Event::Message(m) = e {
+            self.0.push(m);
+        }
+    }
+    fn should_stop(&self) -> bool {
+        false
+    }
+}

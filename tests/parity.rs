@@ -232,6 +232,31 @@ fn a_modernbert_trained_here_with_mean_pooling_pools_the_same_in_transformers() 
     exported_pooling("modernbert", "ModernBertForSequenceClassification", "mean", "modernbert-mean-export");
 }
 
+/// From ModernBERT's masked-LM checkpoint: its `head` and `decoder.bias` train and are saved
+/// under transformers' names, the decoder tied to the embeddings.
+#[test]
+fn a_modernbert_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("modernbert-mlm-export", &tiny("modernbert", "mlm"), MLM_TEXT);
+}
+
+/// DeBERTa-v3's layout on a tiny model: disentangled attention (both terms, keys shared, log
+/// buckets), normalised relative embeddings, no absolute positions, no token types.
+#[test]
+fn a_deberta_classifier_saved_by_transformers_serves_with_the_same_logits() {
+    imported("deberta-v2");
+}
+
+#[test]
+fn a_deberta_model_trained_here_gives_the_same_logits_in_transformers() {
+    exported("deberta-v2", "DebertaV2ForSequenceClassification");
+}
+
+/// Its masked LM is transformers' default (`legacy`) head, BERT's `cls.predictions` names.
+#[test]
+fn a_deberta_pretrained_here_loads_in_transformers_as_a_masked_lm() {
+    pretrain_and_compare("deberta-v2-mlm", &tiny("deberta-v2", "base"), MLM_TEXT);
+}
+
 #[test]
 fn a_distilbert_classifier_saved_by_transformers_serves_with_the_same_logits() {
     imported("distilbert");

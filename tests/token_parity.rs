@@ -167,7 +167,7 @@ fn a_tagger_trained_here_gives_transformers_logits_and_its_pipelines_entities() 
 }
 
 /// The tiny models of the golden files, one per architecture.
-const ARCHS: [&str; 6] = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra"];
+const ARCHS: [&str; 8] = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "modernbert", "deberta-v2"];
 
 /// Words split into sub-words for training as transformers' `run_ner.py` splits them
 /// (`is_split_into_words`, RoBERTa's BPE with `add_prefix_space`), and the word of each sub-word.

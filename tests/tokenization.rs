@@ -152,3 +152,8 @@ fn byte_level_bpe_of_modernbert_matches_transformers() {
 fn sentencepiece_unigram_of_camembert_matches_transformers() {
     check("camembert", golden::dir().join("camembert/base"));
 }
+
+#[test]
+fn sentencepiece_unigram_of_deberta_v3_matches_transformers() {
+    check("deberta-v2", golden::dir().join("deberta-v2/base"));
+}

@@ -182,3 +182,8 @@ fn electra_gradients_and_adamw_steps_match_pytorch() {
 fn distilbert_gradients_and_adamw_steps_match_pytorch() {
     check("distilbert");
 }
+
+#[test]
+fn deberta_gradients_and_adamw_steps_match_pytorch() {
+    check("deberta-v2");
+}

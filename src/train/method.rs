@@ -4,7 +4,7 @@
 //! optimizer holds no state for them.
 
 use super::hyper::{LoraSettings, Method};
-use crate::model::encoder::adapters::{LowRankSet, Target};
+use crate::model::encoder::adapters::{Layout, LowRankSet, Target};
 use crate::model::encoder::arch::Arch;
 use crate::model::encoder::classifier::{Classifier, Pooling};
 use crate::model::encoder::params::{fresh_head, Params};
@@ -30,9 +30,10 @@ pub struct Trainable {
 /// matches module names by suffix: `output.dense` adapts `attention.output.dense` too. Each
 /// module is adapted once however many names match it.
 fn lora_targets(cfg: &EncoderConfig, lora: &LoraSettings) -> Vec<(usize, Target)> {
+    let layout = cfg.arch().layout();
     let mut targets: Vec<Target> = Vec::new();
     for t in &lora.target_modules {
-        for m in Arch::lora_targets_named(t) {
+        for m in Arch::lora_targets_named(t).into_iter().map(|m| m.in_layout(layout)) {
             if !targets.contains(&m) {
                 targets.push(m);
             }
@@ -42,26 +43,31 @@ fn lora_targets(cfg: &EncoderConfig, lora: &LoraSettings) -> Vec<(usize, Target)
 }
 
 /// Our names of a LoRA pair: `(….lora_A.weight, ….lora_B.weight)`.
-fn pair_names(layer: usize, target: Target) -> (String, String) {
-    let module = target.weight_name(layer);
+fn pair_names(layer: usize, target: Target, layout: Layout) -> (String, String) {
+    let module = target.weight_name(layer, layout);
     let module = module.trim_end_matches(".weight");
     (format!("{module}.lora_A.weight"), format!("{module}.lora_B.weight"))
 }
 
 impl Trainable {
     /// The parameters of a classifier with `num_labels` outputs over `weights` (the base) for
-    /// `method`: the head is always fresh; what else trains depends on the method.
+    /// `method`: the head is fresh unless `keep_head` (the base is already such a classifier,
+    /// see [`super::objective::Task::continues_head`]); what else trains depends on the method.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         method: Method,
         lora: Option<LoraSettings>,
         cfg: &EncoderConfig,
         mut weights: HashMap<String, Tensor>,
         num_labels: usize,
+        keep_head: bool,
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        let fresh_pooler = if keep_head { vec![] } else { fresh_head(cfg) };
+        let fresh_classifier: &[&str] = if keep_head { &[] } else { &["classifier.weight", "classifier.bias"] };
         if method == Method::Full {
-            let params = Params::for_classifier(cfg, &weights, num_labels, rng, device)?;
+            let params = Params::for_classifier_with(cfg, &weights, num_labels, &fresh_pooler, rng, device)?;
             return Ok(Self { method, lora, params, frozen: HashMap::new(), frozen_cast: Default::default() });
         }
         // The encoder stays as the base has it, in f32 on the device, outside the parameters.
@@ -77,7 +83,7 @@ impl Trainable {
         let h = cfg.hidden_size;
         let pooler_names = cfg.arch().pooler_names();
         let pooler_spec: Vec<(String, Vec<usize>)> = vec![(pooler_names[0].into(), vec![h, h]), (pooler_names[1].into(), vec![h])];
-        let pooler = Params::build(cfg, &pooler_spec, &weights, &fresh_head(cfg), rng, device)?;
+        let pooler = Params::build(cfg, &pooler_spec, &weights, &fresh_pooler, rng, device)?;
         let mut spec: Vec<(String, Vec<usize>)> = Vec::new();
         if method == Method::Lora && !cfg.arch().pooler_in_head() {
             for name in pooler_names {
@@ -91,15 +97,16 @@ impl Trainable {
         }
         if let (Method::Lora, Some(l)) = (&method, &lora) {
             for (layer, target) in lora_targets(cfg, l) {
-                let (out, inp) = frozen[&target.weight_name(layer)].dims2()?;
-                let (a, b) = pair_names(layer, target);
+                let layout = cfg.arch().layout();
+                let (out, inp) = frozen[&target.weight_name(layer, layout)].dims2()?;
+                let (a, b) = pair_names(layer, target, layout);
                 spec.push((a, vec![l.r, inp]));
                 spec.push((b, vec![out, l.r]));
             }
         }
         spec.push(("classifier.weight".into(), vec![num_labels, h]));
         spec.push(("classifier.bias".into(), vec![num_labels]));
-        let params = Params::build(cfg, &spec, &weights, &["classifier.weight", "classifier.bias"], rng, device)?;
+        let params = Params::build(cfg, &spec, &weights, fresh_classifier, rng, device)?;
         Ok(Self { method, lora, params, frozen, frozen_cast: Default::default() })
     }
 
@@ -130,7 +137,7 @@ impl Trainable {
         let Some(l) = &self.lora else { return Ok(model) };
         let mut pairs = HashMap::new();
         for (layer, target) in lora_targets(cfg, l) {
-            let (a, b) = pair_names(layer, target);
+            let (a, b) = pair_names(layer, target, cfg.arch().layout());
             pairs.insert((layer, target), (weights(&a)?, weights(&b)?));
         }
         Ok(model.with_low_rank(LowRankSet { pairs, scale: l.alpha / l.r as f64, dropout: l.dropout }))

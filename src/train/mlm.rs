@@ -13,7 +13,7 @@ use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
 use crate::model::encoder::classifier::Pooling;
 use crate::model::encoder::encoder_params;
-use crate::model::encoder::mlm::{head_params, mask_tokens, Masked, MaskedLm, MLM_HEAD_PREFIX};
+use crate::model::encoder::mlm::{head_param, head_params, mask_tokens, Masked, MaskedLm};
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
 use crate::model::hf::artifacts::{load_weights, open, write_model_dir};
@@ -180,7 +180,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
     let params = Params::build(&cfg, &spec, &weights, &[], &mut rng, &req.device).map_err(base_err)?;
     let fresh: Vec<&str> = spec.iter().filter(|(n, _)| !weights.contains_key(n)).map(|(n, _)| n.as_str()).collect();
     // A base that ships no masked-LM head (sentence-transformers checkpoints) gets a random one.
-    let fresh_head: Vec<String> = fresh.iter().filter(|n| n.starts_with(MLM_HEAD_PREFIX)).map(|n| n.to_string()).collect();
+    let fresh_head: Vec<String> = fresh.iter().filter(|n| head_param(&cfg)(n)).map(|n| n.to_string()).collect();
     if !fresh.is_empty() {
         obs.on_event(Event::Message(format!("{} of {} tensors start from random initialisation", fresh.len(), spec.len())));
     }
@@ -230,7 +230,7 @@ pub fn run(req: MlmRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainErro
         )));
     }
     let run = Run {
-        head_first: Some((head_steps, |n: &str| n.starts_with(MLM_HEAD_PREFIX))),
+        head_first: Some((head_steps, head_param(&cfg))),
         params: &params,
         hp,
         schedule,

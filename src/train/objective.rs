@@ -40,6 +40,26 @@ impl Task {
     }
 
     /// Whether the head has one output, a number rather than a label.
+    /// The name [`crate::model::EncoderConfig::head_task`] gives a head trained for this task.
+    pub fn head_task(self) -> &'static str {
+        match self {
+            Task::SingleLabel => "classification",
+            Task::MultiLabel => "multi_label_classification",
+            Task::Regression => "regression",
+            Task::Rerank => "rerank",
+            Task::Tokens => "token_classification",
+        }
+    }
+
+    /// Whether a job of this task over the base `cfg` with `labels` and `pooling` continues from
+    /// the base's own head, as transformers keeps a checkpoint's classifier whose shape fits: the
+    /// base is a classifier trained for the same task, over the same labels in the same order,
+    /// with the same pooling.
+    pub fn continues_head(self, cfg: &crate::model::EncoderConfig, labels: &[String], pooling: &str) -> bool {
+        let same_pooling = self == Task::Tokens || cfg.pooling().as_deref().unwrap_or("cls") == pooling;
+        cfg.head_task() == self.head_task() && cfg.id2label().as_deref() == Some(labels) && same_pooling
+    }
+
     pub fn one_output(self) -> bool {
         matches!(self, Task::Regression | Task::Rerank)
     }

@@ -11,6 +11,7 @@ use super::events::{Event, Finished, Observer, Outcome, RunStats, TestReport, Tr
 use super::hyper::Hyperparameters;
 use super::kept::{Kept, Validated};
 use super::method::Trainable;
+use super::objective::Task;
 use super::request::TrainRequest;
 use super::run_loop::{self, EpochEnd, EpochSums, Run, Schedule};
 use crate::dataset::Row;
@@ -191,7 +192,11 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
     let mut cfg: EncoderConfig = info.config.clone();
     let weights = load_weights(&req.base_dir, &req.device).map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(hp.seed);
-    let trainable = Trainable::new(hp.method, hp.lora.clone(), &cfg, weights, tags.len(), &mut rng, &req.device)
+    let keep_head = Task::Tokens.continues_head(&cfg, &tags, &hp.pooling);
+    if keep_head {
+        obs.on_event(Event::Message("the base model is a token classifier over the same tags: training continues from its head".into()));
+    }
+    let trainable = Trainable::new(hp.method, hp.lora.clone(), &cfg, weights, tags.len(), keep_head, &mut rng, &req.device)
         .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let params = &trainable.params;
     let load_seconds = t_load.elapsed().as_secs_f64();
@@ -274,10 +279,13 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
         test_report = Some(TestReport { loss, seconds: t_test.elapsed().as_secs_f64(), report });
     }
     if let Some(out) = &req.out_dir {
-        // A token classifier has no pooler: transformers' `…ForTokenClassification` has none.
+        // A token classifier has no pooler: transformers' `…ForTokenClassification` has none,
+        // except ModernBERT's, whose head runs on every token.
         // (Only `lora` keeps the pooler among the frozen weights, and an adapter saves none of those.)
-        for name in POOLER_NAMES {
-            tensors.remove(name);
+        if !cfg.arch().token_head_has_pooler() {
+            for name in POOLER_NAMES {
+                tensors.remove(name);
+            }
         }
         cfg.set_token_classifier(&tags);
         trainable

@@ -89,7 +89,11 @@ pub fn run(req: TrainRequest, obs: &mut dyn Observer) -> Result<Outcome, TrainEr
             "the base model has no pooler, which `cls` pooling reads: use pooling \"mean\" with method \"lora\"".into(),
         ));
     }
-    let trainable = Trainable::new(hp.method, hp.lora.clone(), &cfg, weights, labels.len(), &mut rng, &req.device)
+    let keep_head = task.continues_head(&cfg, &labels, &hp.pooling);
+    if keep_head {
+        obs.on_event(Event::Message("the base model is a classifier over the same labels: training continues from its head".into()));
+    }
+    let trainable = Trainable::new(hp.method, hp.lora.clone(), &cfg, weights, labels.len(), keep_head, &mut rng, &req.device)
         .map_err(|e| TrainError::BaseModel(format!("{e:#}")))?;
     let params = &trainable.params;
     let load_seconds = t_load.elapsed().as_secs_f64();

@@ -27,7 +27,7 @@ async fn a_lora_job_trains_an_adapter_in_peft_layout_that_predict_serves_over_it
     let app = spawn_app().await;
     let data = toy_jsonl(48);
     let ds = app.upload_ok(data.clone()).await;
-    let hp = json!({"epochs": 6, "batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0, "seed": 1,
+    let hp = json!({"epochs": 8, "batch_size": 8, "learning_rate": 2e-2, "warmup_ratio": 0.0, "seed": 1,
                     "method": "lora", "lora_r": 4, "lora_target_modules": ["query", "value", "intermediate.dense"]});
     let done = train(&app, &ds, hp).await;
     assert_eq!(done["hyperparameters"]["method"], "lora");

@@ -27,7 +27,7 @@ fn conll_text(n: usize) -> String {
 /// Sentences of the tiny model's words: positive words are POS entities, negative ones NEG,
 /// the others O (a run of positive words is one entity). Each sentence is 16 clauses of 5 words,
 /// longer than the tiny model's 64 positions: training cuts it into windows.
-fn toy_tagged(n: usize) -> String {
+pub(crate) fn toy_tagged(n: usize) -> String {
     use crate::common::{NEGATIVE, NEUTRAL, POSITIVE};
     let mut out = String::new();
     for i in 0..n {
@@ -42,7 +42,7 @@ fn toy_tagged(n: usize) -> String {
     out
 }
 
-async fn upload_as(app: &TestApp, body: String, content_type: &str) -> Value {
+pub(crate) async fn upload_as(app: &TestApp, body: String, content_type: &str) -> Value {
     let r = app.upload(body, content_type).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     r.json().await.unwrap()

@@ -79,6 +79,13 @@ def words(model_dir, sentences_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.backend_tokenizer.pre_tokenizer is not None and "ByteLevel" in str(tok.backend_tokenizer.pre_tokenizer.__getstate__()):
         tok = AutoTokenizer.from_pretrained(model_dir, add_prefix_space=True)
+        state = json.loads(tok.backend_tokenizer.pre_tokenizer.__getstate__())
+        if not state.get("add_prefix_space"):
+            # A tokenizer without a class of its own (ModernBERT's) ignores the argument here:
+            # its byte-level pre-tokenizer is given the prefix space directly, as RoBERTa's class does.
+            from tokenizers import pre_tokenizers
+            tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
+                add_prefix_space=True, trim_offsets=state.get("trim_offsets", True), use_regex=state.get("use_regex", True))
     enc = tok(sentences, is_split_into_words=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     print(json.dumps({"ids": enc["input_ids"], "word_ids": [enc.word_ids(i) for i in range(len(sentences))], "versions": versions}))

@@ -164,8 +164,29 @@ def modernbert(out):
         tok.save_pretrained(os.path.join(out, name))
 
 
+def deberta_v2(out):
+    # deberta-v3's layout: [PAD] [CLS] [SEP] [UNK] first, [MASK] last, a SentencePiece Unigram vocabulary;
+    # relative attention (both terms, keys shared, 8 log buckets over 64 positions, normalised
+    # relative embeddings), no absolute positions and no token types.
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Model, DebertaV2TokenizerFast
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(texts(), vocab_size=400, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]")
+    sp.add_special_tokens(["[MASK]"])
+    tok = DebertaV2TokenizerFast(tokenizer_object=sp, bos_token="[CLS]", eos_token="[SEP]", sep_token="[SEP]", cls_token="[CLS]",
+                                 unk_token="[UNK]", pad_token="[PAD]", mask_token="[MASK]", model_max_length=128)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+    config = DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=128, relative_attention=True, position_buckets=8, max_relative_positions=64,
+                             pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+                             type_vocab_size=0, pad_token_id=0, initializer_range=0.2, hidden_act="gelu", pooler_hidden_size=32,
+                             pooler_hidden_act="gelu", pooler_dropout=0.0)
+    save(out, DebertaV2Model, config, DebertaV2ForSequenceClassification, tok)
+
+
 MAKERS = {"roberta": roberta, "electra": electra, "distilbert": distilbert, "bert": bert, "xlm-roberta": xlm_roberta,
-          "camembert": camembert, "modernbert": modernbert}
+          "camembert": camembert, "modernbert": modernbert, "deberta-v2": deberta_v2}
 
 if __name__ == "__main__":
     for name in sys.argv[2:] or MAKERS:

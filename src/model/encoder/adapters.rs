@@ -12,39 +12,82 @@ use std::ops::Range;
 /// A dense layer of an encoder layer that an adapter can change (peft's module names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
+    /// `query`; ModernBERT's fused `attn.Wqkv` (query, key and value in one module).
     Query,
     Key,
     Value,
-    /// `attention.output.dense`.
+    /// `attention.output.dense`; ModernBERT's `attn.Wo`.
     AttnOut,
-    /// `intermediate.dense`.
+    /// `intermediate.dense`; ModernBERT's `mlp.Wi`.
     Intermediate,
-    /// `output.dense`.
+    /// `output.dense`; ModernBERT's `mlp.Wo`.
     Output,
+}
+
+/// How an encoder names its layers' dense weights: BERT's `encoder.layer.N.…` (every
+/// architecture but ModernBERT, whose names are translated to BERT's on load) or ModernBERT's
+/// `layers.N.…`, where one fused `Wqkv` holds the query, key and value projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Bert,
+    Modern,
+    /// DeBERTa's: BERT's layers with `query_proj`, `key_proj`, `value_proj`.
+    Deberta,
 }
 
 impl Target {
     pub const ALL: [Target; 6] = [Target::Query, Target::Key, Target::Value, Target::AttnOut, Target::Intermediate, Target::Output];
 
-    /// Our name of the weight in encoder layer `layer`.
-    pub fn weight_name(self, layer: usize) -> String {
-        let module = match self {
-            Target::Query => "attention.self.query",
-            Target::Key => "attention.self.key",
-            Target::Value => "attention.self.value",
-            Target::AttnOut => "attention.output.dense",
-            Target::Intermediate => "intermediate.dense",
-            Target::Output => "output.dense",
-        };
-        format!("encoder.layer.{layer}.{module}.weight")
+    /// The target that stands for this one in `layout`: in ModernBERT's, the key and value
+    /// projections are the fused `Wqkv`, adapted as [`Target::Query`].
+    pub fn in_layout(self, layout: Layout) -> Target {
+        match (layout, self) {
+            (Layout::Modern, Target::Key | Target::Value) => Target::Query,
+            _ => self,
+        }
     }
 
-    /// The target a weight name denotes, with its layer; `None` for any other weight.
+    /// Our name of the weight in encoder layer `layer`.
+    pub fn weight_name(self, layer: usize, layout: Layout) -> String {
+        match layout {
+            Layout::Bert | Layout::Deberta => {
+                let deberta = layout == Layout::Deberta;
+                let module = match self {
+                    Target::Query if deberta => "attention.self.query_proj",
+                    Target::Key if deberta => "attention.self.key_proj",
+                    Target::Value if deberta => "attention.self.value_proj",
+                    Target::Query => "attention.self.query",
+                    Target::Key => "attention.self.key",
+                    Target::Value => "attention.self.value",
+                    Target::AttnOut => "attention.output.dense",
+                    Target::Intermediate => "intermediate.dense",
+                    Target::Output => "output.dense",
+                };
+                format!("encoder.layer.{layer}.{module}.weight")
+            }
+            Layout::Modern => {
+                let module = match self {
+                    Target::Query | Target::Key | Target::Value => "attn.Wqkv",
+                    Target::AttnOut => "attn.Wo",
+                    Target::Intermediate => "mlp.Wi",
+                    Target::Output => "mlp.Wo",
+                };
+                format!("layers.{layer}.{module}.weight")
+            }
+        }
+    }
+
+    /// The target a weight name denotes (in either layout), with its layer; `None` for any
+    /// other weight.
     pub fn of_weight(name: &str) -> Option<(usize, Target)> {
-        let rest = name.strip_prefix("encoder.layer.")?;
+        let (rest, layouts) = match name.strip_prefix("encoder.layer.") {
+            Some(rest) => (rest, &[Layout::Bert, Layout::Deberta][..]),
+            None => (name.strip_prefix("layers.")?, &[Layout::Modern][..]),
+        };
         let (layer, _) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
-        Target::ALL.into_iter().find(|t| t.weight_name(layer) == name).map(|t| (layer, t))
+        let all = layouts.iter().flat_map(|&l| Target::ALL.into_iter().map(move |t| (t, l)));
+        all.into_iter().find(|&(t, l)| t.weight_name(layer, l) == name).map(|(t, _)| (layer, t))
     }
 }
 

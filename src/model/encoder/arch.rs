@@ -4,7 +4,7 @@
 //! its BERT name (`encoder.layer.0.attention.self.query.weight`, `pooler.dense.weight`,
 //! `classifier.weight`, `cls.predictions.…`); the names are translated here, on load and on save.
 
-use super::adapters::Target;
+use super::adapters::{Layout, Target};
 use super::distilbert;
 
 /// An architecture of the encoder family this crate runs.
@@ -27,6 +27,10 @@ pub enum Arch {
     /// [`super::modernbert`]), no token types, a head of `head.dense` → GELU → `head.norm` →
     /// `classifier`. Its tensors keep their own names (under `model.` in a checkpoint with a head).
     ModernBert,
+    /// DeBERTa-v2/v3: BERT's post-norm layers with disentangled attention over relative
+    /// positions (see [`super::deberta`]), a `ContextPooler` head (dense → GELU on `[CLS]`).
+    /// Its tensors keep their own names (under `deberta.` in a checkpoint with a head).
+    Deberta,
 }
 
 /// The activation after the pooler's (the head's first) dense layer.
@@ -41,7 +45,7 @@ pub enum PoolerAct {
 }
 
 /// Every `model_type` we run, and the transformers class prefix of each.
-const TYPES: [(&str, Arch, &str); 7] = [
+const TYPES: [(&str, Arch, &str); 8] = [
     ("bert", Arch::Bert, "Bert"),
     ("roberta", Arch::Roberta, "Roberta"),
     ("xlm-roberta", Arch::Roberta, "XLMRoberta"),
@@ -49,18 +53,24 @@ const TYPES: [(&str, Arch, &str); 7] = [
     ("electra", Arch::Electra, "Electra"),
     ("distilbert", Arch::DistilBert, "DistilBert"),
     ("modernbert", Arch::ModernBert, "ModernBert"),
+    ("deberta-v2", Arch::Deberta, "DebertaV2"),
 ];
 
 /// The dense layers LoRA adapts: each with peft's module name in BERT's layout (RoBERTa's and
-/// ELECTRA's too) and in DistilBERT's.
-const LORA_MODULES: [(Target, &str, &str); 6] = [
-    (Target::Query, "query", "q_lin"),
-    (Target::Key, "key", "k_lin"),
-    (Target::Value, "value", "v_lin"),
-    (Target::AttnOut, "attention.output.dense", "out_lin"),
-    (Target::Intermediate, "intermediate.dense", "lin1"),
-    (Target::Output, "output.dense", "lin2"),
+/// ELECTRA's too), in DistilBERT's, in ModernBERT's (whose `Wqkv` is the query, key and
+/// value projections in one module) and in DeBERTa's.
+const LORA_MODULES: [(Target, &str, &str, &str, &str); 6] = [
+    (Target::Query, "query", "q_lin", "Wqkv", "query_proj"),
+    (Target::Key, "key", "k_lin", "Wqkv", "key_proj"),
+    (Target::Value, "value", "v_lin", "Wqkv", "value_proj"),
+    (Target::AttnOut, "attention.output.dense", "out_lin", "attn.Wo", "attention.output.dense"),
+    (Target::Intermediate, "intermediate.dense", "lin1", "Wi", "intermediate.dense"),
+    (Target::Output, "output.dense", "lin2", "mlp.Wo", "output.dense"),
 ];
+
+/// Names that match two output projections by suffix, as peft matches them: BERT's
+/// `output.dense` (`attention.output.dense` too) and ModernBERT's `Wo` (`attn.Wo`, `mlp.Wo`).
+const BOTH_OUTPUTS: [&str; 2] = ["output.dense", "Wo"];
 
 /// ModernBERT's names of our head tensors: (our prefix, theirs).
 const MODERNBERT_HEADS: [(&str, &str); 2] = [("pooler.dense.", "head.dense."), ("pooler.norm.", "head.norm.")];
@@ -77,7 +87,7 @@ const ROBERTA_HEADS: [(&str, &str); 5] = [
 impl Arch {
     /// The architecture whose encoder prefix `names` use (BERT's when none of the others').
     pub fn of_names<'a>(mut names: impl Iterator<Item = &'a str>) -> Self {
-        let others = [Arch::Roberta, Arch::Electra, Arch::DistilBert, Arch::ModernBert];
+        let others = [Arch::Roberta, Arch::Electra, Arch::DistilBert, Arch::ModernBert, Arch::Deberta];
         names.find_map(|n| others.into_iter().find(|a| n.starts_with(a.prefix()))).unwrap_or(Arch::Bert)
     }
 
@@ -108,6 +118,8 @@ impl Arch {
             Arch::Electra => &ROBERTA_HEADS[..2],
             Arch::DistilBert => &distilbert::HEADS,
             Arch::ModernBert => &MODERNBERT_HEADS,
+            // The `ContextPooler` and `classifier` sit at the top level, under our own names.
+            Arch::Deberta => &[("pooler.", "pooler."), ("classifier.", "classifier.")],
         }
     }
 
@@ -119,6 +131,7 @@ impl Arch {
             Arch::Electra => "electra.",
             Arch::DistilBert => "distilbert.",
             Arch::ModernBert => "model.",
+            Arch::Deberta => "deberta.",
         }
     }
 
@@ -138,9 +151,14 @@ impl Arch {
             // A bare `DistilBertModel` saves its encoder without the prefix.
             return Some(distilbert::encoder_to_ours(name));
         }
+        if self == Arch::ModernBert && name == "decoder.bias" {
+            // The masked LM's decoder is tied to the embeddings; its bias is BERT's.
+            return Some("cls.predictions.bias".into());
+        }
         if name.starts_with("lm_head.decoder.")
             || name == "vocab_projector.weight"
             || (self == Arch::ModernBert && name.starts_with("decoder."))
+            || (self == Arch::Deberta && name.starts_with("lm_predictions."))
         {
             return None;
         }
@@ -152,6 +170,9 @@ impl Arch {
 
     /// The checkpoint's name for one of our tensors: the inverse of [`Arch::to_ours`].
     pub fn to_hf(self, name: &str) -> String {
+        if self == Arch::ModernBert && name == "cls.predictions.bias" {
+            return "decoder.bias".into();
+        }
         if let Some((ours, theirs)) = self.heads().iter().find(|(ours, _)| name.starts_with(ours)) {
             return format!("{theirs}{}", &name[ours.len()..]);
         }
@@ -166,31 +187,58 @@ impl Arch {
 
     /// The modules LoRA adapts for a name of `lora_target_modules`: BERT's names (`query`,
     /// `attention.output.dense`…, matched by suffix as peft matches them, so `output.dense`
-    /// is both output projections) or DistilBERT's (`q_lin`, `out_lin`, `lin1`…), whichever
-    /// the architecture.
+    /// is both output projections), DistilBERT's (`q_lin`, `out_lin`, `lin1`…) or ModernBERT's
+    /// (`Wqkv`, `Wo`, `Wi`…), whichever the architecture.
     pub fn lora_targets_named(name: &str) -> Vec<Target> {
-        if name == "output.dense" {
+        if BOTH_OUTPUTS.contains(&name) {
             return vec![Target::AttnOut, Target::Output];
         }
-        LORA_MODULES.iter().filter(|(_, bert, distil)| *bert == name || *distil == name).map(|(t, _, _)| *t).collect()
+        LORA_MODULES.iter().filter(|(_, b, d, m, e)| [b, d, m, e].contains(&&name)).map(|(t, ..)| *t).collect()
     }
 
     /// Every name [`Arch::lora_targets_named`] knows.
     pub fn lora_names() -> Vec<&'static str> {
-        LORA_MODULES.iter().map(|(_, bert, _)| *bert).chain(LORA_MODULES.iter().map(|(_, _, distil)| *distil)).collect()
+        let mut names: Vec<&str> = LORA_MODULES.iter().flat_map(|(_, b, d, m, e)| [*b, *d, *m, *e]).chain(BOTH_OUTPUTS).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// How this architecture names its layers' dense weights inside the crate.
+    pub fn layout(self) -> Layout {
+        match self {
+            Arch::ModernBert => Layout::Modern,
+            Arch::Deberta => Layout::Deberta,
+            _ => Layout::Bert,
+        }
+    }
+
+    /// peft's name of `target`'s module in this architecture.
+    fn lora_module(self, target: Target) -> &'static str {
+        let (_, bert, distil, modern, deberta) = LORA_MODULES.iter().find(|(m, ..)| *m == target).expect("every target is listed");
+        match self {
+            Arch::DistilBert => distil,
+            Arch::ModernBert => modern,
+            Arch::Deberta => deberta,
+            _ => bert,
+        }
     }
 
     /// The `target_modules` peft's `adapter_config.json` lists for the `lora_target_modules`
-    /// `names` on this architecture: a name of its own as it is, one of the other naming
-    /// (`q_lin` on BERT, `query` on DistilBERT) as its modules' names here.
+    /// `names` on this architecture: a name of its own as it is, one of another naming
+    /// (`q_lin` on BERT, `query` on DistilBERT or ModernBERT) as its modules' names here.
     pub fn peft_target_modules(self, names: &[String]) -> Vec<String> {
-        let distil = self == Arch::DistilBert;
-        let own = |t: Target| LORA_MODULES.iter().find(|(m, _, _)| *m == t).map_or("", |(_, b, d)| if distil { d } else { b });
+        let own_both = match self {
+            Arch::DistilBert => None,
+            Arch::ModernBert => Some("Wo"),
+            _ => Some("output.dense"),
+        };
         let mut out: Vec<String> = Vec::new();
         for name in names {
             let targets = Self::lora_targets_named(name);
-            let mine = targets.iter().any(|&t| own(t) == name) || (name == "output.dense" && !distil);
-            let put: Vec<String> = if mine { vec![name.clone()] } else { targets.iter().map(|&t| own(t).to_string()).collect() };
+            let mine = targets.iter().any(|&t| self.lora_module(t) == name) || own_both == Some(name.as_str());
+            let put: Vec<String> =
+                if mine { vec![name.clone()] } else { targets.iter().map(|&t| self.lora_module(t).to_string()).collect() };
             for p in put {
                 if !out.contains(&p) {
                     out.push(p);
@@ -205,7 +253,7 @@ impl Arch {
     /// right-padded batches.
     pub fn position_offset(self, pad_token_id: usize) -> usize {
         match self {
-            Arch::Bert | Arch::Electra | Arch::DistilBert | Arch::ModernBert => 0,
+            Arch::Bert | Arch::Electra | Arch::DistilBert | Arch::ModernBert | Arch::Deberta => 0,
             Arch::Roberta => pad_token_id + 1,
         }
     }
@@ -226,7 +274,7 @@ impl Arch {
     /// The activation of the pooler (the head's first dense layer).
     pub fn pooler_act(self) -> PoolerAct {
         match self {
-            Arch::Electra | Arch::ModernBert => PoolerAct::Gelu,
+            Arch::Electra | Arch::ModernBert | Arch::Deberta => PoolerAct::Gelu,
             Arch::DistilBert => PoolerAct::Relu,
             _ => PoolerAct::Tanh,
         }
@@ -235,7 +283,7 @@ impl Arch {
     /// Whether masked-LM pre-training runs on a checkpoint of this architecture (ELECTRA's
     /// masked LM is its generator, which a discriminator checkpoint does not hold).
     pub fn pretrains(self) -> bool {
-        !matches!(self, Arch::Electra | Arch::ModernBert)
+        self != Arch::Electra
     }
 
     /// Our names of the pooler's (the head's first layer's) two tensors: BERT's dense weight and
@@ -248,20 +296,10 @@ impl Arch {
     }
 
     /// Why a job of `task` (`token_classification`, `mlm`…) with `method` cannot run on this
-    /// architecture yet, if it cannot.
-    pub fn refusal(self, task: &str, method: &str) -> Option<String> {
-        if self != Arch::ModernBert {
-            return None;
-        }
-        let what = match (task, method) {
-            ("token_classification", _) => "token classification",
-            ("mlm", _) => "masked-LM pre-training",
-            (_, "lora") => "the lora method",
-            _ => return None,
-        };
-        Some(format!(
-            "{what} is not yet supported on modernbert checkpoints (classification, pairs, regression and rerank with full or head are)"
-        ))
+    /// architecture yet, if it cannot: where a newly added architecture says so. Every one
+    /// listed here runs every task and method.
+    pub fn refusal(self, _task: &str, _method: &str) -> Option<String> {
+        None
     }
 
     /// Whether what we call the pooler is part of the classification head (RoBERTa's
@@ -269,6 +307,12 @@ impl Arch {
     /// the head (`modules_to_save`), where BERT's pooler stays frozen in a LoRA job.
     pub fn pooler_in_head(self) -> bool {
         self != Arch::Bert
+    }
+
+    /// Whether a token classifier keeps what we call the pooler: ModernBERT's
+    /// `…ForTokenClassification` runs its `head` on every token; the others have no pooler.
+    pub fn token_head_has_pooler(self) -> bool {
+        self == Arch::ModernBert
     }
 }
 
@@ -319,5 +363,15 @@ mod tests {
         assert_eq!(Arch::DistilBert.peft_target_modules(&names(&["output.dense"])), names(&["out_lin", "lin2"]));
         assert_eq!(Arch::Bert.peft_target_modules(&names(&["query", "output.dense"])), names(&["query", "output.dense"]));
         assert_eq!(Arch::Roberta.peft_target_modules(&names(&["q_lin", "lin2"])), names(&["query", "output.dense"]));
+        // ModernBERT's query, key and value are one module.
+        assert_eq!(Arch::ModernBert.peft_target_modules(&names(&["query", "key", "value"])), names(&["Wqkv"]));
+        assert_eq!(Arch::ModernBert.peft_target_modules(&names(&["Wqkv", "Wo", "Wi"])), names(&["Wqkv", "Wo", "Wi"]));
+        assert_eq!(Arch::ModernBert.peft_target_modules(&names(&["output.dense", "lin1"])), names(&["attn.Wo", "mlp.Wo", "Wi"]));
+        let deberta = Arch::Deberta.peft_target_modules(&names(&["query", "value", "output.dense"]));
+        assert_eq!(deberta, names(&["query_proj", "value_proj", "output.dense"]));
+        assert_eq!(
+            Arch::Bert.peft_target_modules(&names(&["Wqkv", "Wo"])),
+            names(&["query", "key", "value", "attention.output.dense", "output.dense"])
+        );
     }
 }

@@ -60,6 +60,13 @@ pub struct Classifier {
     low_rank: Option<LowRankSet>,
 }
 
+/// An adapter's own pooler, served over a shared base: its dense layer and, for ModernBERT's
+/// head, its norm.
+pub struct OwnPooler {
+    pub dense: Linear,
+    pub norm: Option<LayerNorm>,
+}
+
 /// Parameter names of the pooler and head (after the encoder's).
 pub const POOLER_NAMES: [&str; 2] = ["pooler.dense.weight", "pooler.dense.bias"];
 pub const HEAD_NAMES: [&str; 2] = ["classifier.weight", "classifier.bias"];
@@ -70,8 +77,10 @@ impl Classifier {
         let encoder = Encoder::load(get, cfg)?;
         let modern = cfg.arch() == Arch::ModernBert;
         let [dense, second] = cfg.arch().pooler_names();
+        // ModernBERT's head (dense, activation, norm) runs under every task's output layer,
+        // on each token for token classification.
         let pooler = match (pooling, modern) {
-            (Pooling::Token, _) | (Pooling::Mean, false) => None,
+            (Pooling::Token, false) | (Pooling::Mean, false) => None,
             (Pooling::Cls, false) => Some(Linear::new(get(dense)?, get(second)?)),
             // ModernBERT's head has no bias: a zero one, which is no parameter.
             (_, true) => {
@@ -118,6 +127,43 @@ impl Classifier {
         self.head.forward(&pooled)
     }
 
+    /// Whether [`Classifier::logits_packed`] runs here: a pooled head (not per token), no
+    /// adapter, and an encoder that packs (see `PostNorm::packs`).
+    pub fn packs(&self) -> bool {
+        let pooled = self.pooling != Pooling::Token && self.low_rank.is_none();
+        pooled && matches!(&self.encoder, Encoder::PostNorm(e) if e.packs())
+    }
+
+    /// Inference logits `[texts, labels]` of texts packed without padding (`ids`, `type_ids`
+    /// and `lens` as `PostNorm::forward_packed` takes them): what [`Classifier::forward`] gives
+    /// on the padded batch. Only where [`Classifier::packs`].
+    pub fn logits_packed(&self, ids: &[u32], type_ids: &[u32], lens: &[usize]) -> Result<Tensor> {
+        let Encoder::PostNorm(encoder) = &self.encoder else {
+            candle_core::bail!("packed inference runs on the BERT family's encoder only");
+        };
+        let pooled = match (&self.pooler, self.pooling) {
+            (Some(pooler), Pooling::Cls) => self.pool(pooler, &encoder.forward_packed(ids, type_ids, lens, true)?)?,
+            (pooler, _) => {
+                let hidden = encoder.forward_packed(ids, type_ids, lens, false)?;
+                // Each text's mean as one product: row b of `avg` holds 1/len over text b's rows.
+                let t = ids.len();
+                let mut avg = vec![0f32; lens.len() * t];
+                let mut start = 0;
+                for (b, &n) in lens.iter().enumerate() {
+                    avg[b * t + start..b * t + start + n].fill(1.0 / n.max(1) as f32);
+                    start += n;
+                }
+                let mean = Tensor::from_vec(avg, (lens.len(), t), hidden.device())?.matmul(&hidden)?;
+                // As `pooled` does: a pooler over the mean where the model has one.
+                match pooler {
+                    Some(p) => self.pool(p, &mean)?,
+                    None => mean,
+                }
+            }
+        };
+        self.head.forward(&pooled)
+    }
+
     /// The model with `set`'s low-rank terms added for every row (see `model::encoder::adapters`).
     pub fn with_low_rank(mut self, set: LowRankSet) -> Self {
         self.low_rank = Some(set);
@@ -133,14 +179,15 @@ impl Classifier {
     /// adapter terms added to the encoder's dense layers.
     pub fn pooled(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
         match (&self.pooler, self.pooling) {
-            // Training keeps the full last layer, so its dropout draws stay as they were.
+            // Only `[CLS]` reaches the head: the last layer's output projection and feed-forward
+            // run on that one row, in training too (the other rows' gradients would be zero).
             (Some(pooler), Pooling::Cls) => {
-                let first_only = !mode.is_train();
-                let hidden = self.encoder.forward_low_rank(ids, type_ids, mask, mode, first_only, lr)?.narrow(1, 0, 1)?.squeeze(1)?;
+                let hidden = self.encoder.forward_low_rank(ids, type_ids, mask, mode, true, lr)?.narrow(1, 0, 1)?.squeeze(1)?;
                 let hidden = if self.dropout_before_pooler { mode.dropout(&hidden, self.dropout)? } else { hidden };
                 self.pool(pooler, &hidden)
             }
-            (_, Pooling::Token) => self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr),
+            (Some(pooler), Pooling::Token) => self.pool(pooler, &self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr)?),
+            (None, Pooling::Token) => self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr),
             (Some(pooler), Pooling::Mean) => {
                 self.pool(pooler, &mean_pool(&self.encoder.forward_low_rank(ids, type_ids, mask, mode, false, lr)?, mask)?)
             }
@@ -150,13 +197,18 @@ impl Classifier {
 
     /// The pooler's dense layer and its activation (then ModernBERT's norm) on pooled rows `[batch, hidden]`.
     fn pool(&self, pooler: &Linear, first: &Tensor) -> Result<Tensor> {
+        self.pool_with(pooler, self.pooler_norm.as_ref(), first)
+    }
+
+    /// The head's first layer over `first`, with `norm` after the activation where there is one.
+    fn pool_with(&self, pooler: &Linear, norm: Option<&LayerNorm>, first: &Tensor) -> Result<Tensor> {
         let y = pooler.forward(first)?;
         let y = match self.pooler_act {
             PoolerAct::Tanh => y.tanh()?,
             PoolerAct::Gelu => activation(&y, Act::Gelu)?,
             PoolerAct::Relu => y.relu()?,
         };
-        match &self.pooler_norm {
+        match norm {
             Some(n) => crate::model::ops::kernels::layer_norm(&y, &n.weight, &n.bias, n.eps),
             None => Ok(y),
         }
@@ -177,21 +229,26 @@ impl Classifier {
         type_ids: &Tensor,
         mask: &Tensor,
         lr: &LowRank,
-        poolings: &[(Pooling, Option<&Linear>)],
+        poolings: &[(Pooling, Option<&OwnPooler>)],
     ) -> Result<Vec<Tensor>> {
         let first_only = poolings.iter().all(|(p, _)| *p == Pooling::Cls);
         let hidden = self.encoder.forward_low_rank(ids, type_ids, mask, &mut Mode::Eval, first_only, lr)?;
         let mut parts = Vec::with_capacity(poolings.len());
         for ((rows, _), (pooling, own)) in lr.groups.iter().zip(poolings) {
             let h = hidden.narrow(0, rows.start, rows.len())?;
-            parts.push(match (pooling, own.or(self.pooler.as_ref())) {
-                (Pooling::Cls, Some(pooler)) => self.pool(pooler, &h.narrow(1, 0, 1)?.squeeze(1)?)?,
+            let (pooler, norm) = match own {
+                Some(o) => (Some(&o.dense), o.norm.as_ref().or(self.pooler_norm.as_ref())),
+                None => (self.pooler.as_ref(), self.pooler_norm.as_ref()),
+            };
+            parts.push(match (pooling, pooler) {
+                (Pooling::Cls, Some(pooler)) => self.pool_with(pooler, norm, &h.narrow(1, 0, 1)?.squeeze(1)?)?,
                 (Pooling::Cls, None) => candle_core::bail!("cls pooling over a base that has no pooler"),
-                (Pooling::Mean, Some(pooler)) if self.pooler_norm.is_some() => {
-                    self.pool(pooler, &mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?)?
+                (Pooling::Mean, Some(pooler)) if norm.is_some() => {
+                    self.pool_with(pooler, norm, &mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?)?
                 }
                 (Pooling::Mean, _) => mean_pool(&h, &mask.narrow(0, rows.start, rows.len())?)?,
                 // Every token: `[rows, tokens, hidden]`, beside other groups' `[rows, hidden]`.
+                (Pooling::Token, Some(pooler)) if norm.is_some() => self.pool_with(pooler, norm, &h)?,
                 (Pooling::Token, _) => h,
             });
         }

@@ -107,6 +107,9 @@ impl EncoderConfig {
             self.num_attention_heads > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size must be a multiple of num_attention_heads"
         );
+        if self.arch() == Arch::Deberta {
+            super::deberta::DebertaConfig::of(self)?;
+        }
         if let Some(p) = self.extra.get("position_embedding_type").and_then(Value::as_str) {
             anyhow::ensure!(p == "absolute", "position_embedding_type {p:?} is not supported");
         }
@@ -156,7 +159,9 @@ impl EncoderConfig {
 
     /// Dropout before the classification head, as transformers resolves it.
     pub fn classifier_dropout_prob(&self) -> f64 {
-        self.classifier_dropout.unwrap_or(self.hidden_dropout_prob)
+        // DeBERTa's is `cls_dropout`.
+        let deberta = self.extra.get("cls_dropout").and_then(Value::as_f64);
+        self.classifier_dropout.or(deberta).unwrap_or(self.hidden_dropout_prob)
     }
 
     /// Size of one attention head.

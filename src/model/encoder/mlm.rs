@@ -1,4 +1,4 @@
-//! The masked-language-model head (`BertForMaskedLM`'s `cls.predictions`), its decoder tied
+//! The masked-language-model head (`BertForMaskedLM`'s `cls.predictions`, ModernBERT's `head`), its decoder tied
 //! to the word embeddings, and the masking of inputs.
 
 use super::config::EncoderConfig;
@@ -10,12 +10,29 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashSet;
 
-/// The prefix of the head's tensors (our names).
+/// The prefix of BERT's head tensors (our names).
 pub const MLM_HEAD_PREFIX: &str = "cls.";
 
-/// Head parameters (name, shape) after the encoder's, Hugging Face names.
+/// Head parameters (name, shape) after the encoder's, our names. ModernBERT's head (`head.dense`
+/// → GELU → `head.norm`) goes by what a classifier calls its pooler (`pooler.dense`,
+/// `pooler.norm`), as its checkpoints share it, and its decoder's bias by BERT's
+/// `cls.predictions.bias`; each bias only where the config has one.
 pub fn head_params(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
+    if let Some(m) = modern(cfg) {
+        let mut spec = vec![("pooler.dense.weight".to_string(), vec![h, h])];
+        if m.classifier_bias {
+            spec.push(("pooler.dense.bias".into(), vec![h]));
+        }
+        spec.push(("pooler.norm.weight".into(), vec![h]));
+        if m.norm_bias {
+            spec.push(("pooler.norm.bias".into(), vec![h]));
+        }
+        if m.decoder_bias {
+            spec.push(("cls.predictions.bias".into(), vec![cfg.vocab_size]));
+        }
+        return spec;
+    }
     vec![
         ("cls.predictions.transform.dense.weight".into(), vec![h, h]),
         ("cls.predictions.transform.dense.bias".into(), vec![h]),
@@ -23,6 +40,20 @@ pub fn head_params(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
         ("cls.predictions.transform.LayerNorm.bias".into(), vec![h]),
         ("cls.predictions.bias".into(), vec![cfg.vocab_size]),
     ]
+}
+
+/// Which tensors are the prediction head of `cfg`'s masked LM (a plain function, as the
+/// training loop's head-first phase takes it): BERT's `cls.*`, and ModernBERT's `pooler.*` too.
+pub fn head_param(cfg: &EncoderConfig) -> fn(&str) -> bool {
+    match cfg.arch() {
+        super::arch::Arch::ModernBert => |n| n.starts_with("pooler.") || n.starts_with(MLM_HEAD_PREFIX),
+        _ => |n| n.starts_with(MLM_HEAD_PREFIX),
+    }
+}
+
+/// ModernBERT's fields of `cfg`, when it is one.
+fn modern(cfg: &EncoderConfig) -> Option<crate::model::encoder::modernbert::ModernBertConfig> {
+    (cfg.arch() == super::arch::Arch::ModernBert).then(|| crate::model::encoder::modernbert::ModernBertConfig::of(cfg).ok()).flatten()
 }
 
 /// Encoder + prediction head over the vocabulary.
@@ -37,6 +68,24 @@ pub struct MaskedLm {
 
 impl MaskedLm {
     pub fn load(get: &Getter, cfg: &EncoderConfig) -> Result<Self> {
+        if let Some(m) = modern(cfg) {
+            let weight = get("pooler.dense.weight")?;
+            let or_zeros =
+                |name: &str, has: bool, n: usize| if has { get(name) } else { Tensor::zeros(n, weight.dtype(), weight.device()) };
+            let h = cfg.hidden_size;
+            return Ok(Self {
+                encoder: Encoder::load(get, cfg)?,
+                transform: Linear::new(weight.clone(), or_zeros("pooler.dense.bias", m.classifier_bias, h)?),
+                norm: LayerNorm {
+                    weight: get("pooler.norm.weight")?,
+                    bias: or_zeros("pooler.norm.bias", m.norm_bias, h)?,
+                    eps: cfg.layer_norm_eps,
+                },
+                bias: or_zeros("cls.predictions.bias", m.decoder_bias, cfg.vocab_size)?,
+                word_embeddings: get("embeddings.tok_embeddings.weight")?,
+                act: cfg.act(),
+            });
+        }
         let p = "cls.predictions";
         Ok(Self {
             encoder: Encoder::load(get, cfg)?,

@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod arch;
 pub mod classifier;
 pub mod config;
+pub mod deberta;
 pub mod distilbert;
 pub mod mlm;
 pub mod modernbert;
@@ -29,6 +30,8 @@ pub enum Encoder {
     PostNorm(post_norm::PostNorm),
     /// ModernBERT's pre-norm stack with rotary positions and local attention.
     Modern(modernbert::ModernBert),
+    /// DeBERTa-v2/v3's post-norm stack with disentangled attention.
+    Deberta(deberta::Deberta),
 }
 
 impl Encoder {
@@ -39,6 +42,10 @@ impl Encoder {
             let m = modernbert::ModernBertConfig::of(cfg).map_err(err)?;
             return Ok(Self::Modern(modernbert::ModernBert::load(get, &m).map_err(err)?));
         }
+        if cfg.arch() == arch::Arch::Deberta {
+            let d = deberta::DebertaConfig::of(cfg).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+            return Ok(Self::Deberta(deberta::Deberta::load(get, &d, &cfg.hidden_act)?));
+        }
         Ok(Self::PostNorm(post_norm::PostNorm::load(get, cfg)?))
     }
 
@@ -47,6 +54,7 @@ impl Encoder {
         match self {
             Self::PostNorm(e) => e.prepare_for_inference(bf16),
             Self::Modern(e) => e.prepare_for_inference(bf16),
+            Self::Deberta(e) => e.prepare_for_inference(bf16),
         }
     }
 
@@ -55,6 +63,7 @@ impl Encoder {
         match self {
             Self::PostNorm(e) => e.device(),
             Self::Modern(e) => e.device(),
+            Self::Deberta(e) => e.device(),
         }
     }
 
@@ -63,6 +72,7 @@ impl Encoder {
         match self {
             Self::PostNorm(e) => e.bytes(),
             Self::Modern(e) => e.bytes(),
+            Self::Deberta(e) => e.bytes(),
         }
     }
 
@@ -85,10 +95,15 @@ impl Encoder {
         match self {
             Self::PostNorm(e) => e.forward_low_rank(ids, type_ids, mask, mode, first_only, lr),
             Self::Modern(e) => {
-                if lr.groups.iter().any(|(_, set)| set.is_some()) {
-                    candle_core::bail!("LoRA adapters are not yet supported on modernbert");
+                let h = e.forward_low_rank(ids, mask, mode, lr)?;
+                if first_only {
+                    h.narrow(1, 0, 1)
+                } else {
+                    Ok(h)
                 }
-                let h = e.forward(ids, mask, mode)?;
+            }
+            Self::Deberta(e) => {
+                let h = e.forward_low_rank(ids, type_ids, mask, mode, lr)?;
                 if first_only {
                     h.narrow(1, 0, 1)
                 } else {

@@ -62,10 +62,12 @@ fn init(name: &str, shape: &[usize], cfg: &EncoderConfig, rng: &mut ChaCha8Rng) 
 /// The tensors a new classifier starts afresh, whatever its base holds: the output layer, and
 /// the pooler's dense layer where it belongs to the head (RoBERTa's `classifier.dense`, which
 /// transformers initialises anew even where the base carries a pooler; ELECTRA's; DistilBERT's
-/// `pre_classifier`). BERT's pooler is pre-trained with the encoder and is kept.
+/// `pre_classifier`). BERT's pooler is pre-trained with the encoder and is kept, and so is
+/// ModernBERT's `head`: its masked-LM checkpoints carry the head under the very names the
+/// classifiers read, and transformers loads it from there.
 pub fn fresh_head(cfg: &EncoderConfig) -> Vec<&'static str> {
     let mut fresh = vec!["classifier.weight", "classifier.bias"];
-    if cfg.arch().pooler_in_head() {
+    if cfg.arch().pooler_in_head() && cfg.arch() != super::arch::Arch::ModernBert {
         fresh.extend(cfg.arch().pooler_names());
     }
     fresh
@@ -103,6 +105,19 @@ impl Params {
         rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        Self::for_classifier_with(cfg, weights, num_labels, &fresh_head(cfg), rng, device)
+    }
+
+    /// [`Params::for_classifier`] with the tensors in `fresh` made new (none: the checkpoint's
+    /// head is kept where its shapes fit).
+    pub fn for_classifier_with(
+        cfg: &EncoderConfig,
+        weights: &HashMap<String, Tensor>,
+        num_labels: usize,
+        fresh: &[&str],
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         let mut spec = encoder_params(cfg);
         for (n, shape) in &spec {
             match weights.get(n) {
@@ -117,7 +132,7 @@ impl Params {
         spec.push((second.into(), vec![h]));
         spec.push(("classifier.weight".into(), vec![num_labels, h]));
         spec.push(("classifier.bias".into(), vec![num_labels]));
-        Self::build(cfg, &spec, weights, &fresh_head(cfg), rng, device)
+        Self::build(cfg, &spec, weights, fresh, rng, device)
     }
 
     pub fn new(names: Vec<String>, vars: Vec<Var>) -> Self {

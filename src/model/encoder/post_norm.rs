@@ -9,6 +9,7 @@ use crate::model::ops::attention::attention;
 use crate::model::ops::frozen_ffn::frozen_ffn;
 use crate::model::ops::kernels::use_fused_cpu_kernels;
 use crate::model::ops::layers::{activation, attention_bias, softmax_last, tensor_bytes, Act, LayerNorm, Linear, Mode};
+use crate::model::ops::varlen::{attention_packed, starts};
 use crate::model::ops::{device_ops, rng};
 use candle_core::{DType, Result, Tensor};
 
@@ -78,6 +79,9 @@ pub struct PostNorm {
 pub fn encoder_params(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
     if cfg.arch() == super::arch::Arch::ModernBert {
         return super::modernbert::ModernBertConfig::of(cfg).map(|m| super::modernbert::config::encoder_params(&m)).unwrap_or_default();
+    }
+    if cfg.arch() == super::arch::Arch::Deberta {
+        return super::deberta::DebertaConfig::of(cfg).map(|d| super::deberta::config::encoder_params(&d)).unwrap_or_default();
     }
     let (h, i, e) = (cfg.hidden_size, cfg.intermediate_size, cfg.embedding_size());
     let mut out: Vec<(String, Vec<usize>)> = vec![
@@ -261,6 +265,56 @@ impl PostNorm {
         Ok(x)
     }
 
+    /// Whether [`PostNorm::forward_packed`] runs here: prepared for inference, on the CPU in f32
+    /// with the fused kernels.
+    pub fn packs(&self) -> bool {
+        let e = &self.embeddings;
+        e.word.device().is_cpu() && e.word.dtype() == DType::F32 && use_fused_cpu_kernels() && self.layers.iter().all(|l| l.qkv.is_some())
+    }
+
+    /// Inference over texts packed one after another without padding (`ids` and `type_ids`
+    /// concatenated, `type_ids` empty for all 0; `lens` each text's length): the last hidden
+    /// states `[tokens, hidden]`, or with `first_only` each text's first token's `[texts,
+    /// hidden]`. The same numbers as [`PostNorm::forward`] on the padded batch, with no work
+    /// spent on padding. Only where [`PostNorm::packs`].
+    pub fn forward_packed(&self, ids: &[u32], type_ids: &[u32], lens: &[usize], first_only: bool) -> Result<Tensor> {
+        if !self.packs() {
+            candle_core::bail!("the packed forward pass needs an encoder prepared for CPU f32 inference");
+        }
+        let dev = self.device();
+        let t = ids.len();
+        let e = &self.embeddings;
+        let mut x = e.word.index_select(&Tensor::from_slice(ids, t, &dev)?, 0)?;
+        if let (Some(table), true) = (&e.token_type, type_ids.len() == t) {
+            x = (x + table.index_select(&Tensor::from_slice(type_ids, t, &dev)?, 0)?)?;
+        } else if let Some(table) = &e.token_type {
+            x = x.broadcast_add(&table.get(0)?)?;
+        }
+        let off = self.cfg.position_offset();
+        let positions: Vec<u32> = lens.iter().flat_map(|&n| (off..off + n).map(|p| p as u32)).collect();
+        x = (x + e.position.index_select(&Tensor::from_vec(positions, t, &dev)?, 0)?)?;
+        let mode = &mut Mode::Eval;
+        x = e.norm.forward(&x, mode)?;
+        if let Some(p) = &self.project {
+            x = p.forward(&x)?;
+        }
+        let lr = LowRank::default();
+        let last = self.layers.len().saturating_sub(1);
+        for (i, l) in self.layers.iter().enumerate() {
+            let qkv = l.qkv.as_ref().expect("checked by packs").forward(&x)?;
+            let ctx = attention_packed(&qkv, lens, self.cfg.num_attention_heads)?;
+            x = if first_only && i == last {
+                // The first token of each text: its output projection and feed-forward only.
+                let firsts: Vec<u32> = starts(lens).into_iter().map(|r| r as u32).collect();
+                let firsts = Tensor::from_vec(firsts, lens.len(), &dev)?;
+                self.after_attention(i, l, &ctx.index_select(&firsts, 0)?, &x.index_select(&firsts, 0)?, mode, &lr)?
+            } else {
+                self.after_attention(i, l, &ctx, &x, mode, &lr)?
+            };
+        }
+        Ok(x)
+    }
+
     fn self_attention(&self, i: usize, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.num_attention_heads;
@@ -313,14 +367,17 @@ impl PostNorm {
         lr: &LowRank,
     ) -> Result<Tensor> {
         let ctx = self.self_attention(i, l, x, keys, mode, lr)?;
-        let first;
-        let (ctx, x) = if first_only {
-            first = x.narrow(1, 0, 1)?.contiguous()?;
-            (ctx.narrow(1, 0, 1)?, &first)
-        } else {
-            (ctx, x)
-        };
-        let attn = lr.linear(i, Target::AttnOut, &l.attn_out, &ctx, mode)?;
+        if first_only {
+            let first = x.narrow(1, 0, 1)?.contiguous()?;
+            return self.after_attention(i, l, &ctx.narrow(1, 0, 1)?, &first, mode, lr);
+        }
+        self.after_attention(i, l, &ctx, x, mode, lr)
+    }
+
+    /// A layer's output projection, its norm and the feed-forward block, on the attention's
+    /// context `ctx` and the layer's input `x` (the same rows).
+    fn after_attention(&self, i: usize, l: &Layer, ctx: &Tensor, x: &Tensor, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
+        let attn = lr.linear(i, Target::AttnOut, &l.attn_out, ctx, mode)?;
         let attn = mode.dropout(&attn, self.attn_out_dropout)?;
         let x = l.attn_norm.forward(&(attn + x)?, mode)?;
         let ffn_frozen = !lr.touches(i, Target::Intermediate) && !lr.touches(i, Target::Output);

@@ -84,7 +84,7 @@ simd_kernel! {
 
 /// Folds `x` with `f` in 16 independent lanes (a serial fold over f32 does not vectorise).
 #[inline(always)]
-fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
@@ -122,7 +122,7 @@ fn band(i: usize, s: usize, window: Option<usize>) -> (usize, usize) {
 
 /// Softmax over keys `lo..hi` of `row` in place; the other keys get probability 0.
 #[inline(always)]
-fn softmax_band(row: &mut [f32], (lo, hi): (usize, usize)) {
+pub(super) fn softmax_band(row: &mut [f32], (lo, hi): (usize, usize)) {
     let max = lanes(&row[lo..hi], f32::NEG_INFINITY, f32::max);
     row[lo..hi].iter_mut().for_each(|r| *r = exp(*r - max));
     let inv = 1.0 / lanes(&row[lo..hi], 0.0, |a, b| a + b);

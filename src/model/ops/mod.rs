@@ -17,3 +17,4 @@ pub mod packed;
 pub mod rng;
 pub mod rotary;
 mod simd;
+pub mod varlen;

@@ -4,11 +4,12 @@
 
 use super::predictor::{length_buckets, Head, LoadedClassifier};
 use crate::model::encoder::adapters::{LowRank, LowRankSet, Target};
-use crate::model::encoder::classifier::{Pooling, HEAD_NAMES, POOLER_NAMES};
+use crate::model::encoder::arch::Arch;
+use crate::model::encoder::classifier::{OwnPooler, Pooling, HEAD_NAMES};
 use crate::model::encoder::config::EncoderConfig;
 use crate::model::hf::lora::{inspect_adapter, Adapter};
 use crate::model::hf::tokenize::pad_batch_typed;
-use crate::model::ops::layers::Linear;
+use crate::model::ops::layers::{LayerNorm, Linear};
 use anyhow::Context;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -18,8 +19,9 @@ use std::sync::Arc;
 pub struct LoadedAdapter {
     pub set: LowRankSet,
     head: Linear,
-    /// Its own pooler, where the head includes one (RoBERTa's `classifier.dense`).
-    pooler: Option<Linear>,
+    /// Its own pooler, where the head includes one (RoBERTa's `classifier.dense`, ModernBERT's
+    /// `head`).
+    pooler: Option<OwnPooler>,
     pub labels: Vec<String>,
     /// What its head's outputs are.
     pub head_kind: Head,
@@ -42,8 +44,12 @@ impl LoadedAdapter {
         let info = inspect_adapter(dir)?;
         let adapter = Adapter::load(dir, device)?;
         let only_dense = adapter.pairs.keys().all(|name| Target::of_weight(name).is_some());
-        let only_head = adapter.replaced.keys().all(|name| HEAD_NAMES.contains(&name.as_str()) || POOLER_NAMES.contains(&name.as_str()));
-        if !(only_dense && only_head) {
+        let cfg = &info.info.config;
+        let pooler_names = cfg.arch().pooler_names();
+        let only_head = adapter.replaced.keys().all(|name| HEAD_NAMES.contains(&name.as_str()) || pooler_names.contains(&name.as_str()));
+        // DeBERTa's adapted query and key also project the relative embeddings, once per pass:
+        // its adapters are served merged.
+        if !(only_dense && only_head) || cfg.arch() == Arch::Deberta {
             return Ok(None);
         }
         check_shapes(&adapter, &info.info.config)?;
@@ -58,12 +64,17 @@ impl LoadedAdapter {
         let mut head = Linear::new(get(HEAD_NAMES[0])?.to_dtype(dtype)?, get(HEAD_NAMES[1])?.to_dtype(dtype)?);
         head.prepare_for_inference()?;
         bytes += head.bytes();
-        let pooler = match (adapter.replaced.get(POOLER_NAMES[0]), adapter.replaced.get(POOLER_NAMES[1])) {
-            (Some(w), Some(b)) => {
-                let mut p = Linear::new(w.to_dtype(dtype)?, b.to_dtype(dtype)?);
-                p.prepare_for_inference()?;
-                bytes += p.bytes();
-                Some(p)
+        let pooler = match (adapter.replaced.get(pooler_names[0]), adapter.replaced.get(pooler_names[1])) {
+            (Some(w), Some(second)) => {
+                let (w, second) = (w.to_dtype(dtype)?, second.to_dtype(dtype)?);
+                // ModernBERT's head: a dense layer without a bias, then a norm (without one).
+                let modern = cfg.arch() == Arch::ModernBert;
+                let zeros = second.zeros_like()?;
+                let mut dense = Linear::new(w, if modern { zeros.clone() } else { second.clone() });
+                dense.prepare_for_inference()?;
+                bytes += dense.bytes() + if modern { second.elem_count() * dtype.size_in_bytes() } else { 0 };
+                let norm = modern.then(|| LayerNorm { weight: second, bias: zeros, eps: cfg.layer_norm_eps });
+                Some(OwnPooler { dense, norm })
             }
             _ => None,
         };
@@ -91,7 +102,11 @@ fn check_shapes(adapter: &Adapter, cfg: &EncoderConfig) -> anyhow::Result<()> {
     for (name, (a, b)) in &adapter.pairs {
         let (layer, target) = Target::of_weight(name).with_context(|| format!("the adapter changes {name}"))?;
         anyhow::ensure!(layer < cfg.num_hidden_layers, "the adapter changes layer {layer}; the base has {}", cfg.num_hidden_layers);
+        let modern = cfg.arch() == Arch::ModernBert;
         let (inp, out) = match target {
+            // ModernBERT's fused `Wqkv`, and its GeGLU `Wi` (gate and value).
+            Target::Query if modern => (h, 3 * h),
+            Target::Intermediate if modern => (h, 2 * i),
             Target::Intermediate => (h, i),
             Target::Output => (i, h),
             _ => (h, h),
@@ -106,7 +121,7 @@ fn check_shapes(adapter: &Adapter, cfg: &EncoderConfig) -> anyhow::Result<()> {
     }
     let head = adapter.replaced.get(HEAD_NAMES[0]).context("the adapter carries no classifier head")?;
     anyhow::ensure!(head.dim(1)? == h, "the adapter's head reads {} inputs; its base gives {h}", head.dim(1)?);
-    if let Some(p) = adapter.replaced.get(POOLER_NAMES[0]) {
+    if let Some(p) = adapter.replaced.get(cfg.arch().pooler_names()[0]) {
         anyhow::ensure!(p.dims() == [h, h], "the adapter's pooler is {:?}; its base needs [{h}, {h}]", p.dims());
     }
     Ok(())
@@ -153,7 +168,7 @@ impl LoadedClassifier {
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
             let type_refs: Vec<&[u32]> = chunk.iter().map(|&i| types.get(i).map_or(&[][..], Vec::as_slice)).collect();
             let batch = pad_batch_typed(&refs, &type_refs, self.pad_id, &self.device)?;
-            let poolings: Vec<(Pooling, Option<&Linear>)> = groups
+            let poolings: Vec<(Pooling, Option<&OwnPooler>)> = groups
                 .iter()
                 .map(|(rows, _)| {
                     adapters[chunk[rows.start]].as_ref().map_or((self.model.pooling(), None), |a| (a.pooling, a.pooler.as_ref()))

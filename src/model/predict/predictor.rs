@@ -154,6 +154,15 @@ impl LoadedClassifier {
         // A placeholder head of one output (a zero-size one would be a zero-byte device allocation).
         weights.insert(HEAD_NAMES[0].into(), Tensor::zeros((1, hidden), candle_core::DType::F32, device)?);
         weights.insert(HEAD_NAMES[1].into(), Tensor::zeros(1, candle_core::DType::F32, device)?);
+        if info.config.arch() == crate::model::encoder::arch::Arch::ModernBert {
+            // ModernBERT's head runs under every pooling: a placeholder where the base has none
+            // (each adapter brings its own).
+            let [dense, norm] = info.config.arch().pooler_names();
+            if !weights.contains_key(dense) {
+                weights.insert(dense.into(), Tensor::zeros((hidden, hidden), candle_core::DType::F32, device)?);
+                weights.insert(norm.into(), Tensor::ones(hidden, candle_core::DType::F32, device)?);
+            }
+        }
         Self::build(&info, weights, tokenizer, Vec::new(), pooling, device, weights_as)
     }
 
@@ -201,6 +210,11 @@ impl LoadedClassifier {
             bytes,
             dtype: if all_bf16 { candle_core::DType::BF16 } else { candle_core::DType::F32 },
         })
+    }
+
+    /// Whether a batch runs with its texts packed without padding (see `Classifier::packs`).
+    pub fn unpadded(&self) -> bool {
+        self.model.packs()
     }
 
     /// What activations are computed in: an adapter served over this model takes the same.
@@ -303,6 +317,27 @@ impl LoadedClassifier {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i].len());
         let mut out = vec![Vec::new(); seqs.len()];
+        if self.model.packs() {
+            // No padding at all: each forward pass takes `batch_size` texts one after another.
+            for chunk in order.chunks(batch_size.max(1)) {
+                let lens: Vec<usize> = chunk.iter().map(|&i| seqs[i].len()).collect();
+                let ids: Vec<u32> = chunk.iter().flat_map(|&i| seqs[i].iter().copied()).collect();
+                let typed = chunk.iter().any(|&i| types.get(i).is_some_and(|t| !t.is_empty()));
+                let type_ids: Vec<u32> = if typed {
+                    chunk
+                        .iter()
+                        .flat_map(|&i| types.get(i).filter(|t| !t.is_empty()).cloned().unwrap_or_else(|| vec![0; seqs[i].len()]))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let logits = self.model.logits_packed(&ids, &type_ids, &lens)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+                for (&i, row) in chunk.iter().zip(logits) {
+                    out[i] = row;
+                }
+            }
+            return Ok(out);
+        }
         for chunk in length_buckets(&order, seqs, batch_size.max(1)) {
             let refs: Vec<&[u32]> = chunk.iter().map(|&i| seqs[i].as_slice()).collect();
             let type_refs: Vec<&[u32]> = chunk.iter().map(|&i| types.get(i).map_or(&[][..], Vec::as_slice)).collect();

@@ -12,6 +12,7 @@ pub mod heads;
 pub use config::ModernBertConfig;
 pub use heads::{ModernBertClassifier, ModernBertMaskedLm};
 
+use super::adapters::{LowRank, Target};
 use super::post_norm::Getter;
 use crate::model::ops::attention::{attention_windowed, window_bias};
 use crate::model::ops::geglu::geglu;
@@ -168,27 +169,35 @@ impl ModernBert {
     /// Hidden states `[batch, seq, hidden]` of token ids `[batch, seq]` with `mask` (`[batch, seq]`,
     /// 1 for tokens, 0 for padding at the end).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        self.forward_low_rank(ids, mask, mode, &LowRank::default())
+    }
+
+    /// [`ModernBert::forward`] with each row's adapter terms added to the dense layers they
+    /// change (`Wqkv` as [`Target::Query`], `attn.Wo`, `mlp.Wi`, `mlp.Wo`).
+    pub fn forward_low_rank(&self, ids: &Tensor, mask: &Tensor, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let x = self.embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden_size))?;
         let mut x = mode.dropout(&self.embed_norm.forward(&x)?, self.cfg.embedding_dropout)?;
         let keys = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let h = match &layer.attn_norm {
                 Some(n) => n.forward(&x)?,
                 None => x.clone(),
             };
-            let attn = self.attention(layer, &h, mask, &keys, mode)?;
-            x = (x + mode.dropout(&layer.wo.forward(&attn)?, self.cfg.attention_dropout)?)?;
-            let up = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
+            let qkv = lr.linear(i, Target::Query, &layer.wqkv.linear, &h, mode)?;
+            let attn = self.attention(layer, &qkv, mask, &keys, mode)?;
+            let out = lr.linear(i, Target::AttnOut, &layer.wo.linear, &attn, mode)?;
+            x = (x + mode.dropout(&out, self.cfg.attention_dropout)?)?;
+            let up = lr.linear(i, Target::Intermediate, &layer.wi.linear, &layer.mlp_norm.forward(&x)?, mode)?;
             let gated = mode.dropout(&geglu(&up)?, self.cfg.mlp_dropout)?;
-            x = (x + layer.mlp_out.forward(&gated)?)?;
+            x = (x + lr.linear(i, Target::Output, &layer.mlp_out.linear, &gated, mode)?)?;
         }
         self.final_norm.forward(&x)
     }
 
-    fn attention(&self, layer: &Layer, h: &Tensor, mask: &Tensor, keys: &[f32], mode: &mut Mode) -> Result<Tensor> {
+    /// Attention over the fused projections `qkv` (`[batch, seq, 3·hidden]`).
+    fn attention(&self, layer: &Layer, qkv: &Tensor, mask: &Tensor, keys: &[f32], mode: &mut Mode) -> Result<Tensor> {
         let hidden = self.cfg.hidden_size;
-        let qkv = layer.wqkv.forward(h)?;
         let (table, window) = if layer.global { (&self.global_rope, None) } else { (&self.local_rope, Some(self.cfg.window())) };
         let q = rotary(&qkv.narrow(D::Minus1, 0, hidden)?, table)?;
         let k = rotary(&qkv.narrow(D::Minus1, hidden, hidden)?, table)?;

@@ -1,0 +1,142 @@
+//! Attention over texts packed one after another without padding (inference, CPU f32), as
+//! transformers' unpadded ("varlen") attention: a batch of texts of different lengths costs the
+//! dense layers only its real tokens, and each text's attention sees only its own keys. Padding
+//! to the longest text of a batch of 32 short texts is typically half the rows of every dense
+//! layer; here there is none.
+
+use super::attention::softmax_band;
+use super::buffers::{uninit, with_f32, SharedOut};
+use super::simd::simd_kernel;
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+simd_kernel! {
+    /// Softmax of every `s`-wide row of `p` in place.
+    fn softmax_rows(p: &mut [f32], s: usize) {
+        for row in p.chunks_exact_mut(s) {
+            softmax_band(row, (0, s));
+        }
+    }
+}
+
+/// Start row of each text packed with lengths `lens`.
+pub fn starts(lens: &[usize]) -> Vec<usize> {
+    lens.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect()
+}
+
+/// Multi-head attention of texts packed as rows of `qkv` `[tokens, 3·hidden]` (each row its
+/// query, key and value side by side; the texts one after another, `lens` their lengths in
+/// order): the context `[tokens, hidden]`, heads concatenated. Inference only (no backward).
+pub fn attention_packed(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Tensor> {
+    let (t, w) = qkv.dims2()?;
+    let h = w / 3;
+    if w % 3 != 0 || heads == 0 || h % heads != 0 || lens.iter().sum::<usize>() != t {
+        candle_core::bail!(
+            "packed attention: width {w} over {heads} heads, {t} rows for lengths summing to {}",
+            lens.iter().sum::<usize>()
+        );
+    }
+    let hd = h / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let starts = starts(lens);
+    // SAFETY: every text's rows get all of its heads' columns (`heads·hd = h`), and the texts
+    // cover all `t` rows: each element is written below before the tensor is made.
+    let mut out = unsafe { uninit(t * h) };
+    let dst = SharedOut(out.as_mut_ptr());
+    with_f32(qkv, |x| {
+        assert!(x.len() == t * w);
+        (0..lens.len() * heads).into_par_iter().for_each(|task| {
+            let (ti, hi) = (task / heads, task % heads);
+            let (start, s) = (starts[ti], lens[ti]);
+            if s == 0 {
+                return;
+            }
+            let q = start * w + hi * hd;
+            // SAFETY: written in full by the first product (`read_dst` false) before it is read.
+            let mut p = unsafe { uninit(s * s) };
+            let none = gemm::Parallelism::None;
+            // SAFETY: the text's rows `start..start + s` of width `w` lie inside `x` (asserted
+            // above with `lens` summing to `t`); query, key and value columns of head `hi` are
+            // `q`, `q + h`, `q + 2h` onwards, `hd` wide; `p` is `[s, s]`; the output block is
+            // rows `start..start + s`, columns `hi·hd..(hi + 1)·hd` of `[t, h]`, which no other
+            // task writes.
+            unsafe {
+                let x = x.as_ptr();
+                // p = scale · Q·Kᵀ; Kᵀ element (dd, j) is x[q + h + j·w + dd].
+                gemm::gemm(
+                    s,
+                    s,
+                    hd,
+                    p.as_mut_ptr(),
+                    1,
+                    s as isize,
+                    false,
+                    x.add(q),
+                    1,
+                    w as isize,
+                    x.add(q + h),
+                    w as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    none,
+                );
+                softmax_rows(&mut p, s);
+                let o = dst.at(start * h + hi * hd);
+                gemm::gemm(
+                    s,
+                    hd,
+                    s,
+                    o,
+                    1,
+                    h as isize,
+                    false,
+                    p.as_ptr(),
+                    1,
+                    s as isize,
+                    x.add(q + 2 * h),
+                    1,
+                    w as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    none,
+                );
+            }
+        });
+    })?;
+    Tensor::from_vec(out, (t, h), qkv.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The packed texts' context equals each text's own attention, computed with candle ops.
+    #[test]
+    fn each_text_attends_to_its_own_tokens_only() -> Result<()> {
+        let (heads, h, lens) = (2usize, 8usize, [3usize, 5, 1]);
+        let t: usize = lens.iter().sum();
+        let dev = Device::Cpu;
+        let vals: Vec<f32> = (0..t * 3 * h).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let qkv = Tensor::from_vec(vals, (t, 3 * h), &dev)?;
+        let got = attention_packed(&qkv, &lens, heads)?;
+        let hd = h / heads;
+        for (&start, &s) in starts(&lens).iter().zip(&lens) {
+            let rows = qkv.narrow(0, start, s)?;
+            let split = |c: usize| rows.narrow(1, c * h, h)?.reshape((s, heads, hd))?.transpose(0, 1)?.contiguous();
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (hd as f64).sqrt())?)?;
+            let want = probs.matmul(&v)?.transpose(0, 1)?.reshape((s, h))?;
+            let diff = (got.narrow(0, start, s)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "text at {start}: {diff}");
+        }
+        Ok(())
+    }
+}

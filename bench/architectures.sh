@@ -7,7 +7,7 @@
 # Usage: bench/architectures.sh OUT_DIR [ARCH ...]   (from the repo root, after cargo build
 # --release; needs ~/refbench-venv; run it on an otherwise idle machine). ARCH is a folder of
 # OUT_DIR/models: roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator,
-# modernbert-base (made when missing).
+# modernbert-base, deberta-v3-small (made when missing).
 set -euo pipefail
 OUT=$(mkdir -p "${1:?out dir}" && cd "$1" && pwd); shift
 ARCHS=${*:-roberta-base xlm-roberta-base distilbert-base-uncased electra-base-discriminator}

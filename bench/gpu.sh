@@ -17,7 +17,9 @@
 # wheels (cublas, cublasLt, curand, nvrtc, cudart) and the driver's libcuda.so.1.
 #
 # Both sides get the same random-init encoders (made here, seed 0): MiniLM's shape (6 layers,
-# hidden 384) and bert-base's (12 x 768), with all-minilm-l6-v2's tokenizer. Training: SST-2's
+# hidden 384), bert-base's (12 x 768), ModernBERT-base's and DeBERTa-v3-small's (their rows come
+# last: run them with ROWS="warmup modernbert_bf16_b32 deberta_bf16_b32 modernbert_bf16_b32_len512"
+# when the budget stops before them), with all-minilm-l6-v2's tokenizer. Training: SST-2's
 # first 8,000 rows, 1 epoch, lr 5e-5, seed 42, max-len 64 (one row 256), CLS pooling, the two
 # sides alternately (ours, then PyTorch, per row). Predict: one random-init bert-base classifier;
 # ours over HTTP (`finetuned serve` + `finetuned bench-serve`), PyTorch in-process
@@ -188,7 +190,9 @@ def add(row, metric, ours, ref, ours_name, ref_name, acc=(None, None), mem_self=
 
 TRAIN = [("minilm_f32_b32", "MiniLM f32 b32"), ("bertbase_bf16_b32", "bert-base bf16 b32"),
          ("bertbase_f32_b32", "bert-base f32 b32"), ("bertbase_bf16_b128", "bert-base bf16 b128"),
-         ("minilm_bf16_b128", "MiniLM bf16 b128"), ("bertbase_bf16_b32_len256", "bert-base bf16 b32 max-len 256")]
+         ("minilm_bf16_b128", "MiniLM bf16 b128"), ("bertbase_bf16_b32_len256", "bert-base bf16 b32 max-len 256"),
+         ("modernbert_bf16_b32", "ModernBERT-base bf16 b32"), ("modernbert_bf16_b32_len512", "ModernBERT-base bf16 b32 max-len 512"),
+         ("deberta_bf16_b32", "DeBERTa-v3-small bf16 b32")]
 for rid, label in TRAIN:
     o, p = load(f"ours_{rid}") or {}, load(f"ref_{rid}") or {}
     add(label, "train ex/s (higher is better)", o.get("train_examples_per_s"), p.get("train_examples_per_s"),
@@ -288,21 +292,34 @@ ldd "$BIN" | grep -E 'not found|libcu|nvrtc|curand' | sed 's/^/[ldd] /'
 # --- the random models (both sides load these very files) -----------------------------------
 mkdir -p "$W/models" "$W/serve"
 W=$W KIT=$KIT "$PY" - <<'PYEOF' || { echo "could not make the models" >&2; exit 2; }
-import os, shutil, torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+import json, os, shutil, torch
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, DebertaV2Config, DebertaV2Model, ModernBertConfig,
+                          ModernBertModel)
 W, KIT = os.environ["W"], os.environ["KIT"]
 def config(layers, hidden, **kw):
     return BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
                       intermediate_size=4 * hidden, pad_token_id=0, **kw)
 made = [("models/minilm", BertModel, config(6, 384)), ("models/bertbase", BertModel, config(12, 768)),
         ("serve/bertbase-cls", BertForSequenceClassification,
-         config(12, 768, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}))]
+         config(12, 768, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})),
+        # The encoders of part 2 at their real shapes, over MiniLM's vocabulary (its ids fit).
+        ("models/modernbert", ModernBertModel,
+         ModernBertConfig(vocab_size=30522, pad_token_id=0, cls_token_id=101, sep_token_id=102, bos_token_id=101, eos_token_id=102)),
+        ("models/deberta", DebertaV2Model,
+         DebertaV2Config(vocab_size=30522, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072,
+                         max_position_embeddings=512, relative_attention=True, position_buckets=256, pos_att_type=["p2c", "c2p"],
+                         share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0, pad_token_id=0,
+                         layer_norm_eps=1e-7, pooler_hidden_size=768, pooler_hidden_act="gelu", pooler_dropout=0.0))]
 for path, cls, cfg in made:
     torch.manual_seed(0)
     d = f"{W}/{path}"
     cls(cfg).save_pretrained(d, safe_serialization=True)
     for f in os.listdir(f"{KIT}/tok"):
         shutil.copy(f"{KIT}/tok/{f}", d)
+    if cls in (ModernBertModel, DebertaV2Model):
+        # Their own tokenizer classes would look for their own files: MiniLM's is a BERT one.
+        json.dump({"tokenizer_class": "BertTokenizerFast", "do_lower_case": True, "model_max_length": 512},
+                  open(f"{d}/tokenizer_config.json", "w"))
 print("[models] made", ", ".join(p for p, _, _ in made))
 PYEOF
 
@@ -371,7 +388,7 @@ cat "$DATA/test.jsonl" "$DATA/validation.jsonl" | head -n 2048 > "$W/pool.jsonl"
 
 # In the order they run (the most wanted first; the table keeps its own order). A row that finds
 # less than a minute of the budget left is skipped; ROWS="id ..." runs only those rows.
-rows="warmup minilm_f32_b32 bertbase_bf16_b32 predict_f32 predict_bf16 bertbase_f32_b32 bertbase_bf16_b128 minilm_bf16_b128 bertbase_bf16_b32_len256"
+rows="warmup minilm_f32_b32 bertbase_bf16_b32 predict_f32 predict_bf16 bertbase_f32_b32 bertbase_bf16_b128 minilm_bf16_b128 bertbase_bf16_b32_len256 modernbert_bf16_b32 deberta_bf16_b32 modernbert_bf16_b32_len512"
 ROWS_ASKED=${ROWS:-$rows}
 for row in $ROWS_ASKED; do
   if (( $(left) < 60 )) && [ "${row#predict}" = "$row" ]; then
@@ -389,6 +406,9 @@ for row in $ROWS_ASKED; do
     bertbase_bf16_b128)       train_row "$row" bertbase bf16 128 64 90 60 ;;
     minilm_bf16_b128)         train_row "$row" minilm bf16 128 64 60 50 ;;
     bertbase_bf16_b32_len256) train_row "$row" bertbase bf16 32 256 110 75 ;;
+    modernbert_bf16_b32)      train_row "$row" modernbert bf16 32 64 110 75 ;;
+    modernbert_bf16_b32_len512) train_row "$row" modernbert bf16 32 512 150 110 ;;
+    deberta_bf16_b32)         train_row "$row" deberta bf16 32 64 110 75 ;;
     predict_f32)              predict_row f32 8181 ;;
     predict_bf16)             predict_row bf16 8182 ;;
     *) log "unknown row $row (rows: $rows)" ;;

@@ -7,7 +7,7 @@
 # Usage: bench/architectures.sh OUT_DIR [ARCH ...]   (from the repo root, after cargo build
 # --release; needs ~/refbench-venv; run it on an otherwise idle machine). ARCH is a folder of
 # OUT_DIR/models: roberta-base, xlm-roberta-base, distilbert-base-uncased, electra-base-discriminator,
-# modernbert-base, deberta-v3-small (made when missing).
+# modernbert-base, deberta-v3-small, deberta-v3-base (made when missing). PREDICT=0 skips predict.
 set -euo pipefail
 OUT=$(mkdir -p "${1:?out dir}" && cd "$1" && pwd); shift
 ARCHS=${*:-roberta-base xlm-roberta-base distilbert-base-uncased electra-base-discriminator}
@@ -23,7 +23,8 @@ head -2000 ../shared/datasets/sst2/train.jsonl > "$D/train.jsonl"
 head -200 ../shared/datasets/sst2/validation.jsonl > "$D/validation.jsonl"
 head -200 ../shared/datasets/sst2/test.jsonl > "$D/test.jsonl"
 awk "NR <= 2048" ../shared/datasets/sst2/test.jsonl ../shared/datasets/sst2/validation.jsonl > "$OUT/pool.jsonl"
-COMMON="--data $D --epochs 1 --batch-size 32 --lr 5e-5 --max-len 64 --seed 42 --threads 2 --group-by-length"
+# MAXLEN (default 64): the longest a training text is cut to, on both sides.
+COMMON="--data $D --epochs 1 --batch-size 32 --lr 5e-5 --max-len ${MAXLEN:-64} --seed 42 --threads 2 --group-by-length"
 . "$(dirname "$0")/idle.sh"
 for a in $ARCHS; do
   M=$OUT/models/$a; R=$OUT/$a
@@ -35,6 +36,7 @@ for a in $ARCHS; do
       idle; $BIN train --model "$M" ${COMMON/--lr 5e-5/} --pooling cls --method $m --out "$R/ours_$m.json" > "$R/ours_$m.log" 2>&1
     done
   fi
+  [ "${PREDICT:-1}" = 0 ] && continue
   idle; $PY $REF/predict_ref.py --model "$R/ref_model" --data ../shared/datasets/sst2 --n-texts 1024 --n-requests 100 --threads 2 \
     --out "$R/predict_ref.json" > "$R/predict_ref.log" 2>&1
   mkdir -p "$R/serve/models" "$R/serve/data"
@@ -64,7 +66,10 @@ for a in archs:
 print()
 print(f"{'model':<28}{'predict_ref b32 texts/s':>24}{'ours b32 texts/s':>18}{'ratio':>7}")
 for a in archs:
-    ref = load(f"{d}/{a}/predict_ref.json")["throughput"]["e2e_seq_per_s"]
+    try:
+        ref = load(f"{d}/{a}/predict_ref.json")["throughput"]["e2e_seq_per_s"]
+    except FileNotFoundError:
+        continue
     ours = load(f"{d}/{a}/ours_predict_b32.json")["texts_per_s"]
     print(f"{a:<28}{ref:>24.1f}{ours:>18.1f}{ours / ref:>7.2f}")
 PY

@@ -13,7 +13,7 @@ tokens) for DistilBERT and ELECTRA, and a byte-level BPE and a SentencePiece Uni
 texts for RoBERTa and XLM-R (their ids fit the real vocabularies; texts come out a little longer), and a
 byte-level BPE with ModernBERT's special tokens and `[CLS] a [SEP]` for ModernBERT-base (22 layers of 768,
 global attention every third, 128-token local windows), and a SentencePiece Unigram with DeBERTa-v3's special
-tokens for deberta-v3-small.
+tokens for deberta-v3-small and deberta-v3-base (12 layers).
 """
 import json
 import os
@@ -89,9 +89,10 @@ def modernbert(out):
     save(out, ModernBertModel(ModernBertConfig(pad_token_id=3, cls_token_id=1, sep_token_id=2, bos_token_id=1, eos_token_id=2)), tok)
 
 
-def deberta_v3_small(out):
+def deberta_v3_small(out, layers=6):
     # deberta-v3-small's shape: 6 layers of 768, 128,100-token vocabulary, 256 log buckets over 512
-    # positions, both attention terms with shared keys, no absolute positions or token types.
+    # positions, both attention terms with shared keys, no absolute positions or token types
+    # (deberta-v3-base: the same with 12 layers).
     from transformers import DebertaV2Config, DebertaV2Model, DebertaV2TokenizerFast
     sp = SentencePieceUnigramTokenizer()
     sp.train_from_iterator(texts(), vocab_size=16000, special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"], unk_token="[UNK]")
@@ -101,7 +102,7 @@ def deberta_v3_small(out):
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         tok = AutoTokenizer.from_pretrained(tmp)
-    config = DebertaV2Config(vocab_size=128100, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072,
+    config = DebertaV2Config(vocab_size=128100, hidden_size=768, num_hidden_layers=layers, num_attention_heads=12, intermediate_size=3072,
                              max_position_embeddings=512, relative_attention=True, position_buckets=256, max_relative_positions=-1,
                              pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
                              type_vocab_size=0, pad_token_id=0, layer_norm_eps=1e-7, hidden_act="gelu", pooler_hidden_size=768,
@@ -111,7 +112,8 @@ def deberta_v3_small(out):
 
 
 MAKERS = {"roberta-base": roberta, "xlm-roberta-base": xlm_roberta, "distilbert-base-uncased": distilbert,
-          "electra-base-discriminator": electra, "modernbert-base": modernbert, "deberta-v3-small": deberta_v3_small}
+          "electra-base-discriminator": electra, "modernbert-base": modernbert, "deberta-v3-small": deberta_v3_small,
+          "deberta-v3-base": lambda out: deberta_v3_small(out, layers=12)}
 
 if __name__ == "__main__":
     root = sys.argv[1]

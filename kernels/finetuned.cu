@@ -148,21 +148,31 @@ __device__ void bias_gelu_bwd(const T *x, const T *bias, u64 nb, const T *g, T *
 // ---------------------------------------------------------------- masked softmax
 // s: [B, H, S, S] as rows of length S; bias: f32 [B, S]; row r uses bias row r / (H*S).
 // Dropout (use_drop != 0) keeps element j of row r when bits(seed, r*S + j) < keep_below.
+// Sliding window: query i = row % S sees only keys j with |i - j| <= window (0xffffffff: all).
+__device__ __forceinline__ bool in_window(u32 i, u32 j, u32 window) {
+    return (u64)j + window >= i && (u64)j <= (u64)i + window;
+}
+
 template <typename T>
 __device__ void masked_softmax_fwd(const T *s, const float *bias, T *y, u64 rows, u32 seq, u32 heads, float scale,
-                                   u32 use_drop, u32 keep_below, float drop_scale, u64 seed) {
+                                   u32 use_drop, u32 keep_below, float drop_scale, u64 seed, u32 window) {
     ROW_OR_RETURN(row, rows);
     const T *sr = s + row * seq;
     const float *br = bias + (row / ((u64)heads * seq)) * seq;
     T *yr = y + row * seq;
+    const u32 qi = (u32)(row % seq);
     float mx = -INFINITY;
-    for (u32 j = lane; j < seq; j += 32) mx = fmaxf(mx, to_f(sr[j]) * scale + br[j]);
+    for (u32 j = lane; j < seq; j += 32) {
+        if (in_window(qi, j, window)) mx = fmaxf(mx, to_f(sr[j]) * scale + br[j]);
+    }
     mx = warp_max(mx);
     float sum = 0.0f;
-    for (u32 j = lane; j < seq; j += 32) sum += expf(to_f(sr[j]) * scale + br[j] - mx);
+    for (u32 j = lane; j < seq; j += 32) {
+        if (in_window(qi, j, window)) sum += expf(to_f(sr[j]) * scale + br[j] - mx);
+    }
     sum = warp_sum(sum);
     for (u32 j = lane; j < seq; j += 32) {
-        float p = expf(to_f(sr[j]) * scale + br[j] - mx) / sum;
+        float p = in_window(qi, j, window) ? expf(to_f(sr[j]) * scale + br[j] - mx) / sum : 0.0f;
         if (use_drop) p = ft_bits(seed, row * seq + j) < keep_below ? p * drop_scale : 0.0f;
         yr[j] = from_f<T>(p);
     }
@@ -192,6 +202,74 @@ __device__ void masked_softmax_bwd(const T *p, const T *g, T *ds, u64 rows, u32 
     for (u32 j = lane; j < seq; j += 32) {
         const float gj = dropped_grad(gr, row, seq, j, use_drop, keep_below, drop_scale, seed);
         dr[j] = from_f<T>(scale * to_f(pr[j]) * (gj - dot));
+    }
+}
+
+// ---------------------------------------------------------------- rotary embedding
+// x: [rows, hidden], rows = batch*seq, position = row % seq; table: f32 [seq, 2*hd], each
+// position's cosines then its sines. sign -1: the transposed rotation (the backward pass).
+template <typename T>
+__device__ void rotary(const T *x, const float *table, T *y, u64 n, u32 seq, u32 hidden, u32 hd, float sign) {
+    const u32 half = hd / 2;
+    GRID_STRIDE(i, n) {
+        const u64 row = i / hidden;
+        const u32 d = (u32)(i % hidden) % hd;
+        const float *t = table + (row % seq) * 2 * hd;
+        const float cs = t[d], sn = t[hd + d];
+        const float out = d < half ? to_f(x[i]) * cs - sign * to_f(x[i + half]) * sn
+                                   : to_f(x[i]) * cs + sign * to_f(x[i - half]) * sn;
+        y[i] = from_f<T>(out);
+    }
+}
+
+// ---------------------------------------------------------------- GeGLU
+// x: [rows, 2w]; y: [rows, w] = gelu(x[:, :w]) * x[:, w:]; n = rows * w.
+template <typename T>
+__device__ void geglu_fwd(const T *x, T *y, u64 n, u32 w) {
+    GRID_STRIDE(i, n) {
+        const T *xr = x + (i / w) * 2 * w;
+        const u32 c = (u32)(i % w);
+        y[i] = from_f<T>(gelu(to_f(xr[c])) * to_f(xr[w + c]));
+    }
+}
+
+template <typename T>
+__device__ void geglu_bwd(const T *x, const T *g, T *dx, u64 n, u32 w) {
+    GRID_STRIDE(i, n) {
+        const T *xr = x + (i / w) * 2 * w;
+        T *dr = dx + (i / w) * 2 * w;
+        const u32 c = (u32)(i % w);
+        const float a = to_f(xr[c]), gi = to_f(g[i]);
+        dr[c] = from_f<T>(gi * to_f(xr[w + c]) * gelu_grad(a));
+        dr[w + c] = from_f<T>(gi * gelu(a));
+    }
+}
+
+// ---------------------------------------------------------------- disentangled attention's lookups
+// c: [T, S, R] (T = batch*heads); y: [T, S, S]; y[t][i][j] = c[t][i][idx[i*S + j]], or with
+// transpose c[t][j][idx[j*S + i]].
+template <typename T>
+__device__ void rel_gather(const T *c, const u32 *idx, T *y, u64 n, u32 seq, u32 rows, u32 transpose) {
+    GRID_STRIDE(m, n) {
+        const u64 t = m / ((u64)seq * seq);
+        const u32 i = (u32)(m / seq % seq), j = (u32)(m % seq);
+        const u32 a = transpose ? j : i, b = transpose ? i : j;
+        y[m] = c[(t * seq + a) * rows + idx[(u64)a * seq + b]];
+    }
+}
+
+// The backward pass: one thread per row a of dc ([T, S, R], f32), summing its S sources in order.
+template <typename T>
+__device__ void rel_scatter(const T *g, const u32 *idx, float *dc, u64 owners, u32 seq, u32 rows, u32 transpose) {
+    GRID_STRIDE(o, owners) {
+        const u64 t = o / seq;
+        const u32 a = (u32)(o % seq);
+        float *d = dc + o * rows;
+        for (u32 k = 0; k < rows; ++k) d[k] = 0.0f;
+        for (u32 u = 0; u < seq; ++u) {
+            const float v = transpose ? to_f(g[(t * seq + u) * seq + a]) : to_f(g[(t * seq + a) * seq + u]);
+            d[idx[(u64)a * seq + u]] += v;
+        }
     }
 }
 
@@ -236,8 +314,8 @@ extern "C" __global__ void __launch_bounds__(256)
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                                               \
         ft_masked_softmax_fwd_##S(const T *s, const float *bias, T *y, u64 rows, u32 seq, u32 heads, float scale,   \
-                                  u32 use_drop, u32 keep_below, float drop_scale, u64 seed) {                       \
-        masked_softmax_fwd(s, bias, y, rows, seq, heads, scale, use_drop, keep_below, drop_scale, seed);            \
+                                  u32 use_drop, u32 keep_below, float drop_scale, u64 seed, u32 window) {           \
+        masked_softmax_fwd(s, bias, y, rows, seq, heads, scale, use_drop, keep_below, drop_scale, seed, window);    \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                                               \
         ft_masked_softmax_bwd_##S(const T *p, const T *g, T *ds, u64 rows, u32 seq, float scale, u32 use_drop,      \
@@ -247,6 +325,25 @@ extern "C" __global__ void __launch_bounds__(256)
     extern "C" __global__ void __launch_bounds__(256)                                                               \
         ft_adamw_moments_##S(float *mv, const T *g, u64 n, float grad_scale, float beta1, float beta2) {            \
         adamw_moments(mv, g, n, grad_scale, beta1, beta2);                                                          \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        ft_rotary_##S(const T *x, const float *table, T *y, u64 n, u32 seq, u32 hidden, u32 hd, float sign) {       \
+        rotary(x, table, y, n, seq, hidden, hd, sign);                                                              \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) ft_geglu_fwd_##S(const T *x, T *y, u64 n, u32 w) {            \
+        geglu_fwd(x, y, n, w);                                                                                      \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        ft_geglu_bwd_##S(const T *x, const T *g, T *dx, u64 n, u32 w) {                                             \
+        geglu_bwd(x, g, dx, n, w);                                                                                  \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        ft_rel_gather_##S(const T *c, const u32 *idx, T *y, u64 n, u32 seq, u32 rows, u32 transpose) {              \
+        rel_gather(c, idx, y, n, seq, rows, transpose);                                                             \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                               \
+        ft_rel_scatter_##S(const T *g, const u32 *idx, float *dc, u64 owners, u32 seq, u32 rows, u32 transpose) {   \
+        rel_scatter(g, idx, dc, owners, seq, rows, transpose);                                                      \
     }
 
 FT_KERNELS(float, f32)

@@ -1,10 +1,10 @@
 //! The fused CPU kernels agree with candle's composed ops, values and gradients; among them the
-//! ops ModernBERT needs (rotary embedding, GeGLU, sliding-window attention), whose composed forms
-//! are what a GPU runs.
+//! ops ModernBERT needs (rotary embedding, GeGLU, sliding-window attention), and the device ops a
+//! GPU runs for them.
 
 use candle_core::{Device, Tensor, Var, D};
 use finetuned::model::ops::rotary::{rotary, rotary_composed, RopeTable};
-use finetuned::model::ops::{attention, geglu, kernels};
+use finetuned::model::ops::{attention, device_ops, geglu, kernels};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
@@ -253,7 +253,24 @@ fn sliding_window_attention_sees_only_keys_within_the_window_and_matches_compose
     let real = mask.reshape((b, s, 1)).unwrap();
     let upstream = random(&[b, s, h], 34);
     let (fused, composed) = (fused.broadcast_mul(&real).unwrap(), composed.broadcast_mul(&real).unwrap());
-    same_gradients(fused, composed, &upstream, &[("q", &q), ("k", &k), ("v", &v)], 1e-4);
+    same_gradients(fused, composed.clone(), &upstream, &[("q", &q), ("k", &k), ("v", &v)], 1e-4);
+    // The device op a GPU runs: the window inside the masked softmax.
+    let hd = h / nh;
+    let heads = |t: &Tensor| t.reshape((b, s, nh, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    let bias = ((&mask - 1.0).unwrap() * 1e4).unwrap();
+    let op = device_ops::MaskedSoftmax { scale: 1.0 / (hd as f32).sqrt(), dropout: None, window: Some(w) };
+    let probs =
+        heads(q.as_tensor()).matmul(&heads(k.as_tensor()).t().unwrap()).unwrap().contiguous().unwrap().apply_op2(&bias, op).unwrap();
+    let device = probs.matmul(&heads(v.as_tensor())).unwrap().transpose(1, 2).unwrap().reshape((b, s, h)).unwrap();
+    same_gradients(device.broadcast_mul(&real).unwrap(), composed, &upstream, &[("q", &q), ("k", &k), ("v", &v)], 1e-4);
+}
+
+/// `f` with the fused CPU kernels off: the device-generic ops a GPU runs, on the CPU.
+fn device_path<T>(f: impl FnOnce() -> T) -> T {
+    let before = kernels::set_fused_cpu_kernels(false);
+    let out = f();
+    kernels::set_fused_cpu_kernels(before);
+    out
 }
 
 #[test]
@@ -268,8 +285,10 @@ fn rotary_embedding_matches_composed_ops_and_its_gradient_is_the_inverse_rotatio
     assert!(max_diff(&norms(&fused), &norms(x.as_tensor())) < 1e-3);
     // Position 0 is not rotated.
     assert!(max_diff(&fused.narrow(1, 0, 1).unwrap(), &x.as_tensor().narrow(1, 0, 1).unwrap()) < 1e-6);
-    same_gradients(fused, composed, &random(&[b, s, h], 42), &[("x", &x)], 1e-5);
+    same_gradients(fused, composed.clone(), &random(&[b, s, h], 42), &[("x", &x)], 1e-5);
     assert!(rotary(&random(&[1, 65, h], 43), &table).is_err(), "more positions than the table holds");
+    let device = device_path(|| rotary(x.as_tensor(), &table).unwrap());
+    same_gradients(device, composed, &random(&[b, s, h], 42), &[("x", &x)], 1e-5);
 }
 
 #[test]
@@ -278,5 +297,8 @@ fn geglu_matches_composed_ops_and_their_gradients() {
     let fused = geglu::geglu(x.as_tensor()).unwrap();
     assert_eq!(fused.dims(), &[3, 5, 96]);
     let composed = geglu::geglu_composed(x.as_tensor()).unwrap();
-    same_gradients(fused, composed, &random(&[3, 5, 96], 52), &[("x", &x)], 1e-4);
+    same_gradients(fused, composed.clone(), &random(&[3, 5, 96], 52), &[("x", &x)], 1e-4);
+    let device = device_path(|| geglu::geglu(x.as_tensor()).unwrap());
+    assert_eq!(device.dims(), &[3, 5, 96]);
+    same_gradients(device, composed, &random(&[3, 5, 96], 52), &[("x", &x)], 1e-4);
 }

@@ -187,3 +187,11 @@ fn distilbert_gradients_and_adamw_steps_match_pytorch() {
 fn deberta_gradients_and_adamw_steps_match_pytorch() {
     check("deberta-v2");
 }
+
+/// DeBERTa's attention composed from candle ops (what a GPU runs) instead of the fused CPU op.
+#[test]
+fn deberta_composed_gradients_and_adamw_steps_match_pytorch() {
+    let before = finetuned::model::ops::kernels::set_fused_cpu_kernels(false);
+    check("deberta-v2");
+    finetuned::model::ops::kernels::set_fused_cpu_kernels(before);
+}

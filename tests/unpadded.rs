@@ -1,14 +1,14 @@
 //! A batch of texts of different lengths runs packed without padding (see
 //! `model::ops::varlen`): each text's logits are the ones it gets alone, for every architecture
-//! of the BERT family, with `[CLS]` and mean pooling, single texts and pairs with token types,
-//! in f32 and with bf16 weights.
+//! of the BERT family and ModernBERT (rotary positions from 0 in each text, local windows), with
+//! `[CLS]` and mean pooling, single texts and pairs with token types, in f32 and with bf16 weights.
 
 use candle_core::Device;
 use finetuned::model::hf::tokenize::pad_batch_typed;
 use finetuned::model::predict::predictor::{LoadedClassifier, Weights};
 use std::path::{Path, PathBuf};
 
-const ARCHS: [&str; 6] = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"];
+const ARCHS: [&str; 7] = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert"];
 
 const TEXTS: [&str; 6] = [
     "a",

@@ -128,23 +128,40 @@ impl Classifier {
     }
 
     /// Whether [`Classifier::logits_packed`] runs here: a pooled head (not per token), no
-    /// adapter, and an encoder that packs (see `PostNorm::packs`).
+    /// adapter, and an encoder that packs (see `PostNorm::packs`, `ModernBert::packs`).
     pub fn packs(&self) -> bool {
         let pooled = self.pooling != Pooling::Token && self.low_rank.is_none();
-        pooled && matches!(&self.encoder, Encoder::PostNorm(e) if e.packs())
+        pooled
+            && match &self.encoder {
+                Encoder::PostNorm(e) => e.packs(),
+                Encoder::Modern(e) => e.packs(),
+                Encoder::Deberta(_) => false,
+            }
+    }
+
+    /// The packed encoder's hidden states `[tokens, hidden]`, or with `first_only` each text's
+    /// first token's `[texts, hidden]`.
+    fn hidden_packed(&self, ids: &[u32], type_ids: &[u32], lens: &[usize], first_only: bool) -> Result<Tensor> {
+        match &self.encoder {
+            Encoder::PostNorm(e) => e.forward_packed(ids, type_ids, lens, first_only),
+            Encoder::Modern(e) if first_only => {
+                let firsts: Vec<u32> = crate::model::ops::varlen::starts(lens).into_iter().map(|r| r as u32).collect();
+                let hidden = e.forward_packed(ids, lens)?;
+                hidden.index_select(&Tensor::from_vec(firsts, lens.len(), hidden.device())?, 0)
+            }
+            Encoder::Modern(e) => e.forward_packed(ids, lens),
+            Encoder::Deberta(_) => candle_core::bail!("packed inference does not run on deberta-v2"),
+        }
     }
 
     /// Inference logits `[texts, labels]` of texts packed without padding (`ids`, `type_ids`
-    /// and `lens` as `PostNorm::forward_packed` takes them): what [`Classifier::forward`] gives
-    /// on the padded batch. Only where [`Classifier::packs`].
+    /// and `lens` as `PostNorm::forward_packed` takes them; ModernBERT reads no types): what
+    /// [`Classifier::forward`] gives on the padded batch. Only where [`Classifier::packs`].
     pub fn logits_packed(&self, ids: &[u32], type_ids: &[u32], lens: &[usize]) -> Result<Tensor> {
-        let Encoder::PostNorm(encoder) = &self.encoder else {
-            candle_core::bail!("packed inference runs on the BERT family's encoder only");
-        };
         let pooled = match (&self.pooler, self.pooling) {
-            (Some(pooler), Pooling::Cls) => self.pool(pooler, &encoder.forward_packed(ids, type_ids, lens, true)?)?,
+            (Some(pooler), Pooling::Cls) => self.pool(pooler, &self.hidden_packed(ids, type_ids, lens, true)?)?,
             (pooler, _) => {
-                let hidden = encoder.forward_packed(ids, type_ids, lens, false)?;
+                let hidden = self.hidden_packed(ids, type_ids, lens, false)?;
                 // Each text's mean as one product: row b of `avg` holds 1/len over text b's rows.
                 let t = ids.len();
                 let mut avg = vec![0f32; lens.len() * t];

@@ -346,7 +346,7 @@ impl PostNorm {
                     let (keep_below, scale) = rng::keep_rule(p);
                     device_ops::Dropout { keep_below, scale, seed }
                 });
-                let op = device_ops::MaskedSoftmax { scale: scale as f32, dropout };
+                let op = device_ops::MaskedSoftmax { scale: scale as f32, dropout, window: None };
                 q.matmul(&k.t()?)?.contiguous()?.apply_op2(bias, op)?
             }
             KeyMask::Bias(bias) => softmax_last(&(q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?, mode)?,

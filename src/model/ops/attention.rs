@@ -113,7 +113,7 @@ fn scatter(blocks: &[Vec<f32>], d: Dims) -> Vec<f32> {
 
 /// The keys `lo..hi` that query `i` of `s` sees: all, or those within `window` of it.
 #[inline(always)]
-fn band(i: usize, s: usize, window: Option<usize>) -> (usize, usize) {
+pub(super) fn band(i: usize, s: usize, window: Option<usize>) -> (usize, usize) {
     match window {
         Some(w) => (i.saturating_sub(w), (i + w + 1).min(s)),
         None => (0, s),

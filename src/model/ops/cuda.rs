@@ -14,12 +14,12 @@ use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/finetuned.ptx"));
 const PTX_90: &str = include_str!(concat!(env!("OUT_DIR"), "/finetuned_90.ptx"));
-const MODULE: &str = "finetuned";
-const THREADS: u32 = 256;
+pub(super) const MODULE: &str = "finetuned";
+pub(super) const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: u32 = THREADS / 32;
 
 /// A storage type the kernels exist for, with the suffix of their names.
-trait Elem: DeviceRepr + CudaDType + WithDType {
+pub(super) trait Elem: DeviceRepr + CudaDType + WithDType {
     const SUFFIX: &'static str;
 }
 
@@ -46,9 +46,10 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(super) use by_dtype;
 
 /// This crate's PTX for `dev`. A device loads the module once (by name), on first use.
-fn ptx(dev: &CudaDevice) -> &'static str {
+pub(super) fn ptx(dev: &CudaDevice) -> &'static str {
     // compute_90 PTX does not load below Hopper; compute_80's runs everywhere from Ampere on.
     match dev.cuda_stream().context().compute_capability() {
         Ok((major, _)) if major >= 9 => PTX_90,
@@ -57,7 +58,7 @@ fn ptx(dev: &CudaDevice) -> &'static str {
 }
 
 /// The contiguous elements of `s` under `l`, which must be of type `T`.
-fn view<'a, T: Elem>(op: &str, what: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(super) fn view<'a, T: Elem>(op: &str, what: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     if s.dtype() != T::DTYPE {
         bail!("cuda {op}: {what} is {:?}, expected {:?}", s.dtype(), T::DTYPE)
     }
@@ -65,7 +66,7 @@ fn view<'a, T: Elem>(op: &str, what: &str, s: &'a CudaStorage, l: &Layout) -> Re
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-fn elementwise(n: usize) -> LaunchConfig {
+pub(super) fn elementwise(n: usize) -> LaunchConfig {
     // More blocks than this only add scheduling; the grid-stride loop covers the rest.
     let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -233,8 +234,8 @@ fn drop_args(dropout: Option<(u32, f32, u64)>) -> (u32, u32, f32, u64) {
 }
 
 /// `softmax_j(scale·s_ij + bias_j)` over scores `[batch, heads, seq, seq]` with an f32 key bias
-/// `[batch, seq]`, then, with `dropout = (keep_below, scale, seed)`, inverted dropout with the
-/// bits of element `row·seq + j`.
+/// `[batch, seq]` (over the keys within `window` of the query, where one is given), then, with
+/// `dropout = (keep_below, scale, seed)`, inverted dropout with the bits of element `row·seq + j`.
 pub fn masked_softmax_fwd(
     s: &CudaStorage,
     ls: &Layout,
@@ -242,8 +243,9 @@ pub fn masked_softmax_fwd(
     lb: &Layout,
     scale: f32,
     dropout: Option<(u32, f32, u64)>,
+    window: Option<usize>,
 ) -> Result<CudaStorage> {
-    by_dtype!("masked-softmax", s.dtype(), masked_softmax_t(s, ls, bias, lb, scale, dropout))
+    by_dtype!("masked-softmax", s.dtype(), masked_softmax_t(s, ls, bias, lb, scale, dropout, window))
 }
 
 fn masked_softmax_t<T: Elem>(
@@ -253,6 +255,7 @@ fn masked_softmax_t<T: Elem>(
     lb: &Layout,
     scale: f32,
     dropout: Option<(u32, f32, u64)>,
+    window: Option<usize>,
 ) -> Result<CudaStorage> {
     const OP: &str = "masked-softmax";
     let dev = s.device();
@@ -273,8 +276,10 @@ fn masked_softmax_t<T: Elem>(
         let heads32 = u32::try_from(heads).map_err(|_| candle_core::Error::Msg(format!("cuda {OP}: {heads} heads")))?;
         let (on, keep_below, drop_scale, seed) = drop_args(dropout);
         let mut b = f.builder();
+        // u32::MAX: no window (every key is within it).
+        let window32 = window.map_or(u32::MAX, |w| u32::try_from(w).unwrap_or(u32::MAX));
         b.arg(&ss).arg(&bs).arg(&out).arg(&rows64).arg(&seq32).arg(&heads32).arg(&scale);
-        b.arg(&on).arg(&keep_below).arg(&drop_scale).arg(&seed);
+        b.arg(&on).arg(&keep_below).arg(&drop_scale).arg(&seed).arg(&window32);
         unsafe { b.launch(per_row(rows)?) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layou
 use super::rng::kept;
 
 /// The contiguous elements of `s` as f32.
-fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+pub(super) fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("device op: input must be contiguous") };
     Ok(match s {
         CpuStorage::F32(v) => v[a..b].to_vec(),
@@ -24,7 +24,7 @@ fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
 }
 
 /// `v` in the dtype of `like`.
-fn storage_like(v: Vec<f32>, like: &CpuStorage) -> CpuStorage {
+pub(super) fn storage_like(v: Vec<f32>, like: &CpuStorage) -> CpuStorage {
     match like {
         CpuStorage::BF16(_) => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
         CpuStorage::F16(_) => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
@@ -203,11 +203,11 @@ impl CustomOp3 for LayerNormGrad {
 const SQRT_2_INV: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-fn gelu(x: f32) -> f32 {
+pub(super) fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * SQRT_2_INV))
 }
 
-fn gelu_grad(x: f32) -> f32 {
+pub(super) fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + libm::erff(x * SQRT_2_INV)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
 }
 
@@ -315,11 +315,13 @@ impl CustomOp2 for BiasGeluGrad {
 /// Attention probabilities from raw scores `[batch, heads, seq, seq]` and a key bias
 /// `[batch, seq]` (f32: 0 on tokens, a large negative on padding):
 /// `softmax_j(scale·s_ij + bias_j)`, then, when `dropout`, inverted dropout with the bits of
-/// element `((b·heads + h)·seq + i)·seq + j`, as the fused CPU attention draws them.
+/// element `((b·heads + h)·seq + i)·seq + j`, as the fused CPU attention draws them. With
+/// `window`, query `i` sees only keys `j` with `|i − j| ≤ window` (the others get 0).
 #[derive(Clone, Copy)]
 pub struct MaskedSoftmax {
     pub scale: f32,
     pub dropout: Option<Dropout>,
+    pub window: Option<usize>,
 }
 
 impl MaskedSoftmax {
@@ -328,13 +330,15 @@ impl MaskedSoftmax {
         for (r, (o, row)) in out.chunks_mut(seq).zip(s.chunks(seq)).enumerate() {
             let b = r / (heads * seq);
             let bias = &bias[b * seq..][..seq];
+            let i = r % seq;
+            let seen = |j: usize| self.window.is_none_or(|w| i.abs_diff(j) <= w);
             let mut max = f32::NEG_INFINITY;
-            for j in 0..seq {
+            for j in (0..seq).filter(|&j| seen(j)) {
                 o[j] = row[j] * self.scale + bias[j];
                 max = max.max(o[j]);
             }
             let mut sum = 0f32;
-            for v in o.iter_mut() {
+            for (_, v) in o.iter_mut().enumerate().filter(|&(j, _)| seen(j)) {
                 *v = (*v - max).exp();
                 sum += *v;
             }
@@ -369,12 +373,12 @@ impl CustomOp2 for MaskedSoftmax {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dropout.map(|d| (d.keep_below, d.scale, d.seed));
-        Ok((super::cuda::masked_softmax_fwd(s1, l1, s2, l2, self.scale, d)?, l1.shape().clone()))
+        Ok((super::cuda::masked_softmax_fwd(s1, l1, s2, l2, self.scale, d, self.window)?, l1.shape().clone()))
     }
 
     fn bwd(&self, scores: &Tensor, bias: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // The probabilities before dropout, recomputed rather than kept through the step.
-        let probs = scores.apply_op2_no_bwd(bias, &MaskedSoftmax { scale: self.scale, dropout: None })?;
+        let probs = scores.apply_op2_no_bwd(bias, &MaskedSoftmax { dropout: None, ..*self })?;
         let ds = probs.apply_op2_no_bwd(&grad.contiguous()?, &MaskedSoftmaxGrad { scale: self.scale, dropout: self.dropout })?;
         Ok((Some(ds), None))
     }

@@ -3,7 +3,7 @@
 //! with its backward pass: `d input = g · gate · gelu'(input)`, `d gate = g · gelu(input)`.
 //!
 //! On the CPU in f32 one fused op reads the up-projection once and writes the half-width result;
-//! elsewhere the same maths is composed from candle ops.
+//! elsewhere (a GPU) the device-generic op of `device_positional` does, one kernel each way.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -16,10 +16,11 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels() {
         return x.contiguous()?.apply_op1(Geglu);
     }
-    geglu_composed(x)
+    x.contiguous()?.apply_op1(super::device_positional::DeviceGeglu)
 }
 
-/// [`geglu`] from candle ops, on any device and dtype (what a GPU runs).
+/// [`geglu`] from candle ops, on any device and dtype: the reference the fused and device ops are
+/// tested against.
 pub fn geglu_composed(x: &Tensor) -> Result<Tensor> {
     let n = x.dim(D::Minus1)? / 2;
     x.narrow(D::Minus1, 0, n)?.gelu_erf()?.mul(&x.narrow(D::Minus1, n, n)?)

@@ -5,7 +5,11 @@ pub mod attention;
 mod buffers;
 #[cfg(feature = "cuda")]
 pub(super) mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_positional;
 pub mod device_ops;
+pub mod device_positional;
+pub mod disentangled;
 mod fastmath;
 pub mod frozen_ffn;
 pub mod geglu;

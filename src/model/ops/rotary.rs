@@ -4,8 +4,8 @@
 //!
 //! Projections are `[batch, seq, hidden]` with the heads side by side, as our attention takes them;
 //! position `i` of every text is `i` (ModernBERT counts positions from 0, pads last). On the CPU in
-//! f32 one fused op rotates in place of a copy; elsewhere the same maths is composed from candle
-//! ops, which differentiate themselves.
+//! f32 one fused op rotates in place of a copy; elsewhere (a GPU) the device-generic op of
+//! `device_positional` does, one kernel each way.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -62,10 +62,13 @@ pub fn rotary(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && super::kernels::use_fused_cpu_kernels() {
         return x.contiguous()?.apply_op1(Rotary { table: table.clone(), inverse: false });
     }
-    rotary_composed(x, table)
+    let (cos, sin) = table.tensors(seq, DType::F32, x.device())?;
+    let op = super::device_positional::DeviceRotary { head_dim: table.head_dim, inverse: false };
+    x.contiguous()?.apply_op2(&Tensor::cat(&[cos, sin], 1)?, op)
 }
 
-/// [`rotary`] from candle ops, on any device and dtype (what a GPU runs).
+/// [`rotary`] from candle ops, on any device and dtype: the reference the fused and device ops are
+/// tested against.
 pub fn rotary_composed(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     let (b, s, h) = x.dims3()?;
     let (hd, nh) = (table.head_dim, h / table.head_dim);
@@ -116,4 +119,32 @@ impl CustomOp1 for Rotary {
         let op = Rotary { table: self.table.clone(), inverse: !self.inverse };
         Ok(Some(grad.contiguous()?.apply_op1(op)?))
     }
+}
+
+/// The query and key columns (`0..2·hidden`) of packed projections `qkv` (`[tokens, 3·hidden]`,
+/// texts one after another) rotated by each row's own position in `positions`; the values are
+/// copied as they are. Inference on the CPU in f32 (no backward pass).
+pub fn rotary_qk_packed(qkv: &Tensor, table: &RopeTable, positions: &[usize]) -> Result<Tensor> {
+    let (t, w) = qkv.dims2()?;
+    let (h, hd) = (w / 3, table.head_dim);
+    let fits = positions.len() == t && positions.iter().all(|&p| p < table.positions());
+    if w % 3 != 0 || hd == 0 || !hd.is_multiple_of(2) || !h.is_multiple_of(hd) || !fits {
+        candle_core::bail!("packed rotary: width {w}, head_dim {hd}, {} positions for {t} rows", positions.len());
+    }
+    let half = hd / 2;
+    let out = super::buffers::with_f32(qkv, |x| {
+        let mut out = x.to_vec();
+        out.par_chunks_mut(w).zip(positions.par_iter()).for_each(|(row, &p)| {
+            let (cos, sin) = (&table.cos[p * hd..][..hd], &table.sin[p * hd..][..hd]);
+            for head in row[..2 * h].chunks_exact_mut(hd) {
+                for k in 0..half {
+                    let (a, b) = (head[k], head[k + half]);
+                    head[k] = a * cos[k] - b * sin[k];
+                    head[k + half] = b * cos[k + half] + a * sin[k + half];
+                }
+            }
+        });
+        out
+    })?;
+    Tensor::from_vec(out, (t, w), qkv.device())
 }

@@ -4,17 +4,17 @@
 //! to the longest text of a batch of 32 short texts is typically half the rows of every dense
 //! layer; here there is none.
 
-use super::attention::softmax_band;
+use super::attention::{band, softmax_band};
 use super::buffers::{uninit, with_f32, SharedOut};
 use super::simd::simd_kernel;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 simd_kernel! {
-    /// Softmax of every `s`-wide row of `p` in place.
-    fn softmax_rows(p: &mut [f32], s: usize) {
-        for row in p.chunks_exact_mut(s) {
-            softmax_band(row, (0, s));
+    /// Softmax of every `s`-wide row of `p` in place, row `i` over the keys within `window` of it.
+    fn softmax_rows(p: &mut [f32], s: usize, window: Option<usize>) {
+        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+            softmax_band(row, band(i, s, window));
         }
     }
 }
@@ -28,6 +28,12 @@ pub fn starts(lens: &[usize]) -> Vec<usize> {
 /// query, key and value side by side; the texts one after another, `lens` their lengths in
 /// order): the context `[tokens, hidden]`, heads concatenated. Inference only (no backward).
 pub fn attention_packed(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Tensor> {
+    attention_packed_windowed(qkv, lens, heads, None)
+}
+
+/// [`attention_packed`] where, with `window`, token `i` of a text attends only to the text's
+/// tokens `j` with `|i − j| ≤ window` (ModernBERT's local layers).
+pub fn attention_packed_windowed(qkv: &Tensor, lens: &[usize], heads: usize, window: Option<usize>) -> Result<Tensor> {
     let (t, w) = qkv.dims2()?;
     let h = w / 3;
     if w % 3 != 0 || heads == 0 || h % heads != 0 || lens.iter().sum::<usize>() != t {
@@ -84,7 +90,7 @@ pub fn attention_packed(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Te
                     false,
                     none,
                 );
-                softmax_rows(&mut p, s);
+                softmax_rows(&mut p, s, window);
                 let o = dst.at(start * h + hi * hd);
                 gemm::gemm(
                     s,

@@ -5,8 +5,10 @@
 //! beyond `position_buckets / 2`; the relative embeddings are shared by every layer (normalised
 //! first where `norm_rel_ebd` says `layer_norm`), projected by each layer's own query and key
 //! (`share_att_key`) or its `pos_query_proj`/`pos_key_proj`. DeBERTa-v3 has no absolute position
-//! embeddings (`position_biased_input: false`) and no token types. Composed from differentiable
-//! ops, so it trains on every device; the dense layers are our [`Linear`].
+//! embeddings (`position_biased_input: false`) and no token types. On the CPU in f32 each layer's
+//! attention is one fused op with its own backward pass (`ops::disentangled`); elsewhere (a GPU)
+//! candle's products with the device ops' gathers and masked softmax. The dense layers are our
+//! [`Linear`].
 
 pub mod config;
 
@@ -14,8 +16,31 @@ pub use config::DebertaConfig;
 
 use super::adapters::{LowRank, Target};
 use super::post_norm::Getter;
-use crate::model::ops::layers::{activation, attention_bias, tensor_bytes, Act, LayerNorm, Linear, Mode};
+use crate::model::ops::device_ops::{Dropout, MaskedSoftmax};
+use crate::model::ops::device_positional::RelGather;
+use crate::model::ops::disentangled::{disentangled_attention, RelTables, Terms};
+use crate::model::ops::kernels::use_fused_cpu_kernels;
+use crate::model::ops::layers::{activation, tensor_bytes, Act, LayerNorm, Linear, Mode};
+use crate::model::ops::rng;
 use candle_core::{DType, Result, Tensor, D};
+use std::sync::Arc;
+
+/// The padding mask as the attention takes it: per key for the fused CPU op, an f32 key bias
+/// `[batch, seq]` (0 on tokens, a large negative on padding) for the device op.
+enum Keys {
+    Fused(Vec<f32>),
+    Device(Tensor),
+}
+
+/// The relative embeddings of a forward pass (normalised, after dropout; only the rows this
+/// length reaches) and their lookups, also as u32 `[seq·seq]` tensors on the device for the
+/// device-generic path.
+struct Rel {
+    r: Tensor,
+    tables: RelTables,
+    c2p_index: Option<Tensor>,
+    p2c_index: Option<Tensor>,
+}
 
 struct Layer {
     query: Linear,
@@ -173,7 +198,16 @@ impl Deberta {
         let m = mask.to_dtype(x.dtype())?.unsqueeze(D::Minus1)?;
         let mut x = mode.dropout(&x.broadcast_mul(&m)?, self.cfg.hidden_dropout_prob)?;
 
-        let bias = attention_bias(mask, DType::F32)?;
+        let terms = Terms { c2p: self.cfg.has("c2p"), p2c: self.cfg.has("p2c") };
+        let fused = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && use_fused_cpu_kernels()
+            && (terms.c2p || terms.p2c)
+            && self.rel_embeddings.is_some();
+        let keys = match fused {
+            true => Keys::Fused(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            false => Keys::Device(((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?),
+        };
         let rel = match &self.rel_embeddings {
             Some(r) => {
                 let span = self.cfg.span();
@@ -187,20 +221,27 @@ impl Deberta {
                 let lo = *c2p.iter().chain(&p2c).min().unwrap_or(&0);
                 let hi = *c2p.iter().chain(&p2c).max().unwrap_or(&0);
                 c2p.iter_mut().chain(p2c.iter_mut()).for_each(|i| *i -= lo);
-                let r = r.narrow(0, lo as usize, (hi - lo + 1) as usize)?;
+                let rows = (hi - lo + 1) as usize;
+                let r = r.narrow(0, lo as usize, rows)?;
                 let r = match &self.rel_norm {
                     Some(n) => n.forward(&r, mode)?,
                     None => r,
                 };
-                let nh = self.cfg.num_attention_heads;
-                let index = |v: Vec<u32>| Tensor::from_vec(v, (1, 1, s, s), dev)?.broadcast_as((b, nh, s, s))?.contiguous();
-                Some((mode.dropout(&r, self.cfg.hidden_dropout_prob)?, index(c2p)?, index(p2c)?))
+                let tables = RelTables { seq: s, rows, c2p: Arc::new(c2p), p2c: Arc::new(p2c) };
+                let index = |v: &[u32]| -> Result<Option<Tensor>> {
+                    if fused {
+                        return Ok(None);
+                    }
+                    Ok(Some(Tensor::from_slice(v, s * s, dev)?))
+                };
+                let (c2p_index, p2c_index) = (index(&tables.c2p)?, index(&tables.p2c)?);
+                Some(Rel { r: mode.dropout(&r, self.cfg.hidden_dropout_prob)?, tables, c2p_index, p2c_index })
             }
             None => None,
         };
         let adapted = Adapted { lr, rel: rel_lr.as_ref() };
         for (i, layer) in self.layers.iter().enumerate() {
-            let ctx = self.attention(i, layer, &x, &bias, rel.as_ref(), &adapted, mode)?;
+            let ctx = self.attention(i, layer, &x, &keys, rel.as_ref(), &adapted, mode)?;
             let out = lr.linear(i, Target::AttnOut, &layer.attn_out, &ctx, mode)?;
             let out = mode.dropout(&out, self.cfg.hidden_dropout_prob)?;
             let attended = layer.attn_norm.forward(&(out + &x)?, mode)?;
@@ -219,48 +260,70 @@ impl Deberta {
         i: usize,
         l: &Layer,
         x: &Tensor,
-        bias: &Tensor,
-        rel: Option<&(Tensor, Tensor, Tensor)>,
+        keys: &Keys,
+        rel: Option<&Rel>,
         adapted: &Adapted,
         mode: &mut Mode,
     ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let nh = self.cfg.num_attention_heads;
         let hd = h / nh;
+        let terms = Terms { c2p: self.cfg.has("c2p"), p2c: self.cfg.has("p2c") };
+        let factor = 1 + usize::from(terms.c2p) + usize::from(terms.p2c);
+        let scale = 1.0 / ((hd * factor) as f64).sqrt();
+        let q = adapted.lr.linear(i, Target::Query, &l.query, x, mode)?;
+        let k = adapted.lr.linear(i, Target::Key, &l.key, x, mode)?;
+        let v = adapted.lr.linear(i, Target::Value, &l.value, x, mode)?;
+        // The position keys and queries `[1, rows reached, hidden]`.
+        let (mut pos_k, mut pos_q) = (None, None);
+        if let Some(rel) = rel {
+            let r = rel.r.unsqueeze(0)?;
+            if terms.c2p {
+                pos_k = Some(match &l.pos_key {
+                    Some(own) => own.forward(&r)?,
+                    None => adapted.relative(i, Target::Key, &l.key, &r, mode)?,
+                });
+            }
+            if terms.p2c {
+                pos_q = Some(match &l.pos_query {
+                    Some(own) => own.forward(&r)?,
+                    None => adapted.relative(i, Target::Query, &l.query, &r, mode)?,
+                });
+            }
+        }
+        let p = self.cfg.attention_probs_dropout_prob;
+        let (p, seed) = if mode.is_train() && p > 0.0 { (p, mode.seed()) } else { (0.0, 0) };
+        let (mask, rel) = match (keys, rel) {
+            (Keys::Fused(mask), Some(rel)) => {
+                let pos: Vec<Tensor> = pos_k.into_iter().chain(pos_q).collect();
+                let pos = Tensor::cat(&pos, 2)?.squeeze(0)?;
+                let qkv = Tensor::cat(&[&q, &k, &v], 2)?;
+                return disentangled_attention(&qkv, &pos, &rel.tables, terms, mask, nh, scale, p, seed);
+            }
+            (Keys::Device(bias), rel) => (bias, rel),
+            (Keys::Fused(_), None) => candle_core::bail!("deberta-v2: fused attention without relative positions"),
+        };
+        // The device-generic path (what a GPU runs): candle's products, one gather kernel per
+        // position term, then scale, padding mask, softmax and dropout in one op.
         let heads = |t: Tensor| -> Result<Tensor> {
             let rows = t.dim(D::Minus2)?;
             t.reshape(((), rows, nh, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(adapted.lr.linear(i, Target::Query, &l.query, x, mode)?)?;
-        let k = heads(adapted.lr.linear(i, Target::Key, &l.key, x, mode)?)?;
-        let v = heads(adapted.lr.linear(i, Target::Value, &l.value, x, mode)?)?;
-        let factor = 1 + usize::from(self.cfg.has("c2p")) + usize::from(self.cfg.has("p2c"));
-        let scale = 1.0 / ((hd * factor) as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some((r, c2p_index, p2c_index)) = rel {
-            let r = r.unsqueeze(0)?;
-            if self.cfg.has("c2p") {
-                let pos_k = match &l.pos_key {
-                    Some(own) => own.forward(&r)?,
-                    None => adapted.relative(i, Target::Key, &l.key, &r, mode)?,
-                };
-                let pos_k = heads(pos_k)?; // [1, nh, rows reached, hd]
-                let c2p = q.broadcast_matmul(&pos_k.t()?)?.contiguous()?.gather(c2p_index, D::Minus1)?;
-                scores = (scores + (c2p * scale)?)?;
-            }
-            if self.cfg.has("p2c") {
-                let pos_q = match &l.pos_query {
-                    Some(own) => own.forward(&r)?,
-                    None => adapted.relative(i, Target::Query, &l.query, &r, mode)?,
-                };
-                let pos_q = heads(pos_q)?;
-                let p2c = k.broadcast_matmul(&pos_q.t()?)?.contiguous()?.gather(p2c_index, D::Minus1)?.transpose(2, 3)?;
-                scores = (scores + (p2c * scale)?)?;
+        let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(rel) = rel {
+            for (pos, against, index, transpose) in [(pos_k, &q, &rel.c2p_index, false), (pos_q, &k, &rel.p2c_index, true)] {
+                let (Some(pos), Some(index)) = (pos, index) else { continue };
+                let products = against.broadcast_matmul(&heads(pos)?.t()?)?.contiguous()?;
+                scores = (scores + products.apply_op1(RelGather { index: index.clone(), transpose })?)?;
             }
         }
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
-        let probs = mode.dropout(&probs, self.cfg.attention_probs_dropout_prob)?;
+        let dropout = (p > 0.0).then(|| {
+            let (keep_below, scale) = rng::keep_rule(p);
+            Dropout { keep_below, scale, seed }
+        });
+        let op = MaskedSoftmax { scale: scale as f32, dropout, window: None };
+        let probs = scores.contiguous()?.apply_op2(mask, op)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
     }
 }

@@ -4,7 +4,8 @@
 //! `global_attn_every_n_layers` layers and sliding-window attention over `local_attention` tokens
 //! in the others, a GeGLU feed-forward, and a final norm. LayerNorms and dense layers carry a bias
 //! only where the config says so. Differentiable on every device: the fused CPU ops where they
-//! apply (attention, rotary, GeGLU, LayerNorm), composed candle ops elsewhere.
+//! apply (attention, rotary, GeGLU, LayerNorm), the device-generic ops (one CUDA kernel each way)
+//! elsewhere.
 
 pub mod config;
 pub mod heads;
@@ -14,11 +15,14 @@ pub use heads::{ModernBertClassifier, ModernBertMaskedLm};
 
 use super::adapters::{LowRank, Target};
 use super::post_norm::Getter;
-use crate::model::ops::attention::{attention_windowed, window_bias};
+use crate::model::ops::attention::attention_windowed;
+use crate::model::ops::device_ops::{Dropout, MaskedSoftmax};
 use crate::model::ops::geglu::geglu;
 use crate::model::ops::kernels::{layer_norm, use_fused_cpu_kernels};
 use crate::model::ops::layers::{tensor_bytes, Linear, Mode};
-use crate::model::ops::rotary::{rotary, RopeTable};
+use crate::model::ops::rng;
+use crate::model::ops::rotary::{rotary, rotary_qk_packed, RopeTable};
+use crate::model::ops::varlen::attention_packed_windowed;
 use candle_core::{DType, Result, Tensor, D};
 
 /// A LayerNorm whose bias is zeros (and no parameter) when the config has none.
@@ -152,6 +156,44 @@ impl ModernBert {
         Ok(())
     }
 
+    /// Whether [`ModernBert::forward_packed`] runs here: prepared for inference, on the CPU in f32
+    /// with the fused kernels.
+    pub fn packs(&self) -> bool {
+        let cpu_f32 = self.embeddings.device().is_cpu() && self.embeddings.dtype() == DType::F32 && use_fused_cpu_kernels();
+        cpu_f32 && self.layers.iter().all(|l| l.wqkv.linear.is_packed())
+    }
+
+    /// Inference over texts packed one after another without padding (`lens` each text's length),
+    /// as transformers' ModernBERT runs unpadded under flash-attention: the hidden states
+    /// `[tokens, hidden]`, each text's rotary positions from 0 and its attention (windowed in the
+    /// local layers) over its own tokens. The same numbers as [`ModernBert::forward`] on the padded
+    /// batch, with no work spent on padding. Only where [`ModernBert::packs`].
+    pub fn forward_packed(&self, ids: &[u32], lens: &[usize]) -> Result<Tensor> {
+        if !self.packs() || lens.iter().sum::<usize>() != ids.len() {
+            candle_core::bail!(
+                "the packed forward pass needs an encoder prepared for CPU f32 inference and lengths that sum to the tokens"
+            );
+        }
+        let dev = self.device();
+        let x = self.embeddings.index_select(&Tensor::from_slice(ids, ids.len(), &dev)?, 0)?;
+        let mut x = self.embed_norm.forward(&x)?;
+        let positions: Vec<usize> = lens.iter().flat_map(|&n| 0..n).collect();
+        let heads = self.cfg.num_attention_heads;
+        for layer in &self.layers {
+            let h = match &layer.attn_norm {
+                Some(n) => n.forward(&x)?,
+                None => x.clone(),
+            };
+            let (table, window) = if layer.global { (&self.global_rope, None) } else { (&self.local_rope, Some(self.cfg.window())) };
+            let qkv = rotary_qk_packed(&layer.wqkv.forward(&h)?, table, &positions)?;
+            let attn = attention_packed_windowed(&qkv, lens, heads, window)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+            let up = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
+            x = (x + layer.mlp_out.forward(&geglu(&up)?)?)?;
+        }
+        self.final_norm.forward(&x)
+    }
+
     /// Bytes of its weights.
     pub fn bytes(&self) -> usize {
         let dense = |d: &Dense| d.bytes();
@@ -210,8 +252,9 @@ impl ModernBert {
     }
 }
 
-/// Multi-head attention from candle ops (any device, any dtype): padding and the window as
-/// additive biases, softmax in f32.
+/// Multi-head attention on any device and dtype (what a GPU runs): the products by candle's
+/// matmul, then scale, padding mask, the sliding window, softmax and dropout in one device op
+/// with its own backward pass.
 #[allow(clippy::too_many_arguments)]
 fn composed_attention(
     q: &Tensor,
@@ -226,13 +269,13 @@ fn composed_attention(
     let (b, s, h) = q.dims3()?;
     let hd = h / nh;
     let heads = |t: &Tensor| t.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous();
-    let mut bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?.reshape((b, 1, 1, s))?;
-    if let Some(w) = window {
-        bias = bias.broadcast_add(&window_bias(s, w, DType::F32, q.device())?.reshape((1, 1, s, s))?)?;
-    }
-    let scores = (heads(q)?.matmul(&heads(k)?.t()?)? * (1.0 / (hd as f64).sqrt()))?.to_dtype(DType::F32)?;
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?.to_dtype(q.dtype())?;
-    let probs = mode.dropout(&probs, p)?;
+    let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e4)?;
+    let dropout = (p > 0.0).then(|| {
+        let (keep_below, scale) = rng::keep_rule(p);
+        Dropout { keep_below, scale, seed: mode.seed() }
+    });
+    let op = MaskedSoftmax { scale: 1.0 / (hd as f32).sqrt(), dropout, window };
+    let probs = heads(q)?.matmul(&heads(k)?.t()?)?.contiguous()?.apply_op2(&bias, op)?;
     probs.matmul(&heads(v)?)?.transpose(1, 2)?.reshape((b, s, h))
 }
 

@@ -302,3 +302,21 @@ fn geglu_matches_composed_ops_and_their_gradients() {
     assert_eq!(device.dims(), &[3, 5, 96]);
     same_gradients(device, composed, &random(&[3, 5, 96], 52), &[("x", &x)], 1e-4);
 }
+
+#[test]
+fn rotary_attention_over_fused_projections_matches_rotating_then_attending() {
+    // ModernBERT's op: Wqkv's output whole, the rotary embedding inside. Against the rotary op and
+    // the windowed attention op on the three slices, values and gradients, with dropout on (the
+    // same flags from the same seed) and a window, padding at the end.
+    let (b, s, h, nh, w, hd) = (2, 40, 32, 4, 5, 8);
+    let table = RopeTable::new(64, hd, 10_000.0);
+    let qkv = Var::from_tensor(&random(&[b, s, 3 * h], 61)).unwrap();
+    let mask: Vec<f32> = (0..b).flat_map(|i| (0..s).map(move |j| if j < s - 9 * i { 1.0 } else { 0.0 })).collect();
+    let x = qkv.as_tensor();
+    let fused = finetuned::model::ops::rotary_attention::rotary_attention(x, &table, &mask, nh, 0.2, 7, Some(w)).unwrap();
+    let q = rotary(&x.narrow(2, 0, h).unwrap(), &table).unwrap();
+    let k = rotary(&x.narrow(2, h, h).unwrap(), &table).unwrap();
+    let v = x.narrow(2, 2 * h, h).unwrap();
+    let apart = attention::attention_windowed(&q, &k, &v, &mask, nh, 0.2, 7, Some(w)).unwrap();
+    same_gradients(fused, apart, &random(&[b, s, h], 62), &[("qkv", &qkv)], 1e-5);
+}

@@ -33,6 +33,9 @@ import torch
 import transformers
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
 
+# Where `logits`, `token-logits` and `mlm` cut a text (tests/modernbert_long.rs asks for 1,024).
+MAX_LEN = int(os.environ.get("PARITY_MAX_LEN", "512"))
+
 
 def _answer(model_dir, texts_path, cls, take):
     texts = json.load(open(texts_path))
@@ -43,8 +46,8 @@ def _answer(model_dir, texts_path, cls, take):
     with torch.inference_mode():
         for t in texts:
             # A pair of texts comes as [text, text_pair].
-            enc = tok(*t, return_tensors="pt", truncation=True, max_length=512) if isinstance(t, list) else \
-                tok(t, return_tensors="pt", truncation=True, max_length=512)
+            enc = tok(*t, return_tensors="pt", truncation=True, max_length=MAX_LEN) if isinstance(t, list) else \
+                tok(t, return_tensors="pt", truncation=True, max_length=MAX_LEN)
             out_ids.append(enc["input_ids"][0].tolist())
             out_logits.extend(take(model(**enc).logits[0]))
     info = {k: [str(x) for x in v] for k, v in info.items() if isinstance(v, (list, set))}

@@ -15,7 +15,7 @@ use super::fastmath::exp;
 use super::simd::simd_kernel;
 
 /// Attention over `[batch, seq, hidden]` query/key/value projections.
-struct Attention {
+pub(super) struct Attention {
     heads: usize,
     /// Additive bias per key, `[batch, seq]`: 0 for tokens, a large negative on padding.
     key_bias: Vec<f32>,
@@ -31,7 +31,7 @@ struct Attention {
 }
 
 #[derive(Clone, Copy)]
-struct Dims {
+pub(super) struct Dims {
     b: usize,
     s: usize,
     h: usize,
@@ -49,7 +49,16 @@ fn f32s<'a>(st: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 impl Attention {
-    fn dims(&self, shape: &Shape) -> Result<Dims> {
+    /// `mask` is `[batch, seq]` (1 = token); dropout `dropout` on the weights with flags from `seed`;
+    /// with `window`, query `i` sees keys `j` with `|i − j| ≤ window` only.
+    pub(super) fn new(mask: &[f32], heads: usize, dropout: f64, seed: u64, window: Option<usize>) -> Self {
+        let key_bias = mask.iter().map(|&m| (m - 1.0) * 1e4).collect();
+        let (keep_below, _) = super::rng::keep_rule(dropout);
+        Attention { heads, key_bias, dropout: dropout as f32, keep_below, seed, keep: OnceLock::new(), window }
+    }
+
+    /// The shape of one of q, k, v (`[batch, seq, hidden]`), checked against the heads and mask.
+    pub(super) fn dims(&self, shape: &Shape) -> Result<Dims> {
         let (b, s, h) = shape.dims3()?;
         if h % self.heads != 0 || self.key_bias.len() != b * s {
             candle_core::bail!("attention: hidden {h} over {} heads, bias of {}", self.heads, self.key_bias.len());
@@ -311,6 +320,29 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32s(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
         let d = self.dims(l1.shape())?;
+        Ok((CpuStorage::F32(self.forward_slices(q, k, v, d)), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = self.dims(q.shape())?;
+        // The inputs are read where they lie, not copied out of their tensors.
+        let [dq, dk, dv] = super::buffers::with_f32s([q, k, v, grad], |[q, k, v, g]| self.backward_slices(q, k, v, g, d))?;
+        let dev = grad.device();
+        let part = |x: Vec<f32>| Tensor::from_vec(x, (d.b, d.s, d.h), dev).map(Some);
+        Ok((part(dq)?, part(dk)?, part(dv)?))
+    }
+}
+
+impl Attention {
+    /// The context `[batch, seq, hidden]` of `q`, `k`, `v` (each `[batch, seq, hidden]` of `d`).
+    pub(super) fn forward_slices(&self, q: &[f32], k: &[f32], v: &[f32], d: Dims) -> Vec<f32> {
         let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
         let factor = self.keep_factor();
         let blocks: Vec<Vec<f32>> = (0..d.b * d.nh)
@@ -325,36 +357,26 @@ impl CustomOp3 for Attention {
                 out
             })
             .collect();
-        Ok((CpuStorage::F32(scatter(&blocks, d)), l1.shape().clone()))
+        scatter(&blocks, d)
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = self.dims(q.shape())?;
+    /// The gradients `[dq, dk, dv]` (each `[batch, seq, hidden]`) from the output's gradient `g`.
+    pub(super) fn backward_slices(&self, q: &[f32], k: &[f32], v: &[f32], g: &[f32], d: Dims) -> [Vec<f32>; 3] {
         let keep = (self.dropout > 0.0).then(|| self.keep.get_or_init(|| self.draw_keep(d)));
         let factor = self.keep_factor();
-        // The inputs are read where they lie, not copied out of their tensors.
-        let blocks: Vec<[Vec<f32>; 3]> = super::buffers::with_f32s([q, k, v, grad], |[q, kv, vv, g]| {
-            (0..d.b * d.nh)
-                .into_par_iter()
-                .map(|task| {
-                    let (bi, hi) = (task / d.nh, task % d.nh);
-                    let text = bi * d.s * d.h;
-                    let flags = keep.map(|k| &k[task * d.s * d.s..][..d.s * d.s]);
-                    let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
-                    let (mut dq, mut dk, mut dv) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
-                    let text_in = [&q[text..], &kv[text..], &vv[text..], &g[text..]];
-                    bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq[..], &mut dk[..], &mut dv[..]]);
-                    [dq, dk, dv]
-                })
-                .collect()
-        })?;
+        let blocks: Vec<[Vec<f32>; 3]> = (0..d.b * d.nh)
+            .into_par_iter()
+            .map(|task| {
+                let (bi, hi) = (task / d.nh, task % d.nh);
+                let text = bi * d.s * d.h;
+                let flags = keep.map(|k| &k[task * d.s * d.s..][..d.s * d.s]);
+                let bias = &self.key_bias[bi * d.s..(bi + 1) * d.s];
+                let (mut dq, mut dk, mut dv) = (vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd], vec![0f32; d.s * d.hd]);
+                let text_in = [&q[text..], &k[text..], &v[text..], &g[text..]];
+                bwd_task(text_in, bias, flags, factor, d, hi, [&mut dq[..], &mut dk[..], &mut dv[..]]);
+                [dq, dk, dv]
+            })
+            .collect();
         let (mut bq, mut bk, mut bv) =
             (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
         for [dq, dk, dv] in blocks {
@@ -362,9 +384,7 @@ impl CustomOp3 for Attention {
             bk.push(dk);
             bv.push(dv);
         }
-        let dev = grad.device();
-        let part = |b: &[Vec<f32>]| Tensor::from_vec(scatter(b, d), (d.b, d.s, d.h), dev).map(Some);
-        Ok((part(&bq)?, part(&bk)?, part(&bv)?))
+        [scatter(&bq, d), scatter(&bk, d), scatter(&bv, d)]
     }
 }
 
@@ -389,9 +409,7 @@ pub fn attention_windowed(
     seed: u64,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    let key_bias = mask.iter().map(|&m| (m - 1.0) * 1e4).collect();
-    let (keep_below, _) = super::rng::keep_rule(dropout);
-    let op = Attention { heads, key_bias, dropout: dropout as f32, keep_below, seed, keep: OnceLock::new(), window };
+    let op = Attention::new(mask, heads, dropout, seed, window);
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 

@@ -20,5 +20,6 @@ pub mod lora_linear;
 pub mod packed;
 pub mod rng;
 pub mod rotary;
+pub mod rotary_attention;
 mod simd;
 pub mod varlen;

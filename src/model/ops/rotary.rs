@@ -44,6 +44,22 @@ impl RopeTable {
         self.cos.len() / self.head_dim.max(1)
     }
 
+    /// `out` = the heads of `x` (one row of `head_dim`-wide heads side by side) rotated by
+    /// position `p`'s angles, or with `inverse` by their transpose (the backward pass).
+    pub(super) fn rotate(&self, out: &mut [f32], x: &[f32], p: usize, inverse: bool) {
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        let (cos, sin) = (&self.cos[p * hd..][..hd], &self.sin[p * hd..][..hd]);
+        // The transpose of [[c, -s], [s, c]] per pair is [[c, s], [-s, c]]: the sines change sign.
+        let sign = if inverse { -1.0 } else { 1.0 };
+        for (oh, xh) in out.chunks_exact_mut(hd).zip(x.chunks_exact(hd)) {
+            for k in 0..half {
+                let (a, b) = (xh[k], xh[k + half]);
+                oh[k] = a * cos[k] - sign * b * sin[k];
+                oh[k + half] = b * cos[k + half] + sign * a * sin[k + half];
+            }
+        }
+    }
+
     /// `(cos, sin)` of the first `seq` positions as `[seq, head_dim]` tensors on `device`.
     pub fn tensors(&self, seq: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         let n = seq * self.head_dim;
@@ -97,20 +113,9 @@ impl CustomOp1 for Rotary {
             _ => candle_core::bail!("rotary needs contiguous f32 input"),
         };
         let (_, seq, hidden) = l.shape().dims3()?;
-        let (hd, half) = (self.table.head_dim, self.table.head_dim / 2);
-        // The transpose of [[c, -s], [s, c]] per pair is [[c, s], [-s, c]]: the sines change sign.
-        let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).enumerate().for_each(|(row, (o, xr))| {
-            let p = row % seq;
-            let (cos, sin) = (&self.table.cos[p * hd..][..hd], &self.table.sin[p * hd..][..hd]);
-            for (oh, xh) in o.chunks_exact_mut(hd).zip(xr.chunks_exact(hd)) {
-                for k in 0..half {
-                    let (a, b) = (xh[k], xh[k + half]);
-                    oh[k] = a * cos[k] - sign * b * sin[k];
-                    oh[k + half] = b * cos[k + half] + sign * a * sin[k + half];
-                }
-            }
+            self.table.rotate(o, xr, row % seq, self.inverse);
         });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -131,18 +136,10 @@ pub fn rotary_qk_packed(qkv: &Tensor, table: &RopeTable, positions: &[usize]) ->
     if w % 3 != 0 || hd == 0 || !hd.is_multiple_of(2) || !h.is_multiple_of(hd) || !fits {
         candle_core::bail!("packed rotary: width {w}, head_dim {hd}, {} positions for {t} rows", positions.len());
     }
-    let half = hd / 2;
     let out = super::buffers::with_f32(qkv, |x| {
         let mut out = x.to_vec();
-        out.par_chunks_mut(w).zip(positions.par_iter()).for_each(|(row, &p)| {
-            let (cos, sin) = (&table.cos[p * hd..][..hd], &table.sin[p * hd..][..hd]);
-            for head in row[..2 * h].chunks_exact_mut(hd) {
-                for k in 0..half {
-                    let (a, b) = (head[k], head[k + half]);
-                    head[k] = a * cos[k] - b * sin[k];
-                    head[k + half] = b * cos[k + half] + a * sin[k + half];
-                }
-            }
+        out.par_chunks_mut(w).zip(x.par_chunks(w)).zip(positions.par_iter()).for_each(|((row, xr), &p)| {
+            table.rotate(&mut row[..2 * h], &xr[..2 * h], p, false);
         });
         out
     })?;

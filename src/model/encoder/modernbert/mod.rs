@@ -15,13 +15,13 @@ pub use heads::{ModernBertClassifier, ModernBertMaskedLm};
 
 use super::adapters::{LowRank, Target};
 use super::post_norm::Getter;
-use crate::model::ops::attention::attention_windowed;
 use crate::model::ops::device_ops::{Dropout, MaskedSoftmax};
 use crate::model::ops::geglu::geglu;
 use crate::model::ops::kernels::{layer_norm, use_fused_cpu_kernels};
 use crate::model::ops::layers::{tensor_bytes, Linear, Mode};
 use crate::model::ops::rng;
 use crate::model::ops::rotary::{rotary, rotary_qk_packed, RopeTable};
+use crate::model::ops::rotary_attention::rotary_attention;
 use crate::model::ops::varlen::attention_packed_windowed;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -241,13 +241,14 @@ impl ModernBert {
     fn attention(&self, layer: &Layer, qkv: &Tensor, mask: &Tensor, keys: &[f32], mode: &mut Mode) -> Result<Tensor> {
         let hidden = self.cfg.hidden_size;
         let (table, window) = if layer.global { (&self.global_rope, None) } else { (&self.local_rope, Some(self.cfg.window())) };
+        let (p, heads) = (if mode.is_train() { self.cfg.attention_dropout } else { 0.0 }, self.cfg.num_attention_heads);
+        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && use_fused_cpu_kernels() {
+            // The rotary embedding inside the attention op, which reads `Wqkv`'s output whole.
+            return rotary_attention(qkv, table, keys, heads, p, mode.seed(), window);
+        }
         let q = rotary(&qkv.narrow(D::Minus1, 0, hidden)?, table)?;
         let k = rotary(&qkv.narrow(D::Minus1, hidden, hidden)?, table)?;
         let v = qkv.narrow(D::Minus1, 2 * hidden, hidden)?;
-        let (p, heads) = (if mode.is_train() { self.cfg.attention_dropout } else { 0.0 }, self.cfg.num_attention_heads);
-        if q.device().is_cpu() && q.dtype() == DType::F32 && use_fused_cpu_kernels() {
-            return attention_windowed(&q, &k, &v, keys, heads, p, mode.seed(), window);
-        }
         composed_attention(&q, &k, &v, mask, heads, window, p, mode)
     }
 }

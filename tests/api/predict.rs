@@ -126,21 +126,29 @@ async fn concurrent_requests_are_batched_and_each_caller_gets_its_own_scores() {
         alone.push(v["predictions"][0].clone());
     }
     let bodies: Vec<Value> = texts.iter().map(|t| json!({"inputs": t, "raw_scores": true})).collect();
-    let futures = bodies.iter().map(|b| app.predict("toy", b));
-    let responses = futures::future::join_all(futures).await;
+    // A burst shares a forward pass when its requests arrive while an earlier one runs; on a
+    // loaded machine a single-threaded client can send them too slowly for that, so up to five
+    // bursts are tried. Every answer of every burst is checked.
     let mut biggest_batch = 0;
-    for (r, expected) in responses.into_iter().zip(&alone) {
-        for h in ["x-tokenization-time", "x-queue-time", "x-inference-time"] {
-            assert!(r.headers()[h].to_str().unwrap().parse::<f64>().is_ok(), "{h}");
+    for _ in 0..5 {
+        let futures = bodies.iter().map(|b| app.predict("toy", b));
+        let responses = futures::future::join_all(futures).await;
+        for (r, expected) in responses.into_iter().zip(&alone) {
+            for h in ["x-tokenization-time", "x-queue-time", "x-inference-time"] {
+                assert!(r.headers()[h].to_str().unwrap().parse::<f64>().is_ok(), "{h}");
+            }
+            biggest_batch = biggest_batch.max(r.headers()["x-batch-size"].to_str().unwrap().parse::<usize>().unwrap());
+            let v: Value = r.json().await.unwrap();
+            for (a, b) in v["predictions"][0].as_array().unwrap().iter().zip(expected.as_array().unwrap()) {
+                assert_eq!(a["label"], b["label"]);
+                assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-5);
+            }
         }
-        biggest_batch = biggest_batch.max(r.headers()["x-batch-size"].to_str().unwrap().parse::<usize>().unwrap());
-        let v: Value = r.json().await.unwrap();
-        for (a, b) in v["predictions"][0].as_array().unwrap().iter().zip(expected.as_array().unwrap()) {
-            assert_eq!(a["label"], b["label"]);
-            assert!((a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap()).abs() <= 1e-5);
+        if biggest_batch > 1 {
+            break;
         }
     }
-    assert!(biggest_batch > 1, "24 concurrent requests never shared a forward pass");
+    assert!(biggest_batch > 1, "five bursts of 24 concurrent requests never shared a forward pass");
 }
 
 /// Batch sizes seen by `clients` callers that each send `rounds` single texts one after

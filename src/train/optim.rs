@@ -4,10 +4,10 @@
 //! On CPU the update runs in place over each parameter's storage in one fused pass, with
 //! no temporaries (candle-nn's `AdamW` allocates ~15 tensors per parameter per step). On other
 //! devices (and on the CPU's device-generic path) two in-place kernels per parameter do the
-//! same (`model::ops::device_ops::AdamWMoments`, `AdamWApply`), and the gradient norm costs one
+//! same (`model::ops::device_optim::AdamWMoments`, `AdamWApply`), and the gradient norm costs one
 //! device-to-host read per step, not one per parameter.
 
-use crate::model::ops::device_ops::{AdamWApply, AdamWMoments};
+use crate::model::ops::device_optim::{AdamWApply, AdamWMoments};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;

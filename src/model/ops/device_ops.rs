@@ -10,8 +10,6 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-pub use super::device_optim::{AdamWApply, AdamWMoments};
-
 use super::rng::kept;
 
 /// The contiguous elements of `s` as f32.

@@ -8,7 +8,7 @@ pub(super) mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_positional;
 pub mod device_ops;
-mod device_optim;
+pub mod device_optim;
 pub mod device_positional;
 pub mod disentangled;
 mod fastmath;

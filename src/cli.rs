@@ -270,7 +270,10 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         loss_log: vec![],
         batch_size: a.batch_size as usize,
     };
-    let outcome = trainer::run(req, &mut obs).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    // The step runs on a thread of the pool its kernels use, as a served job's does: each
+    // parallel op then wakes one thread, not two while the caller sleeps on a latch.
+    let threads = crate::compute::pool("train", a.threads)?;
+    let outcome = threads.install(|| trainer::run(req, &mut obs)).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     if let Some(b) = &obs.bar {
         b.finish_and_clear();
     }

@@ -10,6 +10,7 @@ use finetuned::model::encoder::params::Params;
 use finetuned::model::hf::tokenize::pad_batch;
 use finetuned::model::ops::kernels::set_fused_cpu_kernels;
 use finetuned::model::ops::layers::Mode;
+use finetuned::model::ops::tape::backward;
 use finetuned::model::{Classifier, Pooling};
 use finetuned::train::hyper::HyperparametersInput;
 use finetuned::train::optim::AdamW;
@@ -56,9 +57,14 @@ fn two_steps(dropout_seed: u64) -> StepResult {
     for _ in 0..2 {
         let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng)).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = backward(&loss).unwrap();
         if first.is_none() {
-            let g = params.names.iter().zip(&params.vars).filter_map(|(n, v)| Some((n.clone(), flat(grads.get(v.as_tensor())?)))).collect();
+            let g = params
+                .names
+                .iter()
+                .zip(&params.vars)
+                .filter_map(|(n, v)| Some((n.clone(), flat(&grads.get(v.as_tensor()).unwrap()?))))
+                .collect();
             first = Some((loss.to_scalar::<f32>().unwrap(), g));
         }
         opt.step(&params.vars, &grads, 1e-3, 1.0).unwrap();

@@ -8,7 +8,7 @@
 //! device-to-host read per step, not one per parameter.
 
 use crate::model::ops::device_optim::{AdamWApply, AdamWMoments};
-use candle_core::backprop::GradStore;
+use crate::model::ops::tape::{Grad, Gradients, RowGrad};
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -56,20 +56,21 @@ fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
 }
 
 /// Sum of squares of every gradient present.
-fn grad_sq_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
+fn grad_sq_norm(vars: &[Var], grads: &Gradients) -> Result<f64> {
     let mut total = 0f64;
     let mut on_device = Vec::new();
     for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            if fused_cpu(g) && g.is_contiguous() {
+        match grads.grad(v.as_tensor()) {
+            None => {}
+            Some(Grad::Rows(rows)) => total += rows.sq_norm(),
+            Some(Grad::Dense(g)) if fused_cpu(g) && g.is_contiguous() => {
                 let (s, l) = g.storage_and_layout();
                 // Fixed chunks summed in order: the same result whatever the thread count.
                 let partial: Vec<f64> =
                     cpu_f32(&s, l)?.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum()).collect();
                 total += partial.iter().sum::<f64>();
-            } else {
-                on_device.push(g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?);
             }
+            Some(Grad::Dense(g)) => on_device.push(g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?),
         }
     }
     if !on_device.is_empty() {
@@ -79,10 +80,9 @@ fn grad_sq_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     Ok(total)
 }
 
-struct FusedStep<'a> {
-    grad: &'a [f32],
-    m: RefCell<&'a mut [f32]>,
-    v: RefCell<&'a mut [f32]>,
+/// The constants of one AdamW update.
+#[derive(Clone, Copy)]
+struct Consts {
     lr: f32,
     decay: f32,
     scale: f32,
@@ -91,6 +91,35 @@ struct FusedStep<'a> {
     eps: f32,
     bc1: f32,
     bc2: f32,
+}
+
+/// One AdamW update of a span of parameters `p` with moments `m`, `v` and gradient `g`.
+fn adam_span(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: Consts) {
+    let step_size = k.lr / k.bc1;
+    let shrink = 1.0 - k.lr * k.decay;
+    for i in 0..p.len() {
+        let g = g[i] * k.scale;
+        m[i] = k.b1 * m[i] + (1.0 - k.b1) * g;
+        v[i] = k.b2 * v[i] + (1.0 - k.b2) * g * g;
+        let denom = (v[i] / k.bc2).sqrt() + k.eps;
+        p[i] = p[i] * shrink - step_size * m[i] / denom;
+    }
+}
+
+/// A gradient as the fused update reads it.
+enum GradView<'a> {
+    Dense(&'a [f32]),
+    Rows(&'a RowGrad),
+}
+
+/// Table rows per parallel work item of a row gradient's update.
+const ROW_BLOCK: usize = 32;
+
+struct FusedStep<'a> {
+    grad: GradView<'a>,
+    m: RefCell<&'a mut [f32]>,
+    v: RefCell<&'a mut [f32]>,
+    k: Consts,
 }
 
 impl candle_core::InplaceOp1 for FusedStep<'_> {
@@ -102,18 +131,34 @@ impl candle_core::InplaceOp1 for FusedStep<'_> {
         let CpuStorage::F32(p) = storage else { candle_core::bail!("fused AdamW needs f32") };
         let p = &mut p[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()];
         let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
-        let step_size = self.lr / self.bc1;
-        let (scale, b1, b2, bc2, eps, shrink) = (self.scale, self.b1, self.b2, self.bc2, self.eps, 1.0 - self.lr * self.decay);
-        let chunks = p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(self.grad.par_chunks(CHUNK));
-        chunks.for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let g = g[i] * scale;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let denom = (v[i] / bc2).sqrt() + eps;
-                p[i] = p[i] * shrink - step_size * m[i] / denom;
+        let k = self.k;
+        match self.grad {
+            GradView::Dense(g) => {
+                let chunks = p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK));
+                chunks.for_each(|(((p, m), v), g)| adam_span(p, m, v, g, k));
             }
-        });
+            GradView::Rows(rows) => {
+                // A row the batch did not use has a zero gradient: its moments decay and the
+                // parameters move as the dense update moves them (the same arithmetic, on zeros).
+                let w = rows.width().max(1);
+                let zeros = vec![0f32; w];
+                let block = w * ROW_BLOCK;
+                let chunks = p.par_chunks_mut(block).zip(m.par_chunks_mut(block)).zip(v.par_chunks_mut(block)).enumerate();
+                chunks.for_each(|(c, ((p, m), v))| {
+                    let first = c * ROW_BLOCK;
+                    let mut next = rows.rows().partition_point(|&r| (r as usize) < first);
+                    for (j, ((p, m), v)) in p.chunks_mut(w).zip(m.chunks_mut(w)).zip(v.chunks_mut(w)).enumerate() {
+                        let g = if rows.rows().get(next).is_some_and(|&r| r as usize == first + j) {
+                            next += 1;
+                            &rows.values()[(next - 1) * w..next * w]
+                        } else {
+                            &zeros[..]
+                        };
+                        adam_span(p, m, v, g, k);
+                    }
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -126,7 +171,7 @@ impl AdamW {
 
     /// Clips gradients to global L2 norm `max_norm` and applies one update at `lr`.
     /// Parameters without a gradient are left alone, as PyTorch does. Returns the norm before clipping.
-    pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64, max_norm: f64) -> Result<f64> {
+    pub fn step(&mut self, vars: &[Var], grads: &Gradients, lr: f64, max_norm: f64) -> Result<f64> {
         let norm = grad_sq_norm(vars, grads)?.sqrt();
         let scale = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
         self.apply(vars, grads, lr, scale)?;
@@ -136,7 +181,7 @@ impl AdamW {
     /// As `step`, for gradients of a loss that was multiplied by `loss_scale` (mixed
     /// precision): they are scaled back first. Gradients that overflowed (not finite) are
     /// skipped without touching the parameters or the moments: `None`.
-    pub fn step_scaled(&mut self, vars: &[Var], grads: &GradStore, lr: f64, max_norm: f64, loss_scale: f64) -> Result<Option<f64>> {
+    pub fn step_scaled(&mut self, vars: &[Var], grads: &Gradients, lr: f64, max_norm: f64, loss_scale: f64) -> Result<Option<f64>> {
         let norm = grad_sq_norm(vars, grads)?.sqrt() / loss_scale;
         if !norm.is_finite() {
             return Ok(None);
@@ -147,12 +192,12 @@ impl AdamW {
     }
 
     /// One update with every gradient multiplied by `scale`.
-    fn apply(&mut self, vars: &[Var], grads: &GradStore, lr: f64, scale: f64) -> Result<()> {
+    fn apply(&mut self, vars: &[Var], grads: &Gradients, lr: f64, scale: f64) -> Result<()> {
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step);
         let bc2 = 1.0 - self.beta2.powi(self.step);
         for (i, var) in vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(grad) = grads.grad(var.as_tensor()) else { continue };
             let decay = if self.decay[i] { self.weight_decay } else { 0.0 };
             if self.moments[i].is_none() {
                 let n = var.elem_count();
@@ -163,31 +208,41 @@ impl AdamW {
                 });
             }
             let moments = self.moments[i].as_mut().expect("set above");
-            match moments {
-                Moments::Cpu(m, v) => {
+            let k = Consts {
+                lr: lr as f32,
+                decay: decay as f32,
+                scale: scale as f32,
+                b1: self.beta1 as f32,
+                b2: self.beta2 as f32,
+                eps: self.eps as f32,
+                bc1: bc1 as f32,
+                bc2: bc2 as f32,
+            };
+            match (moments, grad) {
+                (Moments::Cpu(m, v), Grad::Rows(rows)) => {
+                    let op =
+                        FusedStep { grad: GradView::Rows(rows), m: RefCell::new(m.as_mut_slice()), v: RefCell::new(v.as_mut_slice()), k };
+                    var.as_tensor().inplace_op1(&op)?;
+                }
+                (Moments::Cpu(m, v), Grad::Dense(g)) => {
                     let g = g.contiguous()?;
                     let (gs, gl) = g.storage_and_layout();
                     let op = FusedStep {
-                        grad: cpu_f32(&gs, gl)?,
+                        grad: GradView::Dense(cpu_f32(&gs, gl)?),
                         m: RefCell::new(m.as_mut_slice()),
                         v: RefCell::new(v.as_mut_slice()),
-                        lr: lr as f32,
-                        decay: decay as f32,
-                        scale: scale as f32,
-                        b1: self.beta1 as f32,
-                        b2: self.beta2 as f32,
-                        eps: self.eps as f32,
-                        bc1: bc1 as f32,
-                        bc2: bc2 as f32,
+                        k,
                     };
                     var.as_tensor().inplace_op1(&op)?;
                 }
-                Moments::Device(mv) => {
-                    let g = g.contiguous()?;
-                    let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-                    mv.inplace_op2(&g, &AdamWMoments { grad_scale: scale as f32, beta1: b1, beta2: b2 })?;
-                    let (bc1, bc2, eps) = (bc1 as f32, bc2 as f32, self.eps as f32);
-                    var.as_tensor().inplace_op2(mv, &AdamWApply { lr: lr as f32, decay: decay as f32, bc1, bc2, eps })?;
+                (Moments::Device(mv), grad) => {
+                    let g = match grad {
+                        Grad::Dense(g) => g.contiguous()?,
+                        Grad::Rows(rows) => rows.to_dense(var.as_tensor())?,
+                    };
+                    mv.inplace_op2(&g, &AdamWMoments { grad_scale: k.scale, beta1: k.b1, beta2: k.b2 })?;
+                    let (bc1, bc2, eps) = (k.bc1, k.bc2, k.eps);
+                    var.as_tensor().inplace_op2(mv, &AdamWApply { lr: k.lr, decay: k.decay, bc1, bc2, eps })?;
                 }
             }
         }

@@ -10,6 +10,7 @@ use super::optim::{linear_schedule, AdamW};
 use super::precision::{LossScaler, Precision};
 use crate::model::encoder::params::Params;
 use crate::model::encoder::Getter;
+use crate::model::ops::tape::backward;
 use candle_core::{DType, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{HashMap, VecDeque};
@@ -242,7 +243,7 @@ pub fn drive<O: Objective>(run: Run, obj: &mut O, rng: &mut ChaCha8Rng, obs: &mu
                 return Err(TrainError::Diverged(loss_value, step + 1));
             }
             let t_bwd = Instant::now();
-            let grads = if scaler.scale() == 1.0 { loss.backward()? } else { (&loss * scaler.scale())?.backward()? };
+            let grads = if scaler.scale() == 1.0 { backward(&loss)? } else { backward(&(&loss * scaler.scale())?)? };
             // The activations and gradients are all alive here: the step's high-water mark.
             if let Some(used) = crate::model::device_memory_mib(device) {
                 peak_gpu = Some(peak_gpu.map_or(used, |p| p.max(used)));

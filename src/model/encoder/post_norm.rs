@@ -6,6 +6,7 @@
 use super::adapters::{LowRank, Target};
 use super::config::EncoderConfig;
 use crate::model::ops::attention::attention;
+use crate::model::ops::embedding::{embed, Positions, Types};
 use crate::model::ops::frozen_ffn::frozen_ffn;
 use crate::model::ops::kernels::use_fused_cpu_kernels;
 use crate::model::ops::layers::{activation, attention_bias, softmax_last, tensor_bytes, Act, LayerNorm, Linear, Mode};
@@ -236,16 +237,10 @@ impl PostNorm {
     }
 
     fn encode(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, mode: &mut Mode, first_only: bool, lr: &LowRank) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        let h = self.cfg.embedding_size();
         let e = &self.embeddings;
-        let words = e.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, h))?;
-        let words = match &e.token_type {
-            Some(table) => (words + table.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, h))?)?,
-            None => words,
-        };
-        let pos = e.position.narrow(0, self.cfg.position_offset(), s)?;
-        let x = words.broadcast_add(&pos)?;
+        let pos = Positions { table: &e.position, offset: self.cfg.position_offset() };
+        let types = e.token_type.as_ref().map(|table| Types { table, ids: type_ids });
+        let x = embed(&e.word, ids, Some(pos), types)?;
         let x = e.norm.forward(&x, mode)?;
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
         if let Some(p) = &self.project {

@@ -19,6 +19,7 @@ use super::post_norm::Getter;
 use crate::model::ops::device_ops::{Dropout, MaskedSoftmax};
 use crate::model::ops::device_positional::RelGather;
 use crate::model::ops::disentangled::{disentangled_attention, RelTables, Terms};
+use crate::model::ops::embedding::{embed, Positions, Types};
 use crate::model::ops::kernels::use_fused_cpu_kernels;
 use crate::model::ops::layers::{activation, tensor_bytes, Act, LayerNorm, Linear, Mode};
 use crate::model::ops::rng;
@@ -183,14 +184,9 @@ impl Deberta {
             _ => candle_core::bail!("adapters of different rows in one batch are not run on deberta-v2"),
         };
         let dev = ids.device();
-        let e = self.cfg.embedding_width();
-        let mut x = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, e))?;
-        if let Some(p) = &self.position {
-            x = x.broadcast_add(&p.narrow(0, 0, s)?.unsqueeze(0)?)?;
-        }
-        if let Some(t) = &self.token_type {
-            x = (x + t.index_select(&type_ids.flatten_all()?, 0)?.reshape((b, s, e))?)?;
-        }
+        let pos = self.position.as_ref().map(|table| Positions { table, offset: 0 });
+        let types = self.token_type.as_ref().map(|table| Types { table, ids: type_ids });
+        let mut x = embed(&self.word, ids, pos, types)?;
         if let Some(p) = &self.embed_proj {
             x = p.forward(&x)?;
         }

@@ -16,6 +16,7 @@ pub use heads::{ModernBertClassifier, ModernBertMaskedLm};
 use super::adapters::{LowRank, Target};
 use super::post_norm::Getter;
 use crate::model::ops::device_ops::{Dropout, MaskedSoftmax};
+use crate::model::ops::embedding::embed;
 use crate::model::ops::geglu::geglu;
 use crate::model::ops::kernels::{layer_norm, use_fused_cpu_kernels};
 use crate::model::ops::layers::{tensor_bytes, Linear, Mode};
@@ -217,8 +218,7 @@ impl ModernBert {
     /// [`ModernBert::forward`] with each row's adapter terms added to the dense layers they
     /// change (`Wqkv` as [`Target::Query`], `attn.Wo`, `mlp.Wi`, `mlp.Wo`).
     pub fn forward_low_rank(&self, ids: &Tensor, mask: &Tensor, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        let x = self.embeddings.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden_size))?;
+        let x = embed(&self.embeddings, ids, None, None)?;
         let mut x = mode.dropout(&self.embed_norm.forward(&x)?, self.cfg.embedding_dropout)?;
         let keys = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for (i, layer) in self.layers.iter().enumerate() {

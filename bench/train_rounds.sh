@@ -4,13 +4,14 @@
 # settings (1 epoch, batch 32, len 64, --group-by-length, ours --pooling cls). Each round runs the
 # reference, then each given build of ours, in an order that flips every round.
 # Prints every round and each build's median with its ratio to the reference's median.
-# Usage: bench/train_rounds.sh OUT_DIR ROUNDS ARCH BIN [BIN ...]   (from the repo root; idle machine)
+# Usage: [MAXLEN=64] bench/train_rounds.sh OUT_DIR ROUNDS ARCH BIN [BIN ...]   (from the repo root; idle machine)
 set -euo pipefail
 OUT=$(cd "${1:?out dir}" && pwd); ROUNDS=${2:?rounds}; ARCH=${3:?arch}; shift 3
 BINS=("$@")
 PY=${PY:-$HOME/refbench-venv/bin/python}
-COMMON="--data $OUT/sst2-2000 --epochs 1 --batch-size 32 --lr 5e-5 --max-len 64 --seed 42 --threads 2 --group-by-length"
-R=$OUT/train-rounds/$ARCH
+MAXLEN=${MAXLEN:-64}
+COMMON="--data $OUT/sst2-2000 --epochs 1 --batch-size 32 --lr 5e-5 --max-len $MAXLEN --seed 42 --threads 2 --group-by-length"
+R=$OUT/train-rounds/$ARCH-len$MAXLEN
 mkdir -p "$R"
 . "$(dirname "$0")/idle.sh"
 for r in $(seq "$ROUNDS"); do

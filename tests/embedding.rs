@@ -116,3 +116,54 @@ fn an_id_outside_the_table_is_refused() {
     let err = embed(c.word.as_tensor(), &ids, None, None).unwrap_err().to_string();
     assert!(err.contains("token id 40") && err.contains("40 rows"), "{err}");
 }
+
+/// An op whose backward pass runs another model's whole backward pass, as a rayon thread
+/// waiting inside one job's op can run another job's step when jobs share the training pool.
+struct RunsAnotherPass {
+    word: Var,
+    ids: Tensor,
+    upstream: Tensor,
+    seen: std::sync::Arc<std::sync::Mutex<Option<Vec<u32>>>>,
+}
+
+impl candle_core::CustomOp1 for RunsAnotherPass {
+    fn name(&self) -> &'static str {
+        "runs-another-pass"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = s else { candle_core::bail!("f32 only") };
+        Ok((candle_core::CpuStorage::F32(v[l.start_offset()..l.start_offset() + l.shape().elem_count()].to_vec()), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = embed(self.word.as_tensor(), &self.ids, None, None)?;
+        let inner = backward(&(&out * &self.upstream)?.sum_all()?)?;
+        let Some(Grad::Rows(rows)) = inner.grad(self.word.as_tensor()) else { candle_core::bail!("the inner pass lost its rows") };
+        *self.seen.lock().unwrap() = Some(rows.rows().to_vec());
+        Ok(Some(grad.clone()))
+    }
+}
+
+#[test]
+fn a_backward_pass_run_inside_another_collects_only_its_own_rows() {
+    let c = case();
+    let other_word = table(40, 8, 3.0);
+    let other_ids = Tensor::new(&[[11u32, 12, 13, 12, 11], [20, 21, 22, 23, 24]], &Device::Cpu).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let nest = RunsAnotherPass { word: other_word.clone(), ids: other_ids, upstream: c.upstream.clone(), seen: seen.clone() };
+    let v = Var::from_tensor(&Tensor::ones((2, 5, 8), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    // `nested · embed`: candle runs the embedding's backward (its rows deposited) before the
+    // op whose backward runs the other pass.
+    let outer = embed(c.word.as_tensor(), &c.ids, None, None).unwrap();
+    let loss = (v.as_tensor().apply_op1(nest).unwrap() * &outer).unwrap().sum_all().unwrap();
+    let grads = backward(&loss).unwrap();
+    let Some(Grad::Rows(rows)) = grads.grad(c.word.as_tensor()) else { panic!("the outer pass lost its rows") };
+    assert_eq!(rows.rows(), &[0, 1, 2, 3, 7, 39]);
+    assert!(grads.grad(other_word.as_tensor()).is_none(), "the inner pass's rows leaked into the outer one");
+    assert_eq!(seen.lock().unwrap().as_deref(), Some(&[11u32, 12, 13, 20, 21, 22, 23, 24][..]), "the inner pass's own rows");
+}

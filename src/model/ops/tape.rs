@@ -89,12 +89,20 @@ impl RowGrad {
 }
 
 thread_local! {
-    static DEPOSITS: RefCell<Vec<(Tensor, RowGrad)>> = const { RefCell::new(Vec::new()) };
+    /// One list of deposits per backward pass running on this thread, innermost last: a rayon
+    /// thread that waits inside one job's op can run another job's whole step (jobs share the
+    /// training pool), so passes nest, and each must collect only its own rows.
+    static FRAMES: RefCell<Vec<Vec<(Tensor, RowGrad)>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Hands over `param`'s gradient from inside an op's backward pass (see the module's note).
+/// Outside a [`backward`] there is nobody to collect it, and it is dropped.
 pub(crate) fn deposit(param: &Tensor, grad: RowGrad) {
-    DEPOSITS.with(|d| d.borrow_mut().push((param.clone(), grad)));
+    FRAMES.with(|f| {
+        if let Some(frame) = f.borrow_mut().last_mut() {
+            frame.push((param.clone(), grad));
+        }
+    });
 }
 
 /// The gradients of one backward pass: candle's, and the rows that fused ops handed over.
@@ -105,10 +113,10 @@ pub struct Gradients {
 
 /// Runs the backward pass from `loss` and collects every gradient, candle's and the deposited.
 pub fn backward(loss: &Tensor) -> Result<Gradients> {
-    // A pass that failed half-way leaves nothing behind for this one.
-    DEPOSITS.with(|d| d.borrow_mut().clear());
+    FRAMES.with(|f| f.borrow_mut().push(Vec::new()));
     let outcome = loss.backward();
-    let deposits = DEPOSITS.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    // Popped whatever the outcome: a pass that failed half-way leaves nothing behind.
+    let deposits = FRAMES.with(|f| f.borrow_mut().pop().unwrap_or_default());
     let mut store = outcome?;
     let mut rows: HashMap<TensorId, (Tensor, RowGrad)> = HashMap::new();
     for (param, grad) in deposits {

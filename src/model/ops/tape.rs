@@ -31,14 +31,17 @@ impl RowGrad {
         Ok(Self { rows, values, width })
     }
 
+    /// The table rows that have a gradient, ascending.
     pub fn rows(&self) -> &[u32] {
         &self.rows
     }
 
+    /// Their gradients, one row of [`RowGrad::width`] after another.
     pub fn values(&self) -> &[f32] {
         &self.values
     }
 
+    /// Values per row: the table's width.
     pub fn width(&self) -> usize {
         self.width
     }

@@ -8,6 +8,7 @@ use super::config::EncoderConfig;
 use crate::model::ops::attention::attention;
 use crate::model::ops::embedding::{embed, Positions, Types};
 use crate::model::ops::frozen_ffn::frozen_ffn;
+use crate::model::ops::infer;
 use crate::model::ops::kernels::use_fused_cpu_kernels;
 use crate::model::ops::layers::{activation, attention_bias, softmax_last, tensor_bytes, Act, LayerNorm, Linear, Mode};
 use crate::model::ops::varlen::{attention_packed, starts};
@@ -277,23 +278,14 @@ impl PostNorm {
             candle_core::bail!("the packed forward pass needs an encoder prepared for CPU f32 inference");
         }
         let dev = self.device();
-        let t = ids.len();
         let e = &self.embeddings;
-        let mut x = e.word.index_select(&Tensor::from_slice(ids, t, &dev)?, 0)?;
-        if let (Some(table), true) = (&e.token_type, type_ids.len() == t) {
-            x = (x + table.index_select(&Tensor::from_slice(type_ids, t, &dev)?, 0)?)?;
-        } else if let Some(table) = &e.token_type {
-            x = x.broadcast_add(&table.get(0)?)?;
-        }
         let off = self.cfg.position_offset();
         let positions: Vec<u32> = lens.iter().flat_map(|&n| (off..off + n).map(|p| p as u32)).collect();
-        x = (x + e.position.index_select(&Tensor::from_vec(positions, t, &dev)?, 0)?)?;
-        let mode = &mut Mode::Eval;
-        x = e.norm.forward(&x, mode)?;
+        let types = e.token_type.as_ref().map(|table| (table, type_ids));
+        let mut x = infer::embed_norm(&e.word, ids, types, &e.position, &positions, &e.norm)?;
         if let Some(p) = &self.project {
             x = p.forward(&x)?;
         }
-        let lr = LowRank::default();
         let last = self.layers.len().saturating_sub(1);
         for (i, l) in self.layers.iter().enumerate() {
             let qkv = l.qkv.as_ref().expect("checked by packs").forward(&x)?;
@@ -302,12 +294,19 @@ impl PostNorm {
                 // The first token of each text: its output projection and feed-forward only.
                 let firsts: Vec<u32> = starts(lens).into_iter().map(|r| r as u32).collect();
                 let firsts = Tensor::from_vec(firsts, lens.len(), &dev)?;
-                self.after_attention(i, l, &ctx.index_select(&firsts, 0)?, &x.index_select(&firsts, 0)?, mode, &lr)?
+                self.packed_after_attention(l, &ctx.index_select(&firsts, 0)?, &x.index_select(&firsts, 0)?)?
             } else {
-                self.after_attention(i, l, &ctx, &x, mode, &lr)?
+                self.packed_after_attention(l, &ctx, &x)?
             };
         }
         Ok(x)
+    }
+
+    /// [`PostNorm::after_attention`] in inference on packed rows, its sums and norms fused.
+    fn packed_after_attention(&self, l: &Layer, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let x = infer::add_norm(&l.attn_out.forward(ctx)?, Some(x), &l.attn_norm)?;
+        let inter = l.intermediate.forward_activated(&x, self.act)?;
+        infer::add_norm(&l.output.forward(&inter)?, Some(&x), &l.out_norm)
     }
 
     fn self_attention(&self, i: usize, l: &Layer, x: &Tensor, keys: &KeyMask, mode: &mut Mode, lr: &LowRank) -> Result<Tensor> {

@@ -15,6 +15,7 @@ pub mod embedding;
 mod fastmath;
 pub mod frozen_ffn;
 pub mod geglu;
+pub mod infer;
 pub mod kernels;
 pub mod layers;
 pub mod linear;

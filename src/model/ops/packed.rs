@@ -118,7 +118,9 @@ impl Packed {
             xb
         });
         let n = self.outputs;
-        let mut y = vec![0f32; rows * n];
+        // SAFETY: every tile's store writes its columns of every row block, and the tiles
+        // and row blocks cover all of `y`.
+        let mut y = unsafe { super::buffers::uninit(rows * n) };
         let tiles = n.div_ceil(TILE);
         let tasks = rayon::current_num_threads().clamp(1, tiles.max(1));
         let per = tiles.div_ceil(tasks);

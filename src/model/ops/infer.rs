@@ -1,0 +1,107 @@
+//! Inference-only row ops of the packed forward pass (CPU f32, no backward): the embedding sum
+//! and the residual sum, each with its LayerNorm, as one parallel pass over the rows on the
+//! rayon pool that runs the rest of the pass. Composed from candle's ops they were three
+//! passes each, on candle's own thread pool, handed off and back for every op.
+
+use super::buffers::{uninit, with_f32s, SharedOut};
+use super::fastmath::row_stats;
+use super::layers::LayerNorm;
+use candle_core::{Result, Tensor};
+use rayon::prelude::*;
+
+/// Rows a task takes: a few tasks per thread.
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+/// `LayerNorm(a + b)` over rows of width `h`, `b` optional: a new `[rows, h]` tensor.
+pub fn add_norm(a: &Tensor, b: Option<&Tensor>, norm: &LayerNorm) -> Result<Tensor> {
+    let (rows, h) = a.dims2()?;
+    let eps = norm.eps as f32;
+    let added = b.is_some();
+    let b = b.unwrap_or(a);
+    // SAFETY: every row is written by exactly one task below.
+    let mut y = unsafe { uninit(rows * h) };
+    let out = SharedOut(y.as_mut_ptr());
+    with_f32s([a, b, &norm.weight, &norm.bias], |[a, b, w, bias]| {
+        assert!(a.len() == rows * h && b.len() == rows * h && w.len() == h && bias.len() == h);
+        let per = rows_per_task(rows);
+        (0..rows.div_ceil(per)).into_par_iter().for_each(|t| {
+            for r in t * per..((t + 1) * per).min(rows) {
+                // SAFETY: row r of `y` belongs to this task alone.
+                let y = unsafe { std::slice::from_raw_parts_mut(out.at(r * h), h) };
+                y.copy_from_slice(&a[r * h..(r + 1) * h]);
+                if added {
+                    y.iter_mut().zip(&b[r * h..(r + 1) * h]).for_each(|(y, b)| *y += b);
+                }
+                normalize(y, w, bias, eps);
+            }
+        });
+    })?;
+    Tensor::from_vec(y, (rows, h), a.device())
+}
+
+/// The embedding rows of packed texts, normalized: row `i` is `LayerNorm(word[ids[i]] +
+/// types[type_ids[i]] + position[positions[i]])`, with `types` row 0 where `type_ids` is
+/// empty and no type term without a `types` table.
+pub fn embed_norm(
+    word: &Tensor,
+    ids: &[u32],
+    types: Option<(&Tensor, &[u32])>,
+    position: &Tensor,
+    positions: &[u32],
+    norm: &LayerNorm,
+) -> Result<Tensor> {
+    let (vocab, h) = word.dims2()?;
+    let rows = ids.len();
+    if positions.len() != rows {
+        candle_core::bail!("packed embeddings: {} positions for {rows} tokens", positions.len());
+    }
+    let (type_table, type_ids) = match types {
+        Some((t, ids)) => (t, ids),
+        None => (word, &[][..]),
+    };
+    let eps = norm.eps as f32;
+    let bad = |what: &str, i: usize, n: usize| candle_core::bail!("packed embeddings: {what} {i} out of the table's {n} rows");
+    if let Some(&i) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return bad("token id", i as usize, vocab);
+    }
+    let (npos, ntypes) = (position.dims2()?.0, type_table.dims2()?.0);
+    if let Some(&p) = positions.iter().find(|&&p| p as usize >= npos) {
+        return bad("position", p as usize, npos);
+    }
+    if let Some(&t) = type_ids.iter().find(|&&t| t as usize >= ntypes) {
+        return bad("token type", t as usize, ntypes);
+    }
+    // SAFETY: every row is written by exactly one task below.
+    let mut y = unsafe { uninit(rows * h) };
+    let out = SharedOut(y.as_mut_ptr());
+    with_f32s([word, type_table, position, &norm.weight, &norm.bias], |[word, tt, pos, w, bias]| {
+        let per = rows_per_task(rows);
+        (0..rows.div_ceil(per)).into_par_iter().for_each(|t| {
+            for r in t * per..((t + 1) * per).min(rows) {
+                // SAFETY: row r of `y` belongs to this task alone.
+                let y = unsafe { std::slice::from_raw_parts_mut(out.at(r * h), h) };
+                y.copy_from_slice(row(word, ids[r], h));
+                if types.is_some() {
+                    let ty = row(tt, type_ids.get(r).copied().unwrap_or(0), h);
+                    y.iter_mut().zip(ty).for_each(|(y, t)| *y += t);
+                }
+                y.iter_mut().zip(row(pos, positions[r], h)).for_each(|(y, p)| *y += p);
+                normalize(y, w, bias, eps);
+            }
+        });
+    })?;
+    Tensor::from_vec(y, (rows, h), word.device())
+}
+
+fn row(table: &[f32], i: u32, h: usize) -> &[f32] {
+    &table[i as usize * h..(i as usize + 1) * h]
+}
+
+fn normalize(y: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, rstd) = row_stats(y, eps);
+    for ((y, w), b) in y.iter_mut().zip(w).zip(b) {
+        *y = (*y - mean) * rstd * w + b;
+    }
+}

@@ -24,6 +24,12 @@ $B1 --clients 1 --batch 1 --duration 10 --out "$OUT/ours_c1_b1.json" > /dev/null
 $B --clients 1 --batch 1 --duration 10 --out "$OUT/ours_c1_b1_pool.json" > /dev/null
 $B --clients 32 --batch 1 --duration 15 --out "$OUT/ours_c32_b1.json" > /dev/null
 $B --clients 512 --batch 1 --duration 15 --timeout 30 --out "$OUT/ours_c512_b1.json" > /dev/null
+# 32 single-text clients against one client's batches of 32, alternated (the host's speed
+# drifts by more than the difference between the two): ROUNDS rounds, default 3.
+for r in $(seq "${ROUNDS:-3}"); do
+  $B --clients 1 --batch 32 --duration 10 --out "$OUT/alt_b32_$r.json" > /dev/null
+  $B --clients 32 --batch 1 --duration 10 --out "$OUT/alt_c32_$r.json" > /dev/null
+done
 echo "server peak RSS: $(grep VmHWM /proc/$SERVER/status)" | tee "$OUT/server_rss.txt"
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -35,4 +41,10 @@ for n in ["c1_b32", "c1_b1", "c1_b1_pool", "c32_b1", "c512_b1"]:
     o = json.load(open(f"{d}/ours_{n}.json"))
     l = o["latency_ms"]
     print(f"ours {n}: {o['texts_per_s']:.1f} texts/s, p50 {l['p50']:.2f} ms, p95 {l['p95']:.2f}, p99 {l['p99']:.2f}, statuses {o['statuses']}")
+import glob, statistics
+rate = lambda m: [json.load(open(f))["texts_per_s"] for f in sorted(glob.glob(f"{d}/alt_{m}_*.json"))]
+b, c = rate("b32"), rate("c32")
+print("alternated, batch 32:", [round(x, 1) for x in b], "32 clients:", [round(x, 1) for x in c],
+      "ratio of medians", round(statistics.median(c) / statistics.median(b), 3),
+      "per round", [round(y / x, 3) for x, y in zip(b, c)])
 PY

@@ -16,6 +16,8 @@ fn texts(path: &str) -> anyhow::Result<Vec<String>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As `finetuned` itself starts: candle's own element-wise thread pool off.
+    finetuned::compute::init_process();
     let args: Vec<String> = std::env::args().collect();
     let threads: usize = args.get(3).map(|t| t.parse()).transpose()?.unwrap_or(2);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;

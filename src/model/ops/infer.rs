@@ -105,3 +105,69 @@ fn normalize(y: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
         *y = (*y - mean) * rstd * w + b;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    fn norm(h: usize) -> LayerNorm {
+        let dev = Device::Cpu;
+        let weight = Tensor::arange(0f32, h as f32, &dev).unwrap().affine(0.01, 0.5).unwrap();
+        let bias = Tensor::arange(0f32, h as f32, &dev).unwrap().affine(-0.02, 0.1).unwrap();
+        LayerNorm { weight, bias, eps: 1e-12 }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn add_norm_is_candles_layer_norm_of_the_sum() {
+        let dev = Device::Cpu;
+        let (a, b) = (Tensor::randn(0f32, 1.0, (37, 24), &dev).unwrap(), Tensor::randn(0f32, 2.0, (37, 24), &dev).unwrap());
+        let n = norm(24);
+        let want = candle_nn::ops::layer_norm(&(&a + &b).unwrap(), &n.weight, &n.bias, 1e-12).unwrap();
+        assert!(max_diff(&add_norm(&a, Some(&b), &n).unwrap(), &want) < 1e-5);
+        let alone = candle_nn::ops::layer_norm(&a, &n.weight, &n.bias, 1e-12).unwrap();
+        assert!(max_diff(&add_norm(&a, None, &n).unwrap(), &alone) < 1e-5);
+    }
+
+    #[test]
+    fn embed_norm_sums_the_three_tables_rows_then_normalizes() {
+        let dev = Device::Cpu;
+        let (word, types, pos) = (
+            Tensor::randn(0f32, 1.0, (50, 16), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (2, 16), &dev).unwrap(),
+            Tensor::randn(0f32, 1.0, (20, 16), &dev).unwrap(),
+        );
+        let (ids, type_ids, positions) = ([3u32, 49, 0, 7, 7], [0u32, 1, 1, 0, 1], [0u32, 1, 2, 0, 1]);
+        let n = norm(16);
+        let rows: Vec<Tensor> = (0..5)
+            .map(|r| {
+                let s = (word.i(ids[r] as usize).unwrap() + types.i(type_ids[r] as usize).unwrap()).unwrap();
+                (s + pos.i(positions[r] as usize).unwrap()).unwrap()
+            })
+            .collect();
+        let want = candle_nn::ops::layer_norm(&Tensor::stack(&rows, 0).unwrap(), &n.weight, &n.bias, 1e-12).unwrap();
+        let got = embed_norm(&word, &ids, Some((&types, &type_ids)), &pos, &positions, &n).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        // No type ids: type row 0 for every token.
+        let zero = embed_norm(&word, &ids, Some((&types, &[])), &pos, &positions, &n).unwrap();
+        let zeros = embed_norm(&word, &ids, Some((&types, &[0; 5])), &pos, &positions, &n).unwrap();
+        assert_eq!(max_diff(&zero, &zeros), 0.0);
+    }
+
+    #[test]
+    fn an_index_outside_a_table_is_an_error_not_a_panic() {
+        let dev = Device::Cpu;
+        let (word, pos) =
+            (Tensor::zeros((10, 8), candle_core::DType::F32, &dev).unwrap(), Tensor::zeros((4, 8), candle_core::DType::F32, &dev).unwrap());
+        let n = norm(8);
+        let err = embed_norm(&word, &[1, 10], None, &pos, &[0, 1], &n).unwrap_err().to_string();
+        assert!(err.contains("token id 10"), "{err}");
+        let err = embed_norm(&word, &[1, 2], None, &pos, &[0, 4], &n).unwrap_err().to_string();
+        assert!(err.contains("position 4"), "{err}");
+        assert!(embed_norm(&word, &[1, 2], None, &pos, &[0], &n).is_err());
+    }
+}

@@ -1,7 +1,8 @@
 //! Inference-only row ops of the packed forward pass (CPU f32, no backward): the embedding sum
 //! and the residual sum, each with its LayerNorm, as one parallel pass over the rows on the
-//! rayon pool that runs the rest of the pass. Composed from candle's ops they were three
-//! passes each, on candle's own thread pool, handed off and back for every op.
+//! rayon pool that runs the rest of the pass. Composed from candle's element-wise ops they
+//! were three passes each on one thread (candle's own pool is off in `finetuned`,
+//! `compute::init_process`).
 
 use super::buffers::{uninit, with_f32s, SharedOut};
 use super::fastmath::row_stats;
@@ -66,7 +67,10 @@ pub fn embed_norm(
     if let Some(&i) = ids.iter().find(|&&i| i as usize >= vocab) {
         return bad("token id", i as usize, vocab);
     }
-    let (npos, ntypes) = (position.dims2()?.0, type_table.dims2()?.0);
+    let ((npos, pw), (ntypes, tw)) = (position.dims2()?, type_table.dims2()?);
+    if pw != h || tw != h || norm.weight.elem_count() != h {
+        candle_core::bail!("packed embeddings: widths {h} (words), {pw} (positions), {tw} (types), {} (norm)", norm.weight.elem_count());
+    }
     if let Some(&p) = positions.iter().find(|&&p| p as usize >= npos) {
         return bad("position", p as usize, npos);
     }

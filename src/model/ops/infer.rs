@@ -21,11 +21,13 @@ pub fn add_norm(a: &Tensor, b: Option<&Tensor>, norm: &LayerNorm) -> Result<Tens
     let eps = norm.eps as f32;
     let added = b.is_some();
     let b = b.unwrap_or(a);
+    if b.dims2()? != (rows, h) || norm.weight.elem_count() != h || norm.bias.elem_count() != h {
+        candle_core::bail!("add_norm: {:?} + {:?} under a norm of width {}", a.dims(), b.dims(), norm.weight.elem_count());
+    }
     // SAFETY: every row is written by exactly one task below.
     let mut y = unsafe { uninit(rows * h) };
     let out = SharedOut(y.as_mut_ptr());
     with_f32s([a, b, &norm.weight, &norm.bias], |[a, b, w, bias]| {
-        assert!(a.len() == rows * h && b.len() == rows * h && w.len() == h && bias.len() == h);
         let per = rows_per_task(rows);
         (0..rows.div_ceil(per)).into_par_iter().for_each(|t| {
             for r in t * per..((t + 1) * per).min(rows) {
@@ -43,8 +45,8 @@ pub fn add_norm(a: &Tensor, b: Option<&Tensor>, norm: &LayerNorm) -> Result<Tens
 }
 
 /// The embedding rows of packed texts, normalized: row `i` is `LayerNorm(word[ids[i]] +
-/// types[type_ids[i]] + position[positions[i]])`, with `types` row 0 where `type_ids` is
-/// empty and no type term without a `types` table.
+/// types[type_ids[i]] + position[positions[i]])`, with `types` row 0 for every token where
+/// `type_ids` is empty and no type term without a `types` table.
 pub fn embed_norm(
     word: &Tensor,
     ids: &[u32],
@@ -62,6 +64,9 @@ pub fn embed_norm(
         Some((t, ids)) => (t, ids),
         None => (word, &[][..]),
     };
+    if !type_ids.is_empty() && type_ids.len() != rows {
+        candle_core::bail!("packed embeddings: {} token types for {rows} tokens", type_ids.len());
+    }
     let eps = norm.eps as f32;
     let bad = |what: &str, i: usize, n: usize| candle_core::bail!("packed embeddings: {what} {i} out of the table's {n} rows");
     if let Some(&i) = ids.iter().find(|&&i| i as usize >= vocab) {
@@ -88,7 +93,7 @@ pub fn embed_norm(
                 let y = unsafe { std::slice::from_raw_parts_mut(out.at(r * h), h) };
                 y.copy_from_slice(row(word, ids[r], h));
                 if types.is_some() {
-                    let ty = row(tt, type_ids.get(r).copied().unwrap_or(0), h);
+                    let ty = row(tt, if type_ids.is_empty() { 0 } else { type_ids[r] }, h);
                     y.iter_mut().zip(ty).for_each(|(y, t)| *y += t);
                 }
                 y.iter_mut().zip(row(pos, positions[r], h)).for_each(|(y, p)| *y += p);
@@ -173,5 +178,10 @@ mod tests {
         let err = embed_norm(&word, &[1, 2], None, &pos, &[0, 4], &n).unwrap_err().to_string();
         assert!(err.contains("position 4"), "{err}");
         assert!(embed_norm(&word, &[1, 2], None, &pos, &[0], &n).is_err());
+        let types = Tensor::zeros((2, 8), candle_core::DType::F32, &dev).unwrap();
+        let err = embed_norm(&word, &[1, 2], Some((&types, &[1])), &pos, &[0, 1], &n).unwrap_err().to_string();
+        assert!(err.contains("1 token types for 2 tokens"), "{err}");
+        let wide = Tensor::zeros((2, 9), candle_core::DType::F32, &dev).unwrap();
+        assert!(add_norm(&pos.narrow(0, 0, 2).unwrap(), Some(&wide), &n).is_err());
     }
 }

@@ -3,11 +3,12 @@
 # served: our /rerank of 32 texts against one query against sentence-transformers'
 # CrossEncoder.predict on the same pairs (bench/rerank.py: p50, texts/s, score agreement).
 # Usage: bench/rerank.sh OUT_DIR   (from the repo root, after cargo build --release; needs
-# ~/refbench-venv with sentence-transformers; run it on an otherwise idle machine).
+# ~/refbench-venv with sentence-transformers; run it on an otherwise idle machine; BIN=… names
+# another build).
 set -euo pipefail
 OUT=$(mkdir -p "${1:?out dir}" && cd "$1" && pwd)
 PY=${PY:-$HOME/refbench-venv/bin/python}
-BIN=target/release/finetuned
+BIN=${BIN:-target/release/finetuned}
 . "$(dirname "$0")/idle.sh"
 D=$OUT/mrpc-rerank
 mkdir -p "$D"

@@ -84,11 +84,28 @@ simd_kernel! {
     }
 }
 
-/// A row's mean and 1/sqrt(variance + eps), for LayerNorm.
+/// Σ g(v) over `x`, summed in 16 independent lanes: a serial f32 sum is a chain of dependent
+/// scalar adds that the compiler may not reorder, so it neither vectorises nor pipelines.
+#[inline(always)]
+pub(super) fn sum_by(x: &[f32], g: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&v| g(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += g(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A row's mean and 1/sqrt(variance + eps), for LayerNorm. Inlined, so that a caller
+/// compiled for AVX-512 (a [`simd_kernel`]) gets it vectorised for AVX-512 too.
+#[inline(always)]
 pub(super) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum_by(x, |v| v) / n;
+    let var = sum_by(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -102,6 +119,19 @@ mod tests {
             let x = i as f32 / 100.0;
             let (got, want) = (exp(x), x.exp());
             assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn row_stats_match_a_sum_in_f64() {
+        for n in [1, 15, 16, 17, 384, 769] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + 3.0).collect();
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+            let (m, r) = row_stats(&x, 1e-5);
+            assert!((m as f64 - mean).abs() < 1e-5, "n {n}: mean {m} against {mean}");
+            let want = 1.0 / (var + 1e-5).sqrt();
+            assert!((r as f64 - want).abs() < 1e-5 * want, "n {n}: rstd {r} against {want}");
         }
     }
 

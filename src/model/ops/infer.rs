@@ -7,6 +7,7 @@
 use super::buffers::{uninit, with_f32s, SharedOut};
 use super::fastmath::row_stats;
 use super::layers::LayerNorm;
+use super::simd::simd_kernel;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
@@ -33,11 +34,8 @@ pub fn add_norm(a: &Tensor, b: Option<&Tensor>, norm: &LayerNorm) -> Result<Tens
             for r in t * per..((t + 1) * per).min(rows) {
                 // SAFETY: row r of `y` belongs to this task alone.
                 let y = unsafe { std::slice::from_raw_parts_mut(out.at(r * h), h) };
-                y.copy_from_slice(&a[r * h..(r + 1) * h]);
-                if added {
-                    y.iter_mut().zip(&b[r * h..(r + 1) * h]).for_each(|(y, b)| *y += b);
-                }
-                normalize(y, w, bias, eps);
+                let b = if added { &b[r * h..(r + 1) * h] } else { &[][..] };
+                sum_norm(y, [&a[r * h..(r + 1) * h], b, &[]], w, bias, eps);
             }
         });
     })?;
@@ -91,13 +89,8 @@ pub fn embed_norm(
             for r in t * per..((t + 1) * per).min(rows) {
                 // SAFETY: row r of `y` belongs to this task alone.
                 let y = unsafe { std::slice::from_raw_parts_mut(out.at(r * h), h) };
-                y.copy_from_slice(row(word, ids[r], h));
-                if types.is_some() {
-                    let ty = row(tt, if type_ids.is_empty() { 0 } else { type_ids[r] }, h);
-                    y.iter_mut().zip(ty).for_each(|(y, t)| *y += t);
-                }
-                y.iter_mut().zip(row(pos, positions[r], h)).for_each(|(y, p)| *y += p);
-                normalize(y, w, bias, eps);
+                let ty = if types.is_some() { row(tt, if type_ids.is_empty() { 0 } else { type_ids[r] }, h) } else { &[] };
+                sum_norm(y, [row(word, ids[r], h), row(pos, positions[r], h), ty], w, bias, eps);
             }
         });
     })?;
@@ -108,10 +101,20 @@ fn row(table: &[f32], i: u32, h: usize) -> &[f32] {
     &table[i as usize * h..(i as usize + 1) * h]
 }
 
-fn normalize(y: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
-    let (mean, rstd) = row_stats(y, eps);
-    for ((y, w), b) in y.iter_mut().zip(w).zip(b) {
-        *y = (*y - mean) * rstd * w + b;
+simd_kernel! {
+    /// `y = LayerNorm(parts[0] + parts[1] + parts[2])` with weight `w` and bias `b`; an empty
+    /// part adds nothing. One pass to sum, the statistics vectorised, one pass to normalize.
+    fn sum_norm(y: &mut [f32], parts: [&[f32]; 3], w: &[f32], b: &[f32], eps: f32) {
+        y.copy_from_slice(parts[0]);
+        for p in &parts[1..] {
+            if !p.is_empty() {
+                y.iter_mut().zip(*p).for_each(|(y, p)| *y += p);
+            }
+        }
+        let (mean, rstd) = row_stats(y, eps);
+        for ((y, w), b) in y.iter_mut().zip(w).zip(b) {
+            *y = (*y - mean) * rstd * w + b;
+        }
     }
 }
 

@@ -111,12 +111,7 @@ impl CustomOp3 for LayerNormOp {
         let h = w.len();
         // SAFETY: every row of `y` is written below.
         let mut y = unsafe { uninit(x.len()) };
-        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let (mean, rstd) = row_stats(x, self.eps);
-            for i in 0..h {
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-            }
-        });
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| norm_row(y, x, w, b, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -159,29 +154,58 @@ impl LayerNormOp {
             .map(|(dx, (x, g))| {
                 let (mut dw, mut db) = if params { (vec![0f32; h], vec![0f32; h]) } else { (vec![0f32; 0], vec![0f32; 0]) };
                 for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    let (mut sum_gw, mut sum_gwx) = (0f32, 0f32);
-                    for i in 0..h {
-                        let xhat = (x[i] - mean) * rstd;
-                        let gw = g[i] * wv[i];
-                        sum_gw += gw;
-                        sum_gwx += gw * xhat;
-                    }
-                    if params {
-                        for i in 0..h {
-                            dw[i] += g[i] * ((x[i] - mean) * rstd);
-                            db[i] += g[i];
-                        }
-                    }
-                    let (m1, m2) = (sum_gw / h as f32, sum_gwx / h as f32);
-                    for i in 0..h {
-                        let xhat = (x[i] - mean) * rstd;
-                        dx[i] = rstd * (g[i] * wv[i] - m1 - xhat * m2);
-                    }
+                    norm_grad_row(dx, x, g, wv, &mut dw, &mut db, self.eps);
                 }
                 (dw, db)
             })
             .collect()
+    }
+}
+
+simd_kernel! {
+    /// One row of LayerNorm: `y = (x − mean) · rstd · w + b`.
+    fn norm_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+        let (mean, rstd) = row_stats(x, eps);
+        for (((y, &x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *y = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
+simd_kernel! {
+    /// One row of LayerNorm's backward pass: `dx = rstd · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`,
+    /// and `g · x̂`, `g` added into `dw`, `db` unless those are empty.
+    fn norm_grad_row(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], dw: &mut [f32], db: &mut [f32], eps: f32) {
+        let (mean, rstd) = row_stats(x, eps);
+        let h = x.len();
+        // Both means summed in 16 lanes, as `row_stats` sums.
+        let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
+        let whole = h / 16 * 16;
+        for c in (0..whole).step_by(16) {
+            let (x, g, w) = (&x[c..c + 16], &g[c..c + 16], &w[c..c + 16]);
+            for l in 0..16 {
+                let gw = g[l] * w[l];
+                s1[l] += gw;
+                s2[l] += gw * ((x[l] - mean) * rstd);
+            }
+        }
+        let (mut t1, mut t2) = (0f32, 0f32);
+        for i in whole..h {
+            let gw = g[i] * w[i];
+            t1 += gw;
+            t2 += gw * ((x[i] - mean) * rstd);
+        }
+        let m1 = (s1.iter().sum::<f32>() + t1) / h as f32;
+        let m2 = (s2.iter().sum::<f32>() + t2) / h as f32;
+        if !dw.is_empty() {
+            for (((dw, db), &x), &g) in dw.iter_mut().zip(db.iter_mut()).zip(x).zip(g) {
+                *dw += g * ((x - mean) * rstd);
+                *db += g;
+            }
+        }
+        for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+            *dx = rstd * (g * w - m1 - (x - mean) * rstd * m2);
+        }
     }
 }
 

@@ -150,6 +150,15 @@ impl Packed {
                     None => tile_dispatch_f32(r, x.as_ptr().add(r0 * self.inputs), self.inputs, job),
                 }
             }
+            if gelu {
+                // While the tile is still in L1: a pass over the whole output afterwards
+                // read it back from memory.
+                for row in r0..r0 + r {
+                    // SAFETY: the tile just written; its task alone writes these columns.
+                    let y = unsafe { std::slice::from_raw_parts_mut(out.at(row * n + c0), job.cols) };
+                    super::fastmath::gelu_in_place(y);
+                }
+            }
         };
         (0..tasks).into_par_iter().for_each(|t| {
             let (t0, t1) = (t * per, ((t + 1) * per).min(tiles));
@@ -171,14 +180,6 @@ impl Packed {
                 }
             } else {
                 blocks.iter().for_each(|&b| (t0..t1).for_each(|tile| run(tile, b, (std::ptr::null(), 0))));
-            }
-            if gelu && t0 < t1 {
-                let (c0, c1) = (t0 * TILE, (t1 * TILE).min(n));
-                for r in 0..rows {
-                    // SAFETY: row r's columns c0..c1 belong to this task alone.
-                    let row = unsafe { std::slice::from_raw_parts_mut(out.at(r * n + c0), c1 - c0) };
-                    super::fastmath::gelu_in_place(row);
-                }
             }
         });
         y

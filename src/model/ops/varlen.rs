@@ -124,24 +124,34 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The packed texts' context equals each text's own attention, computed with candle ops.
+    /// The packed texts' context equals each text's own attention, computed with candle ops,
+    /// for toy widths and for a real model's (32-wide heads, texts longer than a vector), with
+    /// and without a local window.
     #[test]
     fn each_text_attends_to_its_own_tokens_only() -> Result<()> {
-        let (heads, h, lens) = (2usize, 8usize, [3usize, 5, 1]);
-        let t: usize = lens.iter().sum();
-        let dev = Device::Cpu;
-        let vals: Vec<f32> = (0..t * 3 * h).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-        let qkv = Tensor::from_vec(vals, (t, 3 * h), &dev)?;
-        let got = attention_packed(&qkv, &lens, heads)?;
-        let hd = h / heads;
-        for (&start, &s) in starts(&lens).iter().zip(&lens) {
-            let rows = qkv.narrow(0, start, s)?;
-            let split = |c: usize| rows.narrow(1, c * h, h)?.reshape((s, heads, hd))?.transpose(0, 1)?.contiguous();
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let probs = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? / (hd as f64).sqrt())?)?;
-            let want = probs.matmul(&v)?.transpose(0, 1)?.reshape((s, h))?;
-            let diff = (got.narrow(0, start, s)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "text at {start}: {diff}");
+        for (heads, h, lens, window) in
+            [(2usize, 8usize, vec![3usize, 5, 1], None), (12, 384, vec![17, 50, 1, 33], None), (4, 128, vec![40, 9, 23], Some(5usize))]
+        {
+            let t: usize = lens.iter().sum();
+            let dev = Device::Cpu;
+            let vals: Vec<f32> = (0..t * 3 * h).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+            let qkv = Tensor::from_vec(vals, (t, 3 * h), &dev)?;
+            let got = attention_packed_windowed(&qkv, &lens, heads, window)?;
+            let hd = h / heads;
+            for (&start, &s) in starts(&lens).iter().zip(&lens) {
+                let rows = qkv.narrow(0, start, s)?;
+                let split = |c: usize| rows.narrow(1, c * h, h)?.reshape((s, heads, hd))?.transpose(0, 1)?.contiguous();
+                let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+                if let Some(w) = window {
+                    let far: Vec<f32> = (0..s * s).map(|e| if (e / s).abs_diff(e % s) > w { f32::NEG_INFINITY } else { 0.0 }).collect();
+                    scores = scores.broadcast_add(&Tensor::from_vec(far, (s, s), &dev)?)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let want = probs.matmul(&v)?.transpose(0, 1)?.reshape((s, h))?;
+                let diff = (got.narrow(0, start, s)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "{heads} heads of {h}, window {window:?}, text at {start}: {diff}");
+            }
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 """PyTorch's side of a step-by-step comparison of the two trainers: `finetune_ref.py`'s model,
 optimizer, schedule and clipping, run on the batches our trainer would run (the order printed
 by `examples/batch_order.rs` for these sequences' lengths), so that the only differences left
-are the trainers' own. Prints and saves the mean loss of every LOG_EVERY steps.
+are the trainers' own. Prints and saves the mean loss of every LOG_EVERY steps, and the final
+weights' test accuracy.
 
 Usage: python bench/fixed_order_ref.py --model DIR --data DIR --order-bin PATH --out JSON [--epochs 3 ...]
 """
@@ -68,7 +69,12 @@ def main():
                 log.append({"step": step, "loss": round(sum(running) / len(running), 5)})
                 print(f"epoch {epoch + 1} step {step}/{total} loss {log[-1]['loss']:.4f}", flush=True)
                 running = []
-    json.dump({"loss_log": log}, open(args.out, "w"), indent=1)
+    # Test accuracy of the final weights, as finetune_ref.py reports it.
+    test_rows = ref.read_jsonl(os.path.join(args.data, "test.jsonl"))
+    test_y = [label2id[str(r["label"])] for r in test_rows]
+    acc, f1, _, _ = ref.evaluate(model, ref.encode(tok, test_rows, args.max_len), test_y, tok.pad_token_id, True, 64)
+    print(f"test accuracy {acc:.4f} macro-F1 {f1:.4f}", flush=True)
+    json.dump({"loss_log": log, "test_accuracy": acc, "test_macro_f1": f1}, open(args.out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,11 @@ fn check(arch: &str) {
             assert_eq!(a, b, "{arch}: batch {step}'s token ids differ from {source}'s for {:?}", texts[i]);
         }
         let seqs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        if step == 0 {
+            // Padded, so that the gradients below check the dense layers run over the real
+            // tokens only (`model::ops::unpad`).
+            assert!(padded[0].len() > seqs.iter().map(|s| s.len()).min().unwrap(), "{arch}: the first batch has no padding");
+        }
         let batch = pad_batch(&seqs, cfg.pad_token_id as u32, &Device::Cpu).unwrap();
         let model = Classifier::load(&|n| params.tracked(n), &cfg, Pooling::Cls).unwrap();
         let logits = model.forward(&batch.ids, &batch.type_ids, &batch.mask, &mut Mode::Train(&mut rng)).unwrap();

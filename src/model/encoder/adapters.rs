@@ -121,6 +121,16 @@ impl<'a> LowRank<'a> {
         Self { groups: vec![(0..rows, Some(set))] }
     }
 
+    /// These adapters over a batch's real tokens (`tokens` rows) instead of its `texts` rows,
+    /// where that is one map: no adapter, or one for every text.
+    pub fn over_tokens(&self, texts: usize, tokens: usize) -> Option<Self> {
+        match self.groups.as_slice() {
+            [] => Some(Self::default()),
+            [(rows, set)] if *rows == (0..texts) => Some(Self { groups: vec![(0..tokens, *set)] }),
+            _ => None,
+        }
+    }
+
     /// Whether any group changes `target` of `layer`.
     pub fn touches(&self, layer: usize, target: Target) -> bool {
         self.groups.iter().any(|(_, s)| s.is_some_and(|s| s.touches(layer, target)))

@@ -5,12 +5,13 @@
 
 use super::adapters::{LowRank, Target};
 use super::config::EncoderConfig;
-use crate::model::ops::attention::attention;
+use crate::model::ops::attention::{attention, attention_unpadded};
 use crate::model::ops::embedding::{embed, Positions, Types};
 use crate::model::ops::frozen_ffn::frozen_ffn;
 use crate::model::ops::infer;
 use crate::model::ops::kernels::use_fused_cpu_kernels;
 use crate::model::ops::layers::{activation, attention_bias, softmax_last, tensor_bytes, Act, LayerNorm, Linear, Mode};
+use crate::model::ops::unpad::Unpadding;
 use crate::model::ops::varlen::{attention_packed, starts};
 use crate::model::ops::{device_ops, rng};
 use candle_core::{DType, Result, Tensor};
@@ -244,9 +245,6 @@ impl PostNorm {
         let x = embed(&e.word, ids, Some(pos), types)?;
         let x = e.norm.forward(&x, mode)?;
         let mut x = mode.dropout(&x, self.cfg.hidden_dropout_prob)?;
-        if let Some(p) = &self.project {
-            x = p.forward(&x)?;
-        }
         let keys = if fused_attention(&x) {
             KeyMask::Fused(mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         } else if mode.is_train() || !x.device().is_cpu() || !use_fused_cpu_kernels() {
@@ -254,11 +252,65 @@ impl PostNorm {
         } else {
             KeyMask::Bias(attention_bias(mask, x.dtype())?)
         };
+        if let KeyMask::Fused(mask) = &keys {
+            if let Some((u, lr_tokens)) = self.unpadding(&x, mask, lr)? {
+                return self.encode_unpadded(&x, &u, mode, first_only, lr, &lr_tokens);
+            }
+        }
+        if let Some(p) = &self.project {
+            x = p.forward(&x)?;
+        }
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             x = self.layer_forward(i, layer, &x, &keys, mode, first_only && i == last, lr)?;
         }
         Ok(x)
+    }
+
+    /// The unpadded layout of a batch with padding, where the model is not prepared for
+    /// inference (training, and its evaluations) and the batch's adapters, if any, are one for
+    /// all rows; with those adapters over the unpadded rows.
+    fn unpadding<'l>(&self, x: &Tensor, mask: &[f32], lr: &LowRank<'l>) -> Result<Option<(Unpadding, LowRank<'l>)>> {
+        let (b, s, _) = x.dims3()?;
+        if self.layers.iter().any(|l| l.qkv.is_some()) {
+            return Ok(None);
+        }
+        let Some(u) = Unpadding::of(mask, b, s) else { return Ok(None) };
+        Ok(lr.over_tokens(b, u.tokens()).map(|lr_tokens| (u, lr_tokens)))
+    }
+
+    /// [`PostNorm::encode`] from the embeddings `x` on with the dense layers over the real
+    /// tokens only (see `model::ops::unpad`): the same hidden states, padded back at the end
+    /// (zeros at the padding). `lr` holds the batch's adapters by text, `lr_tokens` by token.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_unpadded(
+        &self,
+        x: &Tensor,
+        u: &Unpadding,
+        mode: &mut Mode,
+        first_only: bool,
+        lr: &LowRank,
+        lr_tokens: &LowRank,
+    ) -> Result<Tensor> {
+        let mut x = u.unpad(x)?;
+        if let Some(p) = &self.project {
+            x = p.forward(&x)?;
+        }
+        let (nh, lens) = (self.cfg.num_attention_heads, u.lens());
+        let last = self.layers.len().saturating_sub(1);
+        for (i, l) in self.layers.iter().enumerate() {
+            let q = lr_tokens.linear(i, Target::Query, &l.query, &x, mode)?;
+            let k = lr_tokens.linear(i, Target::Key, &l.key, &x, mode)?;
+            let v = lr_tokens.linear(i, Target::Value, &l.value, &x, mode)?;
+            let p = self.cfg.attention_probs_dropout_prob;
+            let (p, seed) = if mode.is_train() && p > 0.0 { (p, mode.seed()) } else { (0.0, 0) };
+            let ctx = attention_unpadded(&q, &k, &v, &lens, nh, p, seed)?;
+            if first_only && i == last {
+                return self.after_attention(i, l, &u.firsts(&ctx)?, &u.firsts(&x)?, mode, lr)?.unsqueeze(1);
+            }
+            x = self.after_attention(i, l, &ctx, &x, mode, lr_tokens)?;
+        }
+        u.pad(&x)
     }
 
     /// Whether [`PostNorm::forward_packed`] runs here: prepared for inference, on the CPU in f32

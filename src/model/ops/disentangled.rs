@@ -9,7 +9,7 @@
 //! run on blocks that stay in cache. The backward pass recomputes the probabilities; the dropout
 //! flags are kept, drawn as the fused BERT attention draws them.
 
-use super::attention::{lanes, softmax_band};
+use super::attention_tasks::{lanes, softmax_band};
 use super::buffers::with_f32s;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

@@ -2,6 +2,7 @@
 
 pub mod adapter_terms;
 pub mod attention;
+mod attention_tasks;
 mod buffers;
 #[cfg(feature = "cuda")]
 pub(super) mod cuda;
@@ -26,4 +27,5 @@ pub mod rotary;
 pub mod rotary_attention;
 mod simd;
 pub mod tape;
+pub mod unpad;
 pub mod varlen;

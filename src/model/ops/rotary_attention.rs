@@ -17,31 +17,55 @@ use rayon::prelude::*;
 struct RotaryAttention {
     attn: Attention,
     table: RopeTable,
+    /// Each row's position in its text, for texts packed without padding; empty for a padded
+    /// batch (row `r` of a text of `seq` rows is at `r % seq`).
+    positions: Vec<usize>,
 }
 
 impl RotaryAttention {
-    /// `(batch, seq, hidden)` of projections `[batch, seq, 3·hidden]`.
-    fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize)> {
-        let (b, s, w) = shape.dims3()?;
+    /// The shape of the queries (`[batch, seq, hidden]`, or `[tokens, hidden]` packed), the
+    /// padded length (0 packed) and the hidden size, of projections `[…, 3·hidden]`.
+    fn dims(&self, shape: &Shape) -> Result<(Shape, usize, usize)> {
+        let w = shape.dims().last().copied().unwrap_or(0);
         let h = w / 3;
-        if w % 3 != 0 || !h.is_multiple_of(self.table.head_dim) || s > self.table.positions() {
+        let (q, s, longest) = if self.positions.is_empty() {
+            let (b, s, _) = shape.dims3()?;
+            (Shape::from((b, s, h)), s, s)
+        } else {
+            let (t, _) = shape.dims2()?;
+            if t != self.positions.len() {
+                candle_core::bail!("rotary attention: {t} rows for {} positions", self.positions.len());
+            }
+            (Shape::from((t, h)), 0, self.positions.iter().map(|&p| p + 1).max().unwrap_or(0))
+        };
+        if w % 3 != 0 || !h.is_multiple_of(self.table.head_dim) || longest > self.table.positions() {
             candle_core::bail!(
-                "rotary attention: width {w}, head_dim {}, {s} of {} positions",
+                "rotary attention: width {w}, head_dim {}, {longest} of {} positions",
                 self.table.head_dim,
                 self.table.positions()
             );
         }
-        Ok((b, s, h))
+        Ok((q, s, h))
     }
 
-    /// The rotated queries and keys and the values, each `[batch, seq, hidden]`.
+    /// Row `row`'s position in its text.
+    fn position(&self, row: usize, s: usize) -> usize {
+        if self.positions.is_empty() {
+            row % s
+        } else {
+            self.positions[row]
+        }
+    }
+
+    /// The rotated queries and keys and the values, each in the queries' layout.
     fn split(&self, qkv: &[f32], s: usize, h: usize) -> [Vec<f32>; 3] {
         let rows = qkv.len() / (3 * h);
         let [mut q, mut k, mut v] = [0; 3].map(|_| vec![0f32; rows * h]);
         q.par_chunks_mut(h).zip(k.par_chunks_mut(h)).zip(v.par_chunks_mut(h)).zip(qkv.par_chunks(3 * h)).enumerate().for_each(
             |(row, (((q, k), v), x))| {
-                self.table.rotate(q, &x[..h], row % s, false);
-                self.table.rotate(k, &x[h..2 * h], row % s, false);
+                let p = self.position(row, s);
+                self.table.rotate(q, &x[..h], p, false);
+                self.table.rotate(k, &x[h..2 * h], p, false);
                 v.copy_from_slice(&x[2 * h..]);
             },
         );
@@ -59,28 +83,28 @@ impl CustomOp1 for RotaryAttention {
             (CpuStorage::F32(v), Some((a, z))) => &v[a..z],
             _ => candle_core::bail!("rotary attention needs contiguous f32 input"),
         };
-        let (b, s, h) = self.dims(l.shape())?;
-        let d = self.attn.dims(&Shape::from((b, s, h)))?;
+        let (shape, s, h) = self.dims(l.shape())?;
+        let d = self.attn.dims(&shape)?;
         let [q, k, v] = self.split(qkv, s, h);
-        Ok((CpuStorage::F32(self.attn.forward_slices(&q, &k, &v, d)), Shape::from((b, s, h))))
+        Ok((CpuStorage::F32(self.attn.forward_slices(&q, &k, &v, d)), shape))
     }
 
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (b, s, h) = self.dims(qkv.shape())?;
-        let d = self.attn.dims(&Shape::from((b, s, h)))?;
+        let (shape, s, h) = self.dims(qkv.shape())?;
+        let d = self.attn.dims(&shape)?;
         let dqkv = with_f32s([qkv, grad], |[qkv, g]| {
             let [q, k, v] = self.split(qkv, s, h);
             let [dq, dk, dv] = self.attn.backward_slices(&q, &k, &v, g, d);
-            let mut out = vec![0f32; b * s * 3 * h];
+            let mut out = vec![0f32; qkv.len()];
             out.par_chunks_mut(3 * h).enumerate().for_each(|(row, o)| {
-                let p = row % s;
+                let p = self.position(row, s);
                 self.table.rotate(&mut o[..h], &dq[row * h..][..h], p, true);
                 self.table.rotate(&mut o[h..2 * h], &dk[row * h..][..h], p, true);
                 o[2 * h..].copy_from_slice(&dv[row * h..][..h]);
             });
             out
         })?;
-        Ok(Some(Tensor::from_vec(dqkv, (b, s, 3 * h), grad.device())?))
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), grad.device())?))
     }
 }
 
@@ -99,6 +123,23 @@ pub fn rotary_attention(
     seed: u64,
     window: Option<usize>,
 ) -> Result<Tensor> {
-    let op = RotaryAttention { attn: Attention::new(mask, heads, dropout, seed, window), table: table.clone() };
+    let op = RotaryAttention { attn: Attention::new(mask, heads, dropout, seed, window), table: table.clone(), positions: Vec::new() };
+    qkv.contiguous()?.apply_op1(op)
+}
+
+/// [`rotary_attention`] over texts packed one after another without padding, `lens` tokens
+/// each: `qkv` is `[tokens, 3·hidden]`, each text's positions from 0; the context `[tokens,
+/// hidden]` (see `model::ops::unpad`).
+pub fn rotary_attention_unpadded(
+    qkv: &Tensor,
+    table: &RopeTable,
+    lens: &[usize],
+    heads: usize,
+    dropout: f64,
+    seed: u64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let positions = lens.iter().flat_map(|&n| 0..n).collect();
+    let op = RotaryAttention { attn: Attention::packed(lens, heads, dropout, seed, window), table: table.clone(), positions };
     qkv.contiguous()?.apply_op1(op)
 }

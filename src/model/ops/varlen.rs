@@ -4,7 +4,7 @@
 //! to the longest text of a batch of 32 short texts is typically half the rows of every dense
 //! layer; here there is none.
 
-use super::attention::{band, softmax_band};
+use super::attention_tasks::{band, softmax_band};
 use super::buffers::{uninit, with_f32, SharedOut};
 use super::simd::simd_kernel;
 use candle_core::{Result, Tensor};

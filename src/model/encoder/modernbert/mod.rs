@@ -22,7 +22,8 @@ use crate::model::ops::kernels::{layer_norm, use_fused_cpu_kernels};
 use crate::model::ops::layers::{tensor_bytes, Linear, Mode};
 use crate::model::ops::rng;
 use crate::model::ops::rotary::{rotary, rotary_qk_packed, RopeTable};
-use crate::model::ops::rotary_attention::rotary_attention;
+use crate::model::ops::rotary_attention::{rotary_attention, rotary_attention_unpadded};
+use crate::model::ops::unpad::Unpadding;
 use crate::model::ops::varlen::attention_packed_windowed;
 use candle_core::{DType, Result, Tensor, D};
 
@@ -221,20 +222,47 @@ impl ModernBert {
         let x = embed(&self.embeddings, ids, None, None)?;
         let mut x = mode.dropout(&self.embed_norm.forward(&x)?, self.cfg.embedding_dropout)?;
         let keys = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Training (and its evaluations) on the CPU: the dense layers over the real tokens only.
+        let (b, s) = mask.dims2()?;
+        let fused = x.device().is_cpu() && x.dtype() == DType::F32 && use_fused_cpu_kernels();
+        let unpad =
+            (fused && !self.packs()).then(|| Unpadding::of(&keys, b, s)).flatten().and_then(|u| Some((lr.over_tokens(b, u.tokens())?, u)));
+        let lr = match &unpad {
+            Some((lr_tokens, u)) => {
+                x = u.unpad(&x)?;
+                lr_tokens
+            }
+            None => lr,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = match &layer.attn_norm {
                 Some(n) => n.forward(&x)?,
                 None => x.clone(),
             };
             let qkv = lr.linear(i, Target::Query, &layer.wqkv.linear, &h, mode)?;
-            let attn = self.attention(layer, &qkv, mask, &keys, mode)?;
+            let attn = match &unpad {
+                Some((_, u)) => self.attention_unpadded(layer, &qkv, &u.lens(), mode)?,
+                None => self.attention(layer, &qkv, mask, &keys, mode)?,
+            };
             let out = lr.linear(i, Target::AttnOut, &layer.wo.linear, &attn, mode)?;
             x = (x + mode.dropout(&out, self.cfg.attention_dropout)?)?;
             let up = lr.linear(i, Target::Intermediate, &layer.wi.linear, &layer.mlp_norm.forward(&x)?, mode)?;
             let gated = mode.dropout(&geglu(&up)?, self.cfg.mlp_dropout)?;
             x = (x + lr.linear(i, Target::Output, &layer.mlp_out.linear, &gated, mode)?)?;
         }
-        self.final_norm.forward(&x)
+        let x = self.final_norm.forward(&x)?;
+        match &unpad {
+            Some((_, u)) => u.pad(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// Attention over the fused projections `qkv` of texts packed without padding (`[tokens,
+    /// 3·hidden]`, `lens` tokens each), on the CPU in f32.
+    fn attention_unpadded(&self, layer: &Layer, qkv: &Tensor, lens: &[usize], mode: &mut Mode) -> Result<Tensor> {
+        let (table, window) = if layer.global { (&self.global_rope, None) } else { (&self.local_rope, Some(self.cfg.window())) };
+        let p = if mode.is_train() { self.cfg.attention_dropout } else { 0.0 };
+        rotary_attention_unpadded(qkv, table, lens, self.cfg.num_attention_heads, p, mode.seed(), window)
     }
 
     /// Attention over the fused projections `qkv` (`[batch, seq, 3·hidden]`).

@@ -38,16 +38,29 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Two training steps (dropout on, mean pooling so every encoder parameter gets a gradient)
-/// with dropout drawn from `dropout_seed`; the first step's loss and gradients, and the
-/// parameters after both steps.
-fn two_steps(dropout_seed: u64) -> StepResult {
-    let cfg = tiny_config();
+/// Texts of different lengths: a padded batch, which the CPU trains without its padding and the
+/// device-generic path padded.
+fn ragged() -> Vec<Vec<u32>> {
+    vec![vec![2, 5, 6, 3], vec![2, 11, 12, 13, 9, 8, 3], vec![2, 7, 3], vec![2, 14, 15, 3]]
+}
+
+/// Texts of one length: the same layout on both paths, so the same dropout masks.
+fn even() -> Vec<Vec<u32>> {
+    vec![vec![2, 5, 6, 3], vec![2, 11, 12, 3], vec![2, 7, 9, 3], vec![2, 14, 15, 3]]
+}
+
+/// Two training steps on `seqs` (mean pooling so every encoder parameter gets a gradient) with
+/// dropout drawn from `dropout_seed`, or with dropout off; the first step's loss and gradients,
+/// and the parameters after both steps.
+fn two_steps(dropout_seed: u64, seqs: Vec<Vec<u32>>, dropout: bool) -> StepResult {
+    let mut cfg = tiny_config();
     assert!(cfg.hidden_dropout_prob > 0.0 && cfg.attention_probs_dropout_prob > 0.0);
     let weights = tiny_weights(&cfg, 1);
+    if !dropout {
+        (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) = (0.0, 0.0);
+    }
     let params = Params::for_classifier(&cfg, &weights, 3, &mut ChaCha8Rng::seed_from_u64(0), &Device::Cpu).unwrap();
     let model = Classifier::load(&|n| params.tracked(n), &cfg, Pooling::Mean).unwrap();
-    let seqs: Vec<Vec<u32>> = vec![vec![2, 5, 6, 3], vec![2, 11, 12, 13, 9, 8, 3], vec![2, 7, 3], vec![2, 14, 15, 3]];
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let batch = pad_batch(&refs, 0, &Device::Cpu).unwrap();
     let targets = Tensor::new(&[1u32, 0, 2, 0], &Device::Cpu).unwrap();
@@ -87,10 +100,7 @@ fn max_diff(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> (f3
     worst
 }
 
-#[test]
-fn the_device_generic_path_gives_the_fused_cpu_gradients_and_updates_with_dropout_on() {
-    let fused = with_kernels(true, || two_steps(9));
-    let generic = with_kernels(false, || two_steps(9));
+fn same_steps(fused: &StepResult, generic: &StepResult) {
     // Every parameter but the (unused) pooler's gets a gradient on both paths.
     assert_eq!(fused.grads.len(), 5 + 16 * tiny_config().num_hidden_layers + 2);
     assert_eq!(generic.grads.len(), fused.grads.len());
@@ -99,8 +109,22 @@ fn the_device_generic_path_gives_the_fused_cpu_gradients_and_updates_with_dropou
     assert!(d <= 1e-4, "gradient of {name} differs by {d}");
     let (d, name) = max_diff(&fused.params, &generic.params);
     assert!(d <= 1e-5, "{name} after two AdamW steps differs by {d}");
+}
+
+#[test]
+fn on_a_padded_batch_the_device_generic_path_gives_the_unpadded_cpu_gradients_and_updates() {
+    let fused = with_kernels(true, || two_steps(9, ragged(), false));
+    let generic = with_kernels(false, || two_steps(9, ragged(), false));
+    same_steps(&fused, &generic);
+}
+
+#[test]
+fn the_device_generic_path_gives_the_fused_cpu_gradients_and_updates_with_dropout_on() {
+    let fused = with_kernels(true, || two_steps(9, even(), true));
+    let generic = with_kernels(false, || two_steps(9, even(), true));
+    same_steps(&fused, &generic);
     // The comparison sees the dropout masks: another seed moves the gradients well past 1e-4.
-    let other = with_kernels(false, || two_steps(10));
+    let other = with_kernels(false, || two_steps(10, even(), true));
     let (d, _) = max_diff(&fused.grads, &other.grads);
     assert!(d > 1e-3, "a different dropout seed changed the gradients by only {d}");
 }
